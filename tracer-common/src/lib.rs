@@ -1,0 +1,143 @@
+//! Types that cross the kernel/user boundary.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that every byte is
+//! defined: the verifier rejects reads of uninitialised stack, and `aya::Pod`
+//! requires it.
+#![no_std]
+
+/// Role of a watched process, stored in the kernel's `WATCHED` map.
+pub mod role {
+    /// A process given with `--pid` that is not a Gunicorn master or worker.
+    pub const PLAIN: u32 = 0;
+    pub const MASTER: u32 = 1;
+    pub const WORKER: u32 = 2;
+    /// A descendant of a worker (or of a plain process), followed by fork.
+    pub const CHILD: u32 = 3;
+}
+
+/// Kinds of [`Event`] sent through the ring buffer.
+pub mod kind {
+    /// A watched process forked a new process (`aux_pid` is the child).
+    pub const FORK: u32 = 1;
+    /// The last thread of a watched process exited.
+    pub const EXIT: u32 = 2;
+    /// A signal was generated for a watched process (`aux_pid` is the sender).
+    pub const SIGNAL: u32 = 3;
+    /// A syscall that may block returned after at least the threshold.
+    pub const SLOW_SYSCALL: u32 = 4;
+    /// A process whose comm looks like Python or Gunicorn called exec.
+    pub const EXEC: u32 = 5;
+    /// Or-ed into a SLOW_SYSCALL whose start is only known to be before the
+    /// attach (user space seeded the entry).
+    pub const FLAG_SEEDED: u32 = 0x100;
+}
+
+/// `Event::ret` of a SLOW_SYSCALL whose thread exited inside the syscall.
+pub const RET_EXITED: i64 = i64::MIN;
+
+/// Per-syscall classes, indexed by syscall number in the `SYSCALL_CLASS` map.
+pub mod class {
+    /// May block the caller for an unbounded time on something it does not
+    /// own. The default, so a syscall the table does not know is never missed.
+    pub const MAYBE: u32 = 0;
+    /// Never a stall: waiting for work (epoll_wait, poll, select, pause, ...).
+    pub const WAIT: u32 = 1;
+}
+
+/// Upper bound for syscall numbers the class table covers.
+pub const MAX_SYSCALL_NR: u32 = 1024;
+
+/// Value of the `WATCHED` map, keyed by tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watched {
+    /// The Gunicorn master this process belongs to (itself for a master or plain process).
+    pub master: u32,
+    /// One of [`role`].
+    pub role: u32,
+    /// Argument of `exit_group`, valid when `exited` is 1.
+    pub exit_code: i32,
+    /// 1 once the process called `exit_group`.
+    pub exited: u32,
+    /// Last fatal-capable signal generated for the process (0 if none).
+    pub last_signal: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `INFLIGHT` map, keyed by tid: the syscall a thread is in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inflight {
+    /// `bpf_ktime_get_ns` at syscall entry.
+    pub start_ns: u64,
+    /// First and third arguments (fd and count for read-like calls).
+    pub arg0: u64,
+    pub arg2: u64,
+    /// Incremented on every entry, so user space can tell two syscalls apart.
+    pub seq: u64,
+    pub nr: i32,
+    pub tgid: u32,
+    /// 1 while the thread is inside the syscall.
+    pub active: u32,
+    /// 1 when user space seeded the entry at attach time for a thread that was
+    /// already inside the syscall: `start_ns` is then the attach time, a lower bound.
+    pub seeded: u32,
+}
+
+/// One record of the ring buffer. A single fixed layout keeps decoding trivial.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// One of [`kind`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Child pid (FORK), sender tgid (SIGNAL), master (EXIT/SLOW_SYSCALL).
+    pub aux_pid: u32,
+    /// `bpf_ktime_get_ns` when the event happened.
+    pub ts_ns: u64,
+    /// Syscall start (SLOW_SYSCALL).
+    pub start_ns: u64,
+    /// Syscall number (SLOW_SYSCALL), signal number (SIGNAL), exit code (EXIT).
+    pub nr: i64,
+    /// Return value (SLOW_SYSCALL); for EXIT, 1 if `nr` is an exit code, 0 if a signal.
+    pub ret: i64,
+    pub arg0: u64,
+    pub arg2: u64,
+    pub comm: [u8; 16],
+}
+
+/// Indexes of the kernel's `STATS` per-CPU counters.
+pub mod stat {
+    /// Ring buffer full: an event was dropped.
+    pub const EVENTS_LOST: u32 = 0;
+    /// `WATCHED` full: a forked process could not be followed.
+    pub const WATCH_FULL: u32 = 1;
+    /// Events written to the ring buffer.
+    pub const EVENTS_SENT: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), contain only integers, and have explicit
+    // padding fields, so every bit pattern is valid and no byte is undefined.
+    unsafe impl aya::Pod for super::Watched {}
+    unsafe impl aya::Pod for super::Inflight {}
+    unsafe impl aya::Pod for super::Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // The BPF side and user space must agree on sizes; any implicit padding
+    // would show up as a size that is not the sum of the fields.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Watched>(), 6 * 4);
+        assert_eq!(size_of::<Inflight>(), 4 * 8 + 4 * 4);
+        assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
+    }
+}

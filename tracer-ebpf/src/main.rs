@@ -1,0 +1,365 @@
+//! Kernel side of the tracer: tracepoint programs only (no kprobes, no fentry:
+//! they are not available everywhere and are not a stable interface).
+//!
+//! The design keeps the per-syscall path cheap and silent:
+//! - `sys_enter`/`sys_exit` run for every syscall on the host, so for an
+//!   unwatched process they cost one hash lookup and return.
+//! - For a watched thread, `sys_enter` records which syscall it is in and since
+//!   when (`INFLIGHT`). User space polls that map to report a syscall that is
+//!   still blocked; the kernel never sends an event per syscall.
+//! - `sys_exit` sends an event only when a syscall that can block took at least
+//!   the threshold.
+//! - Process lifecycle (fork, exit, signals, exec) is rare and sent as events.
+//!
+//! Tracepoint field offsets differ between kernels, so user space reads them
+//! from tracefs and patches the globals below before loading.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use tracer_common::{Event, Inflight, MAX_SYSCALL_NR, RET_EXITED, Watched, class, kind, role, stat};
+
+// ---- Configuration, patched by user space at load time. ----
+#[unsafe(no_mangle)]
+static THRESHOLD_NS: u64 = 500_000_000;
+#[unsafe(no_mangle)]
+static NR_EXIT_GROUP: i64 = 231;
+#[unsafe(no_mangle)]
+static OFF_ENTER_ID: u64 = 8;
+#[unsafe(no_mangle)]
+static OFF_ENTER_ARGS: u64 = 16;
+#[unsafe(no_mangle)]
+static OFF_EXIT_ID: u64 = 8;
+#[unsafe(no_mangle)]
+static OFF_EXIT_RET: u64 = 16;
+#[unsafe(no_mangle)]
+static OFF_NEWTASK_PID: u64 = 8;
+#[unsafe(no_mangle)]
+static OFF_NEWTASK_FLAGS: u64 = 32;
+/// Offset of `group_dead` in sched_process_exit, or u64::MAX on kernels
+/// without it (then the leader's exit stands for the process's).
+#[unsafe(no_mangle)]
+static OFF_EXIT_GROUP_DEAD: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_SIG_SIG: u64 = 8;
+#[unsafe(no_mangle)]
+static OFF_SIG_PID: u64 = 36;
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+// ---- Maps. All bounded: WATCHED and INFLIGHT are cleaned on exit, and
+// INFLIGHT is an LRU so a missed exit can never fill it. ----
+#[map]
+static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(8192, 0);
+#[map]
+static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32768, 0);
+#[map]
+static SYSCALL_CLASS: Array<u32> = Array::with_max_entries(MAX_SYSCALL_NR, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(512 * 1024, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+fn cfg(v: &u64) -> u64 {
+    // Volatile so the compiler does not fold the default value in.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        unsafe { *p += 1 };
+    }
+}
+
+/// Sends one event, counting it as lost if the ring buffer is full. Never blocks.
+#[inline(always)]
+fn emit(ev: &Event) {
+    match EVENTS.output::<Event>(ev, 0) {
+        Ok(()) => count(stat::EVENTS_SENT),
+        Err(_) => count(stat::EVENTS_LOST),
+    }
+}
+
+#[inline(always)]
+fn ids() -> (u32, u32) {
+    let pt = bpf_get_current_pid_tgid();
+    ((pt >> 32) as u32, pt as u32)
+}
+
+fn base_event(k: u32, tgid: u32, tid: u32) -> Event {
+    Event {
+        kind: k,
+        tgid,
+        tid,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_enter(&ctx);
+    0
+}
+
+fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let Some(w) = WATCHED.get_ptr_mut(&tgid) else {
+        return Ok(());
+    };
+    let nr: i64 = unsafe { ctx.read_at(cfg(&OFF_ENTER_ID) as usize)? };
+    let args = cfg(&OFF_ENTER_ARGS) as usize;
+    let arg0: u64 = unsafe { ctx.read_at(args)? };
+    let arg2: u64 = unsafe { ctx.read_at(args + 16)? };
+    if nr == unsafe { core::ptr::read_volatile(&NR_EXIT_GROUP) } {
+        unsafe {
+            (*w).exit_code = arg0 as i32;
+            (*w).exited = 1;
+        }
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(e) = INFLIGHT.get_ptr_mut(&tid) {
+        unsafe {
+            (*e).start_ns = now;
+            (*e).arg0 = arg0;
+            (*e).arg2 = arg2;
+            (*e).seq += 1;
+            (*e).nr = nr as i32;
+            (*e).tgid = tgid;
+            (*e).active = 1;
+            (*e).seeded = 0;
+        }
+    } else {
+        let e = Inflight {
+            start_ns: now,
+            arg0,
+            arg2,
+            seq: 1,
+            nr: nr as i32,
+            tgid,
+            active: 1,
+            seeded: 0,
+        };
+        INFLIGHT.insert(&tid, &e, 0)?;
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sys_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_exit(&ctx);
+    0
+}
+
+fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let Some(e) = INFLIGHT.get_ptr_mut(&tid) else {
+        return Ok(());
+    };
+    let e = unsafe { &mut *e };
+    if e.active == 0 {
+        return Ok(());
+    }
+    e.active = 0;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let dur = now.saturating_sub(e.start_ns);
+    if dur < cfg(&THRESHOLD_NS) {
+        return Ok(());
+    }
+    let nr = e.nr;
+    if nr < 0 || nr as u32 >= MAX_SYSCALL_NR {
+        return Ok(());
+    }
+    let c = SYSCALL_CLASS.get(nr as u32).copied().unwrap_or(class::MAYBE);
+    if c == class::WAIT {
+        return Ok(());
+    }
+    let ret: i64 = unsafe { ctx.read_at(cfg(&OFF_EXIT_RET) as usize)? };
+    let master = unsafe { WATCHED.get(&tgid) }.map(|w| w.master).unwrap_or(0);
+    let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
+    ev.aux_pid = master;
+    ev.ts_ns = now;
+    ev.start_ns = e.start_ns;
+    ev.nr = nr as i64;
+    ev.ret = ret;
+    ev.arg0 = e.arg0;
+    ev.arg2 = e.arg2;
+    if e.seeded != 0 {
+        ev.kind |= kind::FLAG_SEEDED;
+    }
+    emit(&ev);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let _ = try_task_newtask(&ctx);
+    0
+}
+
+fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let Some(parent) = (unsafe { WATCHED.get(&tgid) }).copied() else {
+        return Ok(());
+    };
+    let flags: u64 = unsafe { ctx.read_at(cfg(&OFF_NEWTASK_FLAGS) as usize)? };
+    if flags & CLONE_THREAD != 0 {
+        return Ok(());
+    }
+    let child: i32 = unsafe { ctx.read_at(cfg(&OFF_NEWTASK_PID) as usize)? };
+    let child_role = if parent.role == role::MASTER {
+        role::WORKER
+    } else {
+        role::CHILD
+    };
+    let w = Watched {
+        master: parent.master,
+        role: child_role,
+        ..Default::default()
+    };
+    // The child cannot run before this returns, so it is watched from its
+    // first syscall.
+    if WATCHED.insert(&(child as u32), &w, 0).is_err() {
+        count(stat::WATCH_FULL);
+    }
+    let mut ev = base_event(kind::FORK, tgid, tid);
+    ev.aux_pid = child as u32;
+    ev.nr = child_role as i64;
+    ev.ret = parent.master as i64;
+    emit(&ev);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exit(&ctx);
+    0
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let Some(w) = (unsafe { WATCHED.get(&tgid) }).copied() else {
+        return Ok(());
+    };
+    let inflight = unsafe { INFLIGHT.get(&tid) }.copied();
+    let _ = INFLIGHT.remove(&tid);
+    let off = cfg(&OFF_EXIT_GROUP_DEAD);
+    let group_dead = if off == u64::MAX {
+        tid == tgid
+    } else {
+        let v: u8 = unsafe { ctx.read_at(off as usize)? };
+        v != 0
+    };
+    // A thread that dies inside a reported syscall ends that syscall too.
+    if let Some(e) = inflight {
+        if e.active != 0 {
+            let now = unsafe { bpf_ktime_get_ns() };
+            if now.saturating_sub(e.start_ns) >= cfg(&THRESHOLD_NS) {
+                let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
+                ev.aux_pid = w.master;
+                ev.start_ns = e.start_ns;
+                ev.nr = e.nr as i64;
+                ev.ret = RET_EXITED;
+                ev.arg0 = e.arg0;
+                ev.arg2 = e.arg2;
+                if e.seeded != 0 {
+                    ev.kind |= kind::FLAG_SEEDED;
+                }
+                emit(&ev);
+            }
+        }
+    }
+    if !group_dead {
+        return Ok(());
+    }
+    let mut ev = base_event(kind::EXIT, tgid, tid);
+    ev.aux_pid = w.master;
+    if w.exited != 0 {
+        ev.nr = w.exit_code as i64;
+        ev.ret = 1;
+    } else {
+        ev.nr = w.last_signal as i64;
+        ev.ret = 0;
+    }
+    emit(&ev);
+    let _ = WATCHED.remove(&tgid);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    let _ = try_signal_generate(&ctx);
+    0
+}
+
+fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
+    let target: i32 = unsafe { ctx.read_at(cfg(&OFF_SIG_PID) as usize)? };
+    let Some(w) = WATCHED.get_ptr_mut(&(target as u32)) else {
+        return Ok(());
+    };
+    let sig: i32 = unsafe { ctx.read_at(cfg(&OFF_SIG_SIG) as usize)? };
+    // Signals that end or restart a Gunicorn worker. SIGCHLD, SIGWINCH and
+    // the like are frequent and say nothing about a stall.
+    const SIGHUP: i32 = 1;
+    const SIGINT: i32 = 2;
+    const SIGQUIT: i32 = 3;
+    const SIGABRT: i32 = 6;
+    const SIGBUS: i32 = 7;
+    const SIGKILL: i32 = 9;
+    const SIGSEGV: i32 = 11;
+    const SIGTERM: i32 = 15;
+    if !matches!(
+        sig,
+        SIGHUP | SIGINT | SIGQUIT | SIGABRT | SIGBUS | SIGKILL | SIGSEGV | SIGTERM
+    ) {
+        return Ok(());
+    }
+    unsafe { (*w).last_signal = sig as u32 };
+    let (tgid, tid) = ids();
+    let mut ev = base_event(kind::SIGNAL, target as u32, target as u32);
+    ev.aux_pid = tgid;
+    ev.nr = sig as i64;
+    ev.ret = tid as i64;
+    emit(&ev);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exec(&ctx);
+    0
+}
+
+fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let comm = bpf_get_current_comm().map_err(|e| e as i32)?;
+    // Only what could be a Gunicorn master (gunicorn, python3 -m gunicorn)
+    // or a watched process that execs goes to user space.
+    let interesting = comm.starts_with(b"gunicorn")
+        || comm.starts_with(b"python")
+        || unsafe { WATCHED.get(&tgid) }.is_some();
+    if !interesting {
+        return Ok(());
+    }
+    let ev = base_event(kind::EXEC, tgid, tid);
+    emit(&ev);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,126 @@
+//! Event intake: decoding ring buffer records into [`KernelEvent`]s.
+use tracer_common::{Event, RET_EXITED, kind};
+
+use crate::correlate::KernelEvent;
+use crate::model::Role;
+
+/// Decodes one ring buffer record. Returns None for a record of the wrong
+/// size or an unknown kind (a newer BPF object, say) rather than guessing.
+pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: Event is Pod and the slice is long enough; read_unaligned
+    // because ring buffer records are only 8-byte aligned by convention.
+    let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    from_event(&e)
+}
+
+pub fn from_event(e: &Event) -> Option<KernelEvent> {
+    let seeded = e.kind & kind::FLAG_SEEDED != 0;
+    Some(match e.kind & !kind::FLAG_SEEDED {
+        kind::FORK => KernelEvent::Fork {
+            ts_ns: e.ts_ns,
+            parent: e.tgid,
+            child: e.aux_pid,
+            role: Role::from_kernel(e.nr as u32),
+            master: e.ret as u32,
+        },
+        kind::EXIT => {
+            let (exit_code, signal) = if e.ret == 1 {
+                (Some(e.nr as i32), None)
+            } else if e.nr != 0 {
+                (None, Some(e.nr as i32))
+            } else {
+                (None, None)
+            };
+            KernelEvent::Exit {
+                ts_ns: e.ts_ns,
+                pid: e.tgid,
+                exit_code,
+                signal,
+            }
+        }
+        kind::SIGNAL => KernelEvent::Signal {
+            ts_ns: e.ts_ns,
+            target: e.tgid,
+            sender: e.aux_pid,
+            sig: e.nr as i32,
+        },
+        kind::SLOW_SYSCALL => KernelEvent::SlowSyscall {
+            ts_ns: e.ts_ns,
+            tgid: e.tgid,
+            tid: e.tid,
+            nr: e.nr,
+            start_ns: e.start_ns,
+            ret: (e.ret != RET_EXITED).then_some(e.ret),
+            arg0: e.arg0,
+            arg2: e.arg2,
+            seeded,
+        },
+        kind::EXEC => KernelEvent::Exec {
+            ts_ns: e.ts_ns,
+            pid: e.tgid,
+        },
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(e: &Event) -> Vec<u8> {
+        // SAFETY: Event is repr(C) with no implicit padding.
+        unsafe {
+            std::slice::from_raw_parts((e as *const Event).cast::<u8>(), std::mem::size_of::<Event>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_slow_syscall_including_thread_death_and_seeded() {
+        let e = Event {
+            kind: kind::SLOW_SYSCALL | kind::FLAG_SEEDED,
+            tgid: 10,
+            tid: 11,
+            ts_ns: 900,
+            start_ns: 100,
+            nr: 0,
+            ret: RET_EXITED,
+            arg0: 5,
+            arg2: 4,
+            ..Default::default()
+        };
+        let d = decode(&bytes(&e)).unwrap();
+        assert_eq!(
+            d,
+            KernelEvent::SlowSyscall { ts_ns: 900, tgid: 10, tid: 11, nr: 0, start_ns: 100, ret: None, arg0: 5, arg2: 4, seeded: true }
+        );
+    }
+
+    #[test]
+    fn decodes_exit_code_versus_signal() {
+        let mut e = Event { kind: kind::EXIT, tgid: 3, nr: 1, ret: 1, ..Default::default() };
+        assert!(matches!(from_event(&e), Some(KernelEvent::Exit { exit_code: Some(1), signal: None, .. })));
+        e.ret = 0;
+        e.nr = 9;
+        assert!(matches!(from_event(&e), Some(KernelEvent::Exit { exit_code: None, signal: Some(9), .. })));
+    }
+
+    #[test]
+    fn rejects_short_records_and_unknown_kinds() {
+        assert!(decode(&[0u8; 8]).is_none());
+        let e = Event { kind: 99, ..Default::default() };
+        assert!(decode(&bytes(&e)).is_none());
+    }
+
+    #[test]
+    fn decodes_fork_role() {
+        let e = Event { kind: kind::FORK, tgid: 1, aux_pid: 2, nr: tracer_common::role::WORKER as i64, ret: 1, ..Default::default() };
+        assert_eq!(
+            from_event(&e),
+            Some(KernelEvent::Fork { ts_ns: 0, parent: 1, child: 2, role: Role::Worker, master: 1 })
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! Loading the BPF object, patching its configuration from the running
+//! kernel, and attaching the tracepoints.
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use tracer_common::{Inflight, MAX_SYSCALL_NR, Watched, class, stat};
+
+use crate::model::Role;
+use crate::syscalls;
+use crate::tracefs::Format;
+
+/// Map update flag: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// The loaded programs and the maps user space talks to. Dropping it
+/// detaches everything: nothing is pinned, so a crash leaves nothing behind.
+pub struct Probes {
+    _ebpf: Ebpf,
+    pub watched: HashMap<MapData, u32, Watched>,
+    pub inflight: HashMap<MapData, u32, Inflight>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub events: Option<RingBuf<MapData>>,
+}
+
+/// (program name, tracepoint category, tracepoint name)
+const PROGRAMS: [(&str, &str, &str); 6] = [
+    ("sys_enter", "raw_syscalls", "sys_enter"),
+    ("sys_exit", "raw_syscalls", "sys_exit"),
+    ("task_newtask", "task", "task_newtask"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+    ("signal_generate", "signal", "signal_generate"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+];
+
+fn raise_memlock() {
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones
+    // ignore it. Best effort: a failure shows up later as a map error.
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: lim is a valid rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
+
+/// Turns a load error into one line that says what to do.
+fn explain(e: impl std::fmt::Display + std::fmt::Debug, what: &str) -> anyhow::Error {
+    let text = format!("{e:#}");
+    let debug = format!("{e:?}");
+    if debug.contains("EPERM") || text.contains("Operation not permitted") {
+        return anyhow!(
+            "{what}: permission denied; run as root, or grant CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN on kernels before 5.8); a locked-down kernel or kernel.unprivileged_bpf_disabled can also refuse"
+        );
+    }
+    if debug.contains("verifier") || debug.contains("Verifier") {
+        // The tail of the verifier log names the instruction it refused.
+        let tail: Vec<&str> = debug.lines().rev().take(12).collect();
+        return anyhow!(
+            "{what}: the kernel's verifier rejected the program; please report this with the kernel version ({}). Log tail:\n{}",
+            kernel_release(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    anyhow!("{what}: {text}")
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
+    raise_memlock();
+    let enter = Format::read(tracefs, "raw_syscalls", "sys_enter")?;
+    let exit = Format::read(tracefs, "raw_syscalls", "sys_exit")?;
+    let newtask = Format::read(tracefs, "task", "task_newtask")?;
+    let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
+    let sig = Format::read(tracefs, "signal", "signal_generate")?;
+
+    let off_enter_id = enter.offset("id", 8)?;
+    let off_enter_args = enter.offset("args", 8)?;
+    let off_exit_id = exit.offset("id", 8)?;
+    let off_exit_ret = exit.offset("ret", 8)?;
+    let off_newtask_pid = newtask.offset("pid", 4)?;
+    let off_newtask_flags = newtask.offset("clone_flags", 8)?;
+    let off_group_dead = pexit.optional_offset("group_dead").unwrap_or(u64::MAX);
+    let off_sig_sig = sig.offset("sig", 4)?;
+    let off_sig_pid = sig.offset("pid", 4)?;
+    let nr_exit_group = syscalls::number("exit_group").ok_or_else(|| anyhow!("no exit_group syscall on this architecture"))?;
+
+    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+    if bytes.is_empty() {
+        bail!("this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs; rebuild it with `cargo xtask build`");
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global("THRESHOLD_NS", &threshold_ns, true)
+        .override_global("NR_EXIT_GROUP", &nr_exit_group, true)
+        .override_global("OFF_ENTER_ID", &off_enter_id, true)
+        .override_global("OFF_ENTER_ARGS", &off_enter_args, true)
+        .override_global("OFF_EXIT_ID", &off_exit_id, true)
+        .override_global("OFF_EXIT_RET", &off_exit_ret, true)
+        .override_global("OFF_NEWTASK_PID", &off_newtask_pid, true)
+        .override_global("OFF_NEWTASK_FLAGS", &off_newtask_flags, true)
+        .override_global("OFF_EXIT_GROUP_DEAD", &off_group_dead, true)
+        .override_global("OFF_SIG_SIG", &off_sig_sig, true)
+        .override_global("OFF_SIG_PID", &off_sig_pid, true)
+        .load(bytes)
+        .map_err(|e| explain(e, "loading the BPF object"))?;
+
+    // The class table must be filled before sys_exit can run.
+    {
+        let mut classes: Array<_, u32> = Array::try_from(
+            ebpf.map_mut("SYSCALL_CLASS")
+                .ok_or_else(|| anyhow!("BPF object has no SYSCALL_CLASS map"))?,
+        )?;
+        for nr in syscalls::always_wait_numbers() {
+            if (nr as u32) < MAX_SYSCALL_NR {
+                classes.set(nr as u32, class::WAIT, 0).context("filling the syscall class table")?;
+            }
+        }
+    }
+
+    for (prog, category, name) in PROGRAMS {
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
+            .try_into()?;
+        p.load().map_err(|e| explain(e, &format!("loading program {prog}")))?;
+        p.attach(category, name)
+            .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
+    }
+
+    let take = |ebpf: &mut Ebpf, name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("BPF object has no map {name}"))
+    };
+    let watched = HashMap::try_from(take(&mut ebpf, "WATCHED")?)?;
+    let inflight = HashMap::try_from(take(&mut ebpf, "INFLIGHT")?)?;
+    let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
+    let events = Some(RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?);
+    Ok(Probes {
+        _ebpf: ebpf,
+        watched,
+        inflight,
+        stats,
+        events,
+    })
+}
+
+impl Probes {
+    pub fn watch(&mut self, pid: u32, master: u32, role: Role) -> Result<()> {
+        let w = Watched {
+            master,
+            role: role.to_kernel(),
+            ..Default::default()
+        };
+        self.watched
+            .insert(pid, w, 0)
+            .with_context(|| format!("adding pid {pid} to the kernel's watch list (is it full?)"))
+    }
+
+    /// Records a syscall a thread was already blocked in before we attached,
+    /// unless the kernel has seen the thread since (BPF_NOEXIST).
+    pub fn seed_inflight(&mut self, tid: u32, tgid: u32, nr: i64, arg0: u64, arg2: u64, now_ns: u64) {
+        let e = Inflight {
+            start_ns: now_ns,
+            arg0,
+            arg2,
+            seq: 1,
+            nr: nr as i32,
+            tgid,
+            active: 1,
+            seeded: 1,
+        };
+        let _ = self.inflight.insert(tid, e, BPF_NOEXIST);
+    }
+
+    pub fn inflight_samples(&self) -> Vec<(u32, Inflight)> {
+        self.inflight.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn stat(&self, index: u32) -> u64 {
+        self.stats
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    pub fn events_lost(&self) -> u64 {
+        self.stat(stat::EVENTS_LOST)
+    }
+}

@@ -1,0 +1,411 @@
+//! Discovery and enrichment from /proc. Only called at start-up and for rare
+//! events (a stall, a new process), never per syscall.
+//!
+//! Everything read here comes from untrusted processes: names and command
+//! lines are decoded lossily and never trusted as paths.
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use crate::model::{FdInfo, Peer};
+
+fn proc_path(parts: &[&str]) -> PathBuf {
+    let mut p = PathBuf::from("/proc");
+    for part in parts {
+        p.push(part);
+    }
+    p
+}
+
+pub fn exists(pid: u32) -> bool {
+    proc_path(&[&pid.to_string()]).is_dir()
+}
+
+pub fn cmdline(pid: u32) -> Vec<String> {
+    fs::read(proc_path(&[&pid.to_string(), "cmdline"]))
+        .map(|b| parse_cmdline(&b))
+        .unwrap_or_default()
+}
+
+pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+pub fn comm(pid: u32) -> String {
+    fs::read(proc_path(&[&pid.to_string(), "comm"]))
+        .map(|b| String::from_utf8_lossy(&b).trim_end_matches('\n').to_string())
+        .unwrap_or_default()
+}
+
+/// Parent pid from /proc/PID/stat. The comm field may hold spaces and
+/// parentheses, so parse from the last ')'.
+pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut it = rest.split_whitespace();
+    let _state = it.next()?;
+    it.next()?.parse().ok()
+}
+
+pub fn ppid(pid: u32) -> Option<u32> {
+    let s = fs::read_to_string(proc_path(&[&pid.to_string(), "stat"])).ok()?;
+    parse_stat_ppid(&s)
+}
+
+pub fn all_pids() -> Vec<u32> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+pub fn threads(pid: u32) -> Vec<u32> {
+    let Ok(rd) = fs::read_dir(proc_path(&[&pid.to_string(), "task"])) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+pub fn children(pid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| ppid(*p) == Some(pid))
+        .collect()
+}
+
+/// Whether a command line is Gunicorn's: `gunicorn ...`, `python -m gunicorn
+/// ...`, `python /venv/bin/gunicorn ...`, or a setproctitle'd `gunicorn: ...`.
+pub fn is_gunicorn(cmdline: &[String], comm: &str) -> bool {
+    if comm.starts_with("gunicorn") {
+        return true;
+    }
+    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
+    let Some(first) = cmdline.first() else {
+        return false;
+    };
+    if base(first).starts_with("gunicorn") {
+        return true;
+    }
+    if !base(first).starts_with("python") {
+        return false;
+    }
+    let mut it = cmdline.iter().skip(1).peekable();
+    while let Some(arg) = it.next() {
+        if arg == "-m" {
+            return it.peek().is_some_and(|m| *m == "gunicorn");
+        }
+        if arg.starts_with('-') {
+            continue;
+        }
+        // The first non-option argument is the script.
+        return base(arg) == "gunicorn";
+    }
+    false
+}
+
+/// What a process is to us, judged from /proc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    Master,
+    Worker { master: u32 },
+    Other,
+}
+
+pub fn identify(pid: u32) -> Identity {
+    let me = is_gunicorn(&cmdline(pid), &comm(pid));
+    if !me {
+        return Identity::Other;
+    }
+    match ppid(pid) {
+        Some(pp) if pp > 1 && is_gunicorn(&cmdline(pp), &comm(pp)) => Identity::Worker { master: pp },
+        _ => Identity::Master,
+    }
+}
+
+pub fn all_masters() -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| identify(*p) == Identity::Master)
+        .collect()
+}
+
+/// Gunicorn's worker timeout from the master's command line, in seconds
+/// (`-t N`, `--timeout N`, `--timeout=N`); Gunicorn's default is 30.
+pub fn parse_timeout(cmdline: &[String]) -> Option<f64> {
+    let mut it = cmdline.iter();
+    while let Some(a) = it.next() {
+        let v = if a == "-t" || a == "--timeout" {
+            it.next().map(|s| s.as_str())
+        } else if let Some(v) = a.strip_prefix("--timeout=") {
+            Some(v)
+        } else if let Some(v) = a.strip_prefix("-t").filter(|v| !v.is_empty()) {
+            Some(v)
+        } else {
+            None
+        };
+        if let Some(t) = v.and_then(|v| v.parse::<f64>().ok()) {
+            return Some(t);
+        }
+    }
+    None
+}
+
+/// The WSGI app argument (`module:callable`) from a Gunicorn command line.
+pub fn parse_app(cmdline: &[String]) -> Option<String> {
+    cmdline
+        .iter()
+        .skip(1)
+        .rev()
+        .find(|a| !a.starts_with('-') && a.contains(':') && !a.contains('/'))
+        .cloned()
+}
+
+pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
+    fs::read_link(proc_path(&[&pid.to_string(), "fd", &fd.to_string()]))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Classifies an fd from its /proc link target and, for paths, its file mode.
+pub fn classify_target(target: &str, mode: Option<u32>) -> &'static str {
+    if target.starts_with("pipe:") {
+        return "pipe";
+    }
+    if target.starts_with("socket:") {
+        return "socket";
+    }
+    if let Some(anon) = target.strip_prefix("anon_inode:") {
+        return match anon.trim_matches(|c| c == '[' || c == ']') {
+            "eventfd" => "eventfd",
+            "eventpoll" => "epoll",
+            "timerfd" => "timerfd",
+            "signalfd" => "signalfd",
+            "inotify" => "inotify",
+            _ => "anon_inode",
+        };
+    }
+    if target.starts_with("/dev/pts/") || target.starts_with("/dev/tty") || target == "/dev/console" {
+        return "tty";
+    }
+    match mode.map(|m| m & libc::S_IFMT) {
+        Some(libc::S_IFIFO) => "fifo",
+        Some(libc::S_IFSOCK) => "socket",
+        Some(libc::S_IFCHR) | Some(libc::S_IFBLK) => "device",
+        Some(libc::S_IFDIR) => "directory",
+        Some(libc::S_IFREG) => "file",
+        _ if target.starts_with('/') => "file",
+        _ => "unknown",
+    }
+}
+
+/// The access mode of an fd from /proc/PID/fdinfo/FD's `flags:` line (octal).
+pub fn parse_fdinfo_end(fdinfo: &str) -> Option<&'static str> {
+    let line = fdinfo.lines().find(|l| l.starts_with("flags:"))?;
+    let flags = u32::from_str_radix(line["flags:".len()..].trim(), 8).ok()?;
+    Some(match flags & 0o3 {
+        0 => "read",
+        1 => "write",
+        _ => "both",
+    })
+}
+
+fn fd_end(pid: u32, fd: i32) -> &'static str {
+    fs::read_to_string(proc_path(&[&pid.to_string(), "fdinfo", &fd.to_string()]))
+        .ok()
+        .and_then(|s| parse_fdinfo_end(&s))
+        .unwrap_or("unknown")
+}
+
+/// Every fd on the host, other than `skip`, whose link target is `target`.
+/// Costly on a big host, so only called for a reported stall on a pipe.
+pub fn holders(target: &str, skip: (u32, i32)) -> Vec<Peer> {
+    let mut out = Vec::new();
+    for pid in all_pids() {
+        let Ok(rd) = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if (pid, fd) == skip {
+                continue;
+            }
+            let Ok(link) = fs::read_link(e.path()) else {
+                continue;
+            };
+            if link.as_os_str() == target {
+                out.push(Peer {
+                    pid,
+                    comm: comm(pid),
+                    fd,
+                    end: fd_end(pid, fd),
+                });
+            }
+        }
+    }
+    out
+}
+
+pub fn fd_info(pid: u32, fd: i32) -> FdInfo {
+    let Some(target) = fd_target(pid, fd) else {
+        return FdInfo::unknown();
+    };
+    let mode = fs::metadata(proc_path(&[&pid.to_string(), "fd", &fd.to_string()]))
+        .ok()
+        .map(|m| m.mode());
+    let kind = classify_target(&target, mode);
+    let peers = if kind == "pipe" || kind == "fifo" {
+        holders(&target, (pid, fd))
+    } else {
+        Vec::new()
+    };
+    FdInfo {
+        kind: kind.to_string(),
+        target: Some(target),
+        peers,
+    }
+}
+
+/// Age of a worker's Gunicorn heartbeat, in milliseconds.
+///
+/// The worker touches an unlinked `wgunicorn-*` file about once a second
+/// (`utimensat` since Gunicorn 22, `fchmod` before). Both change the inode's
+/// ctime to the wall-clock time, whatever they write into mtime, so ctime
+/// dates the last heartbeat for every version.
+pub fn heartbeat_age_ms(pid: u32) -> Option<u64> {
+    let dir = proc_path(&[&pid.to_string(), "fd"]);
+    for e in fs::read_dir(&dir).ok()?.flatten() {
+        let Ok(link) = fs::read_link(e.path()) else {
+            continue;
+        };
+        let name = link.to_string_lossy();
+        if !name.contains("/wgunicorn-") {
+            continue;
+        }
+        let meta = fs::metadata(e.path()).ok()?;
+        let ctime_ns = meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos() as i128;
+        return Some(((now - ctime_ns).max(0) / 1_000_000) as u64);
+    }
+    None
+}
+
+/// The syscall a thread is blocked in, from /proc/PID/task/TID/syscall:
+/// `nr arg1 .. arg6 sp pc`, or `running`, or `-1 sp pc` outside a syscall.
+pub fn parse_syscall_file(s: &str) -> Option<(i64, u64, u64)> {
+    let mut it = s.split_whitespace();
+    let nr: i64 = it.next()?.parse().ok()?;
+    if nr < 0 {
+        return None;
+    }
+    let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
+    let a0 = hex(it.next()?)?;
+    let _a1 = it.next()?;
+    let a2 = hex(it.next()?)?;
+    Some((nr, a0, a2))
+}
+
+pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, u64, u64)> {
+    let s = fs::read_to_string(proc_path(&[&pid.to_string(), "task", &tid.to_string(), "syscall"])).ok()?;
+    parse_syscall_file(&s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn cmdline_splits_on_nul_and_tolerates_bad_utf8() {
+        let c = parse_cmdline(b"python3\0-m\0gunicorn\0\xff\xfe\0");
+        assert_eq!(c[..3], v(&["python3", "-m", "gunicorn"]));
+        assert_eq!(c[3], "\u{fffd}\u{fffd}");
+        assert!(parse_cmdline(b"").is_empty());
+    }
+
+    #[test]
+    fn stat_ppid_survives_hostile_comm() {
+        let s = "1234 (evil) 1 2 (x) S 99 1234 1234 0 -1";
+        assert_eq!(parse_stat_ppid(s), Some(99));
+        assert_eq!(parse_stat_ppid("1 (init) S 0 1 1"), Some(0));
+        assert_eq!(parse_stat_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn recognises_gunicorn_command_lines() {
+        assert!(is_gunicorn(&v(&["/venv/bin/python3", "/venv/bin/gunicorn", "-k", "gevent", "app:app"]), "gunicorn"));
+        assert!(is_gunicorn(&v(&["/venv/bin/python3", "/venv/bin/gunicorn", "app:app"]), "python3"));
+        assert!(is_gunicorn(&v(&["python3", "-u", "-m", "gunicorn", "app:app"]), "python3"));
+        assert!(is_gunicorn(&v(&["gunicorn: master [app:app]"]), "gunicorn: maste"));
+        assert!(!is_gunicorn(&v(&["python3", "-m", "http.server"]), "python3"));
+        assert!(!is_gunicorn(&v(&["python3", "myscript.py", "gunicorn"]), "python3"));
+        assert!(!is_gunicorn(&v(&["nginx: worker process"]), "nginx"));
+        assert!(!is_gunicorn(&[], ""));
+    }
+
+    #[test]
+    fn timeout_and_app_from_command_line() {
+        assert_eq!(parse_timeout(&v(&["gunicorn", "-t", "4", "app:app"])), Some(4.0));
+        assert_eq!(parse_timeout(&v(&["gunicorn", "--timeout=7", "a:b"])), Some(7.0));
+        assert_eq!(parse_timeout(&v(&["gunicorn", "--timeout", "90"])), Some(90.0));
+        assert_eq!(parse_timeout(&v(&["gunicorn", "-t5"])), Some(5.0));
+        assert_eq!(parse_timeout(&v(&["gunicorn", "app:app"])), None);
+        assert_eq!(parse_app(&v(&["gunicorn", "-b", "127.0.0.1:8000", "app:app"])), Some("app:app".into()));
+        assert_eq!(parse_app(&v(&["gunicorn", "--bind=unix:/tmp/x.sock"])), None);
+    }
+
+    #[test]
+    fn classifies_fd_targets() {
+        assert_eq!(classify_target("pipe:[1234]", None), "pipe");
+        assert_eq!(classify_target("socket:[99]", None), "socket");
+        assert_eq!(classify_target("anon_inode:[eventpoll]", None), "epoll");
+        assert_eq!(classify_target("anon_inode:[eventfd]", None), "eventfd");
+        assert_eq!(classify_target("anon_inode:bpf-map", None), "anon_inode");
+        assert_eq!(classify_target("/dev/pts/3", Some(libc::S_IFCHR)), "tty");
+        assert_eq!(classify_target("/dev/null", Some(libc::S_IFCHR | 0o666)), "device");
+        assert_eq!(classify_target("/tmp/fifo", Some(libc::S_IFIFO | 0o600)), "fifo");
+        assert_eq!(classify_target("/var/log/x.log", Some(libc::S_IFREG | 0o644)), "file");
+        assert_eq!(classify_target("/gone (deleted)", None), "file");
+        assert_eq!(classify_target("", None), "unknown");
+    }
+
+    #[test]
+    fn fdinfo_access_mode() {
+        assert_eq!(parse_fdinfo_end("pos:\t0\nflags:\t02000000\nmnt_id:\t15\n"), Some("read"));
+        assert_eq!(parse_fdinfo_end("pos:\t0\nflags:\t02000001\n"), Some("write"));
+        assert_eq!(parse_fdinfo_end("flags:\t0100002\n"), Some("both"));
+        assert_eq!(parse_fdinfo_end("flags:\tzz\n"), None);
+        assert_eq!(parse_fdinfo_end(""), None);
+    }
+
+    #[test]
+    fn syscall_file_forms() {
+        assert_eq!(
+            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f0000001234\n"),
+            Some((0, 11, 4))
+        );
+        assert_eq!(parse_syscall_file("running\n"), None);
+        assert_eq!(parse_syscall_file("-1 0x7ffd0000 0x7f0000001234\n"), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(exists(me));
+        assert!(!cmdline(me).is_empty());
+        assert!(ppid(me).is_some());
+        assert!(threads(me).contains(&me));
+    }
+}

@@ -1,0 +1,149 @@
+//! Known causes, as data: each signature is a predicate on a stall and the
+//! sentence a person needs. Adding one is adding an entry to `SIGNATURES`.
+use serde::Serialize;
+
+use crate::correlate::StallReport;
+use crate::model::Role;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cause {
+    pub id: &'static str,
+    pub cause: &'static str,
+    pub fix: &'static str,
+}
+
+pub struct Signature {
+    pub id: &'static str,
+    pub cause: &'static str,
+    pub fix: &'static str,
+    pub matches: fn(&StallReport) -> bool,
+}
+
+/// A pipe that nobody but the blocked process itself can write to.
+pub fn only_self_writes(s: &StallReport) -> bool {
+    s.fd_kind == "pipe"
+        && !s.peers.iter().any(|p| p.pid != s.pid && p.end != "read")
+        && s.peers.iter().any(|p| p.pid == s.pid && p.end != "read")
+}
+
+fn is_read(s: &StallReport) -> bool {
+    matches!(s.syscall.as_str(), "read" | "readv" | "pread64" | "recvfrom" | "recvmsg")
+}
+
+/// First match wins, so specific signatures come before general ones.
+pub static SIGNATURES: &[Signature] = &[
+    Signature {
+        id: "multiprocessing_queue_gevent",
+        cause: "multiprocessing.Queue.get() in a gevent worker: the queue's feeder thread is a greenlet that cannot run while the hub is blocked, so the 4-byte read on its pipe never returns",
+        fix: "use gevent.queue.Queue or queue.Queue, call get(timeout=...), or move the work out of the worker process",
+        matches: |s| {
+            s.role == Role::Worker && s.syscall == "read" && s.count == Some(4) && only_self_writes(s)
+        },
+    },
+    Signature {
+        id: "self_pipe_read",
+        cause: "a blocking read on a pipe that only this process can write to: it can never return (a threading or multiprocessing primitive used after gevent monkey-patching)",
+        fix: "use gevent-aware primitives in request code, or bound the wait with a timeout",
+        matches: |s| is_read(s) && only_self_writes(s),
+    },
+    Signature {
+        id: "uncooperative_socket_read",
+        cause: "a blocking read on a socket the event loop does not own: a C client library (database driver, RPC client) not made cooperative by gevent",
+        fix: "use a gevent-compatible driver, or run the call in gevent's threadpool",
+        matches: |s| s.role == Role::Worker && is_read(s) && s.fd_kind == "socket",
+    },
+    Signature {
+        id: "file_lock_wait",
+        cause: "waiting for a file lock (flock/fcntl) held by another process",
+        fix: "find the lock holder (lslocks), and never take blocking file locks in request code",
+        // Only the waiting forms of fcntl (F_SETLKW, F_OFD_SETLKW) can block this long.
+        matches: |s| matches!(s.syscall.as_str(), "flock" | "fcntl"),
+    },
+    Signature {
+        id: "unpatched_sleep",
+        cause: "a sleep that gevent did not patch (time.sleep imported before monkey-patching, or C code sleeping) blocks the whole worker",
+        fix: "monkey-patch before any other import, or use gevent.sleep",
+        matches: |s| s.role == Role::Worker && matches!(s.syscall.as_str(), "nanosleep" | "clock_nanosleep"),
+    },
+    Signature {
+        id: "os_thread_lock",
+        cause: "the event loop waits on a lock held by a real OS thread (a C extension thread, or a lock created before monkey-patching)",
+        fix: "create locks after monkey-patching; py-spy dump --pid shows which thread holds it",
+        matches: |s| s.role == Role::Worker && s.syscall == "futex",
+    },
+];
+
+pub fn identify(s: &StallReport) -> Option<Cause> {
+    SIGNATURES.iter().find(|sig| (sig.matches)(s)).map(|sig| Cause {
+        id: sig.id,
+        cause: sig.cause,
+        fix: sig.fix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Peer;
+
+    fn peer(pid: u32, end: &'static str) -> Peer {
+        Peer {
+            pid,
+            comm: "x".into(),
+            fd: 9,
+            end,
+        }
+    }
+
+    fn stall(syscall: &str, kind: &str, count: Option<u64>, peers: Vec<Peer>) -> StallReport {
+        StallReport {
+            pid: 10,
+            tid: 10,
+            syscall: syscall.into(),
+            fd_kind: kind.into(),
+            count,
+            peers,
+            role: Role::Worker,
+            ..Default::default()
+        }
+    }
+
+    fn id(s: &StallReport) -> Option<&'static str> {
+        identify(s).map(|c| c.id)
+    }
+
+    #[test]
+    fn multiprocessing_queue_signature() {
+        let s = stall("read", "pipe", Some(4), vec![peer(10, "write")]);
+        assert_eq!(id(&s), Some("multiprocessing_queue_gevent"));
+        // Another process could write: not this bug.
+        let s = stall("read", "pipe", Some(4), vec![peer(10, "write"), peer(11, "write")]);
+        assert_eq!(id(&s), None);
+    }
+
+    #[test]
+    fn generic_self_pipe_signature() {
+        let s = stall("read", "pipe", Some(65536), vec![peer(10, "both")]);
+        assert_eq!(id(&s), Some("self_pipe_read"));
+        // No writer at all: the read would return EOF, so this is not it.
+        let s = stall("read", "pipe", Some(65536), vec![]);
+        assert_eq!(id(&s), None);
+    }
+
+    #[test]
+    fn socket_read_in_worker_signature() {
+        let s = stall("recvfrom", "socket", Some(4096), vec![]);
+        assert_eq!(id(&s), Some("uncooperative_socket_read"));
+        let mut plain = s.clone();
+        plain.role = Role::Plain;
+        assert_eq!(id(&plain), None);
+    }
+
+    #[test]
+    fn lock_sleep_and_futex_signatures() {
+        assert_eq!(id(&stall("flock", "file", None, vec![])), Some("file_lock_wait"));
+        assert_eq!(id(&stall("fcntl", "file", None, vec![])), Some("file_lock_wait"));
+        assert_eq!(id(&stall("clock_nanosleep", "unknown", None, vec![])), Some("unpatched_sleep"));
+        assert_eq!(id(&stall("futex", "unknown", None, vec![])), Some("os_thread_lock"));
+    }
+}

@@ -1,0 +1,380 @@
+//! `tracer watch`: discovery, the event loop, and the summary at the end.
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::WatchArgs;
+use crate::correlate::{Correlator, Enricher, KernelEvent, Output, Sample};
+use crate::loader::{self, Probes};
+use crate::model::{FdInfo, Role};
+use crate::output::{self, Clock, Format, StartEvent, SummaryEvent};
+use crate::{intake, proc, tracefs};
+
+/// /proc lookups for stalls being reported.
+struct ProcEnricher;
+
+impl Enricher for ProcEnricher {
+    fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
+        proc::fd_info(pid, fd)
+    }
+    fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64> {
+        proc::heartbeat_age_ms(pid)
+    }
+    fn comm(&mut self, pid: u32) -> String {
+        proc::comm(pid)
+    }
+}
+
+/// Where events go: stdout in the chosen format, plus an optional JSON file.
+struct Sink {
+    format: Format,
+    clock: Clock,
+    stdout: std::io::Stdout,
+    file: Option<BufWriter<File>>,
+    /// stdout was closed (piped into `head`, say): keep tracing for the file.
+    stdout_gone: bool,
+}
+
+impl Sink {
+    fn write_stdout(&mut self, line: &str) {
+        if self.stdout_gone {
+            return;
+        }
+        let mut lock = self.stdout.lock();
+        if writeln!(lock, "{line}").and_then(|_| lock.flush()).is_err() {
+            self.stdout_gone = true;
+        }
+    }
+
+    fn write_file(&mut self, line: &str) {
+        if let Some(f) = self.file.as_mut()
+            && writeln!(f, "{line}").and_then(|_| f.flush()).is_err()
+        {
+            eprintln!("tracer: warning: cannot write to the --output file any more; continuing on stdout");
+            self.file = None;
+        }
+    }
+
+    fn json<T: serde::Serialize>(&mut self, body: &T, ts_ns: u64) -> String {
+        output::json_line(body, self.clock.rfc3339(ts_ns))
+    }
+
+    fn event(&mut self, o: &Output) {
+        let json = self.json(o, o.ts_ns());
+        self.write_file(&json);
+        match self.format {
+            Format::Json => self.write_stdout(&json),
+            Format::Text => {
+                let t = output::text_line(o, &self.clock);
+                self.write_stdout(&t);
+            }
+        }
+    }
+
+    fn start(&mut self, s: &StartEvent, now: u64) {
+        let json = self.json(s, now);
+        self.write_file(&json);
+        match self.format {
+            Format::Json => self.write_stdout(&json),
+            Format::Text => {
+                let what = if s.discover {
+                    "every Gunicorn master on this host".to_string()
+                } else {
+                    format!("pid {}", s.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))
+                };
+                self.write_stdout(&format!(
+                    "tracer {}: watching {what}; reporting syscalls blocked {}ms or more. Ctrl-C for the summary.",
+                    s.version, s.threshold_ms
+                ));
+            }
+        }
+    }
+
+    fn summary(&mut self, s: &SummaryEvent, now: u64) {
+        let json = self.json(s, now);
+        self.write_file(&json);
+        match self.format {
+            Format::Json => self.write_stdout(&json),
+            Format::Text => {
+                let t = output::text_summary(s.summary, s.events_lost);
+                self.write_stdout(t.trim_end());
+            }
+        }
+    }
+}
+
+/// Fails early, in one line, when we cannot possibly load BPF programs.
+fn check_privileges() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = [(39, "CAP_BPF"), (38, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| caps & (1u64 << bit) == 0)
+        .map(|(_, n)| n)
+        .collect();
+    if caps & (1 << 21) == 0 && !missing.is_empty() {
+        bail!(
+            "not running as root and missing {}; run as root, or grant them (setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep tracer)",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+/// A target resolved from --pid or from discovery.
+struct Target {
+    pid: u32,
+    master: u32,
+    role: Role,
+}
+
+fn resolve_targets(pids: &[u32]) -> Result<Vec<Target>> {
+    let mut out = Vec::new();
+    if pids.is_empty() {
+        for m in proc::all_masters() {
+            out.push(Target { pid: m, master: m, role: Role::Master });
+        }
+    }
+    for &pid in pids {
+        if !proc::exists(pid) {
+            bail!("no process with pid {pid}; check it with `ps -p {pid}` (it may have exited)");
+        }
+        match proc::identify(pid) {
+            proc::Identity::Master => out.push(Target { pid, master: pid, role: Role::Master }),
+            proc::Identity::Worker { master } => {
+                out.push(Target { pid, master, role: Role::Worker })
+            }
+            proc::Identity::Other => {
+                eprintln!(
+                    "tracer: pid {pid} ({}) is not a Gunicorn master or worker; watching it as a plain process",
+                    output::sanitize(&proc::comm(pid))
+                );
+                out.push(Target { pid, master: pid, role: Role::Plain })
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct State {
+    probes: Probes,
+    corr: Correlator,
+    enricher: ProcEnricher,
+    sink: Sink,
+    discover: bool,
+}
+
+impl State {
+    /// Starts watching a process: kernel map first (so forks from now on
+    /// are followed), then the threads already blocked, then the report.
+    fn watch_process(&mut self, t: &Target, source: &'static str, now: u64) -> Result<()> {
+        self.probes.watch(t.pid, t.master, t.role)?;
+        for tid in proc::threads(t.pid) {
+            if let Some((nr, a0, a2)) = proc::thread_syscall(t.pid, tid) {
+                self.probes.seed_inflight(tid, t.pid, nr, a0, a2, now);
+            }
+        }
+        let cmd = proc::cmdline(if t.role == Role::Master { t.pid } else { t.master });
+        let app = proc::parse_app(&cmd);
+        let timeout = match t.role {
+            Role::Master | Role::Worker => Some(proc::parse_timeout(&cmd).unwrap_or(30.0)),
+            _ => None,
+        };
+        if let Some(o) = self.corr.add_process(now, t.pid, t.master, t.role, app, timeout, source) {
+            self.sink.event(&o);
+        }
+        Ok(())
+    }
+
+    fn watch_master_and_workers(&mut self, master: u32, source: &'static str, now: u64) -> Result<()> {
+        self.watch_process(&Target { pid: master, master, role: Role::Master }, source, now)?;
+        for child in proc::children(master) {
+            self.watch_process(&Target { pid: child, master, role: Role::Worker }, source, now)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: KernelEvent) {
+        if let KernelEvent::Exec { pid, .. } = ev {
+            if self.discover && !self.corr.is_watched(pid) && proc::identify(pid) == proc::Identity::Master {
+                let now = output::monotonic_ns();
+                if let Err(e) = self.watch_master_and_workers(pid, "exec", now) {
+                    eprintln!("tracer: warning: cannot watch new Gunicorn master {pid}: {e:#}");
+                }
+            }
+            return;
+        }
+        for o in self.corr.on_kernel(ev, &mut self.enricher) {
+            self.sink.event(&o);
+        }
+    }
+
+    fn drain(&mut self, rb: &mut aya::maps::RingBuf<aya::maps::MapData>) {
+        let mut batch = Vec::new();
+        while let Some(item) = rb.next() {
+            if let Some(ev) = intake::decode(&item) {
+                batch.push(ev);
+            }
+        }
+        for ev in batch {
+            self.handle(ev);
+        }
+    }
+
+    fn poll(&mut self) {
+        let now = output::monotonic_ns();
+        let samples: Vec<Sample> = self
+            .probes
+            .inflight_samples()
+            .into_iter()
+            .map(|(tid, e)| Sample {
+                tid,
+                tgid: e.tgid,
+                nr: e.nr as i64,
+                start_ns: e.start_ns,
+                arg0: e.arg0,
+                arg2: e.arg2,
+                seq: e.seq,
+                active: e.active != 0,
+                seeded: e.seeded != 0,
+            })
+            .collect();
+        for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
+            self.sink.event(&o);
+        }
+    }
+}
+
+pub fn run(args: WatchArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: WatchArgs) -> Result<()> {
+    check_privileges()?;
+    let targets = resolve_targets(&args.pids)?;
+    let tracefs = tracefs::ensure_mounted()?;
+    let threshold_ns = args.threshold.as_nanos() as u64;
+    let mut probes = loader::load(&tracefs, threshold_ns)?;
+    let rb = probes.events.take().ok_or_else(|| anyhow!("ring buffer missing"))?;
+    // SAFETY: the RingBuf owns its fd for as long as the AsyncFd lives, and
+    // we never replace it through get_mut.
+    let mut ring = unsafe { AsyncFd::register(rb) }
+        .map_err(|e| anyhow!("registering the ring buffer with the runtime: {e}"))?;
+
+    let file = match &args.output {
+        Some(p) => Some(BufWriter::new(
+            File::create(p).with_context(|| format!("cannot create --output file {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let clock = Clock::now();
+    let mut st = State {
+        probes,
+        corr: Correlator::new(threshold_ns),
+        enricher: ProcEnricher,
+        sink: Sink {
+            format: args.format,
+            clock,
+            stdout: std::io::stdout(),
+            file,
+            stdout_gone: false,
+        },
+        discover: args.pids.is_empty(),
+    };
+
+    let start = output::monotonic_ns();
+    st.sink.start(
+        &StartEvent {
+            version: env!("CARGO_PKG_VERSION"),
+            threshold_ms: threshold_ns / 1_000_000,
+            discover: st.discover,
+            pids: targets.iter().map(|t| t.pid).collect(),
+        },
+        start,
+    );
+    for t in &targets {
+        let r = if t.role == Role::Master {
+            st.watch_master_and_workers(t.pid, "scan", start)
+        } else {
+            st.watch_process(t, "scan", start)
+        };
+        if let Err(e) = r {
+            // A process that exited between discovery and now is not fatal
+            // in discovery mode; a --pid that vanished is.
+            if st.discover {
+                eprintln!("tracer: warning: {e:#}");
+            } else if !proc::exists(t.pid) {
+                bail!("pid {} exited while the tracer was attaching; nothing to watch", t.pid);
+            } else {
+                return Err(e);
+            }
+        }
+    }
+    if st.discover && targets.is_empty() {
+        eprintln!("tracer: no Gunicorn master is running yet; waiting for one to start");
+    }
+
+    // Poll the in-flight map often enough to report a stall well within
+    // 150ms of crossing the threshold, but never busier than every 10ms.
+    let period = (args.threshold / 5).clamp(Duration::from_millis(10), Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let deadline = args.duration.map(|d| Instant::now() + d);
+    let sleep_until = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(sleep_until);
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                st.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                st.drain(ring.get_mut());
+                st.poll();
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut sleep_until => break,
+        }
+    }
+
+    st.drain(ring.get_mut());
+    st.poll();
+    let now = output::monotonic_ns();
+    let summary = st.corr.summary(now);
+    let lost = st.probes.events_lost();
+    st.sink.summary(
+        &SummaryEvent {
+            duration_ms: now.saturating_sub(start) / 1_000_000,
+            events_lost: lost,
+            summary: &summary,
+        },
+        now,
+    );
+    Ok(())
+}
