@@ -164,6 +164,30 @@ impl Tracer {
         }
     }
 
+    /// Waits until `n` events match `pred`; returns them all.
+    pub fn wait_count(&mut self, what: &str, n: usize, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<Value> = self.events.iter().map(|(_, v)| v).filter(|v| pred(v)).cloned().collect();
+            if found.len() >= n {
+                return found;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => self.take(line),
+                Err(_) => {
+                    self.drain_stderr();
+                    panic!(
+                        "waited {timeout:?} for {n} x {what}, got {}\nevents: {:#?}\nstderr: {:#?}",
+                        found.len(),
+                        self.events.iter().map(|(_, v)| v.to_string()).collect::<Vec<_>>(),
+                        self.stderr_lines
+                    );
+                }
+            }
+        }
+    }
+
     /// Collects events for `d` without expecting anything.
     pub fn collect_for(&mut self, d: Duration) {
         let deadline = Instant::now() + d;
@@ -237,27 +261,27 @@ impl Proc {
         self.child.id()
     }
 
-    /// Waits for a line of the merged output containing `needle`.
-    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Line {
-        if let Some(l) = self.lines.iter().find(|l| l.text.contains(needle)) {
-            return l.clone();
-        }
-        let rx = self.output.as_ref().expect("process output is not captured");
+    /// Waits until `n` lines of the output contain `needle`; returns the n-th.
+    pub fn wait_count(&mut self, needle: &str, n: usize, timeout: Duration) -> Line {
         let deadline = Instant::now() + timeout;
         loop {
+            if let Some(l) = self.lines.iter().filter(|l| l.text.contains(needle)).nth(n - 1) {
+                return l.clone();
+            }
+            let rx = self.output.as_ref().expect("process output is not captured");
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) => {
-                    self.lines.push(l.clone());
-                    if l.text.contains(needle) {
-                        return l;
-                    }
-                }
+                Ok(l) => self.lines.push(l),
                 Err(_) => panic!(
-                    "no line containing {needle:?} within {timeout:?}; output so far:\n{}",
+                    "fewer than {n} line(s) containing {needle:?} within {timeout:?}; output so far:\n{}",
                     self.lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join("\n")
                 ),
             }
         }
+    }
+
+    /// Waits for a line of the output containing `needle`.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Line {
+        self.wait_count(needle, 1, timeout)
     }
 }
 

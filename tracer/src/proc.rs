@@ -81,14 +81,16 @@ pub fn children(pid: u32) -> Vec<u32> {
 /// Whether a command line is Gunicorn's: `gunicorn ...`, `python -m gunicorn
 /// ...`, `python /venv/bin/gunicorn ...`, or a setproctitle'd `gunicorn: ...`.
 pub fn is_gunicorn(cmdline: &[String], comm: &str) -> bool {
-    if comm.starts_with("gunicorn") {
+    // Exact names only: a test binary called `gunicorn_e2e-…` is not Gunicorn.
+    let named = |s: &str| s == "gunicorn" || s.starts_with("gunicorn:");
+    if named(comm) {
         return true;
     }
     let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
     let Some(first) = cmdline.first() else {
         return false;
     };
-    if base(first).starts_with("gunicorn") {
+    if named(&base(first)) || first.starts_with("gunicorn:") {
         return true;
     }
     if !base(first).starts_with("python") {
@@ -353,6 +355,9 @@ mod tests {
         assert!(!is_gunicorn(&v(&["python3", "myscript.py", "gunicorn"]), "python3"));
         assert!(!is_gunicorn(&v(&["nginx: worker process"]), "nginx"));
         assert!(!is_gunicorn(&[], ""));
+        // Prefixes are not enough: this is a Rust test binary.
+        assert!(!is_gunicorn(&v(&["/x/target/release/deps/gunicorn_e2e-1f2e"]), "gunicorn_e2e-1f2"));
+        assert!(!is_gunicorn(&v(&["/usr/bin/gunicorn-exporter"]), "gunicorn-export"));
     }
 
     #[test]
