@@ -45,7 +45,10 @@ pub fn apps_dir() -> PathBuf {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "integration tests load BPF programs and must run as root (cargo xtask test)");
+    assert_eq!(
+        euid, 0,
+        "integration tests load BPF programs and must run as root (cargo xtask test)"
+    );
     assert!(
         tracer_bin().exists(),
         "{} is missing: run `cargo xtask test`, which builds it",
@@ -70,7 +73,13 @@ fn pump<R: Read + Send + 'static>(r: R) -> Receiver<Line> {
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(text) = line else { break };
-            if tx.send(Line { at: Instant::now(), text }).is_err() {
+            if tx
+                .send(Line {
+                    at: Instant::now(),
+                    text,
+                })
+                .is_err()
+            {
                 break;
             }
         }
@@ -109,14 +118,23 @@ impl Tracer {
             events: Vec::new(),
             stderr_lines: Vec::new(),
         };
-        t.wait_for("start event", Duration::from_secs(20), |e| e["event"] == "start");
+        t.wait_for("start event", Duration::from_secs(20), |e| {
+            e["event"] == "start"
+        });
         t
     }
 
     fn take(&mut self, line: Line) {
-        let v: Value = serde_json::from_str(&line.text)
-            .unwrap_or_else(|e| panic!("tracer printed a line that is not JSON ({e}): {:?}", line.text));
-        assert!(v["event"].is_string(), "event without an `event` field: {v}");
+        let v: Value = serde_json::from_str(&line.text).unwrap_or_else(|e| {
+            panic!(
+                "tracer printed a line that is not JSON ({e}): {:?}",
+                line.text
+            )
+        });
+        assert!(
+            v["event"].is_string(),
+            "event without an `event` field: {v}"
+        );
         assert!(v["ts"].is_string(), "event without a `ts` field: {v}");
         self.events.push((line.at, v));
     }
@@ -128,7 +146,12 @@ impl Tracer {
     }
 
     /// Waits for the first event (already received or new) matching `pred`.
-    pub fn wait_for(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (Instant, Value) {
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (Instant, Value) {
         if let Some(found) = self.events.iter().find(|(_, v)| pred(v)) {
             return found.clone();
         }
@@ -147,7 +170,10 @@ impl Tracer {
                     self.drain_stderr();
                     panic!(
                         "timed out after {timeout:?} waiting for {what}\nevents: {:#?}\nstderr: {:#?}",
-                        self.events.iter().map(|(_, v)| v.to_string()).collect::<Vec<_>>(),
+                        self.events
+                            .iter()
+                            .map(|(_, v)| v.to_string())
+                            .collect::<Vec<_>>(),
                         self.stderr_lines
                     );
                 }
@@ -156,7 +182,10 @@ impl Tracer {
                     panic!(
                         "tracer exited while waiting for {what} (status {:?})\nevents: {:#?}\nstderr: {:#?}",
                         self.child.try_wait(),
-                        self.events.iter().map(|(_, v)| v.to_string()).collect::<Vec<_>>(),
+                        self.events
+                            .iter()
+                            .map(|(_, v)| v.to_string())
+                            .collect::<Vec<_>>(),
                         self.stderr_lines
                     );
                 }
@@ -165,10 +194,22 @@ impl Tracer {
     }
 
     /// Waits until `n` events match `pred`; returns them all.
-    pub fn wait_count(&mut self, what: &str, n: usize, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    pub fn wait_count(
+        &mut self,
+        what: &str,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let found: Vec<Value> = self.events.iter().map(|(_, v)| v).filter(|v| pred(v)).cloned().collect();
+            let found: Vec<Value> = self
+                .events
+                .iter()
+                .map(|(_, v)| v)
+                .filter(|v| pred(v))
+                .cloned()
+                .collect();
             if found.len() >= n {
                 return found;
             }
@@ -180,7 +221,10 @@ impl Tracer {
                     panic!(
                         "waited {timeout:?} for {n} x {what}, got {}\nevents: {:#?}\nstderr: {:#?}",
                         found.len(),
-                        self.events.iter().map(|(_, v)| v.to_string()).collect::<Vec<_>>(),
+                        self.events
+                            .iter()
+                            .map(|(_, v)| v.to_string())
+                            .collect::<Vec<_>>(),
                         self.stderr_lines
                     );
                 }
@@ -191,7 +235,10 @@ impl Tracer {
     /// Collects events for `d` without expecting anything.
     pub fn collect_for(&mut self, d: Duration) {
         let deadline = Instant::now() + d;
-        while let Ok(line) = self.stdout.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok(line) = self
+            .stdout
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             self.take(line);
         }
     }
@@ -200,15 +247,25 @@ impl Tracer {
     pub fn stop(&mut self) -> Value {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let (_, s) = self.wait_for("summary event", Duration::from_secs(10), |e| e["event"] == "summary");
+        let (_, s) = self.wait_for("summary event", Duration::from_secs(10), |e| {
+            e["event"] == "summary"
+        });
         let status = self.child.wait().expect("waiting for the tracer");
         self.drain_stderr();
-        assert!(status.success(), "tracer exited with {status}; stderr: {:#?}", self.stderr_lines);
+        assert!(
+            status.success(),
+            "tracer exited with {status}; stderr: {:#?}",
+            self.stderr_lines
+        );
         s
     }
 
     pub fn of_kind(&self, kind: &str) -> Vec<&Value> {
-        self.events.iter().map(|(_, v)| v).filter(|v| v["event"] == kind).collect()
+        self.events
+            .iter()
+            .map(|(_, v)| v)
+            .filter(|v| v["event"] == kind)
+            .collect()
     }
 }
 
@@ -244,7 +301,9 @@ impl Proc {
     pub fn spawn(cmd: &mut Command) -> Proc {
         use std::os::unix::process::CommandExt;
         cmd.stdin(Stdio::null()).process_group(0);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         Proc {
             child,
             output: None,
@@ -265,15 +324,27 @@ impl Proc {
     pub fn wait_count(&mut self, needle: &str, n: usize, timeout: Duration) -> Line {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self.lines.iter().filter(|l| l.text.contains(needle)).nth(n - 1) {
+            if let Some(l) = self
+                .lines
+                .iter()
+                .filter(|l| l.text.contains(needle))
+                .nth(n - 1)
+            {
                 return l.clone();
             }
-            let rx = self.output.as_ref().expect("process output is not captured");
+            let rx = self
+                .output
+                .as_ref()
+                .expect("process output is not captured");
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(l) => self.lines.push(l),
                 Err(_) => panic!(
                     "fewer than {n} line(s) containing {needle:?} within {timeout:?}; output so far:\n{}",
-                    self.lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join("\n")
+                    self.lines
+                        .iter()
+                        .map(|l| l.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 ),
             }
         }
@@ -322,7 +393,13 @@ pub fn gunicorn(args: &[&str], env: &[(&str, &str)]) -> Proc {
         std::thread::spawn(move || {
             for line in BufReader::new(r).lines() {
                 let Ok(text) = line else { break };
-                if tx.send(Line { at: Instant::now(), text }).is_err() {
+                if tx
+                    .send(Line {
+                        at: Instant::now(),
+                        text,
+                    })
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -341,7 +418,10 @@ pub fn get_async(port: u16, path: &str, timeout: Duration) -> Receiver<std::io::
         let r = (|| {
             let mut s = TcpStream::connect(("127.0.0.1", port))?;
             s.set_read_timeout(Some(timeout))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)
@@ -366,7 +446,10 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

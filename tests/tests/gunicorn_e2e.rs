@@ -24,7 +24,17 @@ fn start_gunicorn(workers: usize, port: u16, pids: &std::path::Path) -> Proc {
     let bind = format!("127.0.0.1:{port}");
     let w = workers.to_string();
     let mut g = gunicorn(
-        &["-k", "gevent", "-w", &w, "-t", "4", "-b", &bind, "hang_app:app"],
+        &[
+            "-k",
+            "gevent",
+            "-w",
+            &w,
+            "-t",
+            "4",
+            "-b",
+            &bind,
+            "hang_app:app",
+        ],
         &[("HANG_PID_FILE", pids.to_str().unwrap())],
     );
     g.wait_line("Listening at", Duration::from_secs(30));
@@ -42,44 +52,79 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     assert_eq!(get(port, "/").lines().last(), Some("ok"), "the app answers");
 
     let mut t = Tracer::start(&["--pid", &master.to_string()]);
-    let found = t.wait_count("workers", 3, Duration::from_secs(5), |e| e["event"] == "worker");
+    let found = t.wait_count("workers", 3, Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
     let scanned: Vec<u64> = found.iter().filter_map(|w| w["pid"].as_u64()).collect();
     assert_eq!(scanned.len(), 3, "three workers found at attach");
-    assert!(found.iter().all(|w| w["master_pid"] == master && w["source"] == "scan"), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .all(|w| w["master_pid"] == master && w["source"] == "scan"),
+        "{found:?}"
+    );
 
     let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || pids_in(&pids).first().copied());
+    let victim = eventually("hang pid", Duration::from_secs(5), || {
+        pids_in(&pids).first().copied()
+    });
 
     let (stall_at, stall) = t.wait_for("stall", Duration::from_secs(4), |e| e["event"] == "stall");
-    assert_eq!(stall["pid"], victim, "the stall names the worker that took the request: {stall}");
+    assert_eq!(
+        stall["pid"], victim,
+        "the stall names the worker that took the request: {stall}"
+    );
     assert_eq!(stall["tid"], victim);
     assert_eq!(stall["master_pid"], master);
     assert_eq!(stall["syscall"], "read");
     assert_eq!(stall["fd_kind"], "pipe");
     assert_eq!(stall["count"], 4);
     assert_eq!(stall["only_self_can_wake"], true, "{stall}");
-    assert!(stall["heartbeat_age_ms"].as_u64().is_some(), "heartbeat age is known: {stall}");
-    assert_eq!(stall["cause"]["id"], "multiprocessing_queue_gevent", "{stall}");
+    assert!(
+        stall["heartbeat_age_ms"].as_u64().is_some(),
+        "heartbeat age is known: {stall}"
+    );
+    assert_eq!(
+        stall["cause"]["id"], "multiprocessing_queue_gevent",
+        "{stall}"
+    );
 
     // Gunicorn's own message comes later: the tracer was first.
-    let timeout_line = g.wait_line(&format!("WORKER TIMEOUT (pid:{victim})"), Duration::from_secs(15));
-    assert!(stall_at < timeout_line.at, "stall reported before Gunicorn's WORKER TIMEOUT");
+    let timeout_line = g.wait_line(
+        &format!("WORKER TIMEOUT (pid:{victim})"),
+        Duration::from_secs(15),
+    );
+    assert!(
+        stall_at < timeout_line.at,
+        "stall reported before Gunicorn's WORKER TIMEOUT"
+    );
 
     let (_, kill) = t.wait_for("worker_timeout", Duration::from_secs(10), |e| {
         e["event"] == "worker_timeout" && e["pid"] == victim
     });
     assert_eq!(kill["master_pid"], master);
-    assert!(kill["signal"] == "SIGABRT" || kill["signal"] == "SIGKILL", "{kill}");
-    assert_eq!(kill["stall"]["pid"], victim, "the kill is tied to the stall: {kill}");
+    assert!(
+        kill["signal"] == "SIGABRT" || kill["signal"] == "SIGKILL",
+        "{kill}"
+    );
+    assert_eq!(
+        kill["stall"]["pid"], victim,
+        "the kill is tied to the stall: {kill}"
+    );
     assert_eq!(kill["stall"]["syscall"], "read");
     assert_eq!(kill["stall"]["fd_target"], stall["fd_target"]);
-    assert!(kill["stall"]["blocked_ms"].as_u64().unwrap() >= 3000, "{kill}");
+    assert!(
+        kill["stall"]["blocked_ms"].as_u64().unwrap() >= 3000,
+        "{kill}"
+    );
 
     let (_, exit) = t.wait_for("worker_exit", Duration::from_secs(15), |e| {
         e["event"] == "worker_exit" && e["pid"] == victim
     });
     assert_eq!(exit["master_pid"], master);
-    t.wait_for("stall_end", Duration::from_secs(5), |e| e["event"] == "stall_end" && e["pid"] == victim);
+    t.wait_for("stall_end", Duration::from_secs(5), |e| {
+        e["event"] == "stall_end" && e["pid"] == victim
+    });
 
     // Gunicorn respawns the worker; the kernel saw the fork.
     let (_, respawn) = t.wait_for("respawned worker", Duration::from_secs(15), |e| {
@@ -93,7 +138,9 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     let mut clients = Vec::new();
     for attempt in 1..=3 {
         clients.push(get_async(port, "/hang", Duration::from_secs(20)));
-        let taken = eventually("next hang pid", Duration::from_secs(5), || pids_in(&pids).get(attempt).copied());
+        let taken = eventually("next hang pid", Duration::from_secs(5), || {
+            pids_in(&pids).get(attempt).copied()
+        });
         let (_, s) = t.wait_for("stall of the next hang", Duration::from_secs(4), |e| {
             e["event"] == "stall" && e["pid"] == taken
         });
@@ -101,12 +148,21 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
         if taken == fresh {
             break;
         }
-        assert!(attempt < 3, "three hang requests never reached the respawned worker {fresh}");
+        assert!(
+            attempt < 3,
+            "three hang requests never reached the respawned worker {fresh}"
+        );
     }
 
     let summary = t.stop();
     let text = summary["verdict"]["text"].as_str().unwrap();
-    assert!(summary["verdict"]["killed_pids"].as_array().unwrap().contains(&victim.into()), "{summary}");
+    assert!(
+        summary["verdict"]["killed_pids"]
+            .as_array()
+            .unwrap()
+            .contains(&victim.into()),
+        "{summary}"
+    );
     assert!(text.contains("multiprocessing.Queue"), "{text}");
     let rows = summary["workers"].as_array().unwrap();
     let row = rows.iter().find(|w| w["pid"] == victim).unwrap();
@@ -123,7 +179,9 @@ fn a_master_started_after_the_tracer_is_discovered_and_followed() {
     let mut t = Tracer::start(&["--threshold", "300ms"]);
     let g = start_gunicorn(2, port, &pids);
     let master = g.pid();
-    let (_, m) = t.wait_for("master", Duration::from_secs(10), |e| e["event"] == "master" && e["pid"] == master);
+    let (_, m) = t.wait_for("master", Duration::from_secs(10), |e| {
+        e["event"] == "master" && e["pid"] == master
+    });
     assert_eq!(m["timeout_s"], 4.0);
     assert_eq!(m["app"], "hang_app:app");
     // Both workers were seen being forked, not found by polling /proc.
@@ -136,12 +194,22 @@ fn a_master_started_after_the_tracer_is_discovered_and_followed() {
         t.of_kind("worker")
     );
     let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || pids_in(&pids).first().copied());
-    let (_, stall) = t.wait_for("stall", Duration::from_secs(4), |e| e["event"] == "stall" && e["pid"] == victim);
+    let victim = eventually("hang pid", Duration::from_secs(5), || {
+        pids_in(&pids).first().copied()
+    });
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(4), |e| {
+        e["event"] == "stall" && e["pid"] == victim
+    });
     assert_eq!(stall["master_pid"], master);
     assert_eq!(stall["fd_kind"], "pipe");
     let summary = t.stop();
-    assert!(summary["verdict"]["stalled_pids"].as_array().unwrap().contains(&victim.into()), "{summary}");
+    assert!(
+        summary["verdict"]["stalled_pids"]
+            .as_array()
+            .unwrap()
+            .contains(&victim.into()),
+        "{summary}"
+    );
     drop(g);
     let _ = std::fs::remove_file(&pids);
 }
@@ -160,6 +228,12 @@ fn healthy_gunicorn_under_requests_has_no_stall() {
     t.collect_for(Duration::from_secs(3));
     let summary = t.stop();
     assert!(t.of_kind("stall").is_empty(), "{:?}", t.of_kind("stall"));
-    assert!(summary["verdict"]["text"].as_str().unwrap().starts_with("healthy"), "{summary}");
+    assert!(
+        summary["verdict"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("healthy"),
+        "{summary}"
+    );
     drop(g);
 }

@@ -15,14 +15,23 @@ fn blocked_pipe_read_is_reported_while_still_blocked() {
     let mut t = Tracer::start(&["--pid", &pid.to_string(), "--threshold", "300ms"]);
     let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| e["event"] == "stall");
     // Reported while the read is still blocked, not at its end.
-    assert!(alive(pid), "the process must still be blocked when the stall is reported");
-    assert!(t.of_kind("stall_end").is_empty(), "no stall_end before the syscall ends");
+    assert!(
+        alive(pid),
+        "the process must still be blocked when the stall is reported"
+    );
+    assert!(
+        t.of_kind("stall_end").is_empty(),
+        "no stall_end before the syscall ends"
+    );
     assert_eq!(stall["pid"], pid);
     assert_eq!(stall["tid"], pid);
     assert_eq!(stall["syscall"], "read");
     assert_eq!(stall["fd_kind"], "pipe");
     assert_eq!(stall["count"], 4);
-    assert!(stall["fd_target"].as_str().unwrap().starts_with("pipe:["), "{stall}");
+    assert!(
+        stall["fd_target"].as_str().unwrap().starts_with("pipe:["),
+        "{stall}"
+    );
     assert!(stall["blocked_ms"].as_u64().unwrap() >= 300, "{stall}");
     assert_eq!(stall["only_self_can_wake"], true, "{stall}");
     let peers = stall["peers"].as_array().unwrap();
@@ -33,14 +42,24 @@ fn blocked_pipe_read_is_reported_while_still_blocked() {
 
     // Killing it ends the stall with outcome `exited`, and the exit is reported.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let (_, end) = t.wait_for("stall_end", Duration::from_secs(5), |e| e["event"] == "stall_end");
+    let (_, end) = t.wait_for("stall_end", Duration::from_secs(5), |e| {
+        e["event"] == "stall_end"
+    });
     assert_eq!(end["pid"], pid);
     assert_eq!(end["outcome"], "exited");
-    let (_, exit) = t.wait_for("exit", Duration::from_secs(5), |e| e["event"] == "worker_exit");
+    let (_, exit) = t.wait_for("exit", Duration::from_secs(5), |e| {
+        e["event"] == "worker_exit"
+    });
     assert_eq!(exit["pid"], pid);
     assert_eq!(exit["signal"], "SIGKILL");
     let summary = t.stop();
-    assert!(summary["verdict"]["text"].as_str().unwrap().contains("read()"), "{summary}");
+    assert!(
+        summary["verdict"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("read()"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -51,11 +70,15 @@ fn a_read_that_started_after_attach_and_returns_is_reported_with_its_end() {
     let p = Proc::python(code);
     let pid = p.pid();
     let mut t = Tracer::start(&["--pid", &pid.to_string(), "--threshold", "300ms"]);
-    let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| e["event"] == "stall" && e["pid"] == pid);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| {
+        e["event"] == "stall" && e["pid"] == pid
+    });
     assert_eq!(stall["syscall"], "read");
     // Another process (the forked child) holds the write end, so it can be woken.
     assert_eq!(stall["only_self_can_wake"], false, "{stall}");
-    let (_, end) = t.wait_for("stall_end", Duration::from_secs(5), |e| e["event"] == "stall_end" && e["pid"] == pid);
+    let (_, end) = t.wait_for("stall_end", Duration::from_secs(5), |e| {
+        e["event"] == "stall_end" && e["pid"] == pid
+    });
     assert_eq!(end["outcome"], "returned");
     assert_eq!(end["ret"], 1);
     t.stop();
@@ -84,8 +107,13 @@ fn a_forked_child_is_followed_from_its_first_syscall() {
     assert_ne!(child, parent);
     assert_eq!(born["master_pid"], parent);
     assert_eq!(born["role"], "child");
-    let (_, stall) = t.wait_for("child's stall", Duration::from_secs(5), |e| e["event"] == "stall");
-    assert_eq!(stall["pid"], child, "the stall is the child's, not the parent's: {stall}");
+    let (_, stall) = t.wait_for("child's stall", Duration::from_secs(5), |e| {
+        e["event"] == "stall"
+    });
+    assert_eq!(
+        stall["pid"], child,
+        "the stall is the child's, not the parent's: {stall}"
+    );
     assert_eq!(stall["syscall"], "read");
     // The parent waiting for its child is idle, not a stall.
     t.collect_for(Duration::from_millis(500));
@@ -114,18 +142,27 @@ fn an_unwatched_process_produces_nothing() {
         }
         assert_ne!(e["pid"], other_pid, "event about an unwatched process: {e}");
     }
-    assert_eq!(summary["verdict"]["stalled_pids"], serde_json::json!([watched.pid()]));
+    assert_eq!(
+        summary["verdict"]["stalled_pids"],
+        serde_json::json!([watched.pid()])
+    );
     assert!(alive(other_pid));
 }
 
 #[test]
 fn an_idle_sleeping_process_is_not_a_stall() {
     require_root();
-    let p = Proc::python("import time, threading\nthreading.Thread(target=lambda: time.sleep(60), daemon=True).start()\ntime.sleep(60)\n");
+    let p = Proc::python(
+        "import time, threading\nthreading.Thread(target=lambda: time.sleep(60), daemon=True).start()\ntime.sleep(60)\n",
+    );
     let mut t = Tracer::start(&["--pid", &p.pid().to_string(), "--threshold", "200ms"]);
     t.collect_for(Duration::from_secs(1));
     let summary = t.stop();
-    assert!(t.of_kind("stall").is_empty(), "sleep and futex waits are idle: {:?}", t.of_kind("stall"));
+    assert!(
+        t.of_kind("stall").is_empty(),
+        "sleep and futex waits are idle: {:?}",
+        t.of_kind("stall")
+    );
     assert_eq!(summary["verdict"]["stalled_pids"], serde_json::json!([]));
 }
 
@@ -150,7 +187,15 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
 #[test]
 fn duration_ends_the_run_with_a_summary() {
     require_root();
-    let (code, out, err) = run_tracer(&["watch", "--format", "json", "--duration", "1s", "--pid", "1"]);
+    let (code, out, err) = run_tracer(&[
+        "watch",
+        "--format",
+        "json",
+        "--duration",
+        "1s",
+        "--pid",
+        "1",
+    ]);
     assert_eq!(code, 0, "{err}");
     let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "summary");

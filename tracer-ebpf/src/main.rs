@@ -22,7 +22,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
-use tracer_common::{Event, Inflight, MAX_SYSCALL_NR, RET_EXITED, Watched, class, kind, role, stat};
+use tracer_common::{
+    Event, Inflight, MAX_SYSCALL_NR, RET_EXITED, Watched, class, kind, role, stat,
+};
 
 // ---- Configuration, patched by user space at load time. ----
 #[unsafe(no_mangle)]
@@ -112,7 +114,7 @@ pub fn sys_enter(ctx: TracePointContext) -> u32 {
 
 fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
-    let Some(w) = WATCHED.get_ptr_mut(&tgid) else {
+    let Some(w) = WATCHED.get_ptr_mut(tgid) else {
         return Ok(());
     };
     let nr: i64 = unsafe { ctx.read_at(cfg(&OFF_ENTER_ID) as usize)? };
@@ -126,7 +128,7 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
         }
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(e) = INFLIGHT.get_ptr_mut(&tid) {
+    if let Some(e) = INFLIGHT.get_ptr_mut(tid) {
         unsafe {
             (*e).start_ns = now;
             (*e).arg0 = arg0;
@@ -148,7 +150,7 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
             active: 1,
             seeded: 0,
         };
-        INFLIGHT.insert(&tid, &e, 0)?;
+        INFLIGHT.insert(tid, e, 0)?;
     }
     Ok(())
 }
@@ -161,7 +163,7 @@ pub fn sys_exit(ctx: TracePointContext) -> u32 {
 
 fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
-    let Some(e) = INFLIGHT.get_ptr_mut(&tid) else {
+    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
         return Ok(());
     };
     let e = unsafe { &mut *e };
@@ -178,12 +180,15 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
     if nr < 0 || nr as u32 >= MAX_SYSCALL_NR {
         return Ok(());
     }
-    let c = SYSCALL_CLASS.get(nr as u32).copied().unwrap_or(class::MAYBE);
+    let c = SYSCALL_CLASS
+        .get(nr as u32)
+        .copied()
+        .unwrap_or(class::MAYBE);
     if c == class::WAIT {
         return Ok(());
     }
     let ret: i64 = unsafe { ctx.read_at(cfg(&OFF_EXIT_RET) as usize)? };
-    let master = unsafe { WATCHED.get(&tgid) }.map(|w| w.master).unwrap_or(0);
+    let master = unsafe { WATCHED.get(tgid) }.map(|w| w.master).unwrap_or(0);
     let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
     ev.aux_pid = master;
     ev.ts_ns = now;
@@ -207,7 +212,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 
 fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
-    let Some(parent) = (unsafe { WATCHED.get(&tgid) }).copied() else {
+    let Some(parent) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
     let flags: u64 = unsafe { ctx.read_at(cfg(&OFF_NEWTASK_FLAGS) as usize)? };
@@ -227,7 +232,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     };
     // The child cannot run before this returns, so it is watched from its
     // first syscall.
-    if WATCHED.insert(&(child as u32), &w, 0).is_err() {
+    if WATCHED.insert(child as u32, w, 0).is_err() {
         count(stat::WATCH_FULL);
     }
     let mut ev = base_event(kind::FORK, tgid, tid);
@@ -246,11 +251,11 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 
 fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
-    let Some(w) = (unsafe { WATCHED.get(&tgid) }).copied() else {
+    let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let inflight = unsafe { INFLIGHT.get(&tid) }.copied();
-    let _ = INFLIGHT.remove(&tid);
+    let inflight = unsafe { INFLIGHT.get(tid) }.copied();
+    let _ = INFLIGHT.remove(tid);
     let off = cfg(&OFF_EXIT_GROUP_DEAD);
     let group_dead = if off == u64::MAX {
         tid == tgid
@@ -259,22 +264,22 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
         v != 0
     };
     // A thread that dies inside a reported syscall ends that syscall too.
-    if let Some(e) = inflight {
-        if e.active != 0 {
-            let now = unsafe { bpf_ktime_get_ns() };
-            if now.saturating_sub(e.start_ns) >= cfg(&THRESHOLD_NS) {
-                let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
-                ev.aux_pid = w.master;
-                ev.start_ns = e.start_ns;
-                ev.nr = e.nr as i64;
-                ev.ret = RET_EXITED;
-                ev.arg0 = e.arg0;
-                ev.arg2 = e.arg2;
-                if e.seeded != 0 {
-                    ev.kind |= kind::FLAG_SEEDED;
-                }
-                emit(&ev);
+    if let Some(e) = inflight
+        && e.active != 0
+    {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now.saturating_sub(e.start_ns) >= cfg(&THRESHOLD_NS) {
+            let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
+            ev.aux_pid = w.master;
+            ev.start_ns = e.start_ns;
+            ev.nr = e.nr as i64;
+            ev.ret = RET_EXITED;
+            ev.arg0 = e.arg0;
+            ev.arg2 = e.arg2;
+            if e.seeded != 0 {
+                ev.kind |= kind::FLAG_SEEDED;
             }
+            emit(&ev);
         }
     }
     if !group_dead {
@@ -290,7 +295,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
         ev.ret = 0;
     }
     emit(&ev);
-    let _ = WATCHED.remove(&tgid);
+    let _ = WATCHED.remove(tgid);
     Ok(())
 }
 
@@ -302,7 +307,7 @@ pub fn signal_generate(ctx: TracePointContext) -> u32 {
 
 fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     let target: i32 = unsafe { ctx.read_at(cfg(&OFF_SIG_PID) as usize)? };
-    let Some(w) = WATCHED.get_ptr_mut(&(target as u32)) else {
+    let Some(w) = WATCHED.get_ptr_mut(target as u32) else {
         return Ok(());
     };
     let sig: i32 = unsafe { ctx.read_at(cfg(&OFF_SIG_SIG) as usize)? };
@@ -340,12 +345,12 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
-    let comm = bpf_get_current_comm().map_err(|e| e as i32)?;
+    let comm = bpf_get_current_comm()?;
     // Only what could be a Gunicorn master (gunicorn, python3 -m gunicorn)
     // or a watched process that execs goes to user space.
     let interesting = comm.starts_with(b"gunicorn")
         || comm.starts_with(b"python")
-        || unsafe { WATCHED.get(&tgid) }.is_some();
+        || unsafe { WATCHED.get(tgid) }.is_some();
     if !interesting {
         return Ok(());
     }
@@ -354,7 +359,7 @@ fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -59,9 +59,8 @@ fn parse_pid(s: &str) -> Result<u32, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|_| {
-        format!("'{s}' is not a duration; write it like 500ms, 2s or 1m")
-    })
+    humantime::parse_duration(s.trim())
+        .map_err(|_| format!("'{s}' is not a duration; write it like 500ms, 2s or 1m"))
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -80,7 +79,9 @@ fn parse_threshold(s: &str) -> Result<Duration, String> {
         ));
     }
     if d > Duration::from_secs(3600) {
-        return Err(format!("threshold '{s}' is longer than an hour; use a shorter one"));
+        return Err(format!(
+            "threshold '{s}' is longer than an hour; use a shorter one"
+        ));
     }
     Ok(d)
 }
@@ -93,7 +94,9 @@ mod tests {
         let mut v = vec!["tracer", "watch"];
         v.extend_from_slice(args);
         match Cli::try_parse_from(v) {
-            Ok(Cli { command: Command::Watch(w) }) => Ok(w),
+            Ok(Cli {
+                command: Command::Watch(w),
+            }) => Ok(w),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -109,12 +112,27 @@ mod tests {
 
     #[test]
     fn durations_and_pids() {
-        let w = watch(&["--pid", "12", "--pid", "13", "--threshold", "2s", "--duration", "1m", "--format", "json"]).unwrap();
+        let w = watch(&[
+            "--pid",
+            "12",
+            "--pid",
+            "13",
+            "--threshold",
+            "2s",
+            "--duration",
+            "1m",
+            "--format",
+            "json",
+        ])
+        .unwrap();
         assert_eq!(w.pids, vec![12, 13]);
         assert_eq!(w.threshold, Duration::from_secs(2));
         assert_eq!(w.duration, Some(Duration::from_secs(60)));
         assert_eq!(w.format, Format::Json);
-        assert_eq!(watch(&["--threshold", "250ms"]).unwrap().threshold, Duration::from_millis(250));
+        assert_eq!(
+            watch(&["--threshold", "250ms"]).unwrap().threshold,
+            Duration::from_millis(250)
+        );
     }
 
     #[test]
@@ -124,7 +142,10 @@ mod tests {
         let e = watch(&["--threshold", "0ms"]).unwrap_err();
         assert!(e.contains("too small"), "{e}");
         let e = watch(&["--duration", "-1"]).unwrap_err();
-        assert!(e.contains("500ms, 2s or 1m") || e.contains("unexpected argument"), "{e}");
+        assert!(
+            e.contains("500ms, 2s or 1m") || e.contains("unexpected argument"),
+            "{e}"
+        );
         let e = watch(&["--duration=-1"]).unwrap_err();
         assert!(e.contains("500ms, 2s or 1m"), "{e}");
         let e = watch(&["--duration", "0s"]).unwrap_err();

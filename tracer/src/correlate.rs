@@ -489,7 +489,12 @@ impl Correlator {
     }
 
     /// One poll of the kernel's in-flight map at kernel time `now_ns`.
-    pub fn on_samples(&mut self, samples: &[Sample], now_ns: u64, enr: &mut dyn Enricher) -> Vec<Output> {
+    pub fn on_samples(
+        &mut self,
+        samples: &[Sample],
+        now_ns: u64,
+        enr: &mut dyn Enricher,
+    ) -> Vec<Output> {
         let mut out = Vec::new();
         let by_tid: HashMap<u32, &Sample> = samples.iter().map(|s| (s.tid, s)).collect();
 
@@ -547,9 +552,14 @@ impl Correlator {
         }
         let name = syscalls::name(s.nr).into_owned();
         let fd = takes_fd(&name).then_some(s.arg0 as i32);
-        let info = fd.map(|fd| enr.fd_info(s.tgid, fd)).unwrap_or_else(FdInfo::unknown);
+        let info = fd
+            .map(|fd| enr.fd_info(s.tgid, fd))
+            .unwrap_or_else(FdInfo::unknown);
         let only_self = (info.kind == "pipe" || info.kind == "fifo").then(|| {
-            !info.peers.iter().any(|p| p.pid != s.tgid && p.end != "read")
+            !info
+                .peers
+                .iter()
+                .any(|p| p.pid != s.tgid && p.end != "read")
         });
         let heartbeat = if p.role == Role::Worker {
             enr.heartbeat_age_ms(s.tgid)
@@ -724,10 +734,10 @@ fn secs(ms: u64) -> String {
 }
 
 fn verdict(workers: &[WorkerSummary], threshold_ns: u64) -> Verdict {
-    let name = |w: &WorkerSummary| {
-        format!("{} {} (master {})", w.role.as_str(), w.pid, w.master_pid)
-    };
-    let mut stalled: Vec<&WorkerSummary> = workers.iter().filter(|w| w.state == "stalled").collect();
+    let name =
+        |w: &WorkerSummary| format!("{} {} (master {})", w.role.as_str(), w.pid, w.master_pid);
+    let mut stalled: Vec<&WorkerSummary> =
+        workers.iter().filter(|w| w.state == "stalled").collect();
     stalled.sort_by_key(|w| std::cmp::Reverse(w.stall.as_ref().map(|s| s.blocked_ms)));
     let killed: Vec<&WorkerSummary> = workers
         .iter()
@@ -760,7 +770,10 @@ fn verdict(workers: &[WorkerSummary], threshold_ns: u64) -> Verdict {
         }
     }
     if lines.is_empty() {
-        let live = workers.iter().filter(|w| w.role == Role::Worker && w.state == "healthy").count();
+        let live = workers
+            .iter()
+            .filter(|w| w.role == Role::Worker && w.state == "healthy")
+            .count();
         let past: Vec<&WorkerSummary> = workers.iter().filter(|w| w.stalls > 0).collect();
         if past.is_empty() {
             lines.push(format!(
@@ -846,10 +859,33 @@ mod tests {
 
     fn setup() -> Correlator {
         let mut c = Correlator::new(500 * MS);
-        let m = c.add_process(0, MASTER, MASTER, Role::Master, Some("app:app".into()), Some(4.0), "scan");
+        let m = c.add_process(
+            0,
+            MASTER,
+            MASTER,
+            Role::Master,
+            Some("app:app".into()),
+            Some(4.0),
+            "scan",
+        );
         assert!(matches!(m, Some(Output::Master { pid: MASTER, .. })));
-        let w = c.add_process(0, W, MASTER, Role::Worker, Some("app:app".into()), Some(4.0), "scan");
-        assert!(matches!(w, Some(Output::Worker { pid: W, master_pid: MASTER, .. })));
+        let w = c.add_process(
+            0,
+            W,
+            MASTER,
+            Role::Worker,
+            Some("app:app".into()),
+            Some(4.0),
+            "scan",
+        );
+        assert!(matches!(
+            w,
+            Some(Output::Worker {
+                pid: W,
+                master_pid: MASTER,
+                ..
+            })
+        ));
         c
     }
 
@@ -870,10 +906,15 @@ mod tests {
     fn blocked_pipe_read_reported_once_while_blocked() {
         let mut c = setup();
         let s = sample(W, "read", 1000, 7);
-        assert!(c.on_samples(&[s], 1400 * MS, &mut FakeProc).is_empty(), "below threshold");
+        assert!(
+            c.on_samples(&[s], 1400 * MS, &mut FakeProc).is_empty(),
+            "below threshold"
+        );
         let out = c.on_samples(&[s], 1550 * MS, &mut FakeProc);
         assert_eq!(kinds(&out), ["stall"]);
-        let Output::Stall { report, .. } = &out[0] else { unreachable!() };
+        let Output::Stall { report, .. } = &out[0] else {
+            unreachable!()
+        };
         assert_eq!((report.pid, report.tid, report.master_pid), (W, W, MASTER));
         assert_eq!(report.syscall, "read");
         assert_eq!(report.fd, Some(11));
@@ -881,12 +922,21 @@ mod tests {
         assert_eq!(report.only_self_can_wake, Some(true));
         assert_eq!(report.blocked_ms, 550);
         assert_eq!(report.heartbeat_age_ms, Some(600));
-        assert_eq!(report.cause.as_ref().unwrap().id, "multiprocessing_queue_gevent");
+        assert_eq!(
+            report.cause.as_ref().unwrap().id,
+            "multiprocessing_queue_gevent"
+        );
         // Still blocked: no second report.
         assert!(c.on_samples(&[s], 2000 * MS, &mut FakeProc).is_empty());
         let sum = c.summary(3000 * MS);
         assert_eq!(sum.verdict.stalled_pids, vec![W]);
-        assert!(sum.verdict.text.contains("worker 101 (master 100) is STALLED: blocked 2.0s in read() on fd 11 (pipe:[777])"), "{}", sum.verdict.text);
+        assert!(
+            sum.verdict.text.contains(
+                "worker 101 (master 100) is STALLED: blocked 2.0s in read() on fd 11 (pipe:[777])"
+            ),
+            "{}",
+            sum.verdict.text
+        );
         assert!(sum.verdict.text.contains("multiprocessing.Queue"));
     }
 
@@ -931,8 +981,21 @@ mod tests {
         };
         let out = c.on_kernel(end, &mut FakeProc);
         assert_eq!(kinds(&out), ["stall_end"]);
-        assert!(matches!(out[0], Output::StallEnd { blocked_ms: 900, outcome: Outcome::Returned, ret: Some(4), .. }));
-        assert!(c.summary(1000 * MS).verdict.text.starts_with("no worker is stalled now"));
+        assert!(matches!(
+            out[0],
+            Output::StallEnd {
+                blocked_ms: 900,
+                outcome: Outcome::Returned,
+                ret: Some(4),
+                ..
+            }
+        ));
+        assert!(
+            c.summary(1000 * MS)
+                .verdict
+                .text
+                .starts_with("no worker is stalled now")
+        );
     }
 
     #[test]
@@ -951,9 +1014,14 @@ mod tests {
         };
         let out = c.on_kernel(ev, &mut FakeProc);
         assert_eq!(kinds(&out), ["stall", "stall_end"]);
-        let Output::Stall { report, .. } = &out[0] else { unreachable!() };
+        let Output::Stall { report, .. } = &out[0] else {
+            unreachable!()
+        };
         assert_eq!(report.fd_kind, "socket");
-        assert_eq!(report.cause.as_ref().unwrap().id, "uncooperative_socket_read");
+        assert_eq!(
+            report.cause.as_ref().unwrap().id,
+            "uncooperative_socket_read"
+        );
     }
 
     #[test]
@@ -971,11 +1039,17 @@ mod tests {
             arg2: 4,
             seeded: false,
         };
-        assert!(c.on_kernel(intr, &mut FakeProc).is_empty(), "held for the grace period");
+        assert!(
+            c.on_kernel(intr, &mut FakeProc).is_empty(),
+            "held for the grace period"
+        );
         // Python retried the read: same call, same fd, new entry.
         let again = sample(W, "read", 4001, 5);
         assert!(c.on_samples(&[again], 4050 * MS, &mut FakeProc).is_empty());
-        assert!(c.on_samples(&[again], 4700 * MS, &mut FakeProc).is_empty(), "no second stall");
+        assert!(
+            c.on_samples(&[again], 4700 * MS, &mut FakeProc).is_empty(),
+            "no second stall"
+        );
         // SIGKILL: the thread dies inside the restarted read.
         let died = KernelEvent::SlowSyscall {
             ts_ns: 5000 * MS,
@@ -989,7 +1063,17 @@ mod tests {
             seeded: false,
         };
         let out = c.on_kernel(died, &mut FakeProc);
-        assert!(matches!(out[..], [Output::StallEnd { blocked_ms: 5000, outcome: Outcome::Exited, .. }]), "{out:?}");
+        assert!(
+            matches!(
+                out[..],
+                [Output::StallEnd {
+                    blocked_ms: 5000,
+                    outcome: Outcome::Exited,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -1009,30 +1093,73 @@ mod tests {
         };
         c.on_kernel(intr, &mut FakeProc);
         let out = c.on_samples(&[], 1300 * MS, &mut FakeProc);
-        assert!(matches!(out[..], [Output::StallEnd { blocked_ms: 1000, outcome: Outcome::Interrupted, .. }]), "{out:?}");
+        assert!(
+            matches!(
+                out[..],
+                [Output::StallEnd {
+                    blocked_ms: 1000,
+                    outcome: Outcome::Interrupted,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
     }
 
     #[test]
     fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         let mut c = setup();
         c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
-        let abrt = KernelEvent::Signal { ts_ns: 4500 * MS, target: W, sender: MASTER, sig: 6 };
+        let abrt = KernelEvent::Signal {
+            ts_ns: 4500 * MS,
+            target: W,
+            sender: MASTER,
+            sig: 6,
+        };
         let out = c.on_kernel(abrt, &mut FakeProc);
-        let [Output::WorkerTimeout { pid: W, master_pid: MASTER, signal, stall: Some(s), .. }] = &out[..] else {
+        let [
+            Output::WorkerTimeout {
+                pid: W,
+                master_pid: MASTER,
+                signal,
+                stall: Some(s),
+                ..
+            },
+        ] = &out[..]
+        else {
             panic!("{out:?}")
         };
         assert_eq!(signal, "SIGABRT");
-        assert_eq!((s.syscall.as_str(), s.fd, s.blocked_ms), ("read", Some(11), 4500));
+        assert_eq!(
+            (s.syscall.as_str(), s.fd, s.blocked_ms),
+            ("read", Some(11), 4500)
+        );
         // A signal from someone else is not a Gunicorn timeout.
-        let other = KernelEvent::Signal { ts_ns: 4600 * MS, target: W, sender: 4242, sig: 9 };
+        let other = KernelEvent::Signal {
+            ts_ns: 4600 * MS,
+            target: W,
+            sender: 4242,
+            sig: 9,
+        };
         assert!(c.on_kernel(other, &mut FakeProc).is_empty());
-        let exit = KernelEvent::Exit { ts_ns: 5500 * MS, pid: W, exit_code: None, signal: Some(9) };
+        let exit = KernelEvent::Exit {
+            ts_ns: 5500 * MS,
+            pid: W,
+            exit_code: None,
+            signal: Some(9),
+        };
         let out = c.on_kernel(exit, &mut FakeProc);
         assert_eq!(kinds(&out), ["stall_end", "worker_exit"]);
         assert!(matches!(&out[1], Output::WorkerExit { signal: Some(s), .. } if s == "SIGKILL"));
         let sum = c.summary(6000 * MS);
         assert_eq!(sum.verdict.killed_pids, vec![W]);
-        assert!(sum.verdict.text.contains("killed by Gunicorn's WORKER TIMEOUT after blocking 5.5s in read()"), "{}", sum.verdict.text);
+        assert!(
+            sum.verdict
+                .text
+                .contains("killed by Gunicorn's WORKER TIMEOUT after blocking 5.5s in read()"),
+            "{}",
+            sum.verdict.text
+        );
         let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
         assert_eq!(w.state, "killed_by_timeout");
     }
@@ -1040,12 +1167,29 @@ mod tests {
     #[test]
     fn forked_worker_is_announced_and_watched() {
         let mut c = setup();
-        let fork = KernelEvent::Fork { ts_ns: 1, parent: MASTER, child: 200, role: Role::Worker, master: MASTER };
+        let fork = KernelEvent::Fork {
+            ts_ns: 1,
+            parent: MASTER,
+            child: 200,
+            role: Role::Worker,
+            master: MASTER,
+        };
         let out = c.on_kernel(fork, &mut FakeProc);
-        assert!(matches!(&out[..], [Output::Worker { pid: 200, master_pid: MASTER, source: "fork", .. }]));
+        assert!(matches!(
+            &out[..],
+            [Output::Worker {
+                pid: 200,
+                master_pid: MASTER,
+                source: "fork",
+                ..
+            }]
+        ));
         let mut s = sample(200, "read", 0, 1);
         s.tgid = 200;
-        assert_eq!(kinds(&c.on_samples(&[s], 700 * MS, &mut FakeProc)), ["stall"]);
+        assert_eq!(
+            kinds(&c.on_samples(&[s], 700 * MS, &mut FakeProc)),
+            ["stall"]
+        );
     }
 
     #[test]
@@ -1053,7 +1197,10 @@ mod tests {
         let mut c = setup();
         c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
         let moved_on = sample(W, "epoll_wait", 650, 2);
-        assert!(c.on_samples(&[moved_on], 700 * MS, &mut FakeProc).is_empty());
+        assert!(
+            c.on_samples(&[moved_on], 700 * MS, &mut FakeProc)
+                .is_empty()
+        );
         let out = c.on_samples(&[moved_on], 800 * MS, &mut FakeProc);
         assert_eq!(kinds(&out), ["stall_end"]);
     }

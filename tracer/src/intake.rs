@@ -73,7 +73,10 @@ mod tests {
     fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) with no implicit padding.
         unsafe {
-            std::slice::from_raw_parts((e as *const Event).cast::<u8>(), std::mem::size_of::<Event>())
+            std::slice::from_raw_parts(
+                (e as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
         }
         .to_vec()
     }
@@ -95,32 +98,78 @@ mod tests {
         let d = decode(&bytes(&e)).unwrap();
         assert_eq!(
             d,
-            KernelEvent::SlowSyscall { ts_ns: 900, tgid: 10, tid: 11, nr: 0, start_ns: 100, ret: None, arg0: 5, arg2: 4, seeded: true }
+            KernelEvent::SlowSyscall {
+                ts_ns: 900,
+                tgid: 10,
+                tid: 11,
+                nr: 0,
+                start_ns: 100,
+                ret: None,
+                arg0: 5,
+                arg2: 4,
+                seeded: true
+            }
         );
     }
 
     #[test]
     fn decodes_exit_code_versus_signal() {
-        let mut e = Event { kind: kind::EXIT, tgid: 3, nr: 1, ret: 1, ..Default::default() };
-        assert!(matches!(from_event(&e), Some(KernelEvent::Exit { exit_code: Some(1), signal: None, .. })));
+        let mut e = Event {
+            kind: kind::EXIT,
+            tgid: 3,
+            nr: 1,
+            ret: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            from_event(&e),
+            Some(KernelEvent::Exit {
+                exit_code: Some(1),
+                signal: None,
+                ..
+            })
+        ));
         e.ret = 0;
         e.nr = 9;
-        assert!(matches!(from_event(&e), Some(KernelEvent::Exit { exit_code: None, signal: Some(9), .. })));
+        assert!(matches!(
+            from_event(&e),
+            Some(KernelEvent::Exit {
+                exit_code: None,
+                signal: Some(9),
+                ..
+            })
+        ));
     }
 
     #[test]
     fn rejects_short_records_and_unknown_kinds() {
         assert!(decode(&[0u8; 8]).is_none());
-        let e = Event { kind: 99, ..Default::default() };
+        let e = Event {
+            kind: 99,
+            ..Default::default()
+        };
         assert!(decode(&bytes(&e)).is_none());
     }
 
     #[test]
     fn decodes_fork_role() {
-        let e = Event { kind: kind::FORK, tgid: 1, aux_pid: 2, nr: tracer_common::role::WORKER as i64, ret: 1, ..Default::default() };
+        let e = Event {
+            kind: kind::FORK,
+            tgid: 1,
+            aux_pid: 2,
+            nr: tracer_common::role::WORKER as i64,
+            ret: 1,
+            ..Default::default()
+        };
         assert_eq!(
             from_event(&e),
-            Some(KernelEvent::Fork { ts_ns: 0, parent: 1, child: 2, role: Role::Worker, master: 1 })
+            Some(KernelEvent::Fork {
+                ts_ns: 0,
+                parent: 1,
+                child: 2,
+                role: Role::Worker,
+                master: 1
+            })
         );
     }
 }

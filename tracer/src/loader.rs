@@ -90,11 +90,14 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let off_group_dead = pexit.optional_offset("group_dead").unwrap_or(u64::MAX);
     let off_sig_sig = sig.offset("sig", 4)?;
     let off_sig_pid = sig.offset("pid", 4)?;
-    let nr_exit_group = syscalls::number("exit_group").ok_or_else(|| anyhow!("no exit_group syscall on this architecture"))?;
+    let nr_exit_group = syscalls::number("exit_group")
+        .ok_or_else(|| anyhow!("no exit_group syscall on this architecture"))?;
 
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
-        bail!("this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs; rebuild it with `cargo xtask build`");
+        bail!(
+            "this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs; rebuild it with `cargo xtask build`"
+        );
     }
     let mut ebpf = EbpfLoader::new()
         .override_global("THRESHOLD_NS", &threshold_ns, true)
@@ -119,7 +122,9 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         )?;
         for nr in syscalls::always_wait_numbers() {
             if (nr as u32) < MAX_SYSCALL_NR {
-                classes.set(nr as u32, class::WAIT, 0).context("filling the syscall class table")?;
+                classes
+                    .set(nr as u32, class::WAIT, 0)
+                    .context("filling the syscall class table")?;
             }
         }
     }
@@ -129,7 +134,8 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
             .program_mut(prog)
             .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
             .try_into()?;
-        p.load().map_err(|e| explain(e, &format!("loading program {prog}")))?;
+        p.load()
+            .map_err(|e| explain(e, &format!("loading program {prog}")))?;
         p.attach(category, name)
             .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
     }
@@ -165,7 +171,15 @@ impl Probes {
 
     /// Records a syscall a thread was already blocked in before we attached,
     /// unless the kernel has seen the thread since (BPF_NOEXIST).
-    pub fn seed_inflight(&mut self, tid: u32, tgid: u32, nr: i64, arg0: u64, arg2: u64, now_ns: u64) {
+    pub fn seed_inflight(
+        &mut self,
+        tid: u32,
+        tgid: u32,
+        nr: i64,
+        arg0: u64,
+        arg2: u64,
+        now_ns: u64,
+    ) {
         let e = Inflight {
             start_ns: now_ns,
             arg0,

@@ -70,7 +70,10 @@ struct Line<'a, T: Serialize> {
 /// would be a bug, reported as an error event rather than a panic.
 pub fn json_line<T: Serialize>(body: &T, ts: String) -> String {
     serde_json::to_string(&Line { body, ts }).unwrap_or_else(|e| {
-        format!(r#"{{"event":"error","message":{}}}"#, serde_json::Value::from(e.to_string()))
+        format!(
+            r#"{{"event":"error","message":{}}}"#,
+            serde_json::Value::from(e.to_string())
+        )
     })
 }
 
@@ -118,7 +121,11 @@ fn stall_details(s: &StallReport) -> String {
         s.pid,
         s.master_pid,
         secs(s.blocked_ms),
-        if s.since_attach { "+ (before attach)" } else { "" },
+        if s.since_attach {
+            "+ (before attach)"
+        } else {
+            ""
+        },
         sanitize(&describe_call(s)),
     );
     if s.tid != s.pid {
@@ -138,7 +145,9 @@ fn stall_details(s: &StallReport) -> String {
             .map(|p| format!("{} {}", p.pid, sanitize(&p.comm)))
             .collect();
         if s.only_self_can_wake == Some(true) {
-            d.push_str("; only the blocked process itself holds the write end: it can never be woken");
+            d.push_str(
+                "; only the blocked process itself holds the write end: it can never be woken",
+            );
         } else if writers.is_empty() {
             d.push_str("; no writer holds the pipe");
         } else {
@@ -146,7 +155,10 @@ fn stall_details(s: &StallReport) -> String {
         }
     }
     if let Some(c) = &s.cause {
-        d.push_str(&format!("\n{:>23}likely: {}\n{:>23}fix: {}", "", c.cause, "", c.fix));
+        d.push_str(&format!(
+            "\n{:>23}likely: {}\n{:>23}fix: {}",
+            "", c.cause, "", c.fix
+        ));
     }
     d
 }
@@ -154,21 +166,54 @@ fn stall_details(s: &StallReport) -> String {
 /// The text view of one event, or None for events a person does not need.
 pub fn text_line(o: &Output, clock: &Clock) -> String {
     let t = hhmmss(clock, o.ts_ns());
-    let opt = |a: &Option<String>| a.as_deref().map(|a| format!(" ({})", sanitize(a))).unwrap_or_default();
+    let opt = |a: &Option<String>| {
+        a.as_deref()
+            .map(|a| format!(" ({})", sanitize(a)))
+            .unwrap_or_default()
+    };
     match o {
-        Output::Master { pid, app, timeout_s, source, .. } => format!(
+        Output::Master {
+            pid,
+            app,
+            timeout_s,
+            source,
+            ..
+        } => format!(
             "{t}  watch    gunicorn master {pid}{}{}{}",
             opt(app),
-            timeout_s.map(|t| format!(", timeout {t}s")).unwrap_or_default(),
-            if *source == "exec" { ", just started" } else { "" }
+            timeout_s
+                .map(|t| format!(", timeout {t}s"))
+                .unwrap_or_default(),
+            if *source == "exec" {
+                ", just started"
+            } else {
+                ""
+            }
         ),
-        Output::Worker { pid, master_pid, role, source, .. } => format!(
+        Output::Worker {
+            pid,
+            master_pid,
+            role,
+            source,
+            ..
+        } => format!(
             "{t}  {:<8} {pid} {} {master_pid}",
             role.as_str(),
-            if *source == "fork" { "spawned by" } else { "found, master" },
+            if *source == "fork" {
+                "spawned by"
+            } else {
+                "found, master"
+            },
         ),
         Output::Stall { report, .. } => format!("{t}  STALL    {}", stall_details(report)),
-        Output::StallEnd { pid, syscall, blocked_ms, outcome, ret, .. } => format!(
+        Output::StallEnd {
+            pid,
+            syscall,
+            blocked_ms,
+            outcome,
+            ret,
+            ..
+        } => format!(
             "{t}  end      {pid} {syscall}() after {}: {}{}",
             secs(*blocked_ms),
             match outcome {
@@ -178,14 +223,30 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             },
             ret.map(|r| format!(" ({r})")).unwrap_or_default()
         ),
-        Output::WorkerTimeout { pid, master_pid, signal, stall, .. } => format!(
+        Output::WorkerTimeout {
+            pid,
+            master_pid,
+            signal,
+            stall,
+            ..
+        } => format!(
             "{t}  TIMEOUT  master {master_pid} sent {signal} to worker {pid} (Gunicorn WORKER TIMEOUT){}",
             stall
                 .as_ref()
-                .map(|s| format!(": it was blocked {} in {}", secs(s.blocked_ms), sanitize(&describe_call(s))))
+                .map(|s| format!(
+                    ": it was blocked {} in {}",
+                    secs(s.blocked_ms),
+                    sanitize(&describe_call(s))
+                ))
                 .unwrap_or_else(|| ": no blocking syscall seen".into())
         ),
-        Output::WorkerExit { pid, role, exit_code, signal, .. } => format!(
+        Output::WorkerExit {
+            pid,
+            role,
+            exit_code,
+            signal,
+            ..
+        } => format!(
             "{t}  exit     {} {pid} {}",
             role.as_str(),
             match (signal, exit_code) {
@@ -331,18 +392,34 @@ mod tests {
         };
         let t = text_line(&o, &Clock::fixed(0));
         assert!(!t.contains('\x1b'), "{t:?}");
-        assert!(t.contains("STALL    worker 7 (master 1) blocked 0.5s in read() on fd 11 (pipe:[42])"), "{t}");
+        assert!(
+            t.contains("STALL    worker 7 (master 1) blocked 0.5s in read() on fd 11 (pipe:[42])"),
+            "{t}"
+        );
         assert!(t.contains("can never be woken"));
-        assert_eq!(sanitize("a\x1b]0;title\x07b\r\nc\u{9b}"), "a?]0;title?b??c?");
+        assert_eq!(
+            sanitize("a\x1b]0;title\x07b\r\nc\u{9b}"),
+            "a?]0;title?b??c?"
+        );
     }
 
     #[test]
     fn clock_maps_monotonic_to_wall_time() {
         let c = Clock::fixed(1_700_000_000_000_000_000);
         assert_eq!(c.rfc3339(5_000_000), "2023-11-14T22:13:20.005Z");
-        assert_eq!(text_line(
-            &Output::WorkerExit { ts_ns: 5_000_000, pid: 3, master_pid: 1, role: Role::Worker, exit_code: Some(0), signal: None },
-            &c
-        ), "22:13:20.005  exit     worker 3 exited with code 0");
+        assert_eq!(
+            text_line(
+                &Output::WorkerExit {
+                    ts_ns: 5_000_000,
+                    pid: 3,
+                    master_pid: 1,
+                    role: Role::Worker,
+                    exit_code: Some(0),
+                    signal: None
+                },
+                &c
+            ),
+            "22:13:20.005  exit     worker 3 exited with code 0"
+        );
     }
 }

@@ -37,7 +37,11 @@ pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
 
 pub fn comm(pid: u32) -> String {
     fs::read(proc_path(&[&pid.to_string(), "comm"]))
-        .map(|b| String::from_utf8_lossy(&b).trim_end_matches('\n').to_string())
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\n')
+                .to_string()
+        })
         .unwrap_or_default()
 }
 
@@ -124,7 +128,9 @@ pub fn identify(pid: u32) -> Identity {
         return Identity::Other;
     }
     match ppid(pid) {
-        Some(pp) if pp > 1 && is_gunicorn(&cmdline(pp), &comm(pp)) => Identity::Worker { master: pp },
+        Some(pp) if pp > 1 && is_gunicorn(&cmdline(pp), &comm(pp)) => {
+            Identity::Worker { master: pp }
+        }
         _ => Identity::Master,
     }
 }
@@ -145,10 +151,8 @@ pub fn parse_timeout(cmdline: &[String]) -> Option<f64> {
             it.next().map(|s| s.as_str())
         } else if let Some(v) = a.strip_prefix("--timeout=") {
             Some(v)
-        } else if let Some(v) = a.strip_prefix("-t").filter(|v| !v.is_empty()) {
-            Some(v)
         } else {
-            None
+            a.strip_prefix("-t").filter(|v| !v.is_empty())
         };
         if let Some(t) = v.and_then(|v| v.parse::<f64>().ok()) {
             return Some(t);
@@ -191,7 +195,8 @@ pub fn classify_target(target: &str, mode: Option<u32>) -> &'static str {
             _ => "anon_inode",
         };
     }
-    if target.starts_with("/dev/pts/") || target.starts_with("/dev/tty") || target == "/dev/console" {
+    if target.starts_with("/dev/pts/") || target.starts_with("/dev/tty") || target == "/dev/console"
+    {
         return "tty";
     }
     match mode.map(|m| m & libc::S_IFMT) {
@@ -317,7 +322,13 @@ pub fn parse_syscall_file(s: &str) -> Option<(i64, u64, u64)> {
 }
 
 pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, u64, u64)> {
-    let s = fs::read_to_string(proc_path(&[&pid.to_string(), "task", &tid.to_string(), "syscall"])).ok()?;
+    let s = fs::read_to_string(proc_path(&[
+        &pid.to_string(),
+        "task",
+        &tid.to_string(),
+        "syscall",
+    ]))
+    .ok()?;
     parse_syscall_file(&s)
 }
 
@@ -347,28 +358,73 @@ mod tests {
 
     #[test]
     fn recognises_gunicorn_command_lines() {
-        assert!(is_gunicorn(&v(&["/venv/bin/python3", "/venv/bin/gunicorn", "-k", "gevent", "app:app"]), "gunicorn"));
-        assert!(is_gunicorn(&v(&["/venv/bin/python3", "/venv/bin/gunicorn", "app:app"]), "python3"));
-        assert!(is_gunicorn(&v(&["python3", "-u", "-m", "gunicorn", "app:app"]), "python3"));
-        assert!(is_gunicorn(&v(&["gunicorn: master [app:app]"]), "gunicorn: maste"));
-        assert!(!is_gunicorn(&v(&["python3", "-m", "http.server"]), "python3"));
-        assert!(!is_gunicorn(&v(&["python3", "myscript.py", "gunicorn"]), "python3"));
+        assert!(is_gunicorn(
+            &v(&[
+                "/venv/bin/python3",
+                "/venv/bin/gunicorn",
+                "-k",
+                "gevent",
+                "app:app"
+            ]),
+            "gunicorn"
+        ));
+        assert!(is_gunicorn(
+            &v(&["/venv/bin/python3", "/venv/bin/gunicorn", "app:app"]),
+            "python3"
+        ));
+        assert!(is_gunicorn(
+            &v(&["python3", "-u", "-m", "gunicorn", "app:app"]),
+            "python3"
+        ));
+        assert!(is_gunicorn(
+            &v(&["gunicorn: master [app:app]"]),
+            "gunicorn: maste"
+        ));
+        assert!(!is_gunicorn(
+            &v(&["python3", "-m", "http.server"]),
+            "python3"
+        ));
+        assert!(!is_gunicorn(
+            &v(&["python3", "myscript.py", "gunicorn"]),
+            "python3"
+        ));
         assert!(!is_gunicorn(&v(&["nginx: worker process"]), "nginx"));
         assert!(!is_gunicorn(&[], ""));
         // Prefixes are not enough: this is a Rust test binary.
-        assert!(!is_gunicorn(&v(&["/x/target/release/deps/gunicorn_e2e-1f2e"]), "gunicorn_e2e-1f2"));
-        assert!(!is_gunicorn(&v(&["/usr/bin/gunicorn-exporter"]), "gunicorn-export"));
+        assert!(!is_gunicorn(
+            &v(&["/x/target/release/deps/gunicorn_e2e-1f2e"]),
+            "gunicorn_e2e-1f2"
+        ));
+        assert!(!is_gunicorn(
+            &v(&["/usr/bin/gunicorn-exporter"]),
+            "gunicorn-export"
+        ));
     }
 
     #[test]
     fn timeout_and_app_from_command_line() {
-        assert_eq!(parse_timeout(&v(&["gunicorn", "-t", "4", "app:app"])), Some(4.0));
-        assert_eq!(parse_timeout(&v(&["gunicorn", "--timeout=7", "a:b"])), Some(7.0));
-        assert_eq!(parse_timeout(&v(&["gunicorn", "--timeout", "90"])), Some(90.0));
+        assert_eq!(
+            parse_timeout(&v(&["gunicorn", "-t", "4", "app:app"])),
+            Some(4.0)
+        );
+        assert_eq!(
+            parse_timeout(&v(&["gunicorn", "--timeout=7", "a:b"])),
+            Some(7.0)
+        );
+        assert_eq!(
+            parse_timeout(&v(&["gunicorn", "--timeout", "90"])),
+            Some(90.0)
+        );
         assert_eq!(parse_timeout(&v(&["gunicorn", "-t5"])), Some(5.0));
         assert_eq!(parse_timeout(&v(&["gunicorn", "app:app"])), None);
-        assert_eq!(parse_app(&v(&["gunicorn", "-b", "127.0.0.1:8000", "app:app"])), Some("app:app".into()));
-        assert_eq!(parse_app(&v(&["gunicorn", "--bind=unix:/tmp/x.sock"])), None);
+        assert_eq!(
+            parse_app(&v(&["gunicorn", "-b", "127.0.0.1:8000", "app:app"])),
+            Some("app:app".into())
+        );
+        assert_eq!(
+            parse_app(&v(&["gunicorn", "--bind=unix:/tmp/x.sock"])),
+            None
+        );
     }
 
     #[test]
@@ -379,17 +435,32 @@ mod tests {
         assert_eq!(classify_target("anon_inode:[eventfd]", None), "eventfd");
         assert_eq!(classify_target("anon_inode:bpf-map", None), "anon_inode");
         assert_eq!(classify_target("/dev/pts/3", Some(libc::S_IFCHR)), "tty");
-        assert_eq!(classify_target("/dev/null", Some(libc::S_IFCHR | 0o666)), "device");
-        assert_eq!(classify_target("/tmp/fifo", Some(libc::S_IFIFO | 0o600)), "fifo");
-        assert_eq!(classify_target("/var/log/x.log", Some(libc::S_IFREG | 0o644)), "file");
+        assert_eq!(
+            classify_target("/dev/null", Some(libc::S_IFCHR | 0o666)),
+            "device"
+        );
+        assert_eq!(
+            classify_target("/tmp/fifo", Some(libc::S_IFIFO | 0o600)),
+            "fifo"
+        );
+        assert_eq!(
+            classify_target("/var/log/x.log", Some(libc::S_IFREG | 0o644)),
+            "file"
+        );
         assert_eq!(classify_target("/gone (deleted)", None), "file");
         assert_eq!(classify_target("", None), "unknown");
     }
 
     #[test]
     fn fdinfo_access_mode() {
-        assert_eq!(parse_fdinfo_end("pos:\t0\nflags:\t02000000\nmnt_id:\t15\n"), Some("read"));
-        assert_eq!(parse_fdinfo_end("pos:\t0\nflags:\t02000001\n"), Some("write"));
+        assert_eq!(
+            parse_fdinfo_end("pos:\t0\nflags:\t02000000\nmnt_id:\t15\n"),
+            Some("read")
+        );
+        assert_eq!(
+            parse_fdinfo_end("pos:\t0\nflags:\t02000001\n"),
+            Some("write")
+        );
         assert_eq!(parse_fdinfo_end("flags:\t0100002\n"), Some("both"));
         assert_eq!(parse_fdinfo_end("flags:\tzz\n"), None);
         assert_eq!(parse_fdinfo_end(""), None);

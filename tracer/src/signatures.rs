@@ -27,7 +27,10 @@ pub fn only_self_writes(s: &StallReport) -> bool {
 }
 
 fn is_read(s: &StallReport) -> bool {
-    matches!(s.syscall.as_str(), "read" | "readv" | "pread64" | "recvfrom" | "recvmsg")
+    matches!(
+        s.syscall.as_str(),
+        "read" | "readv" | "pread64" | "recvfrom" | "recvmsg"
+    )
 }
 
 /// First match wins, so specific signatures come before general ones.
@@ -37,7 +40,10 @@ pub static SIGNATURES: &[Signature] = &[
         cause: "multiprocessing.Queue.get() in a gevent worker: the queue's feeder thread is a greenlet that cannot run while the hub is blocked, so the 4-byte read on its pipe never returns",
         fix: "use gevent.queue.Queue or queue.Queue, call get(timeout=...), or move the work out of the worker process",
         matches: |s| {
-            s.role == Role::Worker && s.syscall == "read" && s.count == Some(4) && only_self_writes(s)
+            s.role == Role::Worker
+                && s.syscall == "read"
+                && s.count == Some(4)
+                && only_self_writes(s)
         },
     },
     Signature {
@@ -63,7 +69,9 @@ pub static SIGNATURES: &[Signature] = &[
         id: "unpatched_sleep",
         cause: "a sleep that gevent did not patch (time.sleep imported before monkey-patching, or C code sleeping) blocks the whole worker",
         fix: "monkey-patch before any other import, or use gevent.sleep",
-        matches: |s| s.role == Role::Worker && matches!(s.syscall.as_str(), "nanosleep" | "clock_nanosleep"),
+        matches: |s| {
+            s.role == Role::Worker && matches!(s.syscall.as_str(), "nanosleep" | "clock_nanosleep")
+        },
     },
     Signature {
         id: "os_thread_lock",
@@ -74,11 +82,14 @@ pub static SIGNATURES: &[Signature] = &[
 ];
 
 pub fn identify(s: &StallReport) -> Option<Cause> {
-    SIGNATURES.iter().find(|sig| (sig.matches)(s)).map(|sig| Cause {
-        id: sig.id,
-        cause: sig.cause,
-        fix: sig.fix,
-    })
+    SIGNATURES
+        .iter()
+        .find(|sig| (sig.matches)(s))
+        .map(|sig| Cause {
+            id: sig.id,
+            cause: sig.cause,
+            fix: sig.fix,
+        })
 }
 
 #[cfg(test)]
@@ -117,7 +128,12 @@ mod tests {
         let s = stall("read", "pipe", Some(4), vec![peer(10, "write")]);
         assert_eq!(id(&s), Some("multiprocessing_queue_gevent"));
         // Another process could write: not this bug.
-        let s = stall("read", "pipe", Some(4), vec![peer(10, "write"), peer(11, "write")]);
+        let s = stall(
+            "read",
+            "pipe",
+            Some(4),
+            vec![peer(10, "write"), peer(11, "write")],
+        );
         assert_eq!(id(&s), None);
     }
 
@@ -141,9 +157,21 @@ mod tests {
 
     #[test]
     fn lock_sleep_and_futex_signatures() {
-        assert_eq!(id(&stall("flock", "file", None, vec![])), Some("file_lock_wait"));
-        assert_eq!(id(&stall("fcntl", "file", None, vec![])), Some("file_lock_wait"));
-        assert_eq!(id(&stall("clock_nanosleep", "unknown", None, vec![])), Some("unpatched_sleep"));
-        assert_eq!(id(&stall("futex", "unknown", None, vec![])), Some("os_thread_lock"));
+        assert_eq!(
+            id(&stall("flock", "file", None, vec![])),
+            Some("file_lock_wait")
+        );
+        assert_eq!(
+            id(&stall("fcntl", "file", None, vec![])),
+            Some("file_lock_wait")
+        );
+        assert_eq!(
+            id(&stall("clock_nanosleep", "unknown", None, vec![])),
+            Some("unpatched_sleep")
+        );
+        assert_eq!(
+            id(&stall("futex", "unknown", None, vec![])),
+            Some("os_thread_lock")
+        );
     }
 }

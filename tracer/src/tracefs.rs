@@ -35,7 +35,9 @@ pub fn ensure_mounted() -> Result<PathBuf> {
         );
     }
     if !Path::new(target).join("events").is_dir() {
-        bail!("mounted tracefs at {target} but it has no events/ directory: this kernel lacks tracepoint support (CONFIG_TRACEPOINTS)");
+        bail!(
+            "mounted tracefs at {target} but it has no events/ directory: this kernel lacks tracepoint support (CONFIG_TRACEPOINTS)"
+        );
     }
     Ok(PathBuf::from(target))
 }

@@ -54,7 +54,9 @@ impl Sink {
         if let Some(f) = self.file.as_mut()
             && writeln!(f, "{line}").and_then(|_| f.flush()).is_err()
         {
-            eprintln!("tracer: warning: cannot write to the --output file any more; continuing on stdout");
+            eprintln!(
+                "tracer: warning: cannot write to the --output file any more; continuing on stdout"
+            );
             self.file = None;
         }
     }
@@ -84,7 +86,14 @@ impl Sink {
                 let what = if s.discover {
                     "every Gunicorn master on this host".to_string()
                 } else {
-                    format!("pid {}", s.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))
+                    format!(
+                        "pid {}",
+                        s.pids
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
                 };
                 self.write_stdout(&format!(
                     "tracer {}: watching {what}; reporting syscalls blocked {}ms or more. Ctrl-C for the summary.",
@@ -144,7 +153,11 @@ fn resolve_targets(pids: &[u32]) -> Result<Vec<Target>> {
     let mut out = Vec::new();
     if pids.is_empty() {
         for m in proc::all_masters() {
-            out.push(Target { pid: m, master: m, role: Role::Master });
+            out.push(Target {
+                pid: m,
+                master: m,
+                role: Role::Master,
+            });
         }
     }
     for &pid in pids {
@@ -152,16 +165,26 @@ fn resolve_targets(pids: &[u32]) -> Result<Vec<Target>> {
             bail!("no process with pid {pid}; check it with `ps -p {pid}` (it may have exited)");
         }
         match proc::identify(pid) {
-            proc::Identity::Master => out.push(Target { pid, master: pid, role: Role::Master }),
-            proc::Identity::Worker { master } => {
-                out.push(Target { pid, master, role: Role::Worker })
-            }
+            proc::Identity::Master => out.push(Target {
+                pid,
+                master: pid,
+                role: Role::Master,
+            }),
+            proc::Identity::Worker { master } => out.push(Target {
+                pid,
+                master,
+                role: Role::Worker,
+            }),
             proc::Identity::Other => {
                 eprintln!(
                     "tracer: pid {pid} ({}) is not a Gunicorn master or worker; watching it as a plain process",
                     output::sanitize(&proc::comm(pid))
                 );
-                out.push(Target { pid, master: pid, role: Role::Plain })
+                out.push(Target {
+                    pid,
+                    master: pid,
+                    role: Role::Plain,
+                })
             }
         }
     }
@@ -186,29 +209,60 @@ impl State {
                 self.probes.seed_inflight(tid, t.pid, nr, a0, a2, now);
             }
         }
-        let cmd = proc::cmdline(if t.role == Role::Master { t.pid } else { t.master });
+        let cmd = proc::cmdline(if t.role == Role::Master {
+            t.pid
+        } else {
+            t.master
+        });
         let app = proc::parse_app(&cmd);
         let timeout = match t.role {
             Role::Master | Role::Worker => Some(proc::parse_timeout(&cmd).unwrap_or(30.0)),
             _ => None,
         };
-        if let Some(o) = self.corr.add_process(now, t.pid, t.master, t.role, app, timeout, source) {
+        if let Some(o) = self
+            .corr
+            .add_process(now, t.pid, t.master, t.role, app, timeout, source)
+        {
             self.sink.event(&o);
         }
         Ok(())
     }
 
-    fn watch_master_and_workers(&mut self, master: u32, source: &'static str, now: u64) -> Result<()> {
-        self.watch_process(&Target { pid: master, master, role: Role::Master }, source, now)?;
+    fn watch_master_and_workers(
+        &mut self,
+        master: u32,
+        source: &'static str,
+        now: u64,
+    ) -> Result<()> {
+        self.watch_process(
+            &Target {
+                pid: master,
+                master,
+                role: Role::Master,
+            },
+            source,
+            now,
+        )?;
         for child in proc::children(master) {
-            self.watch_process(&Target { pid: child, master, role: Role::Worker }, source, now)?;
+            self.watch_process(
+                &Target {
+                    pid: child,
+                    master,
+                    role: Role::Worker,
+                },
+                source,
+                now,
+            )?;
         }
         Ok(())
     }
 
     fn handle(&mut self, ev: KernelEvent) {
         if let KernelEvent::Exec { pid, .. } = ev {
-            if self.discover && !self.corr.is_watched(pid) && proc::identify(pid) == proc::Identity::Master {
+            if self.discover
+                && !self.corr.is_watched(pid)
+                && proc::identify(pid) == proc::Identity::Master
+            {
                 let now = output::monotonic_ns();
                 if let Err(e) = self.watch_master_and_workers(pid, "exec", now) {
                     eprintln!("tracer: warning: cannot watch new Gunicorn master {pid}: {e:#}");
@@ -271,16 +325,19 @@ async fn run_async(args: WatchArgs) -> Result<()> {
     let tracefs = tracefs::ensure_mounted()?;
     let threshold_ns = args.threshold.as_nanos() as u64;
     let mut probes = loader::load(&tracefs, threshold_ns)?;
-    let rb = probes.events.take().ok_or_else(|| anyhow!("ring buffer missing"))?;
+    let rb = probes
+        .events
+        .take()
+        .ok_or_else(|| anyhow!("ring buffer missing"))?;
     // SAFETY: the RingBuf owns its fd for as long as the AsyncFd lives, and
     // we never replace it through get_mut.
     let mut ring = unsafe { AsyncFd::register(rb) }
         .map_err(|e| anyhow!("registering the ring buffer with the runtime: {e}"))?;
 
     let file = match &args.output {
-        Some(p) => Some(BufWriter::new(
-            File::create(p).with_context(|| format!("cannot create --output file {}", p.display()))?,
-        )),
+        Some(p) => Some(BufWriter::new(File::create(p).with_context(|| {
+            format!("cannot create --output file {}", p.display())
+        })?)),
         None => None,
     };
     let clock = Clock::now();
@@ -320,7 +377,10 @@ async fn run_async(args: WatchArgs) -> Result<()> {
             if st.discover {
                 eprintln!("tracer: warning: {e:#}");
             } else if !proc::exists(t.pid) {
-                bail!("pid {} exited while the tracer was attaching; nothing to watch", t.pid);
+                bail!(
+                    "pid {} exited while the tracer was attaching; nothing to watch",
+                    t.pid
+                );
             } else {
                 return Err(e);
             }

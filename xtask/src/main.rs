@@ -1,1 +1,136 @@
-fn main() {}
+//! `cargo xtask`: set-up, build, tests and the demo, from a fresh machine.
+//!
+//! Every command first makes sure its prerequisites exist and installs what
+//! is missing, saying what it does. Re-running is fast when all is there.
+mod demo;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, test and demo the Gunicorn stall tracer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (LLVM 22, bpf-linker, rust-src, the Python virtualenv).
+    Setup,
+    /// Build the tracer; the binary lands at target/release/tracer.
+    Build,
+    /// Run every test: unit tests, then the integration and end-to-end tests as root.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Run a bundled Gunicorn + gevent app with the bug, and the tracer pointing at it.
+    Demo {
+        /// Gunicorn's --timeout for the demo, in seconds.
+        #[arg(long, default_value_t = 6)]
+        timeout: u32,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent")
+        .to_path_buf()
+}
+
+pub fn step(msg: &str) {
+    eprintln!("\x1b[1m==> {msg}\x1b[0m");
+}
+
+/// Runs a command with inherited output; fails with the command line.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("command failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build() -> Result<PathBuf> {
+    setup::toolchain()?;
+    step("building the tracer (release; the BPF object is built by tracer/build.rs and embedded)");
+    run(cargo()
+        .current_dir(root())
+        .args(["build", "--release", "-p", "tracer"]))?;
+    let bin = root().join("target/release/tracer");
+    eprintln!("    {}", bin.display());
+    Ok(bin)
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    setup::require_root("cargo xtask test")?;
+    let bin = build()?;
+    let venv = setup::venv()?;
+    step("unit tests (pure logic: parsers, correlator, output)");
+    let mut unit = cargo();
+    unit.current_dir(root()).args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "tests",
+        "--exclude",
+        "tracer-ebpf",
+    ]);
+    if let Some(f) = &filter {
+        unit.args(["--", f]);
+    }
+    run(&mut unit)?;
+    step(
+        "integration and end-to-end tests (real BPF programs, real Gunicorn + gevent; one at a time)",
+    );
+    let mut it = cargo();
+    it.current_dir(root())
+        .args(["test", "--release", "-p", "tests", "--"])
+        .arg("--test-threads=1")
+        .env("TRACER_BIN", &bin)
+        .env("TRACER_VENV", &venv);
+    if let Some(f) = &filter {
+        it.arg(f);
+    }
+    run(&mut it)?;
+    step("all tests passed");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
+        Cmd::Build => build().map(|_| ()),
+        Cmd::Test { filter } => test(filter),
+        Cmd::Demo { timeout } => (|| {
+            setup::require_root("cargo xtask demo")?;
+            let bin = build()?;
+            let venv = setup::venv()?;
+            demo::run(&bin, &venv, timeout)
+        })(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! `cargo xtask demo`: the article's first lesson, live. A Gunicorn + gevent
+//! app whose /hang endpoint uses multiprocessing.Queue in a request; the
+//! tracer names the stalled worker before Gunicorn's WORKER TIMEOUT.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::{root, step};
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
+    let port = free_port()?;
+    step(&format!(
+        "starting Gunicorn: 3 gevent workers, --timeout {timeout}, tests/apps/hang_app.py on 127.0.0.1:{port}"
+    ));
+    let mut gunicorn = Command::new(venv.join("bin/gunicorn"))
+        .args(["-k", "gevent", "-w", "3", "-t", &timeout.to_string()])
+        .args(["-b", &format!("127.0.0.1:{port}"), "hang_app:app"])
+        .current_dir(root().join("tests/apps"))
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("starting gunicorn from the virtualenv")?;
+    let master = gunicorn.id();
+    let (tx, rx) = channel::<String>();
+    let log = gunicorn.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(log).lines().map_while(Result::ok) {
+            eprintln!("    gunicorn | {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let ready =
+        |rx: &std::sync::mpsc::Receiver<String>, needle: &str, n: usize, within: Duration| {
+            let deadline = Instant::now() + within;
+            let mut seen = 0;
+            while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                if l.contains(needle) {
+                    seen += 1;
+                    if seen >= n {
+                        return true;
+                    }
+                }
+            }
+            false
+        };
+    let result = (|| -> Result<()> {
+        if !ready(&rx, "Booting worker", 3, Duration::from_secs(30)) {
+            anyhow::bail!("gunicorn did not boot 3 workers within 30s (see its log above)");
+        }
+        step(&format!(
+            "starting the tracer on master {master}: tracer watch --pid {master}"
+        ));
+        let mut tr = Command::new(tracer)
+            .args(["watch", "--pid", &master.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the tracer")?;
+        std::thread::sleep(Duration::from_secs(2));
+        step("sending GET /hang: the request calls multiprocessing.Queue.get() under gevent");
+        std::thread::spawn(move || {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = write!(
+                    s,
+                    "GET /hang HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+                );
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+            }
+        });
+        eprintln!(
+            "    watch for the tracer's STALL line, then Gunicorn's own [CRITICAL] WORKER TIMEOUT about {timeout}s later"
+        );
+        let respawned = ready(
+            &rx,
+            "WORKER TIMEOUT",
+            1,
+            Duration::from_secs(timeout as u64 + 20),
+        ) && ready(&rx, "Booting worker", 1, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_secs(2));
+        if !respawned {
+            eprintln!("    (Gunicorn did not time the worker out as expected; stopping anyway)");
+        }
+        step("stopping the tracer (SIGINT): its summary puts the verdict first");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(tr.id() as i32, libc::SIGINT) };
+        let status = tr.wait()?;
+        if !status.success() {
+            anyhow::bail!("the tracer exited with {status}");
+        }
+        Ok(())
+    })();
+    // SAFETY: kill(2) on the process group we created for gunicorn.
+    unsafe { libc::kill(-(master as i32), libc::SIGKILL) };
+    let _ = gunicorn.wait();
+    step("demo done; gunicorn stopped");
+    result
+}

@@ -1,0 +1,140 @@
+//! Prerequisites: checked first, installed when missing, each step printed.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Result, bail};
+
+use crate::{root, run, step};
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Pinned: the versions the tests and the README were checked against.
+const PY_PACKAGES: &[&str] = &["gunicorn==27.0.1", "gevent==26.9.0", "packaging"];
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "{what} loads BPF programs and must run as root; run it from a root shell (there is no sudo runner)"
+        );
+    }
+    Ok(())
+}
+
+fn output_ok(cmd: &mut Command) -> Option<String> {
+    let o = cmd.stderr(Stdio::null()).output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn have(bin: &str) -> bool {
+    output_ok(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_some()
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// Installs Debian packages, or says exactly what to run when we cannot.
+pub fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+    let list = packages.join(" ");
+    if !is_root() || !have("apt-get") {
+        bail!(
+            "{why} needs Debian packages {list}; install them with: apt-get update && apt-get install -y {list}"
+        );
+    }
+    step(&format!("installing {list} with apt ({why})"));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// LLVM 22 (matching nightly rustc's), bpf-linker built against it, rust-src.
+pub fn toolchain() -> Result<()> {
+    let nightly = output_ok(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !nightly.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly Rust toolchain (the BPF target needs -Z build-std)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let comps = output_ok(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to the nightly toolchain (for -Z build-std=core)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    let linker = cargo_bin_dir().join("bpf-linker");
+    let version = output_ok(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
+        apt_install(
+            &["llvm-22-dev"],
+            "bpf-linker must link against LLVM 22, the LLVM inside nightly rustc",
+        )?;
+    }
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    Ok(())
+}
+
+/// The Python virtualenv under target/ with pinned Gunicorn and gevent.
+pub fn venv() -> Result<PathBuf> {
+    let dir = root().join("target/venv");
+    let py = dir.join("bin/python");
+    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') else 1)";
+    if output_ok(Command::new(&py).args(["-c", check])).is_some() {
+        return Ok(dir);
+    }
+    if output_ok(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_none() {
+        apt_install(&["python3-venv"], "the test virtualenv")?;
+    }
+    step(&format!(
+        "creating the Python virtualenv {} ({})",
+        dir.display(),
+        PY_PACKAGES.join(" ")
+    ));
+    run(Command::new("python3").arg("-m").arg("venv").arg(&dir))?;
+    run(Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PY_PACKAGES))?;
+    Ok(dir)
+}
