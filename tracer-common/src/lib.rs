@@ -27,6 +27,8 @@ pub mod kind {
     pub const SLOW_SYSCALL: u32 = 4;
     /// A process whose comm looks like Python or Gunicorn called exec.
     pub const EXEC: u32 = 5;
+    /// A tracked connection ended badly: a [`ConnEnd`] record.
+    pub const CONN_END: u32 = 6;
     /// Or-ed into a SLOW_SYSCALL whose start is only known to be before the
     /// attach (user space seeded the entry).
     pub const FLAG_SEEDED: u32 = 0x100;
@@ -35,14 +37,47 @@ pub mod kind {
 /// `Event::ret` of a SLOW_SYSCALL whose thread exited inside the syscall.
 pub const RET_EXITED: i64 = i64::MIN;
 
-/// Per-syscall classes, indexed by syscall number in the `SYSCALL_CLASS` map.
+/// Per-syscall class bits, indexed by syscall number in the `SYSCALL_CLASS`
+/// map. Zero, the default, means "may block on something it does not own",
+/// so a syscall the table does not know is never missed.
 pub mod class {
-    /// May block the caller for an unbounded time on something it does not
-    /// own. The default, so a syscall the table does not know is never missed.
     pub const MAYBE: u32 = 0;
     /// Never a stall: waiting for work (epoll_wait, poll, select, pause, ...).
     pub const WAIT: u32 = 1;
+    /// Reads from fd arg0 (read, recvfrom, ...): counted on connections.
+    pub const READ: u32 = 2;
+    /// Writes to fd arg0 (write, sendto, sendfile, ...).
+    pub const WRITE: u32 = 4;
+    /// accept/accept4: the return value is a new inbound connection.
+    pub const ACCEPT: u32 = 8;
+    /// connect: fd arg0 becomes an outbound connection.
+    pub const CONNECT: u32 = 16;
+    pub const CLOSE: u32 = 32;
+    pub const SHUTDOWN: u32 = 64;
+    /// Any of the connection-tracking bits.
+    pub const IO: u32 = READ | WRITE | ACCEPT | CONNECT | CLOSE | SHUTDOWN;
 }
+
+/// `Conn::direction`.
+pub mod direction {
+    pub const INBOUND: u32 = 1;
+    pub const OUTBOUND: u32 = 2;
+}
+
+/// `ConnEnd::ended_by`.
+pub mod ended {
+    pub const CLOSE: u32 = 1;
+    pub const SHUTDOWN: u32 = 2;
+    /// The process exited with the connection open (user space reports these
+    /// from the `CONNS` map when the process's EXIT event arrives).
+    pub const EXIT: u32 = 3;
+}
+
+/// `Inflight::note` bit: the kernel sent a RST while closing, because the
+/// peer's data was never read (a request that was dropped unread).
+pub const NOTE_RST: u32 = 1 << 16;
+/// `Inflight::note` mask: the local TCP port seen during connect/close.
+pub const NOTE_PORT_MASK: u32 = 0xffff;
 
 /// Upper bound for syscall numbers the class table covers.
 pub const MAX_SYSCALL_NR: u32 = 1024;
@@ -75,6 +110,8 @@ pub struct Inflight {
     pub arg2: u64,
     /// Incremented on every entry, so user space can tell two syscalls apart.
     pub seq: u64,
+    /// Second argument (the sockaddr pointer of accept/connect).
+    pub arg1: u64,
     pub nr: i32,
     pub tgid: u32,
     /// 1 while the thread is inside the syscall.
@@ -82,6 +119,56 @@ pub struct Inflight {
     /// 1 when user space seeded the entry at attach time for a thread that was
     /// already inside the syscall: `start_ns` is then the attach time, a lower bound.
     pub seeded: u32,
+    /// What TCP tracepoints saw during this syscall: [`NOTE_RST`] and the
+    /// local port ([`NOTE_PORT_MASK`]).
+    pub note: u32,
+    pub _pad: u32,
+}
+
+/// Key of the `CONNS` map: one connection is one fd of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+/// Value of the `CONNS` map: per-connection counters kept in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub start_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Last time a read returned EAGAIN (0: never).
+    pub eagain_ns: u64,
+    /// Inbound: the listening fd it was accepted on; -1 for outbound.
+    pub listen_fd: i32,
+    /// One of [`direction`].
+    pub direction: u32,
+    /// Local TCP port when the kernel saw it (0: unknown).
+    pub local_port: u32,
+    /// 1 once reported at shutdown, so the close does not report it again.
+    pub reported: u32,
+    /// The peer's sockaddr as the process saw it (sockaddr_in/in6/un head).
+    pub addr: [u8; 32],
+}
+
+/// A connection that ended badly, sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEnd {
+    /// Always [`kind::CONN_END`]; first, like `Event::kind`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: i32,
+    pub ts_ns: u64,
+    pub conn: Conn,
+    /// One of [`ended`].
+    pub ended_by: u32,
+    /// The `Inflight::note` of the closing syscall.
+    pub note: u32,
 }
 
 /// One record of the ring buffer. A single fixed layout keeps decoding trivial.
@@ -115,7 +202,11 @@ pub mod stat {
     pub const WATCH_FULL: u32 = 1;
     /// Events written to the ring buffer.
     pub const EVENTS_SENT: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Connections that ended normally (a reply was sent / received).
+    pub const CONNS_OK: u32 = 3;
+    /// Connections that could not be tracked (map insert failed).
+    pub const CONNS_UNTRACKED: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 #[cfg(feature = "user")]
@@ -125,6 +216,9 @@ mod pod {
     unsafe impl aya::Pod for super::Watched {}
     unsafe impl aya::Pod for super::Inflight {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::Conn {}
+    unsafe impl aya::Pod for super::ConnEnd {}
 }
 
 #[cfg(test)]
@@ -137,7 +231,10 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Watched>(), 6 * 4);
-        assert_eq!(size_of::<Inflight>(), 4 * 8 + 4 * 4);
+        assert_eq!(size_of::<Inflight>(), 5 * 8 + 6 * 4);
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
+        assert_eq!(size_of::<ConnKey>(), 8);
+        assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
+        assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
     }
 }

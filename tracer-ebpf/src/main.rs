@@ -17,13 +17,16 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
-    Event, Inflight, MAX_SYSCALL_NR, RET_EXITED, Watched, class, kind, role, stat,
+    Conn, ConnEnd, ConnKey, Event, Inflight, MAX_SYSCALL_NR, NOTE_PORT_MASK, NOTE_RST, RET_EXITED,
+    Watched, class, direction, ended, kind, role, stat,
 };
 
 // ---- Configuration, patched by user space at load time. ----
@@ -51,6 +54,15 @@ static OFF_EXIT_GROUP_DEAD: u64 = u64::MAX;
 static OFF_SIG_SIG: u64 = 8;
 #[unsafe(no_mangle)]
 static OFF_SIG_PID: u64 = 36;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_SPORT: u64 = 24;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_NEWSTATE: u64 = 20;
+
+const EAGAIN: i64 = 11;
+const EINPROGRESS: i64 = 115;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -60,6 +72,10 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(8192, 0);
 #[map]
 static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32768, 0);
+/// Per-connection byte counts, so a connection closed with nothing sent
+/// back is one event, never one event per read or write.
+#[map]
+static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static SYSCALL_CLASS: Array<u32> = Array::with_max_entries(MAX_SYSCALL_NR, 0);
 #[map]
@@ -120,6 +136,7 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
     let nr: i64 = unsafe { ctx.read_at(cfg(&OFF_ENTER_ID) as usize)? };
     let args = cfg(&OFF_ENTER_ARGS) as usize;
     let arg0: u64 = unsafe { ctx.read_at(args)? };
+    let arg1: u64 = unsafe { ctx.read_at(args + 8)? };
     let arg2: u64 = unsafe { ctx.read_at(args + 16)? };
     if nr == unsafe { core::ptr::read_volatile(&NR_EXIT_GROUP) } {
         unsafe {
@@ -132,23 +149,26 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
         unsafe {
             (*e).start_ns = now;
             (*e).arg0 = arg0;
+            (*e).arg1 = arg1;
             (*e).arg2 = arg2;
             (*e).seq += 1;
             (*e).nr = nr as i32;
             (*e).tgid = tgid;
             (*e).active = 1;
             (*e).seeded = 0;
+            (*e).note = 0;
         }
     } else {
         let e = Inflight {
             start_ns: now,
             arg0,
+            arg1,
             arg2,
             seq: 1,
             nr: nr as i32,
             tgid,
             active: 1,
-            seeded: 0,
+            ..Default::default()
         };
         INFLIGHT.insert(tid, e, 0)?;
     }
@@ -171,11 +191,6 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     e.active = 0;
-    let now = unsafe { bpf_ktime_get_ns() };
-    let dur = now.saturating_sub(e.start_ns);
-    if dur < cfg(&THRESHOLD_NS) {
-        return Ok(());
-    }
     let nr = e.nr;
     if nr < 0 || nr as u32 >= MAX_SYSCALL_NR {
         return Ok(());
@@ -184,24 +199,209 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
         .get(nr as u32)
         .copied()
         .unwrap_or(class::MAYBE);
-    if c == class::WAIT {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let slow = now.saturating_sub(e.start_ns) >= cfg(&THRESHOLD_NS) && c & class::WAIT == 0;
+    if c & class::IO == 0 && !slow {
         return Ok(());
     }
     let ret: i64 = unsafe { ctx.read_at(cfg(&OFF_EXIT_RET) as usize)? };
-    let master = unsafe { WATCHED.get(tgid) }.map(|w| w.master).unwrap_or(0);
-    let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
-    ev.aux_pid = master;
-    ev.ts_ns = now;
-    ev.start_ns = e.start_ns;
-    ev.nr = nr as i64;
-    ev.ret = ret;
-    ev.arg0 = e.arg0;
-    ev.arg2 = e.arg2;
-    if e.seeded != 0 {
-        ev.kind |= kind::FLAG_SEEDED;
+    if c & class::IO != 0 {
+        track_conn(tgid, tid, e, c, ret, now);
     }
-    emit(&ev);
+    if slow {
+        let master = unsafe { WATCHED.get(tgid) }.map(|w| w.master).unwrap_or(0);
+        let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
+        ev.aux_pid = master;
+        ev.ts_ns = now;
+        ev.start_ns = e.start_ns;
+        ev.nr = nr as i64;
+        ev.ret = ret;
+        ev.arg0 = e.arg0;
+        ev.arg2 = e.arg2;
+        if e.seeded != 0 {
+            ev.kind |= kind::FLAG_SEEDED;
+        }
+        emit(&ev);
+    }
     Ok(())
+}
+
+/// Copies the peer's sockaddr from the process's memory (accept's output
+/// buffer, connect's input). Zeros if it cannot be read.
+#[inline(always)]
+fn read_sockaddr(ptr: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    if ptr != 0 {
+        // sockaddr_in6 is 28 bytes; read what a sockaddr_in needs if that fails.
+        if let Ok(v) = unsafe { bpf_probe_read_user(ptr as *const [u8; 28]) } {
+            out[..28].copy_from_slice(&v);
+        } else if let Ok(v) = unsafe { bpf_probe_read_user(ptr as *const [u8; 16]) } {
+            out[..16].copy_from_slice(&v);
+        }
+    }
+    out
+}
+
+/// Connection bookkeeping on the exit of an I/O syscall of a watched thread.
+#[inline(always)]
+fn track_conn(tgid: u32, tid: u32, e: &Inflight, c: u32, ret: i64, now: u64) {
+    if c & class::ACCEPT != 0 {
+        if ret >= 0 {
+            let conn = Conn {
+                start_ns: now,
+                listen_fd: e.arg0 as i32,
+                direction: direction::INBOUND,
+                addr: read_sockaddr(e.arg1),
+                ..Default::default()
+            };
+            let key = ConnKey {
+                tgid,
+                fd: ret as i32,
+            };
+            if CONNS.insert(key, conn, 0).is_err() {
+                count(stat::CONNS_UNTRACKED);
+            }
+        }
+        return;
+    }
+    if c & class::CONNECT != 0 {
+        if ret == 0 || ret == -EINPROGRESS {
+            let addr = read_sockaddr(e.arg1);
+            let family = u16::from_ne_bytes([addr[0], addr[1]]);
+            // Only network peers: a connect to a unix socket (syslog, say)
+            // is not an upstream call.
+            if family == AF_INET || family == AF_INET6 {
+                let conn = Conn {
+                    start_ns: now,
+                    listen_fd: -1,
+                    direction: direction::OUTBOUND,
+                    local_port: e.note & NOTE_PORT_MASK,
+                    addr,
+                    ..Default::default()
+                };
+                let key = ConnKey {
+                    tgid,
+                    fd: e.arg0 as i32,
+                };
+                if CONNS.insert(key, conn, 0).is_err() {
+                    count(stat::CONNS_UNTRACKED);
+                }
+            }
+        }
+        return;
+    }
+    let key = ConnKey {
+        tgid,
+        fd: e.arg0 as i32,
+    };
+    let Some(conn) = CONNS.get_ptr_mut(key) else {
+        return;
+    };
+    let conn = unsafe { &mut *conn };
+    if c & class::READ != 0 {
+        if ret > 0 {
+            conn.bytes_in += ret as u64;
+        } else if ret == -EAGAIN {
+            conn.eagain_ns = now;
+        }
+    } else if c & class::WRITE != 0 {
+        if ret > 0 {
+            conn.bytes_out += ret as u64;
+        }
+    } else if c & (class::CLOSE | class::SHUTDOWN) != 0 {
+        let port = e.note & NOTE_PORT_MASK;
+        if port != 0 {
+            conn.local_port = port;
+        }
+        let bad = match conn.direction {
+            direction::INBOUND => conn.bytes_out == 0,
+            _ => conn.bytes_out > 0 && conn.bytes_in == 0,
+        };
+        let closing = c & class::CLOSE != 0;
+        if bad && conn.reported == 0 {
+            let ev = ConnEnd {
+                kind: kind::CONN_END,
+                tgid,
+                tid,
+                fd: key.fd,
+                ts_ns: now,
+                conn: *conn,
+                ended_by: if closing {
+                    ended::CLOSE
+                } else {
+                    ended::SHUTDOWN
+                },
+                note: e.note,
+            };
+            match EVENTS.output::<ConnEnd>(&ev, 0) {
+                Ok(()) => count(stat::EVENTS_SENT),
+                Err(_) => count(stat::EVENTS_LOST),
+            }
+            conn.reported = 1;
+        } else if !bad && closing {
+            count(stat::CONNS_OK);
+        }
+        if closing {
+            let _ = CONNS.remove(key);
+        }
+    }
+}
+
+/// While a watched thread is inside connect/close/shutdown, note the local
+/// port and whether the kernel answered with a RST (unread data at close).
+#[inline(always)]
+fn note_inflight(extra: u32, port: u32) {
+    let (tgid, tid) = ids();
+    if unsafe { WATCHED.get(tgid) }.is_none() {
+        return;
+    }
+    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
+        return;
+    };
+    let e = unsafe { &mut *e };
+    if e.active == 0 || e.nr < 0 || e.nr as u32 >= MAX_SYSCALL_NR {
+        return;
+    }
+    let c = SYSCALL_CLASS.get(e.nr as u32).copied().unwrap_or(0);
+    if c & (class::CONNECT | class::CLOSE | class::SHUTDOWN) == 0 {
+        return;
+    }
+    e.note |= extra;
+    // First one wins: on loopback the peer's half of the connection changes
+    // state in this same task right after ours, and must not overwrite it.
+    if port != 0 && e.note & NOTE_PORT_MASK == 0 {
+        e.note |= port & NOTE_PORT_MASK;
+    }
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    // Only transitions a local connect or close starts.
+    const TCP_SYN_SENT: i32 = 2;
+    const TCP_FIN_WAIT1: i32 = 4;
+    const TCP_CLOSE: i32 = 7;
+    const TCP_LAST_ACK: i32 = 9;
+    let state: i32 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_NEWSTATE) as usize)? };
+    if !matches!(
+        state,
+        TCP_SYN_SENT | TCP_FIN_WAIT1 | TCP_CLOSE | TCP_LAST_ACK
+    ) {
+        return Ok(());
+    }
+    let sport: u16 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_SPORT) as usize)? };
+    note_inflight(0, sport as u32);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(_ctx: TracePointContext) -> u32 {
+    note_inflight(NOTE_RST, 0);
+    0
 }
 
 #[tracepoint]

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use crate::model::{FdInfo, Peer, Role};
+use crate::net::{self, CloseKind, ConnFacts, EarlyClose};
 use crate::signatures::{self, Cause};
 use crate::syscalls;
 
@@ -49,6 +50,17 @@ pub enum KernelEvent {
         ts_ns: u64,
         pid: u32,
     },
+    /// A connection that ended with nothing sent back (or, outbound, nothing
+    /// received). `ended_by` is one of `tracer_common::ended`.
+    ConnEnd {
+        ts_ns: u64,
+        tgid: u32,
+        tid: u32,
+        fd: i32,
+        conn: tracer_common::Conn,
+        ended_by: u32,
+        note: u32,
+    },
 }
 
 /// One entry of the kernel's in-flight map.
@@ -70,6 +82,9 @@ pub trait Enricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo;
     fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64>;
     fn comm(&mut self, pid: u32) -> String;
+    /// The local port of a listening socket, for inbound connections whose
+    /// port the kernel did not see.
+    fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16>;
 }
 
 /// Facts about one blocked syscall; also the body of the `stall` event.
@@ -169,6 +184,12 @@ pub enum Output {
         exit_code: Option<i32>,
         signal: Option<String>,
     },
+    EarlyClose {
+        #[serde(skip)]
+        ts_ns: u64,
+        #[serde(flatten)]
+        close: EarlyClose,
+    },
 }
 
 impl Output {
@@ -179,7 +200,8 @@ impl Output {
             | Output::Stall { ts_ns, .. }
             | Output::StallEnd { ts_ns, .. }
             | Output::WorkerTimeout { ts_ns, .. }
-            | Output::WorkerExit { ts_ns, .. } => *ts_ns,
+            | Output::WorkerExit { ts_ns, .. }
+            | Output::EarlyClose { ts_ns, .. } => *ts_ns,
         }
     }
 }
@@ -197,6 +219,16 @@ struct Proc {
     exit_code: Option<i32>,
     exit_signal: Option<i32>,
     last_stall: Option<StallReport>,
+    closes: CloseCounts,
+    last_drop: Option<EarlyClose>,
+}
+
+/// Early closes of one process, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CloseCounts {
+    pub dropped_request: u32,
+    pub idle: u32,
+    pub upstream_cut: u32,
 }
 
 /// A stall that was reported and has not ended yet.
@@ -484,6 +516,53 @@ impl Correlator {
                 }
             }
             KernelEvent::Exec { .. } => {}
+            KernelEvent::ConnEnd {
+                ts_ns,
+                tgid,
+                tid,
+                fd,
+                conn,
+                ended_by,
+                note,
+            } => {
+                let Some(p) = self.procs.get(&tgid) else {
+                    return out;
+                };
+                let fallback_port = if conn.local_port == 0 && conn.listen_fd >= 0 {
+                    // The worker may be gone; its master holds the same listener.
+                    enr.listen_port(tgid, conn.listen_fd)
+                        .or_else(|| enr.listen_port(p.master, conn.listen_fd))
+                } else {
+                    None
+                };
+                let facts = ConnFacts {
+                    pid: tgid,
+                    tid,
+                    master: p.master,
+                    role: p.role,
+                    fd,
+                    conn: &conn,
+                    ended_by,
+                    note,
+                    ts_ns,
+                    fallback_port,
+                };
+                if let Some(close) = net::early_close(facts) {
+                    let p = self.procs.get_mut(&tgid).expect("checked above");
+                    match close.kind {
+                        CloseKind::DroppedRequest => {
+                            p.closes.dropped_request += 1;
+                            p.last_drop = Some(close.clone());
+                        }
+                        CloseKind::Idle => p.closes.idle += 1,
+                        CloseKind::UpstreamCut => {
+                            p.closes.upstream_cut += 1;
+                            p.last_drop = Some(close.clone());
+                        }
+                    }
+                    out.push(Output::EarlyClose { ts_ns, close });
+                }
+            }
         }
         out
     }
@@ -665,6 +744,8 @@ impl Correlator {
                 exit_code: p.exit_code,
                 exit_signal: p.exit_signal.map(signal_name),
                 stall: current.or_else(|| p.last_stall.clone()),
+                early_closes: p.closes,
+                last_early_close: p.last_drop.clone(),
             });
         }
         let verdict = verdict(&workers, self.threshold_ns);
@@ -693,12 +774,17 @@ pub struct WorkerSummary {
     pub exit_signal: Option<String>,
     /// The current stall, or the last one.
     pub stall: Option<StallReport>,
+    pub early_closes: CloseCounts,
+    /// The last dropped request or cut upstream call.
+    pub last_early_close: Option<EarlyClose>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub stalled_pids: Vec<u32>,
     pub killed_pids: Vec<u32>,
+    /// Workers that closed requests with nothing sent (or cut upstream calls).
+    pub dropping_pids: Vec<u32>,
     pub text: String,
 }
 
@@ -769,15 +855,60 @@ fn verdict(workers: &[WorkerSummary], threshold_ns: u64) -> Verdict {
             )),
         }
     }
-    if lines.is_empty() {
-        let live = workers
-            .iter()
-            .filter(|w| w.role == Role::Worker && w.state == "healthy")
-            .count();
+    let mut dropping: Vec<&WorkerSummary> = workers
+        .iter()
+        .filter(|w| w.early_closes.dropped_request + w.early_closes.upstream_cut > 0)
+        .collect();
+    dropping.sort_by_key(|w| std::cmp::Reverse(w.early_closes.dropped_request));
+    for w in &dropping {
+        let c = &w.early_closes;
+        let mut what = Vec::new();
+        if c.dropped_request > 0 {
+            what.push(format!(
+                "dropped {} request(s) (closed the client's connection with nothing sent back)",
+                c.dropped_request
+            ));
+        }
+        if c.upstream_cut > 0 {
+            what.push(format!(
+                "cut {} upstream call(s) short (closed before any reply)",
+                c.upstream_cut
+            ));
+        }
+        let mut line = format!("{} {}", name(w), what.join(" and "));
+        if let Some(e) = &w.last_early_close {
+            line.push_str(&format!(
+                "; last: {} {} after {}",
+                e.direction,
+                e.peer.as_deref().unwrap_or("?"),
+                secs(e.lifetime_ms)
+            ));
+            match &e.cause {
+                Some(cause) => line.push_str(&format!(
+                    "; likely cause: {}. Fix: {}",
+                    cause.cause, cause.fix
+                )),
+                None => line.push_str("; cause: unknown"),
+            }
+        }
+        lines.push(line);
+    }
+    let troubled = !lines.is_empty();
+    let healthy: Vec<String> = workers
+        .iter()
+        .filter(|w| {
+            w.role == Role::Worker
+                && w.state == "healthy"
+                && w.early_closes.dropped_request + w.early_closes.upstream_cut == 0
+        })
+        .map(|w| w.pid.to_string())
+        .collect();
+    if !troubled {
         let past: Vec<&WorkerSummary> = workers.iter().filter(|w| w.stalls > 0).collect();
         if past.is_empty() {
             lines.push(format!(
-                "healthy: {live} worker(s) watched, no syscall blocked an event loop for {}ms or more",
+                "healthy: {} worker(s) watched, no syscall blocked an event loop for {}ms or more, no request dropped",
+                healthy.len(),
                 threshold_ns / 1_000_000
             ));
         } else {
@@ -792,10 +923,13 @@ fn verdict(workers: &[WorkerSummary], threshold_ns: u64) -> Verdict {
                 ));
             }
         }
+    } else if !healthy.is_empty() {
+        lines.push(format!("healthy: worker(s) {}", healthy.join(", ")));
     }
     Verdict {
         stalled_pids: stalled.iter().map(|w| w.pid).collect(),
         killed_pids: killed.iter().map(|w| w.pid).collect(),
+        dropping_pids: dropping.iter().map(|w| w.pid).collect(),
         text: lines.join("\n"),
     }
 }
@@ -836,6 +970,9 @@ mod tests {
         }
         fn comm(&mut self, _pid: u32) -> String {
             "gunicorn".into()
+        }
+        fn listen_port(&mut self, _pid: u32, _fd: i32) -> Option<u16> {
+            Some(8000)
         }
     }
 
@@ -898,6 +1035,7 @@ mod tests {
                 Output::StallEnd { .. } => "stall_end",
                 Output::WorkerTimeout { .. } => "worker_timeout",
                 Output::WorkerExit { .. } => "worker_exit",
+                Output::EarlyClose { .. } => "early_close",
             })
             .collect()
     }
@@ -1203,5 +1341,123 @@ mod tests {
         );
         let out = c.on_samples(&[moved_on], 800 * MS, &mut FakeProc);
         assert_eq!(kinds(&out), ["stall_end"]);
+    }
+
+    fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: u32) -> KernelEvent {
+        let mut addr = [0u8; 32];
+        addr[..2].copy_from_slice(&2u16.to_ne_bytes());
+        addr[2..4].copy_from_slice(&40000u16.to_be_bytes());
+        addr[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        KernelEvent::ConnEnd {
+            ts_ns: 2000 * MS,
+            tgid: pid,
+            tid: pid,
+            fd: 11,
+            conn: tracer_common::Conn {
+                start_ns: 1000 * MS,
+                bytes_in,
+                bytes_out,
+                eagain_ns: 1500 * MS,
+                listen_fd: 5,
+                direction: tracer_common::direction::INBOUND,
+                addr,
+                ..Default::default()
+            },
+            ended_by,
+            note: 0,
+        }
+    }
+
+    #[test]
+    fn early_closes_are_counted_and_rank_after_stalls() {
+        let mut c = setup();
+        let fork = KernelEvent::Fork {
+            ts_ns: 1,
+            parent: MASTER,
+            child: 102,
+            role: Role::Worker,
+            master: MASTER,
+        };
+        c.on_kernel(fork, &mut FakeProc);
+        let out = c.on_kernel(
+            conn_end(W, 120, 0, tracer_common::ended::CLOSE),
+            &mut FakeProc,
+        );
+        let [Output::EarlyClose { close, .. }] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(close.kind, CloseKind::DroppedRequest);
+        assert_eq!(close.peer.as_deref(), Some("127.0.0.1:40000"));
+        assert_eq!(close.local_port, Some(8000), "from the listener");
+        assert_eq!(close.cause.as_ref().unwrap().id, "leaked_socket_timeout");
+        c.on_kernel(
+            conn_end(W, 0, 0, tracer_common::ended::CLOSE),
+            &mut FakeProc,
+        );
+        // A connection that got a reply is not reported at all.
+        assert!(
+            c.on_kernel(
+                conn_end(W, 120, 300, tracer_common::ended::CLOSE),
+                &mut FakeProc
+            )
+            .is_empty()
+        );
+        // An unknown process's connection is ignored.
+        assert!(
+            c.on_kernel(
+                conn_end(999, 120, 0, tracer_common::ended::CLOSE),
+                &mut FakeProc
+            )
+            .is_empty()
+        );
+
+        let sum = c.summary(3000 * MS);
+        let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
+        assert_eq!(
+            w.early_closes,
+            CloseCounts {
+                dropped_request: 1,
+                idle: 1,
+                upstream_cut: 0
+            }
+        );
+        assert_eq!(sum.verdict.dropping_pids, vec![W]);
+        let text = &sum.verdict.text;
+        assert!(
+            text.starts_with("worker 101 (master 100) dropped 1 request(s)"),
+            "{text}"
+        );
+        assert!(text.contains("setdefaulttimeout"), "{text}");
+        assert!(
+            text.lines()
+                .last()
+                .unwrap()
+                .starts_with("healthy: worker(s) 102"),
+            "{text}"
+        );
+
+        // A stalled worker still comes first.
+        c.on_samples(&[sample(W, "read", 0, 1)], 3000 * MS, &mut FakeProc);
+        let text = c.summary(3500 * MS).verdict.text;
+        assert!(
+            text.starts_with("worker 101 (master 100) is STALLED"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn idle_closes_alone_keep_the_verdict_healthy() {
+        let mut c = setup();
+        c.on_kernel(
+            conn_end(W, 0, 0, tracer_common::ended::CLOSE),
+            &mut FakeProc,
+        );
+        let sum = c.summary(3000 * MS);
+        assert!(
+            sum.verdict.text.starts_with("healthy"),
+            "{}",
+            sum.verdict.text
+        );
+        assert!(sum.verdict.dropping_pids.is_empty());
     }
 }

@@ -1,5 +1,5 @@
 //! Event intake: decoding ring buffer records into [`KernelEvent`]s.
-use tracer_common::{Event, RET_EXITED, kind};
+use tracer_common::{ConnEnd, Event, RET_EXITED, kind};
 
 use crate::correlate::KernelEvent;
 use crate::model::Role;
@@ -7,6 +7,23 @@ use crate::model::Role;
 /// Decodes one ring buffer record. Returns None for a record of the wrong
 /// size or an unknown kind (a newer BPF object, say) rather than guessing.
 pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
+    let k = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    if k == kind::CONN_END {
+        if bytes.len() < std::mem::size_of::<ConnEnd>() {
+            return None;
+        }
+        // SAFETY: ConnEnd is Pod and the slice is long enough.
+        let c: ConnEnd = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        return Some(KernelEvent::ConnEnd {
+            ts_ns: c.ts_ns,
+            tgid: c.tgid,
+            tid: c.tid,
+            fd: c.fd,
+            conn: c.conn,
+            ended_by: c.ended_by,
+            note: c.note,
+        });
+    }
     if bytes.len() < std::mem::size_of::<Event>() {
         return None;
     }
@@ -149,6 +166,45 @@ mod tests {
             ..Default::default()
         };
         assert!(decode(&bytes(&e)).is_none());
+    }
+
+    #[test]
+    fn decodes_conn_end_by_its_own_layout() {
+        let c = ConnEnd {
+            kind: kind::CONN_END,
+            tgid: 4,
+            tid: 5,
+            fd: 11,
+            ts_ns: 77,
+            conn: tracer_common::Conn {
+                bytes_in: 120,
+                ..Default::default()
+            },
+            ended_by: tracer_common::ended::SHUTDOWN,
+            note: 3,
+        };
+        // SAFETY: ConnEnd is repr(C) with no implicit padding.
+        let b = unsafe {
+            std::slice::from_raw_parts(
+                (&c as *const ConnEnd).cast::<u8>(),
+                std::mem::size_of::<ConnEnd>(),
+            )
+        };
+        let Some(KernelEvent::ConnEnd {
+            tgid: 4,
+            tid: 5,
+            fd: 11,
+            conn,
+            ended_by,
+            note: 3,
+            ..
+        }) = decode(b)
+        else {
+            panic!("not decoded")
+        };
+        assert_eq!(conn.bytes_in, 120);
+        assert_eq!(ended_by, tracer_common::ended::SHUTDOWN);
+        assert!(decode(&b[..40]).is_none(), "truncated record");
     }
 
     #[test]

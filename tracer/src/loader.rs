@@ -6,7 +6,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use tracer_common::{Inflight, MAX_SYSCALL_NR, Watched, class, stat};
+use tracer_common::{Conn, ConnKey, Inflight, MAX_SYSCALL_NR, Watched, stat};
 
 use crate::model::Role;
 use crate::syscalls;
@@ -22,17 +22,21 @@ pub struct Probes {
     pub watched: HashMap<MapData, u32, Watched>,
     pub inflight: HashMap<MapData, u32, Inflight>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub conns: HashMap<MapData, ConnKey, Conn>,
     pub events: Option<RingBuf<MapData>>,
 }
 
 /// (program name, tracepoint category, tracepoint name)
-const PROGRAMS: [(&str, &str, &str); 6] = [
+const PROGRAMS: [(&str, &str, &str); 8] = [
     ("sys_enter", "raw_syscalls", "sys_enter"),
     ("sys_exit", "raw_syscalls", "sys_exit"),
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("signal_generate", "signal", "signal_generate"),
     ("sched_process_exec", "sched", "sched_process_exec"),
+    // In-syscall context for connections: local port, RST on close.
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("tcp_send_reset", "tcp", "tcp_send_reset"),
 ];
 
 fn raise_memlock() {
@@ -80,6 +84,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let newtask = Format::read(tracefs, "task", "task_newtask")?;
     let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
+    let setstate = Format::read(tracefs, "sock", "inet_sock_set_state")?;
 
     let off_enter_id = enter.offset("id", 8)?;
     let off_enter_args = enter.offset("args", 8)?;
@@ -90,6 +95,8 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let off_group_dead = pexit.optional_offset("group_dead").unwrap_or(u64::MAX);
     let off_sig_sig = sig.offset("sig", 4)?;
     let off_sig_pid = sig.offset("pid", 4)?;
+    let off_setstate_sport = setstate.offset("sport", 2)?;
+    let off_setstate_newstate = setstate.offset("newstate", 4)?;
     let nr_exit_group = syscalls::number("exit_group")
         .ok_or_else(|| anyhow!("no exit_group syscall on this architecture"))?;
 
@@ -111,6 +118,8 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         .override_global("OFF_EXIT_GROUP_DEAD", &off_group_dead, true)
         .override_global("OFF_SIG_SIG", &off_sig_sig, true)
         .override_global("OFF_SIG_PID", &off_sig_pid, true)
+        .override_global("OFF_SETSTATE_SPORT", &off_setstate_sport, true)
+        .override_global("OFF_SETSTATE_NEWSTATE", &off_setstate_newstate, true)
         .load(bytes)
         .map_err(|e| explain(e, "loading the BPF object"))?;
 
@@ -120,10 +129,10 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
             ebpf.map_mut("SYSCALL_CLASS")
                 .ok_or_else(|| anyhow!("BPF object has no SYSCALL_CLASS map"))?,
         )?;
-        for nr in syscalls::always_wait_numbers() {
+        for (nr, bits) in syscalls::class_table() {
             if (nr as u32) < MAX_SYSCALL_NR {
                 classes
-                    .set(nr as u32, class::WAIT, 0)
+                    .set(nr as u32, bits, 0)
                     .context("filling the syscall class table")?;
             }
         }
@@ -147,12 +156,14 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let watched = HashMap::try_from(take(&mut ebpf, "WATCHED")?)?;
     let inflight = HashMap::try_from(take(&mut ebpf, "INFLIGHT")?)?;
     let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
+    let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
     let events = Some(RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?);
     Ok(Probes {
         _ebpf: ebpf,
         watched,
         inflight,
         stats,
+        conns,
         events,
     })
 }
@@ -171,24 +182,18 @@ impl Probes {
 
     /// Records a syscall a thread was already blocked in before we attached,
     /// unless the kernel has seen the thread since (BPF_NOEXIST).
-    pub fn seed_inflight(
-        &mut self,
-        tid: u32,
-        tgid: u32,
-        nr: i64,
-        arg0: u64,
-        arg2: u64,
-        now_ns: u64,
-    ) {
+    pub fn seed_inflight(&mut self, tid: u32, tgid: u32, nr: i64, args: [u64; 3], now_ns: u64) {
         let e = Inflight {
             start_ns: now_ns,
-            arg0,
-            arg2,
+            arg0: args[0],
+            arg1: args[1],
+            arg2: args[2],
             seq: 1,
             nr: nr as i32,
             tgid,
             active: 1,
             seeded: 1,
+            ..Default::default()
         };
         let _ = self.inflight.insert(tid, e, BPF_NOEXIST);
     }
@@ -202,6 +207,21 @@ impl Probes {
             .get(&index, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
+    }
+
+    /// Removes and returns the connections a process still had open: it
+    /// exited, so the kernel closed them without a close syscall.
+    pub fn take_conns_of(&mut self, tgid: u32) -> Vec<(ConnKey, Conn)> {
+        let found: Vec<(ConnKey, Conn)> = self
+            .conns
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.tgid == tgid)
+            .collect();
+        for (k, _) in &found {
+            let _ = self.conns.remove(k);
+        }
+        found
     }
 
     pub fn events_lost(&self) -> u64 {

@@ -4,6 +4,7 @@ mod correlate;
 mod intake;
 mod loader;
 mod model;
+mod net;
 mod output;
 mod proc;
 mod signatures;

@@ -240,6 +240,53 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
                 ))
                 .unwrap_or_else(|| ": no blocking syscall seen".into())
         ),
+        Output::EarlyClose { close: e, .. } => {
+            let label = match e.kind {
+                crate::net::CloseKind::DroppedRequest => "DROPPED ",
+                crate::net::CloseKind::Idle => "idle    ",
+                crate::net::CloseKind::UpstreamCut => "UPSTREAM",
+            };
+            let peer = e
+                .peer
+                .as_deref()
+                .map(sanitize)
+                .unwrap_or_else(|| "?".into());
+            let endpoint = match (e.local_port, e.direction) {
+                (Some(port), "inbound") => format!("{peer} -> :{port}"),
+                _ => peer,
+            };
+            let mut l = format!(
+                "{t}  {label} {} {} (master {}) closed {} connection {endpoint} fd {} after {}: {} bytes in, {} out ({})",
+                e.role.as_str(),
+                e.pid,
+                e.master_pid,
+                e.direction,
+                e.fd,
+                secs(e.lifetime_ms),
+                e.bytes_in,
+                e.bytes_out,
+                e.ended_by
+            );
+            if e.unread_data {
+                l.push_str("; the request was never read");
+            }
+            if let Some(p) = &e.preceded_by {
+                l.push_str(&format!(
+                    "; {} returned {}, then {}ms until the close",
+                    p.syscall, p.ret, p.wait_ms
+                ));
+            }
+            if e.kind == crate::net::CloseKind::Idle {
+                l.push_str("; normal for an idle keep-alive connection");
+            }
+            if let Some(c) = &e.cause {
+                l.push_str(&format!(
+                    "\n{:>23}likely: {}\n{:>23}fix: {}",
+                    "", c.cause, "", c.fix
+                ));
+            }
+            l
+        }
         Output::WorkerExit {
             pid,
             role,
@@ -268,8 +315,17 @@ pub fn text_summary(s: &Summary, events_lost: u64) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8}  {}\n",
-        "PID", "MASTER", "ROLE", "STATE", "STALLS", "TIMEOUTS", "LAST STALL"
+        "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8} {:>7} {:>5} {:>8}  {}\n",
+        "PID",
+        "MASTER",
+        "ROLE",
+        "STATE",
+        "STALLS",
+        "TIMEOUTS",
+        "DROPPED",
+        "IDLE",
+        "UPSTREAM",
+        "LAST STALL"
     ));
     for w in &s.workers {
         let last = w
@@ -278,13 +334,16 @@ pub fn text_summary(s: &Summary, events_lost: u64) -> String {
             .map(|st| format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st))))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8}  {}\n",
+            "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8} {:>7} {:>5} {:>8}  {}\n",
             w.pid,
             w.master_pid,
             w.role.as_str(),
             w.state,
             w.stalls,
             w.timeouts,
+            w.early_closes.dropped_request,
+            w.early_closes.idle,
+            w.early_closes.upstream_cut,
             last
         ));
     }

@@ -306,9 +306,82 @@ pub fn heartbeat_age_ms(pid: u32) -> Option<u64> {
     None
 }
 
+/// The local port of the socket with this inode, from the text of
+/// /proc/PID/net/tcp or tcp6 (`sl local_address rem_address st ... inode`).
+pub fn parse_net_tcp_port(text: &str, inode: u64) -> Option<u16> {
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 10 || cols[9].parse::<u64>().ok() != Some(inode) {
+            continue;
+        }
+        let port = cols[1].rsplit(':').next()?;
+        return u16::from_str_radix(port, 16).ok();
+    }
+    None
+}
+
+/// Every listening TCP socket of a process: (fd, port).
+pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
+    let mut listen_inodes = std::collections::HashMap::new();
+    for f in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // st 0A is TCP_LISTEN.
+            if cols.len() >= 10
+                && cols[3] == "0A"
+                && let (Some(port), Ok(inode)) = (
+                    cols[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok()),
+                    cols[9].parse::<u64>(),
+                )
+            {
+                listen_inodes.insert(inode, port);
+            }
+        }
+    }
+    if listen_inodes.is_empty() {
+        return Vec::new();
+    }
+    let Ok(rd) = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let link = fs::read_link(e.path()).ok()?;
+            let inode: u64 = link
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some((fd, *listen_inodes.get(&inode)?))
+        })
+        .collect()
+}
+
+/// The local port of a process's listening socket fd.
+pub fn listen_port(pid: u32, fd: i32) -> Option<u16> {
+    let target = fd_target(pid, fd)?;
+    let inode: u64 = target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()?;
+    ["tcp", "tcp6"].iter().find_map(|f| {
+        let text = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])).ok()?;
+        parse_net_tcp_port(&text, inode)
+    })
+}
+
 /// The syscall a thread is blocked in, from /proc/PID/task/TID/syscall:
 /// `nr arg1 .. arg6 sp pc`, or `running`, or `-1 sp pc` outside a syscall.
-pub fn parse_syscall_file(s: &str) -> Option<(i64, u64, u64)> {
+pub fn parse_syscall_file(s: &str) -> Option<(i64, [u64; 3])> {
     let mut it = s.split_whitespace();
     let nr: i64 = it.next()?.parse().ok()?;
     if nr < 0 {
@@ -316,12 +389,12 @@ pub fn parse_syscall_file(s: &str) -> Option<(i64, u64, u64)> {
     }
     let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
     let a0 = hex(it.next()?)?;
-    let _a1 = it.next()?;
+    let a1 = hex(it.next()?)?;
     let a2 = hex(it.next()?)?;
-    Some((nr, a0, a2))
+    Some((nr, [a0, a1, a2]))
 }
 
-pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, u64, u64)> {
+pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, [u64; 3])> {
     let s = fs::read_to_string(proc_path(&[
         &pid.to_string(),
         "task",
@@ -467,10 +540,22 @@ mod tests {
     }
 
     #[test]
+    fn net_tcp_port_by_inode() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 45678 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:D2F2 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 45679 1 0000000000000000 20 4 30 10 -1
+";
+        assert_eq!(parse_net_tcp_port(text, 45678), Some(8080));
+        assert_eq!(parse_net_tcp_port(text, 45679), Some(0xD2F2));
+        assert_eq!(parse_net_tcp_port(text, 1), None);
+        assert_eq!(parse_net_tcp_port("garbage", 1), None);
+    }
+
+    #[test]
     fn syscall_file_forms() {
         assert_eq!(
             parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f0000001234\n"),
-            Some((0, 11, 4))
+            Some((0, [11, 0x7ffd1234, 4]))
         );
         assert_eq!(parse_syscall_file("running\n"), None);
         assert_eq!(parse_syscall_file("-1 0x7ffd0000 0x7f0000001234\n"), None);

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::correlate::StallReport;
 use crate::model::Role;
+use crate::net::{CloseKind, EarlyClose};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Cause {
@@ -81,6 +82,54 @@ pub static SIGNATURES: &[Signature] = &[
     },
 ];
 
+/// Known causes of a connection closed with nothing sent back.
+pub struct CloseSignature {
+    pub id: &'static str,
+    pub cause: &'static str,
+    pub fix: &'static str,
+    pub matches: fn(&EarlyClose) -> bool,
+}
+
+/// A read that found nothing (EAGAIN), a wait, then the close: the socket
+/// had a timeout Gunicorn never set.
+fn timed_out_read(e: &EarlyClose) -> bool {
+    e.ended_by != "exit" && e.preceded_by.as_ref().is_some_and(|p| p.wait_ms < 60_000)
+}
+
+pub static CLOSE_SIGNATURES: &[CloseSignature] = &[
+    CloseSignature {
+        id: "leaked_socket_timeout",
+        cause: "a default socket timeout leaked into the client connection (socket.setdefaulttimeout() called in request code, as old Thrift clients did, under Gunicorn < 19.8 which did not reset accepted sockets): a read timed out and Gunicorn closed the connection with nothing sent",
+        fix: "upgrade Gunicorn to 19.8 or later and Thrift to 0.12 or later, and never call socket.setdefaulttimeout in request code",
+        matches: |e| {
+            e.kind == CloseKind::DroppedRequest && e.direction == "inbound" && timed_out_read(e)
+        },
+    },
+    CloseSignature {
+        id: "worker_died_mid_request",
+        cause: "the worker died with the request in flight (killed by WORKER TIMEOUT, the OOM killer, or a crash), so the client got nothing",
+        fix: "find why the worker died: a stall reported just before it, or the kernel log for an OOM kill",
+        matches: |e| e.kind == CloseKind::DroppedRequest && e.ended_by == "exit",
+    },
+    CloseSignature {
+        id: "upstream_timeout",
+        cause: "an upstream call was cut short by a socket timeout before any reply arrived (possibly a timeout leaked from another greenlet via socket.setdefaulttimeout)",
+        fix: "check the client library's timeout settings, and never call socket.setdefaulttimeout in request code",
+        matches: |e| e.kind == CloseKind::UpstreamCut && timed_out_read(e),
+    },
+];
+
+pub fn identify_close(e: &EarlyClose) -> Option<Cause> {
+    CLOSE_SIGNATURES
+        .iter()
+        .find(|sig| (sig.matches)(e))
+        .map(|sig| Cause {
+            id: sig.id,
+            cause: sig.cause,
+            fix: sig.fix,
+        })
+}
+
 pub fn identify(s: &StallReport) -> Option<Cause> {
     SIGNATURES
         .iter()
@@ -153,6 +202,55 @@ mod tests {
         let mut plain = s.clone();
         plain.role = Role::Plain;
         assert_eq!(id(&plain), None);
+    }
+
+    fn close(kind: CloseKind, ended_by: &'static str, wait_ms: Option<u64>) -> EarlyClose {
+        EarlyClose {
+            direction: if kind == CloseKind::UpstreamCut {
+                "outbound"
+            } else {
+                "inbound"
+            },
+            pid: 1,
+            tid: 1,
+            master_pid: 1,
+            role: Role::Worker,
+            fd: 3,
+            peer: None,
+            local_port: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            lifetime_ms: 0,
+            ended_by,
+            kind,
+            unread_data: false,
+            preceded_by: wait_ms.map(|w| crate::net::Preceded {
+                syscall: "recv",
+                ret: "EAGAIN",
+                wait_ms: w,
+            }),
+            cause: None,
+        }
+    }
+
+    #[test]
+    fn close_signatures() {
+        let id = |e: &EarlyClose| identify_close(e).map(|c| c.id);
+        assert_eq!(
+            id(&close(CloseKind::DroppedRequest, "close", Some(500))),
+            Some("leaked_socket_timeout")
+        );
+        assert_eq!(
+            id(&close(CloseKind::DroppedRequest, "exit", Some(500))),
+            Some("worker_died_mid_request")
+        );
+        assert_eq!(id(&close(CloseKind::DroppedRequest, "close", None)), None);
+        assert_eq!(
+            id(&close(CloseKind::UpstreamCut, "close", Some(100))),
+            Some("upstream_timeout")
+        );
+        // An idle keep-alive connection closed by Gunicorn's timer is normal.
+        assert_eq!(id(&close(CloseKind::Idle, "close", Some(2000))), None);
     }
 
     #[test]

@@ -76,9 +76,37 @@ pub fn is_stall(role: Role, main_thread: bool, nr: i64) -> bool {
     }
 }
 
-/// Syscall numbers the kernel should never report (class WAIT).
-pub fn always_wait_numbers() -> Vec<i64> {
-    ALWAYS_WAIT.iter().filter_map(|n| number(n)).collect()
+/// The kernel's class table: (syscall number, class bits) for every
+/// syscall that is not the default [`class::MAYBE`].
+pub fn class_table() -> Vec<(i64, u32)> {
+    use tracer_common::class;
+    let groups: [(&[&str], u32); 7] = [
+        (ALWAYS_WAIT, class::WAIT),
+        (
+            &["read", "readv", "recvfrom", "recvmsg", "recvmmsg"],
+            class::READ,
+        ),
+        (
+            &[
+                "write", "writev", "sendto", "sendmsg", "sendmmsg", "sendfile",
+            ],
+            class::WRITE,
+        ),
+        (&["accept", "accept4"], class::ACCEPT),
+        (&["connect"], class::CONNECT),
+        (&["close"], class::CLOSE),
+        (&["shutdown"], class::SHUTDOWN),
+    ];
+    let mut out: Vec<(i64, u32)> = Vec::new();
+    for (names, bits) in groups {
+        for n in names.iter().filter_map(|n| number(n)) {
+            match out.iter_mut().find(|(nr, _)| *nr == n) {
+                Some((_, b)) => *b |= bits,
+                None => out.push((n, bits)),
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -92,6 +120,23 @@ mod tests {
         assert_eq!(name(-1), "syscall_-1");
         assert_eq!(name(100_000), "syscall_100000");
         assert!(number("exit_group").is_some());
+    }
+
+    #[test]
+    fn class_table_marks_waits_and_io() {
+        use tracer_common::class;
+        let t = class_table();
+        let get = |n: &str| {
+            t.iter()
+                .find(|(nr, _)| *nr == number(n).unwrap())
+                .map(|(_, b)| *b)
+        };
+        assert_eq!(get("epoll_wait").or(get("epoll_pwait")), Some(class::WAIT));
+        assert_eq!(get("read"), Some(class::READ));
+        assert_eq!(get("sendto"), Some(class::WRITE));
+        assert_eq!(get("accept4"), Some(class::ACCEPT));
+        assert_eq!(get("close"), Some(class::CLOSE));
+        assert_eq!(get("futex"), None, "futex stays MAYBE");
     }
 
     #[test]

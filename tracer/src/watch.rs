@@ -14,8 +14,25 @@ use crate::model::{FdInfo, Role};
 use crate::output::{self, Clock, Format, StartEvent, SummaryEvent};
 use crate::{intake, proc, tracefs};
 
-/// /proc lookups for stalls being reported.
-struct ProcEnricher;
+/// /proc lookups for stalls and connections being reported.
+#[derive(Default)]
+struct ProcEnricher {
+    /// (pid, fd) -> port of listening sockets, learnt while the process was
+    /// alive: a worker that exited can no longer be asked.
+    listeners: std::collections::HashMap<(u32, i32), u16>,
+}
+
+impl ProcEnricher {
+    fn remember_listeners(&mut self, pid: u32) {
+        for (fd, port) in proc::listening_fds(pid) {
+            self.listeners.insert((pid, fd), port);
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.listeners.retain(|(p, _), _| *p != pid);
+    }
+}
 
 impl Enricher for ProcEnricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
@@ -27,6 +44,14 @@ impl Enricher for ProcEnricher {
     fn comm(&mut self, pid: u32) -> String {
         proc::comm(pid)
     }
+    fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16> {
+        if let Some(p) = self.listeners.get(&(pid, fd)) {
+            return Some(*p);
+        }
+        let port = proc::listen_port(pid, fd)?;
+        self.listeners.insert((pid, fd), port);
+        Some(port)
+    }
 }
 
 /// Where events go: stdout in the chosen format, plus an optional JSON file.
@@ -37,6 +62,8 @@ struct Sink {
     file: Option<BufWriter<File>>,
     /// stdout was closed (piped into `head`, say): keep tracing for the file.
     stdout_gone: bool,
+    /// Events held back until the `start` line is out (during attach).
+    held: Option<Vec<Output>>,
 }
 
 impl Sink {
@@ -66,6 +93,10 @@ impl Sink {
     }
 
     fn event(&mut self, o: &Output) {
+        if let Some(h) = self.held.as_mut() {
+            h.push(o.clone());
+            return;
+        }
         let json = self.json(o, o.ts_ns());
         self.write_file(&json);
         match self.format {
@@ -204,21 +235,16 @@ impl State {
     /// are followed), then the threads already blocked, then the report.
     fn watch_process(&mut self, t: &Target, source: &'static str, now: u64) -> Result<()> {
         self.probes.watch(t.pid, t.master, t.role)?;
+        self.enricher.remember_listeners(t.pid);
         for tid in proc::threads(t.pid) {
-            if let Some((nr, a0, a2)) = proc::thread_syscall(t.pid, tid) {
-                self.probes.seed_inflight(tid, t.pid, nr, a0, a2, now);
+            if let Some((nr, args)) = proc::thread_syscall(t.pid, tid) {
+                self.probes.seed_inflight(tid, t.pid, nr, args, now);
             }
         }
-        let cmd = proc::cmdline(if t.role == Role::Master {
-            t.pid
-        } else {
-            t.master
-        });
-        let app = proc::parse_app(&cmd);
-        let timeout = match t.role {
-            Role::Master | Role::Worker => Some(proc::parse_timeout(&cmd).unwrap_or(30.0)),
-            _ => None,
-        };
+        let gunicorn = matches!(t.role, Role::Master | Role::Worker);
+        let cmd = proc::cmdline(t.master);
+        let app = gunicorn.then(|| proc::parse_app(&cmd)).flatten();
+        let timeout = gunicorn.then(|| proc::parse_timeout(&cmd).unwrap_or(30.0));
         if let Some(o) = self
             .corr
             .add_process(now, t.pid, t.master, t.role, app, timeout, source)
@@ -270,8 +296,35 @@ impl State {
             }
             return;
         }
-        for o in self.corr.on_kernel(ev, &mut self.enricher) {
-            self.sink.event(&o);
+        let mut events = vec![ev];
+        if let KernelEvent::Exit { ts_ns, pid, .. } = events[0] {
+            // The kernel closed its sockets without a close syscall: report
+            // the connections it still held before the exit itself.
+            let open = self.probes.take_conns_of(pid);
+            events.splice(
+                0..0,
+                open.into_iter().map(|(k, conn)| KernelEvent::ConnEnd {
+                    ts_ns,
+                    tgid: pid,
+                    tid: pid,
+                    fd: k.fd,
+                    conn,
+                    ended_by: tracer_common::ended::EXIT,
+                    note: 0,
+                }),
+            );
+        }
+        let exited = match events.last() {
+            Some(KernelEvent::Exit { pid, .. }) => Some(*pid),
+            _ => None,
+        };
+        for ev in events {
+            for o in self.corr.on_kernel(ev, &mut self.enricher) {
+                self.sink.event(&o);
+            }
+        }
+        if let Some(pid) = exited {
+            self.enricher.forget(pid);
         }
     }
 
@@ -344,27 +397,19 @@ async fn run_async(args: WatchArgs) -> Result<()> {
     let mut st = State {
         probes,
         corr: Correlator::new(threshold_ns),
-        enricher: ProcEnricher,
+        enricher: ProcEnricher::default(),
         sink: Sink {
             format: args.format,
             clock,
             stdout: std::io::stdout(),
             file,
             stdout_gone: false,
+            held: Some(Vec::new()),
         },
         discover: args.pids.is_empty(),
     };
 
     let start = output::monotonic_ns();
-    st.sink.start(
-        &StartEvent {
-            version: env!("CARGO_PKG_VERSION"),
-            threshold_ms: threshold_ns / 1_000_000,
-            discover: st.discover,
-            pids: targets.iter().map(|t| t.pid).collect(),
-        },
-        start,
-    );
     for t in &targets {
         let r = if t.role == Role::Master {
             st.watch_master_and_workers(t.pid, "scan", start)
@@ -385,6 +430,20 @@ async fn run_async(args: WatchArgs) -> Result<()> {
                 return Err(e);
             }
         }
+    }
+    // `start` means "attached and watching": only now can a test or a
+    // person rely on every event being seen.
+    st.sink.start(
+        &StartEvent {
+            version: env!("CARGO_PKG_VERSION"),
+            threshold_ms: threshold_ns / 1_000_000,
+            discover: st.discover,
+            pids: targets.iter().map(|t| t.pid).collect(),
+        },
+        start,
+    );
+    for o in st.sink.held.take().unwrap_or_default() {
+        st.sink.event(&o);
     }
     if st.discover && targets.is_empty() {
         eprintln!("tracer: no Gunicorn master is running yet; waiting for one to start");

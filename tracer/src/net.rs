@@ -1,0 +1,259 @@
+//! Connections that end badly: classification and the `early_close` report.
+//! Pure: the kernel counts bytes per connection; this decides what it means.
+use serde::Serialize;
+use tracer_common::{Conn, NOTE_RST, direction, ended};
+
+use crate::model::Role;
+use crate::signatures::{self, Cause};
+
+/// Formats the head of a sockaddr as the process saw it: `127.0.0.1:5000`,
+/// `[::1]:5000`, `unix`, or None when it is unknown (zeros).
+pub fn format_sockaddr(a: &[u8; 32]) -> Option<String> {
+    let family = u16::from_ne_bytes([a[0], a[1]]);
+    let port = u16::from_be_bytes([a[2], a[3]]);
+    match family {
+        2 => Some(format!("{}.{}.{}.{}:{port}", a[4], a[5], a[6], a[7])),
+        10 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&a[8..24]);
+            let ip = std::net::Ipv6Addr::from(b);
+            // Dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d.
+            match ip.to_ipv4_mapped() {
+                Some(v4) => Some(format!("{v4}:{port}")),
+                None => Some(format!("[{ip}]:{port}")),
+            }
+        }
+        1 => Some("unix".to_string()),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseKind {
+    /// The client sent a request and got nothing back: the proxy's 502/504.
+    DroppedRequest,
+    /// The client sent nothing: an idle keep-alive connection closed by
+    /// Gunicorn's keepalive timer. Normal; counted, not alarmed.
+    Idle,
+    /// An outbound call that sent a request and was closed before any reply.
+    UpstreamCut,
+}
+
+/// The syscall that preceded the close, when it explains it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Preceded {
+    pub syscall: &'static str,
+    pub ret: &'static str,
+    /// From that syscall to the close.
+    pub wait_ms: u64,
+}
+
+/// The body of the `early_close` event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EarlyClose {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub master_pid: u32,
+    #[serde(skip)]
+    pub role: Role,
+    pub fd: i32,
+    pub peer: Option<String>,
+    pub local_port: Option<u16>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub lifetime_ms: u64,
+    /// `close`, `shutdown` or `exit`.
+    pub ended_by: &'static str,
+    pub kind: CloseKind,
+    /// The kernel answered the close with a RST: the peer's data was never read.
+    pub unread_data: bool,
+    pub preceded_by: Option<Preceded>,
+    pub cause: Option<Cause>,
+}
+
+/// Everything the correlator knows when a connection ends badly.
+pub struct ConnFacts<'a> {
+    pub pid: u32,
+    pub tid: u32,
+    pub master: u32,
+    pub role: Role,
+    pub fd: i32,
+    pub conn: &'a Conn,
+    pub ended_by: u32,
+    pub note: u32,
+    pub ts_ns: u64,
+    /// The local port when the kernel did not see it (from the listener).
+    pub fallback_port: Option<u16>,
+}
+
+/// Turns a connection the kernel reported into an `early_close`, or None
+/// when it did not end badly (a reply was sent, or nothing was asked).
+pub fn early_close(f: ConnFacts) -> Option<EarlyClose> {
+    let c = f.conn;
+    let unread = f.note & NOTE_RST != 0;
+    let (dir, kind) = match c.direction {
+        direction::INBOUND if c.bytes_out == 0 => (
+            "inbound",
+            if c.bytes_in > 0 || unread {
+                CloseKind::DroppedRequest
+            } else {
+                CloseKind::Idle
+            },
+        ),
+        direction::OUTBOUND if c.bytes_out > 0 && c.bytes_in == 0 => {
+            ("outbound", CloseKind::UpstreamCut)
+        }
+        _ => return None,
+    };
+    let preceded_by = (c.eagain_ns != 0 && c.eagain_ns <= f.ts_ns).then(|| Preceded {
+        syscall: "recv",
+        ret: "EAGAIN",
+        wait_ms: (f.ts_ns - c.eagain_ns) / 1_000_000,
+    });
+    let port = u16::try_from(c.local_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .or(f.fallback_port);
+    let mut ec = EarlyClose {
+        direction: dir,
+        pid: f.pid,
+        tid: f.tid,
+        master_pid: f.master,
+        role: f.role,
+        fd: f.fd,
+        peer: format_sockaddr(&c.addr),
+        local_port: port,
+        bytes_in: c.bytes_in,
+        bytes_out: c.bytes_out,
+        lifetime_ms: f.ts_ns.saturating_sub(c.start_ns) / 1_000_000,
+        ended_by: match f.ended_by {
+            ended::SHUTDOWN => "shutdown",
+            ended::EXIT => "exit",
+            _ => "close",
+        },
+        kind,
+        unread_data: unread,
+        preceded_by,
+        cause: None,
+    };
+    ec.cause = signatures::identify_close(&ec);
+    Some(ec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(ip: [u8; 4], port: u16) -> [u8; 32] {
+        let mut a = [0u8; 32];
+        a[..2].copy_from_slice(&2u16.to_ne_bytes());
+        a[2..4].copy_from_slice(&port.to_be_bytes());
+        a[4..8].copy_from_slice(&ip);
+        a
+    }
+
+    fn v6(ip: std::net::Ipv6Addr, port: u16) -> [u8; 32] {
+        let mut a = [0u8; 32];
+        a[..2].copy_from_slice(&10u16.to_ne_bytes());
+        a[2..4].copy_from_slice(&port.to_be_bytes());
+        a[8..24].copy_from_slice(&ip.octets());
+        a
+    }
+
+    #[test]
+    fn formats_peer_addresses() {
+        assert_eq!(
+            format_sockaddr(&v4([127, 0, 0, 1], 53122)).unwrap(),
+            "127.0.0.1:53122"
+        );
+        assert_eq!(
+            format_sockaddr(&v6("::1".parse().unwrap(), 80)).unwrap(),
+            "[::1]:80"
+        );
+        assert_eq!(
+            format_sockaddr(&v6("::ffff:10.1.2.3".parse().unwrap(), 443)).unwrap(),
+            "10.1.2.3:443"
+        );
+        let mut unix = [0u8; 32];
+        unix[..2].copy_from_slice(&1u16.to_ne_bytes());
+        assert_eq!(format_sockaddr(&unix).unwrap(), "unix");
+        assert_eq!(format_sockaddr(&[0u8; 32]), None);
+    }
+
+    fn conn(dir: u32, bytes_in: u64, bytes_out: u64) -> Conn {
+        Conn {
+            start_ns: 1_000_000_000,
+            bytes_in,
+            bytes_out,
+            listen_fd: 5,
+            direction: dir,
+            addr: v4([127, 0, 0, 1], 40000),
+            ..Default::default()
+        }
+    }
+
+    fn facts(c: &Conn, ended_by: u32, note: u32) -> ConnFacts<'_> {
+        ConnFacts {
+            pid: 10,
+            tid: 10,
+            master: 1,
+            role: Role::Worker,
+            fd: 11,
+            conn: c,
+            ended_by,
+            note,
+            ts_ns: 1_500_000_000,
+            fallback_port: Some(8000),
+        }
+    }
+
+    #[test]
+    fn inbound_kinds() {
+        let c = conn(direction::INBOUND, 120, 0);
+        let e = early_close(facts(&c, ended::CLOSE, 0)).unwrap();
+        assert_eq!(e.kind, CloseKind::DroppedRequest);
+        assert_eq!(
+            (e.direction, e.ended_by, e.lifetime_ms),
+            ("inbound", "close", 500)
+        );
+        assert_eq!(e.peer.as_deref(), Some("127.0.0.1:40000"));
+        assert_eq!(e.local_port, Some(8000));
+        let idle = conn(direction::INBOUND, 0, 0);
+        assert_eq!(
+            early_close(facts(&idle, ended::CLOSE, 0)).unwrap().kind,
+            CloseKind::Idle
+        );
+        // Nothing read, but the kernel reset the connection because a request
+        // was waiting unread: dropped, not idle.
+        let e = early_close(facts(&idle, ended::CLOSE, NOTE_RST)).unwrap();
+        assert_eq!(e.kind, CloseKind::DroppedRequest);
+        assert!(e.unread_data);
+        // Answered: not an early close.
+        assert!(early_close(facts(&conn(direction::INBOUND, 120, 300), ended::CLOSE, 0)).is_none());
+    }
+
+    #[test]
+    fn outbound_cut_and_exit() {
+        let c = conn(direction::OUTBOUND, 0, 80);
+        let e = early_close(facts(&c, ended::EXIT, 0)).unwrap();
+        assert_eq!(
+            (e.kind, e.direction, e.ended_by),
+            (CloseKind::UpstreamCut, "outbound", "exit")
+        );
+        assert!(early_close(facts(&conn(direction::OUTBOUND, 10, 80), ended::CLOSE, 0)).is_none());
+        assert!(early_close(facts(&conn(direction::OUTBOUND, 0, 0), ended::CLOSE, 0)).is_none());
+    }
+
+    #[test]
+    fn eagain_then_wait_is_reported_and_named() {
+        let mut c = conn(direction::INBOUND, 0, 0);
+        c.eagain_ns = 1_000_100_000;
+        let e = early_close(facts(&c, ended::CLOSE, NOTE_RST)).unwrap();
+        let p = e.preceded_by.as_ref().unwrap();
+        assert_eq!((p.syscall, p.ret, p.wait_ms), ("recv", "EAGAIN", 499));
+        assert_eq!(e.cause.unwrap().id, "leaked_socket_timeout");
+    }
+}
