@@ -7,6 +7,10 @@ global, so a client connection accepted meanwhile inherits the short timeout.
 Gunicorn 19.8 and later put accepted sockets back in blocking mode; the
 `old_worker.OldGeventWorker` class below skips that, like Gunicorn <= 19.7.
 
+POST /upload reads the whole request body, then answers: a slow upload
+accepted while /rpc is in flight times out after LEAKED_TIMEOUT seconds and
+Gunicorn closes the connection with nothing sent, which nginx answers 502.
+
 GET / answers normally.
 """
 import socket
@@ -27,6 +31,10 @@ def app(environ, start_response):
         finally:
             socket.setdefaulttimeout(None)
         body = b"rpc done\n"
+    elif path == "/upload":
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        data = environ["wsgi.input"].read(length)
+        body = f"got {len(data)} bytes\n".encode()
     else:
         body = b"ok\n"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

@@ -453,3 +453,88 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// nginx from Debian's package, on loopback, in front of `upstream_port`.
+/// Request buffering is off so a slow upload reaches Gunicorn as it comes.
+pub struct Nginx {
+    pub port: u16,
+    pub dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Nginx {
+    pub fn start(upstream_port: u16) -> Nginx {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tracer-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+                 proxy_pass http://127.0.0.1:{upstream_port};\n      proxy_next_upstream off;\n\
+                 proxy_request_buffering off;\n      proxy_http_version 1.1;\n    }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("nginx is not installed: run `cargo xtask test`, which installs it");
+        let p = Proc::spawn(
+            Command::new(bin)
+                .arg("-c")
+                .arg(dir.join("nginx.conf"))
+                .arg("-p")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        );
+        eventually("nginx listening", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Nginx {
+            port,
+            dir,
+            proc: Some(p),
+        }
+    }
+
+    /// HTTP status codes of the access log, in order.
+    pub fn statuses(&self) -> Vec<u16> {
+        std::fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            // combined format: ... "GET / HTTP/1.1" 200 3 "-" "-"
+            .filter_map(|l| l.split('"').nth(2)?.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A POST whose body arrives in two parts `gap` apart, like a slow upload.
+/// Returns the HTTP status line (empty if the connection died).
+pub fn slow_upload(port: u16, gap: Duration) -> String {
+    let run = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\nConnection: close\r\n\r\n12345")?;
+        std::thread::sleep(gap);
+        let _ = s.write_all(b"67890");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    };
+    run().unwrap_or_default()
+}

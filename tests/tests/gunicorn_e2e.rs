@@ -215,19 +215,61 @@ fn a_master_started_after_the_tracer_is_discovered_and_followed() {
 }
 
 #[test]
-fn healthy_gunicorn_under_requests_has_no_stall() {
+fn healthy_gunicorn_under_keepalive_load_has_no_stall_and_no_dropped_request() {
     require_root();
     let port = free_port();
     let pids = pid_file("healthy");
     let g = start_gunicorn(2, port, &pids);
     let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--threshold", "200ms"]);
-    for _ in 0..50 {
+    for _ in 0..20 {
         assert!(get(port, "/").ends_with("ok\n"));
+    }
+    // Keep-alive clients: several requests per connection, in parallel.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                for _ in 0..10 {
+                    use std::io::{BufRead, Read, Write};
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    assert!(line.contains("200"), "{line}");
+                    let mut len = 0;
+                    loop {
+                        line.clear();
+                        r.read_line(&mut line).unwrap();
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
     }
     // Idle event loops, heartbeats, the master's timed waits: none is a stall.
     t.collect_for(Duration::from_secs(3));
     let summary = t.stop();
     assert!(t.of_kind("stall").is_empty(), "{:?}", t.of_kind("stall"));
+    let drops: Vec<&Value> = t
+        .of_kind("early_close")
+        .into_iter()
+        .filter(|e| e["kind"] != "idle")
+        .collect();
+    assert!(
+        drops.is_empty(),
+        "healthy keep-alive load drops nothing: {drops:?}"
+    );
     assert!(
         summary["verdict"]["text"]
             .as_str()

@@ -730,6 +730,8 @@ impl Correlator {
                 "exited"
             } else if p.killed_by_timeout {
                 "timing_out"
+            } else if p.closes.dropped_request + p.closes.upstream_cut > 0 {
+                "dropping_requests"
             } else {
                 "healthy"
             };
@@ -766,7 +768,7 @@ pub struct WorkerSummary {
     pub master_pid: u32,
     pub role: Role,
     pub app: Option<String>,
-    /// stalled | timing_out | killed_by_timeout | exited | healthy
+    /// stalled | timing_out | killed_by_timeout | exited | dropping_requests | healthy
     pub state: &'static str,
     pub stalls: u32,
     pub timeouts: u32,

@@ -268,7 +268,7 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
                 e.ended_by
             );
             if e.unread_data {
-                l.push_str("; the request was never read");
+                l.push_str("; client data was left unread (the kernel answered with a RST)");
             }
             if let Some(p) = &e.preceded_by {
                 l.push_str(&format!(

@@ -13,6 +13,12 @@ use anyhow::{Context, Result};
 
 use crate::{root, step};
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Scenario {
+    Stall,
+    EarlyClose,
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -108,5 +114,88 @@ pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
     unsafe { libc::kill(-(master as i32), libc::SIGKILL) };
     let _ = gunicorn.wait();
     step("demo done; gunicorn stopped");
+    result
+}
+
+/// Lesson 2: nginx in front of a Gunicorn that behaves like < 19.8. While
+/// /rpc leaks socket.setdefaulttimeout(0.5), slow uploads accepted by the
+/// same worker time out; Gunicorn closes them with nothing sent and nginx
+/// answers 502. The tracer names the worker, the connections and the cause.
+pub fn early_close(tracer: &Path, venv: &Path) -> Result<()> {
+    let port = free_port()?;
+    step(&format!(
+        "starting Gunicorn with a pre-19.8 gevent worker (tests/apps/old_worker.py), tests/apps/leak_app.py on 127.0.0.1:{port}"
+    ));
+    let mut gunicorn = Command::new(venv.join("bin/gunicorn"))
+        .args(["-k", "old_worker.OldGeventWorker", "-w", "1"])
+        .args(["-b", &format!("127.0.0.1:{port}"), "leak_app:app"])
+        .current_dir(root().join("tests/apps"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting gunicorn from the virtualenv")?;
+    let master = gunicorn.id();
+    let result = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                anyhow::bail!("gunicorn did not listen on {port} within 30s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let nginx = tests::Nginx::start(port);
+        step(&format!(
+            "nginx on 127.0.0.1:{} in front of it; starting the tracer: tracer watch --pid {master}",
+            nginx.port
+        ));
+        let mut tr = Command::new(tracer)
+            .args(["watch", "--pid", &master.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the tracer")?;
+        std::thread::sleep(Duration::from_secs(2));
+        step("normal traffic: 5 GETs and a slow upload through nginx");
+        for _ in 0..5 {
+            let _ = tests::get(nginx.port, "/");
+        }
+        let _ = tests::slow_upload(nginx.port, Duration::from_millis(800));
+        step(
+            "GET /rpc: a library sets socket.setdefaulttimeout(0.5) for 3 s; 3 slow uploads arrive meanwhile",
+        );
+        let np = nginx.port;
+        let rpc = tests::get_async(np, "/rpc", Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(300));
+        let ups: Vec<_> = (0..3)
+            .map(|_| std::thread::spawn(move || tests::slow_upload(np, Duration::from_secs(1))))
+            .collect();
+        for u in ups {
+            let _ = u.join();
+        }
+        let _ = rpc.recv();
+        std::thread::sleep(Duration::from_secs(1));
+        let statuses = nginx.statuses();
+        eprintln!(
+            "    nginx | access log statuses: {}",
+            statuses
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        step("stopping the tracer (SIGINT): its summary puts the verdict first");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(tr.id() as i32, libc::SIGINT) };
+        let status = tr.wait()?;
+        if !status.success() {
+            anyhow::bail!("the tracer exited with {status}");
+        }
+        Ok(())
+    })();
+    // SAFETY: kill(2) on the process group we created for gunicorn.
+    unsafe { libc::kill(-(master as i32), libc::SIGKILL) };
+    let _ = gunicorn.wait();
+    step("demo done; gunicorn and nginx stopped");
     result
 }

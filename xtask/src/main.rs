@@ -34,7 +34,11 @@ enum Cmd {
     },
     /// Run a bundled Gunicorn + gevent app with the bug, and the tracer pointing at it.
     Demo {
-        /// Gunicorn's --timeout for the demo, in seconds.
+        /// stall: multiprocessing.Queue hangs a worker (lesson 1).
+        /// early-close: a leaked socket timeout makes nginx answer 502 (lesson 2).
+        #[arg(value_enum, default_value = "stall")]
+        scenario: demo::Scenario,
+        /// Gunicorn's --timeout for the stall demo, in seconds.
         #[arg(long, default_value_t = 6)]
         timeout: u32,
     },
@@ -81,6 +85,10 @@ fn test(filter: Option<String>) -> Result<()> {
     setup::require_root("cargo xtask test")?;
     let bin = build()?;
     let venv = setup::venv()?;
+    setup::tools(
+        &[("nginx", "nginx")],
+        "the end-to-end tests (nginx in front of Gunicorn)",
+    )?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();
     unit.current_dir(root()).args([
@@ -119,11 +127,20 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
         Cmd::Test { filter } => test(filter),
-        Cmd::Demo { timeout } => (|| {
+        Cmd::Demo { scenario, timeout } => (|| {
             setup::require_root("cargo xtask demo")?;
             let bin = build()?;
             let venv = setup::venv()?;
-            demo::run(&bin, &venv, timeout)
+            match scenario {
+                demo::Scenario::Stall => demo::run(&bin, &venv, timeout),
+                demo::Scenario::EarlyClose => {
+                    setup::tools(
+                        &[("nginx", "nginx")],
+                        "the early-close demo (nginx in front of Gunicorn)",
+                    )?;
+                    demo::early_close(&bin, &venv)
+                }
+            }
         })(),
     };
     match r {

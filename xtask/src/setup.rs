@@ -63,6 +63,20 @@ pub fn apt_install(packages: &[&str], why: &str) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Programs the tests and the demo start, from Debian's packages:
+/// (binary, package). Installed together in one apt run when missing.
+pub fn tools(wanted: &[(&str, &str)], why: &str) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !have(bin) && !Path::new("/usr/sbin").join(bin).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing, why)
+}
+
 /// LLVM 22 (matching nightly rustc's), bpf-linker built against it, rust-src.
 pub fn toolchain() -> Result<()> {
     let nightly = output_ok(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
