@@ -260,6 +260,10 @@ impl Tracer {
         s
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn of_kind(&self, kind: &str) -> Vec<&Value> {
         self.events
             .iter()

@@ -96,7 +96,9 @@ pub struct Watched {
     pub exited: u32,
     /// Last fatal-capable signal generated for the process (0 if none).
     pub last_signal: u32,
-    pub _pad: u32,
+    /// Connections of this process in `CONNS` (an upper bound: LRU eviction
+    /// never decrements it). While 0, reads and writes skip the lookup.
+    pub open_conns: u32,
 }
 
 /// Value of the `INFLIGHT` map, keyed by tid: the syscall a thread is in.
@@ -122,8 +124,16 @@ pub struct Inflight {
     /// What TCP tracepoints saw during this syscall: [`NOTE_RST`] and the
     /// local port ([`NOTE_PORT_MASK`]).
     pub note: u32,
-    pub _pad: u32,
+    /// [`INFLIGHT_ARGS`], [`INFLIGHT_CONNS`].
+    pub flags: u32,
 }
+
+/// `Inflight::flags`: `arg0..arg2` are filled (seeded entries). The kernel
+/// does not read arguments at entry, to keep the hot path short; user space
+/// reads them from /proc for the rare syscall that stalls.
+pub const INFLIGHT_ARGS: u32 = 1;
+/// `Inflight::flags`: the process had tracked connections at entry.
+pub const INFLIGHT_CONNS: u32 = 2;
 
 /// Key of the `CONNS` map: one connection is one fd of one process.
 #[repr(C)]

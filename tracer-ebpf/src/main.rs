@@ -18,15 +18,16 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    Conn, ConnEnd, ConnKey, Event, Inflight, MAX_SYSCALL_NR, NOTE_PORT_MASK, NOTE_RST, RET_EXITED,
-    Watched, class, direction, ended, kind, role, stat,
+    Conn, ConnEnd, ConnKey, Event, INFLIGHT_CONNS, Inflight, MAX_SYSCALL_NR, NOTE_PORT_MASK,
+    NOTE_RST, RET_EXITED, Watched, class, direction, ended, kind, role, stat,
 };
 
 // ---- Configuration, patched by user space at load time. ----
@@ -34,14 +35,6 @@ use tracer_common::{
 static THRESHOLD_NS: u64 = 500_000_000;
 #[unsafe(no_mangle)]
 static NR_EXIT_GROUP: i64 = 231;
-#[unsafe(no_mangle)]
-static OFF_ENTER_ID: u64 = 8;
-#[unsafe(no_mangle)]
-static OFF_ENTER_ARGS: u64 = 16;
-#[unsafe(no_mangle)]
-static OFF_EXIT_ID: u64 = 8;
-#[unsafe(no_mangle)]
-static OFF_EXIT_RET: u64 = 16;
 #[unsafe(no_mangle)]
 static OFF_NEWTASK_PID: u64 = 8;
 #[unsafe(no_mangle)]
@@ -65,6 +58,16 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 const CLONE_THREAD: u64 = 0x0001_0000;
+
+// Where the first three syscall arguments sit in `struct pt_regs` at
+// syscall exit: part of each architecture's ABI, stable across kernels.
+// On arm64 x0 then holds the return value; the first argument is orig_x0.
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_ARGS: [usize; 3] = [112, 104, 96]; // di, si, dx
+#[cfg(bpf_target_arch = "aarch64")]
+const PT_REGS_ARGS: [usize; 3] = [272, 8, 16]; // orig_x0, regs[1], regs[2]
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+const PT_REGS_ARGS: [usize; 3] = [0, 8, 16];
 
 // ---- Maps. All bounded: WATCHED and INFLIGHT are cleaned on exit, and
 // INFLIGHT is an LRU so a missed exit can never fill it. ----
@@ -122,52 +125,61 @@ fn base_event(k: u32, tgid: u32, tid: u32) -> Event {
     }
 }
 
-#[tracepoint]
-pub fn sys_enter(ctx: TracePointContext) -> u32 {
+// raw_syscalls:sys_enter and sys_exit run on every syscall of the host, so
+// they are raw tracepoints: the kernel hands over (regs, id) and (regs, ret)
+// without first building a trace record, which a classic tracepoint program
+// pays for even when its filter rejects the process at once.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let _ = try_sys_enter(&ctx);
     0
 }
 
-fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
+#[inline(always)]
+fn reg(regs: *const u8, off: usize) -> u64 {
+    unsafe { bpf_probe_read_kernel(regs.add(off) as *const u64) }.unwrap_or(0)
+}
+
+fn try_sys_enter(ctx: &RawTracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
     let Some(w) = WATCHED.get_ptr_mut(tgid) else {
         return Ok(());
     };
-    let nr: i64 = unsafe { ctx.read_at(cfg(&OFF_ENTER_ID) as usize)? };
-    let args = cfg(&OFF_ENTER_ARGS) as usize;
-    let arg0: u64 = unsafe { ctx.read_at(args)? };
-    let arg1: u64 = unsafe { ctx.read_at(args + 8)? };
-    let arg2: u64 = unsafe { ctx.read_at(args + 16)? };
+    let nr: i64 = ctx.arg(1);
     if nr == unsafe { core::ptr::read_volatile(&NR_EXIT_GROUP) } {
+        let regs: *const u8 = ctx.arg(0);
         unsafe {
-            (*w).exit_code = arg0 as i32;
+            (*w).exit_code = reg(regs, PT_REGS_ARGS[0]) as i32;
             (*w).exited = 1;
         }
     }
+    // Arguments are not read here: the exit reads them for the few calls
+    // that need them, and user space reads a stalled thread's from /proc.
+    let flags = if unsafe { (*w).open_conns } > 0 {
+        INFLIGHT_CONNS
+    } else {
+        0
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(e) = INFLIGHT.get_ptr_mut(tid) {
         unsafe {
             (*e).start_ns = now;
-            (*e).arg0 = arg0;
-            (*e).arg1 = arg1;
-            (*e).arg2 = arg2;
             (*e).seq += 1;
             (*e).nr = nr as i32;
             (*e).tgid = tgid;
             (*e).active = 1;
             (*e).seeded = 0;
             (*e).note = 0;
+            (*e).flags = flags;
         }
     } else {
         let e = Inflight {
             start_ns: now,
-            arg0,
-            arg1,
-            arg2,
             seq: 1,
             nr: nr as i32,
             tgid,
             active: 1,
+            flags,
             ..Default::default()
         };
         INFLIGHT.insert(tid, e, 0)?;
@@ -175,13 +187,13 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn sys_exit(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let _ = try_sys_exit(&ctx);
     0
 }
 
-fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
     let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
         return Ok(());
@@ -204,9 +216,31 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
     if c & class::IO == 0 && !slow {
         return Ok(());
     }
-    let ret: i64 = unsafe { ctx.read_at(cfg(&OFF_EXIT_RET) as usize)? };
-    if c & class::IO != 0 {
-        track_conn(tgid, tid, e, c, ret, now);
+    let ret: i64 = ctx.arg(1);
+    let regs: *const u8 = ctx.arg(0);
+    // Reads, writes and closes of a process with no tracked connection
+    // cannot touch one: skip the CONNS lookup and the argument reads.
+    let creates = c & (class::ACCEPT | class::CONNECT) != 0;
+    let conn_io = c & class::IO != 0 && (creates || e.flags & INFLIGHT_CONNS != 0);
+    if !conn_io && !slow {
+        return Ok(());
+    }
+    // A seeded entry (blocked before we attached) carries its arguments.
+    let (arg0, arg2) = if e.seeded != 0 {
+        (e.arg0, e.arg2)
+    } else {
+        (
+            reg(regs, PT_REGS_ARGS[0]),
+            if slow { reg(regs, PT_REGS_ARGS[2]) } else { 0 },
+        )
+    };
+    if conn_io {
+        let arg1 = if creates {
+            reg(regs, PT_REGS_ARGS[1])
+        } else {
+            0
+        };
+        track_conn(tgid, tid, e, c, ret, now, [arg0, arg1]);
     }
     if slow {
         let master = unsafe { WATCHED.get(tgid) }.map(|w| w.master).unwrap_or(0);
@@ -216,8 +250,8 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<(), i32> {
         ev.start_ns = e.start_ns;
         ev.nr = nr as i64;
         ev.ret = ret;
-        ev.arg0 = e.arg0;
-        ev.arg2 = e.arg2;
+        ev.arg0 = arg0;
+        ev.arg2 = arg2;
         if e.seeded != 0 {
             ev.kind |= kind::FLAG_SEEDED;
         }
@@ -244,29 +278,30 @@ fn read_sockaddr(ptr: u64) -> [u8; 32] {
 
 /// Connection bookkeeping on the exit of an I/O syscall of a watched thread.
 #[inline(always)]
-fn track_conn(tgid: u32, tid: u32, e: &Inflight, c: u32, ret: i64, now: u64) {
+#[allow(clippy::too_many_arguments)]
+fn track_conn(tgid: u32, tid: u32, e: &Inflight, c: u32, ret: i64, now: u64, args: [u64; 2]) {
     if c & class::ACCEPT != 0 {
         if ret >= 0 {
             let conn = Conn {
                 start_ns: now,
-                listen_fd: e.arg0 as i32,
+                listen_fd: args[0] as i32,
                 direction: direction::INBOUND,
-                addr: read_sockaddr(e.arg1),
+                addr: read_sockaddr(args[1]),
                 ..Default::default()
             };
-            let key = ConnKey {
-                tgid,
-                fd: ret as i32,
-            };
-            if CONNS.insert(key, conn, 0).is_err() {
-                count(stat::CONNS_UNTRACKED);
-            }
+            insert_conn(
+                ConnKey {
+                    tgid,
+                    fd: ret as i32,
+                },
+                &conn,
+            );
         }
         return;
     }
     if c & class::CONNECT != 0 {
         if ret == 0 || ret == -EINPROGRESS {
-            let addr = read_sockaddr(e.arg1);
+            let addr = read_sockaddr(args[1]);
             let family = u16::from_ne_bytes([addr[0], addr[1]]);
             // Only network peers: a connect to a unix socket (syslog, say)
             // is not an upstream call.
@@ -279,20 +314,20 @@ fn track_conn(tgid: u32, tid: u32, e: &Inflight, c: u32, ret: i64, now: u64) {
                     addr,
                     ..Default::default()
                 };
-                let key = ConnKey {
-                    tgid,
-                    fd: e.arg0 as i32,
-                };
-                if CONNS.insert(key, conn, 0).is_err() {
-                    count(stat::CONNS_UNTRACKED);
-                }
+                insert_conn(
+                    ConnKey {
+                        tgid,
+                        fd: args[0] as i32,
+                    },
+                    &conn,
+                );
             }
         }
         return;
     }
     let key = ConnKey {
         tgid,
-        fd: e.arg0 as i32,
+        fd: args[0] as i32,
     };
     let Some(conn) = CONNS.get_ptr_mut(key) else {
         return;
@@ -341,9 +376,23 @@ fn track_conn(tgid: u32, tid: u32, e: &Inflight, c: u32, ret: i64, now: u64) {
         } else if !bad && closing {
             count(stat::CONNS_OK);
         }
-        if closing {
-            let _ = CONNS.remove(key);
+        if closing
+            && CONNS.remove(key).is_ok()
+            && let Some(w) = WATCHED.get_ptr_mut(tgid)
+        {
+            unsafe { (*w).open_conns = (*w).open_conns.saturating_sub(1) };
         }
+    }
+}
+
+#[inline(always)]
+fn insert_conn(key: ConnKey, conn: &Conn) {
+    if CONNS.insert(key, *conn, 0).is_err() {
+        count(stat::CONNS_UNTRACKED);
+        return;
+    }
+    if let Some(w) = WATCHED.get_ptr_mut(key.tgid) {
+        unsafe { (*w).open_conns += 1 };
     }
 }
 

@@ -75,6 +75,9 @@ pub struct Sample {
     pub seq: u64,
     pub active: bool,
     pub seeded: bool,
+    /// arg0/arg2 are filled. The kernel does not read arguments at entry;
+    /// they are known for seeded entries and for syscalls that returned.
+    pub args_known: bool,
 }
 
 /// /proc lookups, done only for a stall being reported.
@@ -85,6 +88,8 @@ pub trait Enricher {
     /// The local port of a listening socket, for inbound connections whose
     /// port the kernel did not see.
     fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16>;
+    /// The syscall a blocked thread is in and its first three arguments.
+    fn syscall_args(&mut self, pid: u32, tid: u32) -> Option<(i64, [u64; 3])>;
 }
 
 /// Facts about one blocked syscall; also the body of the `stall` event.
@@ -240,7 +245,6 @@ struct Active {
     seq: u64,
     cur_start_ns: u64,
     nr: i64,
-    arg0: u64,
     /// Set when the syscall returned EINTR/ERESTART*: the stall ends unless
     /// the thread re-enters the same call on the same fd within the grace.
     interrupted_at: Option<(u64, i64)>,
@@ -504,6 +508,7 @@ impl Correlator {
                     seq: 0,
                     active: true,
                     seeded,
+                    args_known: ret.is_some() || seeded,
                 };
                 if let Some(stall) = self.new_stall(&s, ts_ns, enr) {
                     out.push(stall);
@@ -584,7 +589,7 @@ impl Correlator {
             let cur = by_tid.get(&tid).filter(|s| s.active);
             if let Some((at, ret)) = a.interrupted_at {
                 match cur {
-                    Some(s) if s.nr == a.nr && s.arg0 == a.arg0 && s.start_ns >= at => {
+                    Some(s) if s.nr == a.nr && s.start_ns >= at => {
                         a.seq = s.seq;
                         a.cur_start_ns = s.start_ns;
                         a.interrupted_at = None;
@@ -630,7 +635,15 @@ impl Correlator {
             return None;
         }
         let name = syscalls::name(s.nr).into_owned();
-        let fd = takes_fd(&name).then_some(s.arg0 as i32);
+        // A thread blocked right now: its arguments are in /proc.
+        let args = if s.args_known {
+            Some((s.arg0, s.arg2))
+        } else {
+            enr.syscall_args(s.tgid, s.tid)
+                .filter(|(nr, _)| *nr == s.nr)
+                .map(|(_, a)| (a[0], a[2]))
+        };
+        let fd = args.filter(|_| takes_fd(&name)).map(|(a0, _)| a0 as i32);
         let info = fd
             .map(|fd| enr.fd_info(s.tgid, fd))
             .unwrap_or_else(FdInfo::unknown);
@@ -651,7 +664,7 @@ impl Correlator {
             master_pid: p.master,
             role: p.role,
             comm: enr.comm(s.tid),
-            count: takes_count(&name).then_some(s.arg2),
+            count: args.filter(|_| takes_count(&name)).map(|(_, a2)| a2),
             syscall: name,
             fd,
             fd_kind: info.kind,
@@ -676,7 +689,6 @@ impl Correlator {
                 seq: s.seq,
                 cur_start_ns: s.start_ns,
                 nr: s.nr,
-                arg0: s.arg0,
                 interrupted_at: None,
                 missing_polls: 0,
             },
@@ -976,6 +988,9 @@ mod tests {
         fn listen_port(&mut self, _pid: u32, _fd: i32) -> Option<u16> {
             Some(8000)
         }
+        fn syscall_args(&mut self, _pid: u32, _tid: u32) -> Option<(i64, [u64; 3])> {
+            None
+        }
     }
 
     fn nr(name: &str) -> i64 {
@@ -993,6 +1008,7 @@ mod tests {
             seq,
             active: true,
             seeded: false,
+            args_known: true,
         }
     }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{Conn, ConnKey, Inflight, MAX_SYSCALL_NR, Watched, stat};
 
@@ -26,10 +26,11 @@ pub struct Probes {
     pub events: Option<RingBuf<MapData>>,
 }
 
+/// Raw tracepoints: the per-syscall hot path (see tracer-ebpf).
+const RAW_PROGRAMS: [&str; 2] = ["sys_enter", "sys_exit"];
+
 /// (program name, tracepoint category, tracepoint name)
-const PROGRAMS: [(&str, &str, &str); 8] = [
-    ("sys_enter", "raw_syscalls", "sys_enter"),
-    ("sys_exit", "raw_syscalls", "sys_exit"),
+const PROGRAMS: [(&str, &str, &str); 6] = [
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("signal_generate", "signal", "signal_generate"),
@@ -79,17 +80,14 @@ pub fn kernel_release() -> String {
 
 pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     raise_memlock();
-    let enter = Format::read(tracefs, "raw_syscalls", "sys_enter")?;
-    let exit = Format::read(tracefs, "raw_syscalls", "sys_exit")?;
+    // The raw tracepoints take (regs, id) and (regs, ret): no record layout.
+    // Their tracefs entries must still exist for the kernel to have them.
+    Format::read(tracefs, "raw_syscalls", "sys_enter")?;
     let newtask = Format::read(tracefs, "task", "task_newtask")?;
     let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
     let setstate = Format::read(tracefs, "sock", "inet_sock_set_state")?;
 
-    let off_enter_id = enter.offset("id", 8)?;
-    let off_enter_args = enter.offset("args", 8)?;
-    let off_exit_id = exit.offset("id", 8)?;
-    let off_exit_ret = exit.offset("ret", 8)?;
     let off_newtask_pid = newtask.offset("pid", 4)?;
     let off_newtask_flags = newtask.offset("clone_flags", 8)?;
     let off_group_dead = pexit.optional_offset("group_dead").unwrap_or(u64::MAX);
@@ -109,10 +107,6 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let mut ebpf = EbpfLoader::new()
         .override_global("THRESHOLD_NS", &threshold_ns, true)
         .override_global("NR_EXIT_GROUP", &nr_exit_group, true)
-        .override_global("OFF_ENTER_ID", &off_enter_id, true)
-        .override_global("OFF_ENTER_ARGS", &off_enter_args, true)
-        .override_global("OFF_EXIT_ID", &off_exit_id, true)
-        .override_global("OFF_EXIT_RET", &off_exit_ret, true)
         .override_global("OFF_NEWTASK_PID", &off_newtask_pid, true)
         .override_global("OFF_NEWTASK_FLAGS", &off_newtask_flags, true)
         .override_global("OFF_EXIT_GROUP_DEAD", &off_group_dead, true)
@@ -138,6 +132,16 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         }
     }
 
+    for name in RAW_PROGRAMS {
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
+            .try_into()?;
+        p.load()
+            .map_err(|e| explain(e, &format!("loading program {name}")))?;
+        p.attach(name)
+            .map_err(|e| explain(e, &format!("attaching to raw tracepoint {name}")))?;
+    }
     for (prog, category, name) in PROGRAMS {
         let p: &mut TracePoint = ebpf
             .program_mut(prog)
@@ -222,6 +226,16 @@ impl Probes {
             let _ = self.conns.remove(k);
         }
         found
+    }
+
+    /// Entries in the kernel maps now: they must track live processes,
+    /// threads and connections, not grow with churn.
+    pub fn occupancy(&self) -> crate::output::MapOccupancy {
+        crate::output::MapOccupancy {
+            watched: self.watched.keys().filter(|k| k.is_ok()).count(),
+            inflight: self.inflight.keys().filter(|k| k.is_ok()).count(),
+            conns: self.conns.keys().filter(|k| k.is_ok()).count(),
+        }
     }
 
     pub fn events_lost(&self) -> u64 {

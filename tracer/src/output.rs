@@ -87,11 +87,23 @@ pub struct StartEvent {
     pub pids: Vec<u32>,
 }
 
+/// Entries in the kernel's maps at the end of the run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MapOccupancy {
+    /// Processes watched.
+    pub watched: usize,
+    /// Threads with an in-flight syscall record.
+    pub inflight: usize,
+    /// Connections being counted.
+    pub conns: usize,
+}
+
 #[derive(Serialize)]
 #[serde(tag = "event", rename = "summary")]
 pub struct SummaryEvent<'a> {
     pub duration_ms: u64,
     pub events_lost: u64,
+    pub maps: MapOccupancy,
     #[serde(flatten)]
     pub summary: &'a Summary,
 }
@@ -116,9 +128,10 @@ fn hhmmss(clock: &Clock, ts_ns: u64) -> String {
 
 fn stall_details(s: &StallReport) -> String {
     let mut d = format!(
-        "{} {} (master {}) blocked {}{} in {}",
+        "{} {} [{}] (master {}) blocked {}{} in {}",
         s.role.as_str(),
         s.pid,
+        sanitize(&s.comm),
         s.master_pid,
         secs(s.blocked_ms),
         if s.since_attach {
@@ -452,7 +465,7 @@ mod tests {
         let t = text_line(&o, &Clock::fixed(0));
         assert!(!t.contains('\x1b'), "{t:?}");
         assert!(
-            t.contains("STALL    worker 7 (master 1) blocked 0.5s in read() on fd 11 (pipe:[42])"),
+            t.contains("STALL    worker 7 [gunicorn] (master 1) blocked 0.5s in read() on fd 11 (pipe:[42])"),
             "{t}"
         );
         assert!(t.contains("can never be woken"));

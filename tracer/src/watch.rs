@@ -44,6 +44,9 @@ impl Enricher for ProcEnricher {
     fn comm(&mut self, pid: u32) -> String {
         proc::comm(pid)
     }
+    fn syscall_args(&mut self, pid: u32, tid: u32) -> Option<(i64, [u64; 3])> {
+        proc::thread_syscall(pid, tid)
+    }
     fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16> {
         if let Some(p) = self.listeners.get(&(pid, fd)) {
             return Some(*p);
@@ -356,6 +359,7 @@ impl State {
                 seq: e.seq,
                 active: e.active != 0,
                 seeded: e.seeded != 0,
+                args_known: e.seeded != 0,
             })
             .collect();
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
@@ -491,6 +495,7 @@ async fn run_async(args: WatchArgs) -> Result<()> {
         &SummaryEvent {
             duration_ms: now.saturating_sub(start) / 1_000_000,
             events_lost: lost,
+            maps: st.probes.occupancy(),
             summary: &summary,
         },
         now,

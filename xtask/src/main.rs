@@ -2,6 +2,7 @@
 //!
 //! Every command first makes sure its prerequisites exist and installs what
 //! is missing, saying what it does. Re-running is fast when all is there.
+mod bench;
 mod demo;
 mod setup;
 
@@ -33,6 +34,19 @@ enum Cmd {
         filter: Option<String>,
     },
     /// Run a bundled Gunicorn + gevent app with the bug, and the tracer pointing at it.
+    /// Measure the tracer's cost against the floor, bpftrace and strace (ratios, medians).
+    Bench {
+        /// A tiny run that only checks the benchmark works (used by `test`).
+        #[arg(long)]
+        quick: bool,
+        /// Only the syscall-cost part (1/5), for iterating on the probes.
+        #[arg(long)]
+        syscalls_only: bool,
+    },
+    #[command(name = "__pipe-loop", hide = true)]
+    PipeLoop { pairs: u64, go: PathBuf },
+    #[command(name = "__drop-server", hide = true)]
+    DropServer,
     Demo {
         /// stall: multiprocessing.Queue hangs a worker (lesson 1).
         /// early-close: a leaked socket timeout makes nginx answer 502 (lesson 2).
@@ -117,8 +131,42 @@ fn test(filter: Option<String>) -> Result<()> {
         it.arg(f);
     }
     run(&mut it)?;
+    step(
+        "benchmark smoke test (a tiny `cargo xtask bench`: it must run, its timings are not judged)",
+    );
+    setup::tools(
+        &[
+            ("wrk", "wrk"),
+            ("bpftrace", "bpftrace"),
+            ("strace", "strace"),
+        ],
+        "the benchmark smoke test",
+    )?;
+    run(cargo()
+        .current_dir(root())
+        .args(["xtask", "bench", "--quick"]))?;
     step("all tests passed");
     Ok(())
+}
+
+fn bench(quick: bool, syscalls_only: bool) -> Result<()> {
+    setup::require_root("cargo xtask bench")?;
+    let bin = build()?;
+    let venv = setup::venv()?;
+    setup::tools(
+        &[
+            ("wrk", "wrk"),
+            ("bpftrace", "bpftrace"),
+            ("strace", "strace"),
+        ],
+        "the benchmark compares against them",
+    )?;
+    // SAFETY: set before any thread is spawned.
+    unsafe {
+        std::env::set_var("TRACER_BIN", &bin);
+        std::env::set_var("TRACER_VENV", &venv);
+    }
+    bench::run(&venv, quick, syscalls_only)
 }
 
 fn main() -> ExitCode {
@@ -127,6 +175,12 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
         Cmd::Test { filter } => test(filter),
+        Cmd::Bench {
+            quick,
+            syscalls_only,
+        } => bench(quick, syscalls_only),
+        Cmd::PipeLoop { pairs, go } => bench::pipe_loop(pairs, &go),
+        Cmd::DropServer => bench::drop_server(),
         Cmd::Demo { scenario, timeout } => (|| {
             setup::require_root("cargo xtask demo")?;
             let bin = build()?;

@@ -1,0 +1,239 @@
+//! Reliability and safety: worker churn, hostile process names, a killed
+//! tracer, and a tracer without privileges. Real programs, real Gunicorn.
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::*;
+
+#[test]
+fn churn_every_respawned_worker_is_followed_and_maps_do_not_grow() {
+    require_root();
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    // --max-requests 1: Gunicorn replaces a worker after every request.
+    let mut g = gunicorn(
+        &[
+            "-k",
+            "gevent",
+            "-w",
+            "2",
+            "--max-requests",
+            "1",
+            "-b",
+            &bind,
+            "hang_app:app",
+        ],
+        &[],
+    );
+    g.wait_count("Booting worker", 2, Duration::from_secs(30));
+    let master = g.pid();
+    let mut t = Tracer::start(&["--pid", &master.to_string(), "--threshold", "300ms"]);
+    // A gevent worker may serve a few requests before it retires; keep
+    // asking until at least 8 workers were replaced.
+    let mut asked = 0;
+    while t.of_kind("worker_exit").len() < 8 {
+        assert!(asked < 200, "200 requests retired fewer than 8 workers");
+        let resp = get(port, "/pid");
+        assert!(
+            resp.lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+                .parse::<u32>()
+                .is_ok(),
+            "{resp}"
+        );
+        asked += 1;
+        t.collect_for(Duration::from_millis(200));
+    }
+    t.collect_for(Duration::from_secs(3));
+    let exits: Vec<Value> = t.of_kind("worker_exit").into_iter().cloned().collect();
+    let forked: Vec<Value> = t
+        .of_kind("worker")
+        .into_iter()
+        .filter(|e| e["source"] == "fork" && e["master_pid"] == master)
+        .cloned()
+        .collect();
+    assert!(exits.iter().all(|e| e["master_pid"] == master));
+    assert_eq!(
+        forked.len(),
+        exits.len(),
+        "every retired worker was replaced, and the kernel saw each fork"
+    );
+    let summary = t.stop();
+
+    // Every pid that served a request was seen being forked or at attach.
+    let known: Vec<u64> = t
+        .of_kind("worker")
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .collect();
+    for e in &exits {
+        assert!(
+            known.contains(&e["pid"].as_u64().unwrap()),
+            "exit of an unknown worker: {e}"
+        );
+    }
+    // Pids are not confused: each forked pid is announced once.
+    let mut pids: Vec<u64> = forked.iter().map(|w| w["pid"].as_u64().unwrap()).collect();
+    pids.sort();
+    pids.dedup();
+    assert_eq!(
+        pids.len(),
+        forked.len(),
+        "a pid announced twice: {forked:?}"
+    );
+    assert!(
+        t.of_kind("stall").is_empty(),
+        "churn is not a stall: {:?}",
+        t.of_kind("stall")
+    );
+    assert!(
+        t.of_kind("early_close")
+            .iter()
+            .all(|e| e["kind"] != "dropped_request"),
+        "retiring after answering drops nothing: {:?}",
+        t.of_kind("early_close")
+    );
+    // The kernel maps hold the live processes only: the master and 2 workers.
+    let maps = &summary["maps"];
+    assert_eq!(
+        maps["watched"], 3,
+        "dead workers are removed from the map: {summary}"
+    );
+    assert!(
+        maps["inflight"].as_u64().unwrap() < 40,
+        "threads of dead workers are removed: {summary}"
+    );
+    assert_eq!(maps["conns"], 0, "{summary}");
+    assert_eq!(summary["events_lost"], 0);
+}
+
+#[test]
+fn hostile_process_names_keep_json_valid_and_the_terminal_safe() {
+    require_root();
+    // A process that names itself with quotes, a newline, an escape
+    // sequence and invalid UTF-8, then blocks on a pipe.
+    let code = "import ctypes, os\n\
+        libc = ctypes.CDLL(None)\n\
+        libc.prctl(15, b'\\x1b[2J\"a\\nb\\xff\\xfe', 0, 0, 0)\n\
+        r, w = os.pipe()\n\
+        os.read(r, 4)\n";
+    let p = Proc::python(code);
+    let pid = p.pid().to_string();
+    // JSON: every line parses (Tracer::start asserts it), the name survives.
+    let mut t = Tracer::start(&["--pid", &pid, "--threshold", "200ms"]);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| e["event"] == "stall");
+    let comm = stall["comm"].as_str().unwrap();
+    assert!(
+        comm.contains('\u{1b}') && comm.contains('"') && comm.contains('\n'),
+        "{comm:?}"
+    );
+    assert!(
+        comm.contains('\u{fffd}'),
+        "invalid UTF-8 is replaced, not passed through: {comm:?}"
+    );
+    t.stop();
+
+    // Text: no escape character reaches the terminal.
+    let (code, out, err) = run_tracer(&[
+        "watch",
+        "--pid",
+        &pid,
+        "--threshold",
+        "200ms",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("STALL"), "{out}");
+    assert!(
+        !out.contains('\u{1b}'),
+        "escape sequence in the text output: {out:?}"
+    );
+}
+
+#[test]
+fn a_killed_tracer_leaves_no_program_loaded() {
+    require_root();
+    let ours = [
+        "sys_enter",
+        "sys_exit",
+        "task_newtask",
+        "sched_process_exit",
+        "signal_generate",
+        "sched_process_exec",
+        "inet_sock_set_state",
+        "tcp_send_reset",
+    ];
+    let programs = ours.len();
+    let loaded = || -> Vec<String> {
+        let out = Command::new("bpftool")
+            .args(["prog", "show"])
+            .output()
+            .expect("bpftool is not installed: run `cargo xtask test`, which installs it");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.split("name ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()
+                    .map(String::from)
+            })
+            .filter(|n| ours.contains(&n.as_str()))
+            .collect()
+    };
+    let before = loaded().len();
+    // A Proc is killed when dropped, so a failed assertion leaves no tracer behind.
+    let mut child = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["watch", "--pid", "1", "--format", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.child.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("\"start\""), "{first}");
+    assert!(
+        loaded().len() >= before + programs,
+        "programs are loaded while it runs: {:?}",
+        loaded()
+    );
+    child.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.child.wait().unwrap();
+    eventually("programs unloaded", Duration::from_secs(5), || {
+        (loaded().len() == before).then_some(())
+    });
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/tracer").exists(),
+        "nothing pinned"
+    );
+}
+
+#[test]
+fn without_privileges_it_says_which_capability_is_missing() {
+    require_root();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(tracer_bin())
+        .args(["watch", "--pid", "1"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CAP_BPF") && err.contains("CAP_PERFMON"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}

@@ -1,0 +1,596 @@
+//! `cargo xtask bench`: the tracer's cost, side by side with the floor and
+//! with what people use instead, in one run. Timings on shared machines are
+//! noisy, so every figure is a median over interleaved rounds and the table
+//! reports ratios measured in the same run; nothing here asserts a time.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tests::{Proc, Tracer, Value};
+
+use crate::{root, step};
+
+/// Sizes of one run; `quick` is the smoke test `cargo xtask test` runs.
+struct Sizes {
+    rounds: usize,
+    pairs: u64,
+    strace_pairs: u64,
+    wrk_secs: u64,
+    load_secs: u64,
+    latency_trials: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                rounds: 1,
+                pairs: 20_000,
+                strace_pairs: 500,
+                wrk_secs: 1,
+                load_secs: 1,
+                latency_trials: 1,
+            }
+        } else {
+            Sizes {
+                rounds: 5,
+                pairs: 300_000,
+                strace_pairs: 5_000,
+                wrk_secs: 5,
+                load_secs: 5,
+                latency_trials: 5,
+            }
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The hidden `__pipe-loop N GO` subcommand: waits for file GO, then does N
+/// 1-byte write+read pairs on a pipe and prints the ns per syscall.
+pub fn pipe_loop(pairs: u64, go: &Path) -> Result<()> {
+    println!("ready");
+    std::io::stdout().flush()?;
+    while !go.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid 2-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    let mut b = [0u8; 1];
+    let t = Instant::now();
+    for _ in 0..pairs {
+        // SAFETY: valid fds and a 1-byte buffer.
+        unsafe {
+            libc::write(fds[1], b.as_ptr().cast(), 1);
+            libc::read(fds[0], b.as_mut_ptr().cast(), 1);
+        }
+    }
+    let ns = t.elapsed().as_nanos() as f64 / (pairs * 2) as f64;
+    println!("ns_per_syscall {ns:.1}");
+    Ok(())
+}
+
+/// The hidden `__drop-server` subcommand: accepts, reads the request and
+/// closes without writing, as fast as it can, forever.
+pub fn drop_server() -> Result<()> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", l.local_addr()?.port());
+    std::io::stdout().flush()?;
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        let mut buf = [0u8; 64];
+        let _ = c.read(&mut buf);
+    }
+    Ok(())
+}
+
+fn self_exe() -> PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| root().join("target/debug/xtask"))
+}
+
+/// An external probe attached for one measurement, stopped when dropped.
+enum Probe {
+    Tracer(Tracer),
+    Other(Child),
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Probe::Other(c) = self {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts bpftrace and waits until its probes are attached.
+fn bpftrace(script: &str) -> Result<Probe> {
+    let mut c = Command::new("bpftrace")
+        .args(["-e", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting bpftrace")?;
+    let mut out = BufReader::new(c.stdout.take().expect("piped"));
+    let mut line = String::new();
+    while out.read_line(&mut line)? > 0 {
+        if line.contains("Attaching") {
+            // Keep draining so bpftrace never blocks on a full pipe.
+            std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = out.read_to_end(&mut sink);
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            return Ok(Probe::Other(c));
+        }
+        line.clear();
+    }
+    bail!("bpftrace exited before attaching")
+}
+
+/// The in-flight tracking the tracer does, written as bpftrace: the fair
+/// comparison for "what would I get with bpftrace".
+fn bpftrace_inflight(pids: &[u32]) -> String {
+    let filter = pids
+        .iter()
+        .map(|p| format!("pid == {p}"))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    format!(
+        "tracepoint:raw_syscalls:sys_enter /{filter}/ {{ @start[tid] = nsecs; }} \
+         tracepoint:raw_syscalls:sys_exit /@start[tid]/ {{ $d = nsecs - @start[tid]; \
+         if ($d > 500000000) {{ printf(\"%d %d\\n\", tid, $d); }} delete(@start[tid]); }}"
+    )
+}
+
+fn strace(pids: &[u32]) -> Result<Probe> {
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-o", "/dev/null"]);
+    for p in pids {
+        cmd.args(["-p", &p.to_string()]);
+    }
+    let mut c = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting strace")?;
+    let mut err = BufReader::new(c.stderr.take().expect("piped"));
+    let mut attached = 0;
+    let mut line = String::new();
+    while attached < pids.len() && err.read_line(&mut line)? > 0 {
+        if line.contains("attached") {
+            attached += 1;
+        }
+        line.clear();
+    }
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = err.read_to_end(&mut sink);
+    });
+    Ok(Probe::Other(c))
+}
+
+const SYSCALL_CONFIGS: [&str; 6] = [
+    "baseline",
+    "floor",
+    "tracer_unwatched",
+    "tracer_watched",
+    "bpftrace",
+    "strace",
+];
+
+/// One syscall-cost measurement: ns per syscall of the pipe loop.
+fn syscall_once(config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> {
+    let go = std::env::temp_dir().join(format!("tracer-bench-go-{}", std::process::id()));
+    let _ = std::fs::remove_file(&go);
+    let pairs = if config == "strace" {
+        s.strace_pairs
+    } else {
+        s.pairs
+    };
+    let mut child = Command::new(self_exe())
+        .args(["__pipe-loop", &pairs.to_string()])
+        .arg(&go)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the pipe loop")?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let pid = child.id();
+    let _probe = match config {
+        "baseline" => None,
+        // An empty program on one syscall tracepoint whose filter never
+        // matches: what having syscall tracepoints enabled costs at all.
+        "floor" => Some(bpftrace(
+            "tracepoint:syscalls:sys_enter_read /pid == 2147483646/ { }",
+        )?),
+        "tracer_unwatched" => Some(Probe::Tracer(Tracer::start(&[
+            "--pid",
+            &idle_pid.to_string(),
+        ]))),
+        "tracer_watched" => Some(Probe::Tracer(Tracer::start(&["--pid", &pid.to_string()]))),
+        "bpftrace" => Some(bpftrace(&bpftrace_inflight(&[pid]))?),
+        "strace" => Some(strace(&[pid])?),
+        _ => bail!("unknown config {config}"),
+    };
+    std::fs::write(&go, b"")?;
+    line.clear();
+    out.read_line(&mut line)?;
+    child.wait()?;
+    let _ = std::fs::remove_file(&go);
+    line.trim()
+        .strip_prefix("ns_per_syscall ")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("pipe loop printed {line:?}"))
+}
+
+/// wrk's requests/s and p99 latency (ms).
+fn wrk(port: u16, path: &str, secs: u64) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", &format!("-d{secs}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| parse_wrk_latency(v.trim()))
+        .unwrap_or(f64::NAN);
+    Ok((rps, p99))
+}
+
+fn parse_wrk_latency(v: &str) -> f64 {
+    let (num, mult) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (v, 1.0)
+    };
+    num.parse::<f64>().map(|n| n * mult).unwrap_or(f64::NAN)
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Kernel memory of the tracer's BPF maps, from the fdinfo of its map fds.
+fn map_memlock_kb(pid: u32) -> u64 {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|s| s.contains("map_type:"))
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        / 1024
+}
+
+#[derive(Default, serde::Serialize)]
+struct TracerCost {
+    cpu_ms: u64,
+    wall_ms: u64,
+    peak_rss_kb: u64,
+    bpf_maps_kb: u64,
+}
+
+pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
+    let s = Sizes::new(quick);
+    let mut report = serde_json::Map::new();
+    let machine = format!(
+        "{} cores, kernel {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    report.insert("machine".into(), machine.clone().into());
+    report.insert("quick".into(), quick.into());
+
+    // 1. Syscall cost, interleaved rounds.
+    step(&format!(
+        "1/5 syscall cost: {} rounds of {} configs, {} write+read pairs each",
+        s.rounds,
+        SYSCALL_CONFIGS.len(),
+        s.pairs
+    ));
+    let idle = Proc::spawn(Command::new("sleep").arg("3600"));
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); SYSCALL_CONFIGS.len()];
+    for round in 0..s.rounds {
+        // Rotate the order so no config always runs first or last.
+        for k in 0..SYSCALL_CONFIGS.len() {
+            let i = (k + round) % SYSCALL_CONFIGS.len();
+            let ns = syscall_once(SYSCALL_CONFIGS[i], &s, idle.pid())?;
+            samples[i].push(ns);
+        }
+    }
+    drop(idle);
+    let med: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
+    let base = med[0];
+    let floor_added = med[1] - base;
+    let mut rows = Vec::new();
+    let mut sys_json = serde_json::Map::new();
+    for (i, c) in SYSCALL_CONFIGS.iter().enumerate() {
+        let added = med[i] - base;
+        let ratio = if i == 0 {
+            f64::NAN
+        } else {
+            added / floor_added
+        };
+        rows.push(format!(
+            "  {c:<18} {:>10.1} ns/syscall  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
+            med[i], added, ratio
+        ));
+        sys_json.insert(c.to_string(), serde_json::json!({"ns_per_syscall": med[i], "added_ns": added, "ratio_to_floor": ratio}));
+    }
+    report.insert("syscall_cost".into(), sys_json.into());
+    for r in &rows {
+        eprintln!("{r}");
+    }
+    if syscalls_only {
+        return Ok(());
+    }
+
+    // 2. Service throughput with real Gunicorn.
+    step("2/5 service throughput: Gunicorn -k gevent -w 4, wrk -t2 -c32");
+    let port = tests::free_port();
+    let mut g = tests::gunicorn(
+        &[
+            "-k",
+            "gevent",
+            "-w",
+            "4",
+            "-b",
+            &format!("127.0.0.1:{port}"),
+            "bench_app:app",
+        ],
+        &[],
+    );
+    g.wait_count("Booting worker", 4, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let master = g.pid();
+    let workers: Vec<u32> =
+        std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+    let configs = ["none", "tracer", "bpftrace", "strace"];
+    let mut thr: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len() * 2];
+    let mut cost = TracerCost::default();
+    for round in 0..s.rounds.min(3) {
+        for k in 0..configs.len() {
+            let ci = (k + round) % configs.len();
+            let mut probe = match configs[ci] {
+                "none" => None,
+                "tracer" => Some(Probe::Tracer(Tracer::start(&[
+                    "--pid",
+                    &master.to_string(),
+                ]))),
+                "bpftrace" => Some(bpftrace(&bpftrace_inflight(&workers))?),
+                _ => Some(strace(&workers)?),
+            };
+            let ticks0 = match &probe {
+                Some(Probe::Tracer(t)) => cpu_ticks(t.pid()),
+                _ => 0,
+            };
+            let t0 = Instant::now();
+            for (pi, path) in ["/", "/pipe"].iter().enumerate() {
+                let r = wrk(port, path, s.wrk_secs)?;
+                thr[ci * 2 + pi].push(r);
+            }
+            if let Some(Probe::Tracer(t)) = &mut probe {
+                let hz = 100; // USER_HZ
+                cost.cpu_ms = cost.cpu_ms.max((cpu_ticks(t.pid()) - ticks0) * 1000 / hz);
+                cost.wall_ms = t0.elapsed().as_millis() as u64;
+                cost.peak_rss_kb = cost.peak_rss_kb.max(proc_status_kb(t.pid(), "VmHWM:"));
+                cost.bpf_maps_kb = map_memlock_kb(t.pid());
+                t.stop();
+            }
+        }
+    }
+    drop(g);
+    let mut thr_json = serde_json::Map::new();
+    let med_of = |v: &Vec<(f64, f64)>| {
+        let mut a: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let mut b: Vec<f64> = v.iter().map(|x| x.1).collect();
+        (median(&mut a), median(&mut b))
+    };
+    let mut thr_rows = Vec::new();
+    for (pi, path) in ["/", "/pipe"].iter().enumerate() {
+        let (base_rps, base_p99) = med_of(&thr[pi]);
+        for (ci, c) in configs.iter().enumerate() {
+            let (rps, p99) = med_of(&thr[ci * 2 + pi]);
+            thr_rows.push(format!(
+                "  {path:<6} {c:<9} {rps:>9.0} req/s ({:>5.3}x)   p99 {p99:>8.2} ms ({:>5.2}x)",
+                rps / base_rps,
+                p99 / base_p99
+            ));
+            thr_json.insert(
+                format!("{path} {c}"),
+                serde_json::json!({"rps": rps, "rps_ratio": rps / base_rps, "p99_ms": p99, "p99_ratio": p99 / base_p99}),
+            );
+        }
+    }
+    for r in &thr_rows {
+        eprintln!("{r}");
+    }
+    report.insert("throughput".into(), thr_json.into());
+    report.insert("tracer_cost".into(), serde_json::to_value(&cost)?);
+
+    // 3. Early-close load: every dropped connection reported, losses counted.
+    step(&format!(
+        "3/5 early-close load: a server that closes without replying, {} s at full speed",
+        s.load_secs
+    ));
+    let mut server = Command::new(self_exe())
+        .arg("__drop-server")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut l = String::new();
+    BufReader::new(server.stdout.take().expect("piped")).read_line(&mut l)?;
+    let sport: u16 = l.trim().parse().context("drop server port")?;
+    let mut t = Tracer::start(&["--pid", &server.id().to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(s.load_secs);
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    if let Ok(mut c) = TcpStream::connect(("127.0.0.1", sport)) {
+                        let _ = c.write_all(b"x");
+                        let mut sink = [0u8; 8];
+                        let _ = c.read(&mut sink);
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let sent: u64 = clients.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+    t.collect_for(Duration::from_secs(1));
+    let summary = t.stop();
+    let _ = server.kill();
+    let _ = server.wait();
+    let seen = t
+        .of_kind("early_close")
+        .iter()
+        .filter(|e| e["kind"] == "dropped_request")
+        .count() as u64;
+    let lost = summary["events_lost"].as_u64().unwrap_or(0);
+    let rate = sent as f64 / s.load_secs as f64;
+    eprintln!("  {sent} connections ({rate:.0}/s): {seen} reported, {lost} events lost");
+    report.insert("early_close_load".into(), serde_json::json!({"connections": sent, "per_second": rate, "reported": seen, "events_lost": lost}));
+
+    // 4. Detection latency.
+    step(&format!(
+        "4/5 detection latency: {} blocking reads, threshold 500ms",
+        s.latency_trials
+    ));
+    let mut lat = Vec::new();
+    for _ in 0..s.latency_trials {
+        let go = std::env::temp_dir().join(format!("tracer-bench-lat-{}", std::process::id()));
+        let _ = std::fs::remove_file(&go);
+        let code = format!(
+            "import os, time\nwhile not os.path.exists({:?}):\n    time.sleep(0.01)\nr, w = os.pipe()\nprint(time.monotonic_ns(), flush=True)\nos.read(r, 1)\n",
+            go.to_str().unwrap_or_default()
+        );
+        let mut p = Command::new(venv.join("bin/python"))
+            .args(["-c", &code])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut t = Tracer::start(&["--pid", &p.id().to_string(), "--threshold", "500ms"]);
+        std::fs::write(&go, b"")?;
+        let mut l = String::new();
+        BufReader::new(p.stdout.take().expect("piped")).read_line(&mut l)?;
+        let entered: u64 = l.trim().parse().context("python timestamp")?;
+        t.wait_for("stall", Duration::from_secs(5), |e: &Value| {
+            e["event"] == "stall"
+        });
+        let arrived = mono_ns();
+        lat.push((arrived.saturating_sub(entered) as f64 / 1e6) - 500.0);
+        let _ = p.kill();
+        let _ = p.wait();
+        t.stop();
+        let _ = std::fs::remove_file(&go);
+    }
+    let lat_med = median(&mut lat);
+    eprintln!("  stall printed {lat_med:.1} ms after crossing the threshold (median)");
+    report.insert(
+        "detection_latency_ms_after_threshold".into(),
+        lat_med.into(),
+    );
+
+    step("5/5 tracer's own cost during the throughput run");
+    eprintln!(
+        "  cpu {} ms over {} ms of load, peak RSS {:.1} MB, BPF maps {:.1} MB",
+        cost.cpu_ms,
+        cost.wall_ms,
+        cost.peak_rss_kb as f64 / 1024.0,
+        cost.bpf_maps_kb as f64 / 1024.0
+    );
+
+    let path = root().join("target/bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    step(&format!(
+        "results written to {} ({machine})",
+        path.display()
+    ));
+    Ok(())
+}
