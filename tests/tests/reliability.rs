@@ -167,7 +167,9 @@ fn a_killed_tracer_leaves_no_program_loaded() {
         "tcp_send_reset",
     ];
     let programs = ours.len();
-    let loaded = || -> Vec<String> {
+    // (id, name) of loaded programs with our names. Ids, not counts: another
+    // tracer's programs may still be being freed when this test starts.
+    let loaded = || -> Vec<(u32, String)> {
         let out = Command::new("bpftool")
             .args(["prog", "show"])
             .output()
@@ -175,16 +177,18 @@ fn a_killed_tracer_leaves_no_program_loaded() {
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
-                l.split("name ")
+                let id = l.split(':').next()?.trim().parse().ok()?;
+                let name = l
+                    .split("name ")
                     .nth(1)?
                     .split_whitespace()
-                    .next()
-                    .map(String::from)
+                    .next()?
+                    .to_string();
+                ours.contains(&name.as_str()).then_some((id, name))
             })
-            .filter(|n| ours.contains(&n.as_str()))
             .collect()
     };
-    let before = loaded().len();
+    let before: Vec<u32> = loaded().into_iter().map(|(id, _)| id).collect();
     // A Proc is killed when dropped, so a failed assertion leaves no tracer behind.
     let mut child = Proc::spawn(
         Command::new(tracer_bin())
@@ -199,15 +203,20 @@ fn a_killed_tracer_leaves_no_program_loaded() {
     )
     .unwrap();
     assert!(first.contains("\"start\""), "{first}");
-    assert!(
-        loaded().len() >= before + programs,
-        "programs are loaded while it runs: {:?}",
-        loaded()
+    let mine: Vec<(u32, String)> = loaded()
+        .into_iter()
+        .filter(|(id, _)| !before.contains(id))
+        .collect();
+    assert_eq!(
+        mine.len(),
+        programs,
+        "its programs are loaded while it runs: {mine:?}"
     );
     child.child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.child.wait().unwrap();
-    eventually("programs unloaded", Duration::from_secs(5), || {
-        (loaded().len() == before).then_some(())
+    eventually("programs unloaded", Duration::from_secs(10), || {
+        let now: Vec<u32> = loaded().into_iter().map(|(id, _)| id).collect();
+        mine.iter().all(|(id, _)| !now.contains(id)).then_some(())
     });
     assert!(
         !std::path::Path::new("/sys/fs/bpf/tracer").exists(),

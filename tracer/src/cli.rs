@@ -47,6 +47,11 @@ pub struct WatchArgs {
     /// Also write the JSON lines to this file.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
+    /// A bare port (9464 or :9464) binds 127.0.0.1 only.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_pid(s: &str) -> Result<u32, String> {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
+use crate::container::Container;
 use crate::model::{FdInfo, Peer, Role};
 use crate::net::{self, CloseKind, ConnFacts, EarlyClose};
 use crate::signatures::{self, Cause};
@@ -90,6 +91,8 @@ pub trait Enricher {
     fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16>;
     /// The syscall a blocked thread is in and its first three arguments.
     fn syscall_args(&mut self, pid: u32, tid: u32) -> Option<(i64, [u64; 3])>;
+    /// The container and pod of a process, if it runs in one.
+    fn container(&mut self, pid: u32) -> Option<Container>;
 }
 
 /// Facts about one blocked syscall; also the body of the `stall` event.
@@ -118,6 +121,8 @@ pub struct StallReport {
     /// The master's --timeout, when its command line says.
     pub gunicorn_timeout_s: Option<f64>,
     pub cause: Option<Cause>,
+    /// Container id, pod and namespace when the process runs in one.
+    pub container: Option<Container>,
     #[serde(skip)]
     pub start_ns: u64,
 }
@@ -142,6 +147,7 @@ pub enum Output {
         app: Option<String>,
         timeout_s: Option<f64>,
         source: &'static str,
+        container: Option<Container>,
     },
     Worker {
         #[serde(skip)]
@@ -152,6 +158,7 @@ pub enum Output {
         /// `fork` when the kernel saw it being born, `scan` when found at start.
         source: &'static str,
         app: Option<String>,
+        container: Option<Container>,
     },
     Stall {
         #[serde(skip)]
@@ -167,6 +174,7 @@ pub enum Output {
         master_pid: u32,
         syscall: String,
         fd: Option<i32>,
+        fd_kind: String,
         blocked_ms: u64,
         outcome: Outcome,
         /// Raw return value (negative errno) when it returned.
@@ -179,6 +187,7 @@ pub enum Output {
         master_pid: u32,
         signal: String,
         stall: Option<StallReport>,
+        container: Option<Container>,
     },
     WorkerExit {
         #[serde(skip)]
@@ -188,6 +197,7 @@ pub enum Output {
         role: Role,
         exit_code: Option<i32>,
         signal: Option<String>,
+        container: Option<Container>,
     },
     EarlyClose {
         #[serde(skip)]
@@ -226,6 +236,7 @@ struct Proc {
     last_stall: Option<StallReport>,
     closes: CloseCounts,
     last_drop: Option<EarlyClose>,
+    container: Option<Container>,
 }
 
 /// Early closes of one process, by kind.
@@ -355,6 +366,7 @@ impl Correlator {
         app: Option<String>,
         timeout_s: Option<f64>,
         source: &'static str,
+        container: Option<Container>,
     ) -> Option<Output> {
         if self.procs.get(&pid).is_some_and(|p| p.alive) {
             return None;
@@ -367,6 +379,7 @@ impl Correlator {
                 app: app.clone(),
                 timeout_s,
                 alive: true,
+                container: container.clone(),
                 ..Default::default()
             },
         );
@@ -377,6 +390,7 @@ impl Correlator {
                 app,
                 timeout_s,
                 source,
+                container,
             }
         } else {
             Output::Worker {
@@ -386,6 +400,7 @@ impl Correlator {
                 role,
                 source,
                 app,
+                container,
             }
         })
     }
@@ -405,7 +420,10 @@ impl Correlator {
                     .get(&master)
                     .map(|m| (m.app.clone(), m.timeout_s))
                     .unwrap_or_default();
-                out.extend(self.add_process(ts_ns, child, master, role, app, timeout, "fork"));
+                let container = enr.container(child);
+                out.extend(
+                    self.add_process(ts_ns, child, master, role, app, timeout, "fork", container),
+                );
             }
             KernelEvent::Exit {
                 ts_ns,
@@ -433,6 +451,7 @@ impl Correlator {
                         role: p.role,
                         exit_code,
                         signal: signal.map(signal_name),
+                        container: p.container.clone(),
                     });
                 }
             }
@@ -474,6 +493,7 @@ impl Correlator {
                     master_pid: p.master,
                     signal: signal_name(sig),
                     stall,
+                    container: p.container.clone(),
                 });
             }
             KernelEvent::SlowSyscall {
@@ -552,7 +572,9 @@ impl Correlator {
                     ts_ns,
                     fallback_port,
                 };
-                if let Some(close) = net::early_close(facts) {
+                let container = p.container.clone();
+                if let Some(mut close) = net::early_close(facts) {
+                    close.container = container;
                     let p = self.procs.get_mut(&tgid).expect("checked above");
                     match close.kind {
                         CloseKind::DroppedRequest => {
@@ -676,6 +698,7 @@ impl Correlator {
             heartbeat_age_ms: heartbeat,
             gunicorn_timeout_s: p.timeout_s.filter(|_| p.role == Role::Worker),
             cause: None,
+            container: p.container.clone(),
             start_ns: s.start_ns,
         };
         report.cause = signatures::identify(&report);
@@ -714,6 +737,7 @@ impl Correlator {
             master_pid: a.report.master_pid,
             syscall: a.report.syscall,
             fd: a.report.fd,
+            fd_kind: a.report.fd_kind,
             blocked_ms,
             outcome,
             ret,
@@ -760,6 +784,7 @@ impl Correlator {
                 stall: current.or_else(|| p.last_stall.clone()),
                 early_closes: p.closes,
                 last_early_close: p.last_drop.clone(),
+                container: p.container.clone(),
             });
         }
         let verdict = verdict(&workers, self.threshold_ns);
@@ -791,6 +816,7 @@ pub struct WorkerSummary {
     pub early_closes: CloseCounts,
     /// The last dropped request or cut upstream call.
     pub last_early_close: Option<EarlyClose>,
+    pub container: Option<Container>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -991,6 +1017,9 @@ mod tests {
         fn syscall_args(&mut self, _pid: u32, _tid: u32) -> Option<(i64, [u64; 3])> {
             None
         }
+        fn container(&mut self, _pid: u32) -> Option<Container> {
+            None
+        }
     }
 
     fn nr(name: &str) -> i64 {
@@ -1022,6 +1051,7 @@ mod tests {
             Some("app:app".into()),
             Some(4.0),
             "scan",
+            None,
         );
         assert!(matches!(m, Some(Output::Master { pid: MASTER, .. })));
         let w = c.add_process(
@@ -1032,6 +1062,7 @@ mod tests {
             Some("app:app".into()),
             Some(4.0),
             "scan",
+            None,
         );
         assert!(matches!(
             w,

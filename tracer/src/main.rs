@@ -1,8 +1,10 @@
 //! tracer: names the Gunicorn worker that a blocking syscall has stalled.
 mod cli;
+mod container;
 mod correlate;
 mod intake;
 mod loader;
+mod metrics;
 mod model;
 mod net;
 mod output;

@@ -72,6 +72,7 @@ pub struct EarlyClose {
     pub unread_data: bool,
     pub preceded_by: Option<Preceded>,
     pub cause: Option<Cause>,
+    pub container: Option<crate::container::Container>,
 }
 
 /// Everything the correlator knows when a connection ends badly.
@@ -138,6 +139,7 @@ pub fn early_close(f: ConnFacts) -> Option<EarlyClose> {
         unread_data: unread,
         preceded_by,
         cause: None,
+        container: None,
     };
     ec.cause = signatures::identify_close(&ec);
     Some(ec)

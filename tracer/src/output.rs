@@ -435,6 +435,7 @@ mod tests {
             master_pid: 1,
             syscall: "read".into(),
             fd: Some(11),
+            fd_kind: "pipe".into(),
             blocked_ms: 4000,
             outcome: Outcome::Exited,
             ret: None,
@@ -449,6 +450,7 @@ mod tests {
             role: Role::Worker,
             exit_code: None,
             signal: Some("SIGKILL".into()),
+            container: None,
         };
         let v: serde_json::Value = serde_json::from_str(&json_line(&x, "t".into())).unwrap();
         assert_eq!(v["event"], "worker_exit");
@@ -487,7 +489,8 @@ mod tests {
                     master_pid: 1,
                     role: Role::Worker,
                     exit_code: Some(0),
-                    signal: None
+                    signal: None,
+                    container: None,
                 },
                 &c
             ),

@@ -230,6 +230,7 @@ mod tests {
                 wait_ms: w,
             }),
             cause: None,
+            container: None,
         }
     }
 

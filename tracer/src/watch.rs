@@ -1,6 +1,7 @@
 //! `tracer watch`: discovery, the event loop, and the summary at the end.
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -46,6 +47,9 @@ impl Enricher for ProcEnricher {
     }
     fn syscall_args(&mut self, pid: u32, tid: u32) -> Option<(i64, [u64; 3])> {
         proc::thread_syscall(pid, tid)
+    }
+    fn container(&mut self, pid: u32) -> Option<crate::container::Container> {
+        crate::container::of_process(pid)
     }
     fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16> {
         if let Some(p) = self.listeners.get(&(pid, fd)) {
@@ -231,9 +235,48 @@ struct State {
     enricher: ProcEnricher,
     sink: Sink,
     discover: bool,
+    events_received: u64,
+    durations: crate::metrics::StallDurations,
+    /// Latest metrics text, shared with the HTTP server (when enabled).
+    metrics: Option<(Arc<Mutex<String>>, Instant)>,
 }
 
 impl State {
+    fn emit(&mut self, o: &Output) {
+        if let Output::StallEnd {
+            fd_kind,
+            blocked_ms,
+            ..
+        } = o
+        {
+            self.durations.observe(fd_kind, *blocked_ms);
+        }
+        self.sink.event(o);
+    }
+
+    /// Re-renders the metrics text, at most once a second.
+    fn render_metrics(&mut self, force: bool) {
+        let Some((text, last)) = self.metrics.as_mut() else {
+            return;
+        };
+        if !force && last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        *last = Instant::now();
+        let text = text.clone();
+        let summary = self.corr.summary(output::monotonic_ns());
+        let me = crate::metrics::SelfStats {
+            events_received: self.events_received,
+            events_lost: self.probes.events_lost(),
+            maps: self.probes.occupancy(),
+        };
+        let body =
+            crate::metrics::render(&summary, &mut proc::heartbeat_age_ms, &self.durations, &me);
+        if let Ok(mut t) = text.lock() {
+            *t = body;
+        }
+    }
+
     /// Starts watching a process: kernel map first (so forks from now on
     /// are followed), then the threads already blocked, then the report.
     fn watch_process(&mut self, t: &Target, source: &'static str, now: u64) -> Result<()> {
@@ -248,11 +291,17 @@ impl State {
         let cmd = proc::cmdline(t.master);
         let app = gunicorn.then(|| proc::parse_app(&cmd)).flatten();
         let timeout = gunicorn.then(|| proc::parse_timeout(&cmd).unwrap_or(30.0));
-        if let Some(o) = self
-            .corr
-            .add_process(now, t.pid, t.master, t.role, app, timeout, source)
-        {
-            self.sink.event(&o);
+        if let Some(o) = self.corr.add_process(
+            now,
+            t.pid,
+            t.master,
+            t.role,
+            app,
+            timeout,
+            source,
+            crate::container::of_process(t.pid),
+        ) {
+            self.emit(&o);
         }
         Ok(())
     }
@@ -323,7 +372,7 @@ impl State {
         };
         for ev in events {
             for o in self.corr.on_kernel(ev, &mut self.enricher) {
-                self.sink.event(&o);
+                self.emit(&o);
             }
         }
         if let Some(pid) = exited {
@@ -338,6 +387,7 @@ impl State {
                 batch.push(ev);
             }
         }
+        self.events_received += batch.len() as u64;
         for ev in batch {
             self.handle(ev);
         }
@@ -363,7 +413,7 @@ impl State {
             })
             .collect();
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
-            self.sink.event(&o);
+            self.emit(&o);
         }
     }
 }
@@ -378,6 +428,11 @@ pub fn run(args: WatchArgs) -> Result<()> {
 
 async fn run_async(args: WatchArgs) -> Result<()> {
     check_privileges()?;
+    // Bind first: a port in use fails before anything is loaded.
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some((addr, crate::metrics::bind(addr).await?)),
+        None => None,
+    };
     let targets = resolve_targets(&args.pids)?;
     let tracefs = tracefs::ensure_mounted()?;
     let threshold_ns = args.threshold.as_nanos() as u64;
@@ -411,7 +466,16 @@ async fn run_async(args: WatchArgs) -> Result<()> {
             held: Some(Vec::new()),
         },
         discover: args.pids.is_empty(),
+        events_received: 0,
+        durations: Default::default(),
+        metrics: None,
     };
+    if let Some((addr, listener)) = metrics_listener {
+        let text = Arc::new(Mutex::new(String::new()));
+        tokio::spawn(crate::metrics::serve(listener, text.clone()));
+        st.metrics = Some((text, Instant::now()));
+        eprintln!("tracer: serving metrics on http://{addr}/metrics");
+    }
 
     let start = output::monotonic_ns();
     for t in &targets {
@@ -449,6 +513,7 @@ async fn run_async(args: WatchArgs) -> Result<()> {
     for o in st.sink.held.take().unwrap_or_default() {
         st.sink.event(&o);
     }
+    st.render_metrics(true);
     if st.discover && targets.is_empty() {
         eprintln!("tracer: no Gunicorn master is running yet; waiting for one to start");
     }
@@ -479,6 +544,7 @@ async fn run_async(args: WatchArgs) -> Result<()> {
             _ = tick.tick() => {
                 st.drain(ring.get_mut());
                 st.poll();
+                st.render_metrics(false);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -1,0 +1,448 @@
+//! Prometheus metrics (`--metrics-addr`) and the tiny HTTP server that
+//! serves them. The text is rendered from the correlator's summary about
+//! once a second, so label sets follow the live workers: a worker that
+//! exited disappears from every per-worker series.
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::correlate::{Summary, WorkerSummary};
+use crate::model::Role;
+use crate::output::MapOccupancy;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    master_pid: String,
+    worker_pid: String,
+    app: String,
+    namespace: String,
+    pod: String,
+    container: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    master_pid: String,
+    worker_pid: String,
+    app: String,
+    namespace: String,
+    pod: String,
+    container: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FdKindLabels {
+    fd_kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+fn stall_histogram() -> Histogram {
+    // From the lowest useful threshold to past Gunicorn's default timeout.
+    Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])
+}
+
+/// Durations of blocking syscalls that crossed the threshold, by fd kind.
+/// Kept across renders (a histogram accumulates); its labels are bounded.
+#[derive(Clone)]
+pub struct StallDurations(Family<FdKindLabels, Histogram, fn() -> Histogram>);
+
+impl Default for StallDurations {
+    fn default() -> Self {
+        StallDurations(Family::new_with_constructor(stall_histogram))
+    }
+}
+
+impl StallDurations {
+    pub fn observe(&self, fd_kind: &str, blocked_ms: u64) {
+        self.0
+            .get_or_create(&FdKindLabels {
+                fd_kind: fd_kind.to_string(),
+            })
+            .observe(blocked_ms as f64 / 1000.0);
+    }
+}
+
+/// The tracer's view of itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SelfStats {
+    pub events_received: u64,
+    pub events_lost: u64,
+    pub maps: MapOccupancy,
+}
+
+fn labels(w: &WorkerSummary) -> WorkerLabels {
+    let c = w.container.as_ref();
+    WorkerLabels {
+        master_pid: w.master_pid.to_string(),
+        worker_pid: w.pid.to_string(),
+        app: w.app.clone().unwrap_or_default(),
+        namespace: c.and_then(|c| c.namespace.clone()).unwrap_or_default(),
+        pod: c.and_then(|c| c.pod.clone()).unwrap_or_default(),
+        container: c.map(|c| c.id.clone()).unwrap_or_default(),
+    }
+}
+
+/// Renders the metrics text. `heartbeat_ms` reads a live worker's
+/// heartbeat age (from /proc in production, a stub in tests).
+pub fn render(
+    summary: &Summary,
+    heartbeat_ms: &mut dyn FnMut(u32) -> Option<u64>,
+    durations: &StallDurations,
+    me: &SelfStats,
+) -> String {
+    let mut reg = Registry::with_prefix("gunicorn_tracer");
+    let heartbeat = Family::<WorkerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let stalled = Family::<WorkerLabels, Gauge>::default();
+    let blocked = Family::<WorkerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let stalls = Family::<WorkerLabels, Counter>::default();
+    let timeouts = Family::<WorkerLabels, Counter>::default();
+    let closes = Family::<KindLabels, Counter>::default();
+    reg.register(
+        "worker_heartbeat_age_seconds",
+        "Time since the worker's last Gunicorn heartbeat",
+        heartbeat.clone(),
+    );
+    reg.register(
+        "worker_stalled",
+        "1 while a syscall blocks the worker's event loop past the threshold",
+        stalled.clone(),
+    );
+    reg.register(
+        "worker_blocked_seconds",
+        "How long the current stall has lasted (0 when not stalled)",
+        blocked.clone(),
+    );
+    reg.register("worker_stalls", "Stalls seen", stalls.clone());
+    reg.register(
+        "worker_timeouts",
+        "SIGABRT/SIGKILL sent by the master (WORKER TIMEOUT)",
+        timeouts.clone(),
+    );
+    reg.register(
+        "worker_early_closes",
+        "Connections ended with nothing sent back, by kind (dropped_request, idle, upstream_cut)",
+        closes.clone(),
+    );
+    reg.register(
+        "stall_duration_seconds",
+        "Duration of blocking syscalls that crossed the threshold, by fd kind",
+        durations.0.clone(),
+    );
+    for w in summary.workers.iter().filter(|w| {
+        w.role != Role::Master
+            && matches!(
+                w.state,
+                "stalled" | "healthy" | "timing_out" | "dropping_requests"
+            )
+    }) {
+        let l = labels(w);
+        if let Some(hb) = heartbeat_ms(w.pid) {
+            heartbeat.get_or_create(&l).set(hb as f64 / 1000.0);
+        }
+        let now_stalled = w.state == "stalled";
+        stalled.get_or_create(&l).set(now_stalled as i64);
+        let b = if now_stalled {
+            w.stall.as_ref().map(|s| s.blocked_ms).unwrap_or(0)
+        } else {
+            0
+        };
+        blocked.get_or_create(&l).set(b as f64 / 1000.0);
+        stalls.get_or_create(&l).inc_by(w.stalls as u64);
+        timeouts.get_or_create(&l).inc_by(w.timeouts as u64);
+        for (kind, n) in [
+            ("dropped_request", w.early_closes.dropped_request),
+            ("idle", w.early_closes.idle),
+            ("upstream_cut", w.early_closes.upstream_cut),
+        ] {
+            let kl = KindLabels {
+                master_pid: l.master_pid.clone(),
+                worker_pid: l.worker_pid.clone(),
+                app: l.app.clone(),
+                namespace: l.namespace.clone(),
+                pod: l.pod.clone(),
+                container: l.container.clone(),
+                kind: kind.to_string(),
+            };
+            closes.get_or_create(&kl).inc_by(n as u64);
+        }
+    }
+    let received = Counter::<u64>::default();
+    received.inc_by(me.events_received);
+    let lost = Counter::<u64>::default();
+    lost.inc_by(me.events_lost);
+    let maps = Family::<MapLabels, Gauge>::default();
+    for (m, n) in [
+        ("watched", me.maps.watched),
+        ("inflight", me.maps.inflight),
+        ("conns", me.maps.conns),
+    ] {
+        maps.get_or_create(&MapLabels { map: m.into() })
+            .set(n as i64);
+    }
+    reg.register(
+        "events_received",
+        "Events received from the kernel",
+        received,
+    );
+    reg.register(
+        "events_lost",
+        "Kernel events dropped because the ring buffer was full",
+        lost,
+    );
+    reg.register("map_entries", "Entries in the tracer's kernel maps", maps);
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        out = "# encoding failed\n".into();
+    }
+    out
+}
+
+/// Parses `--metrics-addr`: `9464`, `:9464`, `0.0.0.0:9464`, `[::]:9464`.
+/// A bare port binds loopback only: exposing it is an explicit choice.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let full = if let Ok(port) = s.parse::<u16>() {
+        format!("127.0.0.1:{port}")
+    } else if let Some(port) = s.strip_prefix(':') {
+        format!("127.0.0.1:{port}")
+    } else {
+        s.to_string()
+    };
+    full.parse::<SocketAddr>().map_err(|_| {
+        format!("'{s}' is not an address; write it like 127.0.0.1:9464, 0.0.0.0:9464 or :9464")
+    })
+}
+
+/// Binds now, so a port in use is an error at start, not a silent gap.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot serve metrics on {addr} (in use, or not an address of this host); pick another with --metrics-addr")
+    })
+}
+
+/// Serves GET /metrics and GET /healthz, nothing else; requests are small
+/// and slow clients are cut off, so a scraper cannot tie the tracer up.
+pub async fn serve(listener: TcpListener, text: Arc<Mutex<String>>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let text = text.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), handle(conn, text)).await;
+        });
+    }
+}
+
+const MAX_REQUEST: usize = 8192;
+
+async fn handle(mut conn: TcpStream, text: Arc<Mutex<String>>) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            return respond(
+                &mut conn,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+            )
+            .await;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut first = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => {
+            let body = text.lock().map(|t| t.clone()).unwrap_or_default();
+            respond(
+                &mut conn,
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                &body,
+            )
+            .await
+        }
+        ("GET", "/healthz") => respond(&mut conn, "200 OK", "text/plain", "ok\n").await,
+        ("GET", _) => {
+            respond(
+                &mut conn,
+                "404 Not Found",
+                "text/plain",
+                "only /metrics and /healthz\n",
+            )
+            .await
+        }
+        _ => {
+            respond(
+                &mut conn,
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::{CloseCounts, Verdict};
+
+    fn worker(pid: u32, state: &'static str) -> WorkerSummary {
+        WorkerSummary {
+            pid,
+            master_pid: 1,
+            role: Role::Worker,
+            app: Some("app:app".into()),
+            state,
+            stalls: 2,
+            timeouts: 1,
+            exit_code: None,
+            exit_signal: None,
+            stall: None,
+            early_closes: CloseCounts {
+                dropped_request: 3,
+                idle: 4,
+                upstream_cut: 0,
+            },
+            last_early_close: None,
+            container: Some(crate::container::Container {
+                id: "abc".into(),
+                pod: Some("web-1".into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn summary(workers: Vec<WorkerSummary>) -> Summary {
+        Summary {
+            workers,
+            verdict: Verdict {
+                stalled_pids: vec![],
+                killed_pids: vec![],
+                dropping_pids: vec![],
+                text: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn renders_per_worker_series_with_container_labels() {
+        let d = StallDurations::default();
+        d.observe("pipe", 1500);
+        let me = SelfStats {
+            events_received: 9,
+            events_lost: 1,
+            maps: MapOccupancy {
+                watched: 3,
+                inflight: 5,
+                conns: 0,
+            },
+        };
+        let t = render(
+            &summary(vec![worker(7, "healthy")]),
+            &mut |_| Some(1200),
+            &d,
+            &me,
+        );
+        let l = r#"app="app:app",namespace="shop",pod="web-1",container="abc""#;
+        assert!(t.contains(&format!(r#"gunicorn_tracer_worker_heartbeat_age_seconds{{master_pid="1",worker_pid="7",{l}}} 1.2"#)), "{t}");
+        assert!(
+            t.contains(&format!(
+                r#"gunicorn_tracer_worker_stalled{{master_pid="1",worker_pid="7",{l}}} 0"#
+            )),
+            "{t}"
+        );
+        assert!(t.contains(&format!(r#"gunicorn_tracer_worker_early_closes_total{{master_pid="1",worker_pid="7",{l},kind="dropped_request"}} 3"#)), "{t}");
+        assert!(
+            t.contains(&format!(
+                r#"gunicorn_tracer_worker_timeouts_total{{master_pid="1",worker_pid="7",{l}}} 1"#
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                r#"gunicorn_tracer_stall_duration_seconds_bucket{le="2.5",fd_kind="pipe"} 1"#
+            ),
+            "{t}"
+        );
+        assert!(t.contains("gunicorn_tracer_events_lost_total 1"), "{t}");
+        assert!(
+            t.contains(r#"gunicorn_tracer_map_entries{map="watched"} 3"#),
+            "{t}"
+        );
+        assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn exited_workers_leave_the_series() {
+        let t = render(
+            &summary(vec![
+                worker(7, "healthy"),
+                worker(8, "exited"),
+                worker(9, "killed_by_timeout"),
+            ]),
+            &mut |_| None,
+            &StallDurations::default(),
+            &SelfStats::default(),
+        );
+        assert!(t.contains(r#"worker_pid="7""#));
+        assert!(!t.contains(r#"worker_pid="8""#), "{t}");
+        assert!(!t.contains(r#"worker_pid="9""#), "{t}");
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        assert_eq!(parse_addr("9464").unwrap().to_string(), "127.0.0.1:9464");
+        assert_eq!(parse_addr(":9464").unwrap().to_string(), "127.0.0.1:9464");
+        assert_eq!(parse_addr("0.0.0.0:80").unwrap().to_string(), "0.0.0.0:80");
+        assert_eq!(parse_addr("[::]:80").unwrap().to_string(), "[::]:80");
+        assert!(
+            parse_addr("localhost")
+                .unwrap_err()
+                .contains("127.0.0.1:9464")
+        );
+        assert!(parse_addr("1.2.3.4:99999").is_err());
+    }
+}
