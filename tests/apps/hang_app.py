@@ -12,6 +12,13 @@ import multiprocessing
 import os
 
 
+def enqueue_and_wait():
+    """The line an on-call engineer needs to find: py-spy shows it."""
+    q = multiprocessing.Queue()
+    q.put("job")
+    return q.get()  # never returns under gevent
+
+
 def app(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     if path == "/hang":
@@ -19,10 +26,7 @@ def app(environ, start_response):
         if pid_file:
             with open(pid_file, "a") as f:
                 f.write(f"{os.getpid()}\n")
-        q = multiprocessing.Queue()
-        q.put("job")
-        item = q.get()  # never returns under gevent
-        body = f"got {item}\n".encode()
+        body = f"got {enqueue_and_wait()}\n".encode()
     elif path == "/pid":
         body = f"{os.getpid()}\n".encode()
     else:

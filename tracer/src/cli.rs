@@ -48,6 +48,10 @@ pub struct WatchArgs {
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
+    /// Attach the stalled worker's Python stack (py-spy dump) to each stall.
+    #[arg(long)]
+    pub py_stack: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
     /// A bare port (9464 or :9464) binds 127.0.0.1 only.
     #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]

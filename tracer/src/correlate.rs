@@ -123,6 +123,14 @@ pub struct StallReport {
     pub cause: Option<Cause>,
     /// Container id, pod and namespace when the process runs in one.
     pub container: Option<Container>,
+    /// With --py-stack: the Python stack of the stalled process (py-spy
+    /// dump). Under gevent the blocked greenlet is the one running, so this
+    /// names the application line that blocked the hub.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub py_stack: Option<String>,
+    /// With --py-stack: why there is no stack (py-spy missing, or failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub py_stack_error: Option<String>,
     #[serde(skip)]
     pub start_ns: u64,
 }
@@ -699,6 +707,8 @@ impl Correlator {
             gunicorn_timeout_s: p.timeout_s.filter(|_| p.role == Role::Worker),
             cause: None,
             container: p.container.clone(),
+            py_stack: None,
+            py_stack_error: None,
             start_ns: s.start_ns,
         };
         report.cause = signatures::identify(&report);

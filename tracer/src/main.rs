@@ -9,6 +9,7 @@ mod model;
 mod net;
 mod output;
 mod proc;
+mod pystack;
 mod signatures;
 mod syscalls;
 mod tracefs;

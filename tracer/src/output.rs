@@ -173,6 +173,14 @@ fn stall_details(s: &StallReport) -> String {
             "", c.cause, "", c.fix
         ));
     }
+    if let Some(stack) = &s.py_stack {
+        d.push_str(&format!("\n{:>23}python stack (py-spy dump):", ""));
+        for line in stack.lines().filter(|l| !l.trim().is_empty()) {
+            d.push_str(&format!("\n{:>25}{}", "", sanitize(line)));
+        }
+    } else if let Some(e) = &s.py_stack_error {
+        d.push_str(&format!("\n{:>23}python stack: {}", "", sanitize(e)));
+    }
     d
 }
 
@@ -316,6 +324,22 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             }
         ),
     }
+}
+
+/// Colours the label of a text line (`HH:MM:SS.mmm  LABEL    ...`) for a
+/// terminal. Only our own labels are coloured; data never carries escapes.
+pub fn colorize(line: &str) -> String {
+    let Some(label) = line.get(14..22) else {
+        return line.to_string();
+    };
+    let code = match label.trim() {
+        "STALL" | "TIMEOUT" | "DROPPED" => "1;31",
+        "UPSTREAM" => "1;33",
+        "end" | "exit" => "2",
+        "idle" => "2",
+        _ => return line.to_string(),
+    };
+    format!("{}\x1b[{code}m{label}\x1b[0m{}", &line[..14], &line[22..])
 }
 
 /// The summary for a person: the verdict first, then one row per process.
@@ -475,6 +499,14 @@ mod tests {
             sanitize("a\x1b]0;title\x07b\r\nc\u{9b}"),
             "a?]0;title?b??c?"
         );
+    }
+
+    #[test]
+    fn colour_only_touches_the_label() {
+        let l = "04:37:06.413  STALL    worker 1 [x] blocked";
+        assert_eq!(colorize(l), "04:37:06.413  \x1b[1;31mSTALL   \x1b[0m worker 1 [x] blocked");
+        assert_eq!(colorize("04:37:06.413  watch    gunicorn"), "04:37:06.413  watch    gunicorn");
+        assert_eq!(colorize("short"), "short");
     }
 
     #[test]

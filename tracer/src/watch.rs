@@ -71,6 +71,8 @@ struct Sink {
     stdout_gone: bool,
     /// Events held back until the `start` line is out (during attach).
     held: Option<Vec<Output>>,
+    /// Colour the text view: stdout is a terminal and NO_COLOR is unset.
+    color: bool,
 }
 
 impl Sink {
@@ -109,7 +111,10 @@ impl Sink {
         match self.format {
             Format::Json => self.write_stdout(&json),
             Format::Text => {
-                let t = output::text_line(o, &self.clock);
+                let mut t = output::text_line(o, &self.clock);
+                if self.color {
+                    t = output::colorize(&t);
+                }
                 self.write_stdout(&t);
             }
         }
@@ -180,6 +185,11 @@ fn check_privileges() -> Result<()> {
     Ok(())
 }
 
+fn targets_have_no_py_spy(pids: &[u32]) -> bool {
+    let probe = pids.first().copied().unwrap_or(std::process::id());
+    crate::pystack::find(probe).is_none()
+}
+
 /// A target resolved from --pid or from discovery.
 struct Target {
     pid: u32,
@@ -236,6 +246,7 @@ struct State {
     sink: Sink,
     discover: bool,
     events_received: u64,
+    py_stack: bool,
     durations: crate::metrics::StallDurations,
     /// Latest metrics text, shared with the HTTP server (when enabled).
     metrics: Option<(Arc<Mutex<String>>, Instant)>,
@@ -250,6 +261,21 @@ impl State {
         } = o
         {
             self.durations.observe(fd_kind, *blocked_ms);
+        }
+        if self.py_stack
+            && let Output::Stall { ts_ns, report } = o
+        {
+            // Rare (once per stall) and bounded: worth a short pause here.
+            let mut report = report.clone();
+            match crate::pystack::dump(report.pid, Duration::from_secs(5)) {
+                Ok(stack) => report.py_stack = Some(stack),
+                Err(e) => report.py_stack_error = Some(e),
+            }
+            self.sink.event(&Output::Stall {
+                ts_ns: *ts_ns,
+                report,
+            });
+            return;
         }
         self.sink.event(o);
     }
@@ -428,6 +454,11 @@ pub fn run(args: WatchArgs) -> Result<()> {
 
 async fn run_async(args: WatchArgs) -> Result<()> {
     check_privileges()?;
+    if args.py_stack && targets_have_no_py_spy(&args.pids) {
+        eprintln!(
+            "tracer: warning: --py-stack: py-spy is not installed (pip install py-spy); stalls will be reported without Python stacks"
+        );
+    }
     // Bind first: a port in use fails before anything is loaded.
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some((addr, crate::metrics::bind(addr).await?)),
@@ -464,9 +495,12 @@ async fn run_async(args: WatchArgs) -> Result<()> {
             file,
             stdout_gone: false,
             held: Some(Vec::new()),
+            color: std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none(),
         },
         discover: args.pids.is_empty(),
         events_received: 0,
+        py_stack: args.py_stack,
         durations: Default::default(),
         metrics: None,
     };

@@ -9,7 +9,12 @@ use crate::{root, run, step};
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Pinned: the versions the tests and the README were checked against.
-const PY_PACKAGES: &[&str] = &["gunicorn==27.0.1", "gevent==26.9.0", "packaging"];
+const PY_PACKAGES: &[&str] = &[
+    "gunicorn==27.0.1",
+    "gevent==26.9.0",
+    "packaging",
+    "py-spy==0.4.3",
+];
 
 fn is_root() -> bool {
     Command::new("id")
@@ -134,7 +139,7 @@ pub fn toolchain() -> Result<()> {
 pub fn venv() -> Result<PathBuf> {
     let dir = root().join("target/venv");
     let py = dir.join("bin/python");
-    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') else 1)";
+    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') and m.version('py-spy') == '0.4.3' else 1)";
     if output_ok(Command::new(&py).args(["-c", check])).is_some() {
         return Ok(dir);
     }
