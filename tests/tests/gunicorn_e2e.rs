@@ -288,10 +288,19 @@ fn py_stack_names_the_application_function_that_blocked_the_hub() {
     let g = start_gunicorn(1, port, &pids);
     let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--py-stack"]);
     let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || pids_in(&pids).first().copied());
-    let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| e["event"] == "stall" && e["pid"] == victim);
-    let stack = stall["py_stack"].as_str().unwrap_or_else(|| panic!("no py_stack: {stall}"));
-    assert!(stack.contains("enqueue_and_wait (hang_app.py"), "the app's function: {stack}");
+    let victim = eventually("hang pid", Duration::from_secs(5), || {
+        pids_in(&pids).first().copied()
+    });
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == victim
+    });
+    let stack = stall["py_stack"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no py_stack: {stall}"));
+    assert!(
+        stack.contains("enqueue_and_wait (hang_app.py"),
+        "the app's function: {stack}"
+    );
     assert!(stack.contains("Queue.get"), "{stack}");
     t.stop();
     drop(g);
@@ -302,11 +311,32 @@ fn py_stack_names_the_application_function_that_blocked_the_hub() {
 fn py_stack_says_clearly_when_py_spy_is_missing() {
     require_root();
     // /usr/bin/python3 is not in the virtualenv, so no py-spy beside it.
-    let p = Proc::spawn(std::process::Command::new("/usr/bin/python3").args(["-c", "import os\nr, w = os.pipe()\nos.read(r, 1)\n"]));
-    let mut t = Tracer::start(&["--pid", &p.pid().to_string(), "--py-stack", "--threshold", "200ms"]);
+    let p = Proc::spawn(
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-c", "import os\nr, w = os.pipe()\nos.read(r, 1)\n"]),
+    );
+    let mut t = Tracer::start(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--py-stack",
+        "--threshold",
+        "200ms",
+    ]);
     let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| e["event"] == "stall");
     assert!(stall.get("py_stack").is_none(), "{stall}");
-    assert!(stall["py_stack_error"].as_str().unwrap().contains("py-spy is not installed"), "{stall}");
+    assert!(
+        stall["py_stack_error"]
+            .as_str()
+            .unwrap()
+            .contains("py-spy is not installed"),
+        "{stall}"
+    );
     t.stop();
-    assert!(t.stderr_lines.iter().any(|l| l.contains("py-spy is not installed")), "{:?}", t.stderr_lines);
+    assert!(
+        t.stderr_lines
+            .iter()
+            .any(|l| l.contains("py-spy is not installed")),
+        "{:?}",
+        t.stderr_lines
+    );
 }

@@ -504,8 +504,14 @@ mod tests {
     #[test]
     fn colour_only_touches_the_label() {
         let l = "04:37:06.413  STALL    worker 1 [x] blocked";
-        assert_eq!(colorize(l), "04:37:06.413  \x1b[1;31mSTALL   \x1b[0m worker 1 [x] blocked");
-        assert_eq!(colorize("04:37:06.413  watch    gunicorn"), "04:37:06.413  watch    gunicorn");
+        assert_eq!(
+            colorize(l),
+            "04:37:06.413  \x1b[1;31mSTALL   \x1b[0m worker 1 [x] blocked"
+        );
+        assert_eq!(
+            colorize("04:37:06.413  watch    gunicorn"),
+            "04:37:06.413  watch    gunicorn"
+        );
         assert_eq!(colorize("short"), "short");
     }
 

@@ -15,7 +15,9 @@ pub fn find(pid: u32) -> Option<PathBuf> {
             dirs.push(dir.to_path_buf());
         }
     }
-    dirs.into_iter().map(|d| d.join("py-spy")).find(|p| p.is_file())
+    dirs.into_iter()
+        .map(|d| d.join("py-spy"))
+        .find(|p| p.is_file())
 }
 
 /// `py-spy dump --pid PID`, killed after `deadline`.
@@ -45,7 +47,10 @@ pub fn dump(pid: u32, deadline: Duration) -> Result<String, String> {
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("py-spy dump failed: {}", err.lines().next().unwrap_or("").trim()));
+        return Err(format!(
+            "py-spy dump failed: {}",
+            err.lines().next().unwrap_or("").trim()
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

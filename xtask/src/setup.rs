@@ -14,6 +14,7 @@ const PY_PACKAGES: &[&str] = &[
     "gevent==26.9.0",
     "packaging",
     "py-spy==0.4.3",
+    "kubernetes-validate==1.37.0",
 ];
 
 fn is_root() -> bool {
@@ -139,7 +140,7 @@ pub fn toolchain() -> Result<()> {
 pub fn venv() -> Result<PathBuf> {
     let dir = root().join("target/venv");
     let py = dir.join("bin/python");
-    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') and m.version('py-spy') == '0.4.3' else 1)";
+    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') and m.version('py-spy') == '0.4.3' and m.version('kubernetes-validate') == '1.37.0' else 1)";
     if output_ok(Command::new(&py).args(["-c", check])).is_some() {
         return Ok(dir);
     }
