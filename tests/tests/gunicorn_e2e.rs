@@ -340,3 +340,120 @@ fn py_stack_says_clearly_when_py_spy_is_missing() {
         t.stderr_lines
     );
 }
+
+#[test]
+fn ad_hoc_on_one_worker_with_text_on_screen_and_json_in_a_file() {
+    require_root();
+    let port = free_port();
+    let pids = pid_file("adhoc");
+    let g = start_gunicorn(2, port, &pids);
+    let master = g.pid();
+    let _client = get_async(port, "/hang", Duration::from_secs(20));
+    let victim = eventually("hang pid", Duration::from_secs(5), || {
+        pids_in(&pids).first().copied()
+    });
+    // The incident is already going on: attach to that one worker.
+    std::thread::sleep(Duration::from_millis(700));
+    let out_file = std::env::temp_dir().join(format!("tracer-adhoc-{}.jsonl", std::process::id()));
+    let (code, text, err) = run_tracer(&[
+        "watch",
+        "--pid",
+        &victim.to_string(),
+        "--duration",
+        "2s",
+        "--output",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("STALL"), "text on the terminal: {text}");
+    assert!(text.contains("== VERDICT =="), "{text}");
+    let lines: Vec<Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines in the file"))
+        .collect();
+    let stall = lines
+        .iter()
+        .find(|e| e["event"] == "stall")
+        .expect("a stall in the file");
+    assert_eq!(stall["pid"], victim);
+    assert_eq!(
+        stall["master_pid"], master,
+        "a single worker still knows its master"
+    );
+    assert_eq!(
+        stall["since_attach"], true,
+        "it was blocked before the tracer came"
+    );
+    assert_eq!(stall["fd_kind"], "pipe");
+    assert_eq!(
+        stall["count"], 4,
+        "arguments of a call already in progress, from /proc"
+    );
+    let heartbeat = stall["heartbeat_age_ms"].as_u64().unwrap();
+    assert!(
+        heartbeat >= 1000,
+        "the heartbeat shows how long it has really been stuck: {stall}"
+    );
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(
+        summary["workers"].as_array().unwrap().len(),
+        1,
+        "only that worker is watched"
+    );
+    drop(g);
+    let _ = std::fs::remove_file(&out_file);
+    let _ = std::fs::remove_file(&pids);
+}
+
+#[test]
+fn two_masters_at_once_and_one_of_them_killed() {
+    require_root();
+    let (pa, pb) = (free_port(), free_port());
+    let (fa, fb) = (pid_file("two-a"), pid_file("two-b"));
+    let mut t = Tracer::start(&["--threshold", "300ms"]);
+    let ga = start_gunicorn(1, pa, &fa);
+    let gb = start_gunicorn(1, pb, &fb);
+    let (ma, mb) = (ga.pid(), gb.pid());
+    for m in [ma, mb] {
+        t.wait_for("master", Duration::from_secs(10), |e| {
+            e["event"] == "master" && e["pid"] == m
+        });
+        t.wait_for("its worker", Duration::from_secs(10), |e| {
+            e["event"] == "worker" && e["master_pid"] == m
+        });
+    }
+    let _ca = get_async(pa, "/hang", Duration::from_secs(20));
+    let _cb = get_async(pb, "/hang", Duration::from_secs(20));
+    for (m, f) in [(ma, &fa), (mb, &fb)] {
+        let w = eventually("hang pid", Duration::from_secs(5), || {
+            pids_in(f).first().copied()
+        });
+        let (_, s) = t.wait_for("stall", Duration::from_secs(5), |e| {
+            e["event"] == "stall" && e["pid"] == w
+        });
+        assert_eq!(
+            s["master_pid"], m,
+            "each stall is attributed to its own master"
+        );
+    }
+    // Kill master A outright: the tracer reports it and keeps watching B.
+    unsafe { libc::kill(ma as i32, libc::SIGKILL) };
+    let (_, x) = t.wait_for("master exit", Duration::from_secs(5), |e| {
+        e["event"] == "worker_exit" && e["pid"] == ma
+    });
+    assert_eq!(x["role"], "master");
+    assert_eq!(x["signal"], "SIGKILL");
+    let summary = t.stop();
+    let stalled = summary["verdict"]["stalled_pids"].as_array().unwrap();
+    let wb = pids_in(&fb)[0];
+    assert!(
+        stalled.contains(&wb.into()),
+        "B's worker is still reported: {summary}"
+    );
+    drop(ga);
+    drop(gb);
+    let _ = std::fs::remove_file(&fa);
+    let _ = std::fs::remove_file(&fb);
+}

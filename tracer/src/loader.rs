@@ -242,3 +242,47 @@ impl Probes {
         self.stat(stat::EVENTS_LOST)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_errors_say_what_to_do() {
+        let e = explain(
+            "Operation not permitted (os error 1)",
+            "loading program sys_enter",
+        )
+        .to_string();
+        assert!(
+            e.starts_with("loading program sys_enter: permission denied; run as root"),
+            "{e}"
+        );
+        assert!(e.contains("CAP_BPF") && e.contains("CAP_PERFMON"), "{e}");
+    }
+
+    #[test]
+    fn verifier_rejections_show_the_end_of_the_log() {
+        let log = "the BPF_PROG_LOAD syscall failed. Verifier output:\n0: (79) r1 = *(u64 *)(r1 +0)\n1: R1 invalid mem access 'scalar'\nprocessed 2 insns";
+        let e = explain(log, "loading program sys_exit").to_string();
+        assert!(e.contains("verifier rejected the program"), "{e}");
+        assert!(
+            e.contains("invalid mem access"),
+            "the log's relevant part: {e}"
+        );
+        assert!(e.contains(&kernel_release()), "{e}");
+    }
+
+    #[test]
+    fn other_errors_pass_through_with_context() {
+        let e = explain(
+            "No such file or directory (os error 2)",
+            "attaching to tracepoint sock:x",
+        )
+        .to_string();
+        assert_eq!(
+            e,
+            "attaching to tracepoint sock:x: No such file or directory (os error 2)"
+        );
+    }
+}

@@ -216,3 +216,31 @@ format:
         assert!(parse_format("not a format\nfield:\n;;;").is_empty());
     }
 }
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tracepoint_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("tracer-tracefs-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("events/sched/sched_process_exit")).unwrap();
+        std::fs::write(
+            dir.join("events/sched/sched_process_exit/format"),
+            "format:\n\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n",
+        )
+        .unwrap();
+        let ok = Format::read(&dir, "sched", "sched_process_exit").unwrap();
+        assert_eq!(ok.offset("pid", 4).unwrap(), 24);
+        let e = Format::read(&dir, "raw_syscalls", "sys_enter")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("tracepoint raw_syscalls:sys_enter is missing"),
+            "{e}"
+        );
+        assert!(e.contains("CONFIG_FTRACE_SYSCALLS"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -42,6 +43,11 @@ enum Cmd {
         /// Only the syscall-cost part (1/5), for iterating on the probes.
         #[arg(long)]
         syscalls_only: bool,
+    },
+    /// A long run under load with worker churn: tracer memory and map sizes over time.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
     },
     #[command(name = "__pipe-loop", hide = true)]
     PipeLoop { pairs: u64, go: PathBuf },
@@ -180,6 +186,18 @@ fn main() -> ExitCode {
             syscalls_only,
         } => bench(quick, syscalls_only),
         Cmd::PipeLoop { pairs, go } => bench::pipe_loop(pairs, &go),
+        Cmd::Soak { minutes } => (|| {
+            setup::require_root("cargo xtask soak")?;
+            let bin = build()?;
+            let venv = setup::venv()?;
+            setup::tools(&[("wrk", "wrk")], "the soak drives load with wrk")?;
+            // SAFETY: set before any thread is spawned.
+            unsafe {
+                std::env::set_var("TRACER_BIN", &bin);
+                std::env::set_var("TRACER_VENV", &venv);
+            }
+            soak::run(&venv, minutes)
+        })(),
         Cmd::DropServer => bench::drop_server(),
         Cmd::Demo { scenario, timeout } => (|| {
             setup::require_root("cargo xtask demo")?;
