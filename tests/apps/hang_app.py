@@ -5,11 +5,13 @@ worker (which monkey-patches threads), the queue's feeder thread is a greenlet
 that cannot run while the request blocks the hub, so q.get() waits forever in
 read(pipe, 4) and Gunicorn eventually logs WORKER TIMEOUT and kills the worker.
 
-GET / answers normally. If HANG_PID_FILE is set, /hang appends the worker's
+GET /blockread blocks the worker about 50 ms in an uncooperative pipe read
+(it shows in the blocking-read histograms). GET / answers normally. If HANG_PID_FILE is set, /hang appends the worker's
 pid to it before blocking, so a test knows which worker took the request.
 """
 import multiprocessing
 import os
+import time
 
 
 def enqueue_and_wait():
@@ -27,6 +29,18 @@ def app(environ, start_response):
             with open(pid_file, "a") as f:
                 f.write(f"{os.getpid()}\n")
         body = f"got {enqueue_and_wait()}\n".encode()
+    elif path == "/blockread":
+        # A read gevent does not make cooperative (os.read on a pipe):
+        # it blocks the whole worker ~50 ms until a forked child writes.
+        r, w = os.pipe()
+        if os.fork() == 0:
+            time.sleep(0.05)
+            os.write(w, b"x")
+            os._exit(0)
+        os.read(r, 1)
+        os.close(r)
+        os.close(w)
+        body = b"read\n"
     elif path == "/pid":
         body = f"{os.getpid()}\n".encode()
     else:

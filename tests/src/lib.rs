@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
@@ -68,8 +68,8 @@ pub struct Line {
     pub text: String,
 }
 
-fn pump<R: Read + Send + 'static>(r: R) -> Receiver<Line> {
-    let (tx, rx) = channel();
+/// Forwards the lines of `r` to `tx`, stamped with their arrival time.
+fn pump_into<R: Read + Send + 'static>(r: R, tx: Sender<Line>) {
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(text) = line else { break };
@@ -84,6 +84,11 @@ fn pump<R: Read + Send + 'static>(r: R) -> Receiver<Line> {
             }
         }
     });
+}
+
+fn pump<R: Read + Send + 'static>(r: R) -> Receiver<Line> {
+    let (tx, rx) = channel();
+    pump_into(r, tx);
     rx
 }
 
@@ -388,27 +393,10 @@ pub fn gunicorn(args: &[&str], env: &[(&str, &str)]) -> Proc {
         cmd.env(k, v);
     }
     let mut p = Proc::spawn(&mut cmd);
+    // stdout and stderr merged, as a person reading Gunicorn's log sees them.
     let (tx, rx) = channel();
-    for r in [
-        Box::new(p.child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(p.child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(r).lines() {
-                let Ok(text) = line else { break };
-                if tx
-                    .send(Line {
-                        at: Instant::now(),
-                        text,
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-    }
+    pump_into(p.child.stdout.take().unwrap(), tx.clone());
+    pump_into(p.child.stderr.take().unwrap(), tx);
     p.output = Some(rx);
     p
 }

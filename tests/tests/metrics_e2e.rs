@@ -57,6 +57,43 @@ fn metrics_show_the_stalled_worker_and_forget_it_when_it_dies() {
     let huge = format!("GET /metrics HTTP/1.0\r\nX: {}\r\n\r\n", "a".repeat(10_000));
     assert!(raw(mport, huge.as_bytes()).starts_with("HTTP/1.1 431"));
 
+    // Reads that block the hub ~50 ms land in the kernel's histograms.
+    for _ in 0..3 {
+        assert!(get(port, "/blockread").ends_with("read\n"));
+    }
+    let text = eventually("blocking reads in /metrics", Duration::from_secs(5), || {
+        let t = get(mport, "/metrics");
+        let n: f64 = t
+            .lines()
+            .filter(|l| {
+                l.starts_with("gunicorn_tracer_worker_blocking_read_seconds_count{")
+                    && l.contains(r#"fd_kind="pipe""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (n >= 3.0).then_some(t)
+    });
+    let b32 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("gunicorn_tracer_worker_blocking_read_seconds_bucket{")
+                && l.contains(r#"fd_kind="pipe",le="0.032""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    let binf = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("gunicorn_tracer_worker_blocking_read_seconds_bucket{")
+                && l.contains(r#"fd_kind="pipe",le="+Inf""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(
+        binf >= 3.0 && b32 < binf,
+        "the ~50 ms reads sit above the 32 ms bound: {text}"
+    );
+
     let _client = get_async(port, "/hang", Duration::from_secs(30));
     let victim = eventually("hang pid", Duration::from_secs(5), || {
         std::fs::read_to_string(&pids)

@@ -106,6 +106,12 @@ fn churn_every_respawned_worker_is_followed_and_maps_do_not_grow() {
         "threads of dead workers are removed: {summary}"
     );
     assert_eq!(maps["conns"], 0, "{summary}");
+    // User space forgets quiet exits too: they are counted, not kept.
+    assert!(summary["exited_quiet"].as_u64().unwrap() >= 8, "{summary}");
+    assert!(
+        summary["workers"].as_array().unwrap().len() <= 3,
+        "{summary}"
+    );
     assert_eq!(summary["events_lost"], 0);
 }
 

@@ -204,6 +204,43 @@ pub struct Event {
     pub comm: [u8; 16],
 }
 
+/// What an fd is, as the kernel's read histograms tell them apart (from the
+/// inode mode of the file behind the fd).
+pub mod fdkind {
+    pub const UNKNOWN: usize = 0;
+    pub const PIPE: usize = 1;
+    pub const SOCKET: usize = 2;
+    pub const FILE: usize = 3;
+    pub const CHAR: usize = 4;
+    pub const OTHER: usize = 5;
+    pub const COUNT: usize = 6;
+    pub const NAMES: [&str; COUNT] = ["unknown", "pipe", "socket", "file", "char_device", "other"];
+}
+
+/// Buckets of the read-latency histograms: bucket `i` counts reads that
+/// blocked `[2^i, 2^(i+1))` ms; the last one everything longer.
+pub const HIST_BUCKETS: usize = 16;
+
+/// Value of the `READ_HIST` map, keyed by tgid: reads that blocked at least
+/// 1 ms, by fd kind, aggregated in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadHist {
+    /// `counts[kind * HIST_BUCKETS + bucket]`.
+    pub counts: [u64; fdkind::COUNT * HIST_BUCKETS],
+    /// Total blocked time per kind, in ns.
+    pub sum_ns: [u64; fdkind::COUNT],
+}
+
+impl Default for ReadHist {
+    fn default() -> Self {
+        ReadHist {
+            counts: [0; fdkind::COUNT * HIST_BUCKETS],
+            sum_ns: [0; fdkind::COUNT],
+        }
+    }
+}
+
 /// Indexes of the kernel's `STATS` per-CPU counters.
 pub mod stat {
     /// Ring buffer full: an event was dropped.
@@ -229,6 +266,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ConnEnd {}
+    unsafe impl aya::Pod for super::ReadHist {}
 }
 
 #[cfg(test)]

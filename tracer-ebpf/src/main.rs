@@ -26,8 +26,9 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    Conn, ConnEnd, ConnKey, Event, INFLIGHT_CONNS, Inflight, MAX_SYSCALL_NR, NOTE_PORT_MASK,
-    NOTE_RST, RET_EXITED, Watched, class, direction, ended, kind, role, stat,
+    Conn, ConnEnd, ConnKey, Event, HIST_BUCKETS, INFLIGHT_CONNS, Inflight, MAX_SYSCALL_NR,
+    NOTE_PORT_MASK, NOTE_RST, RET_EXITED, ReadHist, Watched, class, direction, ended, fdkind, kind,
+    role, stat,
 };
 
 // ---- Configuration, patched by user space at load time. ----
@@ -51,6 +52,26 @@ static OFF_SIG_PID: u64 = 36;
 static OFF_SETSTATE_SPORT: u64 = 24;
 #[unsafe(no_mangle)]
 static OFF_SETSTATE_NEWSTATE: u64 = 20;
+
+// Offsets into kernel structs, from the running kernel's BTF (user space
+// reads them; u64::MAX when unknown, and then fd kinds are "unknown"):
+// task_struct.files -> files_struct.fdt -> fdtable.fd[fd] -> file.f_inode
+// -> inode.i_mode.
+#[unsafe(no_mangle)]
+static OFF_TASK_FILES: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_FILES_FDT: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_FDT_MAX_FDS: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_FDT_FD: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_FILE_INODE: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_INODE_MODE: u64 = u64::MAX;
+
+/// A read that took this long blocked: it goes into the latency histogram.
+const BLOCKING_READ_NS: u64 = 1_000_000;
 
 const EAGAIN: i64 = 11;
 const EINPROGRESS: i64 = 115;
@@ -79,6 +100,11 @@ static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32768,
 /// back is one event, never one event per read or write.
 #[map]
 static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(65536, 0);
+#[map]
+static READ_HIST: LruHashMap<u32, ReadHist> = LruHashMap::with_max_entries(4096, 0);
+/// One all-zero ReadHist to insert from: it is too big for the BPF stack.
+#[map]
+static ZERO_HIST: Array<ReadHist> = Array::with_max_entries(1, 0);
 #[map]
 static SYSCALL_CLASS: Array<u32> = Array::with_max_entries(MAX_SYSCALL_NR, 0);
 #[map]
@@ -212,7 +238,8 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
         .copied()
         .unwrap_or(class::MAYBE);
     let now = unsafe { bpf_ktime_get_ns() };
-    let slow = now.saturating_sub(e.start_ns) >= cfg(&THRESHOLD_NS) && c & class::WAIT == 0;
+    let dur = now.saturating_sub(e.start_ns);
+    let slow = dur >= cfg(&THRESHOLD_NS) && c & class::WAIT == 0;
     if c & class::IO == 0 && !slow {
         return Ok(());
     }
@@ -222,7 +249,8 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
     // cannot touch one: skip the CONNS lookup and the argument reads.
     let creates = c & (class::ACCEPT | class::CONNECT) != 0;
     let conn_io = c & class::IO != 0 && (creates || e.flags & INFLIGHT_CONNS != 0);
-    if !conn_io && !slow {
+    let blocking_read = c & class::READ != 0 && dur >= BLOCKING_READ_NS;
+    if !conn_io && !slow && !blocking_read {
         return Ok(());
     }
     // A seeded entry (blocked before we attached) carries its arguments.
@@ -242,6 +270,9 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
         };
         track_conn(tgid, tid, e, c, ret, now, [arg0, arg1]);
     }
+    if blocking_read {
+        record_read(tgid, arg0 as i32, dur);
+    }
     if slow {
         let master = unsafe { WATCHED.get(tgid) }.map(|w| w.master).unwrap_or(0);
         let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
@@ -258,6 +289,84 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
         emit(&ev);
     }
     Ok(())
+}
+
+#[inline(always)]
+fn kread<T>(base: u64, off: u64) -> Option<T> {
+    if base == 0 || off == u64::MAX {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel((base + off) as *const T) }.ok()
+}
+
+/// What fd `fd` of the current task is, from its inode's mode.
+#[inline(always)]
+fn fd_kind(fd: i32) -> usize {
+    if fd < 0 {
+        return fdkind::UNKNOWN;
+    }
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let Some(files) = kread::<u64>(task, cfg(&OFF_TASK_FILES)) else {
+        return fdkind::UNKNOWN;
+    };
+    let Some(fdt) = kread::<u64>(files, cfg(&OFF_FILES_FDT)) else {
+        return fdkind::UNKNOWN;
+    };
+    match kread::<u32>(fdt, cfg(&OFF_FDT_MAX_FDS)) {
+        Some(max) if (fd as u32) < max => {}
+        _ => return fdkind::UNKNOWN,
+    }
+    let Some(arr) = kread::<u64>(fdt, cfg(&OFF_FDT_FD)) else {
+        return fdkind::UNKNOWN;
+    };
+    let Some(file) = kread::<u64>(arr, fd as u64 * 8) else {
+        return fdkind::UNKNOWN;
+    };
+    let Some(inode) = kread::<u64>(file, cfg(&OFF_FILE_INODE)) else {
+        return fdkind::UNKNOWN;
+    };
+    let Some(mode) = kread::<u16>(inode, cfg(&OFF_INODE_MODE)) else {
+        return fdkind::UNKNOWN;
+    };
+    match mode & 0o170000 {
+        0o010000 => fdkind::PIPE,
+        0o140000 => fdkind::SOCKET,
+        0o100000 => fdkind::FILE,
+        0o020000 => fdkind::CHAR,
+        _ => fdkind::OTHER,
+    }
+}
+
+/// Adds a read that blocked `dur` ns to the process's histogram.
+#[inline(always)]
+fn record_read(tgid: u32, fd: i32, dur: u64) {
+    let kind = fd_kind(fd);
+    let ms = dur / 1_000_000;
+    let bucket = if ms == 0 {
+        0
+    } else {
+        ((63 - ms.leading_zeros()) as usize).min(HIST_BUCKETS - 1)
+    };
+    if unsafe { READ_HIST.get(tgid) }.is_none() {
+        let Some(zero) = ZERO_HIST.get(0) else {
+            return;
+        };
+        let _ = READ_HIST.insert(tgid, zero, 1 /* BPF_NOEXIST */);
+    }
+    let Some(h) = READ_HIST.get_ptr_mut(tgid) else {
+        return;
+    };
+    let idx = kind * HIST_BUCKETS + bucket;
+    if idx >= fdkind::COUNT * HIST_BUCKETS || kind >= fdkind::COUNT {
+        return;
+    }
+    // Plain adds: the BPF target has no atomic fetch-add in stable Rust.
+    // Two threads of one process finishing a blocking read on two CPUs at
+    // the same instant may lose one count; a histogram can afford that.
+    unsafe {
+        (*h).counts[idx] += 1;
+        (*h).sum_ns[kind] += dur;
+    }
 }
 
 /// Copies the peer's sockaddr from the process's memory (accept's output

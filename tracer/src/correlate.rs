@@ -1,7 +1,7 @@
 //! The correlator: pure logic that turns kernel events and in-flight syscall
 //! samples into the events a person reads. It does no I/O: /proc lookups go
 //! through the [`Enricher`] trait, so tests feed it synthetic input.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Serialize;
 
@@ -274,6 +274,8 @@ struct Active {
 /// How long a syscall interrupted by a signal has to be restarted to count
 /// as the same stall (Python retries EINTR after running the handler).
 const RESTART_GRACE_NS: u64 = 200_000_000;
+/// Exited processes with findings kept for the summary, at most.
+const MAX_EXITED_KEPT: usize = 256;
 /// How long after a stall ends a kill by the master is still blamed on it.
 const TIMEOUT_BLAME_NS: u64 = 60_000_000_000;
 
@@ -347,6 +349,12 @@ fn takes_count(name: &str) -> bool {
 pub struct Correlator {
     threshold_ns: u64,
     procs: BTreeMap<u32, Proc>,
+    /// Exited processes kept for the summary because something happened to
+    /// them (stalls, timeouts, dropped requests), oldest first; bounded.
+    exited_notable: VecDeque<u32>,
+    /// Exited processes with nothing to report: only counted, so that worker
+    /// churn (--max-requests) cannot grow the tracer's memory.
+    exited_quiet: u64,
     active: HashMap<u32, Active>,
 }
 
@@ -355,6 +363,8 @@ impl Correlator {
         Correlator {
             threshold_ns,
             procs: BTreeMap::new(),
+            exited_notable: VecDeque::new(),
+            exited_quiet: 0,
             active: HashMap::new(),
         }
     }
@@ -461,6 +471,20 @@ impl Correlator {
                         signal: signal.map(signal_name),
                         container: p.container.clone(),
                     });
+                    let notable = p.stalls > 0
+                        || p.timeouts > 0
+                        || p.closes.dropped_request + p.closes.upstream_cut > 0;
+                    if notable {
+                        self.exited_notable.push_back(pid);
+                        if self.exited_notable.len() > MAX_EXITED_KEPT
+                            && let Some(old) = self.exited_notable.pop_front()
+                        {
+                            self.procs.remove(&old);
+                        }
+                    } else {
+                        self.procs.remove(&pid);
+                        self.exited_quiet += 1;
+                    }
                 }
             }
             KernelEvent::Signal {
@@ -798,7 +822,11 @@ impl Correlator {
             });
         }
         let verdict = verdict(&workers, self.threshold_ns);
-        Summary { workers, verdict }
+        Summary {
+            workers,
+            verdict,
+            exited_quiet: self.exited_quiet,
+        }
     }
 }
 
@@ -842,6 +870,8 @@ pub struct Verdict {
 pub struct Summary {
     pub workers: Vec<WorkerSummary>,
     pub verdict: Verdict,
+    /// Processes that exited with nothing to report (not listed in `workers`).
+    pub exited_quiet: u64,
 }
 
 /// "read() on fd 11 (pipe:[1234])"
@@ -1518,5 +1548,56 @@ mod tests {
             sum.verdict.text
         );
         assert!(sum.verdict.dropping_pids.is_empty());
+    }
+
+    #[test]
+    fn quiet_exits_are_counted_not_kept_and_notable_ones_are_bounded() {
+        let mut c = setup();
+        for pid in 1000..1000 + 3 * MAX_EXITED_KEPT as u32 {
+            let fork = KernelEvent::Fork {
+                ts_ns: 1,
+                parent: MASTER,
+                child: pid,
+                role: Role::Worker,
+                master: MASTER,
+            };
+            c.on_kernel(fork, &mut FakeProc);
+            if pid % 2 == 0 {
+                // Something to report: a dropped request.
+                c.on_kernel(
+                    conn_end(pid, 10, 0, tracer_common::ended::CLOSE),
+                    &mut FakeProc,
+                );
+            }
+            c.on_kernel(
+                KernelEvent::Exit {
+                    ts_ns: 2,
+                    pid,
+                    exit_code: Some(0),
+                    signal: None,
+                },
+                &mut FakeProc,
+            );
+        }
+        let sum = c.summary(3);
+        assert_eq!(sum.exited_quiet, 3 * MAX_EXITED_KEPT as u64 / 2);
+        let exited = sum
+            .workers
+            .iter()
+            .filter(|w| w.state != "healthy" && w.pid >= 1000)
+            .count();
+        assert_eq!(
+            exited, MAX_EXITED_KEPT,
+            "only the last notable exits are kept"
+        );
+        assert!(
+            sum.workers
+                .iter()
+                .any(|w| w.pid == 1000 + 3 * MAX_EXITED_KEPT as u32 - 2)
+        );
+        assert!(
+            !sum.workers.iter().any(|w| w.pid == 1000),
+            "the oldest were dropped"
+        );
     }
 }

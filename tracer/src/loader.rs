@@ -6,7 +6,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use tracer_common::{Conn, ConnKey, Inflight, MAX_SYSCALL_NR, Watched, stat};
+use tracer_common::{Conn, ConnKey, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, stat};
 
 use crate::model::Role;
 use crate::syscalls;
@@ -23,6 +23,7 @@ pub struct Probes {
     pub inflight: HashMap<MapData, u32, Inflight>,
     pub stats: PerCpuArray<MapData, u64>,
     pub conns: HashMap<MapData, ConnKey, Conn>,
+    pub read_hist: HashMap<MapData, u32, ReadHist>,
     pub events: Option<RingBuf<MapData>>,
 }
 
@@ -98,13 +99,39 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let nr_exit_group = syscalls::number("exit_group")
         .ok_or_else(|| anyhow!("no exit_group syscall on this architecture"))?;
 
+    // Struct offsets for telling fd kinds apart in the kernel (read
+    // histograms). Without BTF the histograms still count, as "unknown".
+    let btf = crate::btf::Btf::from_sys_fs();
+    if btf.is_none() {
+        eprintln!(
+            "tracer: warning: no BTF at /sys/kernel/btf/vmlinux: blocking-read histograms will not tell pipes from sockets"
+        );
+    }
+    let off = |s: &str, m: &str| -> u64 {
+        btf.as_ref()
+            .and_then(|b| b.member_offset(s, m))
+            .unwrap_or(u64::MAX)
+    };
+    let kernel_offsets = [
+        ("OFF_TASK_FILES", off("task_struct", "files")),
+        ("OFF_FILES_FDT", off("files_struct", "fdt")),
+        ("OFF_FDT_MAX_FDS", off("fdtable", "max_fds")),
+        ("OFF_FDT_FD", off("fdtable", "fd")),
+        ("OFF_FILE_INODE", off("file", "f_inode")),
+        ("OFF_INODE_MODE", off("inode", "i_mode")),
+    ];
+
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
         bail!(
             "this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs; rebuild it with `cargo xtask build`"
         );
     }
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    for (name, value) in &kernel_offsets {
+        loader.override_global(name, value, true);
+    }
+    let mut ebpf = loader
         .override_global("THRESHOLD_NS", &threshold_ns, true)
         .override_global("NR_EXIT_GROUP", &nr_exit_group, true)
         .override_global("OFF_NEWTASK_PID", &off_newtask_pid, true)
@@ -161,6 +188,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let inflight = HashMap::try_from(take(&mut ebpf, "INFLIGHT")?)?;
     let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
     let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
+    let read_hist = HashMap::try_from(take(&mut ebpf, "READ_HIST")?)?;
     let events = Some(RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?);
     Ok(Probes {
         _ebpf: ebpf,
@@ -168,6 +196,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         inflight,
         stats,
         conns,
+        read_hist,
         events,
     })
 }
@@ -236,6 +265,16 @@ impl Probes {
             inflight: self.inflight.keys().filter(|k| k.is_ok()).count(),
             conns: self.conns.keys().filter(|k| k.is_ok()).count(),
         }
+    }
+
+    /// The blocking-read histogram of a process, if it had any.
+    pub fn read_hist(&self, tgid: u32) -> Option<ReadHist> {
+        self.read_hist.get(&tgid, 0).ok()
+    }
+
+    /// Drops what the kernel kept for a process that exited.
+    pub fn forget(&mut self, tgid: u32) {
+        let _ = self.read_hist.remove(&tgid);
     }
 
     pub fn events_lost(&self) -> u64 {

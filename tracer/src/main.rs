@@ -1,4 +1,5 @@
 //! tracer: names the Gunicorn worker that a blocking syscall has stalled.
+mod btf;
 mod cli;
 mod container;
 mod correlate;

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::correlate::{Summary, WorkerSummary};
 use crate::model::Role;
 use crate::output::MapOccupancy;
+use tracer_common::{HIST_BUCKETS, ReadHist, fdkind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
@@ -98,11 +99,61 @@ fn labels(w: &WorkerSummary) -> WorkerLabels {
     }
 }
 
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The kernel's per-process histograms of reads that blocked at least 1 ms,
+/// as OpenMetrics text. prometheus-client cannot take pre-aggregated
+/// buckets, so this family is written by hand, in the same format.
+fn read_histograms(rows: &[(WorkerLabels, ReadHist)]) -> String {
+    const NAME: &str = "gunicorn_tracer_worker_blocking_read_seconds";
+    let mut out = format!(
+        "# HELP {NAME} Reads that blocked 1 ms or more, by fd kind, aggregated in the kernel.\n# TYPE {NAME} histogram\n"
+    );
+    for (l, h) in rows {
+        for (kind, kind_name) in fdkind::NAMES.iter().enumerate() {
+            let counts = &h.counts[kind * HIST_BUCKETS..(kind + 1) * HIST_BUCKETS];
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let labels = format!(
+                "master_pid=\"{}\",worker_pid=\"{}\",app=\"{}\",namespace=\"{}\",pod=\"{}\",container=\"{}\",fd_kind=\"{kind_name}\"",
+                l.master_pid,
+                l.worker_pid,
+                escape(&l.app),
+                escape(&l.namespace),
+                escape(&l.pod),
+                escape(&l.container)
+            );
+            let mut cum = 0;
+            // Bucket i holds [2^i, 2^(i+1)) ms; the last one is open-ended.
+            for (i, c) in counts.iter().enumerate().take(HIST_BUCKETS - 1) {
+                cum += c;
+                let le = (1u64 << (i + 1)) as f64 / 1000.0;
+                out.push_str(&format!("{NAME}_bucket{{{labels},le=\"{le}\"}} {cum}\n"));
+            }
+            out.push_str(&format!("{NAME}_bucket{{{labels},le=\"+Inf\"}} {total}\n"));
+            out.push_str(&format!(
+                "{NAME}_sum{{{labels}}} {}\n",
+                h.sum_ns[kind] as f64 / 1e9
+            ));
+            out.push_str(&format!("{NAME}_count{{{labels}}} {total}\n"));
+        }
+    }
+    out
+}
+
 /// Renders the metrics text. `heartbeat_ms` reads a live worker's
-/// heartbeat age (from /proc in production, a stub in tests).
+/// heartbeat age and `read_hist` its kernel read histogram (from /proc and
+/// the BPF map in production, stubs in tests).
 pub fn render(
     summary: &Summary,
     heartbeat_ms: &mut dyn FnMut(u32) -> Option<u64>,
+    read_hist: &mut dyn FnMut(u32) -> Option<ReadHist>,
     durations: &StallDurations,
     me: &SelfStats,
 ) -> String {
@@ -144,6 +195,7 @@ pub fn render(
         "Duration of blocking syscalls that crossed the threshold, by fd kind",
         durations.0.clone(),
     );
+    let mut hist_rows = Vec::new();
     for w in summary.workers.iter().filter(|w| {
         w.role != Role::Master
             && matches!(
@@ -152,6 +204,9 @@ pub fn render(
             )
     }) {
         let l = labels(w);
+        if let Some(h) = read_hist(w.pid) {
+            hist_rows.push((l.clone(), h));
+        }
         if let Some(hb) = heartbeat_ms(w.pid) {
             heartbeat.get_or_create(&l).set(hb as f64 / 1000.0);
         }
@@ -209,6 +264,12 @@ pub fn render(
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out = "# encoding failed\n".into();
+    }
+    // Splice the hand-written family in before the end marker.
+    let hist = read_histograms(&hist_rows);
+    match out.rfind("# EOF") {
+        Some(at) => out.insert_str(at, &hist),
+        None => out.push_str(&hist),
     }
     out
 }
@@ -364,6 +425,7 @@ mod tests {
                 dropping_pids: vec![],
                 text: String::new(),
             },
+            exited_quiet: 0,
         }
     }
 
@@ -380,11 +442,26 @@ mod tests {
                 conns: 0,
             },
         };
+        let mut h = ReadHist::default();
+        h.counts[fdkind::PIPE * HIST_BUCKETS] = 2; // two reads of 1-2 ms
+        h.counts[fdkind::PIPE * HIST_BUCKETS + 3] = 1; // one of 8-16 ms
+        h.sum_ns[fdkind::PIPE] = 13_000_000;
         let t = render(
             &summary(vec![worker(7, "healthy")]),
             &mut |_| Some(1200),
+            &mut |_| Some(h),
             &d,
             &me,
+        );
+        let r = r#"gunicorn_tracer_worker_blocking_read_seconds_bucket{master_pid="1",worker_pid="7",app="app:app",namespace="shop",pod="web-1",container="abc",fd_kind="pipe""#;
+        assert!(t.contains(&format!(r#"{r},le="0.002"}} 2"#)), "{t}");
+        assert!(t.contains(&format!(r#"{r},le="0.008"}} 2"#)), "{t}");
+        assert!(t.contains(&format!(r#"{r},le="0.016"}} 3"#)), "{t}");
+        assert!(t.contains(&format!(r#"{r},le="+Inf"}} 3"#)), "{t}");
+        assert!(t.contains(r#"gunicorn_tracer_worker_blocking_read_seconds_sum{master_pid="1",worker_pid="7",app="app:app",namespace="shop",pod="web-1",container="abc",fd_kind="pipe"} 0.013"#), "{t}");
+        assert!(
+            !t.contains(r#"fd_kind="socket",le"#),
+            "empty kinds are left out"
         );
         let l = r#"app="app:app",namespace="shop",pod="web-1",container="abc""#;
         assert!(t.contains(&format!(r#"gunicorn_tracer_worker_heartbeat_age_seconds{{master_pid="1",worker_pid="7",{l}}} 1.2"#)), "{t}");
@@ -413,6 +490,21 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("# EOF\n"));
+        let r = r#"gunicorn_tracer_worker_blocking_read_seconds_bucket{master_pid="1",worker_pid="7",app="app:app",namespace="shop",pod="web-1",container="abc",fd_kind="pipe""#;
+        assert!(t.contains(&format!(r#"{r},le="0.002"}} 2"#)), "{t}");
+        assert!(t.contains(&format!(r#"{r},le="0.008"}} 2"#)), "{t}");
+        assert!(t.contains(&format!(r#"{r},le="0.016"}} 3"#)), "{t}");
+        assert!(t.contains(&format!(r#"{r},le="+Inf"}} 3"#)), "{t}");
+        assert!(t.contains(r#"gunicorn_tracer_worker_blocking_read_seconds_sum{master_pid="1",worker_pid="7",app="app:app",namespace="shop",pod="web-1",container="abc",fd_kind="pipe"} 0.013"#), "{t}");
+        assert!(
+            !t.contains(r#"fd_kind="socket",le"#),
+            "empty kinds are left out"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
     #[test]
@@ -424,6 +516,12 @@ mod tests {
                 worker(9, "killed_by_timeout"),
             ]),
             &mut |_| None,
+            &mut |_| {
+                Some(ReadHist {
+                    counts: [1; fdkind::COUNT * HIST_BUCKETS],
+                    sum_ns: [1; fdkind::COUNT],
+                })
+            },
             &StallDurations::default(),
             &SelfStats::default(),
         );

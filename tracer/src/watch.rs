@@ -296,8 +296,14 @@ impl State {
             events_lost: self.probes.events_lost(),
             maps: self.probes.occupancy(),
         };
-        let body =
-            crate::metrics::render(&summary, &mut proc::heartbeat_age_ms, &self.durations, &me);
+        let probes = &self.probes;
+        let body = crate::metrics::render(
+            &summary,
+            &mut proc::heartbeat_age_ms,
+            &mut |pid| probes.read_hist(pid),
+            &self.durations,
+            &me,
+        );
         if let Ok(mut t) = text.lock() {
             *t = body;
         }
@@ -403,6 +409,7 @@ impl State {
         }
         if let Some(pid) = exited {
             self.enricher.forget(pid);
+            self.probes.forget(pid);
         }
     }
 

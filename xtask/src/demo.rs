@@ -25,6 +25,25 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// SIGINT, as a person would press Ctrl-C: the tracer prints its summary.
+fn stop_tracer(mut tr: std::process::Child) -> Result<()> {
+    step("stopping the tracer (SIGINT): its summary puts the verdict first");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(tr.id() as i32, libc::SIGINT) };
+    let status = tr.wait()?;
+    if !status.success() {
+        anyhow::bail!("the tracer exited with {status}");
+    }
+    Ok(())
+}
+
+/// Kills a child started with `process_group(0)` and all it spawned.
+fn stop_group(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on the process group we created for the child.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+}
+
 pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
     let port = free_port()?;
     step(&format!(
@@ -71,7 +90,7 @@ pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
         step(&format!(
             "starting the tracer on master {master}: tracer watch --pid {master}"
         ));
-        let mut tr = Command::new(tracer)
+        let tr = Command::new(tracer)
             .args(["watch", "--pid", &master.to_string()])
             .stdin(Stdio::null())
             .spawn()
@@ -101,18 +120,9 @@ pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
         if !respawned {
             eprintln!("    (Gunicorn did not time the worker out as expected; stopping anyway)");
         }
-        step("stopping the tracer (SIGINT): its summary puts the verdict first");
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(tr.id() as i32, libc::SIGINT) };
-        let status = tr.wait()?;
-        if !status.success() {
-            anyhow::bail!("the tracer exited with {status}");
-        }
-        Ok(())
+        stop_tracer(tr)
     })();
-    // SAFETY: kill(2) on the process group we created for gunicorn.
-    unsafe { libc::kill(-(master as i32), libc::SIGKILL) };
-    let _ = gunicorn.wait();
+    stop_group(&mut gunicorn);
     step("demo done; gunicorn stopped");
     result
 }
@@ -150,7 +160,7 @@ pub fn early_close(tracer: &Path, venv: &Path) -> Result<()> {
             "nginx on 127.0.0.1:{} in front of it; starting the tracer: tracer watch --pid {master}",
             nginx.port
         ));
-        let mut tr = Command::new(tracer)
+        let tr = Command::new(tracer)
             .args(["watch", "--pid", &master.to_string()])
             .stdin(Stdio::null())
             .spawn()
@@ -184,18 +194,9 @@ pub fn early_close(tracer: &Path, venv: &Path) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        step("stopping the tracer (SIGINT): its summary puts the verdict first");
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(tr.id() as i32, libc::SIGINT) };
-        let status = tr.wait()?;
-        if !status.success() {
-            anyhow::bail!("the tracer exited with {status}");
-        }
-        Ok(())
+        stop_tracer(tr)
     })();
-    // SAFETY: kill(2) on the process group we created for gunicorn.
-    unsafe { libc::kill(-(master as i32), libc::SIGKILL) };
-    let _ = gunicorn.wait();
+    stop_group(&mut gunicorn);
     step("demo done; gunicorn and nginx stopped");
     result
 }

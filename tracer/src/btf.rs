@@ -1,0 +1,235 @@
+//! Just enough of a BTF reader to find struct member offsets in the running
+//! kernel's /sys/kernel/btf/vmlinux. Rust eBPF emits no CO-RE relocations,
+//! so user space looks the offsets up and hands them to the programs.
+use std::collections::HashMap;
+
+const MAGIC: u16 = 0xeb9f;
+
+// BTF kinds and the bytes that follow their 12-byte common header.
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Debug, Clone)]
+struct Member {
+    name: String,
+    type_id: u32,
+    bit_offset: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Composite {
+    members: Vec<Member>,
+}
+
+/// Structs and unions of a BTF blob, by type id.
+pub struct Btf {
+    composites: HashMap<u32, Composite>,
+    by_name: HashMap<String, u32>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn str_at(strings: &[u8], off: u32) -> String {
+    let s = strings.get(off as usize..).unwrap_or_default();
+    let end = s.iter().position(|b| *b == 0).unwrap_or(s.len());
+    String::from_utf8_lossy(&s[..end]).into_owned()
+}
+
+impl Btf {
+    /// Parses a little-endian BTF blob; None if it is not one.
+    pub fn parse(b: &[u8]) -> Option<Btf> {
+        if u16_at(b, 0)? != MAGIC {
+            return None;
+        }
+        let hdr_len = u32_at(b, 4)? as usize;
+        let (type_off, type_len) = (u32_at(b, 8)? as usize, u32_at(b, 12)? as usize);
+        let (str_off, str_len) = (u32_at(b, 16)? as usize, u32_at(b, 20)? as usize);
+        let types = b.get(hdr_len + type_off..hdr_len + type_off + type_len)?;
+        let strings = b.get(hdr_len + str_off..hdr_len + str_off + str_len)?;
+        let mut composites = HashMap::new();
+        let mut by_name = HashMap::new();
+        let mut at = 0usize;
+        let mut id = 1u32;
+        while at + 12 <= types.len() {
+            let name_off = u32_at(types, at)?;
+            let info = u32_at(types, at + 4)?;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            at += 12;
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                _ => 0,
+            };
+            if kind == KIND_STRUCT || kind == KIND_UNION {
+                let mut members = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let m = at + 12 * i;
+                    let off = u32_at(types, m + 8)?;
+                    members.push(Member {
+                        name: str_at(strings, u32_at(types, m)?),
+                        type_id: u32_at(types, m + 4)?,
+                        // With kind_flag the top 8 bits are a bitfield size.
+                        bit_offset: if kind_flag { off & 0x00ff_ffff } else { off },
+                    });
+                }
+                let name = str_at(strings, name_off);
+                if kind == KIND_STRUCT && !name.is_empty() {
+                    by_name.entry(name.clone()).or_insert(id);
+                }
+                composites.insert(id, Composite { members });
+            }
+            at += extra;
+            id += 1;
+        }
+        Some(Btf {
+            composites,
+            by_name,
+        })
+    }
+
+    pub fn from_sys_fs() -> Option<Btf> {
+        Btf::parse(&std::fs::read("/sys/kernel/btf/vmlinux").ok()?)
+    }
+
+    /// Byte offset of `member` in `struct name`, looking through anonymous
+    /// unions and structs, as C does.
+    pub fn member_offset(&self, name: &str, member: &str) -> Option<u64> {
+        let id = *self.by_name.get(name)?;
+        self.find(id, member, 0).map(|bits| bits / 8)
+    }
+
+    fn find(&self, id: u32, member: &str, base_bits: u64) -> Option<u64> {
+        let c = self.composites.get(&id)?;
+        for m in &c.members {
+            let bits = base_bits + m.bit_offset as u64;
+            if m.name == member {
+                return Some(bits);
+            }
+            if m.name.is_empty()
+                && let Some(found) = self.find(m.type_id, member, bits)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny BTF blob: struct inner { int a; int b; }; and struct outer
+    /// { long x; union { int y; struct inner in; }; char z; } (the union is
+    /// anonymous), plus an INT type that must be skipped correctly.
+    fn blob() -> Vec<u8> {
+        let strings = b"\0int\0a\0b\0inner\0outer\0x\0y\0in\0z\0".to_vec();
+        let s = |name: &str| -> u32 {
+            let pos = strings
+                .windows(name.len() + 2)
+                .position(|w| {
+                    w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0
+                })
+                .unwrap();
+            (pos + 1) as u32
+        };
+        let mut t = Vec::new();
+        let mut push = |v: u32| t.extend_from_slice(&v.to_le_bytes());
+        // 1: int (INT, size 4, 4 extra bytes)
+        push(s("int"));
+        push(KIND_INT << 24);
+        push(4);
+        push(32);
+        // 2: struct inner { a @0, b @32 bits }
+        push(s("inner"));
+        push((KIND_STRUCT << 24) | 2);
+        push(8);
+        for (n, off) in [("a", 0), ("b", 32)] {
+            push(s(n));
+            push(1);
+            push(off);
+        }
+        // 3: anonymous union { y, in }
+        push(0);
+        push((KIND_UNION << 24) | 2);
+        push(8);
+        for (n, ty) in [("y", 1), ("in", 2)] {
+            push(s(n));
+            push(ty);
+            push(0);
+        }
+        // 4: struct outer { x @0, <anon union> @64, z @128 }
+        push(s("outer"));
+        push((KIND_STRUCT << 24) | 3);
+        push(24);
+        for (n, ty, off) in [("", 3, 64), ("x", 1, 0), ("z", 1, 128)] {
+            push(if n.is_empty() { 0 } else { s(n) });
+            push(ty);
+            push(off);
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.push(1); // version
+        b.push(0); // flags
+        b.extend_from_slice(&24u32.to_le_bytes()); // hdr_len
+        b.extend_from_slice(&0u32.to_le_bytes()); // type_off
+        b.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(t.len() as u32).to_le_bytes()); // str_off
+        b.extend_from_slice(&(strings.len() as u32).to_le_bytes());
+        b.extend_from_slice(&t);
+        b.extend_from_slice(&strings);
+        b
+    }
+
+    #[test]
+    fn finds_direct_and_anonymous_members() {
+        let btf = Btf::parse(&blob()).unwrap();
+        assert_eq!(btf.member_offset("inner", "b"), Some(4));
+        assert_eq!(btf.member_offset("outer", "x"), Some(0));
+        assert_eq!(btf.member_offset("outer", "z"), Some(16));
+        assert_eq!(
+            btf.member_offset("outer", "y"),
+            Some(8),
+            "through the anonymous union"
+        );
+        assert_eq!(btf.member_offset("outer", "nope"), None);
+        assert_eq!(btf.member_offset("missing", "x"), None);
+    }
+
+    #[test]
+    fn rejects_what_is_not_btf() {
+        assert!(Btf::parse(b"not btf at all, no").is_none());
+        assert!(Btf::parse(&[]).is_none());
+        let mut b = blob();
+        b.truncate(30);
+        assert!(Btf::parse(&b).is_none());
+    }
+
+    #[test]
+    fn reads_this_kernels_btf_when_present() {
+        let Some(btf) = Btf::from_sys_fs() else {
+            return; // no BTF on this kernel: the tracer then skips fd kinds
+        };
+        assert!(btf.member_offset("task_struct", "files").is_some());
+        assert!(btf.member_offset("inode", "i_mode").is_some());
+        assert!(btf.member_offset("file", "f_inode").is_some());
+    }
+}
