@@ -252,3 +252,101 @@ fn without_privileges_it_says_which_capability_is_missing() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+#[test]
+fn overload_loses_events_visibly_never_blocks_and_recovers() {
+    require_root();
+    let mut cmd = Command::new(python());
+    cmd.arg(apps_dir().join("tcp_server.py"))
+        .arg("drop")
+        .stdout(Stdio::piped());
+    let mut server = Proc::spawn(&mut cmd);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let mut t = Tracer::start(&["--pid", &server.pid().to_string()]);
+
+    // Freeze the tracer: nobody drains the ring buffer while the server
+    // drops connections as fast as the clients can open them.
+    unsafe { libc::kill(t.pid() as i32, libc::SIGSTOP) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while std::time::Instant::now() < deadline {
+                    if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                        let _ = std::io::Write::write_all(&mut c, b"x");
+                        let mut b = [0u8; 4];
+                        let _ = std::io::Read::read(&mut c, &mut b);
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let sent: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    unsafe { libc::kill(t.pid() as i32, libc::SIGCONT) };
+    // Let it drain what the ring buffer kept.
+    t.collect_for(Duration::from_secs(2));
+
+    // It recovers: a connection after the storm is still reported.
+    let marker = {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let local = c.local_addr().unwrap().port();
+        std::io::Write::write_all(&mut c, b"after").unwrap();
+        let mut b = [0u8; 4];
+        let _ = std::io::Read::read(&mut c, &mut b);
+        format!("127.0.0.1:{local}")
+    };
+    t.wait_for(
+        "the connection after the storm",
+        Duration::from_secs(20),
+        |e| e["event"] == "early_close" && e["peer"] == marker.as_str(),
+    );
+
+    // SIGTERM, like a DaemonSet pod being stopped: summary, exit 0.
+    unsafe { libc::kill(t.pid() as i32, libc::SIGTERM) };
+    let (_, summary) = t.wait_for("summary", Duration::from_secs(10), |e| {
+        e["event"] == "summary"
+    });
+    let reported = t.of_kind("early_close").len() as u64;
+    let lost = summary["events_lost"].as_u64().unwrap();
+    assert!(sent > 0);
+    assert!(
+        lost > 0,
+        "{sent} connections in 4 s must overflow a frozen ring buffer (reported {reported})"
+    );
+    assert_eq!(
+        reported + lost,
+        sent + 1,
+        "every connection is either reported or counted as lost"
+    );
+}
+
+#[test]
+fn a_watched_process_that_execs_is_still_watched() {
+    require_root();
+    // The child of a watched process execs a new program that blocks.
+    let code = format!(
+        "import os, time\ntime.sleep(0.8)\npid = os.fork()\nif pid == 0:\n    os.execv({py:?}, [{py:?}, '-c', 'import os\\nr, w = os.pipe()\\nos.read(r, 4)\\n'])\nos.waitpid(pid, 0)\n",
+        py = python().to_str().unwrap()
+    );
+    let p = Proc::python(&code);
+    let mut t = Tracer::start(&["--pid", &p.pid().to_string(), "--threshold", "300ms"]);
+    let (_, born) = t.wait_for("child", Duration::from_secs(5), |e| {
+        e["event"] == "worker" && e["source"] == "fork"
+    });
+    let child = born["pid"].clone();
+    let (_, stall) = t.wait_for("stall after exec", Duration::from_secs(5), |e| {
+        e["event"] == "stall"
+    });
+    assert_eq!(stall["pid"], child, "{stall}");
+    assert_eq!(stall["syscall"], "read");
+    t.stop();
+}
