@@ -1,8 +1,6 @@
 //! Just enough of a BTF reader to find struct member offsets in the running
 //! kernel's /sys/kernel/btf/vmlinux. Rust eBPF emits no CO-RE relocations,
 //! so user space looks the offsets up and hands them to the programs.
-use std::collections::HashMap;
-
 const MAGIC: u16 = 0xeb9f;
 
 // BTF kinds and the bytes that follow their 12-byte common header.
@@ -17,22 +15,15 @@ const KIND_DATASEC: u32 = 15;
 const KIND_DECL_TAG: u32 = 17;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
-struct Member {
-    name: String,
-    type_id: u32,
-    bit_offset: u32,
-}
-
-#[derive(Debug, Clone)]
-struct Composite {
-    members: Vec<Member>,
-}
-
-/// Structs and unions of a BTF blob, by type id.
+/// A parsed BTF blob. It keeps the raw bytes and one offset per type, and
+/// reads names and members on demand: no per-type allocations, so parsing
+/// the kernel's 100,000+ types leaves nothing behind in the heap.
 pub struct Btf {
-    composites: HashMap<u32, Composite>,
-    by_name: HashMap<String, u32>,
+    data: Vec<u8>,
+    types_at: usize,
+    strings: std::ops::Range<usize>,
+    /// Byte offset (from `types_at`) of each type; type id `i` is at `i - 1`.
+    type_offsets: Vec<u32>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -43,88 +34,97 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-fn str_at(strings: &[u8], off: u32) -> String {
-    let s = strings.get(off as usize..).unwrap_or_default();
-    let end = s.iter().position(|b| *b == 0).unwrap_or(s.len());
-    String::from_utf8_lossy(&s[..end]).into_owned()
-}
-
 impl Btf {
     /// Parses a little-endian BTF blob; None if it is not one.
-    pub fn parse(b: &[u8]) -> Option<Btf> {
+    pub fn parse(data: Vec<u8>) -> Option<Btf> {
+        let b = &data;
         if u16_at(b, 0)? != MAGIC {
             return None;
         }
         let hdr_len = u32_at(b, 4)? as usize;
         let (type_off, type_len) = (u32_at(b, 8)? as usize, u32_at(b, 12)? as usize);
         let (str_off, str_len) = (u32_at(b, 16)? as usize, u32_at(b, 20)? as usize);
-        let types = b.get(hdr_len + type_off..hdr_len + type_off + type_len)?;
-        let strings = b.get(hdr_len + str_off..hdr_len + str_off + str_len)?;
-        let mut composites = HashMap::new();
-        let mut by_name = HashMap::new();
+        let types_at = hdr_len + type_off;
+        let types = b.get(types_at..types_at + type_len)?;
+        let strings = hdr_len + str_off..hdr_len + str_off + str_len;
+        b.get(strings.clone())?;
+        let mut type_offsets = Vec::new();
         let mut at = 0usize;
-        let mut id = 1u32;
         while at + 12 <= types.len() {
-            let name_off = u32_at(types, at)?;
+            type_offsets.push(at as u32);
             let info = u32_at(types, at + 4)?;
-            let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            at += 12;
-            let extra = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
-                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
-                _ => 0,
-            };
-            if kind == KIND_STRUCT || kind == KIND_UNION {
-                let mut members = Vec::with_capacity(vlen);
-                for i in 0..vlen {
-                    let m = at + 12 * i;
-                    let off = u32_at(types, m + 8)?;
-                    members.push(Member {
-                        name: str_at(strings, u32_at(types, m)?),
-                        type_id: u32_at(types, m + 4)?,
-                        // With kind_flag the top 8 bits are a bitfield size.
-                        bit_offset: if kind_flag { off & 0x00ff_ffff } else { off },
-                    });
-                }
-                let name = str_at(strings, name_off);
-                if kind == KIND_STRUCT && !name.is_empty() {
-                    by_name.entry(name.clone()).or_insert(id);
-                }
-                composites.insert(id, Composite { members });
-            }
-            at += extra;
-            id += 1;
+            at += 12
+                + match (info >> 24) & 0x1f {
+                    KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                    KIND_ARRAY => 12,
+                    KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                    KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                    _ => 0,
+                };
+        }
+        if at != types.len() {
+            return None; // truncated or an unknown layout
         }
         Some(Btf {
-            composites,
-            by_name,
+            data,
+            types_at,
+            strings,
+            type_offsets,
         })
     }
 
     pub fn from_sys_fs() -> Option<Btf> {
-        Btf::parse(&std::fs::read("/sys/kernel/btf/vmlinux").ok()?)
+        Btf::parse(std::fs::read("/sys/kernel/btf/vmlinux").ok()?)
+    }
+
+    fn name(&self, off: u32) -> &[u8] {
+        let s = self
+            .data
+            .get(self.strings.start + off as usize..self.strings.end)
+            .unwrap_or_default();
+        &s[..s.iter().position(|b| *b == 0).unwrap_or(s.len())]
+    }
+
+    fn u32(&self, type_at: usize, field: usize) -> Option<u32> {
+        u32_at(&self.data, self.types_at + type_at + field)
+    }
+
+    /// (name offset, info) of type `id`.
+    fn header(&self, id: u32) -> Option<(usize, u32, u32)> {
+        let at = *self.type_offsets.get(id.checked_sub(1)? as usize)? as usize;
+        Some((at, self.u32(at, 0)?, self.u32(at, 4)?))
     }
 
     /// Byte offset of `member` in `struct name`, looking through anonymous
     /// unions and structs, as C does.
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u64> {
-        let id = *self.by_name.get(name)?;
-        self.find(id, member, 0).map(|bits| bits / 8)
+        let id = (1..=self.type_offsets.len() as u32).find(|id| {
+            self.header(*id).is_some_and(|(_, name_off, info)| {
+                (info >> 24) & 0x1f == KIND_STRUCT && self.name(name_off) == name.as_bytes()
+            })
+        })?;
+        self.find(id, member.as_bytes(), 0, 0).map(|bits| bits / 8)
     }
 
-    fn find(&self, id: u32, member: &str, base_bits: u64) -> Option<u64> {
-        let c = self.composites.get(&id)?;
-        for m in &c.members {
-            let bits = base_bits + m.bit_offset as u64;
-            if m.name == member {
+    fn find(&self, id: u32, member: &[u8], base_bits: u64, depth: u32) -> Option<u64> {
+        let (at, _, info) = self.header(id)?;
+        let kind = (info >> 24) & 0x1f;
+        if (kind != KIND_STRUCT && kind != KIND_UNION) || depth > 8 {
+            return None;
+        }
+        let kind_flag = info >> 31 == 1;
+        for i in 0..(info & 0xffff) as usize {
+            let m = at + 12 + 12 * i;
+            let (name_off, type_id, off) = (self.u32(m, 0)?, self.u32(m, 4)?, self.u32(m, 8)?);
+            // With kind_flag the top 8 bits are a bitfield size.
+            let bits = base_bits + if kind_flag { off & 0x00ff_ffff } else { off } as u64;
+            let name = self.name(name_off);
+            if name == member {
                 return Some(bits);
             }
-            if m.name.is_empty()
-                && let Some(found) = self.find(m.type_id, member, bits)
+            if name.is_empty()
+                && let Some(found) = self.find(type_id, member, bits, depth + 1)
             {
                 return Some(found);
             }
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn finds_direct_and_anonymous_members() {
-        let btf = Btf::parse(&blob()).unwrap();
+        let btf = Btf::parse(blob()).unwrap();
         assert_eq!(btf.member_offset("inner", "b"), Some(4));
         assert_eq!(btf.member_offset("outer", "x"), Some(0));
         assert_eq!(btf.member_offset("outer", "z"), Some(16));
@@ -216,11 +216,11 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_btf() {
-        assert!(Btf::parse(b"not btf at all, no").is_none());
-        assert!(Btf::parse(&[]).is_none());
+        assert!(Btf::parse(b"not btf at all, no".to_vec()).is_none());
+        assert!(Btf::parse(Vec::new()).is_none());
         let mut b = blob();
         b.truncate(30);
-        assert!(Btf::parse(&b).is_none());
+        assert!(Btf::parse(b).is_none());
     }
 
     #[test]
