@@ -189,7 +189,9 @@ fn a_master_started_after_the_tracer_is_discovered_and_followed() {
         e["event"] == "worker" && e["master_pid"] == master && e["source"] == "fork"
     });
     assert!(
-        t.of_kind("worker").iter().all(|e| e["master_pid"] != master || e["source"] == "fork"),
+        t.of_kind("worker")
+            .iter()
+            .all(|e| e["master_pid"] != master || e["source"] == "fork"),
         "no worker of this master was found by scanning: {:?}",
         t.of_kind("worker")
     );
@@ -456,4 +458,43 @@ fn two_masters_at_once_and_one_of_them_killed() {
     drop(gb);
     let _ = std::fs::remove_file(&fa);
     let _ = std::fs::remove_file(&fb);
+}
+
+#[test]
+fn a_master_reload_hup_keeps_it_watched_and_follows_the_new_workers() {
+    require_root();
+    let port = free_port();
+    let pids = pid_file("hup");
+    let g = start_gunicorn(2, port, &pids);
+    let master = g.pid();
+    let mut t = Tracer::start(&["--pid", &master.to_string(), "--threshold", "300ms"]);
+    let old = t.wait_count("workers", 2, Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    // SIGHUP: Gunicorn reloads, replacing every worker.
+    unsafe { libc::kill(master as i32, libc::SIGHUP) };
+    let fresh = t.wait_count("new workers", 2, Duration::from_secs(20), |e| {
+        e["event"] == "worker" && e["source"] == "fork" && e["master_pid"] == master
+    });
+    for w in &old {
+        t.wait_for("old worker exit", Duration::from_secs(20), |e| {
+            e["event"] == "worker_exit" && e["pid"] == w["pid"]
+        });
+    }
+    // A new worker still gets caught.
+    let _client = get_async(port, "/hang", Duration::from_secs(20));
+    let victim = eventually("hang pid", Duration::from_secs(5), || {
+        pids_in(&pids).first().copied()
+    });
+    assert!(
+        fresh.iter().any(|w| w["pid"] == victim),
+        "served by a reloaded worker"
+    );
+    let (_, s) = t.wait_for("stall", Duration::from_secs(5), |e| {
+        e["event"] == "stall" && e["pid"] == victim
+    });
+    assert_eq!(s["master_pid"], master);
+    t.stop();
+    drop(g);
+    let _ = std::fs::remove_file(&pids);
 }

@@ -187,6 +187,7 @@ pub enum Output {
         outcome: Outcome,
         /// Raw return value (negative errno) when it returned.
         ret: Option<i64>,
+        container: Option<Container>,
     },
     WorkerTimeout {
         #[serde(skip)]
@@ -775,6 +776,7 @@ impl Correlator {
             blocked_ms,
             outcome,
             ret,
+            container: a.report.container,
         })
     }
 

@@ -463,6 +463,7 @@ mod tests {
             blocked_ms: 4000,
             outcome: Outcome::Exited,
             ret: None,
+            container: None,
         };
         let v: serde_json::Value = serde_json::from_str(&json_line(&e, "t".into())).unwrap();
         assert_eq!(v["event"], "stall_end");

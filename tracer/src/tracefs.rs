@@ -14,7 +14,11 @@ pub fn ensure_mounted() -> Result<PathBuf> {
             return Ok(PathBuf::from(c));
         }
     }
-    let target = CANDIDATES[0];
+    mount_at(CANDIDATES[0])?;
+    Ok(PathBuf::from(CANDIDATES[0]))
+}
+
+fn mount_at(target: &str) -> Result<()> {
     let src = c"nodev";
     let dst = std::ffi::CString::new(target)?;
     let fstype = c"tracefs";
@@ -39,7 +43,7 @@ pub fn ensure_mounted() -> Result<PathBuf> {
             "mounted tracefs at {target} but it has no events/ directory: this kernel lacks tracepoint support (CONFIG_TRACEPOINTS)"
         );
     }
-    Ok(PathBuf::from(target))
+    Ok(())
 }
 
 /// One field of a tracepoint's format.
@@ -220,6 +224,18 @@ format:
 #[cfg(test)]
 mod read_tests {
     use super::*;
+
+    #[test]
+    fn an_unmountable_tracefs_is_a_one_line_error_saying_what_to_run() {
+        let e = mount_at("/nonexistent/tracer-test/tracing")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mount -t tracefs nodev /nonexistent/tracer-test/tracing"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+    }
 
     #[test]
     fn a_missing_tracepoint_is_a_clear_error() {
