@@ -25,6 +25,28 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Gunicorn from the virtualenv, serving `app` from tests/apps on loopback,
+/// in its own process group so that stopping it stops its workers too.
+fn spawn_gunicorn(
+    venv: &Path,
+    args: &[&str],
+    port: u16,
+    app: &str,
+    stderr: Stdio,
+) -> Result<std::process::Child> {
+    Command::new(venv.join("bin/gunicorn"))
+        .args(args)
+        .args(["-b", &format!("127.0.0.1:{port}"), app])
+        .current_dir(root().join("tests/apps"))
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .context("starting gunicorn from the virtualenv")
+}
+
 /// SIGINT, as a person would press Ctrl-C: the tracer prints its summary.
 fn stop_tracer(mut tr: std::process::Child) -> Result<()> {
     step("stopping the tracer (SIGINT): its summary puts the verdict first");
@@ -49,17 +71,14 @@ pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
     step(&format!(
         "starting Gunicorn: 3 gevent workers, --timeout {timeout}, tests/apps/hang_app.py on 127.0.0.1:{port}"
     ));
-    let mut gunicorn = Command::new(venv.join("bin/gunicorn"))
-        .args(["-k", "gevent", "-w", "3", "-t", &timeout.to_string()])
-        .args(["-b", &format!("127.0.0.1:{port}"), "hang_app:app"])
-        .current_dir(root().join("tests/apps"))
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .context("starting gunicorn from the virtualenv")?;
+    let t = timeout.to_string();
+    let mut gunicorn = spawn_gunicorn(
+        venv,
+        &["-k", "gevent", "-w", "3", "-t", &t],
+        port,
+        "hang_app:app",
+        Stdio::piped(),
+    )?;
     let master = gunicorn.id();
     let (tx, rx) = channel::<String>();
     let log = gunicorn.stderr.take().expect("piped");
@@ -136,16 +155,13 @@ pub fn early_close(tracer: &Path, venv: &Path) -> Result<()> {
     step(&format!(
         "starting Gunicorn with a pre-19.8 gevent worker (tests/apps/old_worker.py), tests/apps/leak_app.py on 127.0.0.1:{port}"
     ));
-    let mut gunicorn = Command::new(venv.join("bin/gunicorn"))
-        .args(["-k", "old_worker.OldGeventWorker", "-w", "1"])
-        .args(["-b", &format!("127.0.0.1:{port}"), "leak_app:app"])
-        .current_dir(root().join("tests/apps"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("starting gunicorn from the virtualenv")?;
+    let mut gunicorn = spawn_gunicorn(
+        venv,
+        &["-k", "old_worker.OldGeventWorker", "-w", "1"],
+        port,
+        "leak_app:app",
+        Stdio::null(),
+    )?;
     let master = gunicorn.id();
     let result = (|| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
