@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::correlate::{Output, StallReport, Summary, describe_call};
+use crate::model::Role;
 
 /// Maps the kernel's monotonic nanoseconds to wall-clock time.
 #[derive(Debug, Clone, Copy)]
@@ -217,15 +218,16 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             role,
             source,
             ..
-        } => format!(
-            "{t}  {:<8} {pid} {} {master_pid}",
-            role.as_str(),
-            if *source == "fork" {
-                "spawned by"
-            } else {
-                "found, master"
-            },
-        ),
+        } => {
+            let how = match (role, *source == "fork") {
+                (Role::Worker, true) => format!("spawned by master {master_pid}"),
+                (Role::Worker, false) => format!("found, master {master_pid}"),
+                (_, true) => format!("forked, under {master_pid}"),
+                (_, false) if pid == master_pid => "watched".to_string(),
+                (_, false) => format!("watched, under {master_pid}"),
+            };
+            format!("{t}  {:<8} {pid} {how}", role.as_str())
+        }
         Output::Stall { report, .. } => format!("{t}  STALL    {}", stall_details(report)),
         Output::StallEnd {
             pid,
@@ -500,6 +502,29 @@ mod tests {
             sanitize("a\x1b]0;title\x07b\r\nc\u{9b}"),
             "a?]0;title?b??c?"
         );
+    }
+
+    #[test]
+    fn process_lines_say_how_each_was_found() {
+        let c = Clock::fixed(0);
+        let line = |pid, master_pid, role, source| {
+            text_line(
+                &Output::Worker {
+                    ts_ns: 0,
+                    pid,
+                    master_pid,
+                    role,
+                    source,
+                    app: None,
+                    container: None,
+                },
+                &c,
+            )
+        };
+        assert!(line(7, 1, Role::Worker, "fork").ends_with("worker   7 spawned by master 1"));
+        assert!(line(7, 1, Role::Worker, "scan").ends_with("worker   7 found, master 1"));
+        assert!(line(5, 5, Role::Plain, "scan").ends_with("process  5 watched"));
+        assert!(line(9, 5, Role::Child, "fork").ends_with("child    9 forked, under 5"));
     }
 
     #[test]

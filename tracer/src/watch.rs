@@ -474,6 +474,13 @@ async fn run_async(args: WatchArgs) -> Result<()> {
     let targets = resolve_targets(&args.pids)?;
     let tracefs = tracefs::ensure_mounted()?;
     let threshold_ns = args.threshold.as_nanos() as u64;
+    // Every check that can fail on bad input comes before anything is loaded.
+    let file = match &args.output {
+        Some(p) => Some(BufWriter::new(File::create(p).with_context(|| {
+            format!("cannot create --output file {}", p.display())
+        })?)),
+        None => None,
+    };
     let mut probes = loader::load(&tracefs, threshold_ns)?;
     let rb = probes
         .events
@@ -484,12 +491,6 @@ async fn run_async(args: WatchArgs) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register(rb) }
         .map_err(|e| anyhow!("registering the ring buffer with the runtime: {e}"))?;
 
-    let file = match &args.output {
-        Some(p) => Some(BufWriter::new(File::create(p).with_context(|| {
-            format!("cannot create --output file {}", p.display())
-        })?)),
-        None => None,
-    };
     let clock = Clock::now();
     let mut st = State {
         probes,
