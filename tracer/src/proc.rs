@@ -306,18 +306,39 @@ pub fn heartbeat_age_ms(pid: u32) -> Option<u64> {
     None
 }
 
-/// The local port of the socket with this inode, from the text of
-/// /proc/PID/net/tcp or tcp6 (`sl local_address rem_address st ... inode`).
-pub fn parse_net_tcp_port(text: &str, inode: u64) -> Option<u16> {
-    for line in text.lines().skip(1) {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() < 10 || cols[9].parse::<u64>().ok() != Some(inode) {
-            continue;
-        }
-        let port = cols[1].rsplit(':').next()?;
-        return u16::from_str_radix(port, 16).ok();
-    }
-    None
+/// One TCP socket of /proc/PID/net/tcp or tcp6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub inode: u64,
+    pub local_port: u16,
+    pub listening: bool,
+}
+
+/// Parses /proc/PID/net/tcp or tcp6 (`sl local_address rem_address st ...
+/// inode`); lines that do not parse are skipped.
+pub fn parse_net_tcp(text: &str) -> Vec<TcpSocket> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let port = cols.get(1)?.rsplit(':').next()?;
+            Some(TcpSocket {
+                inode: cols.get(9)?.parse().ok()?,
+                local_port: u16::from_str_radix(port, 16).ok()?,
+                // st 0A is TCP_LISTEN.
+                listening: *cols.get(3)? == "0A",
+            })
+        })
+        .collect()
+}
+
+/// The inode of a `socket:[N]` fd link target.
+fn socket_inode(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Every listening TCP socket of a process: (fd, port).
@@ -327,21 +348,8 @@ pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
         let Ok(text) = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])) else {
             continue;
         };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // st 0A is TCP_LISTEN.
-            if cols.len() >= 10
-                && cols[3] == "0A"
-                && let (Some(port), Ok(inode)) = (
-                    cols[1]
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| u16::from_str_radix(p, 16).ok()),
-                    cols[9].parse::<u64>(),
-                )
-            {
-                listen_inodes.insert(inode, port);
-            }
+        for s in parse_net_tcp(&text).into_iter().filter(|s| s.listening) {
+            listen_inodes.insert(s.inode, s.local_port);
         }
     }
     if listen_inodes.is_empty() {
@@ -354,29 +362,17 @@ pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
         .filter_map(|e| {
             let fd: i32 = e.file_name().to_str()?.parse().ok()?;
             let link = fs::read_link(e.path()).ok()?;
-            let inode: u64 = link
-                .to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()?;
-            Some((fd, *listen_inodes.get(&inode)?))
+            Some((fd, *listen_inodes.get(&socket_inode(link.to_str()?)?)?))
         })
         .collect()
 }
 
 /// The local port of a process's listening socket fd.
 pub fn listen_port(pid: u32, fd: i32) -> Option<u16> {
-    let target = fd_target(pid, fd)?;
-    let inode: u64 = target
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()?;
-    ["tcp", "tcp6"].iter().find_map(|f| {
-        let text = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])).ok()?;
-        parse_net_tcp_port(&text, inode)
-    })
+    listening_fds(pid)
+        .into_iter()
+        .find(|(f, _)| *f == fd)
+        .map(|(_, p)| p)
 }
 
 /// The syscall a thread is blocked in, from /proc/PID/task/TID/syscall:
@@ -545,10 +541,20 @@ mod tests {
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 45678 1 0000000000000000 100 0 0 10 0
    1: 0100007F:D2F2 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 45679 1 0000000000000000 20 4 30 10 -1
 ";
-        assert_eq!(parse_net_tcp_port(text, 45678), Some(8080));
-        assert_eq!(parse_net_tcp_port(text, 45679), Some(0xD2F2));
-        assert_eq!(parse_net_tcp_port(text, 1), None);
-        assert_eq!(parse_net_tcp_port("garbage", 1), None);
+        let socks = parse_net_tcp(text);
+        let port = |inode| {
+            socks
+                .iter()
+                .find(|s| s.inode == inode)
+                .map(|s| s.local_port)
+        };
+        assert_eq!(port(45678), Some(8080));
+        assert_eq!(port(45679), Some(0xD2F2));
+        assert_eq!(port(1), None);
+        assert!(parse_net_tcp("garbage").is_empty());
+        assert!(socks[0].listening && !socks[1].listening);
+        assert_eq!(socket_inode("socket:[45678]"), Some(45678));
+        assert_eq!(socket_inode("pipe:[45678]"), None);
     }
 
     #[test]

@@ -47,6 +47,15 @@ fn spawn_gunicorn(
         .context("starting gunicorn from the virtualenv")
 }
 
+/// `tracer watch --pid MASTER`, text on the demo's terminal.
+fn start_tracer(tracer: &Path, master: u32) -> Result<std::process::Child> {
+    Command::new(tracer)
+        .args(["watch", "--pid", &master.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the tracer")
+}
+
 /// SIGINT, as a person would press Ctrl-C: the tracer prints its summary.
 fn stop_tracer(mut tr: std::process::Child) -> Result<()> {
     step("stopping the tracer (SIGINT): its summary puts the verdict first");
@@ -109,11 +118,7 @@ pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
         step(&format!(
             "starting the tracer on master {master}: tracer watch --pid {master}"
         ));
-        let tr = Command::new(tracer)
-            .args(["watch", "--pid", &master.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting the tracer")?;
+        let tr = start_tracer(tracer, master)?;
         std::thread::sleep(Duration::from_secs(2));
         step("sending GET /hang: the request calls multiprocessing.Queue.get() under gevent");
         std::thread::spawn(move || {
@@ -176,11 +181,7 @@ pub fn early_close(tracer: &Path, venv: &Path) -> Result<()> {
             "nginx on 127.0.0.1:{} in front of it; starting the tracer: tracer watch --pid {master}",
             nginx.port
         ));
-        let tr = Command::new(tracer)
-            .args(["watch", "--pid", &master.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting the tracer")?;
+        let tr = start_tracer(tracer, master)?;
         std::thread::sleep(Duration::from_secs(2));
         step("normal traffic: 5 GETs and a slow upload through nginx");
         for _ in 0..5 {
