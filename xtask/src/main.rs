@@ -34,7 +34,6 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Run a bundled Gunicorn + gevent app with the bug, and the tracer pointing at it.
     /// Measure the tracer's cost against the floor, bpftrace and strace (ratios, medians).
     Bench {
         /// A tiny run that only checks the benchmark works (used by `test`).
@@ -53,6 +52,7 @@ enum Cmd {
     PipeLoop { pairs: u64, go: PathBuf },
     #[command(name = "__drop-server", hide = true)]
     DropServer,
+    /// Run a bundled Gunicorn + gevent app with the bug, and the tracer pointing at it.
     Demo {
         /// stall: multiprocessing.Queue hangs a worker (lesson 1).
         /// early-close: a leaked socket timeout makes nginx answer 502 (lesson 2).
