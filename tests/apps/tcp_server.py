@@ -10,6 +10,7 @@ Server modes, for every accepted connection:
     idle      wait for a request that never comes, close after 0.3 s
     shutdown  read the request, shutdown() without writing, then close
     exit      read the request, then exit with the socket still open
+    hold GO   read the request, wait for file GO, close without writing
 """
 import os
 import socket
@@ -30,7 +31,7 @@ def client(port, go):
     time.sleep(60)
 
 
-def serve(mode):
+def serve(mode, go=None):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", 0))
@@ -53,6 +54,9 @@ def serve(mode):
             c.shutdown(socket.SHUT_RDWR)
         elif mode == "exit":
             os._exit(0)
+        elif mode == "hold":
+            while not os.path.exists(go):
+                time.sleep(0.02)
         c.close()
 
 
@@ -60,4 +64,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "client":
         client(int(sys.argv[2]), sys.argv[3])
     else:
-        serve(sys.argv[1])
+        serve(sys.argv[1], *sys.argv[2:])

@@ -10,11 +10,12 @@ use tests::*;
 
 const REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 
-/// Starts `tcp_server.py MODE`; returns the process and its port.
+/// Starts `tcp_server.py MODE [ARGS]`; returns the process and its port.
 fn server(mode: &str) -> (Proc, u16) {
+    let mut words = mode.split_whitespace();
     let mut cmd = Command::new(python());
     cmd.arg(apps_dir().join("tcp_server.py"))
-        .arg(mode)
+        .args(&mut words)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut p = Proc::spawn(&mut cmd);
@@ -193,6 +194,34 @@ fn an_outbound_call_closed_before_any_reply_is_an_upstream_cut() {
         e["local_port"].as_u64().unwrap() > 0,
         "local port seen at connect: {e}"
     );
+    t.stop();
+    let _ = std::fs::remove_file(&go);
+}
+
+#[test]
+fn a_connection_opened_before_the_tracer_attached_is_judged_in_full() {
+    require_root();
+    let go = std::env::temp_dir().join(format!("tracer-hold-{}", std::process::id()));
+    let _ = std::fs::remove_file(&go);
+    let (srv, port) = server(&format!("hold {}", go.display()));
+    // Connected and request sent (and read by the server) before attach.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(REQUEST).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut t = Tracer::start(&["--pid", &srv.pid().to_string()]);
+    std::fs::write(&go, b"").unwrap();
+    let mut sink = Vec::new();
+    let _ = c.read_to_end(&mut sink);
+    let (_, e) = t.wait_for("early close", Duration::from_secs(5), |e| {
+        e["event"] == "early_close"
+    });
+    assert_eq!(e["kind"], "dropped_request", "{e}");
+    // The kernel's own counters: the bytes read before the attach count.
+    assert_eq!(e["bytes_in"], REQUEST.len() as u64, "{e}");
+    assert_eq!(e["bytes_out"], 0, "{e}");
+    assert_eq!(e["local_port"], port, "{e}");
+    assert_eq!(e["lifetime_ms"], Value::Null, "its start was not seen: {e}");
     t.stop();
     let _ = std::fs::remove_file(&go);
 }

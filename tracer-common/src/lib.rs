@@ -23,7 +23,8 @@ pub mod kind {
     pub const EXIT: u32 = 2;
     /// A signal was generated for a watched process (`aux_pid` is the sender).
     pub const SIGNAL: u32 = 3;
-    /// A syscall that may block returned after at least the threshold.
+    /// A watched thread woke up after sleeping at least the threshold in a
+    /// syscall that is not a wait for work. `ret` says why it woke.
     pub const SLOW_SYSCALL: u32 = 4;
     /// A process whose comm looks like Python or Gunicorn called exec.
     pub const EXEC: u32 = 5;
@@ -34,7 +35,14 @@ pub mod kind {
     pub const FLAG_SEEDED: u32 = 0x100;
 }
 
-/// `Event::ret` of a SLOW_SYSCALL whose thread exited inside the syscall.
+/// `Event::ret` of a SLOW_SYSCALL: the thread woke with nothing pending, so
+/// the syscall is returning (its value is not known at wake-up).
+pub const RET_WOKE: i64 = 0;
+/// `Event::ret` of a SLOW_SYSCALL: a signal woke the thread; the syscall is
+/// interrupted (-EINTR, or restarted).
+pub const RET_INTERRUPTED: i64 = -4;
+/// `Event::ret` of a SLOW_SYSCALL: SIGKILL woke the thread; it dies inside
+/// the syscall.
 pub const RET_EXITED: i64 = i64::MIN;
 
 /// Per-syscall class bits, indexed by syscall number in the `SYSCALL_CLASS`
@@ -44,23 +52,15 @@ pub mod class {
     pub const MAYBE: u32 = 0;
     /// Never a stall: waiting for work (epoll_wait, poll, select, pause, ...).
     pub const WAIT: u32 = 1;
-    /// Reads from fd arg0 (read, recvfrom, ...): counted on connections.
+    /// Reads from fd arg0 (read, recvfrom, ...): goes into the read histogram.
     pub const READ: u32 = 2;
-    /// Writes to fd arg0 (write, sendto, sendfile, ...).
-    pub const WRITE: u32 = 4;
-    /// accept/accept4: the return value is a new inbound connection.
-    pub const ACCEPT: u32 = 8;
-    /// connect: fd arg0 becomes an outbound connection.
-    pub const CONNECT: u32 = 16;
-    pub const CLOSE: u32 = 32;
-    pub const SHUTDOWN: u32 = 64;
-    /// Any of the connection-tracking bits.
-    pub const IO: u32 = READ | WRITE | ACCEPT | CONNECT | CLOSE | SHUTDOWN;
 }
 
 /// `Conn::direction`.
 pub mod direction {
+    /// Accepted from a listener, or not known to be outbound.
     pub const INBOUND: u32 = 1;
+    /// Opened by a watched process with connect().
     pub const OUTBOUND: u32 = 2;
 }
 
@@ -68,21 +68,16 @@ pub mod direction {
 pub mod ended {
     pub const CLOSE: u32 = 1;
     pub const SHUTDOWN: u32 = 2;
-    /// The process exited with the connection open (user space reports these
-    /// from the `CONNS` map when the process's EXIT event arrives).
+    /// The process exited with the connection open; the kernel closed it.
     pub const EXIT: u32 = 3;
 }
-
-/// `Inflight::note` bit: the kernel sent a RST while closing, because the
-/// peer's data was never read (a request that was dropped unread).
-pub const NOTE_RST: u32 = 1 << 16;
-/// `Inflight::note` mask: the local TCP port seen during connect/close.
-pub const NOTE_PORT_MASK: u32 = 0xffff;
 
 /// Upper bound for syscall numbers the class table covers.
 pub const MAX_SYSCALL_NR: u32 = 1024;
 
-/// Value of the `WATCHED` map, keyed by tgid.
+/// Value of the `WATCHED` map, keyed by tgid. User space removes the entry
+/// once it has handled the process's EXIT event: the kernel closes an
+/// exiting process's sockets after that event, and they must still count.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Watched {
@@ -90,77 +85,56 @@ pub struct Watched {
     pub master: u32,
     /// One of [`role`].
     pub role: u32,
-    /// Argument of `exit_group`, valid when `exited` is 1.
-    pub exit_code: i32,
-    /// 1 once the process called `exit_group`.
-    pub exited: u32,
-    /// Last fatal-capable signal generated for the process (0 if none).
-    pub last_signal: u32,
-    /// Connections of this process in `CONNS` (an upper bound: LRU eviction
-    /// never decrements it). While 0, reads and writes skip the lookup.
-    pub open_conns: u32,
 }
 
-/// Value of the `INFLIGHT` map, keyed by tid: the syscall a thread is in.
+/// Value of the `INFLIGHT` map, keyed by tid: the syscall a thread went to
+/// sleep in, and since when. Written when a watched thread is switched out
+/// asleep inside a syscall; `active` drops to 0 when it runs again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
-    /// `bpf_ktime_get_ns` at syscall entry.
+    /// `bpf_ktime_get_ns` when the thread went to sleep.
     pub start_ns: u64,
     /// First and third arguments (fd and count for read-like calls).
     pub arg0: u64,
     pub arg2: u64,
-    /// Incremented on every entry, so user space can tell two syscalls apart.
+    /// Incremented on every sleep, so user space can tell two apart.
     pub seq: u64,
-    /// Second argument (the sockaddr pointer of accept/connect).
-    pub arg1: u64,
     pub nr: i32,
     pub tgid: u32,
-    /// 1 while the thread is inside the syscall.
+    /// 1 while the thread is asleep in the syscall.
     pub active: u32,
     /// 1 when user space seeded the entry at attach time for a thread that was
-    /// already inside the syscall: `start_ns` is then the attach time, a lower bound.
+    /// already asleep: `start_ns` is then the attach time, a lower bound.
     pub seeded: u32,
-    /// What TCP tracepoints saw during this syscall: [`NOTE_RST`] and the
-    /// local port ([`NOTE_PORT_MASK`]).
-    pub note: u32,
-    /// [`INFLIGHT_ARGS`], [`INFLIGHT_CONNS`].
-    pub flags: u32,
+    /// One of [`fdkind`], for reads (the histogram's key).
+    pub fd_kind: u32,
+    pub _pad: u32,
 }
 
-/// `Inflight::flags`: `arg0..arg2` are filled (seeded entries). The kernel
-/// does not read arguments at entry, to keep the hot path short; user space
-/// reads them from /proc for the rare syscall that stalls.
-pub const INFLIGHT_ARGS: u32 = 1;
-/// `Inflight::flags`: the process had tracked connections at entry.
-pub const INFLIGHT_CONNS: u32 = 2;
-
-/// Key of the `CONNS` map: one connection is one fd of one process.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ConnKey {
-    pub tgid: u32,
-    pub fd: i32,
-}
-
-/// Value of the `CONNS` map: per-connection counters kept in the kernel.
+/// Value of the `CONNS` map, keyed by the kernel's socket address: what the
+/// TCP tracepoints learnt about a connection before it closed. The byte
+/// counts come from the socket itself at close, so a connection opened
+/// before the tracer attached is still counted right.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
+    /// When a watched process first touched it (connect, or its first
+    /// receive); 0 when the tracer never saw its start.
     pub start_ns: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Last time a read returned EAGAIN (0: never).
+    /// Last time a receive returned EAGAIN (0: never seen).
     pub eagain_ns: u64,
-    /// Inbound: the listening fd it was accepted on; -1 for outbound.
-    pub listen_fd: i32,
     /// One of [`direction`].
     pub direction: u32,
-    /// Local TCP port when the kernel saw it (0: unknown).
+    /// Local TCP port.
     pub local_port: u32,
-    /// 1 once reported at shutdown, so the close does not report it again.
-    pub reported: u32,
-    /// The peer's sockaddr as the process saw it (sockaddr_in/in6/un head).
+    /// 1 when the close threw away data the peer had sent (the kernel then
+    /// answers with a RST instead of a FIN).
+    pub aborted: u32,
+    pub _pad: u32,
+    /// The peer's address, laid out as a sockaddr_in/in6 head.
     pub addr: [u8; 32],
 }
 
@@ -172,13 +146,13 @@ pub struct ConnEnd {
     pub kind: u32,
     pub tgid: u32,
     pub tid: u32,
+    /// The fd passed to close/shutdown; -1 when the process exited.
     pub fd: i32,
     pub ts_ns: u64,
     pub conn: Conn,
     /// One of [`ended`].
     pub ended_by: u32,
-    /// The `Inflight::note` of the closing syscall.
-    pub note: u32,
+    pub _pad: u32,
 }
 
 /// One record of the ring buffer. A single fixed layout keeps decoding trivial.
@@ -197,7 +171,8 @@ pub struct Event {
     pub start_ns: u64,
     /// Syscall number (SLOW_SYSCALL), signal number (SIGNAL), exit code (EXIT).
     pub nr: i64,
-    /// Return value (SLOW_SYSCALL); for EXIT, 1 if `nr` is an exit code, 0 if a signal.
+    /// [`RET_WOKE`], [`RET_INTERRUPTED`] or [`RET_EXITED`] (SLOW_SYSCALL); for
+    /// EXIT, 1 if `nr` is an exit code, 0 if a signal.
     pub ret: i64,
     pub arg0: u64,
     pub arg2: u64,
@@ -251,7 +226,7 @@ pub mod stat {
     pub const EVENTS_SENT: u32 = 2;
     /// Connections that ended normally (a reply was sent / received).
     pub const CONNS_OK: u32 = 3;
-    /// Connections that could not be tracked (map insert failed).
+    /// Connections whose start could not be recorded (map insert failed).
     pub const CONNS_UNTRACKED: u32 = 4;
     pub const COUNT: u32 = 5;
 }
@@ -263,7 +238,6 @@ mod pod {
     unsafe impl aya::Pod for super::Watched {}
     unsafe impl aya::Pod for super::Inflight {}
     unsafe impl aya::Pod for super::Event {}
-    unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ConnEnd {}
     unsafe impl aya::Pod for super::ReadHist {}
@@ -278,10 +252,9 @@ mod tests {
     // would show up as a size that is not the sum of the fields.
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Watched>(), 6 * 4);
-        assert_eq!(size_of::<Inflight>(), 5 * 8 + 6 * 4);
+        assert_eq!(size_of::<Watched>(), 2 * 4);
+        assert_eq!(size_of::<Inflight>(), 4 * 8 + 6 * 4);
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
-        assert_eq!(size_of::<ConnKey>(), 8);
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
     }

@@ -1,41 +1,48 @@
 //! Kernel side of the tracer: tracepoint programs only (no kprobes, no fentry:
 //! they are not available everywhere and are not a stable interface).
 //!
-//! The design keeps the per-syscall path cheap and silent:
-//! - `sys_enter`/`sys_exit` run for every syscall on the host, so for an
-//!   unwatched process they cost one hash lookup and return.
-//! - For a watched thread, `sys_enter` records which syscall it is in and since
-//!   when (`INFLIGHT`). User space polls that map to report a syscall that is
-//!   still blocked; the kernel never sends an event per syscall.
-//! - `sys_exit` sends an event only when a syscall that can block took at least
-//!   the threshold.
+//! No program runs on the syscall path. Enabling any syscall tracepoint
+//! sends every syscall of every process on the host through the slower
+//! tracing entry; measured here that alone cost 4% of a Gunicorn
+//! hello-world's throughput. So the tracer watches where the time goes
+//! instead:
+//! - `sched_switch`: a watched thread that goes to sleep inside a syscall is
+//!   recorded in `INFLIGHT` (which syscall, since when); user space polls
+//!   that map and reports a sleep that outlasts the threshold while it is
+//!   still going on. When the thread runs again, a long sleep is sent as
+//!   one event, and a read that blocked goes into a histogram.
+//! - TCP state changes: a connection a watched process closes is judged at
+//!   the close from the socket's own byte counters, and sent only when it
+//!   ended badly (nothing sent back).
 //! - Process lifecycle (fork, exit, signals, exec) is rare and sent as events.
 //!
 //! Tracepoint field offsets differ between kernels, so user space reads them
-//! from tracefs and patches the globals below before loading.
+//! from tracefs, and kernel struct offsets from BTF, and patches the globals
+//! below before loading.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_task_pt_regs,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    Conn, ConnEnd, ConnKey, Event, HIST_BUCKETS, INFLIGHT_CONNS, Inflight, MAX_SYSCALL_NR,
-    NOTE_PORT_MASK, NOTE_RST, RET_EXITED, ReadHist, Watched, class, direction, ended, fdkind, kind,
-    role, stat,
+    Conn, ConnEnd, Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RET_EXITED, RET_INTERRUPTED,
+    RET_WOKE, ReadHist, Watched, class, direction, ended, fdkind, kind, role, stat,
 };
 
 // ---- Configuration, patched by user space at load time. ----
 #[unsafe(no_mangle)]
 static THRESHOLD_NS: u64 = 500_000_000;
 #[unsafe(no_mangle)]
-static NR_EXIT_GROUP: i64 = 231;
+static NR_SHUTDOWN: u64 = 48;
+#[unsafe(no_mangle)]
+static NR_CLOSE: u64 = 3;
 #[unsafe(no_mangle)]
 static OFF_NEWTASK_PID: u64 = 8;
 #[unsafe(no_mangle)]
@@ -48,15 +55,59 @@ static OFF_EXIT_GROUP_DEAD: u64 = u64::MAX;
 static OFF_SIG_SIG: u64 = 8;
 #[unsafe(no_mangle)]
 static OFF_SIG_PID: u64 = 36;
+// sock:inet_sock_set_state
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_SKADDR: u64 = 8;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_OLDSTATE: u64 = 16;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_NEWSTATE: u64 = 20;
 #[unsafe(no_mangle)]
 static OFF_SETSTATE_SPORT: u64 = 24;
 #[unsafe(no_mangle)]
-static OFF_SETSTATE_NEWSTATE: u64 = 20;
+static OFF_SETSTATE_DPORT: u64 = 26;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_FAMILY: u64 = 28;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_PROTOCOL: u64 = 30;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_DADDR: u64 = 36;
+#[unsafe(no_mangle)]
+static OFF_SETSTATE_DADDR_V6: u64 = 56;
+// sock:sock_recv_length (kernels 6.3 and later)
+#[unsafe(no_mangle)]
+static OFF_RECV_SK: u64 = 8;
+#[unsafe(no_mangle)]
+static OFF_RECV_FAMILY: u64 = 16;
+#[unsafe(no_mangle)]
+static OFF_RECV_PROTOCOL: u64 = 18;
+#[unsafe(no_mangle)]
+static OFF_RECV_RET: u64 = 20;
 
 // Offsets into kernel structs, from the running kernel's BTF (user space
-// reads them; u64::MAX when unknown, and then fd kinds are "unknown"):
+// reads them; u64::MAX when unknown).
+#[unsafe(no_mangle)]
+static OFF_TASK_STATE: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TASK_PID: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TASK_FLAGS: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TASK_EXIT_CODE: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TASK_COMM: u64 = u64::MAX;
+/// task_struct.pending.signal and task_struct.blocked.
+#[unsafe(no_mangle)]
+static OFF_TASK_PENDING_SIGNAL: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TASK_BLOCKED: u64 = u64::MAX;
+/// task_struct.signal -> signal_struct.shared_pending.signal.
+#[unsafe(no_mangle)]
+static OFF_TASK_SIGNAL: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_SIGNAL_SHARED_PENDING: u64 = u64::MAX;
 // task_struct.files -> files_struct.fdt -> fdtable.fd[fd] -> file.f_inode
-// -> inode.i_mode.
+// -> inode.i_mode: what kind of file a read blocks on.
 #[unsafe(no_mangle)]
 static OFF_TASK_FILES: u64 = u64::MAX;
 #[unsafe(no_mangle)]
@@ -69,37 +120,65 @@ static OFF_FDT_FD: u64 = u64::MAX;
 static OFF_FILE_INODE: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static OFF_INODE_MODE: u64 = u64::MAX;
+// struct sock and struct tcp_sock (which starts with a struct sock).
+#[unsafe(no_mangle)]
+static OFF_SK_SHUTDOWN: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TCP_BYTES_RECEIVED: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TCP_BYTES_SENT: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TCP_BYTES_RETRANS: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TCP_WRITE_SEQ: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TCP_SND_NXT: u64 = u64::MAX;
 
 /// A read that took this long blocked: it goes into the latency histogram.
 const BLOCKING_READ_NS: u64 = 1_000_000;
 
-const EAGAIN: i64 = 11;
-const EINPROGRESS: i64 = 115;
+const EAGAIN: i32 = 11;
+const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 const CLONE_THREAD: u64 = 0x0001_0000;
+/// task_struct.flags: the task is exiting (do_exit has started).
+const PF_EXITING: u32 = 0x4;
+/// struct sock.sk_shutdown: this side will send no more. Set by close and
+/// shutdown before the state change, never by a RST from the peer.
+const SEND_SHUTDOWN: u8 = 2;
+const SIGKILL_BIT: u64 = 1 << (9 - 1);
 
-// Where the first three syscall arguments sit in `struct pt_regs` at
-// syscall exit: part of each architecture's ABI, stable across kernels.
-// On arm64 x0 then holds the return value; the first argument is orig_x0.
+// Where the syscall number and its first and third arguments sit in a
+// task's saved `struct pt_regs` while it is inside a syscall: part of each
+// architecture's ABI, stable across kernels.
 #[cfg(bpf_target_arch = "x86_64")]
-const PT_REGS_ARGS: [usize; 3] = [112, 104, 96]; // di, si, dx
+const PT_REGS_NR: usize = 120; // orig_ax
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_ARGS: [usize; 2] = [112, 96]; // di, dx
 #[cfg(bpf_target_arch = "aarch64")]
-const PT_REGS_ARGS: [usize; 3] = [272, 8, 16]; // orig_x0, regs[1], regs[2]
+const PT_REGS_NR: usize = 280; // syscallno (s32)
+#[cfg(bpf_target_arch = "aarch64")]
+const PT_REGS_ARGS: [usize; 2] = [272, 16]; // orig_x0, regs[2]
 #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
-const PT_REGS_ARGS: [usize; 3] = [0, 8, 16];
+const PT_REGS_NR: usize = 0;
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+const PT_REGS_ARGS: [usize; 2] = [8, 16];
 
-// ---- Maps. All bounded: WATCHED and INFLIGHT are cleaned on exit, and
-// INFLIGHT is an LRU so a missed exit can never fill it. ----
+// ---- Maps. All bounded: LRU where an entry could be missed at cleanup. ----
 #[map]
 static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(8192, 0);
 #[map]
 static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32768, 0);
-/// Per-connection byte counts, so a connection closed with nothing sent
-/// back is one event, never one event per read or write.
+/// What is known of a connection before its close, keyed by socket address.
 #[map]
-static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(65536, 0);
+static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(65536, 0);
+/// Local ports that watched processes listen on (1 = yes), indexed by port:
+/// an inbound connection is established in softirq, where the task running
+/// is anyone's, so the port is all there is to go by.
+#[map]
+static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 #[map]
 static READ_HIST: LruHashMap<u32, ReadHist> = LruHashMap::with_max_entries(4096, 0);
 /// One all-zero ReadHist to insert from: it is too big for the BPF stack.
@@ -127,8 +206,8 @@ fn count(index: u32) {
 
 /// Sends one event, counting it as lost if the ring buffer is full. Never blocks.
 #[inline(always)]
-fn emit(ev: &Event) {
-    match EVENTS.output::<Event>(ev, 0) {
+fn emit<T: 'static>(ev: &T) {
+    match EVENTS.output::<T>(ev, 0) {
         Ok(()) => count(stat::EVENTS_SENT),
         Err(_) => count(stat::EVENTS_LOST),
     }
@@ -151,152 +230,185 @@ fn base_event(k: u32, tgid: u32, tid: u32) -> Event {
     }
 }
 
-// raw_syscalls:sys_enter and sys_exit run on every syscall of the host, so
-// they are raw tracepoints: the kernel hands over (regs, id) and (regs, ret)
-// without first building a trace record, which a classic tracepoint program
-// pays for even when its filter rejects the process at once.
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
-    let _ = try_sys_enter(&ctx);
-    0
-}
-
-#[inline(always)]
-fn reg(regs: *const u8, off: usize) -> u64 {
-    unsafe { bpf_probe_read_kernel(regs.add(off) as *const u64) }.unwrap_or(0)
-}
-
-fn try_sys_enter(ctx: &RawTracePointContext) -> Result<(), i32> {
-    let (tgid, tid) = ids();
-    let Some(w) = WATCHED.get_ptr_mut(tgid) else {
-        return Ok(());
-    };
-    let nr: i64 = ctx.arg(1);
-    if nr == unsafe { core::ptr::read_volatile(&NR_EXIT_GROUP) } {
-        let regs: *const u8 = ctx.arg(0);
-        unsafe {
-            (*w).exit_code = reg(regs, PT_REGS_ARGS[0]) as i32;
-            (*w).exited = 1;
-        }
-    }
-    // Arguments are not read here: the exit reads them for the few calls
-    // that need them, and user space reads a stalled thread's from /proc.
-    let flags = if unsafe { (*w).open_conns } > 0 {
-        INFLIGHT_CONNS
-    } else {
-        0
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(e) = INFLIGHT.get_ptr_mut(tid) {
-        unsafe {
-            (*e).start_ns = now;
-            (*e).seq += 1;
-            (*e).nr = nr as i32;
-            (*e).tgid = tgid;
-            (*e).active = 1;
-            (*e).seeded = 0;
-            (*e).note = 0;
-            (*e).flags = flags;
-        }
-    } else {
-        let e = Inflight {
-            start_ns: now,
-            seq: 1,
-            nr: nr as i32,
-            tgid,
-            active: 1,
-            flags,
-            ..Default::default()
-        };
-        INFLIGHT.insert(tid, e, 0)?;
-    }
-    Ok(())
-}
-
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    let _ = try_sys_exit(&ctx);
-    0
-}
-
-fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
-    let (tgid, tid) = ids();
-    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
-        return Ok(());
-    };
-    let e = unsafe { &mut *e };
-    if e.active == 0 {
-        return Ok(());
-    }
-    e.active = 0;
-    let nr = e.nr;
-    if nr < 0 || nr as u32 >= MAX_SYSCALL_NR {
-        return Ok(());
-    }
-    let c = SYSCALL_CLASS
-        .get(nr as u32)
-        .copied()
-        .unwrap_or(class::MAYBE);
-    let now = unsafe { bpf_ktime_get_ns() };
-    let dur = now.saturating_sub(e.start_ns);
-    let slow = dur >= cfg(&THRESHOLD_NS) && c & class::WAIT == 0;
-    if c & class::IO == 0 && !slow {
-        return Ok(());
-    }
-    let ret: i64 = ctx.arg(1);
-    let regs: *const u8 = ctx.arg(0);
-    // Reads, writes and closes of a process with no tracked connection
-    // cannot touch one: skip the CONNS lookup and the argument reads.
-    let creates = c & (class::ACCEPT | class::CONNECT) != 0;
-    let conn_io = c & class::IO != 0 && (creates || e.flags & INFLIGHT_CONNS != 0);
-    let blocking_read = c & class::READ != 0 && dur >= BLOCKING_READ_NS;
-    if !conn_io && !slow && !blocking_read {
-        return Ok(());
-    }
-    // A seeded entry (blocked before we attached) carries its arguments.
-    let (arg0, arg2) = if e.seeded != 0 {
-        (e.arg0, e.arg2)
-    } else {
-        (
-            reg(regs, PT_REGS_ARGS[0]),
-            if slow { reg(regs, PT_REGS_ARGS[2]) } else { 0 },
-        )
-    };
-    if conn_io {
-        let arg1 = if creates {
-            reg(regs, PT_REGS_ARGS[1])
-        } else {
-            0
-        };
-        track_conn(tgid, tid, e, c, ret, now, [arg0, arg1]);
-    }
-    if blocking_read {
-        record_read(tgid, arg0 as i32, dur);
-    }
-    if slow {
-        let master = unsafe { WATCHED.get(tgid) }.map(|w| w.master).unwrap_or(0);
-        let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
-        ev.aux_pid = master;
-        ev.ts_ns = now;
-        ev.start_ns = e.start_ns;
-        ev.nr = nr as i64;
-        ev.ret = ret;
-        ev.arg0 = arg0;
-        ev.arg2 = arg2;
-        if e.seeded != 0 {
-            ev.kind |= kind::FLAG_SEEDED;
-        }
-        emit(&ev);
-    }
-    Ok(())
-}
-
 #[inline(always)]
 fn kread<T>(base: u64, off: u64) -> Option<T> {
     if base == 0 || off == u64::MAX {
         return None;
     }
     unsafe { bpf_probe_read_kernel((base + off) as *const T) }.ok()
+}
+
+#[inline(always)]
+fn class_of(nr: i64) -> u32 {
+    if nr < 0 || nr >= MAX_SYSCALL_NR as i64 {
+        return class::MAYBE;
+    }
+    SYSCALL_CLASS
+        .get(nr as u32)
+        .copied()
+        .unwrap_or(class::MAYBE)
+}
+
+/// The syscall the current task is inside, from its saved user registers
+/// (negative when it is not in one: a page fault, an interrupt).
+#[inline(always)]
+fn current_syscall() -> (i64, u64) {
+    let task = unsafe { bpf_get_current_task_btf() };
+    let regs = unsafe { bpf_task_pt_regs(task) } as u64;
+    #[cfg(bpf_target_arch = "aarch64")]
+    let nr = kread::<i32>(regs, PT_REGS_NR as u64).unwrap_or(-1) as i64;
+    #[cfg(not(bpf_target_arch = "aarch64"))]
+    let nr = kread::<i64>(regs, PT_REGS_NR as u64).unwrap_or(-1);
+    (nr, regs)
+}
+
+// sched_switch runs on every context switch of the host: a raw tracepoint,
+// so the kernel hands over (preempt, prev, next) without building a record.
+// Unwatched tasks cost one hash lookup each way.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sched_switch(&ctx);
+    0
+}
+
+fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i32> {
+    let preempt: u64 = ctx.arg(0);
+    let next: u64 = ctx.arg(2);
+    // A preempted task is still runnable: it is not waiting for anything.
+    if preempt & 0xff == 0 {
+        switch_out();
+    }
+    switch_in(next);
+    Ok(())
+}
+
+/// The current task (prev) is going to sleep: if it is a watched thread
+/// inside a syscall, record which one and since when.
+#[inline(always)]
+fn switch_out() {
+    let (tgid, tid) = ids();
+    if unsafe { WATCHED.get(tgid) }.is_none() {
+        return;
+    }
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    match kread::<u32>(task, cfg(&OFF_TASK_STATE)) {
+        Some(state) if state != 0 => {}
+        _ => return,
+    }
+    // An exiting thread's last sleeps come after sched_process_exit has
+    // dropped its entry; recording them would leave a dead thread behind.
+    if kread::<u32>(task, cfg(&OFF_TASK_FLAGS)).unwrap_or(0) & PF_EXITING != 0 {
+        return;
+    }
+    let (nr, regs) = current_syscall();
+    if nr < 0 || nr >= MAX_SYSCALL_NR as i64 {
+        return;
+    }
+    let c = class_of(nr);
+    // Waiting for work is never a stall; the entry keeps saying "running".
+    if c & class::WAIT != 0 {
+        return;
+    }
+    let arg0 = kread::<u64>(regs, PT_REGS_ARGS[0] as u64).unwrap_or(0);
+    let arg2 = kread::<u64>(regs, PT_REGS_ARGS[1] as u64).unwrap_or(0);
+    let kind = if c & class::READ != 0 {
+        fd_kind(arg0 as i32)
+    } else {
+        fdkind::UNKNOWN
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(e) = INFLIGHT.get_ptr_mut(tid) {
+        unsafe {
+            (*e).start_ns = now;
+            (*e).arg0 = arg0;
+            (*e).arg2 = arg2;
+            (*e).seq += 1;
+            (*e).nr = nr as i32;
+            (*e).tgid = tgid;
+            (*e).active = 1;
+            (*e).seeded = 0;
+            (*e).fd_kind = kind as u32;
+        }
+    } else {
+        let e = Inflight {
+            start_ns: now,
+            arg0,
+            arg2,
+            seq: 1,
+            nr: nr as i32,
+            tgid,
+            active: 1,
+            fd_kind: kind as u32,
+            ..Default::default()
+        };
+        let _ = INFLIGHT.insert(tid, e, 0);
+    }
+}
+
+/// `next` is about to run: if it was asleep in a recorded syscall, the
+/// sleep is over. A long one is sent; a read that blocked is counted.
+#[inline(always)]
+fn switch_in(next: u64) {
+    let Some(tid) = kread::<u32>(next, cfg(&OFF_TASK_PID)) else {
+        return;
+    };
+    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
+        return;
+    };
+    let e = unsafe { &mut *e };
+    if e.active == 0 {
+        return;
+    }
+    e.active = 0;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let dur = now.saturating_sub(e.start_ns);
+    let c = class_of(e.nr as i64);
+    if c & class::READ != 0 && dur >= BLOCKING_READ_NS {
+        record_read(e.tgid, e.fd_kind as usize, dur);
+    }
+    if dur < cfg(&THRESHOLD_NS) || c & class::WAIT != 0 {
+        return;
+    }
+    let master = unsafe { WATCHED.get(e.tgid) }
+        .map(|w| w.master)
+        .unwrap_or(0);
+    let mut ev = Event {
+        kind: kind::SLOW_SYSCALL,
+        tgid: e.tgid,
+        tid,
+        aux_pid: master,
+        ts_ns: now,
+        start_ns: e.start_ns,
+        nr: e.nr as i64,
+        ret: wake_reason(next),
+        arg0: e.arg0,
+        arg2: e.arg2,
+        comm: kread::<[u8; 16]>(next, cfg(&OFF_TASK_COMM)).unwrap_or_default(),
+    };
+    if e.seeded != 0 {
+        ev.kind |= kind::FLAG_SEEDED;
+    }
+    emit(&ev);
+}
+
+/// Why a task that slept is waking: a pending SIGKILL means it dies in the
+/// syscall; any other unblocked pending signal interrupts it.
+#[inline(always)]
+fn wake_reason(task: u64) -> i64 {
+    let own = kread::<u64>(task, cfg(&OFF_TASK_PENDING_SIGNAL)).unwrap_or(0);
+    let shared = kread::<u64>(task, cfg(&OFF_TASK_SIGNAL))
+        .and_then(|sig| kread::<u64>(sig, cfg(&OFF_SIGNAL_SHARED_PENDING)))
+        .unwrap_or(0);
+    let pending = own | shared;
+    if pending & SIGKILL_BIT != 0 {
+        return RET_EXITED;
+    }
+    let blocked = kread::<u64>(task, cfg(&OFF_TASK_BLOCKED)).unwrap_or(0);
+    if pending & !blocked != 0 {
+        RET_INTERRUPTED
+    } else {
+        RET_WOKE
+    }
 }
 
 /// What fd `fd` of the current task is, from its inode's mode.
@@ -339,8 +451,7 @@ fn fd_kind(fd: i32) -> usize {
 
 /// Adds a read that blocked `dur` ns to the process's histogram.
 #[inline(always)]
-fn record_read(tgid: u32, fd: i32, dur: u64) {
-    let kind = fd_kind(fd);
+fn record_read(tgid: u32, kind: usize, dur: u64) {
     let ms = dur / 1_000_000;
     let bucket = if ms == 0 {
         0
@@ -369,197 +480,200 @@ fn record_read(tgid: u32, fd: i32, dur: u64) {
     }
 }
 
-/// Copies the peer's sockaddr from the process's memory (accept's output
-/// buffer, connect's input). Zeros if it cannot be read.
-#[inline(always)]
-fn read_sockaddr(ptr: u64) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    if ptr != 0 {
-        // sockaddr_in6 is 28 bytes; read what a sockaddr_in needs if that fails.
-        if let Ok(v) = unsafe { bpf_probe_read_user(ptr as *const [u8; 28]) } {
-            out[..28].copy_from_slice(&v);
-        } else if let Ok(v) = unsafe { bpf_probe_read_user(ptr as *const [u8; 16]) } {
-            out[..16].copy_from_slice(&v);
-        }
-    }
-    out
-}
-
-/// Connection bookkeeping on the exit of an I/O syscall of a watched thread.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn track_conn(tgid: u32, tid: u32, e: &Inflight, c: u32, ret: i64, now: u64, args: [u64; 2]) {
-    if c & class::ACCEPT != 0 {
-        if ret >= 0 {
-            let conn = Conn {
-                start_ns: now,
-                listen_fd: args[0] as i32,
-                direction: direction::INBOUND,
-                addr: read_sockaddr(args[1]),
-                ..Default::default()
-            };
-            insert_conn(
-                ConnKey {
-                    tgid,
-                    fd: ret as i32,
-                },
-                &conn,
-            );
-        }
-        return;
-    }
-    if c & class::CONNECT != 0 {
-        if ret == 0 || ret == -EINPROGRESS {
-            let addr = read_sockaddr(args[1]);
-            let family = u16::from_ne_bytes([addr[0], addr[1]]);
-            // Only network peers: a connect to a unix socket (syslog, say)
-            // is not an upstream call.
-            if family == AF_INET || family == AF_INET6 {
-                let conn = Conn {
-                    start_ns: now,
-                    listen_fd: -1,
-                    direction: direction::OUTBOUND,
-                    local_port: e.note & NOTE_PORT_MASK,
-                    addr,
-                    ..Default::default()
-                };
-                insert_conn(
-                    ConnKey {
-                        tgid,
-                        fd: args[0] as i32,
-                    },
-                    &conn,
-                );
-            }
-        }
-        return;
-    }
-    let key = ConnKey {
-        tgid,
-        fd: args[0] as i32,
-    };
-    let Some(conn) = CONNS.get_ptr_mut(key) else {
-        return;
-    };
-    let conn = unsafe { &mut *conn };
-    if c & class::READ != 0 {
-        if ret > 0 {
-            conn.bytes_in += ret as u64;
-        } else if ret == -EAGAIN {
-            conn.eagain_ns = now;
-        }
-    } else if c & class::WRITE != 0 {
-        if ret > 0 {
-            conn.bytes_out += ret as u64;
-        }
-    } else if c & (class::CLOSE | class::SHUTDOWN) != 0 {
-        let port = e.note & NOTE_PORT_MASK;
-        if port != 0 {
-            conn.local_port = port;
-        }
-        let bad = match conn.direction {
-            direction::INBOUND => conn.bytes_out == 0,
-            _ => conn.bytes_out > 0 && conn.bytes_in == 0,
-        };
-        let closing = c & class::CLOSE != 0;
-        if bad && conn.reported == 0 {
-            let ev = ConnEnd {
-                kind: kind::CONN_END,
-                tgid,
-                tid,
-                fd: key.fd,
-                ts_ns: now,
-                conn: *conn,
-                ended_by: if closing {
-                    ended::CLOSE
-                } else {
-                    ended::SHUTDOWN
-                },
-                note: e.note,
-            };
-            match EVENTS.output::<ConnEnd>(&ev, 0) {
-                Ok(()) => count(stat::EVENTS_SENT),
-                Err(_) => count(stat::EVENTS_LOST),
-            }
-            conn.reported = 1;
-        } else if !bad && closing {
-            count(stat::CONNS_OK);
-        }
-        if closing
-            && CONNS.remove(key).is_ok()
-            && let Some(w) = WATCHED.get_ptr_mut(tgid)
-        {
-            unsafe { (*w).open_conns = (*w).open_conns.saturating_sub(1) };
-        }
-    }
-}
-
-#[inline(always)]
-fn insert_conn(key: ConnKey, conn: &Conn) {
-    if CONNS.insert(key, *conn, 0).is_err() {
-        count(stat::CONNS_UNTRACKED);
-        return;
-    }
-    if let Some(w) = WATCHED.get_ptr_mut(key.tgid) {
-        unsafe { (*w).open_conns += 1 };
-    }
-}
-
-/// While a watched thread is inside connect/close/shutdown, note the local
-/// port and whether the kernel answered with a RST (unread data at close).
-#[inline(always)]
-fn note_inflight(extra: u32, port: u32) {
-    let (tgid, tid) = ids();
-    if unsafe { WATCHED.get(tgid) }.is_none() {
-        return;
-    }
-    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
-        return;
-    };
-    let e = unsafe { &mut *e };
-    if e.active == 0 || e.nr < 0 || e.nr as u32 >= MAX_SYSCALL_NR {
-        return;
-    }
-    let c = SYSCALL_CLASS.get(e.nr as u32).copied().unwrap_or(0);
-    if c & (class::CONNECT | class::CLOSE | class::SHUTDOWN) == 0 {
-        return;
-    }
-    e.note |= extra;
-    // First one wins: on loopback the peer's half of the connection changes
-    // state in this same task right after ours, and must not overwrite it.
-    if port != 0 && e.note & NOTE_PORT_MASK == 0 {
-        e.note |= port & NOTE_PORT_MASK;
-    }
-}
-
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_inet_sock_set_state(&ctx);
     0
 }
 
+/// The peer's address from inet_sock_set_state, as a sockaddr head.
+#[inline(always)]
+fn peer_addr(ctx: &TracePointContext, family: u16) -> Result<[u8; 32], i32> {
+    let mut a = [0u8; 32];
+    a[..2].copy_from_slice(&family.to_ne_bytes());
+    let dport: u16 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_DPORT) as usize)? };
+    a[2..4].copy_from_slice(&dport.to_be_bytes());
+    if family == AF_INET {
+        let ip: [u8; 4] = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_DADDR) as usize)? };
+        a[4..8].copy_from_slice(&ip);
+    } else {
+        let ip: [u8; 16] = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_DADDR_V6) as usize)? };
+        a[8..24].copy_from_slice(&ip);
+    }
+    Ok(a)
+}
+
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    // Only transitions a local connect or close starts.
+    const TCP_ESTABLISHED: i32 = 1;
     const TCP_SYN_SENT: i32 = 2;
+    const TCP_SYN_RECV: i32 = 3;
     const TCP_FIN_WAIT1: i32 = 4;
     const TCP_CLOSE: i32 = 7;
+    const TCP_CLOSE_WAIT: i32 = 8;
     const TCP_LAST_ACK: i32 = 9;
-    let state: i32 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_NEWSTATE) as usize)? };
-    if !matches!(
-        state,
-        TCP_SYN_SENT | TCP_FIN_WAIT1 | TCP_CLOSE | TCP_LAST_ACK
-    ) {
+    let protocol: u16 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_PROTOCOL) as usize)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let new: i32 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_NEWSTATE) as usize)? };
+    let old: i32 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_OLDSTATE) as usize)? };
+    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+        return accepted(ctx);
+    }
+    let opening = new == TCP_SYN_SENT;
+    let closing = matches!(old, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
+        && matches!(new, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
+    if !opening && !closing {
+        return Ok(());
+    }
+    let (tgid, tid) = ids();
+    if unsafe { WATCHED.get(tgid) }.is_none() {
+        return Ok(());
+    }
+    let sk: u64 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_SKADDR) as usize)? };
+    let family: u16 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_FAMILY) as usize)? };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if opening {
+        // connect() in a watched process: an outbound connection.
+        let conn = Conn {
+            start_ns: now,
+            direction: direction::OUTBOUND,
+            addr: peer_addr(ctx, family)?,
+            ..Default::default()
+        };
+        if CONNS.insert(sk, conn, 0).is_err() {
+            count(stat::CONNS_UNTRACKED);
+        }
+        return Ok(());
+    }
+    // Only a close or shutdown by this side sets SEND_SHUTDOWN before the
+    // state change. A RST from the peer, handled in softirq on top of
+    // whatever task was running (maybe a watched one), does not.
+    match kread::<u8>(sk, cfg(&OFF_SK_SHUTDOWN)) {
+        Some(v) if v & SEND_SHUTDOWN != 0 => {}
+        _ => return Ok(()),
+    }
+    let mut conn = match unsafe { CONNS.get(sk) } {
+        Some(c) => *c,
+        None => Conn {
+            direction: direction::INBOUND,
+            ..Default::default()
+        },
+    };
+    let _ = CONNS.remove(sk);
+    conn.bytes_in = kread::<u64>(sk, cfg(&OFF_TCP_BYTES_RECEIVED)).unwrap_or(0);
+    // What the process wrote: what went out once, plus what is still queued.
+    let sent = kread::<u64>(sk, cfg(&OFF_TCP_BYTES_SENT)).unwrap_or(0);
+    let retrans = kread::<u64>(sk, cfg(&OFF_TCP_BYTES_RETRANS)).unwrap_or(0);
+    let write_seq = kread::<u32>(sk, cfg(&OFF_TCP_WRITE_SEQ)).unwrap_or(0);
+    let snd_nxt = kread::<u32>(sk, cfg(&OFF_TCP_SND_NXT)).unwrap_or(0);
+    conn.bytes_out = sent.saturating_sub(retrans) + write_seq.wrapping_sub(snd_nxt) as u64;
+    let bad = match conn.direction {
+        direction::OUTBOUND => conn.bytes_out > 0 && conn.bytes_in == 0,
+        _ => conn.bytes_out == 0,
+    };
+    if !bad {
+        count(stat::CONNS_OK);
         return Ok(());
     }
     let sport: u16 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_SPORT) as usize)? };
-    note_inflight(0, sport as u32);
+    conn.local_port = sport as u32;
+    if conn.addr[0] == 0 && conn.addr[1] == 0 {
+        conn.addr = peer_addr(ctx, family)?;
+    }
+    // Closing straight to CLOSE means the kernel threw unread data away
+    // and answers with a RST.
+    conn.aborted = (new == TCP_CLOSE) as u32;
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let exiting = kread::<u32>(task, cfg(&OFF_TASK_FLAGS)).unwrap_or(0) & PF_EXITING != 0;
+    let (nr, regs) = current_syscall();
+    let (ended_by, fd) = if exiting {
+        (ended::EXIT, -1)
+    } else if nr as u64 == cfg(&NR_SHUTDOWN) {
+        let fd = kread::<u64>(regs, PT_REGS_ARGS[0] as u64).unwrap_or(u64::MAX);
+        (ended::SHUTDOWN, fd as i32)
+    } else if nr as u64 == cfg(&NR_CLOSE) {
+        let fd = kread::<u64>(regs, PT_REGS_ARGS[0] as u64).unwrap_or(u64::MAX);
+        (ended::CLOSE, fd as i32)
+    } else {
+        (ended::CLOSE, -1)
+    };
+    let ev = ConnEnd {
+        kind: kind::CONN_END,
+        tgid,
+        tid,
+        fd,
+        ts_ns: now,
+        conn,
+        ended_by,
+        _pad: 0,
+    };
+    emit(&ev);
     Ok(())
 }
 
+/// A connection to a port a watched process listens on was established:
+/// remember when, for its lifetime at close.
+#[inline(always)]
+fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
+    let sport: u16 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_SPORT) as usize)? };
+    if PORTS.get(sport as u32).copied().unwrap_or(0) == 0 {
+        return Ok(());
+    }
+    let sk: u64 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_SKADDR) as usize)? };
+    let family: u16 = unsafe { ctx.read_at(cfg(&OFF_SETSTATE_FAMILY) as usize)? };
+    let conn = Conn {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        direction: direction::INBOUND,
+        local_port: sport as u32,
+        addr: peer_addr(ctx, family)?,
+        ..Default::default()
+    };
+    if CONNS.insert(sk, conn, 0).is_err() {
+        count(stat::CONNS_UNTRACKED);
+    }
+    Ok(())
+}
+
+/// Every socket receive: for TCP sockets of watched processes, note when
+/// the connection was first read and the last receive that found nothing
+/// (EAGAIN), which is how a socket timeout starts.
 #[tracepoint]
-pub fn tcp_send_reset(_ctx: TracePointContext) -> u32 {
-    note_inflight(NOTE_RST, 0);
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_recv_length(&ctx);
     0
+}
+
+fn try_sock_recv_length(ctx: &TracePointContext) -> Result<(), i32> {
+    let protocol: u16 = unsafe { ctx.read_at(cfg(&OFF_RECV_PROTOCOL) as usize)? };
+    let family: u16 = unsafe { ctx.read_at(cfg(&OFF_RECV_FAMILY) as usize)? };
+    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+        return Ok(());
+    }
+    let (tgid, _) = ids();
+    if unsafe { WATCHED.get(tgid) }.is_none() {
+        return Ok(());
+    }
+    let sk: u64 = unsafe { ctx.read_at(cfg(&OFF_RECV_SK) as usize)? };
+    let ret: i32 = unsafe { ctx.read_at(cfg(&OFF_RECV_RET) as usize)? };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let eagain = if ret == -EAGAIN { now } else { 0 };
+    if let Some(c) = CONNS.get_ptr_mut(sk) {
+        if eagain != 0 {
+            unsafe { (*c).eagain_ns = eagain };
+        }
+        return Ok(());
+    }
+    let conn = Conn {
+        start_ns: now,
+        eagain_ns: eagain,
+        direction: direction::INBOUND,
+        ..Default::default()
+    };
+    if CONNS.insert(sk, conn, 0).is_err() {
+        count(stat::CONNS_UNTRACKED);
+    }
+    Ok(())
 }
 
 #[tracepoint]
@@ -586,7 +700,6 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     let w = Watched {
         master: parent.master,
         role: child_role,
-        ..Default::default()
     };
     // The child cannot run before this returns, so it is watched from its
     // first syscall.
@@ -612,7 +725,6 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let inflight = unsafe { INFLIGHT.get(tid) }.copied();
     let _ = INFLIGHT.remove(tid);
     let off = cfg(&OFF_EXIT_GROUP_DEAD);
     let group_dead = if off == u64::MAX {
@@ -621,39 +733,25 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
         let v: u8 = unsafe { ctx.read_at(off as usize)? };
         v != 0
     };
-    // A thread that dies inside a reported syscall ends that syscall too.
-    if let Some(e) = inflight
-        && e.active != 0
-    {
-        let now = unsafe { bpf_ktime_get_ns() };
-        if now.saturating_sub(e.start_ns) >= cfg(&THRESHOLD_NS) {
-            let mut ev = base_event(kind::SLOW_SYSCALL, tgid, tid);
-            ev.aux_pid = w.master;
-            ev.start_ns = e.start_ns;
-            ev.nr = e.nr as i64;
-            ev.ret = RET_EXITED;
-            ev.arg0 = e.arg0;
-            ev.arg2 = e.arg2;
-            if e.seeded != 0 {
-                ev.kind |= kind::FLAG_SEEDED;
-            }
-            emit(&ev);
-        }
-    }
     if !group_dead {
         return Ok(());
     }
+    // The wait status the parent will see: a signal number in the low 7
+    // bits, or the exit code in the next 8.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let code = kread::<i32>(task, cfg(&OFF_TASK_EXIT_CODE)).unwrap_or(0);
     let mut ev = base_event(kind::EXIT, tgid, tid);
     ev.aux_pid = w.master;
-    if w.exited != 0 {
-        ev.nr = w.exit_code as i64;
-        ev.ret = 1;
-    } else {
-        ev.nr = w.last_signal as i64;
+    if code & 0x7f != 0 {
+        ev.nr = (code & 0x7f) as i64;
         ev.ret = 0;
+    } else {
+        ev.nr = ((code >> 8) & 0xff) as i64;
+        ev.ret = 1;
     }
     emit(&ev);
-    let _ = WATCHED.remove(tgid);
+    // WATCHED keeps the process until user space has seen this event: the
+    // kernel closes its sockets after this point, and they must count.
     Ok(())
 }
 
@@ -665,9 +763,9 @@ pub fn signal_generate(ctx: TracePointContext) -> u32 {
 
 fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     let target: i32 = unsafe { ctx.read_at(cfg(&OFF_SIG_PID) as usize)? };
-    let Some(w) = WATCHED.get_ptr_mut(target as u32) else {
+    if unsafe { WATCHED.get(target as u32) }.is_none() {
         return Ok(());
-    };
+    }
     let sig: i32 = unsafe { ctx.read_at(cfg(&OFF_SIG_SIG) as usize)? };
     // Signals that end or restart a Gunicorn worker. SIGCHLD, SIGWINCH and
     // the like are frequent and say nothing about a stall.
@@ -685,7 +783,6 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     ) {
         return Ok(());
     }
-    unsafe { (*w).last_signal = sig as u32 };
     let (tgid, tid) = ids();
     let mut ev = base_event(kind::SIGNAL, target as u32, target as u32);
     ev.aux_pid = tgid;

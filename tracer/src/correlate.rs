@@ -33,16 +33,15 @@ pub enum KernelEvent {
         sender: u32,
         sig: i32,
     },
-    /// A syscall that may block returned (or its thread died) after at least
-    /// the threshold.
+    /// A thread woke up after sleeping at least the threshold in a syscall
+    /// that may block.
     SlowSyscall {
         ts_ns: u64,
         tgid: u32,
         tid: u32,
         nr: i64,
         start_ns: u64,
-        /// None when the thread exited inside the syscall.
-        ret: Option<i64>,
+        wake: Wake,
         arg0: u64,
         arg2: u64,
         seeded: bool,
@@ -60,8 +59,18 @@ pub enum KernelEvent {
         fd: i32,
         conn: tracer_common::Conn,
         ended_by: u32,
-        note: u32,
     },
+}
+
+/// Why a thread that slept in a syscall woke up, as the kernel saw it then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Nothing pending: the syscall is returning.
+    Returning,
+    /// A signal: the syscall is interrupted (and maybe restarted).
+    Interrupted,
+    /// SIGKILL: the thread dies inside the syscall.
+    Killed,
 }
 
 /// One entry of the kernel's in-flight map.
@@ -76,9 +85,6 @@ pub struct Sample {
     pub seq: u64,
     pub active: bool,
     pub seeded: bool,
-    /// arg0/arg2 are filled. The kernel does not read arguments at entry;
-    /// they are known for seeded entries and for syscalls that returned.
-    pub args_known: bool,
 }
 
 /// /proc lookups, done only for a stall being reported.
@@ -86,11 +92,6 @@ pub trait Enricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo;
     fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64>;
     fn comm(&mut self, pid: u32) -> String;
-    /// The local port of a listening socket, for inbound connections whose
-    /// port the kernel did not see.
-    fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16>;
-    /// The syscall a blocked thread is in and its first three arguments.
-    fn syscall_args(&mut self, pid: u32, tid: u32) -> Option<(i64, [u64; 3])>;
     /// The container and pod of a process, if it runs in one.
     fn container(&mut self, pid: u32) -> Option<Container>;
 }
@@ -185,8 +186,6 @@ pub enum Output {
         fd_kind: String,
         blocked_ms: u64,
         outcome: Outcome,
-        /// Raw return value (negative errno) when it returned.
-        ret: Option<i64>,
         container: Option<Container>,
     },
     WorkerTimeout {
@@ -265,9 +264,9 @@ struct Active {
     seq: u64,
     cur_start_ns: u64,
     nr: i64,
-    /// Set when the syscall returned EINTR/ERESTART*: the stall ends unless
+    /// Set when a signal woke the thread: the stall ends unless
     /// the thread re-enters the same call on the same fd within the grace.
-    interrupted_at: Option<(u64, i64)>,
+    interrupted_at: Option<u64>,
     /// Polls in a row that did not find it in flight.
     missing_polls: u32,
 }
@@ -279,12 +278,6 @@ const RESTART_GRACE_NS: u64 = 200_000_000;
 const MAX_EXITED_KEPT: usize = 256;
 /// How long after a stall ends a kill by the master is still blamed on it.
 const TIMEOUT_BLAME_NS: u64 = 60_000_000_000;
-
-const EINTR: i64 = 4;
-const ERESTARTSYS: i64 = 512;
-const ERESTARTNOINTR: i64 = 513;
-const ERESTARTNOHAND: i64 = 514;
-const ERESTART_RESTARTBLOCK: i64 = 516;
 
 pub fn signal_name(sig: i32) -> String {
     let n = match sig {
@@ -457,7 +450,7 @@ impl Correlator {
                     .map(|(t, _)| *t)
                     .collect();
                 for tid in tids {
-                    out.extend(self.end(tid, ts_ns, Outcome::Exited, None));
+                    out.extend(self.end(tid, ts_ns, Outcome::Exited));
                 }
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.alive = false;
@@ -535,7 +528,7 @@ impl Correlator {
                 tid,
                 nr,
                 start_ns,
-                ret,
+                wake,
                 arg0,
                 arg2,
                 seeded,
@@ -543,10 +536,10 @@ impl Correlator {
                 if let Some(a) = self.active.get_mut(&tid)
                     && a.cur_start_ns == start_ns
                 {
-                    match ret {
-                        None => out.extend(self.end(tid, ts_ns, Outcome::Exited, None)),
-                        Some(r) if is_interrupt(r) => a.interrupted_at = Some((ts_ns, r)),
-                        Some(r) => out.extend(self.end(tid, ts_ns, Outcome::Returned, Some(r))),
+                    match wake {
+                        Wake::Killed => out.extend(self.end(tid, ts_ns, Outcome::Exited)),
+                        Wake::Interrupted => a.interrupted_at = Some(ts_ns),
+                        Wake::Returning => out.extend(self.end(tid, ts_ns, Outcome::Returned)),
                     }
                     return out;
                 }
@@ -561,16 +554,15 @@ impl Correlator {
                     seq: 0,
                     active: true,
                     seeded,
-                    args_known: ret.is_some() || seeded,
                 };
                 if let Some(stall) = self.new_stall(&s, ts_ns, enr) {
                     out.push(stall);
-                    let outcome = match ret {
-                        None => Outcome::Exited,
-                        Some(r) if is_interrupt(r) => Outcome::Interrupted,
-                        Some(_) => Outcome::Returned,
+                    let outcome = match wake {
+                        Wake::Killed => Outcome::Exited,
+                        Wake::Interrupted => Outcome::Interrupted,
+                        Wake::Returning => Outcome::Returned,
                     };
-                    out.extend(self.end(tid, ts_ns, outcome, ret));
+                    out.extend(self.end(tid, ts_ns, outcome));
                 }
             }
             KernelEvent::Exec { .. } => {}
@@ -581,17 +573,9 @@ impl Correlator {
                 fd,
                 conn,
                 ended_by,
-                note,
             } => {
                 let Some(p) = self.procs.get(&tgid) else {
                     return out;
-                };
-                let fallback_port = if conn.local_port == 0 && conn.listen_fd >= 0 {
-                    // The worker may be gone; its master holds the same listener.
-                    enr.listen_port(tgid, conn.listen_fd)
-                        .or_else(|| enr.listen_port(p.master, conn.listen_fd))
-                } else {
-                    None
                 };
                 let facts = ConnFacts {
                     pid: tgid,
@@ -601,9 +585,7 @@ impl Correlator {
                     fd,
                     conn: &conn,
                     ended_by,
-                    note,
                     ts_ns,
-                    fallback_port,
                 };
                 let container = p.container.clone();
                 if let Some(mut close) = net::early_close(facts) {
@@ -642,7 +624,7 @@ impl Correlator {
         for tid in tids {
             let a = self.active.get_mut(&tid).expect("key from map");
             let cur = by_tid.get(&tid).filter(|s| s.active);
-            if let Some((at, ret)) = a.interrupted_at {
+            if let Some(at) = a.interrupted_at {
                 match cur {
                     Some(s) if s.nr == a.nr && s.start_ns >= at => {
                         a.seq = s.seq;
@@ -651,7 +633,7 @@ impl Correlator {
                         a.missing_polls = 0;
                     }
                     _ if now_ns >= at + RESTART_GRACE_NS => {
-                        out.extend(self.end(tid, at, Outcome::Interrupted, Some(ret)));
+                        out.extend(self.end(tid, at, Outcome::Interrupted));
                     }
                     _ => {}
                 }
@@ -666,7 +648,7 @@ impl Correlator {
                     // short, or lost event). Wait one more poll for the event.
                     a.missing_polls += 1;
                     if a.missing_polls >= 2 {
-                        out.extend(self.end(tid, now_ns, Outcome::Returned, None));
+                        out.extend(self.end(tid, now_ns, Outcome::Returned));
                     }
                 }
             }
@@ -690,15 +672,7 @@ impl Correlator {
             return None;
         }
         let name = syscalls::name(s.nr).into_owned();
-        // A thread blocked right now: its arguments are in /proc.
-        let args = if s.args_known {
-            Some((s.arg0, s.arg2))
-        } else {
-            enr.syscall_args(s.tgid, s.tid)
-                .filter(|(nr, _)| *nr == s.nr)
-                .map(|(_, a)| (a[0], a[2]))
-        };
-        let fd = args.filter(|_| takes_fd(&name)).map(|(a0, _)| a0 as i32);
+        let fd = takes_fd(&name).then_some(s.arg0 as i32);
         let info = fd
             .map(|fd| enr.fd_info(s.tgid, fd))
             .unwrap_or_else(FdInfo::unknown);
@@ -719,7 +693,7 @@ impl Correlator {
             master_pid: p.master,
             role: p.role,
             comm: enr.comm(s.tid),
-            count: args.filter(|_| takes_count(&name)).map(|(_, a2)| a2),
+            count: takes_count(&name).then_some(s.arg2),
             syscall: name,
             fd,
             fd_kind: info.kind,
@@ -757,7 +731,7 @@ impl Correlator {
         })
     }
 
-    fn end(&mut self, tid: u32, ts_ns: u64, outcome: Outcome, ret: Option<i64>) -> Option<Output> {
+    fn end(&mut self, tid: u32, ts_ns: u64, outcome: Outcome) -> Option<Output> {
         let a = self.active.remove(&tid)?;
         let blocked_ms = ts_ns.saturating_sub(a.report.start_ns) / 1_000_000;
         if let Some(p) = self.procs.get_mut(&a.report.pid)
@@ -775,7 +749,6 @@ impl Correlator {
             fd_kind: a.report.fd_kind,
             blocked_ms,
             outcome,
-            ret,
             container: a.report.container,
         })
     }
@@ -830,13 +803,6 @@ impl Correlator {
             exited_quiet: self.exited_quiet,
         }
     }
-}
-
-fn is_interrupt(ret: i64) -> bool {
-    matches!(
-        -ret,
-        EINTR | ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK
-    )
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -960,11 +926,13 @@ fn verdict(workers: &[WorkerSummary], threshold_ns: u64) -> Verdict {
         let mut line = format!("{} {}", name(w), what.join(" and "));
         if let Some(e) = &w.last_early_close {
             line.push_str(&format!(
-                "; last: {} {} after {}",
+                "; last: {} {}",
                 e.direction,
                 e.peer.as_deref().unwrap_or("?"),
-                secs(e.lifetime_ms)
             ));
+            if let Some(ms) = e.lifetime_ms {
+                line.push_str(&format!(" after {}", secs(ms)));
+            }
             match &e.cause {
                 Some(cause) => line.push_str(&format!(
                     "; likely cause: {}. Fix: {}",
@@ -1053,12 +1021,6 @@ mod tests {
         fn comm(&mut self, _pid: u32) -> String {
             "gunicorn".into()
         }
-        fn listen_port(&mut self, _pid: u32, _fd: i32) -> Option<u16> {
-            Some(8000)
-        }
-        fn syscall_args(&mut self, _pid: u32, _tid: u32) -> Option<(i64, [u64; 3])> {
-            None
-        }
         fn container(&mut self, _pid: u32) -> Option<Container> {
             None
         }
@@ -1079,7 +1041,6 @@ mod tests {
             seq,
             active: true,
             seeded: false,
-            args_known: true,
         }
     }
 
@@ -1203,7 +1164,7 @@ mod tests {
             tid: W,
             nr: nr("read"),
             start_ns: 0,
-            ret: Some(4),
+            wake: Wake::Returning,
             arg0: 11,
             arg2: 4,
             seeded: false,
@@ -1215,7 +1176,6 @@ mod tests {
             Output::StallEnd {
                 blocked_ms: 900,
                 outcome: Outcome::Returned,
-                ret: Some(4),
                 ..
             }
         ));
@@ -1236,7 +1196,7 @@ mod tests {
             tid: W,
             nr: nr("recvfrom"),
             start_ns: 100 * MS,
-            ret: Some(10),
+            wake: Wake::Returning,
             arg0: 5,
             arg2: 4096,
             seeded: false,
@@ -1263,7 +1223,7 @@ mod tests {
             tid: W,
             nr: nr("read"),
             start_ns: 0,
-            ret: Some(-4),
+            wake: Wake::Interrupted,
             arg0: 11,
             arg2: 4,
             seeded: false,
@@ -1286,7 +1246,7 @@ mod tests {
             tid: W,
             nr: nr("read"),
             start_ns: 4001 * MS,
-            ret: None,
+            wake: Wake::Killed,
             arg0: 11,
             arg2: 4,
             seeded: false,
@@ -1315,7 +1275,7 @@ mod tests {
             tid: W,
             nr: nr("read"),
             start_ns: 0,
-            ret: Some(-4),
+            wake: Wake::Interrupted,
             arg0: 11,
             arg2: 4,
             seeded: false,
@@ -1449,13 +1409,12 @@ mod tests {
                 bytes_in,
                 bytes_out,
                 eagain_ns: 1500 * MS,
-                listen_fd: 5,
                 direction: tracer_common::direction::INBOUND,
+                local_port: 8000,
                 addr,
                 ..Default::default()
             },
             ended_by,
-            note: 0,
         }
     }
 
@@ -1479,7 +1438,7 @@ mod tests {
         };
         assert_eq!(close.kind, CloseKind::DroppedRequest);
         assert_eq!(close.peer.as_deref(), Some("127.0.0.1:40000"));
-        assert_eq!(close.local_port, Some(8000), "from the listener");
+        assert_eq!(close.local_port, Some(8000));
         assert_eq!(close.cause.as_ref().unwrap().id, "leaked_socket_timeout");
         c.on_kernel(
             conn_end(W, 0, 0, tracer_common::ended::CLOSE),

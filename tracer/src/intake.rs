@@ -1,7 +1,7 @@
 //! Event intake: decoding ring buffer records into [`KernelEvent`]s.
-use tracer_common::{ConnEnd, Event, RET_EXITED, kind};
+use tracer_common::{ConnEnd, Event, RET_EXITED, RET_INTERRUPTED, kind};
 
-use crate::correlate::KernelEvent;
+use crate::correlate::{KernelEvent, Wake};
 use crate::model::Role;
 
 /// Decodes one ring buffer record. Returns None for a record of the wrong
@@ -21,7 +21,6 @@ pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
             fd: c.fd,
             conn: c.conn,
             ended_by: c.ended_by,
-            note: c.note,
         });
     }
     if bytes.len() < std::mem::size_of::<Event>() {
@@ -70,7 +69,11 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             tid: e.tid,
             nr: e.nr,
             start_ns: e.start_ns,
-            ret: (e.ret != RET_EXITED).then_some(e.ret),
+            wake: match e.ret {
+                RET_EXITED => Wake::Killed,
+                RET_INTERRUPTED => Wake::Interrupted,
+                _ => Wake::Returning,
+            },
             arg0: e.arg0,
             arg2: e.arg2,
             seeded,
@@ -121,12 +124,18 @@ mod tests {
                 tid: 11,
                 nr: 0,
                 start_ns: 100,
-                ret: None,
+                wake: Wake::Killed,
                 arg0: 5,
                 arg2: 4,
                 seeded: true
             }
         );
+        let woke = |ret| match from_event(&Event { ret, ..e }) {
+            Some(KernelEvent::SlowSyscall { wake, .. }) => wake,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(woke(RET_INTERRUPTED), Wake::Interrupted);
+        assert_eq!(woke(tracer_common::RET_WOKE), Wake::Returning);
     }
 
     #[test]
@@ -181,7 +190,7 @@ mod tests {
                 ..Default::default()
             },
             ended_by: tracer_common::ended::SHUTDOWN,
-            note: 3,
+            _pad: 0,
         };
         // SAFETY: ConnEnd is repr(C) with no implicit padding.
         let b = unsafe {
@@ -196,7 +205,6 @@ mod tests {
             fd: 11,
             conn,
             ended_by,
-            note: 3,
             ..
         }) = decode(b)
         else {

@@ -5,8 +5,9 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint};
+
 use aya::{Ebpf, EbpfLoader};
-use tracer_common::{Conn, ConnKey, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, stat};
+use tracer_common::{Conn, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, stat};
 
 use crate::model::Role;
 use crate::syscalls;
@@ -22,24 +23,27 @@ pub struct Probes {
     pub watched: HashMap<MapData, u32, Watched>,
     pub inflight: HashMap<MapData, u32, Inflight>,
     pub stats: PerCpuArray<MapData, u64>,
-    pub conns: HashMap<MapData, ConnKey, Conn>,
+    pub conns: HashMap<MapData, u64, Conn>,
     pub read_hist: HashMap<MapData, u32, ReadHist>,
+    pub ports: Array<MapData, u8>,
     pub events: Option<RingBuf<MapData>>,
 }
 
-/// Raw tracepoints: the per-syscall hot path (see tracer-ebpf).
-const RAW_PROGRAMS: [&str; 2] = ["sys_enter", "sys_exit"];
+/// Raw tracepoints: the hot path, every context switch (see tracer-ebpf).
+const RAW_PROGRAMS: [&str; 1] = ["sched_switch"];
 
 /// (program name, tracepoint category, tracepoint name)
-const PROGRAMS: [(&str, &str, &str); 6] = [
+const PROGRAMS: [(&str, &str, &str); 5] = [
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("signal_generate", "signal", "signal_generate"),
     ("sched_process_exec", "sched", "sched_process_exec"),
-    // In-syscall context for connections: local port, RST on close.
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("tcp_send_reset", "tcp", "tcp_send_reset"),
 ];
+
+/// Attached when the kernel has it (6.3 and later): when a connection was
+/// first read, and its last receive that found nothing (EAGAIN).
+const OPTIONAL_PROGRAM: (&str, &str, &str) = ("sock_recv_length", "sock", "sock_recv_length");
 
 fn raise_memlock() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones
@@ -79,47 +83,102 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Offsets of the kernel struct fields the programs read, from the running
+/// kernel's BTF. All are required: without them nothing can be told apart.
+fn kernel_offsets(btf: &crate::btf::Btf) -> Result<Vec<(&'static str, u64)>> {
+    let need = |global: &'static str, s: &str, members: &[&str]| -> Result<(&'static str, u64)> {
+        members
+            .iter()
+            .find_map(|m| btf.member_offset(s, m))
+            .map(|off| (global, off))
+            .ok_or_else(|| {
+                anyhow!(
+                    "this kernel's BTF has no {s}.{}; please report it with the kernel version ({})",
+                    members[0],
+                    kernel_release()
+                )
+            })
+    };
+    let pending = need("", "task_struct", &["pending"])?.1 + need("", "sigpending", &["signal"])?.1;
+    let shared =
+        need("", "signal_struct", &["shared_pending"])?.1 + need("", "sigpending", &["signal"])?.1;
+    Ok(vec![
+        // "state" before Linux 5.14.
+        need("OFF_TASK_STATE", "task_struct", &["__state", "state"])?,
+        need("OFF_TASK_PID", "task_struct", &["pid"])?,
+        need("OFF_TASK_FLAGS", "task_struct", &["flags"])?,
+        need("OFF_TASK_EXIT_CODE", "task_struct", &["exit_code"])?,
+        need("OFF_TASK_COMM", "task_struct", &["comm"])?,
+        ("OFF_TASK_PENDING_SIGNAL", pending),
+        need("OFF_TASK_BLOCKED", "task_struct", &["blocked"])?,
+        need("OFF_TASK_SIGNAL", "task_struct", &["signal"])?,
+        ("OFF_SIGNAL_SHARED_PENDING", shared),
+        need("OFF_TASK_FILES", "task_struct", &["files"])?,
+        need("OFF_FILES_FDT", "files_struct", &["fdt"])?,
+        need("OFF_FDT_MAX_FDS", "fdtable", &["max_fds"])?,
+        need("OFF_FDT_FD", "fdtable", &["fd"])?,
+        need("OFF_FILE_INODE", "file", &["f_inode"])?,
+        need("OFF_INODE_MODE", "inode", &["i_mode"])?,
+        need("OFF_SK_SHUTDOWN", "sock", &["sk_shutdown"])?,
+        need("OFF_TCP_BYTES_RECEIVED", "tcp_sock", &["bytes_received"])?,
+        need("OFF_TCP_BYTES_SENT", "tcp_sock", &["bytes_sent"])?,
+        need("OFF_TCP_BYTES_RETRANS", "tcp_sock", &["bytes_retrans"])?,
+        need("OFF_TCP_WRITE_SEQ", "tcp_sock", &["write_seq"])?,
+        need("OFF_TCP_SND_NXT", "tcp_sock", &["snd_nxt"])?,
+    ])
+}
+
 pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     raise_memlock();
-    // The raw tracepoints take (regs, id) and (regs, ret): no record layout.
-    // Their tracefs entries must still exist for the kernel to have them.
-    Format::read(tracefs, "raw_syscalls", "sys_enter")?;
+    // The raw tracepoint takes (preempt, prev, next): no record layout.
+    // Its tracefs entry must still exist for the kernel to have it.
+    Format::read(tracefs, "sched", "sched_switch")?;
     let newtask = Format::read(tracefs, "task", "task_newtask")?;
     let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
-    let setstate = Format::read(tracefs, "sock", "inet_sock_set_state")?;
+    let st = Format::read(tracefs, "sock", "inet_sock_set_state")?;
+    let recv = Format::read(tracefs, OPTIONAL_PROGRAM.1, OPTIONAL_PROGRAM.2).ok();
 
-    let off_newtask_pid = newtask.offset("pid", 4)?;
-    let off_newtask_flags = newtask.offset("clone_flags", 8)?;
-    let off_group_dead = pexit.optional_offset("group_dead").unwrap_or(u64::MAX);
-    let off_sig_sig = sig.offset("sig", 4)?;
-    let off_sig_pid = sig.offset("pid", 4)?;
-    let off_setstate_sport = setstate.offset("sport", 2)?;
-    let off_setstate_newstate = setstate.offset("newstate", 4)?;
-    let nr_exit_group = syscalls::number("exit_group")
-        .ok_or_else(|| anyhow!("no exit_group syscall on this architecture"))?;
-
-    // Struct offsets for telling fd kinds apart in the kernel (read
-    // histograms). Without BTF the histograms still count, as "unknown".
-    let btf = crate::btf::Btf::from_sys_fs();
-    if btf.is_none() {
-        eprintln!(
-            "tracer: warning: no BTF at /sys/kernel/btf/vmlinux: blocking-read histograms will not tell pipes from sockets"
-        );
-    }
-    let off = |s: &str, m: &str| -> u64 {
-        btf.as_ref()
-            .and_then(|b| b.member_offset(s, m))
-            .unwrap_or(u64::MAX)
-    };
-    let kernel_offsets = [
-        ("OFF_TASK_FILES", off("task_struct", "files")),
-        ("OFF_FILES_FDT", off("files_struct", "fdt")),
-        ("OFF_FDT_MAX_FDS", off("fdtable", "max_fds")),
-        ("OFF_FDT_FD", off("fdtable", "fd")),
-        ("OFF_FILE_INODE", off("file", "f_inode")),
-        ("OFF_INODE_MODE", off("inode", "i_mode")),
+    let mut globals: Vec<(&str, u64)> = vec![
+        ("THRESHOLD_NS", threshold_ns),
+        ("OFF_NEWTASK_PID", newtask.offset("pid", 4)?),
+        ("OFF_NEWTASK_FLAGS", newtask.offset("clone_flags", 8)?),
+        (
+            "OFF_EXIT_GROUP_DEAD",
+            pexit.optional_offset("group_dead").unwrap_or(u64::MAX),
+        ),
+        ("OFF_SIG_SIG", sig.offset("sig", 4)?),
+        ("OFF_SIG_PID", sig.offset("pid", 4)?),
+        ("OFF_SETSTATE_SKADDR", st.offset("skaddr", 8)?),
+        ("OFF_SETSTATE_OLDSTATE", st.offset("oldstate", 4)?),
+        ("OFF_SETSTATE_NEWSTATE", st.offset("newstate", 4)?),
+        ("OFF_SETSTATE_SPORT", st.offset("sport", 2)?),
+        ("OFF_SETSTATE_DPORT", st.offset("dport", 2)?),
+        ("OFF_SETSTATE_FAMILY", st.offset("family", 2)?),
+        ("OFF_SETSTATE_PROTOCOL", st.offset("protocol", 2)?),
+        ("OFF_SETSTATE_DADDR", st.offset("daddr", 4)?),
+        ("OFF_SETSTATE_DADDR_V6", st.offset("daddr_v6", 16)?),
     ];
+    if let Some(r) = &recv {
+        globals.extend([
+            ("OFF_RECV_SK", r.offset("sk", 8)?),
+            ("OFF_RECV_FAMILY", r.offset("family", 2)?),
+            ("OFF_RECV_PROTOCOL", r.offset("protocol", 2)?),
+            ("OFF_RECV_RET", r.offset("ret", 4)?),
+        ]);
+    }
+    for (global, name) in [("NR_CLOSE", "close"), ("NR_SHUTDOWN", "shutdown")] {
+        let nr = syscalls::number(name)
+            .ok_or_else(|| anyhow!("no {name} syscall on this architecture"))?;
+        globals.push((global, nr as u64));
+    }
+    let btf = crate::btf::Btf::from_sys_fs().ok_or_else(|| {
+        anyhow!(
+            "this kernel has no BTF at /sys/kernel/btf/vmlinux: the tracer needs it (CONFIG_DEBUG_INFO_BTF=y, the default on Debian, Ubuntu, RHEL and their kin) to read task and socket fields"
+        )
+    })?;
+    globals.extend(kernel_offsets(&btf)?);
+    drop(btf);
 
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
@@ -128,23 +187,14 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         );
     }
     let mut loader = EbpfLoader::new();
-    for (name, value) in &kernel_offsets {
+    for (name, value) in &globals {
         loader.override_global(name, value, true);
     }
     let mut ebpf = loader
-        .override_global("THRESHOLD_NS", &threshold_ns, true)
-        .override_global("NR_EXIT_GROUP", &nr_exit_group, true)
-        .override_global("OFF_NEWTASK_PID", &off_newtask_pid, true)
-        .override_global("OFF_NEWTASK_FLAGS", &off_newtask_flags, true)
-        .override_global("OFF_EXIT_GROUP_DEAD", &off_group_dead, true)
-        .override_global("OFF_SIG_SIG", &off_sig_sig, true)
-        .override_global("OFF_SIG_PID", &off_sig_pid, true)
-        .override_global("OFF_SETSTATE_SPORT", &off_setstate_sport, true)
-        .override_global("OFF_SETSTATE_NEWSTATE", &off_setstate_newstate, true)
         .load(bytes)
         .map_err(|e| explain(e, "loading the BPF object"))?;
 
-    // The class table must be filled before sys_exit can run.
+    // The class table must be filled before sched_switch can run.
     {
         let mut classes: Array<_, u32> = Array::try_from(
             ebpf.map_mut("SYSCALL_CLASS")
@@ -169,7 +219,8 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         p.attach(name)
             .map_err(|e| explain(e, &format!("attaching to raw tracepoint {name}")))?;
     }
-    for (prog, category, name) in PROGRAMS {
+    let optional = recv.is_some().then_some(OPTIONAL_PROGRAM);
+    for (prog, category, name) in PROGRAMS.into_iter().chain(optional) {
         let p: &mut TracePoint = ebpf
             .program_mut(prog)
             .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
@@ -189,6 +240,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
     let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
     let read_hist = HashMap::try_from(take(&mut ebpf, "READ_HIST")?)?;
+    let ports = Array::try_from(take(&mut ebpf, "PORTS")?)?;
     let events = Some(RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?);
     Ok(Probes {
         _ebpf: ebpf,
@@ -197,6 +249,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         stats,
         conns,
         read_hist,
+        ports,
         events,
     })
 }
@@ -206,11 +259,16 @@ impl Probes {
         let w = Watched {
             master,
             role: role.to_kernel(),
-            ..Default::default()
         };
         self.watched
             .insert(pid, w, 0)
             .with_context(|| format!("adding pid {pid} to the kernel's watch list (is it full?)"))
+    }
+
+    /// Tells the kernel that a watched process listens on `port`, so the
+    /// connections it accepts are timed from their start.
+    pub fn add_port(&mut self, port: u16) {
+        let _ = self.ports.set(port as u32, 1, 0);
     }
 
     /// Records a syscall a thread was already blocked in before we attached,
@@ -219,7 +277,6 @@ impl Probes {
         let e = Inflight {
             start_ns: now_ns,
             arg0: args[0],
-            arg1: args[1],
             arg2: args[2],
             seq: 1,
             nr: nr as i32,
@@ -242,21 +299,6 @@ impl Probes {
             .unwrap_or(0)
     }
 
-    /// Removes and returns the connections a process still had open: it
-    /// exited, so the kernel closed them without a close syscall.
-    pub fn take_conns_of(&mut self, tgid: u32) -> Vec<(ConnKey, Conn)> {
-        let found: Vec<(ConnKey, Conn)> = self
-            .conns
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, _)| k.tgid == tgid)
-            .collect();
-        for (k, _) in &found {
-            let _ = self.conns.remove(k);
-        }
-        found
-    }
-
     /// Entries in the kernel maps now: they must track live processes,
     /// threads and connections, not grow with churn.
     pub fn occupancy(&self) -> crate::output::MapOccupancy {
@@ -272,8 +314,10 @@ impl Probes {
         self.read_hist.get(&tgid, 0).ok()
     }
 
-    /// Drops what the kernel kept for a process that exited.
+    /// Drops what the kernel kept for a process that exited. The kernel
+    /// leaves its WATCHED entry to us: see `Watched`.
     pub fn forget(&mut self, tgid: u32) {
+        let _ = self.watched.remove(&tgid);
         let _ = self.read_hist.remove(&tgid);
     }
 

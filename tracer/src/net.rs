@@ -1,7 +1,7 @@
 //! Connections that end badly: classification and the `early_close` report.
 //! Pure: the kernel counts bytes per connection; this decides what it means.
 use serde::Serialize;
-use tracer_common::{Conn, NOTE_RST, direction, ended};
+use tracer_common::{Conn, direction, ended};
 
 use crate::model::Role;
 use crate::signatures::{self, Cause};
@@ -59,12 +59,15 @@ pub struct EarlyClose {
     pub master_pid: u32,
     #[serde(skip)]
     pub role: Role,
-    pub fd: i32,
+    /// The fd closed; None when the process exited with it open.
+    pub fd: Option<i32>,
     pub peer: Option<String>,
     pub local_port: Option<u16>,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    pub lifetime_ms: u64,
+    /// From the connect, or the first receive, to the close; None when the
+    /// tracer did not see the start (opened before it attached).
+    pub lifetime_ms: Option<u64>,
     /// `close`, `shutdown` or `exit`.
     pub ended_by: &'static str,
     pub kind: CloseKind,
@@ -84,17 +87,14 @@ pub struct ConnFacts<'a> {
     pub fd: i32,
     pub conn: &'a Conn,
     pub ended_by: u32,
-    pub note: u32,
     pub ts_ns: u64,
-    /// The local port when the kernel did not see it (from the listener).
-    pub fallback_port: Option<u16>,
 }
 
 /// Turns a connection the kernel reported into an `early_close`, or None
 /// when it did not end badly (a reply was sent, or nothing was asked).
 pub fn early_close(f: ConnFacts) -> Option<EarlyClose> {
     let c = f.conn;
-    let unread = f.note & NOTE_RST != 0;
+    let unread = c.aborted != 0;
     let (dir, kind) = match c.direction {
         direction::INBOUND if c.bytes_out == 0 => (
             "inbound",
@@ -114,22 +114,20 @@ pub fn early_close(f: ConnFacts) -> Option<EarlyClose> {
         ret: "EAGAIN",
         wait_ms: (f.ts_ns - c.eagain_ns) / 1_000_000,
     });
-    let port = u16::try_from(c.local_port)
-        .ok()
-        .filter(|p| *p != 0)
-        .or(f.fallback_port);
+    let port = u16::try_from(c.local_port).ok().filter(|p| *p != 0);
     let mut ec = EarlyClose {
         direction: dir,
         pid: f.pid,
         tid: f.tid,
         master_pid: f.master,
         role: f.role,
-        fd: f.fd,
+        fd: (f.fd >= 0).then_some(f.fd),
         peer: format_sockaddr(&c.addr),
         local_port: port,
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
-        lifetime_ms: f.ts_ns.saturating_sub(c.start_ns) / 1_000_000,
+        lifetime_ms: (c.start_ns != 0 && c.start_ns <= f.ts_ns)
+            .then(|| (f.ts_ns - c.start_ns) / 1_000_000),
         ended_by: match f.ended_by {
             ended::SHUTDOWN => "shutdown",
             ended::EXIT => "exit",
@@ -190,14 +188,14 @@ mod tests {
             start_ns: 1_000_000_000,
             bytes_in,
             bytes_out,
-            listen_fd: 5,
             direction: dir,
+            local_port: 8000,
             addr: v4([127, 0, 0, 1], 40000),
             ..Default::default()
         }
     }
 
-    fn facts(c: &Conn, ended_by: u32, note: u32) -> ConnFacts<'_> {
+    fn facts(c: &Conn, ended_by: u32) -> ConnFacts<'_> {
         ConnFacts {
             pid: 10,
             tid: 10,
@@ -206,54 +204,63 @@ mod tests {
             fd: 11,
             conn: c,
             ended_by,
-            note,
             ts_ns: 1_500_000_000,
-            fallback_port: Some(8000),
         }
     }
 
     #[test]
     fn inbound_kinds() {
         let c = conn(direction::INBOUND, 120, 0);
-        let e = early_close(facts(&c, ended::CLOSE, 0)).unwrap();
+        let e = early_close(facts(&c, ended::CLOSE)).unwrap();
         assert_eq!(e.kind, CloseKind::DroppedRequest);
         assert_eq!(
-            (e.direction, e.ended_by, e.lifetime_ms),
-            ("inbound", "close", 500)
+            (e.direction, e.ended_by, e.lifetime_ms, e.fd),
+            ("inbound", "close", Some(500), Some(11))
         );
         assert_eq!(e.peer.as_deref(), Some("127.0.0.1:40000"));
         assert_eq!(e.local_port, Some(8000));
         let idle = conn(direction::INBOUND, 0, 0);
         assert_eq!(
-            early_close(facts(&idle, ended::CLOSE, 0)).unwrap().kind,
+            early_close(facts(&idle, ended::CLOSE)).unwrap().kind,
             CloseKind::Idle
         );
         // Nothing read, but the kernel reset the connection because a request
         // was waiting unread: dropped, not idle.
-        let e = early_close(facts(&idle, ended::CLOSE, NOTE_RST)).unwrap();
+        let aborted = Conn { aborted: 1, ..idle };
+        let e = early_close(facts(&aborted, ended::CLOSE)).unwrap();
         assert_eq!(e.kind, CloseKind::DroppedRequest);
         assert!(e.unread_data);
+        // Opened before the tracer attached: no lifetime rather than a wrong one.
+        let old = Conn {
+            start_ns: 0,
+            ..idle
+        };
+        assert_eq!(
+            early_close(facts(&old, ended::CLOSE)).unwrap().lifetime_ms,
+            None
+        );
         // Answered: not an early close.
-        assert!(early_close(facts(&conn(direction::INBOUND, 120, 300), ended::CLOSE, 0)).is_none());
+        assert!(early_close(facts(&conn(direction::INBOUND, 120, 300), ended::CLOSE)).is_none());
     }
 
     #[test]
     fn outbound_cut_and_exit() {
         let c = conn(direction::OUTBOUND, 0, 80);
-        let e = early_close(facts(&c, ended::EXIT, 0)).unwrap();
+        let e = early_close(facts(&c, ended::EXIT)).unwrap();
         assert_eq!(
             (e.kind, e.direction, e.ended_by),
             (CloseKind::UpstreamCut, "outbound", "exit")
         );
-        assert!(early_close(facts(&conn(direction::OUTBOUND, 10, 80), ended::CLOSE, 0)).is_none());
-        assert!(early_close(facts(&conn(direction::OUTBOUND, 0, 0), ended::CLOSE, 0)).is_none());
+        assert!(early_close(facts(&conn(direction::OUTBOUND, 10, 80), ended::CLOSE)).is_none());
+        assert!(early_close(facts(&conn(direction::OUTBOUND, 0, 0), ended::CLOSE)).is_none());
     }
 
     #[test]
     fn eagain_then_wait_is_reported_and_named() {
         let mut c = conn(direction::INBOUND, 0, 0);
         c.eagain_ns = 1_000_100_000;
-        let e = early_close(facts(&c, ended::CLOSE, NOTE_RST)).unwrap();
+        c.aborted = 1;
+        let e = early_close(facts(&c, ended::CLOSE)).unwrap();
         let p = e.preceded_by.as_ref().unwrap();
         assert_eq!((p.syscall, p.ret, p.wait_ms), ("recv", "EAGAIN", 499));
         assert_eq!(e.cause.unwrap().id, "leaked_socket_timeout");

@@ -234,17 +234,15 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             syscall,
             blocked_ms,
             outcome,
-            ret,
             ..
         } => format!(
-            "{t}  end      {pid} {syscall}() after {}: {}{}",
+            "{t}  end      {pid} {syscall}() after {}: {}",
             secs(*blocked_ms),
             match outcome {
                 crate::correlate::Outcome::Returned => "returned",
                 crate::correlate::Outcome::Interrupted => "interrupted by a signal",
                 crate::correlate::Outcome::Exited => "the process died inside it",
             },
-            ret.map(|r| format!(" ({r})")).unwrap_or_default()
         ),
         Output::WorkerTimeout {
             pid,
@@ -278,14 +276,17 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
                 (Some(port), "inbound") => format!("{peer} -> :{port}"),
                 _ => peer,
             };
+            let fd = e.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
+            let after = e
+                .lifetime_ms
+                .map(|ms| format!(" after {}", secs(ms)))
+                .unwrap_or_default();
             let mut l = format!(
-                "{t}  {label} {} {} (master {}) closed {} connection {endpoint} fd {} after {}: {} bytes in, {} out ({})",
+                "{t}  {label} {} {} (master {}) closed {} connection {endpoint}{fd}{after}: {} bytes in, {} out ({})",
                 e.role.as_str(),
                 e.pid,
                 e.master_pid,
                 e.direction,
-                e.fd,
-                secs(e.lifetime_ms),
                 e.bytes_in,
                 e.bytes_out,
                 e.ended_by
@@ -464,7 +465,6 @@ mod tests {
             fd_kind: "pipe".into(),
             blocked_ms: 4000,
             outcome: Outcome::Exited,
-            ret: None,
             container: None,
         };
         let v: serde_json::Value = serde_json::from_str(&json_line(&e, "t".into())).unwrap();

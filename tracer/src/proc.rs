@@ -367,14 +367,6 @@ pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
         .collect()
 }
 
-/// The local port of a process's listening socket fd.
-pub fn listen_port(pid: u32, fd: i32) -> Option<u16> {
-    listening_fds(pid)
-        .into_iter()
-        .find(|(f, _)| *f == fd)
-        .map(|(_, p)| p)
-}
-
 /// The syscall a thread is blocked in, from /proc/PID/task/TID/syscall:
 /// `nr arg1 .. arg6 sp pc`, or `running`, or `-1 sp pc` outside a syscall.
 pub fn parse_syscall_file(s: &str) -> Option<(i64, [u64; 3])> {
@@ -536,6 +528,25 @@ mod tests {
     }
 
     #[test]
+    fn syscall_file_forms() {
+        assert_eq!(
+            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f0000001234\n"),
+            Some((0, [11, 0x7ffd1234, 4]))
+        );
+        assert_eq!(parse_syscall_file("running\n"), None);
+        assert_eq!(parse_syscall_file("-1 0x7ffd0000 0x7f0000001234\n"), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(exists(me));
+        assert!(!cmdline(me).is_empty());
+        assert!(ppid(me).is_some());
+        assert!(threads(me).contains(&me));
+    }
+
+    #[test]
     fn net_tcp_port_by_inode() {
         let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 45678 1 0000000000000000 100 0 0 10 0
@@ -555,24 +566,5 @@ mod tests {
         assert!(socks[0].listening && !socks[1].listening);
         assert_eq!(socket_inode("socket:[45678]"), Some(45678));
         assert_eq!(socket_inode("pipe:[45678]"), None);
-    }
-
-    #[test]
-    fn syscall_file_forms() {
-        assert_eq!(
-            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f0000001234\n"),
-            Some((0, [11, 0x7ffd1234, 4]))
-        );
-        assert_eq!(parse_syscall_file("running\n"), None);
-        assert_eq!(parse_syscall_file("-1 0x7ffd0000 0x7f0000001234\n"), None);
-    }
-
-    #[test]
-    fn reads_this_process() {
-        let me = std::process::id();
-        assert!(exists(me));
-        assert!(!cmdline(me).is_empty());
-        assert!(ppid(me).is_some());
-        assert!(threads(me).contains(&me));
     }
 }

@@ -80,22 +80,14 @@ pub fn is_stall(role: Role, main_thread: bool, nr: i64) -> bool {
 /// syscall that is not the default [`class::MAYBE`].
 pub fn class_table() -> Vec<(i64, u32)> {
     use tracer_common::class;
-    let groups: [(&[&str], u32); 7] = [
+    let groups: [(&[&str], u32); 2] = [
         (ALWAYS_WAIT, class::WAIT),
         (
-            &["read", "readv", "recvfrom", "recvmsg", "recvmmsg"],
+            &[
+                "read", "readv", "pread64", "recvfrom", "recvmsg", "recvmmsg",
+            ],
             class::READ,
         ),
-        (
-            &[
-                "write", "writev", "sendto", "sendmsg", "sendmmsg", "sendfile",
-            ],
-            class::WRITE,
-        ),
-        (&["accept", "accept4"], class::ACCEPT),
-        (&["connect"], class::CONNECT),
-        (&["close"], class::CLOSE),
-        (&["shutdown"], class::SHUTDOWN),
     ];
     let mut out: Vec<(i64, u32)> = Vec::new();
     for (names, bits) in groups {
@@ -133,9 +125,8 @@ mod tests {
         };
         assert_eq!(get("epoll_wait").or(get("epoll_pwait")), Some(class::WAIT));
         assert_eq!(get("read"), Some(class::READ));
-        assert_eq!(get("sendto"), Some(class::WRITE));
-        assert_eq!(get("accept4"), Some(class::ACCEPT));
-        assert_eq!(get("close"), Some(class::CLOSE));
+        assert_eq!(get("recvfrom"), Some(class::READ));
+        assert_eq!(get("sendto"), None);
         assert_eq!(get("futex"), None, "futex stays MAYBE");
     }
 

@@ -15,25 +15,9 @@ use crate::model::{FdInfo, Role};
 use crate::output::{self, Clock, Format, StartEvent, SummaryEvent};
 use crate::{intake, proc, tracefs};
 
-/// /proc lookups for stalls and connections being reported.
+/// /proc lookups for stalls being reported.
 #[derive(Default)]
-struct ProcEnricher {
-    /// (pid, fd) -> port of listening sockets, learnt while the process was
-    /// alive: a worker that exited can no longer be asked.
-    listeners: std::collections::HashMap<(u32, i32), u16>,
-}
-
-impl ProcEnricher {
-    fn remember_listeners(&mut self, pid: u32) {
-        for (fd, port) in proc::listening_fds(pid) {
-            self.listeners.insert((pid, fd), port);
-        }
-    }
-
-    fn forget(&mut self, pid: u32) {
-        self.listeners.retain(|(p, _), _| *p != pid);
-    }
-}
+struct ProcEnricher;
 
 impl Enricher for ProcEnricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
@@ -45,19 +29,8 @@ impl Enricher for ProcEnricher {
     fn comm(&mut self, pid: u32) -> String {
         proc::comm(pid)
     }
-    fn syscall_args(&mut self, pid: u32, tid: u32) -> Option<(i64, [u64; 3])> {
-        proc::thread_syscall(pid, tid)
-    }
     fn container(&mut self, pid: u32) -> Option<crate::container::Container> {
         crate::container::of_process(pid)
-    }
-    fn listen_port(&mut self, pid: u32, fd: i32) -> Option<u16> {
-        if let Some(p) = self.listeners.get(&(pid, fd)) {
-            return Some(*p);
-        }
-        let port = proc::listen_port(pid, fd)?;
-        self.listeners.insert((pid, fd), port);
-        Some(port)
     }
 }
 
@@ -239,6 +212,12 @@ fn resolve_targets(pids: &[u32]) -> Result<Vec<Target>> {
     Ok(out)
 }
 
+/// How long an EXIT event is held: the kernel closes the process's sockets
+/// within microseconds of it; this leaves room for a busy machine.
+const EXIT_HOLD_NS: u64 = 20_000_000;
+/// How often WATCHED is checked for processes whose EXIT event was lost.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
 struct State {
     probes: Probes,
     corr: Correlator,
@@ -246,6 +225,9 @@ struct State {
     sink: Sink,
     discover: bool,
     events_received: u64,
+    /// EXIT events held back, with when they arrived (see `flush_exits`).
+    exits: Vec<(u64, KernelEvent)>,
+    last_sweep: Instant,
     py_stack: bool,
     durations: crate::metrics::StallDurations,
     /// Latest metrics text, shared with the HTTP server (when enabled).
@@ -309,11 +291,19 @@ impl State {
         }
     }
 
+    /// Registers the ports `pid` listens on with the kernel. Ports are never
+    /// removed: a stale one only times a few more connections.
+    fn add_listeners(&mut self, pid: u32) {
+        for (_, port) in proc::listening_fds(pid) {
+            self.probes.add_port(port);
+        }
+    }
+
     /// Starts watching a process: kernel map first (so forks from now on
     /// are followed), then the threads already blocked, then the report.
     fn watch_process(&mut self, t: &Target, source: &'static str, now: u64) -> Result<()> {
         self.probes.watch(t.pid, t.master, t.role)?;
-        self.enricher.remember_listeners(t.pid);
+        self.add_listeners(t.pid);
         for tid in proc::threads(t.pid) {
             if let Some((nr, args)) = proc::thread_syscall(t.pid, tid) {
                 self.probes.seed_inflight(tid, t.pid, nr, args, now);
@@ -380,35 +370,43 @@ impl State {
             }
             return;
         }
-        let mut events = vec![ev];
-        if let KernelEvent::Exit { ts_ns, pid, .. } = events[0] {
-            // The kernel closed its sockets without a close syscall: report
-            // the connections it still held before the exit itself.
-            let open = self.probes.take_conns_of(pid);
-            events.splice(
-                0..0,
-                open.into_iter().map(|(k, conn)| KernelEvent::ConnEnd {
-                    ts_ns,
-                    tgid: pid,
-                    tid: pid,
-                    fd: k.fd,
-                    conn,
-                    ended_by: tracer_common::ended::EXIT,
-                    note: 0,
-                }),
-            );
+        if let KernelEvent::Fork {
+            master,
+            role: Role::Worker,
+            ..
+        } = ev
+        {
+            // A master found at its exec binds its sockets later, but always
+            // before it forks a worker.
+            self.add_listeners(master);
         }
-        let exited = match events.last() {
-            Some(KernelEvent::Exit { pid, .. }) => Some(*pid),
-            _ => None,
-        };
-        for ev in events {
+        if let KernelEvent::Exit { .. } = ev {
+            // The kernel closes an exiting process's sockets just after this
+            // event; hold it so those closes are reported first, while the
+            // process is still known and still in WATCHED.
+            self.exits.push((output::monotonic_ns(), ev));
+            return;
+        }
+        for o in self.corr.on_kernel(ev, &mut self.enricher) {
+            self.emit(&o);
+        }
+    }
+
+    /// Handles the exits held back for at least `EXIT_HOLD_NS` (all of them
+    /// when `all`).
+    fn flush_exits(&mut self, all: bool) {
+        let now = output::monotonic_ns();
+        let (due, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.exits)
+            .into_iter()
+            .partition(|(at, _)| all || now.saturating_sub(*at) >= EXIT_HOLD_NS);
+        self.exits = held;
+        for (_, ev) in due {
+            let KernelEvent::Exit { pid, .. } = ev else {
+                continue;
+            };
             for o in self.corr.on_kernel(ev, &mut self.enricher) {
                 self.emit(&o);
             }
-        }
-        if let Some(pid) = exited {
-            self.enricher.forget(pid);
             self.probes.forget(pid);
         }
     }
@@ -426,7 +424,44 @@ impl State {
         }
     }
 
+    /// Processes still in WATCHED that no longer exist: their EXIT event was
+    /// lost (ring buffer full). Ends them as if it had arrived, so neither
+    /// the kernel map nor the report keeps a dead process.
+    fn sweep_dead(&mut self) {
+        if self.last_sweep.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let held: Vec<u32> = self
+            .exits
+            .iter()
+            .filter_map(|(_, e)| match e {
+                KernelEvent::Exit { pid, .. } => Some(*pid),
+                _ => None,
+            })
+            .collect();
+        let dead: Vec<u32> = self
+            .probes
+            .watched
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|pid| !held.contains(pid) && !proc::exists(*pid))
+            .collect();
+        let now = output::monotonic_ns();
+        for pid in dead {
+            let ev = KernelEvent::Exit {
+                ts_ns: now,
+                pid,
+                exit_code: None,
+                signal: None,
+            };
+            self.exits.push((0, ev));
+        }
+    }
+
     fn poll(&mut self) {
+        self.sweep_dead();
+        self.flush_exits(false);
         let now = output::monotonic_ns();
         let samples: Vec<Sample> = self
             .probes
@@ -442,7 +477,6 @@ impl State {
                 seq: e.seq,
                 active: e.active != 0,
                 seeded: e.seeded != 0,
-                args_known: e.seeded != 0,
             })
             .collect();
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
@@ -495,7 +529,7 @@ async fn run_async(args: WatchArgs) -> Result<()> {
     let mut st = State {
         probes,
         corr: Correlator::new(threshold_ns),
-        enricher: ProcEnricher::default(),
+        enricher: ProcEnricher,
         sink: Sink {
             format: args.format,
             clock,
@@ -508,6 +542,8 @@ async fn run_async(args: WatchArgs) -> Result<()> {
         },
         discover: args.pids.is_empty(),
         events_received: 0,
+        exits: Vec::new(),
+        last_sweep: Instant::now(),
         py_stack: args.py_stack,
         durations: Default::default(),
         metrics: None,
@@ -596,6 +632,7 @@ async fn run_async(args: WatchArgs) -> Result<()> {
 
     st.drain(ring.get_mut());
     st.poll();
+    st.flush_exits(true);
     let now = output::monotonic_ns();
     let summary = st.corr.summary(now);
     let lost = st.probes.events_lost();

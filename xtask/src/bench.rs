@@ -70,29 +70,61 @@ fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The hidden `__pipe-loop N GO` subcommand: waits for file GO, then does N
-/// 1-byte write+read pairs on a pipe and prints the ns per syscall.
-pub fn pipe_loop(pairs: u64, go: &Path) -> Result<()> {
+/// The hidden `__pipe-loop N GO [--switch]` subcommand: waits for file GO,
+/// then does N 1-byte write+read pairs on a pipe and prints the ns per
+/// syscall. With `--switch`, two threads pinned to one CPU hand the byte
+/// back and forth over two pipes, so every read blocks: it prints the ns
+/// per context switch instead.
+pub fn pipe_loop(pairs: u64, go: &Path, switch: bool) -> Result<()> {
     println!("ready");
     std::io::stdout().flush()?;
     while !go.exists() {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid 2-element array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        bail!("pipe: {}", std::io::Error::last_os_error());
+    let pipe = || -> Result<[i32; 2]> {
+        let mut fds = [0i32; 2];
+        // SAFETY: fds is a valid 2-element array.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            bail!("pipe: {}", std::io::Error::last_os_error());
+        }
+        Ok(fds)
+    };
+    // SAFETY (both closures): valid fds and a 1-byte buffer.
+    let put = |fd: i32| unsafe { libc::write(fd, [0u8].as_ptr().cast(), 1) };
+    let get = |fd: i32| unsafe { libc::read(fd, [0u8; 1].as_mut_ptr().cast(), 1) };
+    let fds = pipe()?;
+    if !switch {
+        let t = Instant::now();
+        for _ in 0..pairs {
+            put(fds[1]);
+            get(fds[0]);
+        }
+        let ns = t.elapsed().as_nanos() as f64 / (pairs * 2) as f64;
+        println!("ns_per_syscall {ns:.1}");
+        return Ok(());
     }
-    let mut b = [0u8; 1];
+    // One CPU for both threads: each hand-off is then a switch between them.
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this process.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    let back = pipe()?;
+    let (there, back_r, back_w) = (fds, back[0], back[1]);
+    let echo = std::thread::spawn(move || {
+        for _ in 0..pairs {
+            get(there[0]);
+            put(back_w);
+        }
+    });
     let t = Instant::now();
     for _ in 0..pairs {
-        // SAFETY: valid fds and a 1-byte buffer.
-        unsafe {
-            libc::write(fds[1], b.as_ptr().cast(), 1);
-            libc::read(fds[0], b.as_mut_ptr().cast(), 1);
-        }
+        put(there[1]);
+        get(back_r);
     }
     let ns = t.elapsed().as_nanos() as f64 / (pairs * 2) as f64;
+    let _ = echo.join();
     println!("ns_per_syscall {ns:.1}");
     Ok(())
 }
@@ -180,6 +212,16 @@ fn bpftrace_inflight(pids: &[u32]) -> String {
     )
 }
 
+/// What the tracer does on a context switch, written as bpftrace: note when
+/// a thread of `pid` goes to sleep, and how long it slept when it runs again.
+fn bpftrace_offcpu(pid: u32) -> String {
+    format!(
+        "tracepoint:sched:sched_switch {{ if (pid == {pid} && args->prev_state != 0) {{ @start[tid] = nsecs; }} \
+         if (@start[args->next_pid]) {{ $d = nsecs - @start[args->next_pid]; \
+         if ($d > 500000000) {{ printf(\"%d %d\\n\", args->next_pid, $d); }} delete(@start[args->next_pid]); }} }}"
+    )
+}
+
 fn strace(pids: &[u32]) -> Result<Probe> {
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-o", "/dev/null"]);
@@ -208,47 +250,83 @@ fn strace(pids: &[u32]) -> Result<Probe> {
     Ok(Probe::Other(c))
 }
 
-const SYSCALL_CONFIGS: [&str; 6] = [
-    "baseline",
-    "floor",
-    "tracer_unwatched",
-    "tracer_watched",
-    "bpftrace",
-    "strace",
-];
+/// An empty program on one syscall tracepoint whose filter never matches:
+/// what having syscall tracepoints enabled at all costs every process.
+const FLOOR: &str = "tracepoint:syscalls:sys_enter_read /pid == 2147483646/ { }";
 
-/// One syscall-cost measurement: ns per syscall of the pipe loop.
-fn syscall_once(config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> {
+/// The same for the scheduler's switch tracepoint, which the tracer uses.
+const SWITCH_FLOOR: &str = "tracepoint:sched:sched_switch /pid == 2147483646/ { }";
+
+/// A micro-benchmark: what it loops on, and the runs it compares.
+struct Micro {
+    name: &'static str,
+    /// What one unit of the loop is, for the table.
+    unit: &'static str,
+    switch: bool,
+    floor: &'static str,
+    configs: &'static [&'static str],
+}
+
+const SYSCALLS: Micro = Micro {
+    name: "syscall_cost",
+    unit: "syscall",
+    switch: false,
+    floor: FLOOR,
+    configs: &[
+        "baseline",
+        "floor",
+        "tracer_unwatched",
+        "tracer_watched",
+        "bpftrace",
+        "strace",
+    ],
+};
+
+const SWITCHES: Micro = Micro {
+    name: "context_switch_cost",
+    unit: "switch",
+    switch: true,
+    floor: SWITCH_FLOOR,
+    configs: &[
+        "baseline",
+        "floor",
+        "tracer_unwatched",
+        "tracer_watched",
+        "bpftrace",
+    ],
+};
+
+/// One measurement: ns per loop unit of the pipe loop under `config`.
+fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> {
     let go = std::env::temp_dir().join(format!("tracer-bench-go-{}", std::process::id()));
     let _ = std::fs::remove_file(&go);
-    let pairs = if config == "strace" {
-        s.strace_pairs
-    } else {
-        s.pairs
+    let pairs = match (config, m.switch) {
+        ("strace", _) => s.strace_pairs,
+        // A switch costs several times a syscall: fewer of them take as long.
+        (_, true) => s.pairs / 4,
+        _ => s.pairs,
     };
-    let mut child = Command::new(self_exe())
-        .args(["__pipe-loop", &pairs.to_string()])
-        .arg(&go)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the pipe loop")?;
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut cmd = Command::new(self_exe());
+    cmd.args(["__pipe-loop", &pairs.to_string()]).arg(&go);
+    if m.switch {
+        cmd.arg("--switch");
+    }
+    // A Proc is killed when dropped: a probe that fails to start must not
+    // leave the loop waiting for its go file forever.
+    let mut child = Proc::spawn(cmd.stdin(Stdio::null()).stdout(Stdio::piped()));
+    let mut out = BufReader::new(child.child.stdout.take().expect("piped"));
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let pid = child.id();
+    let pid = child.pid();
     let _probe = match config {
         "baseline" => None,
-        // An empty program on one syscall tracepoint whose filter never
-        // matches: what having syscall tracepoints enabled costs at all.
-        "floor" => Some(bpftrace(
-            "tracepoint:syscalls:sys_enter_read /pid == 2147483646/ { }",
-        )?),
+        "floor" => Some(bpftrace(m.floor)?),
         "tracer_unwatched" => Some(Probe::Tracer(Tracer::start(&[
             "--pid",
             &idle_pid.to_string(),
         ]))),
         "tracer_watched" => Some(Probe::Tracer(Tracer::start(&["--pid", &pid.to_string()]))),
+        "bpftrace" if m.switch => Some(bpftrace(&bpftrace_offcpu(pid))?),
         "bpftrace" => Some(bpftrace(&bpftrace_inflight(&[pid]))?),
         "strace" => Some(strace(&[pid])?),
         _ => bail!("unknown config {config}"),
@@ -256,7 +334,7 @@ fn syscall_once(config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> {
     std::fs::write(&go, b"")?;
     line.clear();
     out.read_line(&mut line)?;
-    child.wait()?;
+    child.child.wait()?;
     let _ = std::fs::remove_file(&go);
     line.trim()
         .strip_prefix("ns_per_syscall ")
@@ -345,7 +423,19 @@ struct TracerCost {
     bpf_maps_kb: u64,
 }
 
-pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
+/// The parts of the benchmark, to run one alone while iterating on it.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Syscalls,
+    Switches,
+    Throughput,
+    EarlyClose,
+    Latency,
+}
+
+type Report = serde_json::Map<String, Value>;
+
+pub fn run(venv: &Path, quick: bool, only: &[Part]) -> Result<()> {
     let s = Sizes::new(quick);
     let mut report = serde_json::Map::new();
     let machine = format!(
@@ -360,52 +450,86 @@ pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
     report.insert("machine".into(), machine.clone().into());
     report.insert("quick".into(), quick.into());
 
-    // 1. Syscall cost, interleaved rounds.
+    let want = |p: Part| only.is_empty() || only.contains(&p);
+    if want(Part::Syscalls) {
+        micro_cost(&SYSCALLS, &s, &mut report)?;
+    }
+    if want(Part::Switches) {
+        micro_cost(&SWITCHES, &s, &mut report)?;
+    }
+    if want(Part::Throughput) {
+        throughput(&s, &mut report)?;
+    }
+    if want(Part::EarlyClose) {
+        early_close_load(&s, &mut report)?;
+    }
+    if want(Part::Latency) {
+        detection_latency(venv, &s, &mut report)?;
+    }
+    // A partial run must not overwrite the full table the README quotes.
+    let name = if only.is_empty() {
+        "bench.json"
+    } else {
+        "bench-partial.json"
+    };
+    let path = root().join("target").join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report))?)?;
     step(&format!(
-        "1/5 syscall cost: {} rounds of {} configs, {} write+read pairs each",
+        "results written to {} ({machine})",
+        path.display()
+    ));
+    Ok(())
+}
+
+fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
+    step(&format!(
+        "{} cost: {} rounds of {} configs{}",
+        m.unit,
         s.rounds,
-        SYSCALL_CONFIGS.len(),
-        s.pairs
+        m.configs.len(),
+        if m.switch {
+            ", two threads on one CPU passing a byte over two pipes"
+        } else {
+            ", 1-byte write+read pairs on a pipe"
+        }
     ));
     let idle = Proc::spawn(Command::new("sleep").arg("3600"));
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); SYSCALL_CONFIGS.len()];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); m.configs.len()];
     for round in 0..s.rounds {
         // Rotate the order so no config always runs first or last.
-        for k in 0..SYSCALL_CONFIGS.len() {
-            let i = (k + round) % SYSCALL_CONFIGS.len();
-            let ns = syscall_once(SYSCALL_CONFIGS[i], &s, idle.pid())?;
-            samples[i].push(ns);
+        for k in 0..m.configs.len() {
+            let i = (k + round) % m.configs.len();
+            samples[i].push(micro_once(m, m.configs[i], s, idle.pid())?);
         }
     }
     drop(idle);
     let med: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
     let base = med[0];
     let floor_added = med[1] - base;
-    let mut rows = Vec::new();
-    let mut sys_json = serde_json::Map::new();
-    for (i, c) in SYSCALL_CONFIGS.iter().enumerate() {
+    let mut json = serde_json::Map::new();
+    for (i, c) in m.configs.iter().enumerate() {
         let added = med[i] - base;
         let ratio = if i == 0 {
             f64::NAN
         } else {
             added / floor_added
         };
-        rows.push(format!(
-            "  {c:<18} {:>10.1} ns/syscall  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
-            med[i], added, ratio
-        ));
-        sys_json.insert(c.to_string(), serde_json::json!({"ns_per_syscall": med[i], "added_ns": added, "ratio_to_floor": ratio}));
+        eprintln!(
+            "  {c:<18} {:>10.1} ns/{}  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
+            med[i], m.unit, added, ratio
+        );
+        json.insert(
+            c.to_string(),
+            serde_json::json!({"ns": med[i], "added_ns": added, "ratio_to_floor": ratio}),
+        );
     }
-    report.insert("syscall_cost".into(), sys_json.into());
-    for r in &rows {
-        eprintln!("{r}");
-    }
-    if syscalls_only {
-        return Ok(());
-    }
+    report.insert(m.name.into(), json.into());
+    Ok(())
+}
 
+fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
     // 2. Service throughput with real Gunicorn.
-    step("2/5 service throughput: Gunicorn -k gevent -w 4, wrk -t2 -c32");
+    step("service throughput: Gunicorn -k gevent -w 4, wrk -t2 -c32");
     let port = tests::free_port();
     let mut g = tests::gunicorn(
         &[
@@ -428,7 +552,7 @@ pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
             .collect();
-    let configs = ["none", "tracer", "bpftrace", "strace"];
+    let configs = ["none", "floor", "tracer", "bpftrace", "strace"];
     let mut thr: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len() * 2];
     let mut cost = TracerCost::default();
     for round in 0..s.rounds.min(3) {
@@ -436,6 +560,7 @@ pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
             let ci = (k + round) % configs.len();
             let mut probe = match configs[ci] {
                 "none" => None,
+                "floor" => Some(bpftrace(FLOOR)?),
                 "tracer" => Some(Probe::Tracer(Tracer::start(&[
                     "--pid",
                     &master.to_string(),
@@ -491,9 +616,22 @@ pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
     report.insert("throughput".into(), thr_json.into());
     report.insert("tracer_cost".into(), serde_json::to_value(&cost)?);
 
+    eprintln!("  tracer's own cost during the throughput run:");
+    eprintln!(
+        "  cpu {} ms over {} ms of load, peak RSS {:.1} MB, BPF maps {:.1} MB",
+        cost.cpu_ms,
+        cost.wall_ms,
+        cost.peak_rss_kb as f64 / 1024.0,
+        cost.bpf_maps_kb as f64 / 1024.0
+    );
+
+    Ok(())
+}
+
+fn early_close_load(s: &Sizes, report: &mut Report) -> Result<()> {
     // 3. Early-close load: every dropped connection reported, losses counted.
     step(&format!(
-        "3/5 early-close load: a server that closes without replying, {} s at full speed",
+        "early-close load: a server that closes without replying, {} s at full speed",
         s.load_secs
     ));
     let mut server = Command::new(self_exe())
@@ -537,9 +675,13 @@ pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
     eprintln!("  {sent} connections ({rate:.0}/s): {seen} reported, {lost} events lost");
     report.insert("early_close_load".into(), serde_json::json!({"connections": sent, "per_second": rate, "reported": seen, "events_lost": lost}));
 
+    Ok(())
+}
+
+fn detection_latency(venv: &Path, s: &Sizes, report: &mut Report) -> Result<()> {
     // 4. Detection latency.
     step(&format!(
-        "4/5 detection latency: {} blocking reads, threshold 500ms",
+        "detection latency: {} blocking reads, threshold 500ms",
         s.latency_trials
     ));
     let mut lat = Vec::new();
@@ -577,20 +719,5 @@ pub fn run(venv: &Path, quick: bool, syscalls_only: bool) -> Result<()> {
         lat_med.into(),
     );
 
-    step("5/5 tracer's own cost during the throughput run");
-    eprintln!(
-        "  cpu {} ms over {} ms of load, peak RSS {:.1} MB, BPF maps {:.1} MB",
-        cost.cpu_ms,
-        cost.wall_ms,
-        cost.peak_rss_kb as f64 / 1024.0,
-        cost.bpf_maps_kb as f64 / 1024.0
-    );
-
-    let path = root().join("target/bench.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report))?)?;
-    step(&format!(
-        "results written to {} ({machine})",
-        path.display()
-    ));
     Ok(())
 }

@@ -39,9 +39,9 @@ enum Cmd {
         /// A tiny run that only checks the benchmark works (used by `test`).
         #[arg(long)]
         quick: bool,
-        /// Only the syscall-cost part (1/5), for iterating on the probes.
-        #[arg(long)]
-        syscalls_only: bool,
+        /// Run only these parts (comma-separated), for iterating on one.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Part>,
     },
     /// A long run under load with worker churn: tracer memory and map sizes over time.
     Soak {
@@ -49,7 +49,12 @@ enum Cmd {
         minutes: u64,
     },
     #[command(name = "__pipe-loop", hide = true)]
-    PipeLoop { pairs: u64, go: PathBuf },
+    PipeLoop {
+        pairs: u64,
+        go: PathBuf,
+        #[arg(long)]
+        switch: bool,
+    },
     #[command(name = "__drop-server", hide = true)]
     DropServer,
     /// Run a bundled Gunicorn + gevent app with the bug, and the tracer pointing at it.
@@ -155,7 +160,7 @@ fn test(filter: Option<String>) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, syscalls_only: bool) -> Result<()> {
+fn bench(quick: bool, only: &[bench::Part]) -> Result<()> {
     setup::require_root("cargo xtask bench")?;
     let bin = build()?;
     let venv = setup::venv()?;
@@ -172,7 +177,7 @@ fn bench(quick: bool, syscalls_only: bool) -> Result<()> {
         std::env::set_var("TRACER_BIN", &bin);
         std::env::set_var("TRACER_VENV", &venv);
     }
-    bench::run(&venv, quick, syscalls_only)
+    bench::run(&venv, quick, only)
 }
 
 fn main() -> ExitCode {
@@ -181,11 +186,8 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
         Cmd::Test { filter } => test(filter),
-        Cmd::Bench {
-            quick,
-            syscalls_only,
-        } => bench(quick, syscalls_only),
-        Cmd::PipeLoop { pairs, go } => bench::pipe_loop(pairs, &go),
+        Cmd::Bench { quick, only } => bench(quick, &only),
+        Cmd::PipeLoop { pairs, go, switch } => bench::pipe_loop(pairs, &go, switch),
         Cmd::Soak { minutes } => (|| {
             setup::require_root("cargo xtask soak")?;
             let bin = build()?;
