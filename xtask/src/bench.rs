@@ -16,6 +16,9 @@ use crate::{root, step};
 /// Sizes of one run; `quick` is the smoke test `cargo xtask test` runs.
 struct Sizes {
     rounds: usize,
+    /// Throughput moves a few percent between 5 s runs on shared cores: it
+    /// needs more rounds than the micro-benchmarks for a steady median.
+    wrk_rounds: usize,
     pairs: u64,
     strace_pairs: u64,
     wrk_secs: u64,
@@ -28,6 +31,7 @@ impl Sizes {
         if quick {
             Sizes {
                 rounds: 1,
+                wrk_rounds: 1,
                 pairs: 20_000,
                 strace_pairs: 500,
                 wrk_secs: 1,
@@ -37,6 +41,7 @@ impl Sizes {
         } else {
             Sizes {
                 rounds: 5,
+                wrk_rounds: 7,
                 pairs: 300_000,
                 strace_pairs: 5_000,
                 wrk_secs: 5,
@@ -555,7 +560,7 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
     let configs = ["none", "floor", "tracer", "bpftrace", "strace"];
     let mut thr: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len() * 2];
     let mut cost = TracerCost::default();
-    for round in 0..s.rounds.min(3) {
+    for round in 0..s.wrk_rounds {
         for k in 0..configs.len() {
             let ci = (k + round) % configs.len();
             let mut probe = match configs[ci] {
