@@ -65,6 +65,12 @@ fn explain(e: impl std::fmt::Display + std::fmt::Debug, what: &str) -> anyhow::E
             "{what}: permission denied; run as root, or grant CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN on kernels before 5.8); a locked-down kernel or kernel.unprivileged_bpf_disabled can also refuse"
         );
     }
+    if let Some(helper) = missing_helper(&debug) {
+        return anyhow!(
+            "{what}: this kernel ({}) lacks the BPF helper {helper}; the tracer needs Linux 5.15 or later",
+            kernel_release()
+        );
+    }
     if debug.contains("verifier") || debug.contains("Verifier") {
         // The tail of the verifier log names the instruction it refused.
         let tail: Vec<&str> = debug.lines().rev().take(12).collect();
@@ -75,6 +81,17 @@ fn explain(e: impl std::fmt::Display + std::fmt::Debug, what: &str) -> anyhow::E
         );
     }
     anyhow!("{what}: {text}")
+}
+
+/// The helper a verifier log says the kernel does not know, as in
+/// "unknown func bpf_task_pt_regs#175".
+fn missing_helper(log: &str) -> Option<String> {
+    let rest = &log[log.find("unknown func ")? + "unknown func ".len()..];
+    let name: String = rest
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '#')
+        .collect();
+    (!name.is_empty()).then_some(name)
 }
 
 pub fn kernel_release() -> String {
@@ -354,6 +371,18 @@ mod tests {
             "the log's relevant part: {e}"
         );
         assert!(e.contains(&kernel_release()), "{e}");
+    }
+
+    #[test]
+    fn an_old_kernel_is_told_which_helper_it_lacks() {
+        let log = "Verifier output: 0: (85) call bpf_task_pt_regs#175\nunknown func bpf_task_pt_regs#175\nprocessed 9 insns";
+        let e = explain(log, "loading program sched_switch").to_string();
+        assert!(
+            e.contains("lacks the BPF helper bpf_task_pt_regs#175")
+                && e.contains("Linux 5.15 or later"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 
     #[test]
