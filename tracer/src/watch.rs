@@ -516,6 +516,13 @@ async fn run_async(args: WatchArgs) -> Result<()> {
         None => None,
     };
     let mut probes = loader::load(&tracefs, threshold_ns)?;
+    // Loading parsed the kernel's BTF (twice: aya and us), megabytes freed
+    // in pieces that glibc keeps unless asked to give them back.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let rb = probes
         .events
         .take()
