@@ -125,6 +125,17 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     t.wait_for("stall_end", Duration::from_secs(5), |e| {
         e["event"] == "stall_end" && e["pid"] == victim
     });
+    // The hung request's client got nothing: one dropped request, blamed
+    // on the kill however the dying worker's socket was closed.
+    let (_, dropped) = t.wait_for("the hung request dropped", Duration::from_secs(5), |e| {
+        e["event"] == "early_close" && e["pid"] == victim
+    });
+    assert_eq!(dropped["kind"], "dropped_request", "{dropped}");
+    assert_eq!(dropped["bytes_out"], 0, "{dropped}");
+    assert_eq!(
+        dropped["cause"]["id"], "worker_died_mid_request",
+        "{dropped}"
+    );
 
     // Gunicorn respawns the worker; the kernel saw the fork.
     let (_, respawn) = t.wait_for("respawned worker", Duration::from_secs(15), |e| {

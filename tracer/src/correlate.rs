@@ -586,6 +586,7 @@ impl Correlator {
                     conn: &conn,
                     ended_by,
                     ts_ns,
+                    while_killed: p.killed_by_timeout,
                 };
                 let container = p.container.clone();
                 if let Some(mut close) = net::early_close(facts) {

@@ -74,6 +74,10 @@ pub struct EarlyClose {
     /// The kernel answered the close with a RST: the peer's data was never read.
     pub unread_data: bool,
     pub preceded_by: Option<Preceded>,
+    /// The process's master had already sent it the WORKER TIMEOUT signal:
+    /// the close is part of its dying, whichever path closed the socket.
+    #[serde(skip)]
+    pub while_killed: bool,
     pub cause: Option<Cause>,
     pub container: Option<crate::container::Container>,
 }
@@ -88,6 +92,7 @@ pub struct ConnFacts<'a> {
     pub conn: &'a Conn,
     pub ended_by: u32,
     pub ts_ns: u64,
+    pub while_killed: bool,
 }
 
 /// Turns a connection the kernel reported into an `early_close`, or None
@@ -136,6 +141,7 @@ pub fn early_close(f: ConnFacts) -> Option<EarlyClose> {
         kind,
         unread_data: unread,
         preceded_by,
+        while_killed: f.while_killed,
         cause: None,
         container: None,
     };
@@ -205,6 +211,7 @@ mod tests {
             conn: c,
             ended_by,
             ts_ns: 1_500_000_000,
+            while_killed: false,
         }
     }
 

@@ -98,18 +98,21 @@ fn timed_out_read(e: &EarlyClose) -> bool {
 
 pub static CLOSE_SIGNATURES: &[CloseSignature] = &[
     CloseSignature {
+        id: "worker_died_mid_request",
+        cause: "the worker died with the request in flight (killed by WORKER TIMEOUT, the OOM killer, or a crash), so the client got nothing",
+        fix: "find why the worker died: a stall reported just before it, or the kernel log for an OOM kill",
+        // First: a dying worker's close can look like a timed-out read.
+        matches: |e| {
+            e.kind == CloseKind::DroppedRequest && (e.ended_by == "exit" || e.while_killed)
+        },
+    },
+    CloseSignature {
         id: "leaked_socket_timeout",
         cause: "a default socket timeout leaked into the client connection (socket.setdefaulttimeout() called in request code, as old Thrift clients did, under Gunicorn < 19.8 which did not reset accepted sockets): a read timed out and Gunicorn closed the connection with nothing sent",
         fix: "upgrade Gunicorn to 19.8 or later and Thrift to 0.12 or later, and never call socket.setdefaulttimeout in request code",
         matches: |e| {
             e.kind == CloseKind::DroppedRequest && e.direction == "inbound" && timed_out_read(e)
         },
-    },
-    CloseSignature {
-        id: "worker_died_mid_request",
-        cause: "the worker died with the request in flight (killed by WORKER TIMEOUT, the OOM killer, or a crash), so the client got nothing",
-        fix: "find why the worker died: a stall reported just before it, or the kernel log for an OOM kill",
-        matches: |e| e.kind == CloseKind::DroppedRequest && e.ended_by == "exit",
     },
     CloseSignature {
         id: "upstream_timeout",
@@ -229,6 +232,7 @@ mod tests {
                 ret: "EAGAIN",
                 wait_ms: w,
             }),
+            while_killed: false,
             cause: None,
             container: None,
         }
@@ -246,6 +250,13 @@ mod tests {
             Some("worker_died_mid_request")
         );
         assert_eq!(id(&close(CloseKind::DroppedRequest, "close", None)), None);
+        // Closed by the worker's own teardown after Gunicorn's SIGABRT: it
+        // died mid-request, even though a read had found nothing before.
+        let dying = EarlyClose {
+            while_killed: true,
+            ..close(CloseKind::DroppedRequest, "close", Some(5000))
+        };
+        assert_eq!(id(&dying), Some("worker_died_mid_request"));
         assert_eq!(
             id(&close(CloseKind::UpstreamCut, "close", Some(100))),
             Some("upstream_timeout")
