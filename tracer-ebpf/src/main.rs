@@ -74,15 +74,6 @@ static OFF_SETSTATE_PROTOCOL: u64 = 30;
 static OFF_SETSTATE_DADDR: u64 = 36;
 #[unsafe(no_mangle)]
 static OFF_SETSTATE_DADDR_V6: u64 = 56;
-// sock:sock_recv_length (kernels 6.3 and later)
-#[unsafe(no_mangle)]
-static OFF_RECV_SK: u64 = 8;
-#[unsafe(no_mangle)]
-static OFF_RECV_FAMILY: u64 = 16;
-#[unsafe(no_mangle)]
-static OFF_RECV_PROTOCOL: u64 = 18;
-#[unsafe(no_mangle)]
-static OFF_RECV_RET: u64 = 20;
 
 // Offsets into kernel structs, from the running kernel's BTF (user space
 // reads them; u64::MAX when unknown).
@@ -140,7 +131,6 @@ const BLOCKING_READ_NS: u64 = 1_000_000;
 const EAGAIN: i32 = 11;
 const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 /// task_struct.flags: the task is exiting (do_exit has started).
@@ -287,7 +277,18 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i32> {
 #[inline(always)]
 fn switch_out() {
     let (tgid, tid) = ids();
-    if unsafe { WATCHED.get(tgid) }.is_none() {
+    // tgid 0: the idle task, the most common prev on a quiet CPU.
+    if tgid == 0 || unsafe { WATCHED.get(tgid) }.is_none() {
+        return;
+    }
+    let (nr, regs) = current_syscall();
+    if nr < 0 || nr >= MAX_SYSCALL_NR as i64 {
+        return;
+    }
+    let c = class_of(nr);
+    // Waiting for work is never a stall; the entry keeps saying "running".
+    // Checked first: it is most of a gevent worker's sleeps.
+    if c & class::WAIT != 0 {
         return;
     }
     let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
@@ -298,15 +299,6 @@ fn switch_out() {
     // An exiting thread's last sleeps come after sched_process_exit has
     // dropped its entry; recording them would leave a dead thread behind.
     if kread::<u32>(task, cfg(&OFF_TASK_FLAGS)).unwrap_or(0) & PF_EXITING != 0 {
-        return;
-    }
-    let (nr, regs) = current_syscall();
-    if nr < 0 || nr >= MAX_SYSCALL_NR as i64 {
-        return;
-    }
-    let c = class_of(nr);
-    // Waiting for work is never a stall; the entry keeps saying "running".
-    if c & class::WAIT != 0 {
         return;
     }
     let arg0 = kread::<u64>(regs, PT_REGS_ARGS[0] as u64).unwrap_or(0);
@@ -349,8 +341,10 @@ fn switch_out() {
 /// sleep is over. A long one is sent; a read that blocked is counted.
 #[inline(always)]
 fn switch_in(next: u64) {
-    let Some(tid) = kread::<u32>(next, cfg(&OFF_TASK_PID)) else {
-        return;
+    let tid = match kread::<u32>(next, cfg(&OFF_TASK_PID)) {
+        // 0: switching to the idle task.
+        Some(tid) if tid != 0 => tid,
+        _ => return,
     };
     let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
         return;
@@ -635,45 +629,20 @@ fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Every socket receive: for TCP sockets of watched processes, note when
-/// the connection was first read and the last receive that found nothing
-/// (EAGAIN), which is how a socket timeout starts.
-#[tracepoint]
-pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_recv_length(&ctx);
-    0
-}
-
-fn try_sock_recv_length(ctx: &TracePointContext) -> Result<(), i32> {
-    let protocol: u16 = unsafe { ctx.read_at(cfg(&OFF_RECV_PROTOCOL) as usize)? };
-    let family: u16 = unsafe { ctx.read_at(cfg(&OFF_RECV_FAMILY) as usize)? };
-    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
-        return Ok(());
+/// Every socket receive on the host, so a raw tracepoint (no record is
+/// built) that leaves at once unless the receive found nothing: EAGAIN on a
+/// connection being tracked is when a socket timeout starts to run.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
+    let ret: u64 = ctx.arg(1);
+    if ret as i32 != -EAGAIN {
+        return 0;
     }
-    let (tgid, _) = ids();
-    if unsafe { WATCHED.get(tgid) }.is_none() {
-        return Ok(());
-    }
-    let sk: u64 = unsafe { ctx.read_at(cfg(&OFF_RECV_SK) as usize)? };
-    let ret: i32 = unsafe { ctx.read_at(cfg(&OFF_RECV_RET) as usize)? };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let eagain = if ret == -EAGAIN { now } else { 0 };
+    let sk: u64 = ctx.arg(0);
     if let Some(c) = CONNS.get_ptr_mut(sk) {
-        if eagain != 0 {
-            unsafe { (*c).eagain_ns = eagain };
-        }
-        return Ok(());
+        unsafe { (*c).eagain_ns = bpf_ktime_get_ns() };
     }
-    let conn = Conn {
-        start_ns: now,
-        eagain_ns: eagain,
-        direction: direction::INBOUND,
-        ..Default::default()
-    };
-    if CONNS.insert(sk, conn, 0).is_err() {
-        count(stat::CONNS_UNTRACKED);
-    }
-    Ok(())
+    0
 }
 
 #[tracepoint]

@@ -41,9 +41,9 @@ const PROGRAMS: [(&str, &str, &str); 5] = [
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
 ];
 
-/// Attached when the kernel has it (6.3 and later): when a connection was
-/// first read, and its last receive that found nothing (EAGAIN).
-const OPTIONAL_PROGRAM: (&str, &str, &str) = ("sock_recv_length", "sock", "sock_recv_length");
+/// A raw tracepoint attached when the kernel has it (6.3 and later): the
+/// last receive on a tracked connection that found nothing (EAGAIN).
+const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
 
 fn raise_memlock() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones
@@ -154,7 +154,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
     let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
     let st = Format::read(tracefs, "sock", "inet_sock_set_state")?;
-    let recv = Format::read(tracefs, OPTIONAL_PROGRAM.1, OPTIONAL_PROGRAM.2).ok();
+    let recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).ok();
 
     let mut globals: Vec<(&str, u64)> = vec![
         ("THRESHOLD_NS", threshold_ns),
@@ -176,14 +176,6 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         ("OFF_SETSTATE_DADDR", st.offset("daddr", 4)?),
         ("OFF_SETSTATE_DADDR_V6", st.offset("daddr_v6", 16)?),
     ];
-    if let Some(r) = &recv {
-        globals.extend([
-            ("OFF_RECV_SK", r.offset("sk", 8)?),
-            ("OFF_RECV_FAMILY", r.offset("family", 2)?),
-            ("OFF_RECV_PROTOCOL", r.offset("protocol", 2)?),
-            ("OFF_RECV_RET", r.offset("ret", 4)?),
-        ]);
-    }
     for (global, name) in [("NR_CLOSE", "close"), ("NR_SHUTDOWN", "shutdown")] {
         let nr = syscalls::number(name)
             .ok_or_else(|| anyhow!("no {name} syscall on this architecture"))?;
@@ -226,7 +218,8 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         }
     }
 
-    for name in RAW_PROGRAMS {
+    let optional = recv.is_some().then_some(OPTIONAL_RAW_PROGRAM);
+    for name in RAW_PROGRAMS.into_iter().chain(optional) {
         let p: &mut RawTracePoint = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
@@ -236,8 +229,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         p.attach(name)
             .map_err(|e| explain(e, &format!("attaching to raw tracepoint {name}")))?;
     }
-    let optional = recv.is_some().then_some(OPTIONAL_PROGRAM);
-    for (prog, category, name) in PROGRAMS.into_iter().chain(optional) {
+    for (prog, category, name) in PROGRAMS {
         let p: &mut TracePoint = ebpf
             .program_mut(prog)
             .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
