@@ -119,8 +119,8 @@ pub struct Inflight {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
-    /// When a watched process first touched it (connect, or its first
-    /// receive); 0 when the tracer never saw its start.
+    /// When it started: connect() by a watched process, or established on
+    /// a port one listens on; 0 when the tracer never saw its start.
     pub start_ns: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
