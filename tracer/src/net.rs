@@ -65,7 +65,7 @@ pub struct EarlyClose {
     pub local_port: Option<u16>,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// From the connect, or the first receive, to the close; None when the
+    /// From the connect, or the connection being established, to the close; None when the
     /// tracer did not see the start (opened before it attached).
     pub lifetime_ms: Option<u64>,
     /// `close`, `shutdown` or `exit`.
