@@ -13,11 +13,25 @@ pub struct Cause {
     pub fix: &'static str,
 }
 
-pub struct Signature {
+/// One known cause of a stall (`T` = StallReport) or of an early close
+/// (`T` = EarlyClose).
+pub struct Signature<T> {
     pub id: &'static str,
     pub cause: &'static str,
     pub fix: &'static str,
-    pub matches: fn(&StallReport) -> bool,
+    pub matches: fn(&T) -> bool,
+}
+
+/// The first signature that matches: lists go from specific to general.
+fn first_match<T>(signatures: &[Signature<T>], x: &T) -> Option<Cause> {
+    signatures
+        .iter()
+        .find(|sig| (sig.matches)(x))
+        .map(|sig| Cause {
+            id: sig.id,
+            cause: sig.cause,
+            fix: sig.fix,
+        })
 }
 
 /// A pipe that nobody but the blocked process itself can write to.
@@ -35,7 +49,7 @@ fn is_read(s: &StallReport) -> bool {
 }
 
 /// First match wins, so specific signatures come before general ones.
-pub static SIGNATURES: &[Signature] = &[
+pub static SIGNATURES: &[Signature<StallReport>] = &[
     Signature {
         id: "multiprocessing_queue_gevent",
         cause: "multiprocessing.Queue.get() in a gevent worker: the queue's feeder thread is a greenlet that cannot run while the hub is blocked, so the 4-byte read on its pipe never returns",
@@ -82,22 +96,15 @@ pub static SIGNATURES: &[Signature] = &[
     },
 ];
 
-/// Known causes of a connection closed with nothing sent back.
-pub struct CloseSignature {
-    pub id: &'static str,
-    pub cause: &'static str,
-    pub fix: &'static str,
-    pub matches: fn(&EarlyClose) -> bool,
-}
-
 /// A read that found nothing (EAGAIN), a wait, then the close: the socket
 /// had a timeout Gunicorn never set.
 fn timed_out_read(e: &EarlyClose) -> bool {
     e.ended_by != "exit" && e.preceded_by.as_ref().is_some_and(|p| p.wait_ms < 60_000)
 }
 
-pub static CLOSE_SIGNATURES: &[CloseSignature] = &[
-    CloseSignature {
+/// Known causes of a connection closed with nothing sent back.
+pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
+    Signature {
         id: "worker_died_mid_request",
         cause: "the worker died with the request in flight (killed by WORKER TIMEOUT, the OOM killer, or a crash), so the client got nothing",
         fix: "find why the worker died: a stall reported just before it, or the kernel log for an OOM kill",
@@ -106,7 +113,7 @@ pub static CLOSE_SIGNATURES: &[CloseSignature] = &[
             e.kind == CloseKind::DroppedRequest && (e.ended_by == "exit" || e.while_killed)
         },
     },
-    CloseSignature {
+    Signature {
         id: "leaked_socket_timeout",
         cause: "a default socket timeout leaked into the client connection (socket.setdefaulttimeout() called in request code, as old Thrift clients did, under Gunicorn < 19.8 which did not reset accepted sockets): a read timed out and Gunicorn closed the connection with nothing sent",
         fix: "upgrade Gunicorn to 19.8 or later and Thrift to 0.12 or later, and never call socket.setdefaulttimeout in request code",
@@ -114,7 +121,7 @@ pub static CLOSE_SIGNATURES: &[CloseSignature] = &[
             e.kind == CloseKind::DroppedRequest && e.direction == "inbound" && timed_out_read(e)
         },
     },
-    CloseSignature {
+    Signature {
         id: "upstream_timeout",
         cause: "an upstream call was cut short by a socket timeout before any reply arrived (possibly a timeout leaked from another greenlet via socket.setdefaulttimeout)",
         fix: "check the client library's timeout settings, and never call socket.setdefaulttimeout in request code",
@@ -123,25 +130,11 @@ pub static CLOSE_SIGNATURES: &[CloseSignature] = &[
 ];
 
 pub fn identify_close(e: &EarlyClose) -> Option<Cause> {
-    CLOSE_SIGNATURES
-        .iter()
-        .find(|sig| (sig.matches)(e))
-        .map(|sig| Cause {
-            id: sig.id,
-            cause: sig.cause,
-            fix: sig.fix,
-        })
+    first_match(CLOSE_SIGNATURES, e)
 }
 
 pub fn identify(s: &StallReport) -> Option<Cause> {
-    SIGNATURES
-        .iter()
-        .find(|sig| (sig.matches)(s))
-        .map(|sig| Cause {
-            id: sig.id,
-            cause: sig.cause,
-            fix: sig.fix,
-        })
+    first_match(SIGNATURES, s)
 }
 
 #[cfg(test)]

@@ -176,6 +176,29 @@ impl Drop for Probe {
     }
 }
 
+/// Reads `out` until `count` lines contained `needle` (the probe says it
+/// is attached), then keeps draining it so the probe never blocks on a full
+/// pipe. False if the stream ended first.
+fn wait_attached(out: impl Read + Send + 'static, needle: &str, count: usize) -> Result<bool> {
+    let mut out = BufReader::new(out);
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < count {
+        line.clear();
+        if out.read_line(&mut line)? == 0 {
+            return Ok(false);
+        }
+        if line.contains(needle) {
+            seen += 1;
+        }
+    }
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink);
+    });
+    Ok(true)
+}
+
 /// Starts bpftrace and waits until its probes are attached.
 fn bpftrace(script: &str) -> Result<Probe> {
     let mut c = Command::new("bpftrace")
@@ -185,21 +208,11 @@ fn bpftrace(script: &str) -> Result<Probe> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting bpftrace")?;
-    let mut out = BufReader::new(c.stdout.take().expect("piped"));
-    let mut line = String::new();
-    while out.read_line(&mut line)? > 0 {
-        if line.contains("Attaching") {
-            // Keep draining so bpftrace never blocks on a full pipe.
-            std::thread::spawn(move || {
-                let mut sink = Vec::new();
-                let _ = out.read_to_end(&mut sink);
-            });
-            std::thread::sleep(Duration::from_millis(300));
-            return Ok(Probe::Other(c));
-        }
-        line.clear();
+    if !wait_attached(c.stdout.take().expect("piped"), "Attaching", 1)? {
+        bail!("bpftrace exited before attaching");
     }
-    bail!("bpftrace exited before attaching")
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Probe::Other(c))
 }
 
 /// The in-flight tracking the tracer does, written as bpftrace: the fair
@@ -239,19 +252,7 @@ fn strace(pids: &[u32]) -> Result<Probe> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting strace")?;
-    let mut err = BufReader::new(c.stderr.take().expect("piped"));
-    let mut attached = 0;
-    let mut line = String::new();
-    while attached < pids.len() && err.read_line(&mut line)? > 0 {
-        if line.contains("attached") {
-            attached += 1;
-        }
-        line.clear();
-    }
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = err.read_to_end(&mut sink);
-    });
+    wait_attached(c.stderr.take().expect("piped"), "attached", pids.len())?;
     Ok(Probe::Other(c))
 }
 
