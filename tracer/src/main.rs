@@ -3,6 +3,8 @@ mod btf;
 mod cli;
 mod container;
 mod correlate;
+#[cfg(test)]
+mod golden;
 mod intake;
 mod loader;
 mod metrics;

@@ -1,0 +1,306 @@
+//! The output contract, end to end: a scripted run through the correlator,
+//! every event as a JSON line and a text line, then the summary. The JSON is
+//! docs/events.md's contract and the text is what a person reads: both are
+//! compared byte for byte with `testdata/golden.txt`. After a deliberate
+//! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
+use crate::container::Container;
+use crate::correlate::{Correlator, Enricher, KernelEvent, Output, Sample, Wake};
+use crate::model::{FdInfo, Peer, Role};
+use crate::output::{self, Clock, MapOccupancy, SummaryEvent};
+use crate::syscalls;
+
+const MS: u64 = 1_000_000;
+const MASTER: u32 = 100;
+const W: u32 = 101;
+const W2: u32 = 200;
+
+struct Fake;
+impl Enricher for Fake {
+    fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
+        match fd {
+            11 => FdInfo {
+                kind: "pipe".into(),
+                target: Some("pipe:[777]".into()),
+                peers: vec![Peer {
+                    pid,
+                    comm: "gunicorn".into(),
+                    fd: 12,
+                    end: "write",
+                }],
+            },
+            5 => FdInfo {
+                kind: "socket".into(),
+                target: Some("socket:[5]".into()),
+                peers: vec![],
+            },
+            _ => FdInfo::unknown(),
+        }
+    }
+    fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
+        Some(600)
+    }
+    fn comm(&mut self, _pid: u32) -> String {
+        "gunicorn\x1b[2J".into()
+    }
+    fn container(&mut self, pid: u32) -> Option<Container> {
+        (pid == W2).then(|| Container {
+            id: "abc123".into(),
+            runtime: Some("containerd"),
+            pod_uid: Some("uid-1".into()),
+            pod: Some("web-1".into()),
+            namespace: Some("shop".into()),
+        })
+    }
+}
+
+fn sample(tgid: u32, tid: u32, name: &str, start_ms: u64, fd: u64, seq: u64) -> Sample {
+    Sample {
+        tid,
+        tgid,
+        nr: syscalls::number(name).unwrap(),
+        start_ns: start_ms * MS,
+        arg0: fd,
+        arg2: 4,
+        seq,
+        active: true,
+        seeded: false,
+    }
+}
+
+fn conn(
+    dir: u32,
+    bytes_in: u64,
+    bytes_out: u64,
+    eagain_ms: u64,
+    aborted: u32,
+) -> tracer_common::Conn {
+    let mut addr = [0u8; 32];
+    addr[..2].copy_from_slice(&2u16.to_ne_bytes());
+    addr[2..4].copy_from_slice(&40000u16.to_be_bytes());
+    addr[4..8].copy_from_slice(&[127, 0, 0, 1]);
+    tracer_common::Conn {
+        start_ns: 1000 * MS,
+        bytes_in,
+        bytes_out,
+        eagain_ns: eagain_ms * MS,
+        direction: dir,
+        local_port: 8000,
+        addr,
+        aborted,
+        ..Default::default()
+    }
+}
+
+fn conn_end(ts_ms: u64, pid: u32, c: tracer_common::Conn, ended_by: u32) -> KernelEvent {
+    KernelEvent::ConnEnd {
+        ts_ns: ts_ms * MS,
+        tgid: pid,
+        tid: pid,
+        fd: 9,
+        conn: c,
+        ended_by,
+    }
+}
+
+fn render(out: &mut String, events: Vec<Output>) {
+    let clock = Clock::fixed(0);
+    for o in events {
+        out.push_str(&output::json_line(&o, clock.rfc3339(o.ts_ns())));
+        out.push('\n');
+        out.push_str(&output::text_line(&o, &clock));
+        out.push('\n');
+    }
+}
+
+fn summary(out: &mut String, c: &Correlator, now_ms: u64) {
+    let s = c.summary(now_ms * MS);
+    let ev = SummaryEvent {
+        duration_ms: now_ms,
+        events_lost: 3,
+        maps: MapOccupancy {
+            watched: 2,
+            inflight: 1,
+            conns: 0,
+        },
+        summary: &s,
+    };
+    out.push_str(&output::json_line(
+        &ev,
+        Clock::fixed(0).rfc3339(now_ms * MS),
+    ));
+    out.push('\n');
+    out.push_str(&output::text_summary(&s, 3));
+}
+
+fn scripted_run() -> String {
+    use tracer_common::{direction, ended};
+    let mut out = String::new();
+    let mut c = Correlator::new(500 * MS);
+    let f = &mut Fake;
+    let mut ev = Vec::new();
+    ev.extend(c.add_process(
+        0,
+        MASTER,
+        MASTER,
+        Role::Master,
+        Some("app:app".into()),
+        Some(4.0),
+        "scan",
+        None,
+    ));
+    ev.extend(c.add_process(
+        0,
+        W,
+        MASTER,
+        Role::Worker,
+        Some("app:app".into()),
+        Some(4.0),
+        "scan",
+        None,
+    ));
+    ev.extend(c.add_process(0, 300, 300, Role::Plain, None, None, "scan", None));
+    ev.extend(c.on_kernel(
+        KernelEvent::Fork {
+            ts_ns: MS,
+            parent: MASTER,
+            child: W2,
+            role: Role::Worker,
+            master: MASTER,
+        },
+        f,
+    ));
+    ev.extend(c.on_kernel(
+        KernelEvent::Fork {
+            ts_ns: MS,
+            parent: W2,
+            child: 201,
+            role: Role::Child,
+            master: MASTER,
+        },
+        f,
+    ));
+    render(&mut out, std::mem::take(&mut ev));
+    // Worker W2: a socket read that stalls, then returns.
+    ev.extend(c.on_samples(&[sample(W2, W2, "recvfrom", 0, 5, 1)], 600 * MS, f));
+    ev.extend(c.on_kernel(
+        KernelEvent::SlowSyscall {
+            ts_ns: 900 * MS,
+            tgid: W2,
+            tid: W2,
+            nr: syscalls::number("recvfrom").unwrap(),
+            start_ns: 0,
+            wake: Wake::Returning,
+            arg0: 5,
+            arg2: 4,
+            seeded: false,
+        },
+        f,
+    ));
+    // Worker W: the seed's pipe read, interrupted then restarted, then killed.
+    ev.extend(c.on_samples(&[sample(W, W, "read", 1000, 11, 2)], 1600 * MS, f));
+    render(&mut out, std::mem::take(&mut ev));
+    summary(&mut out, &c, 1700);
+    ev.extend(c.on_kernel(
+        KernelEvent::Signal {
+            ts_ns: 5000 * MS,
+            target: W,
+            sender: MASTER,
+            sig: 6,
+        },
+        f,
+    ));
+    // Early closes: a dropped request after EAGAIN, an idle close, an outbound cut,
+    // a request dropped with unread data, a plain process's close.
+    ev.extend(c.on_kernel(
+        conn_end(
+            2000,
+            W2,
+            conn(direction::INBOUND, 92, 0, 1500, 0),
+            ended::CLOSE,
+        ),
+        f,
+    ));
+    ev.extend(c.on_kernel(
+        conn_end(2100, W2, conn(direction::INBOUND, 0, 0, 0, 0), ended::CLOSE),
+        f,
+    ));
+    ev.extend(c.on_kernel(
+        conn_end(
+            2200,
+            W2,
+            conn(direction::OUTBOUND, 0, 50, 1700, 0),
+            ended::SHUTDOWN,
+        ),
+        f,
+    ));
+    ev.extend(c.on_kernel(
+        conn_end(2300, W2, conn(direction::INBOUND, 0, 0, 0, 1), ended::CLOSE),
+        f,
+    ));
+    ev.extend(c.on_kernel(
+        conn_end(5100, W, conn(direction::INBOUND, 80, 0, 0, 0), ended::EXIT),
+        f,
+    ));
+    ev.extend(c.on_kernel(
+        KernelEvent::Exit {
+            ts_ns: 5200 * MS,
+            pid: W,
+            exit_code: None,
+            signal: Some(9),
+        },
+        f,
+    ));
+    ev.extend(c.on_kernel(
+        KernelEvent::Exit {
+            ts_ns: 5300 * MS,
+            pid: 201,
+            exit_code: Some(0),
+            signal: None,
+        },
+        f,
+    ));
+    render(&mut out, std::mem::take(&mut ev));
+    summary(&mut out, &c, 6000);
+    // A run with nothing wrong.
+    let mut h = Correlator::new(500 * MS);
+    ev.extend(h.add_process(
+        0,
+        MASTER,
+        MASTER,
+        Role::Master,
+        None,
+        Some(30.0),
+        "exec",
+        None,
+    ));
+    ev.extend(h.add_process(0, W, MASTER, Role::Worker, None, Some(30.0), "scan", None));
+    render(&mut out, std::mem::take(&mut ev));
+    summary(&mut out, &h, 100);
+    // A stall that is over: the verdict names the past stall.
+    ev.extend(h.on_samples(&[sample(W, W, "nanosleep", 0, 0, 1)], 600 * MS, f));
+    ev.extend(h.on_samples(&[], 700 * MS, f));
+    ev.extend(h.on_samples(&[], 800 * MS, f));
+    render(&mut out, std::mem::take(&mut ev));
+    summary(&mut out, &h, 900);
+    out
+}
+
+#[test]
+fn golden_output_is_unchanged() {
+    let got = scripted_run();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/golden.txt");
+    if std::env::var_os("GOLDEN_UPDATE").is_some() {
+        std::fs::write(path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(path).unwrap_or_default();
+    if got != want {
+        for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g, w, "first difference at line {}", i + 1);
+        }
+        assert_eq!(
+            got.lines().count(),
+            want.lines().count(),
+            "line counts differ"
+        );
+    }
+}
