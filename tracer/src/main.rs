@@ -1,31 +1,14 @@
-//! tracer: names the Gunicorn worker that a blocking syscall has stalled.
-mod btf;
-mod cli;
-mod container;
-mod correlate;
-#[cfg(test)]
-mod golden;
-mod intake;
-mod loader;
-mod metrics;
-mod model;
-mod net;
-mod output;
-mod proc;
-mod pystack;
-mod signatures;
-mod syscalls;
-mod tracefs;
-mod watch;
-
+//! The `tracer` binary: parse the command line, run, and turn an error into
+//! one line on stderr and a non-zero exit.
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracer::app::{self, cli};
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Watch(args) => watch::run(args),
+        cli::Command::Watch(args) => app::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,10 +1,10 @@
 //! Connections that end badly: classification and the `early_close` report.
 //! Pure: the kernel counts bytes per connection; this decides what it means.
-use serde::Serialize;
 use tracer_common::{Conn, direction, ended};
 
-use crate::model::Role;
-use crate::signatures::{self, Cause};
+use super::correlator::Correlator;
+use super::signatures;
+use crate::model::{CloseKind, Direction, EarlyClose, EndedBy, Output, Preceded, Role};
 
 /// Formats the head of a sockaddr as the process saw it: `127.0.0.1:5000`,
 /// `[::1]:5000`, `unix`, or None when it is unknown (zeros).
@@ -28,62 +28,8 @@ pub fn format_sockaddr(a: &[u8; 32]) -> Option<String> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseKind {
-    /// The client sent a request and got nothing back: the proxy's 502/504.
-    DroppedRequest,
-    /// The client sent nothing: an idle keep-alive connection closed by
-    /// Gunicorn's keepalive timer. Normal; counted, not alarmed.
-    Idle,
-    /// An outbound call that sent a request and was closed before any reply.
-    UpstreamCut,
-}
-
-/// The syscall that preceded the close, when it explains it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Preceded {
-    pub syscall: &'static str,
-    pub ret: &'static str,
-    /// From that syscall to the close.
-    pub wait_ms: u64,
-}
-
-/// The body of the `early_close` event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EarlyClose {
-    /// `inbound` or `outbound`.
-    pub direction: &'static str,
-    pub pid: u32,
-    pub tid: u32,
-    pub master_pid: u32,
-    #[serde(skip)]
-    pub role: Role,
-    /// The fd closed; None when the process exited with it open.
-    pub fd: Option<i32>,
-    pub peer: Option<String>,
-    pub local_port: Option<u16>,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// From the connect, or the connection being established, to the close; None when the
-    /// tracer did not see the start (opened before it attached).
-    pub lifetime_ms: Option<u64>,
-    /// `close`, `shutdown` or `exit`.
-    pub ended_by: &'static str,
-    pub kind: CloseKind,
-    /// The kernel answered the close with a RST: the peer's data was never read.
-    pub unread_data: bool,
-    pub preceded_by: Option<Preceded>,
-    /// The process's master had already sent it the WORKER TIMEOUT signal:
-    /// the close is part of its dying, whichever path closed the socket.
-    #[serde(skip)]
-    pub while_killed: bool,
-    pub cause: Option<Cause>,
-    pub container: Option<crate::container::Container>,
-}
-
 /// Everything the correlator knows when a connection ends badly.
-pub struct ConnFacts<'a> {
+pub(super) struct ConnFacts<'a> {
     pub pid: u32,
     pub tid: u32,
     pub master: u32,
@@ -95,51 +41,59 @@ pub struct ConnFacts<'a> {
     pub while_killed: bool,
 }
 
-/// Turns a connection the kernel reported into an `early_close`, or None
-/// when it did not end badly (a reply was sent, or nothing was asked).
-pub fn early_close(f: ConnFacts) -> Option<EarlyClose> {
-    let c = f.conn;
-    let unread = c.aborted != 0;
-    let (dir, kind) = match c.direction {
-        direction::INBOUND if c.bytes_out == 0 => (
-            "inbound",
-            if c.bytes_in > 0 || unread {
+/// Which early close this is, if any: None when a reply was sent (or,
+/// outbound, one came back), or when nothing was asked of an outbound call.
+fn classify(c: &Conn) -> Option<(Direction, CloseKind)> {
+    match c.direction {
+        direction::INBOUND if c.bytes_out == 0 => Some((
+            Direction::Inbound,
+            if c.bytes_in > 0 || c.aborted != 0 {
                 CloseKind::DroppedRequest
             } else {
                 CloseKind::Idle
             },
-        ),
+        )),
         direction::OUTBOUND if c.bytes_out > 0 && c.bytes_in == 0 => {
-            ("outbound", CloseKind::UpstreamCut)
+            Some((Direction::Outbound, CloseKind::UpstreamCut))
         }
-        _ => return None,
-    };
+        _ => None,
+    }
+}
+
+fn ended_by(v: u32) -> EndedBy {
+    match v {
+        ended::SHUTDOWN => EndedBy::Shutdown,
+        ended::EXIT => EndedBy::Exit,
+        _ => EndedBy::Close,
+    }
+}
+
+/// Turns a connection the kernel reported into an `early_close`, or None
+/// when it did not end badly (a reply was sent, or nothing was asked).
+pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
+    let c = f.conn;
+    let (direction, kind) = classify(c)?;
     let preceded_by = (c.eagain_ns != 0 && c.eagain_ns <= f.ts_ns).then(|| Preceded {
         syscall: "recv",
         ret: "EAGAIN",
         wait_ms: (f.ts_ns - c.eagain_ns) / 1_000_000,
     });
-    let port = u16::try_from(c.local_port).ok().filter(|p| *p != 0);
     let mut ec = EarlyClose {
-        direction: dir,
+        direction,
         pid: f.pid,
         tid: f.tid,
         master_pid: f.master,
         role: f.role,
         fd: (f.fd >= 0).then_some(f.fd),
         peer: format_sockaddr(&c.addr),
-        local_port: port,
+        local_port: u16::try_from(c.local_port).ok().filter(|p| *p != 0),
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
         lifetime_ms: (c.start_ns != 0 && c.start_ns <= f.ts_ns)
             .then(|| (f.ts_ns - c.start_ns) / 1_000_000),
-        ended_by: match f.ended_by {
-            ended::SHUTDOWN => "shutdown",
-            ended::EXIT => "exit",
-            _ => "close",
-        },
+        ended_by: ended_by(f.ended_by),
         kind,
-        unread_data: unread,
+        unread_data: c.aborted != 0,
         preceded_by,
         while_killed: f.while_killed,
         cause: None,
@@ -147,6 +101,48 @@ pub fn early_close(f: ConnFacts) -> Option<EarlyClose> {
     };
     ec.cause = signatures::identify_close(&ec);
     Some(ec)
+}
+
+impl Correlator {
+    /// A watched process's connection ended badly (the kernel's judgement);
+    /// count it and report it.
+    pub(super) fn on_conn_end(
+        &mut self,
+        ts_ns: u64,
+        pid: u32,
+        tid: u32,
+        fd: i32,
+        conn: &Conn,
+        ended_by: u32,
+    ) -> Vec<Output> {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return Vec::new();
+        };
+        let facts = ConnFacts {
+            pid,
+            tid,
+            master: p.master,
+            role: p.role,
+            fd,
+            conn,
+            ended_by,
+            ts_ns,
+            while_killed: p.killed_by_timeout,
+        };
+        let Some(mut close) = early_close(facts) else {
+            return Vec::new();
+        };
+        close.container = p.container.clone();
+        match close.kind {
+            CloseKind::DroppedRequest => p.closes.dropped_request += 1,
+            CloseKind::Idle => p.closes.idle += 1,
+            CloseKind::UpstreamCut => p.closes.upstream_cut += 1,
+        }
+        if close.kind != CloseKind::Idle {
+            p.last_drop = Some(close.clone());
+        }
+        vec![Output::EarlyClose { ts_ns, close }]
+    }
 }
 
 #[cfg(test)]
@@ -222,7 +218,7 @@ mod tests {
         assert_eq!(e.kind, CloseKind::DroppedRequest);
         assert_eq!(
             (e.direction, e.ended_by, e.lifetime_ms, e.fd),
-            ("inbound", "close", Some(500), Some(11))
+            (Direction::Inbound, EndedBy::Close, Some(500), Some(11))
         );
         assert_eq!(e.peer.as_deref(), Some("127.0.0.1:40000"));
         assert_eq!(e.local_port, Some(8000));
@@ -256,7 +252,7 @@ mod tests {
         let e = early_close(facts(&c, ended::EXIT)).unwrap();
         assert_eq!(
             (e.kind, e.direction, e.ended_by),
-            (CloseKind::UpstreamCut, "outbound", "exit")
+            (CloseKind::UpstreamCut, Direction::Outbound, EndedBy::Exit)
         );
         assert!(early_close(facts(&conn(direction::OUTBOUND, 10, 80), ended::CLOSE)).is_none());
         assert!(early_close(facts(&conn(direction::OUTBOUND, 0, 0), ended::CLOSE)).is_none());

@@ -2,19 +2,7 @@
 //! the container id from /proc/PID/cgroup, the pod name and namespace from
 //! the process's own environment and service-account files. Parsers are
 //! pure and tested on real cgroup layouts; the readers are best effort.
-use serde::Serialize;
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Container {
-    /// The full 64-hex container id.
-    pub id: String,
-    /// `containerd`, `cri-o`, `docker`, `podman`, or null when the path
-    /// does not say.
-    pub runtime: Option<&'static str>,
-    pub pod_uid: Option<String>,
-    pub pod: Option<String>,
-    pub namespace: Option<String>,
-}
+use crate::model::Container;
 
 fn is_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())

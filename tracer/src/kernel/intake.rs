@@ -1,8 +1,7 @@
 //! Event intake: decoding ring buffer records into [`KernelEvent`]s.
 use tracer_common::{ConnEnd, Event, RET_EXITED, RET_INTERRUPTED, kind};
 
-use crate::correlate::{KernelEvent, Wake};
-use crate::model::Role;
+use crate::model::{KernelEvent, Role, Wake};
 
 /// Decodes one ring buffer record. Returns None for a record of the wrong
 /// size or an unknown kind (a newer BPF object, say) rather than guessing.
@@ -63,7 +62,7 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             sender: e.aux_pid,
             sig: e.nr as i32,
         },
-        kind::SLOW_SYSCALL => KernelEvent::SlowSyscall {
+        kind::SLOW_SYSCALL => KernelEvent::SleepEnd {
             ts_ns: e.ts_ns,
             tgid: e.tgid,
             tid: e.tid,
@@ -118,7 +117,7 @@ mod tests {
         let d = decode(&bytes(&e)).unwrap();
         assert_eq!(
             d,
-            KernelEvent::SlowSyscall {
+            KernelEvent::SleepEnd {
                 ts_ns: 900,
                 tgid: 10,
                 tid: 11,
@@ -131,7 +130,7 @@ mod tests {
             }
         );
         let woke = |ret| match from_event(&Event { ret, ..e }) {
-            Some(KernelEvent::SlowSyscall { wake, .. }) => wake,
+            Some(KernelEvent::SleepEnd { wake, .. }) => wake,
             other => panic!("{other:?}"),
         };
         assert_eq!(woke(RET_INTERRUPTED), Wake::Interrupted);

@@ -3,11 +3,12 @@
 //! docs/events.md's contract and the text is what a person reads: both are
 //! compared byte for byte with `testdata/golden.txt`. After a deliberate
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
-use crate::container::Container;
-use crate::correlate::{Correlator, Enricher, KernelEvent, Output, Sample, Wake};
-use crate::model::{FdInfo, Peer, Role};
-use crate::output::{self, Clock, MapOccupancy, SummaryEvent};
-use crate::syscalls;
+use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
+use crate::model::{
+    Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, Output, Peer, Role, Sample, Source,
+    Wake,
+};
+use crate::present::{self, Clock, SummaryEvent};
 
 const MS: u64 = 1_000_000;
 const MASTER: u32 = 100;
@@ -19,17 +20,17 @@ impl Enricher for Fake {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
         match fd {
             11 => FdInfo {
-                kind: "pipe".into(),
+                kind: FdKind::Pipe,
                 target: Some("pipe:[777]".into()),
                 peers: vec![Peer {
                     pid,
                     comm: "gunicorn".into(),
                     fd: 12,
-                    end: "write",
+                    end: End::Write,
                 }],
             },
             5 => FdInfo {
-                kind: "socket".into(),
+                kind: FdKind::Socket,
                 target: Some("socket:[5]".into()),
                 peers: vec![],
             },
@@ -105,31 +106,27 @@ fn conn_end(ts_ms: u64, pid: u32, c: tracer_common::Conn, ended_by: u32) -> Kern
 fn render(out: &mut String, events: Vec<Output>) {
     let clock = Clock::fixed(0);
     for o in events {
-        out.push_str(&output::json_line(&o, clock.rfc3339(o.ts_ns())));
+        out.push_str(&present::json_line(&o, clock.rfc3339(o.ts_ns())));
         out.push('\n');
-        out.push_str(&output::text_line(&o, &clock));
+        out.push_str(&present::text_line(&o, &clock));
         out.push('\n');
     }
 }
 
 fn summary(out: &mut String, c: &Correlator, now_ms: u64) {
     let s = c.summary(now_ms * MS);
-    let ev = SummaryEvent {
-        duration_ms: now_ms,
-        events_lost: 3,
-        maps: MapOccupancy {
-            watched: 2,
-            inflight: 1,
-            conns: 0,
-        },
-        summary: &s,
+    let maps = MapOccupancy {
+        watched: 2,
+        inflight: 1,
+        conns: 0,
     };
-    out.push_str(&output::json_line(
+    let ev = SummaryEvent::new(&s, now_ms, 3, maps);
+    out.push_str(&present::json_line(
         &ev,
         Clock::fixed(0).rfc3339(now_ms * MS),
     ));
     out.push('\n');
-    out.push_str(&output::text_summary(&s, 3));
+    out.push_str(&present::text_summary(&ev));
 }
 
 fn scripted_run() -> String {
@@ -140,25 +137,40 @@ fn scripted_run() -> String {
     let mut ev = Vec::new();
     ev.extend(c.add_process(
         0,
-        MASTER,
-        MASTER,
-        Role::Master,
-        Some("app:app".into()),
-        Some(4.0),
-        "scan",
-        None,
+        NewProcess {
+            pid: MASTER,
+            master: MASTER,
+            role: Role::Master,
+            app: Some("app:app".into()),
+            timeout_s: Some(4.0),
+            source: Source::Scan,
+            container: None,
+        },
     ));
     ev.extend(c.add_process(
         0,
-        W,
-        MASTER,
-        Role::Worker,
-        Some("app:app".into()),
-        Some(4.0),
-        "scan",
-        None,
+        NewProcess {
+            pid: W,
+            master: MASTER,
+            role: Role::Worker,
+            app: Some("app:app".into()),
+            timeout_s: Some(4.0),
+            source: Source::Scan,
+            container: None,
+        },
     ));
-    ev.extend(c.add_process(0, 300, 300, Role::Plain, None, None, "scan", None));
+    ev.extend(c.add_process(
+        0,
+        NewProcess {
+            pid: 300,
+            master: 300,
+            role: Role::Plain,
+            app: None,
+            timeout_s: None,
+            source: Source::Scan,
+            container: None,
+        },
+    ));
     ev.extend(c.on_kernel(
         KernelEvent::Fork {
             ts_ns: MS,
@@ -183,7 +195,7 @@ fn scripted_run() -> String {
     // Worker W2: a socket read that stalls, then returns.
     ev.extend(c.on_samples(&[sample(W2, W2, "recvfrom", 0, 5, 1)], 600 * MS, f));
     ev.extend(c.on_kernel(
-        KernelEvent::SlowSyscall {
+        KernelEvent::SleepEnd {
             ts_ns: 900 * MS,
             tgid: W2,
             tid: W2,
@@ -265,15 +277,28 @@ fn scripted_run() -> String {
     let mut h = Correlator::new(500 * MS);
     ev.extend(h.add_process(
         0,
-        MASTER,
-        MASTER,
-        Role::Master,
-        None,
-        Some(30.0),
-        "exec",
-        None,
+        NewProcess {
+            pid: MASTER,
+            master: MASTER,
+            role: Role::Master,
+            app: None,
+            timeout_s: Some(30.0),
+            source: Source::Exec,
+            container: None,
+        },
     ));
-    ev.extend(h.add_process(0, W, MASTER, Role::Worker, None, Some(30.0), "scan", None));
+    ev.extend(h.add_process(
+        0,
+        NewProcess {
+            pid: W,
+            master: MASTER,
+            role: Role::Worker,
+            app: None,
+            timeout_s: Some(30.0),
+            source: Source::Scan,
+            container: None,
+        },
+    ));
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &h, 100);
     // A stall that is over: the verdict names the past stall.

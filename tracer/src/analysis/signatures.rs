@@ -1,17 +1,8 @@
 //! Known causes, as data: each signature is a predicate on a stall and the
 //! sentence a person needs. Adding one is adding an entry to `SIGNATURES`.
-use serde::Serialize;
-
-use crate::correlate::StallReport;
-use crate::model::Role;
-use crate::net::{CloseKind, EarlyClose};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Cause {
-    pub id: &'static str,
-    pub cause: &'static str,
-    pub fix: &'static str,
-}
+use crate::model::{
+    Cause, CloseKind, Direction, EarlyClose, EndedBy, FdKind, Role, StallReport, no_other_writer,
+};
 
 /// One known cause of a stall (`T` = StallReport) or of an early close
 /// (`T` = EarlyClose).
@@ -35,10 +26,11 @@ fn first_match<T>(signatures: &[Signature<T>], x: &T) -> Option<Cause> {
 }
 
 /// A pipe that nobody but the blocked process itself can write to.
+/// (With no writer at all the read would return EOF: not a stall.)
 pub fn only_self_writes(s: &StallReport) -> bool {
-    s.fd_kind == "pipe"
-        && !s.peers.iter().any(|p| p.pid != s.pid && p.end != "read")
-        && s.peers.iter().any(|p| p.pid == s.pid && p.end != "read")
+    s.fd_kind == FdKind::Pipe
+        && no_other_writer(&s.peers, s.pid)
+        && s.writers().any(|p| p.pid == s.pid)
 }
 
 fn is_read(s: &StallReport) -> bool {
@@ -71,7 +63,7 @@ pub static SIGNATURES: &[Signature<StallReport>] = &[
         id: "uncooperative_socket_read",
         cause: "a blocking read on a socket the event loop does not own: a C client library (database driver, RPC client) not made cooperative by gevent",
         fix: "use a gevent-compatible driver, or run the call in gevent's threadpool",
-        matches: |s| s.role == Role::Worker && is_read(s) && s.fd_kind == "socket",
+        matches: |s| s.role == Role::Worker && is_read(s) && s.fd_kind == FdKind::Socket,
     },
     Signature {
         id: "file_lock_wait",
@@ -99,7 +91,7 @@ pub static SIGNATURES: &[Signature<StallReport>] = &[
 /// A read that found nothing (EAGAIN), a wait, then the close: the socket
 /// had a timeout Gunicorn never set.
 fn timed_out_read(e: &EarlyClose) -> bool {
-    e.ended_by != "exit" && e.preceded_by.as_ref().is_some_and(|p| p.wait_ms < 60_000)
+    e.ended_by != EndedBy::Exit && e.preceded_by.as_ref().is_some_and(|p| p.wait_ms < 60_000)
 }
 
 /// Known causes of a connection closed with nothing sent back.
@@ -110,7 +102,7 @@ pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
         fix: "find why the worker died: a stall reported just before it, or the kernel log for an OOM kill",
         // First: a dying worker's close can look like a timed-out read.
         matches: |e| {
-            e.kind == CloseKind::DroppedRequest && (e.ended_by == "exit" || e.while_killed)
+            e.kind == CloseKind::DroppedRequest && (e.ended_by == EndedBy::Exit || e.while_killed)
         },
     },
     Signature {
@@ -118,7 +110,9 @@ pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
         cause: "a default socket timeout leaked into the client connection (socket.setdefaulttimeout() called in request code, as old Thrift clients did, under Gunicorn < 19.8 which did not reset accepted sockets): a read timed out and Gunicorn closed the connection with nothing sent",
         fix: "upgrade Gunicorn to 19.8 or later and Thrift to 0.12 or later, and never call socket.setdefaulttimeout in request code",
         matches: |e| {
-            e.kind == CloseKind::DroppedRequest && e.direction == "inbound" && timed_out_read(e)
+            e.kind == CloseKind::DroppedRequest
+                && e.direction == Direction::Inbound
+                && timed_out_read(e)
         },
     },
     Signature {
@@ -140,9 +134,9 @@ pub fn identify(s: &StallReport) -> Option<Cause> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Peer;
+    use crate::model::{End, Peer, Preceded};
 
-    fn peer(pid: u32, end: &'static str) -> Peer {
+    fn peer(pid: u32, end: End) -> Peer {
         Peer {
             pid,
             comm: "x".into(),
@@ -151,12 +145,12 @@ mod tests {
         }
     }
 
-    fn stall(syscall: &str, kind: &str, count: Option<u64>, peers: Vec<Peer>) -> StallReport {
+    fn stall(syscall: &str, kind: FdKind, count: Option<u64>, peers: Vec<Peer>) -> StallReport {
         StallReport {
             pid: 10,
             tid: 10,
             syscall: syscall.into(),
-            fd_kind: kind.into(),
+            fd_kind: kind,
             count,
             peers,
             role: Role::Worker,
@@ -170,42 +164,42 @@ mod tests {
 
     #[test]
     fn multiprocessing_queue_signature() {
-        let s = stall("read", "pipe", Some(4), vec![peer(10, "write")]);
+        let s = stall("read", FdKind::Pipe, Some(4), vec![peer(10, End::Write)]);
         assert_eq!(id(&s), Some("multiprocessing_queue_gevent"));
         // Another process could write: not this bug.
         let s = stall(
             "read",
-            "pipe",
+            FdKind::Pipe,
             Some(4),
-            vec![peer(10, "write"), peer(11, "write")],
+            vec![peer(10, End::Write), peer(11, End::Write)],
         );
         assert_eq!(id(&s), None);
     }
 
     #[test]
     fn generic_self_pipe_signature() {
-        let s = stall("read", "pipe", Some(65536), vec![peer(10, "both")]);
+        let s = stall("read", FdKind::Pipe, Some(65536), vec![peer(10, End::Both)]);
         assert_eq!(id(&s), Some("self_pipe_read"));
         // No writer at all: the read would return EOF, so this is not it.
-        let s = stall("read", "pipe", Some(65536), vec![]);
+        let s = stall("read", FdKind::Pipe, Some(65536), vec![]);
         assert_eq!(id(&s), None);
     }
 
     #[test]
     fn socket_read_in_worker_signature() {
-        let s = stall("recvfrom", "socket", Some(4096), vec![]);
+        let s = stall("recvfrom", FdKind::Socket, Some(4096), vec![]);
         assert_eq!(id(&s), Some("uncooperative_socket_read"));
         let mut plain = s.clone();
         plain.role = Role::Plain;
         assert_eq!(id(&plain), None);
     }
 
-    fn close(kind: CloseKind, ended_by: &'static str, wait_ms: Option<u64>) -> EarlyClose {
+    fn close(kind: CloseKind, ended_by: EndedBy, wait_ms: Option<u64>) -> EarlyClose {
         EarlyClose {
             direction: if kind == CloseKind::UpstreamCut {
-                "outbound"
+                Direction::Outbound
             } else {
-                "inbound"
+                Direction::Inbound
             },
             pid: 1,
             tid: 1,
@@ -220,7 +214,7 @@ mod tests {
             ended_by,
             kind,
             unread_data: false,
-            preceded_by: wait_ms.map(|w| crate::net::Preceded {
+            preceded_by: wait_ms.map(|w| Preceded {
                 syscall: "recv",
                 ret: "EAGAIN",
                 wait_ms: w,
@@ -235,45 +229,51 @@ mod tests {
     fn close_signatures() {
         let id = |e: &EarlyClose| identify_close(e).map(|c| c.id);
         assert_eq!(
-            id(&close(CloseKind::DroppedRequest, "close", Some(500))),
+            id(&close(CloseKind::DroppedRequest, EndedBy::Close, Some(500))),
             Some("leaked_socket_timeout")
         );
         assert_eq!(
-            id(&close(CloseKind::DroppedRequest, "exit", Some(500))),
+            id(&close(CloseKind::DroppedRequest, EndedBy::Exit, Some(500))),
             Some("worker_died_mid_request")
         );
-        assert_eq!(id(&close(CloseKind::DroppedRequest, "close", None)), None);
+        assert_eq!(
+            id(&close(CloseKind::DroppedRequest, EndedBy::Close, None)),
+            None
+        );
         // Closed by the worker's own teardown after Gunicorn's SIGABRT: it
         // died mid-request, even though a read had found nothing before.
         let dying = EarlyClose {
             while_killed: true,
-            ..close(CloseKind::DroppedRequest, "close", Some(5000))
+            ..close(CloseKind::DroppedRequest, EndedBy::Close, Some(5000))
         };
         assert_eq!(id(&dying), Some("worker_died_mid_request"));
         assert_eq!(
-            id(&close(CloseKind::UpstreamCut, "close", Some(100))),
+            id(&close(CloseKind::UpstreamCut, EndedBy::Close, Some(100))),
             Some("upstream_timeout")
         );
         // An idle keep-alive connection closed by Gunicorn's timer is normal.
-        assert_eq!(id(&close(CloseKind::Idle, "close", Some(2000))), None);
+        assert_eq!(
+            id(&close(CloseKind::Idle, EndedBy::Close, Some(2000))),
+            None
+        );
     }
 
     #[test]
     fn lock_sleep_and_futex_signatures() {
         assert_eq!(
-            id(&stall("flock", "file", None, vec![])),
+            id(&stall("flock", FdKind::File, None, vec![])),
             Some("file_lock_wait")
         );
         assert_eq!(
-            id(&stall("fcntl", "file", None, vec![])),
+            id(&stall("fcntl", FdKind::File, None, vec![])),
             Some("file_lock_wait")
         );
         assert_eq!(
-            id(&stall("clock_nanosleep", "unknown", None, vec![])),
+            id(&stall("clock_nanosleep", FdKind::Unknown, None, vec![])),
             Some("unpatched_sleep")
         );
         assert_eq!(
-            id(&stall("futex", "unknown", None, vec![])),
+            id(&stall("futex", FdKind::Unknown, None, vec![])),
             Some("os_thread_lock")
         );
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::output::Format;
+use crate::present::Format;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,7 +54,7 @@ pub struct WatchArgs {
 
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
     /// A bare port (9464 or :9464) binds 127.0.0.1 only.
-    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = crate::app::metrics_server::parse_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 

@@ -7,7 +7,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use crate::model::{FdInfo, Peer};
+use crate::model::{End, FdInfo, FdKind, Peer};
 
 fn proc_path(parts: &[&str]) -> PathBuf {
     let mut p = PathBuf::from("/proc");
@@ -178,54 +178,54 @@ pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
 }
 
 /// Classifies an fd from its /proc link target and, for paths, its file mode.
-pub fn classify_target(target: &str, mode: Option<u32>) -> &'static str {
+pub fn classify_target(target: &str, mode: Option<u32>) -> FdKind {
     if target.starts_with("pipe:") {
-        return "pipe";
+        return FdKind::Pipe;
     }
     if target.starts_with("socket:") {
-        return "socket";
+        return FdKind::Socket;
     }
     if let Some(anon) = target.strip_prefix("anon_inode:") {
         return match anon.trim_matches(|c| c == '[' || c == ']') {
-            "eventfd" => "eventfd",
-            "eventpoll" => "epoll",
-            "timerfd" => "timerfd",
-            "signalfd" => "signalfd",
-            "inotify" => "inotify",
-            _ => "anon_inode",
+            "eventfd" => FdKind::Eventfd,
+            "eventpoll" => FdKind::Epoll,
+            "timerfd" => FdKind::Timerfd,
+            "signalfd" => FdKind::Signalfd,
+            "inotify" => FdKind::Inotify,
+            _ => FdKind::AnonInode,
         };
     }
     if target.starts_with("/dev/pts/") || target.starts_with("/dev/tty") || target == "/dev/console"
     {
-        return "tty";
+        return FdKind::Tty;
     }
     match mode.map(|m| m & libc::S_IFMT) {
-        Some(libc::S_IFIFO) => "fifo",
-        Some(libc::S_IFSOCK) => "socket",
-        Some(libc::S_IFCHR) | Some(libc::S_IFBLK) => "device",
-        Some(libc::S_IFDIR) => "directory",
-        Some(libc::S_IFREG) => "file",
-        _ if target.starts_with('/') => "file",
-        _ => "unknown",
+        Some(libc::S_IFIFO) => FdKind::Fifo,
+        Some(libc::S_IFSOCK) => FdKind::Socket,
+        Some(libc::S_IFCHR) | Some(libc::S_IFBLK) => FdKind::Device,
+        Some(libc::S_IFDIR) => FdKind::Directory,
+        Some(libc::S_IFREG) => FdKind::File,
+        _ if target.starts_with('/') => FdKind::File,
+        _ => FdKind::Unknown,
     }
 }
 
 /// The access mode of an fd from /proc/PID/fdinfo/FD's `flags:` line (octal).
-pub fn parse_fdinfo_end(fdinfo: &str) -> Option<&'static str> {
+pub fn parse_fdinfo_end(fdinfo: &str) -> Option<End> {
     let line = fdinfo.lines().find(|l| l.starts_with("flags:"))?;
     let flags = u32::from_str_radix(line["flags:".len()..].trim(), 8).ok()?;
     Some(match flags & 0o3 {
-        0 => "read",
-        1 => "write",
-        _ => "both",
+        0 => End::Read,
+        1 => End::Write,
+        _ => End::Both,
     })
 }
 
-fn fd_end(pid: u32, fd: i32) -> &'static str {
+fn fd_end(pid: u32, fd: i32) -> End {
     fs::read_to_string(proc_path(&[&pid.to_string(), "fdinfo", &fd.to_string()]))
         .ok()
         .and_then(|s| parse_fdinfo_end(&s))
-        .unwrap_or("unknown")
+        .unwrap_or(End::Unknown)
 }
 
 /// Every fd on the host, other than `skip`, whose link target is `target`.
@@ -267,13 +267,13 @@ pub fn fd_info(pid: u32, fd: i32) -> FdInfo {
         .ok()
         .map(|m| m.mode());
     let kind = classify_target(&target, mode);
-    let peers = if kind == "pipe" || kind == "fifo" {
+    let peers = if kind.is_pipe_like() {
         holders(&target, (pid, fd))
     } else {
         Vec::new()
     };
     FdInfo {
-        kind: kind.to_string(),
+        kind,
         target: Some(target),
         peers,
     }
@@ -490,39 +490,51 @@ mod tests {
 
     #[test]
     fn classifies_fd_targets() {
-        assert_eq!(classify_target("pipe:[1234]", None), "pipe");
-        assert_eq!(classify_target("socket:[99]", None), "socket");
-        assert_eq!(classify_target("anon_inode:[eventpoll]", None), "epoll");
-        assert_eq!(classify_target("anon_inode:[eventfd]", None), "eventfd");
-        assert_eq!(classify_target("anon_inode:bpf-map", None), "anon_inode");
-        assert_eq!(classify_target("/dev/pts/3", Some(libc::S_IFCHR)), "tty");
+        assert_eq!(classify_target("pipe:[1234]", None), FdKind::Pipe);
+        assert_eq!(classify_target("socket:[99]", None), FdKind::Socket);
+        assert_eq!(
+            classify_target("anon_inode:[eventpoll]", None),
+            FdKind::Epoll
+        );
+        assert_eq!(
+            classify_target("anon_inode:[eventfd]", None),
+            FdKind::Eventfd
+        );
+        assert_eq!(
+            classify_target("anon_inode:bpf-map", None),
+            FdKind::AnonInode
+        );
+        assert_eq!(
+            classify_target("/dev/pts/3", Some(libc::S_IFCHR)),
+            FdKind::Tty
+        );
         assert_eq!(
             classify_target("/dev/null", Some(libc::S_IFCHR | 0o666)),
-            "device"
+            FdKind::Device
         );
         assert_eq!(
             classify_target("/tmp/fifo", Some(libc::S_IFIFO | 0o600)),
-            "fifo"
+            FdKind::Fifo
         );
         assert_eq!(
             classify_target("/var/log/x.log", Some(libc::S_IFREG | 0o644)),
-            "file"
+            FdKind::File
         );
-        assert_eq!(classify_target("/gone (deleted)", None), "file");
-        assert_eq!(classify_target("", None), "unknown");
+        assert_eq!(classify_target("/gone (deleted)", None), FdKind::File);
+        assert_eq!(classify_target("", None), FdKind::Unknown);
     }
 
     #[test]
     fn fdinfo_access_mode() {
         assert_eq!(
             parse_fdinfo_end("pos:\t0\nflags:\t02000000\nmnt_id:\t15\n"),
-            Some("read")
+            Some(End::Read)
         );
         assert_eq!(
             parse_fdinfo_end("pos:\t0\nflags:\t02000001\n"),
-            Some("write")
+            Some(End::Write)
         );
-        assert_eq!(parse_fdinfo_end("flags:\t0100002\n"), Some("both"));
+        assert_eq!(parse_fdinfo_end("flags:\t0100002\n"), Some(End::Both));
         assert_eq!(parse_fdinfo_end("flags:\tzz\n"), None);
         assert_eq!(parse_fdinfo_end(""), None);
     }

@@ -10,7 +10,7 @@ pub fn find(pid: u32) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    for arg in crate::proc::cmdline(pid).iter().take(2) {
+    for arg in super::proc::cmdline(pid).iter().take(2) {
         if let Some(dir) = Path::new(arg).parent().filter(|d| d.is_absolute()) {
             dirs.push(dir.to_path_buf());
         }

@@ -1,12 +1,7 @@
-//! Prometheus metrics (`--metrics-addr`) and the tiny HTTP server that
-//! serves them. The text is rendered from the correlator's summary about
-//! once a second, so label sets follow the live workers: a worker that
-//! exited disappears from every per-worker series.
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use anyhow::{Context, Result};
+//! Prometheus metrics (`--metrics-addr`), rendered from the correlator's
+//! summary about once a second, so label sets follow the live workers: a
+//! worker that exited disappears from every per-worker series. The HTTP
+//! server that serves the text is `app::metrics_server`.
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -14,12 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
-use crate::correlate::{Summary, WorkerSummary};
-use crate::model::Role;
-use crate::output::MapOccupancy;
+use crate::model::{FdKind, MapOccupancy, Role, Summary, WorkerState, WorkerSummary};
 use tracer_common::{HIST_BUCKETS, ReadHist, fdkind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,10 +57,10 @@ impl Default for StallDurations {
 }
 
 impl StallDurations {
-    pub fn observe(&self, fd_kind: &str, blocked_ms: u64) {
+    pub fn observe(&self, fd_kind: FdKind, blocked_ms: u64) {
         self.0
             .get_or_create(&FdKindLabels {
-                fd_kind: fd_kind.to_string(),
+                fd_kind: fd_kind.as_str().to_string(),
             })
             .observe(blocked_ms as f64 / 1000.0);
     }
@@ -192,13 +183,11 @@ pub fn render(
         durations.0.clone(),
     );
     let mut hist_rows = Vec::new();
-    for w in summary.workers.iter().filter(|w| {
-        w.role != Role::Master
-            && matches!(
-                w.state,
-                "stalled" | "healthy" | "timing_out" | "dropping_requests"
-            )
-    }) {
+    for w in summary
+        .workers
+        .iter()
+        .filter(|w| w.role != Role::Master && w.state.is_alive())
+    {
         let l = labels(w);
         if let Some(h) = read_hist(w.pid) {
             hist_rows.push((l.clone(), h));
@@ -206,7 +195,7 @@ pub fn render(
         if let Some(hb) = heartbeat_ms(w.pid) {
             heartbeat.get_or_create(&l).set(hb as f64 / 1000.0);
         }
-        let now_stalled = w.state == "stalled";
+        let now_stalled = w.state == WorkerState::Stalled;
         stalled.get_or_create(&l).set(now_stalled as i64);
         let b = if now_stalled {
             w.stall.as_ref().map(|s| s.blocked_ms).unwrap_or(0)
@@ -265,122 +254,12 @@ pub fn render(
     out
 }
 
-/// Parses `--metrics-addr`: `9464`, `:9464`, `0.0.0.0:9464`, `[::]:9464`.
-/// A bare port binds loopback only: exposing it is an explicit choice.
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    let s = s.trim();
-    let full = if let Ok(port) = s.parse::<u16>() {
-        format!("127.0.0.1:{port}")
-    } else if let Some(port) = s.strip_prefix(':') {
-        format!("127.0.0.1:{port}")
-    } else {
-        s.to_string()
-    };
-    full.parse::<SocketAddr>().map_err(|_| {
-        format!("'{s}' is not an address; write it like 127.0.0.1:9464, 0.0.0.0:9464 or :9464")
-    })
-}
-
-/// Binds now, so a port in use is an error at start, not a silent gap.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot serve metrics on {addr} (in use, or not an address of this host); pick another with --metrics-addr")
-    })
-}
-
-/// Serves GET /metrics and GET /healthz, nothing else; requests are small
-/// and slow clients are cut off, so a scraper cannot tie the tracer up.
-pub async fn serve(listener: TcpListener, text: Arc<Mutex<String>>) {
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let text = text.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), handle(conn, text)).await;
-        });
-    }
-}
-
-const MAX_REQUEST: usize = 8192;
-
-async fn handle(mut conn: TcpStream, text: Arc<Mutex<String>>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST {
-            return respond(
-                &mut conn,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request too large\n",
-            )
-            .await;
-        }
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut first = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => {
-            let body = text.lock().map(|t| t.clone()).unwrap_or_default();
-            respond(
-                &mut conn,
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                &body,
-            )
-            .await
-        }
-        ("GET", "/healthz") => respond(&mut conn, "200 OK", "text/plain", "ok\n").await,
-        ("GET", _) => {
-            respond(
-                &mut conn,
-                "404 Not Found",
-                "text/plain",
-                "only /metrics and /healthz\n",
-            )
-            .await
-        }
-        _ => {
-            respond(
-                &mut conn,
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET\n",
-            )
-            .await
-        }
-    }
-}
-
-async fn respond(
-    conn: &mut TcpStream,
-    status: &str,
-    ctype: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    conn.write_all(body.as_bytes()).await?;
-    conn.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{CloseCounts, Verdict};
+    use crate::model::{CloseCounts, Container};
 
-    fn worker(pid: u32, state: &'static str) -> WorkerSummary {
+    fn worker(pid: u32, state: WorkerState) -> WorkerSummary {
         WorkerSummary {
             pid,
             master_pid: 1,
@@ -398,7 +277,7 @@ mod tests {
                 upstream_cut: 0,
             },
             last_early_close: None,
-            container: Some(crate::container::Container {
+            container: Some(Container {
                 id: "abc".into(),
                 pod: Some("web-1".into()),
                 namespace: Some("shop".into()),
@@ -410,20 +289,16 @@ mod tests {
     fn summary(workers: Vec<WorkerSummary>) -> Summary {
         Summary {
             workers,
-            verdict: Verdict {
-                stalled_pids: vec![],
-                killed_pids: vec![],
-                dropping_pids: vec![],
-                text: String::new(),
-            },
             exited_quiet: 0,
+            findings: vec![],
+            threshold_ms: 500,
         }
     }
 
     #[test]
     fn renders_per_worker_series_with_container_labels() {
         let d = StallDurations::default();
-        d.observe("pipe", 1500);
+        d.observe(FdKind::Pipe, 1500);
         let me = SelfStats {
             events_received: 9,
             events_lost: 1,
@@ -438,7 +313,7 @@ mod tests {
         h.counts[fdkind::PIPE * HIST_BUCKETS + 3] = 1; // one of 8-16 ms
         h.sum_ns[fdkind::PIPE] = 13_000_000;
         let t = render(
-            &summary(vec![worker(7, "healthy")]),
+            &summary(vec![worker(7, WorkerState::Healthy)]),
             &mut |_| Some(1200),
             &mut |_| Some(h),
             &d,
@@ -492,9 +367,9 @@ mod tests {
     fn exited_workers_leave_the_series() {
         let t = render(
             &summary(vec![
-                worker(7, "healthy"),
-                worker(8, "exited"),
-                worker(9, "killed_by_timeout"),
+                worker(7, WorkerState::Healthy),
+                worker(8, WorkerState::Exited),
+                worker(9, WorkerState::KilledByTimeout),
             ]),
             &mut |_| None,
             &mut |_| {
@@ -509,19 +384,5 @@ mod tests {
         assert!(t.contains(r#"worker_pid="7""#));
         assert!(!t.contains(r#"worker_pid="8""#), "{t}");
         assert!(!t.contains(r#"worker_pid="9""#), "{t}");
-    }
-
-    #[test]
-    fn metrics_addresses() {
-        assert_eq!(parse_addr("9464").unwrap().to_string(), "127.0.0.1:9464");
-        assert_eq!(parse_addr(":9464").unwrap().to_string(), "127.0.0.1:9464");
-        assert_eq!(parse_addr("0.0.0.0:80").unwrap().to_string(), "0.0.0.0:80");
-        assert_eq!(parse_addr("[::]:80").unwrap().to_string(), "[::]:80");
-        assert!(
-            parse_addr("localhost")
-                .unwrap_err()
-                .contains("127.0.0.1:9464")
-        );
-        assert!(parse_addr("1.2.3.4:99999").is_err());
     }
 }

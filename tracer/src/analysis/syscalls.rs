@@ -101,6 +101,53 @@ pub fn class_table() -> Vec<(i64, u32)> {
     out
 }
 
+/// Syscalls whose first argument is an fd.
+pub fn takes_fd(name: &str) -> bool {
+    matches!(
+        name,
+        "read"
+            | "write"
+            | "readv"
+            | "writev"
+            | "pread64"
+            | "pwrite64"
+            | "preadv"
+            | "pwritev"
+            | "preadv2"
+            | "pwritev2"
+            | "recvfrom"
+            | "recvmsg"
+            | "recvmmsg"
+            | "sendto"
+            | "sendmsg"
+            | "sendmmsg"
+            | "connect"
+            | "accept"
+            | "accept4"
+            | "flock"
+            | "fcntl"
+            | "ioctl"
+            | "fsync"
+            | "fdatasync"
+            | "sync_file_range"
+            | "ftruncate"
+            | "fallocate"
+            | "sendfile"
+            | "splice"
+            | "tee"
+            | "shutdown"
+            | "close"
+    )
+}
+
+/// Syscalls whose third argument is a byte count.
+pub fn takes_count(name: &str) -> bool {
+    matches!(
+        name,
+        "read" | "write" | "pread64" | "pwrite64" | "recvfrom" | "sendto"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@ use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{Conn, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, stat};
 
-use crate::model::Role;
-use crate::syscalls;
-use crate::tracefs::Format;
+use super::btf::Btf;
+use super::tracefs::Format;
+use crate::model::{MapOccupancy, Role};
 
 /// Map update flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -102,7 +102,7 @@ pub fn kernel_release() -> String {
 
 /// Offsets of the kernel struct fields the programs read, from the running
 /// kernel's BTF. All are required: without them nothing can be told apart.
-fn kernel_offsets(btf: &crate::btf::Btf) -> Result<Vec<(&'static str, u64)>> {
+fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u64)>> {
     let need = |global: &'static str, s: &str, members: &[&str]| -> Result<(&'static str, u64)> {
         members
             .iter()
@@ -145,7 +145,16 @@ fn kernel_offsets(btf: &crate::btf::Btf) -> Result<Vec<(&'static str, u64)>> {
     ])
 }
 
-pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
+/// The syscall numbers the kernel side needs, from user space's table
+/// (`analysis::syscalls`), so that the kernel crate carries no table.
+pub struct SyscallTable {
+    /// (number, class bits) of every syscall that may block.
+    pub classes: Vec<(i64, u32)>,
+    pub close: i64,
+    pub shutdown: i64,
+}
+
+pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Probes> {
     raise_memlock();
     // The raw tracepoint takes (preempt, prev, next): no record layout.
     // Its tracefs entry must still exist for the kernel to have it.
@@ -176,12 +185,9 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
         ("OFF_SETSTATE_DADDR", st.offset("daddr", 4)?),
         ("OFF_SETSTATE_DADDR_V6", st.offset("daddr_v6", 16)?),
     ];
-    for (global, name) in [("NR_CLOSE", "close"), ("NR_SHUTDOWN", "shutdown")] {
-        let nr = syscalls::number(name)
-            .ok_or_else(|| anyhow!("no {name} syscall on this architecture"))?;
-        globals.push((global, nr as u64));
-    }
-    let btf = crate::btf::Btf::from_sys_fs().ok_or_else(|| {
+    globals.push(("NR_CLOSE", sys.close as u64));
+    globals.push(("NR_SHUTDOWN", sys.shutdown as u64));
+    let btf = Btf::from_sys_fs().ok_or_else(|| {
         anyhow!(
             "this kernel has no BTF at /sys/kernel/btf/vmlinux: the tracer needs it (CONFIG_DEBUG_INFO_BTF=y, the default on Debian, Ubuntu, RHEL and their kin) to read task and socket fields"
         )
@@ -209,7 +215,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64) -> Result<Probes> {
             ebpf.map_mut("SYSCALL_CLASS")
                 .ok_or_else(|| anyhow!("BPF object has no SYSCALL_CLASS map"))?,
         )?;
-        for (nr, bits) in syscalls::class_table() {
+        for &(nr, bits) in &sys.classes {
             if (nr as u32) < MAX_SYSCALL_NR {
                 classes
                     .set(nr as u32, bits, 0)
@@ -310,8 +316,8 @@ impl Probes {
 
     /// Entries in the kernel maps now: they must track live processes,
     /// threads and connections, not grow with churn.
-    pub fn occupancy(&self) -> crate::output::MapOccupancy {
-        crate::output::MapOccupancy {
+    pub fn occupancy(&self) -> MapOccupancy {
+        MapOccupancy {
             watched: self.watched.keys().filter(|k| k.is_ok()).count(),
             inflight: self.inflight.keys().filter(|k| k.is_ok()).count(),
             conns: self.conns.keys().filter(|k| k.is_ok()).count(),

@@ -1,0 +1,150 @@
+//! The correlator's state: every watched process, the stalls being followed,
+//! and the dispatch of kernel events to their handlers (one per kind, in
+//! `lifecycle`, `stalls` and `closes`).
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::Enricher;
+use super::stalls::Active;
+use crate::model::{
+    CloseCounts, Container, EarlyClose, KernelEvent, Output, Role, Source, StallReport,
+};
+
+/// What the correlator keeps about one process.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Proc {
+    pub master: u32,
+    pub role: Role,
+    pub app: Option<String>,
+    pub timeout_s: Option<f64>,
+    pub alive: bool,
+    pub stalls: u32,
+    pub timeouts: u32,
+    pub killed_by_timeout: bool,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+    pub last_stall: Option<StallReport>,
+    pub closes: CloseCounts,
+    pub last_drop: Option<EarlyClose>,
+    pub container: Option<Container>,
+}
+
+impl Proc {
+    /// Worth keeping after it exits: something happened to it.
+    pub fn is_notable(&self) -> bool {
+        self.stalls > 0 || self.timeouts > 0 || self.closes.harmful() > 0
+    }
+}
+
+/// A process to start watching, found at start-up or discovered later.
+#[derive(Debug, Clone)]
+pub struct NewProcess {
+    pub pid: u32,
+    pub master: u32,
+    pub role: Role,
+    pub app: Option<String>,
+    pub timeout_s: Option<f64>,
+    pub source: Source,
+    pub container: Option<Container>,
+}
+
+pub struct Correlator {
+    pub(super) threshold_ns: u64,
+    pub(super) procs: BTreeMap<u32, Proc>,
+    /// Exited processes kept for the summary because something happened to
+    /// them (stalls, timeouts, dropped requests), oldest first; bounded.
+    pub(super) exited_notable: VecDeque<u32>,
+    /// Exited processes with nothing to report: only counted, so that worker
+    /// churn (--max-requests) cannot grow the tracer's memory.
+    pub(super) exited_quiet: u64,
+    /// Stalls reported and not ended yet, by thread id.
+    pub(super) active: HashMap<u32, Active>,
+}
+
+impl Correlator {
+    pub fn new(threshold_ns: u64) -> Correlator {
+        Correlator {
+            threshold_ns,
+            procs: BTreeMap::new(),
+            exited_notable: VecDeque::new(),
+            exited_quiet: 0,
+            active: HashMap::new(),
+        }
+    }
+
+    pub fn is_watched(&self, pid: u32) -> bool {
+        self.procs.get(&pid).is_some_and(|p| p.alive)
+    }
+
+    /// Starts following a process; None when it is already followed.
+    pub fn add_process(&mut self, ts_ns: u64, p: NewProcess) -> Option<Output> {
+        if self.is_watched(p.pid) {
+            return None;
+        }
+        self.procs.insert(
+            p.pid,
+            Proc {
+                master: p.master,
+                role: p.role,
+                app: p.app.clone(),
+                timeout_s: p.timeout_s,
+                alive: true,
+                container: p.container.clone(),
+                ..Default::default()
+            },
+        );
+        Some(if p.role == Role::Master {
+            Output::Master {
+                ts_ns,
+                pid: p.pid,
+                app: p.app,
+                timeout_s: p.timeout_s,
+                source: p.source,
+                container: p.container,
+            }
+        } else {
+            Output::Worker {
+                ts_ns,
+                pid: p.pid,
+                master_pid: p.master,
+                role: p.role,
+                source: p.source,
+                app: p.app,
+                container: p.container,
+            }
+        })
+    }
+
+    pub fn on_kernel(&mut self, ev: KernelEvent, enr: &mut dyn Enricher) -> Vec<Output> {
+        match ev {
+            KernelEvent::Fork {
+                ts_ns,
+                child,
+                role,
+                master,
+                ..
+            } => self.on_fork(ts_ns, child, role, master, enr),
+            KernelEvent::Exit {
+                ts_ns,
+                pid,
+                exit_code,
+                signal,
+            } => self.on_exit(ts_ns, pid, exit_code, signal),
+            KernelEvent::Signal {
+                ts_ns,
+                target,
+                sender,
+                sig,
+            } => self.on_signal(ts_ns, target, sender, sig),
+            KernelEvent::SleepEnd { .. } => self.on_sleep_end(&ev, enr),
+            KernelEvent::Exec { .. } => Vec::new(),
+            KernelEvent::ConnEnd {
+                ts_ns,
+                tgid,
+                tid,
+                fd,
+                conn,
+                ended_by,
+            } => self.on_conn_end(ts_ns, tgid, tid, fd, &conn, ended_by),
+        }
+    }
+}

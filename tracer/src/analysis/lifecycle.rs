@@ -1,0 +1,107 @@
+//! Processes coming and going: forks, exits, and the master's signals that
+//! are Gunicorn's WORKER TIMEOUT.
+use super::Enricher;
+use super::correlator::{Correlator, NewProcess};
+use crate::model::{Outcome, Output, Role, Source, signal_name};
+
+/// Exited processes with findings kept for the summary, at most.
+pub(super) const MAX_EXITED_KEPT: usize = 256;
+/// How long after a stall ends a kill by the master is still blamed on it.
+const TIMEOUT_BLAME_NS: u64 = 60_000_000_000;
+
+impl Correlator {
+    pub(super) fn on_fork(
+        &mut self,
+        ts_ns: u64,
+        child: u32,
+        role: Role,
+        master: u32,
+        enr: &mut dyn Enricher,
+    ) -> Vec<Output> {
+        let (app, timeout_s) = self
+            .procs
+            .get(&master)
+            .map(|m| (m.app.clone(), m.timeout_s))
+            .unwrap_or_default();
+        let p = NewProcess {
+            pid: child,
+            master,
+            role,
+            app,
+            timeout_s,
+            source: Source::Fork,
+            container: enr.container(child),
+        };
+        self.add_process(ts_ns, p).into_iter().collect()
+    }
+
+    pub(super) fn on_exit(
+        &mut self,
+        ts_ns: u64,
+        pid: u32,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    ) -> Vec<Output> {
+        let mut out = self.end_stalls_of(pid, ts_ns, Outcome::Exited);
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return out;
+        };
+        p.alive = false;
+        p.exit_code = exit_code;
+        p.exit_signal = signal;
+        out.push(Output::WorkerExit {
+            ts_ns,
+            pid,
+            master_pid: p.master,
+            role: p.role,
+            exit_code,
+            signal: signal.map(signal_name),
+            container: p.container.clone(),
+        });
+        if p.is_notable() {
+            self.exited_notable.push_back(pid);
+            if self.exited_notable.len() > MAX_EXITED_KEPT
+                && let Some(old) = self.exited_notable.pop_front()
+            {
+                self.procs.remove(&old);
+            }
+        } else {
+            self.procs.remove(&pid);
+            self.exited_quiet += 1;
+        }
+        out
+    }
+
+    /// Gunicorn's arbiter sends SIGABRT, then SIGKILL, to a worker whose
+    /// heartbeat is older than --timeout: tie the kill to the stall.
+    pub(super) fn on_signal(
+        &mut self,
+        ts_ns: u64,
+        target: u32,
+        sender: u32,
+        sig: i32,
+    ) -> Vec<Output> {
+        let Some(p) = self.procs.get(&target) else {
+            return Vec::new();
+        };
+        if p.role != Role::Worker || sender != p.master || !matches!(sig, 6 | 9) {
+            return Vec::new();
+        }
+        let stall = self.current_stall(target, ts_ns).or_else(|| {
+            p.last_stall
+                .clone()
+                .filter(|s| ts_ns.saturating_sub(s.start_ns) < TIMEOUT_BLAME_NS)
+        });
+        let p = self.procs.get_mut(&target).expect("checked above");
+        p.timeouts += 1;
+        p.killed_by_timeout = true;
+        vec![Output::WorkerTimeout {
+            ts_ns,
+            pid: target,
+            master_pid: p.master,
+            signal: signal_name(sig),
+            stall,
+            container: p.container.clone(),
+        }]
+    }
+}

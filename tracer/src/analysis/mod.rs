@@ -1,0 +1,35 @@
+//! The pure analysis: kernel events and in-flight samples in, reports and
+//! ranked findings out. No I/O: /proc lookups go through [`Enricher`], so
+//! tests feed it synthetic input.
+//!
+//! - `correlator`: the per-process state and the dispatch of kernel events;
+//! - `lifecycle`: forks, exits, and Gunicorn's WORKER TIMEOUT signals;
+//! - `stalls`: blocked syscalls, from first report to their end;
+//! - `closes`: connections that ended badly;
+//! - `signatures`: known causes, as data;
+//! - `syscalls`: names and classes of syscalls;
+//! - `summary`: the state of every process and the findings ranked by harm.
+mod closes;
+mod correlator;
+mod lifecycle;
+pub mod signatures;
+mod stalls;
+mod summary;
+pub mod syscalls;
+
+#[cfg(test)]
+mod tests;
+
+pub use closes::format_sockaddr;
+pub use correlator::{Correlator, NewProcess};
+
+use crate::model::{Container, FdInfo};
+
+/// /proc lookups, done only for a stall being reported.
+pub trait Enricher {
+    fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo;
+    fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64>;
+    fn comm(&mut self, pid: u32) -> String;
+    /// The container and pod of a process, if it runs in one.
+    fn container(&mut self, pid: u32) -> Option<Container>;
+}

@@ -1,0 +1,536 @@
+//! The correlator's unit tests: synthetic kernel events and samples in,
+//! reports out.
+use super::lifecycle::MAX_EXITED_KEPT;
+use super::{Correlator, Enricher, NewProcess, syscalls};
+use crate::model::{
+    CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent, Outcome, Output, Peer,
+    Role, Sample, Source, Wake, WorkerState,
+};
+use crate::present::verdict;
+
+const MS: u64 = 1_000_000;
+const MASTER: u32 = 100;
+const W: u32 = 101;
+
+/// Stands in for /proc: worker W's fd 11 is a pipe only W can write to.
+struct FakeProc;
+impl Enricher for FakeProc {
+    fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
+        if fd == 11 {
+            FdInfo {
+                kind: FdKind::Pipe,
+                target: Some("pipe:[777]".into()),
+                peers: vec![Peer {
+                    pid,
+                    comm: "gunicorn".into(),
+                    fd: 12,
+                    end: End::Write,
+                }],
+            }
+        } else {
+            FdInfo {
+                kind: FdKind::Socket,
+                target: Some("socket:[5]".into()),
+                peers: vec![],
+            }
+        }
+    }
+    fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
+        Some(600)
+    }
+    fn comm(&mut self, _pid: u32) -> String {
+        "gunicorn".into()
+    }
+    fn container(&mut self, _pid: u32) -> Option<Container> {
+        None
+    }
+}
+
+fn nr(name: &str) -> i64 {
+    syscalls::number(name).unwrap()
+}
+
+fn sample(tid: u32, name: &str, start_ms: u64, seq: u64) -> Sample {
+    Sample {
+        tid,
+        tgid: W,
+        nr: nr(name),
+        start_ns: start_ms * MS,
+        arg0: 11,
+        arg2: 4,
+        seq,
+        active: true,
+        seeded: false,
+    }
+}
+
+/// A process of MASTER's found at start-up.
+fn scanned(pid: u32, role: Role) -> NewProcess {
+    NewProcess {
+        pid,
+        master: MASTER,
+        role,
+        app: Some("app:app".into()),
+        timeout_s: Some(4.0),
+        source: Source::Scan,
+        container: None,
+    }
+}
+
+/// The kernel's report of worker W's thread `tid` waking after sleeping in
+/// `name` on `fd` from `start_ms` to `ts_ms`.
+fn woke(tid: u32, name: &str, fd: u64, start_ms: u64, ts_ms: u64, wake: Wake) -> KernelEvent {
+    KernelEvent::SleepEnd {
+        ts_ns: ts_ms * MS,
+        tgid: W,
+        tid,
+        nr: nr(name),
+        start_ns: start_ms * MS,
+        wake,
+        arg0: fd,
+        arg2: if fd == 11 { 4 } else { 4096 },
+        seeded: false,
+    }
+}
+
+/// MASTER forks a worker `child`.
+fn forked(child: u32) -> KernelEvent {
+    KernelEvent::Fork {
+        ts_ns: 1,
+        parent: MASTER,
+        child,
+        role: Role::Worker,
+        master: MASTER,
+    }
+}
+
+fn setup() -> Correlator {
+    let mut c = Correlator::new(500 * MS);
+    let m = c.add_process(0, scanned(MASTER, Role::Master));
+    assert!(matches!(m, Some(Output::Master { pid: MASTER, .. })));
+    let w = c.add_process(0, scanned(W, Role::Worker));
+    assert!(matches!(
+        w,
+        Some(Output::Worker {
+            pid: W,
+            master_pid: MASTER,
+            ..
+        })
+    ));
+    c
+}
+
+fn kinds(out: &[Output]) -> Vec<&'static str> {
+    out.iter()
+        .map(|o| match o {
+            Output::Master { .. } => "master",
+            Output::Worker { .. } => "worker",
+            Output::Stall { .. } => "stall",
+            Output::StallEnd { .. } => "stall_end",
+            Output::WorkerTimeout { .. } => "worker_timeout",
+            Output::WorkerExit { .. } => "worker_exit",
+            Output::EarlyClose { .. } => "early_close",
+        })
+        .collect()
+}
+
+#[test]
+fn blocked_pipe_read_reported_once_while_blocked() {
+    let mut c = setup();
+    let s = sample(W, "read", 1000, 7);
+    assert!(
+        c.on_samples(&[s], 1400 * MS, &mut FakeProc).is_empty(),
+        "below threshold"
+    );
+    let out = c.on_samples(&[s], 1550 * MS, &mut FakeProc);
+    assert_eq!(kinds(&out), ["stall"]);
+    let Output::Stall { report, .. } = &out[0] else {
+        unreachable!()
+    };
+    assert_eq!((report.pid, report.tid, report.master_pid), (W, W, MASTER));
+    assert_eq!(report.syscall, "read");
+    assert_eq!(report.fd, Some(11));
+    assert_eq!(report.fd_kind, FdKind::Pipe);
+    assert_eq!(report.only_self_can_wake, Some(true));
+    assert_eq!(report.blocked_ms, 550);
+    assert_eq!(report.heartbeat_age_ms, Some(600));
+    assert_eq!(
+        report.cause.as_ref().unwrap().id,
+        "multiprocessing_queue_gevent"
+    );
+    // Still blocked: no second report.
+    assert!(c.on_samples(&[s], 2000 * MS, &mut FakeProc).is_empty());
+    let sum = c.summary(3000 * MS);
+    assert_eq!(verdict(&sum).stalled_pids, vec![W]);
+    assert!(
+        verdict(&sum).text.contains(
+            "worker 101 (master 100) is STALLED: blocked 2.0s in read() on fd 11 (pipe:[777])"
+        ),
+        "{}",
+        verdict(&sum).text
+    );
+    assert!(verdict(&sum).text.contains("multiprocessing.Queue"));
+}
+
+#[test]
+fn idle_event_loop_and_helper_threads_are_not_stalls() {
+    let mut c = setup();
+    let idle = sample(W, "epoll_wait", 0, 1);
+    let helper = sample(W + 1, "read", 0, 1);
+    let helper_futex = sample(W + 2, "futex", 0, 1);
+    let out = c.on_samples(&[idle, helper, helper_futex], 10_000 * MS, &mut FakeProc);
+    assert!(out.is_empty(), "{out:?}");
+    // The master in its timed select/sleep is idle too.
+    let mut m = sample(MASTER, "clock_nanosleep", 0, 1);
+    m.tgid = MASTER;
+    assert!(c.on_samples(&[m], 10_000 * MS, &mut FakeProc).is_empty());
+    assert!(verdict(&c.summary(10_000 * MS)).text.starts_with("healthy"));
+}
+
+#[test]
+fn unwatched_process_is_ignored() {
+    let mut c = setup();
+    let mut s = sample(999, "read", 0, 1);
+    s.tgid = 999;
+    assert!(c.on_samples(&[s], 10_000 * MS, &mut FakeProc).is_empty());
+}
+
+#[test]
+fn returned_stall_ends_with_returned() {
+    let mut c = setup();
+    let s = sample(W, "read", 0, 3);
+    c.on_samples(&[s], 600 * MS, &mut FakeProc);
+    let end = woke(W, "read", 11, 0, 900, Wake::Returning);
+    let out = c.on_kernel(end, &mut FakeProc);
+    assert_eq!(kinds(&out), ["stall_end"]);
+    assert!(matches!(
+        out[0],
+        Output::StallEnd {
+            blocked_ms: 900,
+            outcome: Outcome::Returned,
+            ..
+        }
+    ));
+    assert!(
+        verdict(&c.summary(1000 * MS))
+            .text
+            .starts_with("no worker is stalled now")
+    );
+}
+
+#[test]
+fn short_stall_between_polls_reports_both_halves() {
+    let mut c = setup();
+    let ev = woke(W, "recvfrom", 5, 100, 700, Wake::Returning);
+    let out = c.on_kernel(ev, &mut FakeProc);
+    assert_eq!(kinds(&out), ["stall", "stall_end"]);
+    let Output::Stall { report, .. } = &out[0] else {
+        unreachable!()
+    };
+    assert_eq!(report.fd_kind, FdKind::Socket);
+    assert_eq!(
+        report.cause.as_ref().unwrap().id,
+        "uncooperative_socket_read"
+    );
+}
+
+#[test]
+fn read_restarted_after_signal_is_the_same_stall() {
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let intr = woke(W, "read", 11, 0, 4000, Wake::Interrupted);
+    assert!(
+        c.on_kernel(intr, &mut FakeProc).is_empty(),
+        "held for the grace period"
+    );
+    // Python retried the read: same call, same fd, new entry.
+    let again = sample(W, "read", 4001, 5);
+    assert!(c.on_samples(&[again], 4050 * MS, &mut FakeProc).is_empty());
+    assert!(
+        c.on_samples(&[again], 4700 * MS, &mut FakeProc).is_empty(),
+        "no second stall"
+    );
+    // SIGKILL: the thread dies inside the restarted read.
+    let died = woke(W, "read", 11, 4001, 5000, Wake::Killed);
+    let out = c.on_kernel(died, &mut FakeProc);
+    assert!(
+        matches!(
+            out[..],
+            [Output::StallEnd {
+                blocked_ms: 5000,
+                outcome: Outcome::Exited,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn interrupted_and_not_restarted_ends_after_grace() {
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let intr = woke(W, "read", 11, 0, 1000, Wake::Interrupted);
+    c.on_kernel(intr, &mut FakeProc);
+    let out = c.on_samples(&[], 1300 * MS, &mut FakeProc);
+    assert!(
+        matches!(
+            out[..],
+            [Output::StallEnd {
+                blocked_ms: 1000,
+                outcome: Outcome::Interrupted,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let abrt = KernelEvent::Signal {
+        ts_ns: 4500 * MS,
+        target: W,
+        sender: MASTER,
+        sig: 6,
+    };
+    let out = c.on_kernel(abrt, &mut FakeProc);
+    let [
+        Output::WorkerTimeout {
+            pid: W,
+            master_pid: MASTER,
+            signal,
+            stall: Some(s),
+            ..
+        },
+    ] = &out[..]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(signal, "SIGABRT");
+    assert_eq!(
+        (s.syscall.as_str(), s.fd, s.blocked_ms),
+        ("read", Some(11), 4500)
+    );
+    // A signal from someone else is not a Gunicorn timeout.
+    let other = KernelEvent::Signal {
+        ts_ns: 4600 * MS,
+        target: W,
+        sender: 4242,
+        sig: 9,
+    };
+    assert!(c.on_kernel(other, &mut FakeProc).is_empty());
+    let exit = KernelEvent::Exit {
+        ts_ns: 5500 * MS,
+        pid: W,
+        exit_code: None,
+        signal: Some(9),
+    };
+    let out = c.on_kernel(exit, &mut FakeProc);
+    assert_eq!(kinds(&out), ["stall_end", "worker_exit"]);
+    assert!(matches!(&out[1], Output::WorkerExit { signal: Some(s), .. } if s == "SIGKILL"));
+    let sum = c.summary(6000 * MS);
+    assert_eq!(verdict(&sum).killed_pids, vec![W]);
+    assert!(
+        verdict(&sum)
+            .text
+            .contains("killed by Gunicorn's WORKER TIMEOUT after blocking 5.5s in read()"),
+        "{}",
+        verdict(&sum).text
+    );
+    let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
+    assert_eq!(w.state, WorkerState::KilledByTimeout);
+}
+
+#[test]
+fn forked_worker_is_announced_and_watched() {
+    let mut c = setup();
+    let fork = forked(200);
+    let out = c.on_kernel(fork, &mut FakeProc);
+    assert!(matches!(
+        &out[..],
+        [Output::Worker {
+            pid: 200,
+            master_pid: MASTER,
+            source: Source::Fork,
+            ..
+        }]
+    ));
+    let mut s = sample(200, "read", 0, 1);
+    s.tgid = 200;
+    assert_eq!(
+        kinds(&c.on_samples(&[s], 700 * MS, &mut FakeProc)),
+        ["stall"]
+    );
+}
+
+#[test]
+fn stall_end_missing_from_kernel_is_inferred_after_two_polls() {
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let moved_on = sample(W, "epoll_wait", 650, 2);
+    assert!(
+        c.on_samples(&[moved_on], 700 * MS, &mut FakeProc)
+            .is_empty()
+    );
+    let out = c.on_samples(&[moved_on], 800 * MS, &mut FakeProc);
+    assert_eq!(kinds(&out), ["stall_end"]);
+}
+
+fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: u32) -> KernelEvent {
+    let mut addr = [0u8; 32];
+    addr[..2].copy_from_slice(&2u16.to_ne_bytes());
+    addr[2..4].copy_from_slice(&40000u16.to_be_bytes());
+    addr[4..8].copy_from_slice(&[127, 0, 0, 1]);
+    KernelEvent::ConnEnd {
+        ts_ns: 2000 * MS,
+        tgid: pid,
+        tid: pid,
+        fd: 11,
+        conn: tracer_common::Conn {
+            start_ns: 1000 * MS,
+            bytes_in,
+            bytes_out,
+            eagain_ns: 1500 * MS,
+            direction: tracer_common::direction::INBOUND,
+            local_port: 8000,
+            addr,
+            ..Default::default()
+        },
+        ended_by,
+    }
+}
+
+#[test]
+fn early_closes_are_counted_and_rank_after_stalls() {
+    let mut c = setup();
+    let fork = forked(102);
+    c.on_kernel(fork, &mut FakeProc);
+    let out = c.on_kernel(
+        conn_end(W, 120, 0, tracer_common::ended::CLOSE),
+        &mut FakeProc,
+    );
+    let [Output::EarlyClose { close, .. }] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(close.kind, CloseKind::DroppedRequest);
+    assert_eq!(close.peer.as_deref(), Some("127.0.0.1:40000"));
+    assert_eq!(close.local_port, Some(8000));
+    assert_eq!(close.cause.as_ref().unwrap().id, "leaked_socket_timeout");
+    c.on_kernel(
+        conn_end(W, 0, 0, tracer_common::ended::CLOSE),
+        &mut FakeProc,
+    );
+    // A connection that got a reply is not reported at all.
+    assert!(
+        c.on_kernel(
+            conn_end(W, 120, 300, tracer_common::ended::CLOSE),
+            &mut FakeProc
+        )
+        .is_empty()
+    );
+    // An unknown process's connection is ignored.
+    assert!(
+        c.on_kernel(
+            conn_end(999, 120, 0, tracer_common::ended::CLOSE),
+            &mut FakeProc
+        )
+        .is_empty()
+    );
+
+    let sum = c.summary(3000 * MS);
+    let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
+    assert_eq!(
+        w.early_closes,
+        CloseCounts {
+            dropped_request: 1,
+            idle: 1,
+            upstream_cut: 0
+        }
+    );
+    assert_eq!(verdict(&sum).dropping_pids, vec![W]);
+    let text = &verdict(&sum).text;
+    assert!(
+        text.starts_with("worker 101 (master 100) dropped 1 request(s)"),
+        "{text}"
+    );
+    assert!(text.contains("setdefaulttimeout"), "{text}");
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .starts_with("healthy: worker(s) 102"),
+        "{text}"
+    );
+
+    // A stalled worker still comes first.
+    c.on_samples(&[sample(W, "read", 0, 1)], 3000 * MS, &mut FakeProc);
+    let text = verdict(&c.summary(3500 * MS)).text;
+    assert!(
+        text.starts_with("worker 101 (master 100) is STALLED"),
+        "{text}"
+    );
+}
+
+#[test]
+fn idle_closes_alone_keep_the_verdict_healthy() {
+    let mut c = setup();
+    c.on_kernel(
+        conn_end(W, 0, 0, tracer_common::ended::CLOSE),
+        &mut FakeProc,
+    );
+    let sum = c.summary(3000 * MS);
+    assert!(
+        verdict(&sum).text.starts_with("healthy"),
+        "{}",
+        verdict(&sum).text
+    );
+    assert!(verdict(&sum).dropping_pids.is_empty());
+}
+
+#[test]
+fn quiet_exits_are_counted_not_kept_and_notable_ones_are_bounded() {
+    let mut c = setup();
+    for pid in 1000..1000 + 3 * MAX_EXITED_KEPT as u32 {
+        let fork = forked(pid);
+        c.on_kernel(fork, &mut FakeProc);
+        if pid % 2 == 0 {
+            // Something to report: a dropped request.
+            c.on_kernel(
+                conn_end(pid, 10, 0, tracer_common::ended::CLOSE),
+                &mut FakeProc,
+            );
+        }
+        c.on_kernel(
+            KernelEvent::Exit {
+                ts_ns: 2,
+                pid,
+                exit_code: Some(0),
+                signal: None,
+            },
+            &mut FakeProc,
+        );
+    }
+    let sum = c.summary(3);
+    assert_eq!(sum.exited_quiet, 3 * MAX_EXITED_KEPT as u64 / 2);
+    let exited = sum
+        .workers
+        .iter()
+        .filter(|w| w.state != WorkerState::Healthy && w.pid >= 1000)
+        .count();
+    assert_eq!(
+        exited, MAX_EXITED_KEPT,
+        "only the last notable exits are kept"
+    );
+    assert!(
+        sum.workers
+            .iter()
+            .any(|w| w.pid == 1000 + 3 * MAX_EXITED_KEPT as u32 - 2)
+    );
+    assert!(
+        !sum.workers.iter().any(|w| w.pid == 1000),
+        "the oldest were dropped"
+    );
+}

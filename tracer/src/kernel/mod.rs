@@ -1,0 +1,9 @@
+//! The kernel side seen from user space: BTF and tracefs (what this kernel
+//! looks like), loading and attaching the BPF programs, and decoding what
+//! they send. Depends on `model` only.
+pub mod btf;
+pub mod intake;
+mod loader;
+pub mod tracefs;
+
+pub use loader::{Probes, SyscallTable, load};

@@ -1,0 +1,190 @@
+//! Plain data shared by analysis, presentation and the app: what a process
+//! is, what an fd is, what the kernel said, and what the tracer reports.
+//! No I/O and no policy here; every other room depends on this one.
+use serde::Serialize;
+
+mod event;
+mod report;
+mod summary;
+
+pub use event::{KernelEvent, Sample, Wake};
+pub use report::{
+    Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, Outcome, Output, Preceded,
+    Source, StallReport,
+};
+pub use summary::{Finding, MapOccupancy, Summary, WorkerState, WorkerSummary};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Master,
+    Worker,
+    /// A process given with --pid that is not part of Gunicorn.
+    #[default]
+    #[serde(rename = "process")]
+    Plain,
+    /// A process forked by a worker or by a plain process.
+    Child,
+}
+
+impl Role {
+    pub fn from_kernel(v: u32) -> Role {
+        match v {
+            tracer_common::role::MASTER => Role::Master,
+            tracer_common::role::WORKER => Role::Worker,
+            tracer_common::role::CHILD => Role::Child,
+            _ => Role::Plain,
+        }
+    }
+
+    pub fn to_kernel(self) -> u32 {
+        match self {
+            Role::Master => tracer_common::role::MASTER,
+            Role::Worker => tracer_common::role::WORKER,
+            Role::Child => tracer_common::role::CHILD,
+            Role::Plain => tracer_common::role::PLAIN,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Worker => "worker",
+            Role::Plain => "process",
+            Role::Child => "child",
+        }
+    }
+}
+
+/// What an fd is, from its /proc link target and file mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FdKind {
+    Pipe,
+    Fifo,
+    Socket,
+    File,
+    Directory,
+    Tty,
+    Device,
+    Eventfd,
+    Epoll,
+    Timerfd,
+    Signalfd,
+    Inotify,
+    AnonInode,
+    #[default]
+    Unknown,
+}
+
+impl FdKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FdKind::Pipe => "pipe",
+            FdKind::Fifo => "fifo",
+            FdKind::Socket => "socket",
+            FdKind::File => "file",
+            FdKind::Directory => "directory",
+            FdKind::Tty => "tty",
+            FdKind::Device => "device",
+            FdKind::Eventfd => "eventfd",
+            FdKind::Epoll => "epoll",
+            FdKind::Timerfd => "timerfd",
+            FdKind::Signalfd => "signalfd",
+            FdKind::Inotify => "inotify",
+            FdKind::AnonInode => "anon_inode",
+            FdKind::Unknown => "unknown",
+        }
+    }
+
+    /// Pipes and named pipes: a reader blocks until some holder writes.
+    pub fn is_pipe_like(self) -> bool {
+        matches!(self, FdKind::Pipe | FdKind::Fifo)
+    }
+}
+
+/// Which way an fd was opened (from /proc/PID/fdinfo's flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum End {
+    Read,
+    Write,
+    Both,
+    Unknown,
+}
+
+/// One process holding the other end of a pipe or socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    pub pid: u32,
+    pub comm: String,
+    pub fd: i32,
+    pub end: End,
+}
+
+impl Peer {
+    /// Could write into the pipe (an unknown end counts: it might).
+    pub fn may_write(&self) -> bool {
+        self.end != End::Read
+    }
+}
+
+/// What an fd is, learnt from /proc when a stall is reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FdInfo {
+    pub kind: FdKind,
+    /// The /proc/PID/fd link target, such as `pipe:[1234]`.
+    pub target: Option<String>,
+    /// For a pipe: every other holder of the pipe, and the blocked process's
+    /// own other fds on it.
+    pub peers: Vec<Peer>,
+}
+
+impl FdInfo {
+    pub fn unknown() -> FdInfo {
+        FdInfo::default()
+    }
+
+    /// For a pipe read by `pid`: true when no other process may write to it,
+    /// so nothing outside the blocked process can ever wake the reader.
+    /// None for anything that is not a pipe.
+    pub fn only_reader_can_write(&self, pid: u32) -> Option<bool> {
+        self.kind
+            .is_pipe_like()
+            .then(|| no_other_writer(&self.peers, pid))
+    }
+}
+
+/// No process but `pid` holds a pipe end it may write through.
+pub fn no_other_writer(peers: &[Peer], pid: u32) -> bool {
+    !peers.iter().any(|p| p.pid != pid && p.may_write())
+}
+
+/// The container and pod a process runs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Container {
+    /// The full 64-hex container id.
+    pub id: String,
+    /// `containerd`, `cri-o`, `docker`, `podman`, or null when the path
+    /// does not say.
+    pub runtime: Option<&'static str>,
+    pub pod_uid: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+}
+
+/// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name.
+pub fn signal_name(sig: i32) -> String {
+    let n = match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        15 => "SIGTERM",
+        _ => return format!("SIG{sig}"),
+    };
+    n.to_string()
+}

@@ -1,0 +1,268 @@
+//! What the tracer reports: the events of docs/events.md. Field order and
+//! serde names are the JSON contract (pinned by the golden test).
+use serde::Serialize;
+
+use super::{Container, FdKind, Peer, Role};
+
+/// A known cause and its fix, from a signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cause {
+    pub id: &'static str,
+    pub cause: &'static str,
+    pub fix: &'static str,
+}
+
+/// Facts about one blocked syscall; also the body of the `stall` event.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StallReport {
+    pub pid: u32,
+    pub tid: u32,
+    pub master_pid: u32,
+    pub role: Role,
+    pub comm: String,
+    pub syscall: String,
+    pub fd: Option<i32>,
+    /// The byte count asked for, for read-like calls.
+    pub count: Option<u64>,
+    pub fd_kind: FdKind,
+    pub fd_target: Option<String>,
+    pub peers: Vec<Peer>,
+    /// For a pipe: true when only the blocked process holds a write end, so
+    /// nothing else can ever wake it.
+    pub only_self_can_wake: Option<bool>,
+    pub blocked_ms: u64,
+    /// The syscall was already in progress when the tracer attached, so
+    /// `blocked_ms` is a lower bound.
+    pub since_attach: bool,
+    pub heartbeat_age_ms: Option<u64>,
+    /// The master's --timeout, when its command line says.
+    pub gunicorn_timeout_s: Option<f64>,
+    pub cause: Option<Cause>,
+    /// Container id, pod and namespace when the process runs in one.
+    pub container: Option<Container>,
+    /// With --py-stack: the Python stack of the stalled process (py-spy
+    /// dump). Under gevent the blocked greenlet is the one running, so this
+    /// names the application line that blocked the hub.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub py_stack: Option<String>,
+    /// With --py-stack: why there is no stack (py-spy missing, or failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub py_stack_error: Option<String>,
+    #[serde(skip)]
+    pub start_ns: u64,
+}
+
+impl StallReport {
+    /// Holders of the pipe that may write to it.
+    pub fn writers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.iter().filter(|p| p.may_write())
+    }
+}
+
+/// How a reported stall ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Returned,
+    Interrupted,
+    Exited,
+}
+
+/// How the tracer found a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Running when the tracer started.
+    Scan,
+    /// The kernel saw it being forked.
+    Fork,
+    /// A new Gunicorn master, seen at its exec.
+    Exec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// What ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    Close,
+    Shutdown,
+    /// The process exited with the connection open.
+    Exit,
+}
+
+impl EndedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Close => "close",
+            EndedBy::Shutdown => "shutdown",
+            EndedBy::Exit => "exit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseKind {
+    /// The client sent a request and got nothing back: the proxy's 502/504.
+    DroppedRequest,
+    /// The client sent nothing: an idle keep-alive connection closed by
+    /// Gunicorn's keepalive timer. Normal; counted, not alarmed.
+    Idle,
+    /// An outbound call that sent a request and was closed before any reply.
+    UpstreamCut,
+}
+
+/// The syscall that preceded the close, when it explains it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Preceded {
+    pub syscall: &'static str,
+    pub ret: &'static str,
+    /// From that syscall to the close.
+    pub wait_ms: u64,
+}
+
+/// The body of the `early_close` event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EarlyClose {
+    pub direction: Direction,
+    pub pid: u32,
+    pub tid: u32,
+    pub master_pid: u32,
+    #[serde(skip)]
+    pub role: Role,
+    /// The fd closed; None when the process exited with it open.
+    pub fd: Option<i32>,
+    pub peer: Option<String>,
+    pub local_port: Option<u16>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// From the connect, or the connection being established, to the close;
+    /// None when the tracer did not see the start (opened before it attached).
+    pub lifetime_ms: Option<u64>,
+    pub ended_by: EndedBy,
+    pub kind: CloseKind,
+    /// The kernel answered the close with a RST: the peer's data was never read.
+    pub unread_data: bool,
+    pub preceded_by: Option<Preceded>,
+    /// The process's master had already sent it the WORKER TIMEOUT signal:
+    /// the close is part of its dying, whichever path closed the socket.
+    #[serde(skip)]
+    pub while_killed: bool,
+    pub cause: Option<Cause>,
+    pub container: Option<Container>,
+}
+
+/// Early closes of one process, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CloseCounts {
+    pub dropped_request: u32,
+    pub idle: u32,
+    pub upstream_cut: u32,
+}
+
+impl CloseCounts {
+    /// Closes that hurt someone: dropped requests and cut upstream calls.
+    pub fn harmful(&self) -> u32 {
+        self.dropped_request + self.upstream_cut
+    }
+}
+
+/// What the correlator tells the world. `ts_ns` is kernel monotonic time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Output {
+    /// A Gunicorn master now watched (found at start or started later).
+    Master {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        app: Option<String>,
+        timeout_s: Option<f64>,
+        source: Source,
+        container: Option<Container>,
+    },
+    Worker {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        role: Role,
+        source: Source,
+        app: Option<String>,
+        container: Option<Container>,
+    },
+    Stall {
+        #[serde(skip)]
+        ts_ns: u64,
+        #[serde(flatten)]
+        report: StallReport,
+    },
+    StallEnd {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        tid: u32,
+        master_pid: u32,
+        syscall: String,
+        fd: Option<i32>,
+        fd_kind: FdKind,
+        blocked_ms: u64,
+        outcome: Outcome,
+        container: Option<Container>,
+    },
+    WorkerTimeout {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        signal: String,
+        stall: Option<StallReport>,
+        container: Option<Container>,
+    },
+    WorkerExit {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        role: Role,
+        exit_code: Option<i32>,
+        signal: Option<String>,
+        container: Option<Container>,
+    },
+    EarlyClose {
+        #[serde(skip)]
+        ts_ns: u64,
+        #[serde(flatten)]
+        close: EarlyClose,
+    },
+}
+
+impl Output {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Output::Master { ts_ns, .. }
+            | Output::Worker { ts_ns, .. }
+            | Output::Stall { ts_ns, .. }
+            | Output::StallEnd { ts_ns, .. }
+            | Output::WorkerTimeout { ts_ns, .. }
+            | Output::WorkerExit { ts_ns, .. }
+            | Output::EarlyClose { ts_ns, .. } => *ts_ns,
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The state of every watched process at a point in time, and the findings
+//! ranked by harm. Presentation words them; metrics count them.
+use serde::Serialize;
+
+use super::{CloseCounts, Container, EarlyClose, Role, StallReport};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Stalled,
+    TimingOut,
+    KilledByTimeout,
+    Exited,
+    DroppingRequests,
+    Healthy,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Stalled => "stalled",
+            WorkerState::TimingOut => "timing_out",
+            WorkerState::KilledByTimeout => "killed_by_timeout",
+            WorkerState::Exited => "exited",
+            WorkerState::DroppingRequests => "dropping_requests",
+            WorkerState::Healthy => "healthy",
+        }
+    }
+
+    /// Still running (metrics keep series only for these).
+    pub fn is_alive(self) -> bool {
+        !matches!(self, WorkerState::Exited | WorkerState::KilledByTimeout)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerSummary {
+    pub pid: u32,
+    pub master_pid: u32,
+    pub role: Role,
+    pub app: Option<String>,
+    pub state: WorkerState,
+    pub stalls: u32,
+    pub timeouts: u32,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<String>,
+    /// The current stall, or the last one.
+    pub stall: Option<StallReport>,
+    pub early_closes: CloseCounts,
+    /// The last dropped request or cut upstream call.
+    pub last_early_close: Option<EarlyClose>,
+    pub container: Option<Container>,
+}
+
+/// One thing wrong, naming the process (an index into `Summary::workers`).
+/// Findings come ranked by harm: what is stalled now, then what Gunicorn
+/// killed, then what dropped requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finding {
+    /// Blocked right now (longest first).
+    Stalled(usize),
+    /// Killed by Gunicorn's WORKER TIMEOUT.
+    KilledByTimeout(usize),
+    /// Closed requests with nothing sent, or cut upstream calls (most first).
+    Dropping(usize),
+}
+
+impl Finding {
+    /// The index of the process it names in `Summary::workers`.
+    pub fn worker(self) -> usize {
+        match self {
+            Finding::Stalled(i) | Finding::KilledByTimeout(i) | Finding::Dropping(i) => i,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub workers: Vec<WorkerSummary>,
+    /// Processes that exited with nothing to report (not listed in `workers`).
+    pub exited_quiet: u64,
+    pub findings: Vec<Finding>,
+    /// The stall threshold, for saying what "healthy" was measured against.
+    pub threshold_ms: u64,
+}
+
+/// Entries in the kernel's maps.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MapOccupancy {
+    /// Processes watched.
+    pub watched: usize,
+    /// Threads with an in-flight syscall record.
+    pub inflight: usize,
+    /// Connections being counted.
+    pub conns: usize,
+}

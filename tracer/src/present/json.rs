@@ -1,0 +1,63 @@
+//! JSON lines: one object per event, with `ts` added (docs/events.md).
+use serde::Serialize;
+
+use super::verdict::{Verdict, verdict};
+use crate::model::{MapOccupancy, Summary, WorkerSummary};
+
+#[derive(Serialize)]
+struct Line<'a, T: Serialize> {
+    #[serde(flatten)]
+    body: &'a T,
+    ts: String,
+}
+
+/// One JSON object, with `ts` added. Never fails for our types; a failure
+/// would be a bug, reported as an error event rather than a panic.
+pub fn json_line<T: Serialize>(body: &T, ts: String) -> String {
+    serde_json::to_string(&Line { body, ts }).unwrap_or_else(|e| {
+        format!(
+            r#"{{"event":"error","message":{}}}"#,
+            serde_json::Value::from(e.to_string())
+        )
+    })
+}
+
+#[derive(Serialize)]
+#[serde(tag = "event", rename = "start")]
+pub struct StartEvent {
+    pub version: &'static str,
+    pub threshold_ms: u64,
+    /// true when no --pid was given: every Gunicorn master is watched.
+    pub discover: bool,
+    pub pids: Vec<u32>,
+}
+
+/// The closing summary, with the verdict worded.
+#[derive(Serialize)]
+#[serde(tag = "event", rename = "summary")]
+pub struct SummaryEvent<'a> {
+    pub duration_ms: u64,
+    pub events_lost: u64,
+    pub maps: MapOccupancy,
+    pub workers: &'a [WorkerSummary],
+    pub verdict: Verdict,
+    pub exited_quiet: u64,
+}
+
+impl<'a> SummaryEvent<'a> {
+    pub fn new(
+        summary: &'a Summary,
+        duration_ms: u64,
+        events_lost: u64,
+        maps: MapOccupancy,
+    ) -> SummaryEvent<'a> {
+        SummaryEvent {
+            duration_ms,
+            events_lost,
+            maps,
+            workers: &summary.workers,
+            verdict: verdict(summary),
+            exited_quiet: summary.exited_quiet,
+        }
+    }
+}

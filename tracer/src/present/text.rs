@@ -1,0 +1,474 @@
+//! The text view: one line (or a few) per event, and the summary with the
+//! verdict on top. Everything from a traced process goes through `sanitize`.
+use super::json::{StartEvent, SummaryEvent};
+use super::{Clock, describe_call, sanitize, secs};
+use crate::model::{CloseKind, Direction, EarlyClose, Outcome, Output, Role, Source, StallReport};
+
+/// `  likely: ...` and `  fix: ...` under an event line.
+fn cause_lines(c: &crate::model::Cause) -> String {
+    format!("\n{:>23}likely: {}\n{:>23}fix: {}", "", c.cause, "", c.fix)
+}
+
+fn stall_details(s: &StallReport) -> String {
+    let mut d = format!(
+        "{} {} [{}] (master {}) blocked {}{} in {}",
+        s.role.as_str(),
+        s.pid,
+        sanitize(&s.comm),
+        s.master_pid,
+        secs(s.blocked_ms),
+        if s.since_attach {
+            "+ (before attach)"
+        } else {
+            ""
+        },
+        sanitize(&describe_call(s)),
+    );
+    if s.tid != s.pid {
+        d.push_str(&format!(" [thread {}]", s.tid));
+    }
+    if let Some(hb) = s.heartbeat_age_ms {
+        d.push_str(&format!("; heartbeat {} old", secs(hb)));
+        if let Some(t) = s.gunicorn_timeout_s {
+            d.push_str(&format!(" (timeout {t}s)"));
+        }
+    }
+    if s.fd_kind.is_pipe_like() {
+        let writers: Vec<String> = s
+            .writers()
+            .map(|p| format!("{} {}", p.pid, sanitize(&p.comm)))
+            .collect();
+        if s.only_self_can_wake == Some(true) {
+            d.push_str(
+                "; only the blocked process itself holds the write end: it can never be woken",
+            );
+        } else if writers.is_empty() {
+            d.push_str("; no writer holds the pipe");
+        } else {
+            d.push_str(&format!("; writers: {}", writers.join(", ")));
+        }
+    }
+    if let Some(c) = &s.cause {
+        d.push_str(&cause_lines(c));
+    }
+    if let Some(stack) = &s.py_stack {
+        d.push_str(&format!("\n{:>23}python stack (py-spy dump):", ""));
+        for line in stack.lines().filter(|l| !l.trim().is_empty()) {
+            d.push_str(&format!("\n{:>25}{}", "", sanitize(line)));
+        }
+    } else if let Some(e) = &s.py_stack_error {
+        d.push_str(&format!("\n{:>23}python stack: {}", "", sanitize(e)));
+    }
+    d
+}
+
+fn opt(a: &Option<String>) -> String {
+    a.as_deref()
+        .map(|a| format!(" ({})", sanitize(a)))
+        .unwrap_or_default()
+}
+
+fn master_line(pid: u32, app: &Option<String>, timeout_s: Option<f64>, source: Source) -> String {
+    format!(
+        "watch    gunicorn master {pid}{}{}{}",
+        opt(app),
+        timeout_s
+            .map(|t| format!(", timeout {t}s"))
+            .unwrap_or_default(),
+        if source == Source::Exec {
+            ", just started"
+        } else {
+            ""
+        }
+    )
+}
+
+fn process_line(pid: u32, master_pid: u32, role: Role, source: Source) -> String {
+    let how = match (role, source == Source::Fork) {
+        (Role::Worker, true) => format!("spawned by master {master_pid}"),
+        (Role::Worker, false) => format!("found, master {master_pid}"),
+        (_, true) => format!("forked, under {master_pid}"),
+        (_, false) if pid == master_pid => "watched".to_string(),
+        (_, false) => format!("watched, under {master_pid}"),
+    };
+    format!("{:<8} {pid} {how}", role.as_str())
+}
+
+fn stall_end_line(pid: u32, syscall: &str, blocked_ms: u64, outcome: Outcome) -> String {
+    format!(
+        "end      {pid} {syscall}() after {}: {}",
+        secs(blocked_ms),
+        match outcome {
+            Outcome::Returned => "returned",
+            Outcome::Interrupted => "interrupted by a signal",
+            Outcome::Exited => "the process died inside it",
+        },
+    )
+}
+
+fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallReport>) -> String {
+    format!(
+        "TIMEOUT  master {master_pid} sent {signal} to worker {pid} (Gunicorn WORKER TIMEOUT){}",
+        stall
+            .as_ref()
+            .map(|s| format!(
+                ": it was blocked {} in {}",
+                secs(s.blocked_ms),
+                sanitize(&describe_call(s))
+            ))
+            .unwrap_or_else(|| ": no blocking syscall seen".into())
+    )
+}
+
+fn early_close_line(e: &EarlyClose) -> String {
+    let label = match e.kind {
+        CloseKind::DroppedRequest => "DROPPED ",
+        CloseKind::Idle => "idle    ",
+        CloseKind::UpstreamCut => "UPSTREAM",
+    };
+    let peer = e
+        .peer
+        .as_deref()
+        .map(sanitize)
+        .unwrap_or_else(|| "?".into());
+    let endpoint = match (e.local_port, e.direction) {
+        (Some(port), Direction::Inbound) => format!("{peer} -> :{port}"),
+        _ => peer,
+    };
+    let fd = e.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
+    let after = e
+        .lifetime_ms
+        .map(|ms| format!(" after {}", secs(ms)))
+        .unwrap_or_default();
+    let mut l = format!(
+        "{label} {} {} (master {}) closed {} connection {endpoint}{fd}{after}: {} bytes in, {} out ({})",
+        e.role.as_str(),
+        e.pid,
+        e.master_pid,
+        e.direction.as_str(),
+        e.bytes_in,
+        e.bytes_out,
+        e.ended_by.as_str()
+    );
+    if e.unread_data {
+        l.push_str("; client data was left unread (the kernel answered with a RST)");
+    }
+    if let Some(p) = &e.preceded_by {
+        l.push_str(&format!(
+            "; {} returned {}, then {}ms until the close",
+            p.syscall, p.ret, p.wait_ms
+        ));
+    }
+    if e.kind == CloseKind::Idle {
+        l.push_str("; normal for an idle keep-alive connection");
+    }
+    if let Some(c) = &e.cause {
+        l.push_str(&cause_lines(c));
+    }
+    l
+}
+
+fn exit_line(pid: u32, role: Role, exit_code: Option<i32>, signal: &Option<String>) -> String {
+    format!(
+        "exit     {} {pid} {}",
+        role.as_str(),
+        match (signal, exit_code) {
+            (_, Some(c)) => format!("exited with code {c}"),
+            (Some(s), None) => format!("killed by {s}"),
+            (None, None) => "exited".into(),
+        }
+    )
+}
+
+/// The text view of one event: the time, a label, and what happened.
+pub fn text_line(o: &Output, clock: &Clock) -> String {
+    let body = match o {
+        Output::Master {
+            pid,
+            app,
+            timeout_s,
+            source,
+            ..
+        } => master_line(*pid, app, *timeout_s, *source),
+        Output::Worker {
+            pid,
+            master_pid,
+            role,
+            source,
+            ..
+        } => process_line(*pid, *master_pid, *role, *source),
+        Output::Stall { report, .. } => format!("STALL    {}", stall_details(report)),
+        Output::StallEnd {
+            pid,
+            syscall,
+            blocked_ms,
+            outcome,
+            ..
+        } => stall_end_line(*pid, syscall, *blocked_ms, *outcome),
+        Output::WorkerTimeout {
+            pid,
+            master_pid,
+            signal,
+            stall,
+            ..
+        } => timeout_line(*pid, *master_pid, signal, stall),
+        Output::EarlyClose { close, .. } => early_close_line(close),
+        Output::WorkerExit {
+            pid,
+            role,
+            exit_code,
+            signal,
+            ..
+        } => exit_line(*pid, *role, *exit_code, signal),
+    };
+    format!("{}  {body}", clock.hhmmss(o.ts_ns()))
+}
+
+/// The first line of the text view: what is watched, and how.
+pub fn start_line(s: &StartEvent) -> String {
+    let what = if s.discover {
+        "every Gunicorn master on this host".to_string()
+    } else {
+        let pids: Vec<String> = s.pids.iter().map(|p| p.to_string()).collect();
+        format!("pid {}", pids.join(", "))
+    };
+    format!(
+        "tracer {}: watching {what}; reporting syscalls blocked {}ms or more. Ctrl-C for the summary.",
+        s.version, s.threshold_ms
+    )
+}
+
+/// Colours the label of a text line (`HH:MM:SS.mmm  LABEL    ...`) for a
+/// terminal. Only our own labels are coloured; data never carries escapes.
+pub fn colorize(line: &str) -> String {
+    let Some(label) = line.get(14..22) else {
+        return line.to_string();
+    };
+    let code = match label.trim() {
+        "STALL" | "TIMEOUT" | "DROPPED" => "1;31",
+        "UPSTREAM" => "1;33",
+        "end" | "exit" => "2",
+        "idle" => "2",
+        _ => return line.to_string(),
+    };
+    format!("{}\x1b[{code}m{label}\x1b[0m{}", &line[..14], &line[22..])
+}
+
+/// The summary for a person: the verdict first, then one row per process.
+pub fn text_summary(s: &SummaryEvent) -> String {
+    let mut out = String::new();
+    out.push_str("\n== VERDICT ==\n");
+    for line in s.verdict.text.lines() {
+        out.push_str(&sanitize(line));
+        out.push('\n');
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8} {:>7} {:>5} {:>8}  {}\n",
+        "PID",
+        "MASTER",
+        "ROLE",
+        "STATE",
+        "STALLS",
+        "TIMEOUTS",
+        "DROPPED",
+        "IDLE",
+        "UPSTREAM",
+        "LAST STALL"
+    ));
+    for w in s.workers {
+        let last = w
+            .stall
+            .as_ref()
+            .map(|st| format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st))))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8} {:>7} {:>5} {:>8}  {}\n",
+            w.pid,
+            w.master_pid,
+            w.role.as_str(),
+            w.state.as_str(),
+            w.stalls,
+            w.timeouts,
+            w.early_closes.dropped_request,
+            w.early_closes.idle,
+            w.early_closes.upstream_cut,
+            last
+        ));
+    }
+    if s.events_lost > 0 {
+        out.push_str(&format!(
+            "WARNING: {} kernel event(s) were lost (ring buffer full); the picture above may be incomplete\n",
+            s.events_lost
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{End, FdKind, Peer};
+    use crate::present::json_line;
+
+    fn report() -> StallReport {
+        StallReport {
+            pid: 7,
+            tid: 7,
+            master_pid: 1,
+            role: Role::Worker,
+            comm: "gunicorn".into(),
+            syscall: "read".into(),
+            fd: Some(11),
+            count: Some(4),
+            fd_kind: FdKind::Pipe,
+            fd_target: Some("pipe:[42]".into()),
+            peers: vec![Peer {
+                pid: 7,
+                comm: "evil\x1b[2J\n\"name".into(),
+                fd: 12,
+                end: End::Write,
+            }],
+            only_self_can_wake: Some(true),
+            blocked_ms: 512,
+            heartbeat_age_ms: Some(700),
+            start_ns: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn json_line_has_event_ts_and_contract_fields() {
+        let o = Output::Stall {
+            ts_ns: 0,
+            report: report(),
+        };
+        let line = json_line(&o, "2026-01-01T00:00:00.000Z".into());
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "stall");
+        assert_eq!(v["ts"], "2026-01-01T00:00:00.000Z");
+        assert_eq!(v["pid"], 7);
+        assert_eq!(v["tid"], 7);
+        assert_eq!(v["master_pid"], 1);
+        assert_eq!(v["syscall"], "read");
+        assert_eq!(v["fd"], 11);
+        assert_eq!(v["fd_kind"], "pipe");
+        assert_eq!(v["fd_target"], "pipe:[42]");
+        assert_eq!(v["blocked_ms"], 512);
+        assert_eq!(v["heartbeat_age_ms"], 700);
+        assert_eq!(v["peers"][0]["end"], "write");
+        // Hostile bytes survive as data.
+        assert_eq!(v["peers"][0]["comm"], "evil\x1b[2J\n\"name");
+        assert!(v.get("start_ns").is_none());
+    }
+
+    #[test]
+    fn json_stall_end_and_exit_shapes() {
+        let e = Output::StallEnd {
+            ts_ns: 0,
+            pid: 7,
+            tid: 7,
+            master_pid: 1,
+            syscall: "read".into(),
+            fd: Some(11),
+            fd_kind: FdKind::Pipe,
+            blocked_ms: 4000,
+            outcome: Outcome::Exited,
+            container: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&json_line(&e, "t".into())).unwrap();
+        assert_eq!(v["event"], "stall_end");
+        assert_eq!(v["outcome"], "exited");
+        let x = Output::WorkerExit {
+            ts_ns: 0,
+            pid: 7,
+            master_pid: 1,
+            role: Role::Worker,
+            exit_code: None,
+            signal: Some("SIGKILL".into()),
+            container: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&json_line(&x, "t".into())).unwrap();
+        assert_eq!(v["event"], "worker_exit");
+        assert_eq!(v["exit_code"], serde_json::Value::Null);
+        assert_eq!(v["signal"], "SIGKILL");
+    }
+
+    #[test]
+    fn text_neutralises_escape_sequences() {
+        let o = Output::Stall {
+            ts_ns: 0,
+            report: report(),
+        };
+        let t = text_line(&o, &Clock::fixed(0));
+        assert!(!t.contains('\x1b'), "{t:?}");
+        assert!(
+            t.contains("STALL    worker 7 [gunicorn] (master 1) blocked 0.5s in read() on fd 11 (pipe:[42])"),
+            "{t}"
+        );
+        assert!(t.contains("can never be woken"));
+        assert_eq!(
+            sanitize("a\x1b]0;title\x07b\r\nc\u{9b}"),
+            "a?]0;title?b??c?"
+        );
+    }
+
+    #[test]
+    fn process_lines_say_how_each_was_found() {
+        let c = Clock::fixed(0);
+        let line = |pid, master_pid, role, source| {
+            text_line(
+                &Output::Worker {
+                    ts_ns: 0,
+                    pid,
+                    master_pid,
+                    role,
+                    source,
+                    app: None,
+                    container: None,
+                },
+                &c,
+            )
+        };
+        assert!(line(7, 1, Role::Worker, Source::Fork).ends_with("worker   7 spawned by master 1"));
+        assert!(line(7, 1, Role::Worker, Source::Scan).ends_with("worker   7 found, master 1"));
+        assert!(line(5, 5, Role::Plain, Source::Scan).ends_with("process  5 watched"));
+        assert!(line(9, 5, Role::Child, Source::Fork).ends_with("child    9 forked, under 5"));
+    }
+
+    #[test]
+    fn colour_only_touches_the_label() {
+        let l = "04:37:06.413  STALL    worker 1 [x] blocked";
+        assert_eq!(
+            colorize(l),
+            "04:37:06.413  \x1b[1;31mSTALL   \x1b[0m worker 1 [x] blocked"
+        );
+        assert_eq!(
+            colorize("04:37:06.413  watch    gunicorn"),
+            "04:37:06.413  watch    gunicorn"
+        );
+        assert_eq!(colorize("short"), "short");
+    }
+
+    #[test]
+    fn clock_maps_monotonic_to_wall_time() {
+        let c = Clock::fixed(1_700_000_000_000_000_000);
+        assert_eq!(c.rfc3339(5_000_000), "2023-11-14T22:13:20.005Z");
+        assert_eq!(
+            text_line(
+                &Output::WorkerExit {
+                    ts_ns: 5_000_000,
+                    pid: 3,
+                    master_pid: 1,
+                    role: Role::Worker,
+                    exit_code: Some(0),
+                    signal: None,
+                    container: None,
+                },
+                &c
+            ),
+            "22:13:20.005  exit     worker 3 exited with code 0"
+        );
+    }
+}
