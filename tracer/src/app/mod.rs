@@ -4,12 +4,11 @@
 //! the kernel; `finish` prints the summary.
 pub mod cli;
 pub mod metrics_server;
+pub mod output;
 mod session;
 mod sink;
 mod targets;
 
-use std::fs::File;
-use std::io::BufWriter;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -78,7 +77,7 @@ struct Prepared {
     metrics: Option<(SocketAddr, TcpListener)>,
     targets: Vec<Target>,
     tracefs: PathBuf,
-    file: Option<BufWriter<File>>,
+    file: Option<output::OutputFile>,
 }
 
 /// Every check that can fail on bad input, before anything is loaded.
@@ -98,9 +97,7 @@ async fn prepare(args: &WatchArgs) -> Result<Prepared> {
     let targets = targets::resolve(&args.pids)?;
     let tracefs = tracefs::ensure_mounted()?;
     let file = match &args.output {
-        Some(p) => Some(BufWriter::new(File::create(p).with_context(|| {
-            format!("cannot create --output file {}", p.display())
-        })?)),
+        Some(p) => Some(output::OutputFile::open(p, args.output_max_size)?),
         None => None,
     };
     Ok(Prepared {

@@ -1,9 +1,9 @@
 //! Where events go: stdout in the chosen format, plus an optional JSON file.
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 
 use serde::Serialize;
 
+use super::output::OutputFile;
 use crate::model::Output;
 use crate::present::{self, Clock, Format, StartEvent, SummaryEvent};
 
@@ -11,7 +11,7 @@ pub struct Sink {
     pub format: Format,
     pub clock: Clock,
     pub stdout: std::io::Stdout,
-    pub file: Option<BufWriter<File>>,
+    pub file: Option<OutputFile>,
     /// stdout was closed (piped into `head`, say): keep tracing for the file.
     pub stdout_gone: bool,
     /// Events held back until the `start` line is out (during attach).
@@ -33,10 +33,10 @@ impl Sink {
 
     fn write_file(&mut self, line: &str) {
         if let Some(f) = self.file.as_mut()
-            && writeln!(f, "{line}").and_then(|_| f.flush()).is_err()
+            && let Err(e) = f.write_line(line)
         {
             eprintln!(
-                "tracer: warning: cannot write to the --output file any more; continuing on stdout"
+                "tracer: warning: cannot write to the --output file any more ({e:#}); continuing on stdout"
             );
             self.file = None;
         }
