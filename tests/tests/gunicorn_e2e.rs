@@ -299,7 +299,16 @@ fn py_stack_names_the_application_function_that_blocked_the_hub() {
     let port = free_port();
     let pids = pid_file("pystack");
     let g = start_gunicorn(1, port, &pids);
-    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--py-stack"]);
+    // py-spy is taken only from --py-spy or the tracer's PATH, never from
+    // beside the traced program: name the virtualenv's.
+    let spy = venv().join("bin/py-spy");
+    let mut t = Tracer::start(&[
+        "--pid",
+        &g.pid().to_string(),
+        "--py-stack",
+        "--py-spy",
+        spy.to_str().unwrap(),
+    ]);
     let _client = get_async(port, "/hang", Duration::from_secs(20));
     let victim = eventually("hang pid", Duration::from_secs(5), || {
         pids_in(&pids).first().copied()

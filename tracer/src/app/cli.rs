@@ -58,10 +58,23 @@ pub struct WatchArgs {
     #[arg(long)]
     pub py_stack: bool,
 
+    /// The py-spy to run for --py-stack (implies it). Without it, py-spy is
+    /// looked up on the tracer's own PATH. Either way it must be owned by
+    /// root and writable by nobody else, like every directory above it.
+    #[arg(long, value_name = "PATH")]
+    pub py_spy: Option<PathBuf>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
     /// A bare port (9464 or :9464) binds 127.0.0.1 only.
     #[arg(long, value_name = "ADDR", value_parser = crate::app::metrics_server::parse_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl WatchArgs {
+    /// --py-stack, or a --py-spy that implies it.
+    pub fn wants_py_stack(&self) -> bool {
+        self.py_stack || self.py_spy.is_some()
+    }
 }
 
 fn parse_pid(s: &str) -> Result<u32, String> {

@@ -83,10 +83,11 @@ struct Prepared {
 /// Every check that can fail on bad input, before anything is loaded.
 async fn prepare(args: &WatchArgs) -> Result<Prepared> {
     check_privileges()?;
-    let probe = args.pids.first().copied().unwrap_or(std::process::id());
-    if args.py_stack && pystack::find(probe).is_none() {
+    if args.wants_py_stack()
+        && let Err(e) = pystack::locate(args.py_spy.as_deref())
+    {
         eprintln!(
-            "tracer: warning: --py-stack: py-spy is not installed (pip install py-spy); stalls will be reported without Python stacks"
+            "tracer: warning: --py-stack: {e}; stalls will be reported without Python stacks"
         );
     }
     // Bind first: a port in use fails before anything is loaded.
@@ -148,7 +149,8 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
         events_received: 0,
         exits: Vec::new(),
         last_sweep: Instant::now(),
-        py_stack: args.py_stack,
+        py_stack: args.wants_py_stack().then(|| args.py_spy.clone()),
+        pending: Default::default(),
         durations: Default::default(),
         metrics: None,
     };
@@ -253,6 +255,7 @@ fn finish(st: &mut Session, ring: &mut Ring, start: u64) {
     st.drain(ring.get_mut());
     st.poll();
     st.flush_exits(true);
+    st.flush_pending(true);
     let now = present::monotonic_ns();
     let summary = st.corr.summary(now);
     let ev = SummaryEvent::new(

@@ -1,5 +1,8 @@
 //! One tracing session: the kernel probes, the correlator, and everything
 //! that happens between a kernel event and a line of output.
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +35,17 @@ impl Enricher for ProcEnricher {
     }
 }
 
+fn with_stack(o: Output, r: Result<String, String>) -> Output {
+    let Output::Stall { ts_ns, mut report } = o else {
+        return o;
+    };
+    match r {
+        Ok(stack) => report.py_stack = Some(stack),
+        Err(e) => report.py_stack_error = Some(e),
+    }
+    Output::Stall { ts_ns, report }
+}
+
 /// How long an EXIT event is held: the kernel closes the process's sockets
 /// within microseconds of it; this leaves room for a busy machine.
 const EXIT_HOLD_NS: u64 = 20_000_000;
@@ -48,10 +62,23 @@ pub struct Session {
     /// EXIT events held back, with when they arrived (see `flush_exits`).
     pub exits: Vec<(u64, KernelEvent)>,
     pub last_sweep: Instant,
-    pub py_stack: bool,
+    /// With --py-stack: the `--py-spy` path, if given (else PATH is searched).
+    pub py_stack: Option<Option<PathBuf>>,
+    /// Output waiting for a py-spy dump ahead of it, in order.
+    pub pending: VecDeque<Pending>,
     pub durations: metrics::StallDurations,
     /// Latest metrics text, shared with the HTTP server (when enabled).
     pub metrics: Option<(Arc<Mutex<String>>, Instant)>,
+}
+
+/// How long a py-spy dump may take before the stall goes out without it.
+const PY_SPY_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Output held back behind a stall whose Python stack is being dumped, so
+/// that events keep their order while py-spy runs off the event loop.
+pub enum Pending {
+    Ready(Output),
+    Stack(Output, Receiver<Result<String, String>>),
 }
 
 impl Session {
@@ -64,22 +91,44 @@ impl Session {
         {
             self.durations.observe(*fd_kind, *blocked_ms);
         }
-        if self.py_stack
-            && let Output::Stall { ts_ns, report } = o
-        {
-            // Rare (once per stall) and bounded: worth a short pause here.
-            let mut report = report.clone();
-            match pystack::dump(report.pid, Duration::from_secs(5)) {
-                Ok(stack) => report.py_stack = Some(stack),
-                Err(e) => report.py_stack_error = Some(e),
-            }
-            self.sink.event(&Output::Stall {
-                ts_ns: *ts_ns,
-                report,
-            });
+        if let (Some(explicit), Output::Stall { report, .. }) = (&self.py_stack, o) {
+            let rx = pystack::dump_async(explicit.clone(), report.pid, PY_SPY_DEADLINE);
+            self.pending.push_back(Pending::Stack(o.clone(), rx));
             return;
         }
-        self.sink.event(o);
+        if self.pending.is_empty() {
+            self.sink.event(o);
+        } else {
+            self.pending.push_back(Pending::Ready(o.clone()));
+        }
+    }
+
+    /// Writes the held output whose stacks have arrived, in order; with
+    /// `wait`, waits for every dump (each ends by its deadline).
+    pub fn flush_pending(&mut self, wait: bool) {
+        while let Some(front) = self.pending.pop_front() {
+            let o = match front {
+                Pending::Ready(o) => o,
+                Pending::Stack(o, rx) => {
+                    let r = if wait {
+                        rx.recv().map_err(|_| TryRecvError::Disconnected)
+                    } else {
+                        rx.try_recv()
+                    };
+                    match r {
+                        Err(TryRecvError::Empty) => {
+                            self.pending.push_front(Pending::Stack(o, rx));
+                            return;
+                        }
+                        Ok(r) => with_stack(o, r),
+                        Err(TryRecvError::Disconnected) => {
+                            with_stack(o, Err("py-spy dump was lost".into()))
+                        }
+                    }
+                }
+            };
+            self.sink.event(&o);
+        }
     }
 
     /// Re-renders the metrics text, at most once a second.
@@ -228,6 +277,7 @@ impl Session {
         for ev in batch {
             self.handle(ev);
         }
+        self.flush_pending(false);
     }
 
     /// Processes still in WATCHED that no longer exist: their EXIT event was
@@ -289,5 +339,6 @@ impl Session {
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
             self.emit(&o);
         }
+        self.flush_pending(false);
     }
 }
