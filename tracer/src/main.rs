@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Watch(args) => app::run(args),
+        cli::Command::Health { addr } => app::metrics_server::probe(addr),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,13 @@ pub struct Cli {
 pub enum Command {
     /// Watch Gunicorn masters and their workers (or any process) for stalls.
     Watch(WatchArgs),
+    /// Ask a running tracer's --health-addr whether its event loop runs
+    /// (exit 0) or not (exit 1): a liveness probe for Kubernetes.
+    Health {
+        /// The running tracer's --health-addr.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465", value_parser = parse_loopback)]
+        addr: std::net::SocketAddr,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -68,6 +75,11 @@ pub struct WatchArgs {
     /// A bare port (9464 or :9464) binds 127.0.0.1 only.
     #[arg(long, value_name = "ADDR", value_parser = crate::app::metrics_server::parse_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Serve /healthz alone on this loopback address, for a liveness probe
+    /// (`tracer health`) that a flood of metrics clients cannot starve.
+    #[arg(long, value_name = "ADDR", value_parser = parse_loopback)]
+    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 impl WatchArgs {
@@ -75,6 +87,16 @@ impl WatchArgs {
     pub fn wants_py_stack(&self) -> bool {
         self.py_stack || self.py_spy.is_some()
     }
+}
+
+fn parse_loopback(s: &str) -> Result<std::net::SocketAddr, String> {
+    let a = crate::app::metrics_server::parse_addr(s)?;
+    if !a.ip().is_loopback() {
+        return Err(format!(
+            "'{s}' is not a loopback address; the health port is for probes from inside the pod (127.0.0.1:9465)"
+        ));
+    }
+    Ok(a)
 }
 
 fn parse_pid(s: &str) -> Result<u32, String> {
@@ -125,6 +147,7 @@ mod tests {
             Ok(Cli {
                 command: Command::Watch(w),
             }) => Ok(w),
+            Ok(other) => Err(format!("not watch: {other:?}")),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -11,7 +11,6 @@ mod targets;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -26,6 +25,7 @@ use crate::kernel::{self, SyscallTable, tracefs};
 use crate::model::{Role, Source};
 use crate::present::{self, Clock, StartEvent, SummaryEvent};
 use cli::WatchArgs;
+use metrics_server::{MAX_CONNS, Serve};
 use session::{ProcEnricher, Session};
 use sink::Sink;
 use targets::Target;
@@ -75,6 +75,7 @@ fn check_privileges() -> Result<()> {
 /// Everything checked before the kernel is touched.
 struct Prepared {
     metrics: Option<(SocketAddr, TcpListener)>,
+    health: Option<(SocketAddr, TcpListener)>,
     targets: Vec<Target>,
     tracefs: PathBuf,
     file: Option<output::OutputFile>,
@@ -95,6 +96,10 @@ async fn prepare(args: &WatchArgs) -> Result<Prepared> {
         Some(addr) => Some((addr, metrics_server::bind(addr).await?)),
         None => None,
     };
+    let health = match args.health_addr {
+        Some(addr) => Some((addr, metrics_server::bind(addr).await?)),
+        None => None,
+    };
     let targets = targets::resolve(&args.pids)?;
     let tracefs = tracefs::ensure_mounted()?;
     let file = match &args.output {
@@ -103,6 +108,7 @@ async fn prepare(args: &WatchArgs) -> Result<Prepared> {
     };
     Ok(Prepared {
         metrics,
+        health,
         targets,
         tracefs,
         file,
@@ -153,13 +159,28 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
         pending: Default::default(),
         durations: Default::default(),
         metrics: None,
+        served: Default::default(),
     };
     if let Some((addr, listener)) = p.metrics {
-        let text = Arc::new(Mutex::new(String::new()));
-        tokio::spawn(metrics_server::serve(listener, text.clone()));
-        st.metrics = Some((text, Instant::now()));
+        let shared = st.served.clone();
+        tokio::spawn(metrics_server::serve(
+            listener,
+            shared,
+            Serve::All,
+            MAX_CONNS,
+        ));
+        st.metrics = Some(Instant::now());
         eprintln!("tracer: serving metrics on http://{addr}/metrics");
     }
+    if let Some((_, listener)) = p.health {
+        tokio::spawn(metrics_server::serve(
+            listener,
+            st.served.clone(),
+            Serve::Health,
+            4,
+        ));
+    }
+    st.served.heartbeat.beat();
     let start = present::monotonic_ns();
     for t in &p.targets {
         watch_target(&mut st, t, start)?;
@@ -242,6 +263,7 @@ async fn run_loop(args: &WatchArgs, st: &mut Session, ring: &mut Ring) -> Result
                 st.drain(ring.get_mut());
                 st.poll();
                 st.render_metrics(false);
+                st.served.heartbeat.beat();
             }
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),

@@ -3,11 +3,11 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use super::metrics_server::Shared;
 use super::sink::Sink;
 use super::targets::Target;
 use crate::analysis::{Correlator, Enricher, NewProcess};
@@ -67,8 +67,10 @@ pub struct Session {
     /// Output waiting for a py-spy dump ahead of it, in order.
     pub pending: VecDeque<Pending>,
     pub durations: metrics::StallDurations,
-    /// Latest metrics text, shared with the HTTP server (when enabled).
-    pub metrics: Option<(Arc<Mutex<String>>, Instant)>,
+    /// When the metrics text was last rendered (None: no metrics server).
+    pub metrics: Option<Instant>,
+    /// What the HTTP servers answer from: metrics text, loop heartbeat.
+    pub served: Shared,
 }
 
 /// How long a py-spy dump may take before the stall goes out without it.
@@ -133,14 +135,14 @@ impl Session {
 
     /// Re-renders the metrics text, at most once a second.
     pub fn render_metrics(&mut self, force: bool) {
-        let Some((text, last)) = self.metrics.as_mut() else {
+        let Some(last) = self.metrics.as_mut() else {
             return;
         };
         if !force && last.elapsed() < Duration::from_secs(1) {
             return;
         }
         *last = Instant::now();
-        let text = text.clone();
+        let text = self.served.text.clone();
         let summary = self.corr.summary(present::monotonic_ns());
         let me = metrics::SelfStats {
             events_received: self.events_received,
