@@ -5,8 +5,8 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, Output, Peer, Role, Sample, Source,
-    Wake,
+    Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, Output, Peer, PodSource, Role,
+    Sample, Source, Wake,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -50,6 +50,7 @@ impl Enricher for Fake {
             pod_uid: Some("uid-1".into()),
             pod: Some("web-1".into()),
             namespace: Some("shop".into()),
+            pod_source: Some(PodSource::LogDir),
         })
     }
 }

@@ -76,6 +76,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "ADDR", value_parser = crate::app::metrics_server::parse_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
+    /// Where the kubelet keeps pod logs, `<namespace>_<pod>_<uid>`: pod
+    /// names are taken from there (by the pod UID of the process's cgroup)
+    /// rather than from what the process claims in its environment.
+    #[arg(long, value_name = "DIR")]
+    pub pods_dir: Option<PathBuf>,
+
     /// Serve /healthz alone on this loopback address, for a liveness probe
     /// (`tracer health`) that a flood of metrics clients cannot starve.
     #[arg(long, value_name = "ADDR", value_parser = parse_loopback)]

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::analysis::{Correlator, syscalls};
-use crate::host::{proc, pystack};
+use crate::host::{container, proc, pystack};
 use crate::kernel::{self, SyscallTable, tracefs};
 use crate::model::{Role, Source};
 use crate::present::{self, Clock, StartEvent, SummaryEvent};
@@ -140,7 +140,9 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
     let mut st = Session {
         probes,
         corr: Correlator::new(threshold_ns),
-        enricher: ProcEnricher,
+        enricher: ProcEnricher {
+            pods_dir: container::pods_dir(args.pods_dir.clone()),
+        },
         sink: Sink {
             format: args.format,
             clock: Clock::now(),

@@ -17,8 +17,10 @@ use crate::model::{Container, FdInfo, KernelEvent, Output, Role, Sample, Source}
 use crate::present::{self, metrics};
 
 /// /proc lookups for stalls being reported.
-#[derive(Default)]
-pub struct ProcEnricher;
+pub struct ProcEnricher {
+    /// Where pod names are read from (`--pods-dir`).
+    pub pods_dir: PathBuf,
+}
 
 impl Enricher for ProcEnricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
@@ -31,7 +33,7 @@ impl Enricher for ProcEnricher {
         proc::comm(pid)
     }
     fn container(&mut self, pid: u32) -> Option<Container> {
-        container::of_process(pid)
+        container::of_process(pid, &self.pods_dir)
     }
 }
 
@@ -189,7 +191,7 @@ impl Session {
             app: gunicorn.then(|| proc::parse_app(&cmd)).flatten(),
             timeout_s: gunicorn.then(|| proc::parse_timeout(&cmd).unwrap_or(30.0)),
             source,
-            container: container::of_process(t.pid),
+            container: container::of_process(t.pid, &self.enricher.pods_dir),
         };
         if let Some(o) = self.corr.add_process(now, p) {
             self.emit(&o);

@@ -1,8 +1,26 @@
 //! Which container and pod a process runs in, learnt from the node alone:
-//! the container id from /proc/PID/cgroup, the pod name and namespace from
-//! the process's own environment and service-account files. Parsers are
-//! pure and tested on real cgroup layouts; the readers are best effort.
-use crate::model::Container;
+//! the container id and pod UID from /proc/PID/cgroup; the pod name and
+//! namespace from the kubelet's log directories (`<namespace>_<pod>_<uid>`
+//! under --pods-dir, which a pod cannot forge), else as the process claims
+//! them in its environment and service-account file. Parsers are pure and
+//! tested on real layouts; the readers are best effort and bounded.
+//!
+//! Files inside the container are opened with openat2(RESOLVE_IN_ROOT |
+//! RESOLVE_NO_MAGICLINKS) relative to /proc/PID/root, so no symlink the
+//! container holds can lead outside it; non-blocking, regular files only,
+//! and at most `MAX_FILE` bytes are read.
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::model::{Container, PodSource};
+
+/// Bytes read from a file inside a container, at most.
+pub const MAX_FILE: usize = 4096;
+/// Bytes of /proc/PID/environ read, at most.
+const MAX_ENVIRON: u64 = 64 * 1024;
 
 fn is_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
@@ -66,9 +84,39 @@ fn pod_uid(seg: &str) -> Option<String> {
     (uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')).then_some(uid)
 }
 
+/// A DNS-1123 label (a namespace): 1-63 of [a-z0-9-], alphanumeric at both ends.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A DNS-1123 subdomain (a pod name): up to 253, dot-separated labels.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Namespace and pod name of the pod with `uid`, from the names of the
+/// kubelet's log directories, `<namespace>_<pod>_<uid>`.
+pub fn pod_from_log_dirs<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    uid: &str,
+) -> Option<(String, String)> {
+    names.into_iter().find_map(|name| {
+        let rest = name.strip_suffix(uid)?.strip_suffix('_')?;
+        let (ns, pod) = rest.split_once('_')?;
+        (is_dns_label(ns) && is_dns_subdomain(pod)).then(|| (ns.to_string(), pod.to_string()))
+    })
+}
+
 /// Pod name and namespace from a process's environment (NUL-separated):
 /// the downward API's POD_NAME/POD_NAMESPACE when set, else HOSTNAME,
-/// which Kubernetes sets to the pod name.
+/// which Kubernetes sets to the pod name. Values that are not valid names
+/// are dropped: they are the process's own claim, and end up in labels.
 pub fn parse_environ(environ: &[u8]) -> (Option<String>, Option<String>) {
     let mut pod = None;
     let mut hostname = None;
@@ -88,28 +136,128 @@ pub fn parse_environ(environ: &[u8]) -> (Option<String>, Option<String>) {
         }
     }
     let pod = pod.or(if in_k8s { hostname } else { None });
-    (pod, ns)
+    (
+        pod.filter(|p| is_dns_subdomain(p)),
+        ns.filter(|n| is_dns_label(n)),
+    )
 }
 
-/// Best effort: None for a process that is not in a container.
-pub fn of_process(pid: u32) -> Option<Container> {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let mut c = parse_cgroup(&cg)?;
-    if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+/// Opens `rel` inside the root of process `pid`: symlinks resolve within
+/// that root (RESOLVE_IN_ROOT), never through /proc magic links; a FIFO
+/// cannot block the open (O_NONBLOCK); only a regular file is read, and at
+/// most `cap` bytes of it.
+pub fn read_in_root(pid: u32, rel: &str, cap: usize) -> Result<Vec<u8>, String> {
+    let root = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(format!("/proc/{pid}/root"))
+        .map_err(|e| format!("/proc/{pid}/root: {e}"))?;
+    let path = CString::new(rel.trim_start_matches('/')).map_err(|_| "NUL in path".to_string())?;
+    // SAFETY: open_how is plain integers; all-zero is valid (and required
+    // for any field this code does not set).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a valid dirfd, NUL-terminated path and an
+    // open_how of the size passed; the fd it returns is ours to own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(format!("{rel}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a new descriptor no one else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let meta = file.metadata().map_err(|e| format!("{rel}: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("{rel} is not a regular file"));
+    }
+    let mut out = Vec::with_capacity(cap.min(meta.len() as usize));
+    file.take(cap as u64)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("{rel}: {e}"))?;
+    Ok(out)
+}
+
+/// The first `cap` bytes of a /proc file.
+fn read_proc(path: &str, cap: u64) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(cap)
+        .read_to_end(&mut out)
+        .ok()?;
+    Some(out)
+}
+
+/// The namespace a pod's service-account file claims.
+fn namespace_file(pid: u32) -> Option<String> {
+    let b = read_in_root(
+        pid,
+        "var/run/secrets/kubernetes.io/serviceaccount/namespace",
+        MAX_FILE,
+    )
+    .ok()?;
+    let ns = String::from_utf8(b).ok()?.trim().to_string();
+    is_dns_label(&ns).then_some(ns)
+}
+
+/// Where the kubelet keeps pod log directories (`--pods-dir`).
+pub const DEFAULT_PODS_DIR: &str = "/var/log/pods";
+
+/// The names in the pods directory, at most this many read.
+const MAX_POD_DIRS: usize = 65536;
+
+fn log_dir_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .take(MAX_POD_DIRS)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Best effort: None for a process that is not in a container. The pod's
+/// name comes from `pods_dir` when the kubelet's directory for its UID is
+/// there (`pod_source: log_dir`), else from what the process claims
+/// (`pod_source: environment`).
+pub fn of_process(pid: u32, pods_dir: &Path) -> Option<Container> {
+    let cg = read_proc(&format!("/proc/{pid}/cgroup"), 64 * 1024)?;
+    let mut c = parse_cgroup(&String::from_utf8_lossy(&cg))?;
+    if let Some(uid) = c.pod_uid.as_deref()
+        && let Some((ns, pod)) =
+            pod_from_log_dirs(log_dir_names(pods_dir).iter().map(|s| s.as_str()), uid)
+    {
+        c.namespace = Some(ns);
+        c.pod = Some(pod);
+        c.pod_source = Some(PodSource::LogDir);
+        return Some(c);
+    }
+    if let Some(env) = read_proc(&format!("/proc/{pid}/environ"), MAX_ENVIRON) {
         let (pod, ns) = parse_environ(&env);
         c.pod = pod;
         c.namespace = ns;
     }
     if c.namespace.is_none() {
-        // The mounted service-account token, seen through the process's root.
-        let path =
-            format!("/proc/{pid}/root/var/run/secrets/kubernetes.io/serviceaccount/namespace");
-        c.namespace = std::fs::read_to_string(path)
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty() && s.len() < 254);
+        c.namespace = namespace_file(pid);
+    }
+    if c.pod.is_some() || c.namespace.is_some() {
+        c.pod_source = Some(PodSource::Environment);
     }
     Some(c)
+}
+
+/// The pods directory to use, when it exists.
+pub fn pods_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.unwrap_or_else(|| PathBuf::from(DEFAULT_PODS_DIR))
 }
 
 #[cfg(test)]
@@ -197,6 +345,58 @@ mod tests {
     #[test]
     fn this_process_reads_without_error() {
         // On a host this is usually None; in a container, Some. Either way no panic.
-        let _ = of_process(std::process::id());
+        let _ = of_process(std::process::id(), Path::new(DEFAULT_PODS_DIR));
+    }
+
+    #[test]
+    fn dns_names() {
+        assert!(is_dns_label("shop") && is_dns_label("a-1") && is_dns_label("0"));
+        assert!(!is_dns_label("") && !is_dns_label("-a") && !is_dns_label("a-"));
+        assert!(!is_dns_label("Shop") && !is_dns_label("a_b") && !is_dns_label("a.b"));
+        assert!(!is_dns_label(&"a".repeat(64)));
+        assert!(is_dns_subdomain("web-7d9f8-abcde") && is_dns_subdomain("a.b-c"));
+        assert!(!is_dns_subdomain("a..b") && !is_dns_subdomain(&"a".repeat(254)));
+        assert!(!is_dns_subdomain("x\u{1b}[2J"));
+    }
+
+    #[test]
+    fn pod_identity_from_the_kubelet_log_directories() {
+        let uid = "0d2c3b5e-1f2a-4b6c-8d9e-0a1b2c3d4e5f";
+        let names = [
+            "kube-system_coredns-1_11111111-1f2a-4b6c-8d9e-0a1b2c3d4e5f".to_string(),
+            format!("shop_web-7d9f8-abcde_{uid}"),
+        ];
+        assert_eq!(
+            pod_from_log_dirs(names.iter().map(|s| s.as_str()), uid),
+            Some(("shop".into(), "web-7d9f8-abcde".into()))
+        );
+        let bad = [
+            format!("Shop_web_{uid}"),
+            format!("_web_{uid}"),
+            format!("shop__{uid}"),
+        ];
+        assert_eq!(pod_from_log_dirs(bad.iter().map(|s| s.as_str()), uid), None);
+    }
+
+    #[test]
+    fn claimed_names_are_validated() {
+        let long = format!("POD_NAME={}\0POD_NAMESPACE=shop\0", "a".repeat(300));
+        assert_eq!(parse_environ(long.as_bytes()), (None, Some("shop".into())));
+        let evil = b"POD_NAME=web\x1b[2J\0POD_NAMESPACE=Kube_System\0";
+        assert_eq!(parse_environ(evil), (None, None));
+    }
+
+    #[test]
+    fn reads_inside_a_process_root_only_regular_files() {
+        // Our own root is the host's: a regular file reads, capped.
+        let me = std::process::id();
+        let b = read_in_root(me, "/proc/self/exe", 10);
+        assert!(b.is_err(), "a magic link is refused: {b:?}");
+        let b = read_in_root(me, "etc/hostname", 3).or_else(|_| read_in_root(me, "etc/passwd", 3));
+        assert!(b.unwrap().len() <= 3);
+        let e = read_in_root(me, "dev/zero", 10).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = read_in_root(me, "tmp", 10).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }

@@ -171,6 +171,18 @@ pub struct Container {
     pub pod_uid: Option<String>,
     pub pod: Option<String>,
     pub namespace: Option<String>,
+    /// Where `pod` and `namespace` come from: `log_dir` (the kubelet's
+    /// directory for the pod UID of the cgroup: authoritative) or
+    /// `environment` (what the process itself claims); null when unknown.
+    pub pod_source: Option<PodSource>,
+}
+
+/// See [`Container::pod_source`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodSource {
+    LogDir,
+    Environment,
 }
 
 /// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name.
