@@ -5,8 +5,8 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, Output, Peer, PodSource, Role,
-    Sample, Source, Wake,
+    Container, End, FdInfo, FdKind, KernelEvent, Losses, MapOccupancy, Output, Peer, PodSource,
+    Role, Sample, Source, Wake,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -28,11 +28,15 @@ impl Enricher for Fake {
                     fd: 12,
                     end: End::Write,
                 }],
+                peers_omitted: 0,
+                peers_complete: true,
             },
             5 => FdInfo {
                 kind: FdKind::Socket,
                 target: Some("socket:[5]".into()),
                 peers: vec![],
+                peers_omitted: 0,
+                peers_complete: true,
             },
             _ => FdInfo::unknown(),
         }
@@ -121,7 +125,11 @@ fn summary(out: &mut String, c: &Correlator, now_ms: u64) {
         inflight: 1,
         conns: 0,
     };
-    let ev = SummaryEvent::new(&s, now_ms, 3, maps);
+    let losses = Losses {
+        events_lost: 3,
+        ..Default::default()
+    };
+    let ev = SummaryEvent::new(&s, now_ms, losses, maps);
     out.push_str(&present::json_line(
         &ev,
         Clock::fixed(0).rfc3339(now_ms * MS),

@@ -75,6 +75,24 @@ impl Correlator {
         self.procs.get(&pid).is_some_and(|p| p.alive)
     }
 
+    /// Every process followed as alive: checked against the host's pids so
+    /// one whose exit was never seen cannot stay forever.
+    pub fn alive_pids(&self) -> Vec<u32> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.alive)
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
+    /// Processes of `master` followed as alive (the master included).
+    pub fn alive_under(&self, master: u32) -> usize {
+        self.procs
+            .values()
+            .filter(|p| p.alive && p.master == master)
+            .count()
+    }
+
     /// Starts following a process; None when it is already followed.
     pub fn add_process(&mut self, ts_ns: u64, p: NewProcess) -> Option<Output> {
         if self.is_watched(p.pid) {

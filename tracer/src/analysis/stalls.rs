@@ -197,6 +197,7 @@ impl Correlator {
             fd_kind: info.kind,
             fd_target: info.target,
             peers: info.peers,
+            peers_omitted: info.peers_omitted,
             blocked_ms: now_ns.saturating_sub(s.start_ns) / 1_000_000,
             since_attach: s.seeded,
             heartbeat_age_ms: heartbeat,

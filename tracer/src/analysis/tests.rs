@@ -26,12 +26,16 @@ impl Enricher for FakeProc {
                     fd: 12,
                     end: End::Write,
                 }],
+                peers_omitted: 0,
+                peers_complete: true,
             }
         } else {
             FdInfo {
                 kind: FdKind::Socket,
                 target: Some("socket:[5]".into()),
                 peers: vec![],
+                peers_omitted: 0,
+                peers_complete: true,
             }
         }
     }

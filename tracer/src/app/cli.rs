@@ -82,6 +82,11 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DIR")]
     pub pods_dir: Option<PathBuf>,
 
+    /// Processes of one master (workers and their children) followed at
+    /// most; forks past it are let go and counted (`over_quota`).
+    #[arg(long, value_name = "N", default_value = "512", value_parser = parse_quota)]
+    pub max_watched_per_master: usize,
+
     /// Serve /healthz alone on this loopback address, for a liveness probe
     /// (`tracer health`) that a flood of metrics clients cannot starve.
     #[arg(long, value_name = "ADDR", value_parser = parse_loopback)]
@@ -92,6 +97,15 @@ impl WatchArgs {
     /// --py-stack, or a --py-spy that implies it.
     pub fn wants_py_stack(&self) -> bool {
         self.py_stack || self.py_spy.is_some()
+    }
+}
+
+fn parse_quota(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=8192).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a quota; give a number of processes from 1 to 8192 (the kernel's watch list holds 8192)"
+        )),
     }
 }
 
@@ -156,6 +170,36 @@ mod tests {
             Ok(other) => Err(format!("not watch: {other:?}")),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    #[test]
+    fn hardening_flags() {
+        let w = watch(&[
+            "--py-spy",
+            "/usr/bin/py-spy",
+            "--output-max-size",
+            "10M",
+            "--pods-dir",
+            "/x",
+            "--max-watched-per-master",
+            "64",
+            "--health-addr",
+            "9465",
+        ])
+        .unwrap();
+        assert!(w.wants_py_stack(), "--py-spy implies --py-stack");
+        assert_eq!(w.output_max_size, 10 << 20);
+        assert_eq!(w.max_watched_per_master, 64);
+        assert_eq!(w.health_addr.unwrap().to_string(), "127.0.0.1:9465");
+        let d = watch(&[]).unwrap();
+        assert_eq!(
+            (d.output_max_size, d.max_watched_per_master),
+            (100 << 20, 512)
+        );
+        let e = watch(&["--health-addr", "0.0.0.0:9465"]).unwrap_err();
+        assert!(e.contains("not a loopback address"), "{e}");
+        let e = watch(&["--max-watched-per-master", "0"]).unwrap_err();
+        assert!(e.contains("1 to 8192"), "{e}");
     }
 
     #[test]

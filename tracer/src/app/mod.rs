@@ -14,15 +14,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{MapData, RingBuf};
-use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 
 use crate::analysis::{Correlator, syscalls};
 use crate::host::{container, proc, pystack};
-use crate::kernel::{self, SyscallTable, tracefs};
-use crate::model::{Role, Source};
+use crate::kernel::{self, SyscallTable, intake::Intake, tracefs};
+use crate::model::{KernelEvent, Role, Source};
 use crate::present::{self, Clock, StartEvent, SummaryEvent};
 use cli::WatchArgs;
 use metrics_server::{MAX_CONNS, Serve};
@@ -30,8 +29,13 @@ use session::{ProcEnricher, Session};
 use sink::Sink;
 use targets::Target;
 
+/// The session runs on the main thread (`block_on`); the HTTP servers on
+/// the runtime's one worker thread, so a slow /proc read in the session
+/// never delays /healthz; kernel events arrive from the intake thread.
 pub fn run(args: WatchArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -40,9 +44,9 @@ pub fn run(args: WatchArgs) -> Result<()> {
 
 async fn run_async(args: WatchArgs) -> Result<()> {
     let prepared = prepare(&args).await?;
-    let (mut st, mut ring, start) = attach(&args, prepared)?;
-    run_loop(&args, &mut st, &mut ring).await?;
-    finish(&mut st, &mut ring, start);
+    let (mut st, mut events, start) = attach(&args, prepared)?;
+    run_loop(&args, &mut st, &mut events).await?;
+    finish(&mut st, &mut events, start).await;
     Ok(())
 }
 
@@ -115,11 +119,24 @@ async fn prepare(args: &WatchArgs) -> Result<Prepared> {
     })
 }
 
-type Ring = AsyncFd<RingBuf<MapData>>;
+/// Kernel events, decoded by the intake thread.
+struct Events {
+    intake: Intake,
+    rx: mpsc::Receiver<Vec<KernelEvent>>,
+}
+
+impl Events {
+    /// Hands every batch already received to the session.
+    fn drain_into(&mut self, st: &mut Session) {
+        while let Ok(batch) = self.rx.try_recv() {
+            st.drain(batch);
+        }
+    }
+}
 
 /// Loads the probes, watches the targets, and prints `start`: from then on
 /// every event is seen.
-fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
+fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
     let threshold_ns = args.threshold.as_nanos() as u64;
     let mut probes = kernel::load(&p.tracefs, threshold_ns, &syscall_table()?)?;
     // Loading parsed the kernel's BTF (twice: aya and us), megabytes freed
@@ -133,16 +150,13 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
         .events
         .take()
         .ok_or_else(|| anyhow!("ring buffer missing"))?;
-    // SAFETY: the RingBuf owns its fd for as long as the AsyncFd lives, and
-    // we never replace it through get_mut.
-    let ring = unsafe { AsyncFd::register(rb) }
-        .map_err(|e| anyhow!("registering the ring buffer with the runtime: {e}"))?;
+    let (intake, rx) =
+        Intake::start(rb).map_err(|e| anyhow!("starting the event intake thread: {e}"))?;
+    let events = Events { intake, rx };
     let mut st = Session {
         probes,
         corr: Correlator::new(threshold_ns),
-        enricher: ProcEnricher {
-            pods_dir: container::pods_dir(args.pods_dir.clone()),
-        },
+        enricher: ProcEnricher::new(container::pods_dir(args.pods_dir.clone())),
         sink: Sink {
             format: args.format,
             clock: Clock::now(),
@@ -162,6 +176,8 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
         durations: Default::default(),
         metrics: None,
         served: Default::default(),
+        max_per_master: args.max_watched_per_master,
+        over_quota: 0,
     };
     if let Some((addr, listener)) = p.metrics {
         let shared = st.served.clone();
@@ -200,7 +216,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
     if st.discover && p.targets.is_empty() {
         eprintln!("tracer: no Gunicorn master is running yet; waiting for one to start");
     }
-    Ok((st, ring, start))
+    Ok((st, events, start))
 }
 
 /// The syscall numbers the kernel programs need, from our table.
@@ -238,7 +254,7 @@ fn watch_target(st: &mut Session, t: &Target, start: u64) -> Result<()> {
 
 /// Until Ctrl-C, SIGTERM or --duration: drain the ring buffer when it has
 /// data, and poll the in-flight map on a tick.
-async fn run_loop(args: &WatchArgs, st: &mut Session, ring: &mut Ring) -> Result<()> {
+async fn run_loop(args: &WatchArgs, st: &mut Session, events: &mut Events) -> Result<()> {
     // Poll the in-flight map often enough to report a stall well within
     // 150ms of crossing the threshold, but never busier than every 10ms.
     let period = (args.threshold / 5).clamp(Duration::from_millis(10), Duration::from_millis(100));
@@ -256,13 +272,12 @@ async fn run_loop(args: &WatchArgs, st: &mut Session, ring: &mut Ring) -> Result
     tokio::pin!(sleep_until);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                st.drain(guard.get_inner_mut());
-                guard.clear_ready();
-            }
+            batch = events.rx.recv() => match batch {
+                Some(batch) => st.drain(batch),
+                None => bail!("the event intake thread stopped"),
+            },
             _ = tick.tick() => {
-                st.drain(ring.get_mut());
+                events.drain_into(st);
                 st.poll();
                 st.render_metrics(false);
                 st.served.heartbeat.beat();
@@ -275,8 +290,13 @@ async fn run_loop(args: &WatchArgs, st: &mut Session, ring: &mut Ring) -> Result
 }
 
 /// Whatever is still in flight, then the summary.
-fn finish(st: &mut Session, ring: &mut Ring, start: u64) {
-    st.drain(ring.get_mut());
+async fn finish(st: &mut Session, events: &mut Events, start: u64) {
+    events.intake.stop();
+    // The intake thread sends what is left in the ring buffer, then ends.
+    while let Some(batch) = events.rx.recv().await {
+        st.drain(batch);
+    }
+    events.intake.join();
     st.poll();
     st.flush_exits(true);
     st.flush_pending(true);
@@ -285,7 +305,7 @@ fn finish(st: &mut Session, ring: &mut Ring, start: u64) {
     let ev = SummaryEvent::new(
         &summary,
         now.saturating_sub(start) / 1_000_000,
-        st.probes.events_lost(),
+        st.losses(),
         st.probes.occupancy(),
     );
     st.sink.summary(&ev, now);

@@ -2,6 +2,7 @@
 //! that happens between a kernel event and a line of output.
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -11,29 +12,59 @@ use super::metrics_server::Shared;
 use super::sink::Sink;
 use super::targets::Target;
 use crate::analysis::{Correlator, Enricher, NewProcess};
-use crate::host::{container, proc, pystack};
-use crate::kernel::{Probes, intake};
-use crate::model::{Container, FdInfo, KernelEvent, Output, Role, Sample, Source};
+use crate::host::{bounded, container, proc, pystack};
+use crate::kernel::Probes;
+use crate::model::{Container, FdInfo, KernelEvent, Losses, Output, Role, Sample, Source};
 use crate::present::{self, metrics};
 
-/// /proc lookups for stalls being reported.
+/// How long the session waits for a /proc read that can block (see
+/// `host::bounded`): a process's memory map lock, a hung mount in its root.
+const PROC_DEADLINE: Duration = Duration::from_millis(500);
+
+/// /proc lookups for stalls being reported and processes being added.
 pub struct ProcEnricher {
-    /// Where pod names are read from (`--pods-dir`).
-    pub pods_dir: PathBuf,
+    pub heartbeats: proc::Heartbeats,
+    pub pods_dir: Arc<PathBuf>,
+}
+
+impl ProcEnricher {
+    pub fn new(pods_dir: PathBuf) -> ProcEnricher {
+        ProcEnricher {
+            heartbeats: Default::default(),
+            pods_dir: Arc::new(pods_dir),
+        }
+    }
+}
+
+/// The container of `pid`, read off the session's thread with a deadline.
+pub fn container_of(pid: u32, pods_dir: &Arc<PathBuf>) -> Option<Container> {
+    let dir = pods_dir.clone();
+    bounded::call(PROC_DEADLINE, move || container::of_process(pid, &dir))
+        .ok()
+        .flatten()
+}
+
+/// A command line, read off the session's thread with a deadline.
+pub fn cmdline_of(pid: u32) -> Vec<String> {
+    bounded::call(PROC_DEADLINE, move || proc::cmdline(pid)).unwrap_or_default()
 }
 
 impl Enricher for ProcEnricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
-        proc::fd_info(pid, fd)
+        bounded::call(proc::HOLDERS_BUDGET + PROC_DEADLINE, move || {
+            proc::fd_info(pid, fd)
+        })
+        .unwrap_or_else(|_| FdInfo::unknown())
     }
     fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64> {
-        proc::heartbeat_age_ms(pid)
+        // A readlink and a statx without sync: neither waits on the file.
+        self.heartbeats.age_ms(pid)
     }
     fn comm(&mut self, pid: u32) -> String {
         proc::comm(pid)
     }
     fn container(&mut self, pid: u32) -> Option<Container> {
-        container::of_process(pid, &self.pods_dir)
+        container_of(pid, &self.pods_dir)
     }
 }
 
@@ -73,6 +104,10 @@ pub struct Session {
     pub metrics: Option<Instant>,
     /// What the HTTP servers answer from: metrics text, loop heartbeat.
     pub served: Shared,
+    /// --max-watched-per-master.
+    pub max_per_master: usize,
+    /// Forks dropped because their master was at its quota.
+    pub over_quota: u64,
 }
 
 /// How long a py-spy dump may take before the stall goes out without it.
@@ -148,13 +183,14 @@ impl Session {
         let summary = self.corr.summary(present::monotonic_ns());
         let me = metrics::SelfStats {
             events_received: self.events_received,
-            events_lost: self.probes.events_lost(),
+            losses: self.losses(),
             maps: self.probes.occupancy(),
         };
         let probes = &self.probes;
+        let heartbeats = &mut self.enricher.heartbeats;
         let body = metrics::render(
             &summary,
-            &mut proc::heartbeat_age_ms,
+            &mut |pid| heartbeats.age_ms(pid),
             &mut |pid| probes.read_hist(pid),
             &self.durations,
             &me,
@@ -183,7 +219,7 @@ impl Session {
             }
         }
         let gunicorn = matches!(t.role, Role::Master | Role::Worker);
-        let cmd = proc::cmdline(t.master);
+        let cmd = cmdline_of(t.master);
         let p = NewProcess {
             pid: t.pid,
             master: t.master,
@@ -191,7 +227,7 @@ impl Session {
             app: gunicorn.then(|| proc::parse_app(&cmd)).flatten(),
             timeout_s: gunicorn.then(|| proc::parse_timeout(&cmd).unwrap_or(30.0)),
             source,
-            container: container::of_process(t.pid, &self.enricher.pods_dir),
+            container: container_of(t.pid, &self.enricher.pods_dir),
         };
         if let Some(o) = self.corr.add_process(now, p) {
             self.emit(&o);
@@ -230,7 +266,35 @@ impl Session {
         }
     }
 
+    /// The kernel's loss counters and ours.
+    pub fn losses(&self) -> Losses {
+        Losses {
+            over_quota: self.over_quota,
+            ..self.probes.losses()
+        }
+    }
+
+    /// Whether a forked process is to be followed: the kernel has it (its
+    /// watch list was not full, or it would never send its exit) and its
+    /// master is under its quota (else the kernel is told to let it go).
+    fn admit_fork(&mut self, child: u32, master: u32) -> bool {
+        if !self.probes.is_watched(child) {
+            return false;
+        }
+        if self.corr.alive_under(master) >= self.max_per_master {
+            self.probes.forget(child);
+            self.over_quota += 1;
+            return false;
+        }
+        true
+    }
+
     fn handle(&mut self, ev: KernelEvent) {
+        if let KernelEvent::Fork { child, master, .. } = ev
+            && !self.admit_fork(child, master)
+        {
+            return;
+        }
         match ev {
             KernelEvent::Exec { pid, .. } => return self.on_exec(pid),
             // A master found at its exec binds its sockets later, but always
@@ -270,13 +334,8 @@ impl Session {
         }
     }
 
-    pub fn drain(&mut self, rb: &mut aya::maps::RingBuf<aya::maps::MapData>) {
-        let mut batch = Vec::new();
-        while let Some(item) = rb.next() {
-            if let Some(ev) = intake::decode(&item) {
-                batch.push(ev);
-            }
-        }
+    /// Handles a batch of kernel events from the intake thread.
+    pub fn drain(&mut self, batch: Vec<KernelEvent>) {
         self.events_received += batch.len() as u64;
         for ev in batch {
             self.handle(ev);
@@ -284,9 +343,10 @@ impl Session {
         self.flush_pending(false);
     }
 
-    /// Processes still in WATCHED that no longer exist: their EXIT event was
-    /// lost (ring buffer full). Ends them as if it had arrived, so neither
-    /// the kernel map nor the report keeps a dead process.
+    /// Processes still in WATCHED, or followed by the correlator, that no
+    /// longer exist: their EXIT event was lost (ring buffer full) or never
+    /// sent. Ends them as if it had arrived, so neither the kernel map, the
+    /// report nor the metric series keeps a dead process.
     fn sweep_dead(&mut self) {
         if self.last_sweep.elapsed() < SWEEP_EVERY {
             return;
@@ -300,13 +360,16 @@ impl Session {
                 _ => None,
             })
             .collect();
-        let dead: Vec<u32> = self
-            .probes
-            .watched
-            .keys()
-            .filter_map(|k| k.ok())
+        let mut known: Vec<u32> = self.probes.watched.keys().filter_map(|k| k.ok()).collect();
+        known.extend(self.corr.alive_pids());
+        known.sort_unstable();
+        known.dedup();
+        let dead: Vec<u32> = known
+            .into_iter()
             .filter(|pid| !held.contains(pid) && !proc::exists(*pid))
             .collect();
+        let alive = |pid: u32| proc::exists(pid);
+        self.enricher.heartbeats.retain(alive);
         let now = present::monotonic_ns();
         for pid in dead {
             let ev = KernelEvent::Exit {

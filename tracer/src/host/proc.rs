@@ -2,12 +2,42 @@
 //! events (a stall, a new process), never per syscall.
 //!
 //! Everything read here comes from untrusted processes: names and command
-//! lines are decoded lossily and never trusted as paths.
+//! lines are decoded lossily, read only up to a cap, and never trusted as
+//! paths. Nothing here follows an fd into its file system with a path
+//! lookup: fd kinds come from the /proc link text, and for paths from a
+//! statx of the magic link with AT_STATX_DONT_SYNC (the open inode's cached
+//! type, so a hung NFS or FUSE server is never asked); fd scans are capped
+//! per process and timed.
+use std::collections::HashMap;
+use std::ffi::CString;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use crate::model::{End, FdInfo, FdKind, Peer};
+
+/// Bytes of a command line read, at most.
+const MAX_CMDLINE: u64 = 16 * 1024;
+/// Bytes of a comm read (the kernel keeps 16).
+const MAX_COMM: u64 = 64;
+/// Fds of one process looked at in one scan, at most.
+pub const MAX_FDS_SCANNED: usize = 65536;
+/// Holders of a pipe listed in a report; the rest are counted.
+pub const MAX_PEERS: usize = 32;
+/// The pipe-holder search over the whole host stops after this long.
+pub const HOLDERS_BUDGET: Duration = Duration::from_secs(2);
+
+/// The first `cap` bytes of a file.
+pub fn read_capped(path: &std::path::Path, cap: u64) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    fs::File::open(path)
+        .ok()?
+        .take(cap)
+        .read_to_end(&mut out)
+        .ok()?;
+    Some(out)
+}
 
 fn proc_path(parts: &[&str]) -> PathBuf {
     let mut p = PathBuf::from("/proc");
@@ -22,7 +52,7 @@ pub fn exists(pid: u32) -> bool {
 }
 
 pub fn cmdline(pid: u32) -> Vec<String> {
-    fs::read(proc_path(&[&pid.to_string(), "cmdline"]))
+    read_capped(&proc_path(&[&pid.to_string(), "cmdline"]), MAX_CMDLINE)
         .map(|b| parse_cmdline(&b))
         .unwrap_or_default()
 }
@@ -36,7 +66,7 @@ pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
 }
 
 pub fn comm(pid: u32) -> String {
-    fs::read(proc_path(&[&pid.to_string(), "comm"]))
+    read_capped(&proc_path(&[&pid.to_string(), "comm"]), MAX_COMM)
         .map(|b| {
             String::from_utf8_lossy(&b)
                 .trim_end_matches('\n')
@@ -55,8 +85,8 @@ pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
 }
 
 pub fn ppid(pid: u32) -> Option<u32> {
-    let s = fs::read_to_string(proc_path(&[&pid.to_string(), "stat"])).ok()?;
-    parse_stat_ppid(&s)
+    let s = read_capped(&proc_path(&[&pid.to_string(), "stat"]), 4096)?;
+    parse_stat_ppid(&String::from_utf8_lossy(&s))
 }
 
 pub fn all_pids() -> Vec<u32> {
@@ -222,88 +252,216 @@ pub fn parse_fdinfo_end(fdinfo: &str) -> Option<End> {
 }
 
 fn fd_end(pid: u32, fd: i32) -> End {
-    fs::read_to_string(proc_path(&[&pid.to_string(), "fdinfo", &fd.to_string()]))
-        .ok()
-        .and_then(|s| parse_fdinfo_end(&s))
-        .unwrap_or(End::Unknown)
+    read_capped(
+        &proc_path(&[&pid.to_string(), "fdinfo", &fd.to_string()]),
+        4096,
+    )
+    .and_then(|s| parse_fdinfo_end(&String::from_utf8_lossy(&s)))
+    .unwrap_or(End::Unknown)
+}
+
+/// The fds of a process, at most `MAX_FDS_SCANNED`: (fd, link text).
+/// Reading the link text asks no file system: the kernel prints the path
+/// it already holds. The bool is false when the cap cut the list short.
+fn fd_links(pid: u32) -> (Vec<(i32, String)>, bool) {
+    let Ok(rd) = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])) else {
+        return (Vec::new(), true);
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        if out.len() >= MAX_FDS_SCANNED {
+            return (out, false);
+        }
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(link) = fs::read_link(e.path()) {
+            out.push((fd, link.to_string_lossy().into_owned()));
+        }
+    }
+    (out, true)
+}
+
+/// The holders of a pipe found on the host: at most `MAX_PEERS` listed.
+#[derive(Debug, Default)]
+pub struct Holders {
+    pub peers: Vec<Peer>,
+    /// Holders found beyond `MAX_PEERS`.
+    pub omitted: u64,
+    /// Every process other than the reader was searched in full (no fd cap
+    /// hit, within the time budget).
+    pub complete: bool,
+}
+
+impl Holders {
+    /// Keeps `p`, or counts it. A writer from another process is what
+    /// decides whether the reader can ever wake, so one is always kept.
+    pub fn add(&mut self, p: Peer, reader: u32) {
+        if self.peers.len() < MAX_PEERS {
+            self.peers.push(p);
+            return;
+        }
+        self.omitted += 1;
+        let other_writer = |q: &Peer| q.pid != reader && q.may_write();
+        if other_writer(&p) && !self.peers.iter().any(other_writer) {
+            self.peers[MAX_PEERS - 1] = p;
+        }
+    }
 }
 
 /// Every fd on the host, other than `skip`, whose link target is `target`.
-/// Costly on a big host, so only called for a reported stall on a pipe.
-pub fn holders(target: &str, skip: (u32, i32)) -> Vec<Peer> {
-    let mut out = Vec::new();
+/// Costly on a big host, so only called for a reported stall on a pipe,
+/// and bounded: `MAX_FDS_SCANNED` fds per process, `HOLDERS_BUDGET` in all.
+pub fn holders(target: &str, skip: (u32, i32)) -> Holders {
+    let start = Instant::now();
+    let mut h = Holders {
+        complete: true,
+        ..Default::default()
+    };
     for pid in all_pids() {
-        let Ok(rd) = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if (pid, fd) == skip {
+        if start.elapsed() > HOLDERS_BUDGET {
+            h.complete = false;
+            break;
+        }
+        let (links, whole) = fd_links(pid);
+        if !whole && pid != skip.0 {
+            h.complete = false;
+        }
+        for (fd, link) in links {
+            if (pid, fd) == skip || link != target {
                 continue;
             }
-            let Ok(link) = fs::read_link(e.path()) else {
-                continue;
+            let p = Peer {
+                pid,
+                comm: comm(pid),
+                fd,
+                end: fd_end(pid, fd),
             };
-            if link.as_os_str() == target {
-                out.push(Peer {
-                    pid,
-                    comm: comm(pid),
-                    fd,
-                    end: fd_end(pid, fd),
-                });
-            }
+            h.add(p, skip.0);
         }
     }
-    out
+    h
+}
+
+/// statx of /proc/PID/fd/N with AT_STATX_DONT_SYNC: the magic link leads
+/// straight to the open file (no lookup), and DONT_SYNC lets NFS and FUSE
+/// answer from the inode they hold instead of asking their server.
+fn statx_fd(pid: u32, fd: i32, mask: u32) -> Option<libc::statx> {
+    let path = CString::new(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    // SAFETY: statx is plain old data; all-zero is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a statx buffer we own.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            mask,
+            &mut st,
+        )
+    };
+    (r == 0).then_some(st)
+}
+
+/// The file type bits of an fd whose link text is a path.
+fn fd_mode(pid: u32, fd: i32) -> Option<u32> {
+    statx_fd(pid, fd, libc::STATX_TYPE).map(|s| s.stx_mode as u32)
 }
 
 pub fn fd_info(pid: u32, fd: i32) -> FdInfo {
     let Some(target) = fd_target(pid, fd) else {
         return FdInfo::unknown();
     };
-    let mode = fs::metadata(proc_path(&[&pid.to_string(), "fd", &fd.to_string()]))
-        .ok()
-        .map(|m| m.mode());
+    // Pipes, sockets and anonymous inodes say what they are in the link.
+    let mode = target.starts_with('/').then(|| fd_mode(pid, fd)).flatten();
     let kind = classify_target(&target, mode);
-    let peers = if kind.is_pipe_like() {
-        holders(&target, (pid, fd))
+    let (peers, peers_omitted, complete) = if kind.is_pipe_like() {
+        let h = holders(&target, (pid, fd));
+        (h.peers, h.omitted, h.complete)
     } else {
-        Vec::new()
+        (Vec::new(), 0, true)
     };
     FdInfo {
         kind,
         target: Some(target),
         peers,
+        peers_omitted,
+        peers_complete: complete,
     }
 }
 
-/// Age of a worker's Gunicorn heartbeat, in milliseconds.
-///
-/// The worker touches an unlinked `wgunicorn-*` file about once a second
-/// (`utimensat` since Gunicorn 22, `fchmod` before). Both change the inode's
-/// ctime to the wall-clock time, whatever they write into mtime, so ctime
-/// dates the last heartbeat for every version.
-pub fn heartbeat_age_ms(pid: u32) -> Option<u64> {
-    let dir = proc_path(&[&pid.to_string(), "fd"]);
-    for e in fs::read_dir(&dir).ok()?.flatten() {
-        let Ok(link) = fs::read_link(e.path()) else {
-            continue;
+/// A heartbeat file's ctime, in nanoseconds since the epoch.
+fn ctime_ns(pid: u32, fd: i32) -> Option<i128> {
+    let st = statx_fd(pid, fd, libc::STATX_CTIME)?;
+    Some(st.stx_ctime.tv_sec as i128 * 1_000_000_000 + st.stx_ctime.tv_nsec as i128)
+}
+
+/// Fds of a worker looked at to find its heartbeat file: Gunicorn opens it
+/// in the master before the fork, so it has a low number.
+const HEARTBEAT_SCAN: usize = 1024;
+/// A process without a heartbeat file is looked at again after this long.
+const NO_HEARTBEAT_RETRY: Duration = Duration::from_secs(10);
+
+/// Where each worker's heartbeat file is: its fd, found once and checked
+/// with one readlink per look, instead of reading every fd every second.
+#[derive(Default)]
+pub struct Heartbeats {
+    fds: HashMap<u32, Result<i32, Instant>>,
+}
+
+fn is_heartbeat(link: &str) -> bool {
+    link.contains("/wgunicorn-")
+}
+
+fn find_heartbeat_fd(pid: u32) -> Option<i32> {
+    let rd = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])).ok()?;
+    rd.flatten().take(HEARTBEAT_SCAN).find_map(|e| {
+        let fd = e.file_name().to_str()?.parse().ok()?;
+        is_heartbeat(&fs::read_link(e.path()).ok()?.to_string_lossy()).then_some(fd)
+    })
+}
+
+impl Heartbeats {
+    /// Age of a worker's Gunicorn heartbeat, in milliseconds.
+    ///
+    /// The worker touches an unlinked `wgunicorn-*` file about once a second
+    /// (`utimensat` since Gunicorn 22, `fchmod` before). Both change the
+    /// inode's ctime to the wall-clock time, whatever they write into mtime,
+    /// so ctime dates the last heartbeat for every version.
+    pub fn age_ms(&mut self, pid: u32) -> Option<u64> {
+        let cached = match self.fds.get(&pid) {
+            Some(Ok(fd)) if fd_target(pid, *fd).is_some_and(|l| is_heartbeat(&l)) => Some(*fd),
+            Some(Err(at)) if at.elapsed() < NO_HEARTBEAT_RETRY => return None,
+            _ => None,
         };
-        let name = link.to_string_lossy();
-        if !name.contains("/wgunicorn-") {
-            continue;
-        }
-        let meta = fs::metadata(e.path()).ok()?;
-        let ctime_ns = meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128;
+        let fd = match cached.or_else(|| find_heartbeat_fd(pid)) {
+            Some(fd) => fd,
+            None => {
+                self.fds.insert(pid, Err(Instant::now()));
+                return None;
+            }
+        };
+        self.fds.insert(pid, Ok(fd));
+        let ctime = ctime_ns(pid, fd)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()?
             .as_nanos() as i128;
-        return Some(((now - ctime_ns).max(0) / 1_000_000) as u64);
+        Some(((now - ctime).max(0) / 1_000_000) as u64)
     }
-    None
+
+    /// Drops what is known of processes that are gone.
+    pub fn retain(&mut self, alive: impl Fn(u32) -> bool) {
+        self.fds.retain(|pid, _| alive(*pid));
+    }
+
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
 }
 
 /// One TCP socket of /proc/PID/net/tcp or tcp6.
@@ -355,15 +513,10 @@ pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
     if listen_inodes.is_empty() {
         return Vec::new();
     }
-    let Ok(rd) = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
-            let link = fs::read_link(e.path()).ok()?;
-            Some((fd, *listen_inodes.get(&socket_inode(link.to_str()?)?)?))
-        })
+    fd_links(pid)
+        .0
+        .into_iter()
+        .filter_map(|(fd, link)| Some((fd, *listen_inodes.get(&socket_inode(&link)?)?)))
         .collect()
 }
 
@@ -556,6 +709,55 @@ mod tests {
         assert!(!cmdline(me).is_empty());
         assert!(ppid(me).is_some());
         assert!(threads(me).contains(&me));
+    }
+
+    fn peer(pid: u32, end: End) -> Peer {
+        Peer {
+            pid,
+            comm: "x".into(),
+            fd: 3,
+            end,
+        }
+    }
+
+    #[test]
+    fn holders_are_capped_and_keep_an_outside_writer() {
+        let mut h = Holders::default();
+        for _ in 0..1000 {
+            h.add(peer(7, End::Write), 7);
+        }
+        assert_eq!(
+            (h.peers.len(), h.omitted),
+            (MAX_PEERS, 1000 - MAX_PEERS as u64)
+        );
+        h.add(peer(8, End::Read), 7);
+        assert!(h.peers.iter().all(|p| p.pid == 7));
+        h.add(peer(9, End::Write), 7);
+        assert_eq!(h.peers.len(), MAX_PEERS);
+        assert!(
+            h.peers.iter().any(|p| p.pid == 9),
+            "the outside writer is kept"
+        );
+        assert_eq!(h.omitted, 1000 - MAX_PEERS as u64 + 2);
+    }
+
+    #[test]
+    fn heartbeat_of_a_process_without_one_is_not_rescanned_each_time() {
+        let mut h = Heartbeats::default();
+        let me = std::process::id();
+        assert_eq!(h.age_ms(me), None);
+        assert!(matches!(h.fds.get(&me), Some(Err(_))));
+        h.retain(|_| false);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn fd_kinds_of_this_process_without_following_into_files() {
+        let f = fs::File::open("/proc/self/status").unwrap();
+        use std::os::fd::AsRawFd;
+        let info = fd_info(std::process::id(), f.as_raw_fd());
+        assert_eq!(info.kind, FdKind::File);
+        assert!(info.peers_complete);
     }
 
     #[test]

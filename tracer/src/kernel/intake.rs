@@ -1,7 +1,86 @@
-//! Event intake: decoding ring buffer records into [`KernelEvent`]s.
+//! Event intake: a thread of its own that empties the ring buffer as soon
+//! as it has data and decodes the records into [`KernelEvent`]s for the
+//! session. It never reads /proc, so however long the session's /proc
+//! work takes, the ring buffer keeps being drained (up to the queue's
+//! bound; past it the kernel drops, and counts, as before).
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::sync::mpsc;
 use tracer_common::{ConnEnd, Event, RET_EXITED, RET_INTERRUPTED, kind};
 
 use crate::model::{KernelEvent, Role, Wake};
+
+/// Batches of events queued for the session, at most.
+const QUEUE: usize = 4096;
+
+/// The intake thread: stop it with [`Intake::stop`], which drains what is
+/// left in the ring buffer first.
+pub struct Intake {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Intake {
+    /// Starts draining `ring`; batches of decoded events arrive on the receiver.
+    pub fn start(
+        ring: RingBuf<MapData>,
+    ) -> std::io::Result<(Intake, mpsc::Receiver<Vec<KernelEvent>>)> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("tracer-intake".into())
+            .spawn(move || run(ring, tx, flag))?;
+        Ok((
+            Intake {
+                stop,
+                thread: Some(thread),
+            },
+            rx,
+        ))
+    }
+
+    /// Asks the thread to send what is left and end; the receiver then
+    /// sees the channel close.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn join(&mut self) {
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<KernelEvent>>, stop: Arc<AtomicBool>) {
+    let fd = ring.as_raw_fd();
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            batch.extend(decode(&item));
+        }
+        if !batch.is_empty() && tx.blocking_send(batch).is_err() {
+            return;
+        }
+        if stopping || tx.is_closed() {
+            return;
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+    }
+}
 
 /// Decodes one ring buffer record. Returns None for a record of the wrong
 /// size or an unknown kind (a newer BPF object, say) rather than guessing.

@@ -11,7 +11,7 @@ use tracer_common::{Conn, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, stat};
 
 use super::btf::Btf;
 use super::tracefs::Format;
-use crate::model::{MapOccupancy, Role};
+use crate::model::{Losses, MapOccupancy, Role};
 
 /// Map update flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -338,6 +338,21 @@ impl Probes {
 
     pub fn events_lost(&self) -> u64 {
         self.stat(stat::EVENTS_LOST)
+    }
+
+    /// The kernel's loss counters (`over_quota` is user space's: zero here).
+    pub fn losses(&self) -> Losses {
+        Losses {
+            events_lost: self.stat(stat::EVENTS_LOST),
+            watch_full: self.stat(stat::WATCH_FULL),
+            conns_untracked: self.stat(stat::CONNS_UNTRACKED),
+            over_quota: 0,
+        }
+    }
+
+    /// Whether the kernel follows `pid` (a fork it could not add is not).
+    pub fn is_watched(&self, pid: u32) -> bool {
+        self.watched.get(&pid, 0).is_ok()
     }
 }
 

@@ -12,7 +12,7 @@ pub use report::{
     Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, Outcome, Output, Preceded,
     Source, StallReport,
 };
-pub use summary::{Finding, MapOccupancy, Summary, WorkerState, WorkerSummary};
+pub use summary::{Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,9 +135,13 @@ pub struct FdInfo {
     pub kind: FdKind,
     /// The /proc/PID/fd link target, such as `pipe:[1234]`.
     pub target: Option<String>,
-    /// For a pipe: every other holder of the pipe, and the blocked process's
-    /// own other fds on it.
+    /// For a pipe: other holders of the pipe, and the blocked process's own
+    /// other fds on it; at most a few dozen, an outside writer always kept.
     pub peers: Vec<Peer>,
+    /// Holders found beyond those listed in `peers`.
+    pub peers_omitted: u64,
+    /// Every other process was searched in full: no writer was missed.
+    pub peers_complete: bool,
 }
 
 impl FdInfo {
@@ -147,11 +151,14 @@ impl FdInfo {
 
     /// For a pipe read by `pid`: true when no other process may write to it,
     /// so nothing outside the blocked process can ever wake the reader.
-    /// None for anything that is not a pipe.
+    /// None for anything that is not a pipe, and when the search for
+    /// holders was cut short without finding another writer.
     pub fn only_reader_can_write(&self, pid: u32) -> Option<bool> {
-        self.kind
-            .is_pipe_like()
-            .then(|| no_other_writer(&self.peers, pid))
+        if !self.kind.is_pipe_like() {
+            return None;
+        }
+        let alone = no_other_writer(&self.peers, pid);
+        (!alone || self.peers_complete).then_some(alone)
     }
 }
 

@@ -27,6 +27,9 @@ pub struct StallReport {
     pub fd_kind: FdKind,
     pub fd_target: Option<String>,
     pub peers: Vec<Peer>,
+    /// Holders of the pipe found beyond those listed (a process that dups
+    /// its pipe end many times cannot make the report huge).
+    pub peers_omitted: u64,
     /// For a pipe: true when only the blocked process holds a write end, so
     /// nothing else can ever wake it.
     pub only_self_can_wake: Option<bool>,

@@ -94,3 +94,17 @@ pub struct MapOccupancy {
     /// Connections being counted.
     pub conns: usize,
 }
+
+/// What the tracer could not see, counted since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Losses {
+    /// Kernel events dropped because the ring buffer was full.
+    pub events_lost: u64,
+    /// Forks not followed because the kernel's `WATCHED` map was full.
+    pub watch_full: u64,
+    /// Connections whose start could not be recorded (`CONNS` insert failed).
+    pub conns_untracked: u64,
+    /// Forks not followed because their master already had
+    /// `--max-watched-per-master` processes watched.
+    pub over_quota: u64,
+}

@@ -2,7 +2,7 @@
 use serde::Serialize;
 
 use super::verdict::{Verdict, verdict};
-use crate::model::{MapOccupancy, Summary, WorkerSummary};
+use crate::model::{Losses, MapOccupancy, Summary, WorkerSummary};
 
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
@@ -37,7 +37,9 @@ pub struct StartEvent {
 #[serde(tag = "event", rename = "summary")]
 pub struct SummaryEvent<'a> {
     pub duration_ms: u64,
-    pub events_lost: u64,
+    /// events_lost, watch_full, conns_untracked, over_quota.
+    #[serde(flatten)]
+    pub losses: Losses,
     pub maps: MapOccupancy,
     pub workers: &'a [WorkerSummary],
     pub verdict: Verdict,
@@ -48,12 +50,12 @@ impl<'a> SummaryEvent<'a> {
     pub fn new(
         summary: &'a Summary,
         duration_ms: u64,
-        events_lost: u64,
+        losses: Losses,
         maps: MapOccupancy,
     ) -> SummaryEvent<'a> {
         SummaryEvent {
             duration_ms,
-            events_lost,
+            losses,
             maps,
             workers: &summary.workers,
             verdict: verdict(summary),

@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::model::{FdKind, MapOccupancy, Role, Summary, WorkerState, WorkerSummary};
+use crate::model::{FdKind, Losses, MapOccupancy, Role, Summary, WorkerState, WorkerSummary};
 use tracer_common::{HIST_BUCKETS, ReadHist, fdkind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,7 +70,7 @@ impl StallDurations {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SelfStats {
     pub events_received: u64,
-    pub events_lost: u64,
+    pub losses: Losses,
     pub maps: MapOccupancy,
 }
 
@@ -219,8 +219,11 @@ pub fn render(
     }
     let received = Counter::<u64>::default();
     received.inc_by(me.events_received);
-    let lost = Counter::<u64>::default();
-    lost.inc_by(me.events_lost);
+    let counter = |n: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(n);
+        c
+    };
     let maps = Family::<MapLabels, Gauge>::default();
     for (m, n) in [
         ("watched", me.maps.watched),
@@ -238,7 +241,22 @@ pub fn render(
     reg.register(
         "events_lost",
         "Kernel events dropped because the ring buffer was full",
-        lost,
+        counter(me.losses.events_lost),
+    );
+    reg.register(
+        "watch_full",
+        "Forked processes not watched because the kernel's watch list was full",
+        counter(me.losses.watch_full),
+    );
+    reg.register(
+        "conns_untracked",
+        "Connections whose start could not be recorded (connection map full)",
+        counter(me.losses.conns_untracked),
+    );
+    reg.register(
+        "over_quota",
+        "Forked processes not watched because their master had --max-watched-per-master",
+        counter(me.losses.over_quota),
     );
     reg.register("map_entries", "Entries in the tracer's kernel maps", maps);
     let mut out = String::new();
@@ -301,7 +319,12 @@ mod tests {
         d.observe(FdKind::Pipe, 1500);
         let me = SelfStats {
             events_received: 9,
-            events_lost: 1,
+            losses: Losses {
+                events_lost: 1,
+                watch_full: 4,
+                conns_untracked: 5,
+                over_quota: 6,
+            },
             maps: MapOccupancy {
                 watched: 3,
                 inflight: 5,
@@ -351,6 +374,9 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("gunicorn_tracer_events_lost_total 1"), "{t}");
+        assert!(t.contains("gunicorn_tracer_watch_full_total 4"), "{t}");
+        assert!(t.contains("gunicorn_tracer_conns_untracked_total 5"), "{t}");
+        assert!(t.contains("gunicorn_tracer_over_quota_total 6"), "{t}");
         assert!(
             t.contains(r#"gunicorn_tracer_map_entries{map="watched"} 3"#),
             "{t}"

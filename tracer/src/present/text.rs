@@ -296,10 +296,25 @@ pub fn text_summary(s: &SummaryEvent) -> String {
             last
         ));
     }
-    if s.events_lost > 0 {
+    let l = &s.losses;
+    if l.events_lost > 0 {
         out.push_str(&format!(
             "WARNING: {} kernel event(s) were lost (ring buffer full); the picture above may be incomplete\n",
-            s.events_lost
+            l.events_lost
+        ));
+    }
+    if l.watch_full + l.over_quota > 0 {
+        out.push_str(&format!(
+            "WARNING: {} forked process(es) were not watched ({} with the kernel's watch list full, {} past --max-watched-per-master)\n",
+            l.watch_full + l.over_quota,
+            l.watch_full,
+            l.over_quota
+        ));
+    }
+    if l.conns_untracked > 0 {
+        out.push_str(&format!(
+            "WARNING: {} connection start(s) could not be recorded (connection map full); their lifetimes are unknown\n",
+            l.conns_untracked
         ));
     }
     out
