@@ -530,3 +530,34 @@ pub fn slow_upload(port: u16, gap: Duration) -> String {
     };
     run().unwrap_or_default()
 }
+
+impl Tracer {
+    /// Like [`Tracer::start`], with the tracer run through `wrapper` (say
+    /// `setpriv ...`), which must exec it in place so `pid()` stays the tracer's.
+    pub fn start_via(wrapper: &[&str], args: &[&str]) -> Tracer {
+        let (prog, pre) = wrapper.split_first().expect("a wrapper command");
+        let mut child = Command::new(prog)
+            .args(pre)
+            .arg(tracer_bin())
+            .args(["watch", "--format", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the tracer through its wrapper");
+        let stdout = pump(child.stdout.take().unwrap());
+        let stderr = pump(child.stderr.take().unwrap());
+        let mut t = Tracer {
+            child,
+            stdout,
+            stderr,
+            events: Vec::new(),
+            stderr_lines: Vec::new(),
+        };
+        t.wait_for("start event", Duration::from_secs(20), |e| {
+            e["event"] == "start"
+        });
+        t
+    }
+}

@@ -42,8 +42,10 @@ pub fn refusal(path: &Path, file: (u32, u32), dirs: &[(PathBuf, u32, u32)]) -> O
             mode & 0o7777
         ));
     }
+    // A sticky directory (/tmp) lets others add entries but not rename or
+    // remove root's, and the entry below it is checked in turn.
     for (dir, uid, mode) in dirs {
-        if *uid != 0 || mode & 0o022 != 0 {
+        if *uid != 0 || (mode & 0o022 != 0 && mode & libc::S_ISVTX == 0) {
             return Some(format!(
                 "{} is in {}, which someone other than root can change (owner uid {uid}, mode {:o})",
                 path.display(),
@@ -224,8 +226,14 @@ mod tests {
         dirs[0] = ("/tmp/x".into(), 1000, DIR | 0o755);
         let e = refusal(Path::new("/tmp/x/py-spy"), (0, REG | 0o755), &dirs).unwrap();
         assert!(e.contains("in /tmp/x"), "{e}");
-        dirs[0] = ("/tmp".into(), 0, DIR | 0o1777);
+        dirs[0] = ("/tmp".into(), 0, DIR | 0o777);
         assert!(refusal(Path::new("/tmp/py-spy"), (0, REG | 0o755), &dirs).is_some());
+        dirs[0] = ("/tmp".into(), 0, DIR | 0o1777);
+        assert_eq!(
+            refusal(Path::new("/tmp/py-spy"), (0, REG | 0o755), &dirs),
+            None,
+            "root's entry in a sticky directory cannot be replaced by others"
+        );
     }
 
     #[test]

@@ -1,0 +1,662 @@
+//! Hardening (issue 13): nothing a traced process controls can make the
+//! root tracer run its code, read host files, hang, or be starved; the
+//! tracer works with the DaemonSet's capabilities alone. Real processes,
+//! real BPF, as root.
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::*;
+
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("tracer-harden-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(d)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn chown(p: &Path, uid: u32) {
+    std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
+}
+
+fn write_exec(p: &Path, body: &str, mode: u32) {
+    std::fs::write(p, body).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The system Python, blocked for good reading a pipe only it can write.
+const BLOCK: &str = "import os\nr, w = os.pipe()\nos.read(r, 1)\n";
+
+/// `/usr/bin/python3 SCRIPT` with SCRIPT in `dir`: argv names that directory.
+fn blocked_python_in(dir: &Path) -> Proc {
+    let script = dir.join("app.py");
+    std::fs::write(&script, BLOCK).unwrap();
+    Proc::spawn(Command::new("/usr/bin/python3").arg(&script))
+}
+
+fn stall_of(t: &mut Tracer, pid: u32) -> Value {
+    t.wait_for("stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == pid
+    })
+    .1
+}
+
+#[test]
+fn a_py_spy_beside_the_traced_program_is_never_run() {
+    require_root();
+    let evil = Scratch::new("evil");
+    chown(&evil.0, 65534);
+    let marker = evil.path("ran");
+    let spy = evil.path("py-spy");
+    write_exec(
+        &spy,
+        &format!("#!/bin/sh\nid -u > {}\n", marker.display()),
+        0o755,
+    );
+    chown(&spy, 65534);
+    let p = blocked_python_in(&evil.0);
+    let pid = p.pid().to_string();
+    // Found next to argv: never run.
+    let mut t = Tracer::start(&["--pid", &pid, "--py-stack", "--threshold", "200ms"]);
+    let stall = stall_of(&mut t, p.pid());
+    t.stop();
+    let stall = t
+        .of_kind("stall")
+        .into_iter()
+        .find(|e| e["pid"] == stall["pid"])
+        .unwrap()
+        .clone();
+    assert!(
+        !marker.exists(),
+        "the traced program's py-spy ran as uid {:?}",
+        std::fs::read_to_string(&marker)
+    );
+    let err = stall["py_stack_error"].as_str().unwrap_or_default();
+    assert!(err.contains("py-spy is not installed"), "{stall}");
+    // Named explicitly, but owned by someone else: refused, and said why.
+    let mut t = Tracer::start(&[
+        "--pid",
+        &pid,
+        "--py-spy",
+        spy.to_str().unwrap(),
+        "--threshold",
+        "200ms",
+    ]);
+    stall_of(&mut t, p.pid());
+    t.stop();
+    let stall = t.of_kind("stall")[0].clone();
+    let err = stall["py_stack_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("refused") && err.contains("owned by uid 65534"),
+        "{stall}"
+    );
+    assert!(!marker.exists(), "an untrusted --py-spy ran");
+    // Root's, but writable by anyone: refused too.
+    chown(&spy, 0);
+    std::fs::set_permissions(&spy, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut t = Tracer::start(&["--pid", &pid, "--py-spy", spy.to_str().unwrap()]);
+    stall_of(&mut t, p.pid());
+    t.stop();
+    let err = t.of_kind("stall")[0]["py_stack_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("writable by group or others"), "{err}");
+    assert!(!marker.exists(), "a world-writable --py-spy ran");
+}
+
+#[test]
+fn py_spy_output_over_64k_is_drained_and_the_dump_is_nonblocking() {
+    require_root();
+    let d = Scratch::new("bigspy");
+    let args = d.path("args");
+    let spy = d.path("py-spy");
+    write_exec(
+        &spy,
+        &format!(
+            "#!/bin/sh\necho \"$@\" > {}\nhead -c 300000 /dev/zero | tr '\\0' x\n",
+            args.display()
+        ),
+        0o755,
+    );
+    let p = Proc::python(BLOCK);
+    let mut t = Tracer::start(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--py-spy",
+        spy.to_str().unwrap(),
+        "--threshold",
+        "200ms",
+    ]);
+    let stall = stall_of(&mut t, p.pid());
+    let stack = stall["py_stack"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no stack: {stall}"));
+    assert_eq!(
+        stack.len(),
+        300_000,
+        "the whole dump, past the pipe's 64 KiB"
+    );
+    let a = std::fs::read_to_string(&args).unwrap();
+    assert!(a.contains("dump") && a.contains("--nonblocking"), "{a}");
+    assert!(a.contains(&format!("--pid {}", p.pid())), "{a}");
+    t.stop();
+}
+
+#[test]
+fn a_hung_py_spy_is_killed_at_its_deadline_and_with_the_tracer() {
+    require_root();
+    let d = Scratch::new("hungspy");
+    let pids = d.path("pids");
+    let spy = d.path("py-spy");
+    write_exec(
+        &spy,
+        &format!("#!/bin/sh\necho $$ >> {}\nexec sleep 60\n", pids.display()),
+        0o755,
+    );
+    let p = Proc::python(BLOCK);
+    let mut t = Tracer::start(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--py-spy",
+        spy.to_str().unwrap(),
+        "--threshold",
+        "200ms",
+    ]);
+    let started = Instant::now();
+    let stall = stall_of(&mut t, p.pid());
+    assert!(
+        stall["py_stack_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not finish within"),
+        "{stall}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(9));
+    let first: u32 = std::fs::read_to_string(&pids)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eventually("the hung py-spy killed", Duration::from_secs(2), || {
+        (!alive(first)).then_some(())
+    });
+    t.stop();
+
+    // A tracer killed outright takes its py-spy with it.
+    let q = Proc::python(BLOCK);
+    let _ = std::fs::remove_file(&pids);
+    let t = Tracer::start(&[
+        "--pid",
+        &q.pid().to_string(),
+        "--py-spy",
+        spy.to_str().unwrap(),
+        "--threshold",
+        "200ms",
+    ]);
+    let second: u32 = eventually("py-spy started", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pids).ok()?.trim().parse().ok()
+    });
+    // SAFETY: kill(2) on the tracer we started.
+    unsafe { libc::kill(t.pid() as i32, libc::SIGKILL) };
+    eventually(
+        "py-spy gone with the tracer",
+        Duration::from_secs(3),
+        || (!alive(second)).then_some(()),
+    );
+    drop(t);
+}
+
+/// A process chrooted into `root`, blocked on a pipe, in a cgroup that
+/// looks like a Kubernetes container of pod `uid`.
+struct FakePod {
+    proc: Proc,
+    cgroup: PathBuf,
+}
+
+const POD_UID: &str = "0d2c3b5e-1f2a-4b6c-8d9e-0a1b2c3d4e5f";
+
+impl FakePod {
+    fn start(root: &Path, env: &[(&str, &str)]) -> FakePod {
+        let id = format!(
+            "{:064x}",
+            std::process::id() as u128 * 7919 + root.as_os_str().len() as u128
+        );
+        let cgroup = PathBuf::from(format!(
+            "/sys/fs/cgroup/pids/kubepods/besteffort/pod{POD_UID}/{id}"
+        ));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let code = format!(
+            "import os, sys\nsys.stdin.readline()\nos.chroot({:?})\nos.chdir('/')\nr, w = os.pipe()\nos.read(r, 1)\n",
+            root.display()
+        );
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.args(["-c", &code])
+            .env_clear()
+            .env("PATH", "/usr/bin")
+            .stdin(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let mut child = cmd.spawn().unwrap();
+        std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let proc = Proc {
+            child,
+            output: None,
+            lines: Vec::new(),
+        };
+        let pid = proc.pid();
+        eventually("chrooted", Duration::from_secs(5), || {
+            (std::fs::read_link(format!("/proc/{pid}/root")).ok()? == root).then_some(())
+        });
+        FakePod { proc, cgroup }
+    }
+}
+
+impl Drop for FakePod {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group we created.
+        unsafe { libc::kill(-(self.proc.pid() as i32), libc::SIGKILL) };
+        let _ = self.proc.child.wait();
+        // The container's cgroup, then its pod's and the QoS class's if empty.
+        for dir in self.cgroup.ancestors().take(3) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Runs the tracer on `pid` for 3 s; it must end on its own, in time.
+fn trace_for_3s(pid: u32, extra: &[&str]) -> (Vec<Value>, String) {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "watch",
+        "--format",
+        "json",
+        "--pid",
+        &pid,
+        "--duration",
+        "3s",
+        "--threshold",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    let child = Command::new(tracer_bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tracer = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(20)) else {
+        // SAFETY: kill(2) on the tracer this test started.
+        unsafe { libc::kill(tracer as i32, libc::SIGKILL) };
+        panic!("the tracer did not end on --duration: hung on a hostile file");
+    };
+    let out = out.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (events, text)
+}
+
+fn namespace_file(root: &Path) -> PathBuf {
+    let d = root.join("var/run/secrets/kubernetes.io/serviceaccount");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join("namespace")
+}
+
+#[test]
+fn a_hostile_namespace_file_neither_hangs_nor_leaks_the_host() {
+    require_root();
+    let secret = Scratch::new("hostsecret");
+    let host_file = secret.path("token");
+    std::fs::write(&host_file, "hostsecret\n").unwrap();
+    type Plant = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Plant)> = vec![
+        (
+            "fifo",
+            Box::new(|p: &Path| {
+                let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+                // SAFETY: mkfifo with a valid path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+            }),
+        ),
+        (
+            "symlink",
+            Box::new(move |p: &Path| std::os::unix::fs::symlink(&host_file, p).unwrap()),
+        ),
+        (
+            "zero",
+            Box::new(|p: &Path| {
+                let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+                // SAFETY: mknod of /dev/zero's numbers at a valid path.
+                let r =
+                    unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(1, 5)) };
+                assert_eq!(r, 0);
+            }),
+        ),
+    ];
+    for (name, plant) in cases {
+        let root = Scratch::new(&format!("root-{name}"));
+        plant(&namespace_file(&root.0));
+        let pod = FakePod::start(&root.0, &[]);
+        let started = Instant::now();
+        let (events, text) = trace_for_3s(pod.proc.pid(), &["--pods-dir", "/nonexistent"]);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        assert!(!text.contains("hostsecret"), "{name}: host content: {text}");
+        let w = events.iter().find(|e| e["event"] == "worker").unwrap();
+        assert_eq!(w["container"]["pod_uid"], POD_UID, "{name}: {w}");
+        assert!(w["container"]["namespace"].is_null(), "{name}: {w}");
+        assert!(
+            events.iter().any(|e| e["event"] == "stall"),
+            "{name}: the tracer kept reporting: {text}"
+        );
+    }
+}
+
+#[test]
+fn the_pod_name_comes_from_the_kubelet_log_directory_not_the_process_claim() {
+    require_root();
+    let root = Scratch::new("root-claim");
+    let pods = Scratch::new("pods");
+    std::fs::create_dir(pods.path(&format!("shop_web-1_{POD_UID}"))).unwrap();
+    std::fs::create_dir(pods.path("kube-system_coredns-x_11111111-1f2a-4b6c-8d9e-0a1b2c3d4e5f"))
+        .unwrap();
+    let claim = [
+        ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+        ("POD_NAME", "coredns-x"),
+        ("POD_NAMESPACE", "kube-system"),
+    ];
+    let pod = FakePod::start(&root.0, &claim);
+    let pid = pod.proc.pid();
+    let (events, _) = trace_for_3s(pid, &["--pods-dir", pods.0.to_str().unwrap()]);
+    let c = &events.iter().find(|e| e["event"] == "worker").unwrap()["container"];
+    assert_eq!(c["pod"], "web-1", "{c}");
+    assert_eq!(c["namespace"], "shop", "{c}");
+    assert_eq!(c["pod_source"], "log_dir", "{c}");
+    // Without the directory, the claim is used, and marked as one.
+    let (events, _) = trace_for_3s(pid, &["--pods-dir", "/nonexistent"]);
+    let c = &events.iter().find(|e| e["event"] == "worker").unwrap()["container"];
+    assert_eq!(c["pod"], "coredns-x", "{c}");
+    assert_eq!(c["pod_source"], "environment", "{c}");
+}
+
+#[test]
+fn output_through_a_planted_symlink_is_refused_and_created_files_are_0600() {
+    require_root();
+    let d = Scratch::new("output");
+    let victim = d.path("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let link = d.path("out.jsonl");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let me = std::process::id().to_string();
+    let (code, _, err) = run_tracer(&[
+        "watch",
+        "--pid",
+        &me,
+        "--duration",
+        "1s",
+        "--output",
+        link.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "a symlinked --output must be refused");
+    assert!(err.contains("--output"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    let fresh = d.path("fresh.jsonl");
+    let (code, _, err) = run_tracer(&[
+        "watch",
+        "--pid",
+        &me,
+        "--duration",
+        "1s",
+        "--output",
+        fresh.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mode = std::fs::metadata(&fresh).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let first = std::fs::read_to_string(&fresh).unwrap();
+    // A second run appends: the first run's lines stay.
+    let (code, _, err) = run_tracer(&[
+        "watch",
+        "--pid",
+        &me,
+        "--duration",
+        "1s",
+        "--output",
+        fresh.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read_to_string(&fresh).unwrap().starts_with(&first));
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 0, utime 11, stime 12 (clock ticks).
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn raise_nofile(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: a valid rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+}
+
+/// The tracer's open fds now.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A TCP connect to 127.0.0.1:`port` started and left to the kernel.
+fn connect_nonblocking(port: u16) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        let e = std::io::Error::last_os_error();
+        assert!(
+            r == 0 || e.raw_os_error() == Some(libc::EINPROGRESS),
+            "connect: {e}"
+        );
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+/// A process that waits for SIGUSR1, then forks: parent and child both
+/// block for good reading a pipe (the child's stall is new when it comes).
+const FORK_ON_USR1: &str = "import os, signal\nsignal.signal(signal.SIGUSR1, lambda *a: None)\nsignal.pause()\nos.fork()\nr, w = os.pipe()\nos.read(r, 1)\n";
+
+#[test]
+fn two_thousand_idle_metrics_connections_and_emfile_neither_spin_nor_blind() {
+    require_root();
+    raise_nofile(8192);
+    let port = free_port();
+    let p = Proc::python(FORK_ON_USR1);
+    let mut t = Tracer::start(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--threshold",
+        "300ms",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let tracer = t.pid();
+    let prlimit = |n: usize| {
+        let out = Command::new("prlimit")
+            .arg(format!("--pid={tracer}"))
+            .arg(format!("--nofile={n}:"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    // EMFILE: a few fds left, 200 clients waiting. accept() must back off.
+    prlimit(open_fds(tracer) + 8);
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    }
+    let before = cpu_seconds(tracer);
+    std::thread::sleep(Duration::from_secs(3));
+    let emfile = cpu_seconds(tracer) - before;
+    eprintln!("tracer CPU over 3 s at EMFILE with 200 waiting clients: {emfile:.3} s");
+    assert!(
+        emfile < 0.3,
+        "accept spun on EMFILE: {emfile:.2} s of CPU in 3 s"
+    );
+    drop(idle);
+    prlimit(4096);
+    std::thread::sleep(Duration::from_secs(3));
+
+    // 2,000 idle connections: served 64 at a time, the rest wait in the
+    // backlog; the tracer stays cheap and keeps reporting.
+    // Past the 64 served and the listen backlog, the kernel keeps retrying
+    // the handshakes: 2,000 non-blocking connects, all left open.
+    let idle: Vec<std::os::fd::OwnedFd> = (0..2000).map(|_| connect_nonblocking(port)).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = cpu_seconds(tracer);
+    // SAFETY: kill(2) on the process this test started.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGUSR1) };
+    let (_, stall) = t.wait_for("a stall during the flood", Duration::from_secs(5), |e| {
+        e["event"] == "stall"
+    });
+    assert_eq!(stall["fd_kind"], "pipe", "{stall}");
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_seconds(tracer) - before;
+    eprintln!("tracer CPU over ~5 s with 2,000 idle metrics connections: {used:.3} s");
+    assert!(used < 0.5, "the tracer spun: {used:.2} s of CPU");
+    drop(idle);
+    t.stop();
+}
+
+/// The DaemonSet's capabilities, as setpriv names them.
+const DAEMONSET_CAPS: &str = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
+
+#[test]
+fn as_nobody_with_only_the_daemonset_capabilities_a_stall_is_named_with_peers_and_heartbeat() {
+    require_root();
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let pids =
+        std::env::temp_dir().join(format!("tracer-harden-nobody-{}.pids", std::process::id()));
+    let _ = std::fs::remove_file(&pids);
+    let mut g = gunicorn(
+        &[
+            "-k",
+            "gevent",
+            "-w",
+            "1",
+            "-t",
+            "6",
+            "-b",
+            &bind,
+            "hang_app:app",
+        ],
+        &[("HANG_PID_FILE", pids.to_str().unwrap())],
+    );
+    g.wait_line("Booting worker", Duration::from_secs(30));
+    let master = g.pid().to_string();
+    let mut t = Tracer::start_via(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &format!("--inh-caps={DAEMONSET_CAPS}"),
+            &format!("--ambient-caps={DAEMONSET_CAPS}"),
+            &format!("--bounding-set={DAEMONSET_CAPS}"),
+        ],
+        &["--pid", &master, "--threshold", "300ms"],
+    );
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", t.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    assert!(uid.contains("65534"), "the tracer runs as nobody: {uid}");
+    let _client = get_async(port, "/hang", Duration::from_secs(20));
+    let victim: u64 = eventually("hang pid", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pids)
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    });
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| {
+        e["event"] == "stall" && e["pid"] == victim
+    });
+    assert_eq!(stall["fd_kind"], "pipe", "{stall}");
+    assert!(
+        !stall["peers"].as_array().unwrap().is_empty(),
+        "pipe peers are read: {stall}"
+    );
+    assert_eq!(stall["only_self_can_wake"], true, "{stall}");
+    assert!(
+        stall["heartbeat_age_ms"].as_u64().is_some(),
+        "heartbeat age is read: {stall}"
+    );
+    t.stop();
+    let _ = std::fs::remove_file(&pids);
+}
