@@ -660,3 +660,86 @@ fn as_nobody_with_only_the_daemonset_capabilities_a_stall_is_named_with_peers_an
     t.stop();
     let _ = std::fs::remove_file(&pids);
 }
+
+/// Dups its pipe's write end `n` times, then reads the pipe for good.
+fn dup_flood(n: usize) -> String {
+    format!(
+        "import os, resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))\nr, w = os.pipe()\nfds = [os.dup(w) for _ in range({n})]\nprint('ready', flush=True)\nos.read(r, 1)\n"
+    )
+}
+
+#[test]
+fn a_pipe_dupped_thousands_of_times_makes_a_bounded_report() {
+    require_root();
+    let n = 19_000; // this sandbox's RLIMIT_NOFILE is 20,000
+    let mut p = Proc::spawn(
+        Command::new(python())
+            .args(["-c", &dup_flood(n)])
+            .stdout(std::process::Stdio::piped()),
+    );
+    let mut out = p.child.stdout.take().unwrap();
+    let mut ready = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut ready).unwrap();
+    let mut t = Tracer::start(&["--pid", &p.pid().to_string(), "--threshold", "200ms"]);
+    let (at, stall) = t.wait_for("stall", Duration::from_secs(10), |e| e["event"] == "stall");
+    let peers = stall["peers"].as_array().unwrap();
+    assert!(peers.len() <= 32, "{} peers listed", peers.len());
+    assert_eq!(
+        peers.len() as u64 + stall["peers_omitted"].as_u64().unwrap(),
+        n as u64 + 1,
+        "the write end and every dup of it counted"
+    );
+    assert_eq!(stall["only_self_can_wake"], true, "{stall}");
+    assert!(
+        stall.to_string().len() < 16 * 1024,
+        "report of {} bytes",
+        stall.to_string().len()
+    );
+    // The tracer keeps answering: the next poll-driven event still comes.
+    drop(p);
+    let (end_at, _) = t.wait_for("stall_end", Duration::from_secs(5), |e| {
+        e["event"] == "stall_end"
+    });
+    assert!(end_at > at);
+    t.stop();
+}
+
+/// Waits for SIGUSR1, forks `n` children that sleep, then sleeps itself.
+fn forker(n: usize) -> String {
+    format!(
+        "import os, signal, time\nsignal.signal(signal.SIGUSR1, lambda *a: None)\nsignal.pause()\nfor _ in range({n}):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\ntime.sleep(60)\n"
+    )
+}
+
+#[test]
+fn forks_past_the_per_master_quota_are_counted_not_followed_and_others_still_are() {
+    require_root();
+    let flood = Proc::python(&forker(20));
+    let other = Proc::python(&forker(1));
+    let mut t = Tracer::start(&[
+        "--pid",
+        &flood.pid().to_string(),
+        "--pid",
+        &other.pid().to_string(),
+        "--max-watched-per-master",
+        "5",
+    ]);
+    for p in [&flood, &other] {
+        // SAFETY: kill(2) on a process this test started.
+        unsafe { libc::kill(p.pid() as i32, libc::SIGUSR1) };
+    }
+    t.wait_for("the other master's child", Duration::from_secs(5), |e| {
+        e["event"] == "worker" && e["master_pid"] == other.pid() && e["source"] == "fork"
+    });
+    t.collect_for(Duration::from_secs(2));
+    let followed = t
+        .of_kind("worker")
+        .iter()
+        .filter(|e| e["master_pid"] == flood.pid() && e["source"] == "fork")
+        .count();
+    assert_eq!(followed, 4, "the master and 4 children make the quota of 5");
+    let s = t.stop();
+    assert_eq!(s["over_quota"], 16, "{s}");
+    assert!(s["maps"]["watched"].as_u64().unwrap() <= 7, "{s}");
+    assert_eq!(s["watch_full"], 0, "{s}");
+}
