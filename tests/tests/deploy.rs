@@ -34,6 +34,7 @@ fn manifests_validate_against_the_kubernetes_schema() {
                 "serviceaccount.yaml",
                 "daemonset.yaml",
                 "service.yaml",
+                "networkpolicy.yaml",
             ])
             .current_dir(manifests())
             .output()
@@ -41,7 +42,7 @@ fn manifests_validate_against_the_kubernetes_schema() {
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "kubernetes {version}: {text}");
-        assert_eq!(text.matches("passed").count(), 4, "{text}");
+        assert_eq!(text.matches("passed").count(), 5, "{text}");
     }
 }
 
@@ -64,15 +65,18 @@ fn daemonset_has_what_the_tracer_needs_and_no_more() {
         .map(|v| v.as_str().unwrap())
         .collect();
     caps.sort();
+    // No SYS_RESOURCE: BPF memory is charged to the memory cgroup since
+    // Linux 5.11, and the tracer needs 5.15.
+    assert_eq!(caps, ["BPF", "DAC_READ_SEARCH", "PERFMON", "SYS_PTRACE"]);
     assert_eq!(
-        caps,
-        [
-            "BPF",
-            "DAC_READ_SEARCH",
-            "PERFMON",
-            "SYS_PTRACE",
-            "SYS_RESOURCE"
-        ]
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let apparmor = &ds["spec"]["template"]["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/tracer"];
+    assert_eq!(apparmor, "unconfined", "chosen, with the reason beside it");
+    assert!(
+        pod.get("priorityClassName").is_none(),
+        "an optional tool must not pre-empt workloads"
     );
     let args: Vec<&str> = c["args"]
         .as_array()
@@ -80,14 +84,54 @@ fn daemonset_has_what_the_tracer_needs_and_no_more() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert!(args.contains(&"--metrics-addr=0.0.0.0:9464"), "{args:?}");
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    // Metrics on the pod IP only; /healthz alone on loopback for the probes.
+    assert!(args.contains(&"--metrics-addr=$(POD_IP):9464"), "{args:?}");
+    assert_eq!(c["env"][0]["name"], "POD_IP");
+    assert_eq!(
+        c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert!(args.contains(&"--health-addr=127.0.0.1:9465"), "{args:?}");
+    assert!(args.contains(&"--pods-dir=/var/log/pods"), "{args:?}");
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        let cmd = &c[probe]["exec"]["command"];
+        assert_eq!(cmd[1], "health", "{probe}: {cmd}");
+        assert_eq!(cmd[3], "127.0.0.1:9465", "{probe}: {cmd}");
+    }
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().all(|m| m["readOnly"] == true), "{mounts:?}");
+    assert!(
+        mounts.iter().any(|m| m["mountPath"] == "/var/log/pods"),
+        "{mounts:?}"
+    );
     assert!(c["resources"]["limits"]["memory"].is_string());
     assert!(c["resources"]["requests"]["cpu"].is_string());
     // The CLI accepts exactly what the manifest passes.
-    let (code, _, err) = run_tracer(&["watch", "--help"]);
+    let (code, help, err) = run_tracer(&["watch", "--help"]);
     assert_eq!(code, 0, "{err}");
+    for flag in ["--metrics-addr", "--health-addr", "--pods-dir"] {
+        assert!(help.contains(flag), "{flag} missing from: {help}");
+    }
+    let (code, _, err) = run_tracer(&["health", "--help"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn metrics_reach_the_monitoring_namespace_only() {
+    let np = &load("networkpolicy.yaml")[0];
+    let ds = &load("daemonset.yaml")[0];
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"],
+        ds["spec"]["template"]["metadata"]["labels"]
+    );
+    let rule = &np["spec"]["ingress"][0];
+    assert_eq!(
+        rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert_eq!(rule["ports"][0]["port"], 9464);
+    assert_eq!(np["spec"]["ingress"].as_array().unwrap().len(), 1);
+    assert_eq!(np["spec"]["egress"], serde_json::json!([]));
 }
 
 #[test]

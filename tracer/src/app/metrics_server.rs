@@ -21,9 +21,18 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     } else {
         s.to_string()
     };
-    full.parse::<SocketAddr>().map_err(|_| {
-        format!("'{s}' is not an address; write it like 127.0.0.1:9464, 0.0.0.0:9464 or :9464")
-    })
+    // A bare IPv6 address and port, as the downward API's `$(POD_IP):9464`
+    // gives on an IPv6 cluster.
+    let bare_v6 = || {
+        let (ip, port) = full.rsplit_once(':')?;
+        Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+    };
+    full.parse::<SocketAddr>()
+        .ok()
+        .or_else(bare_v6)
+        .ok_or_else(|| {
+            format!("'{s}' is not an address; write it like 127.0.0.1:9464, 0.0.0.0:9464 or :9464")
+        })
 }
 
 /// Binds now, so a port in use is an error at start, not a silent gap.
@@ -236,5 +245,9 @@ mod tests {
                 .contains("127.0.0.1:9464")
         );
         assert!(parse_addr("1.2.3.4:99999").is_err());
+        assert_eq!(
+            parse_addr("fd00::5:9464").unwrap().to_string(),
+            "[fd00::5]:9464"
+        );
     }
 }

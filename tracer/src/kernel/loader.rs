@@ -45,15 +45,29 @@ const PROGRAMS: [(&str, &str, &str); 5] = [
 /// last receive on a tracked connection that found nothing (EAGAIN).
 const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones to
+/// the memory cgroup. The tracer needs 5.15, so this is only for a kernel
+/// that says otherwise: best effort, and not even tried where it is not
+/// needed (it would need CAP_SYS_RESOURCE, which the DaemonSet lacks).
 fn raise_memlock() {
-    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones
-    // ignore it. Best effort: a failure shows up later as a map error.
+    if !charges_memlock(&kernel_release()) {
+        return;
+    }
     let lim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: lim is a valid rlimit.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
+
+/// Whether a kernel release (`6.1.0-18-amd64`) predates 5.11's memcg
+/// accounting of BPF memory. An unreadable release counts as old.
+fn charges_memlock(release: &str) -> bool {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let minor: u32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (major, minor) < (5, 11)
 }
 
 /// Turns a load error into one line that says what to do.
@@ -359,6 +373,16 @@ impl Probes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memlock_is_raised_only_on_kernels_that_charge_it() {
+        assert!(!charges_memlock("6.18.0-1-amd64"));
+        assert!(!charges_memlock("5.15.0-91-generic"));
+        assert!(!charges_memlock("5.11.0"));
+        assert!(charges_memlock("5.10.0-28-amd64"));
+        assert!(charges_memlock("4.19.0"));
+        assert!(charges_memlock("unknown"));
+    }
 
     #[test]
     fn permission_errors_say_what_to_do() {
