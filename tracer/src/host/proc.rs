@@ -191,14 +191,22 @@ pub fn parse_timeout(cmdline: &[String]) -> Option<f64> {
     None
 }
 
-/// The WSGI app argument (`module:callable`) from a Gunicorn command line.
+/// Bytes of the app argument kept: it becomes a label of every series.
+pub const MAX_APP: usize = 128;
+
+/// The WSGI app argument (`module:callable`) from a Gunicorn command line,
+/// cut to `MAX_APP` bytes.
 pub fn parse_app(cmdline: &[String]) -> Option<String> {
-    cmdline
+    let app = cmdline
         .iter()
         .skip(1)
         .rev()
-        .find(|a| !a.starts_with('-') && a.contains(':') && !a.contains('/'))
-        .cloned()
+        .find(|a| !a.starts_with('-') && a.contains(':') && !a.contains('/'))?;
+    let mut end = app.len().min(MAX_APP);
+    while !app.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(app[..end].to_string())
 }
 
 pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
@@ -638,6 +646,13 @@ mod tests {
         assert_eq!(
             parse_app(&v(&["gunicorn", "--bind=unix:/tmp/x.sock"])),
             None
+        );
+        let huge = format!("app:{}", "é".repeat(100_000));
+        let app = parse_app(&v(&["gunicorn", &huge])).unwrap();
+        assert!(
+            app.len() <= MAX_APP && app.starts_with("app:"),
+            "{}",
+            app.len()
         );
     }
 
