@@ -44,11 +44,6 @@ pub fn container_of(pid: u32, pods_dir: &Arc<PathBuf>) -> Option<Container> {
         .flatten()
 }
 
-/// A command line, read off the session's thread with a deadline.
-pub fn cmdline_of(pid: u32) -> Vec<String> {
-    bounded::call(PROC_DEADLINE, move || proc::cmdline(pid)).unwrap_or_default()
-}
-
 impl Enricher for ProcEnricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
         bounded::call(proc::HOLDERS_BUDGET + PROC_DEADLINE, move || {
@@ -219,7 +214,7 @@ impl Session {
             }
         }
         let gunicorn = matches!(t.role, Role::Master | Role::Worker);
-        let cmd = cmdline_of(t.master);
+        let cmd = proc::cmdline(t.master);
         let p = NewProcess {
             pid: t.pid,
             master: t.master,

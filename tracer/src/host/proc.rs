@@ -51,8 +51,17 @@ pub fn exists(pid: u32) -> bool {
     proc_path(&[&pid.to_string()]).is_dir()
 }
 
+/// How long a command line may take to read. Reading it waits for the
+/// process's memory-map lock, which the process can hold (a fault on a hung
+/// mount), so it is read on a helper thread (see `bounded`).
+const CMDLINE_DEADLINE: Duration = Duration::from_millis(500);
+
+/// A process's command line, empty when it cannot be read in time.
 pub fn cmdline(pid: u32) -> Vec<String> {
-    read_capped(&proc_path(&[&pid.to_string(), "cmdline"]), MAX_CMDLINE)
+    let path = proc_path(&[&pid.to_string(), "cmdline"]);
+    super::bounded::call(CMDLINE_DEADLINE, move || read_capped(&path, MAX_CMDLINE))
+        .ok()
+        .flatten()
         .map(|b| parse_cmdline(&b))
         .unwrap_or_default()
 }
