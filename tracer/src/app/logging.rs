@@ -8,7 +8,8 @@ pub fn init_logging() {
         .format(|out, record| {
             let source = source(record.target());
             let level = record.level().as_str().to_ascii_lowercase();
-            writeln!(out, "tracer: {source}: {level}: {}", record.args())
+            let text = one_line(&record.args().to_string());
+            writeln!(out, "tracer: {source}: {level}: {text}")
         })
         .init();
 }
@@ -24,9 +25,29 @@ fn source(target: &str) -> &str {
     }
 }
 
+/// aya pretty-prints some values over many lines; a log line stays one line
+/// so that it can be grepped and prefixed.
+fn one_line(text: &str) -> String {
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    parts.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::source;
+    use super::{one_line, source};
+
+    #[test]
+    fn a_record_is_one_line() {
+        assert_eq!(
+            one_line("Features {\n    btf: true,\n}\n"),
+            "Features { btf: true, }"
+        );
+        assert_eq!(one_line("plain"), "plain");
+    }
 
     #[test]
     fn aya_crates_are_one_source() {
