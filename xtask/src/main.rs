@@ -111,8 +111,8 @@ fn test(filter: Option<String>) -> Result<()> {
     let bin = build()?;
     let venv = setup::venv()?;
     setup::tools(
-        &[("nginx", "nginx")],
-        "the end-to-end tests (nginx in front of Gunicorn)",
+        &[("nginx", "nginx"), ("bpftool", "bpftool")],
+        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload)",
     )?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();
