@@ -97,6 +97,7 @@ impl Session {
             events_received: self.events_received,
             events_lost: self.probes.events_lost(),
             maps: self.probes.occupancy(),
+            bpf_errors: self.probes.bpf_errors(),
         };
         let probes = &self.probes;
         let body = metrics::render(
