@@ -26,6 +26,8 @@ def app(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     if path == "/rpc":
         socket.setdefaulttimeout(LEAKED_TIMEOUT)
+        # Tells a test the leak is on, so it need not guess with a sleep.
+        print(f"rpc: default socket timeout {LEAKED_TIMEOUT} leaked", flush=True)
         try:
             gevent.sleep(RPC_SECONDS)  # the "RPC" in flight, timeout leaked
         finally:

@@ -10,7 +10,8 @@ Server modes, for every accepted connection:
     idle      wait for a request that never comes, close after 0.3 s
     shutdown  read the request, shutdown() without writing, then close
     exit      read the request, then exit with the socket still open
-    hold GO   read the request, wait for file GO, close without writing
+    hold GO   read the request, print "read", wait for file GO, close
+              without writing
 """
 import os
 import socket
@@ -55,6 +56,7 @@ def serve(mode, go=None):
         elif mode == "exit":
             os._exit(0)
         elif mode == "hold":
+            print("read", flush=True)
             while not os.path.exists(go):
                 time.sleep(0.02)
         c.close()

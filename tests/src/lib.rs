@@ -6,7 +6,7 @@
 //! TRACER_BIN and TRACER_VENV; run by hand, the defaults under target/ apply.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
@@ -105,10 +105,15 @@ pub struct Tracer {
 impl Tracer {
     /// Starts the tracer and waits for its `start` event (programs attached).
     pub fn start(args: &[&str]) -> Tracer {
-        let mut child = Command::new(tracer_bin())
-            .arg("watch")
-            .args(["--format", "json"])
-            .args(args)
+        let mut cmd = Command::new(tracer_bin());
+        cmd.arg("watch").args(["--format", "json"]).args(args);
+        Tracer::start_command(cmd)
+    }
+
+    /// Like `start`, for a command line the caller wrote (JSON output, such
+    /// as the DaemonSet's arguments, or the tracer run through setpriv).
+    pub fn start_command(mut cmd: Command) -> Tracer {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -150,6 +155,19 @@ impl Tracer {
         }
     }
 
+    /// Fails the test with `why`, every event so far and the tracer's stderr.
+    fn give_up(&mut self, why: String) -> ! {
+        self.drain_stderr();
+        panic!(
+            "{why}\nevents: {:#?}\nstderr: {:#?}",
+            self.events
+                .iter()
+                .map(|(_, v)| v.to_string())
+                .collect::<Vec<_>>(),
+            self.stderr_lines
+        );
+    }
+
     /// Waits for the first event (already received or new) matching `pred`.
     pub fn wait_for(
         &mut self,
@@ -157,43 +175,44 @@ impl Tracer {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> (Instant, Value) {
+        match self.next_matching(timeout, pred) {
+            Ok(found) => found,
+            Err(RecvTimeoutError::Timeout) => {
+                self.give_up(format!("timed out after {timeout:?} waiting for {what}"))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.child.try_wait();
+                self.give_up(format!(
+                    "tracer exited while waiting for {what} (status {status:?})"
+                ))
+            }
+        }
+    }
+
+    /// Like `wait_for`, for an event that may not come: None after `timeout`.
+    pub fn try_wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<(Instant, Value)> {
+        self.next_matching(timeout, pred).ok()
+    }
+
+    fn next_matching(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<(Instant, Value), RecvTimeoutError> {
         if let Some(found) = self.events.iter().find(|(_, v)| pred(v)) {
-            return found.clone();
+            return Ok(found.clone());
         }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(line) => {
-                    self.take(line);
-                    let last = self.events.last().unwrap();
-                    if pred(&last.1) {
-                        return last.clone();
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.drain_stderr();
-                    panic!(
-                        "timed out after {timeout:?} waiting for {what}\nevents: {:#?}\nstderr: {:#?}",
-                        self.events
-                            .iter()
-                            .map(|(_, v)| v.to_string())
-                            .collect::<Vec<_>>(),
-                        self.stderr_lines
-                    );
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.drain_stderr();
-                    panic!(
-                        "tracer exited while waiting for {what} (status {:?})\nevents: {:#?}\nstderr: {:#?}",
-                        self.child.try_wait(),
-                        self.events
-                            .iter()
-                            .map(|(_, v)| v.to_string())
-                            .collect::<Vec<_>>(),
-                        self.stderr_lines
-                    );
-                }
+            self.take(self.stdout.recv_timeout(left)?);
+            let last = self.events.last().unwrap();
+            if pred(&last.1) {
+                return Ok(last.clone());
             }
         }
     }
@@ -221,18 +240,10 @@ impl Tracer {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout.recv_timeout(left) {
                 Ok(line) => self.take(line),
-                Err(_) => {
-                    self.drain_stderr();
-                    panic!(
-                        "waited {timeout:?} for {n} x {what}, got {}\nevents: {:#?}\nstderr: {:#?}",
-                        found.len(),
-                        self.events
-                            .iter()
-                            .map(|(_, v)| v.to_string())
-                            .collect::<Vec<_>>(),
-                        self.stderr_lines
-                    );
-                }
+                Err(_) => self.give_up(format!(
+                    "waited {timeout:?} for {n} x {what}, got {}",
+                    found.len()
+                )),
             }
         }
     }
@@ -245,6 +256,30 @@ impl Tracer {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
             self.take(line);
+        }
+    }
+
+    /// Receives events until `done` holds for the tracer and what it has
+    /// printed so far; `done` is asked again at least every 100 ms, for
+    /// conditions that also look outside the events (such as /proc).
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&Tracer) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.give_up(format!("timed out after {timeout:?} waiting for {what}"));
+            }
+            if let Ok(line) = self
+                .stdout
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                self.take(line);
+            }
         }
     }
 
@@ -320,9 +355,26 @@ impl Proc {
         }
     }
 
+    /// Like `spawn`, with stdout and stderr captured and merged, as a
+    /// person reading the process's log sees them.
+    pub fn spawn_captured(cmd: &mut Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut p = Proc::spawn(cmd);
+        let (tx, rx) = channel();
+        pump_into(p.child.stdout.take().unwrap(), tx.clone());
+        pump_into(p.child.stderr.take().unwrap(), tx);
+        p.output = Some(rx);
+        p
+    }
+
     /// Starts a Python snippet with the test virtualenv's interpreter.
     pub fn python(code: &str) -> Proc {
         Proc::spawn(Command::new(python()).args(["-c", code]))
+    }
+
+    /// A Python snippet whose output the test reads.
+    pub fn python_captured(code: &str) -> Proc {
+        Proc::spawn_captured(Command::new(python()).args(["-c", code]))
     }
 
     pub fn pid(&self) -> u32 {
@@ -363,6 +415,11 @@ impl Proc {
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Line {
         self.wait_count(needle, 1, timeout)
     }
+
+    /// The first line of the output, waiting for it.
+    pub fn first_line(&mut self, timeout: Duration) -> String {
+        self.wait_line("", timeout).text
+    }
 }
 
 impl Drop for Proc {
@@ -381,24 +438,249 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral port")
 }
 
-/// Starts Gunicorn from the test virtualenv in tests/apps, output captured.
-pub fn gunicorn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(venv().join("bin/gunicorn"));
-    cmd.args(args)
-        .current_dir(apps_dir())
-        .env("PYTHONUNBUFFERED", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
+/// Gunicorn from the test virtualenv, serving an app of tests/apps on a
+/// free loopback port: the one command line the tests, the benchmark, the
+/// soak and the demo start it with.
+pub struct Gunicorn {
+    app: String,
+    port: u16,
+    workers: usize,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Gunicorn {
+    pub fn new(app: &str) -> Gunicorn {
+        Gunicorn {
+            app: app.to_string(),
+            port: free_port(),
+            workers: 1,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
-    let mut p = Proc::spawn(&mut cmd);
-    // stdout and stderr merged, as a person reading Gunicorn's log sees them.
-    let (tx, rx) = channel();
-    pump_into(p.child.stdout.take().unwrap(), tx.clone());
-    pump_into(p.child.stderr.take().unwrap(), tx);
-    p.output = Some(rx);
-    p
+
+    fn arg(mut self, flag: &str, value: impl ToString) -> Gunicorn {
+        self.args.extend([flag.to_string(), value.to_string()]);
+        self
+    }
+
+    /// `-k`: `gevent`, or a class of tests/apps such as `old_worker.OldGeventWorker`.
+    pub fn worker_class(self, class: &str) -> Gunicorn {
+        self.arg("-k", class)
+    }
+
+    pub fn workers(mut self, n: usize) -> Gunicorn {
+        self.workers = n;
+        self
+    }
+
+    /// `-t`: seconds without a heartbeat before the master kills a worker.
+    pub fn timeout(self, secs: u32) -> Gunicorn {
+        self.arg("-t", secs)
+    }
+
+    /// `--max-requests`: a worker retires after serving this many.
+    pub fn max_requests(self, n: u32) -> Gunicorn {
+        self.arg("--max-requests", n)
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Gunicorn {
+        let value = value.as_ref().to_string_lossy().into_owned();
+        self.env.push((key.to_string(), value));
+        self
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The command line, for callers that handle the output themselves.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(venv().join("bin/gunicorn"));
+        cmd.args(&self.args)
+            .args(["-w", &self.workers.to_string()])
+            .args(["-b", &format!("127.0.0.1:{}", self.port), &self.app])
+            .current_dir(apps_dir())
+            .env("PYTHONUNBUFFERED", "1");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Starts it, output captured, and returns once it listens and every
+    /// worker has booted. Dropping the result kills the master and workers.
+    pub fn spawn(self) -> GunicornProc {
+        let mut proc = Proc::spawn_captured(&mut self.command());
+        proc.wait_line("Listening at", Duration::from_secs(30));
+        proc.wait_count("Booting worker", self.workers, Duration::from_secs(30));
+        GunicornProc {
+            proc,
+            port: self.port,
+        }
+    }
+}
+
+/// A running Gunicorn master (its pid is the Proc's); its process group is
+/// killed when dropped.
+pub struct GunicornProc {
+    proc: Proc,
+    pub port: u16,
+}
+
+impl std::ops::Deref for GunicornProc {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for GunicornProc {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+/// The file tests/apps/hang_app.py appends a worker's pid to when a /hang
+/// request starts (pass `path()` as HANG_PID_FILE); removed when dropped.
+pub struct HangPids(PathBuf);
+
+impl HangPids {
+    pub fn new(tag: &str) -> HangPids {
+        let p = std::env::temp_dir().join(format!("tracer-hang-{tag}-{}.pids", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        HangPids(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The pids written so far, in request order.
+    pub fn all(&self) -> Vec<u32> {
+        std::fs::read_to_string(&self.0)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// The worker that took the `n`-th /hang request (from 0), once it has.
+    pub fn wait_nth(&self, n: usize) -> u32 {
+        eventually("hang pid", Duration::from_secs(5), || {
+            self.all().get(n).copied()
+        })
+    }
+}
+
+impl Drop for HangPids {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A file whose creation lets a waiting child go on: the child polls for it,
+/// so the tracer attaches before the child does what the test watches, and
+/// no sleep decides which comes first. Removed when dropped.
+pub struct GoFile(PathBuf);
+
+impl GoFile {
+    pub fn new(tag: &str) -> GoFile {
+        let p = std::env::temp_dir().join(format!("tracer-go-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        GoFile(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Python lines that import os and time and wait for the file.
+    pub fn python_wait(&self) -> String {
+        format!(
+            "import os, time\nwhile not os.path.exists({:?}):\n    time.sleep(0.01)\n",
+            self.0.to_str().expect("a UTF-8 temp dir")
+        )
+    }
+
+    pub fn release(&self) {
+        std::fs::write(&self.0, b"").expect("creating the go file");
+    }
+}
+
+impl Drop for GoFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The syscall a process's main thread is blocked in, as /proc/PID/syscall
+/// gives it: the number, then the six arguments. None while it runs.
+pub fn blocked_syscall(pid: u32) -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .take(7)
+        .map(|f| match f.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => f.parse().ok(),
+        })
+        .collect::<Option<_>>()?;
+    (fields.len() == 7).then_some(fields)
+}
+
+/// Waits until `pid`'s main thread is blocked in syscall `nr` and `also`
+/// holds for its (number, arguments); returns when that was first seen.
+pub fn wait_blocked_in(pid: u32, nr: i64, also: impl Fn(&[u64]) -> bool) -> Instant {
+    eventually(
+        &format!("pid {pid} blocked in syscall {nr}"),
+        Duration::from_secs(10),
+        || {
+            blocked_syscall(pid)
+                .filter(|s| s[0] == nr as u64 && also(s))
+                .map(|_| Instant::now())
+        },
+    )
+}
+
+/// tests/apps/tcp_server.py with `args`, its output captured: the process
+/// and the port it printed first.
+pub fn tcp_server(args: &[&str]) -> (Proc, u16) {
+    let mut p = Proc::spawn_captured(
+        Command::new(python())
+            .arg(apps_dir().join("tcp_server.py"))
+            .args(args),
+    );
+    let line = p.first_line(Duration::from_secs(10));
+    let port = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("tcp_server.py printed {line:?}, not its port"));
+    (p, port)
+}
+
+/// `clients` threads open connections to `port` for `d`, each sending one
+/// byte and reading until the server closes; returns how many were opened.
+pub fn connection_storm(port: u16, clients: usize, d: Duration) -> u64 {
+    let deadline = Instant::now() + d;
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+                        let _ = c.write_all(b"x");
+                        let mut sink = [0u8; 8];
+                        let _ = c.read(&mut sink);
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap_or(0)).sum()
 }
 
 /// Sends `GET path` on a new connection in a background thread; the
@@ -529,35 +811,4 @@ pub fn slow_upload(port: u16, gap: Duration) -> String {
             .to_string())
     };
     run().unwrap_or_default()
-}
-
-impl Tracer {
-    /// Like [`Tracer::start`], with the tracer run through `wrapper` (say
-    /// `setpriv ...`), which must exec it in place so `pid()` stays the tracer's.
-    pub fn start_via(wrapper: &[&str], args: &[&str]) -> Tracer {
-        let (prog, pre) = wrapper.split_first().expect("a wrapper command");
-        let mut child = Command::new(prog)
-            .args(pre)
-            .arg(tracer_bin())
-            .args(["watch", "--format", "json"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the tracer through its wrapper");
-        let stdout = pump(child.stdout.take().unwrap());
-        let stderr = pump(child.stderr.take().unwrap());
-        let mut t = Tracer {
-            child,
-            stdout,
-            stderr,
-            events: Vec::new(),
-            stderr_lines: Vec::new(),
-        };
-        t.wait_for("start event", Duration::from_secs(20), |e| {
-            e["event"] == "start"
-        });
-        t
-    }
 }

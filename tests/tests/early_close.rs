@@ -12,25 +12,7 @@ const REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 
 /// Starts `tcp_server.py MODE [ARGS]`; returns the process and its port.
 fn server(mode: &str) -> (Proc, u16) {
-    let mut words = mode.split_whitespace();
-    let mut cmd = Command::new(python());
-    cmd.arg(apps_dir().join("tcp_server.py"))
-        .args(&mut words)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut p = Proc::spawn(&mut cmd);
-    let mut out = p.child.stdout.take().unwrap();
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-        buf.push(byte[0]);
-    }
-    let port: u16 = String::from_utf8(buf)
-        .unwrap()
-        .trim()
-        .parse()
-        .expect("server port");
-    (p, port)
+    tcp_server(&mode.split_whitespace().collect::<Vec<_>>())
 }
 
 /// One client connection: sends the request (unless `send` is false) and
@@ -170,17 +152,16 @@ fn an_outbound_call_closed_before_any_reply_is_an_upstream_cut() {
             held.push(c);
         }
     });
-    let go = std::env::temp_dir().join(format!("tracer-upstream-{}", std::process::id()));
-    let _ = std::fs::remove_file(&go);
+    let go = GoFile::new("upstream");
     let mut cmd = Command::new(python());
     cmd.arg(apps_dir().join("tcp_server.py"))
-        .args(["client", &port.to_string(), go.to_str().unwrap()])
+        .args(["client", &port.to_string(), go.path().to_str().unwrap()])
         .stdout(Stdio::null());
     // The client waits for `go`, so the tracer is attached before it connects.
     let client = Proc::spawn(&mut cmd);
     let pid = client.pid();
     let mut t = Tracer::start(&["--pid", &pid.to_string()]);
-    std::fs::write(&go, b"").unwrap();
+    go.release();
     let (_, e) = t.wait_for("upstream cut", Duration::from_secs(5), |e| {
         e["event"] == "early_close"
     });
@@ -195,22 +176,20 @@ fn an_outbound_call_closed_before_any_reply_is_an_upstream_cut() {
         "local port seen at connect: {e}"
     );
     t.stop();
-    let _ = std::fs::remove_file(&go);
 }
 
 #[test]
 fn a_connection_opened_before_the_tracer_attached_is_judged_in_full() {
     require_root();
-    let go = std::env::temp_dir().join(format!("tracer-hold-{}", std::process::id()));
-    let _ = std::fs::remove_file(&go);
-    let (srv, port) = server(&format!("hold {}", go.display()));
+    let go = GoFile::new("hold");
+    let (mut srv, port) = server(&format!("hold {}", go.path().display()));
     // Connected and request sent (and read by the server) before attach.
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.write_all(REQUEST).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    srv.wait_line("read", Duration::from_secs(5));
     let mut t = Tracer::start(&["--pid", &srv.pid().to_string()]);
-    std::fs::write(&go, b"").unwrap();
+    go.release();
     let mut sink = Vec::new();
     let _ = c.read_to_end(&mut sink);
     let (_, e) = t.wait_for("early close", Duration::from_secs(5), |e| {
@@ -223,5 +202,4 @@ fn a_connection_opened_before_the_tracer_attached_is_judged_in_full() {
     assert_eq!(e["local_port"], port, "{e}");
     assert_eq!(e["lifetime_ms"], Value::Null, "its start was not seen: {e}");
     t.stop();
-    let _ = std::fs::remove_file(&go);
 }

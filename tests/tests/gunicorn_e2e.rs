@@ -1,54 +1,26 @@
 //! End to end: real Gunicorn 27 with gevent workers from the test
 //! virtualenv, running tests/apps/hang_app.py, whose /hang endpoint uses
 //! multiprocessing.Queue inside a request (the article's first lesson).
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tests::*;
 
-fn pid_file(tag: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("tracer-hang-{tag}-{}.pids", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-fn pids_in(file: &std::path::Path) -> Vec<u32> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-/// Starts `gunicorn -k gevent -w N -t 4` and waits until every worker booted.
-fn start_gunicorn(workers: usize, port: u16, pids: &std::path::Path) -> Proc {
-    let bind = format!("127.0.0.1:{port}");
-    let w = workers.to_string();
-    let mut g = gunicorn(
-        &[
-            "-k",
-            "gevent",
-            "-w",
-            &w,
-            "-t",
-            "4",
-            "-b",
-            &bind,
-            "hang_app:app",
-        ],
-        &[("HANG_PID_FILE", pids.to_str().unwrap())],
-    );
-    g.wait_line("Listening at", Duration::from_secs(30));
-    g.wait_count("Booting worker", workers, Duration::from_secs(30));
-    g
+/// `gunicorn -k gevent -w N -t 4 hang_app:app`, every worker booted.
+fn start_gunicorn(workers: usize, pids: &HangPids) -> GunicornProc {
+    Gunicorn::new("hang_app:app")
+        .worker_class("gevent")
+        .workers(workers)
+        .timeout(4)
+        .env("HANG_PID_FILE", pids.path())
+        .spawn()
 }
 
 #[test]
 fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     require_root();
-    let port = free_port();
-    let pids = pid_file("e2e");
-    let mut g = start_gunicorn(3, port, &pids);
-    let master = g.pid();
+    let pids = HangPids::new("e2e");
+    let mut g = start_gunicorn(3, &pids);
+    let (master, port) = (g.pid(), g.port);
     assert_eq!(get(port, "/").lines().last(), Some("ok"), "the app answers");
 
     let mut t = Tracer::start(&["--pid", &master.to_string()]);
@@ -65,9 +37,7 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     );
 
     let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || {
-        pids_in(&pids).first().copied()
-    });
+    let victim = pids.wait_nth(0);
 
     let (stall_at, stall) = t.wait_for("stall", Duration::from_secs(4), |e| e["event"] == "stall");
     assert_eq!(
@@ -149,9 +119,7 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     let mut clients = Vec::new();
     for attempt in 1..=3 {
         clients.push(get_async(port, "/hang", Duration::from_secs(20)));
-        let taken = eventually("next hang pid", Duration::from_secs(5), || {
-            pids_in(&pids).get(attempt).copied()
-        });
+        let taken = pids.wait_nth(attempt);
         let (_, s) = t.wait_for("stall of the next hang", Duration::from_secs(4), |e| {
             e["event"] == "stall" && e["pid"] == taken
         });
@@ -179,17 +147,15 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     let row = rows.iter().find(|w| w["pid"] == victim).unwrap();
     assert_eq!(row["state"], "killed_by_timeout");
     drop(g);
-    let _ = std::fs::remove_file(&pids);
 }
 
 #[test]
 fn a_master_started_after_the_tracer_is_discovered_and_followed() {
     require_root();
-    let port = free_port();
-    let pids = pid_file("discover");
+    let pids = HangPids::new("discover");
     let mut t = Tracer::start(&["--threshold", "300ms"]);
-    let g = start_gunicorn(2, port, &pids);
-    let master = g.pid();
+    let g = start_gunicorn(2, &pids);
+    let (master, port) = (g.pid(), g.port);
     let (_, m) = t.wait_for("master", Duration::from_secs(10), |e| {
         e["event"] == "master" && e["pid"] == master
     });
@@ -207,9 +173,7 @@ fn a_master_started_after_the_tracer_is_discovered_and_followed() {
         t.of_kind("worker")
     );
     let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || {
-        pids_in(&pids).first().copied()
-    });
+    let victim = pids.wait_nth(0);
     let (_, stall) = t.wait_for("stall", Duration::from_secs(4), |e| {
         e["event"] == "stall" && e["pid"] == victim
     });
@@ -224,15 +188,14 @@ fn a_master_started_after_the_tracer_is_discovered_and_followed() {
         "{summary}"
     );
     drop(g);
-    let _ = std::fs::remove_file(&pids);
 }
 
 #[test]
 fn healthy_gunicorn_under_keepalive_load_has_no_stall_and_no_dropped_request() {
     require_root();
-    let port = free_port();
-    let pids = pid_file("healthy");
-    let g = start_gunicorn(2, port, &pids);
+    let pids = HangPids::new("healthy");
+    let g = start_gunicorn(2, &pids);
+    let port = g.port;
     let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--threshold", "200ms"]);
     for _ in 0..20 {
         assert!(get(port, "/").ends_with("ok\n"));
@@ -296,9 +259,8 @@ fn healthy_gunicorn_under_keepalive_load_has_no_stall_and_no_dropped_request() {
 #[test]
 fn py_stack_names_the_application_function_that_blocked_the_hub() {
     require_root();
-    let port = free_port();
-    let pids = pid_file("pystack");
-    let g = start_gunicorn(1, port, &pids);
+    let pids = HangPids::new("pystack");
+    let g = start_gunicorn(1, &pids);
     // py-spy is taken only from --py-spy or the tracer's PATH, never from
     // beside the traced program: name the virtualenv's.
     let spy = venv().join("bin/py-spy");
@@ -309,10 +271,8 @@ fn py_stack_names_the_application_function_that_blocked_the_hub() {
         "--py-spy",
         spy.to_str().unwrap(),
     ]);
-    let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || {
-        pids_in(&pids).first().copied()
-    });
+    let _client = get_async(g.port, "/hang", Duration::from_secs(20));
+    let victim = pids.wait_nth(0);
     let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| {
         e["event"] == "stall" && e["pid"] == victim
     });
@@ -326,7 +286,6 @@ fn py_stack_names_the_application_function_that_blocked_the_hub() {
     assert!(stack.contains("Queue.get"), "{stack}");
     t.stop();
     drop(g);
-    let _ = std::fs::remove_file(&pids);
 }
 
 #[test]
@@ -366,16 +325,18 @@ fn py_stack_says_clearly_when_py_spy_is_missing() {
 #[test]
 fn ad_hoc_on_one_worker_with_text_on_screen_and_json_in_a_file() {
     require_root();
-    let port = free_port();
-    let pids = pid_file("adhoc");
-    let g = start_gunicorn(2, port, &pids);
+    let pids = HangPids::new("adhoc");
+    let g = start_gunicorn(2, &pids);
     let master = g.pid();
-    let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || {
-        pids_in(&pids).first().copied()
-    });
-    // The incident is already going on: attach to that one worker.
-    std::thread::sleep(Duration::from_millis(700));
+    let _client = get_async(g.port, "/hang", Duration::from_secs(20));
+    let victim = pids.wait_nth(0);
+    // The incident is already going on: the worker sits in Queue.get's
+    // read(pipe, 4), and has sat there a second when the tracer attaches
+    // (a blocked gevent worker sends no heartbeat, so its age is a second or more).
+    let blocked = wait_blocked_in(victim, libc::SYS_read, |s| s[3] == 4);
+    std::thread::sleep(
+        (blocked + Duration::from_secs(1)).saturating_duration_since(Instant::now()),
+    );
     let out_file = std::env::temp_dir().join(format!("tracer-adhoc-{}.jsonl", std::process::id()));
     let (code, text, err) = run_tracer(&[
         "watch",
@@ -426,18 +387,17 @@ fn ad_hoc_on_one_worker_with_text_on_screen_and_json_in_a_file() {
     );
     drop(g);
     let _ = std::fs::remove_file(&out_file);
-    let _ = std::fs::remove_file(&pids);
 }
 
 #[test]
 fn two_masters_at_once_and_one_of_them_killed() {
     require_root();
-    let (pa, pb) = (free_port(), free_port());
-    let (fa, fb) = (pid_file("two-a"), pid_file("two-b"));
+    let (fa, fb) = (HangPids::new("two-a"), HangPids::new("two-b"));
     let mut t = Tracer::start(&["--threshold", "300ms"]);
-    let ga = start_gunicorn(1, pa, &fa);
-    let gb = start_gunicorn(1, pb, &fb);
+    let ga = start_gunicorn(1, &fa);
+    let gb = start_gunicorn(1, &fb);
     let (ma, mb) = (ga.pid(), gb.pid());
+    let (pa, pb) = (ga.port, gb.port);
     for m in [ma, mb] {
         t.wait_for("master", Duration::from_secs(10), |e| {
             e["event"] == "master" && e["pid"] == m
@@ -449,9 +409,7 @@ fn two_masters_at_once_and_one_of_them_killed() {
     let _ca = get_async(pa, "/hang", Duration::from_secs(20));
     let _cb = get_async(pb, "/hang", Duration::from_secs(20));
     for (m, f) in [(ma, &fa), (mb, &fb)] {
-        let w = eventually("hang pid", Duration::from_secs(5), || {
-            pids_in(f).first().copied()
-        });
+        let w = f.wait_nth(0);
         let (_, s) = t.wait_for("stall", Duration::from_secs(5), |e| {
             e["event"] == "stall" && e["pid"] == w
         });
@@ -469,24 +427,21 @@ fn two_masters_at_once_and_one_of_them_killed() {
     assert_eq!(x["signal"], "SIGKILL");
     let summary = t.stop();
     let stalled = summary["verdict"]["stalled_pids"].as_array().unwrap();
-    let wb = pids_in(&fb)[0];
+    let wb = fb.all()[0];
     assert!(
         stalled.contains(&wb.into()),
         "B's worker is still reported: {summary}"
     );
     drop(ga);
     drop(gb);
-    let _ = std::fs::remove_file(&fa);
-    let _ = std::fs::remove_file(&fb);
 }
 
 #[test]
 fn a_master_reload_hup_keeps_it_watched_and_follows_the_new_workers() {
     require_root();
-    let port = free_port();
-    let pids = pid_file("hup");
-    let g = start_gunicorn(2, port, &pids);
-    let master = g.pid();
+    let pids = HangPids::new("hup");
+    let g = start_gunicorn(2, &pids);
+    let (master, port) = (g.pid(), g.port);
     let mut t = Tracer::start(&["--pid", &master.to_string(), "--threshold", "300ms"]);
     let old = t.wait_count("workers", 2, Duration::from_secs(5), |e| {
         e["event"] == "worker"
@@ -503,9 +458,7 @@ fn a_master_reload_hup_keeps_it_watched_and_follows_the_new_workers() {
     }
     // A new worker still gets caught.
     let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = eventually("hang pid", Duration::from_secs(5), || {
-        pids_in(&pids).first().copied()
-    });
+    let victim = pids.wait_nth(0);
     assert!(
         fresh.iter().any(|w| w["pid"] == victim),
         "served by a reloaded worker"
@@ -516,5 +469,4 @@ fn a_master_reload_hup_keeps_it_watched_and_follows_the_new_workers() {
     assert_eq!(s["master_pid"], master);
     t.stop();
     drop(g);
-    let _ = std::fs::remove_file(&pids);
 }

@@ -594,39 +594,33 @@ const DAEMONSET_CAPS: &str = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
 #[test]
 fn as_nobody_with_only_the_daemonset_capabilities_a_stall_is_named_with_peers_and_heartbeat() {
     require_root();
-    let port = free_port();
-    let bind = format!("127.0.0.1:{port}");
-    let pids =
-        std::env::temp_dir().join(format!("tracer-harden-nobody-{}.pids", std::process::id()));
-    let _ = std::fs::remove_file(&pids);
-    let mut g = gunicorn(
-        &[
-            "-k",
-            "gevent",
-            "-w",
-            "1",
-            "-t",
-            "6",
-            "-b",
-            &bind,
-            "hang_app:app",
-        ],
-        &[("HANG_PID_FILE", pids.to_str().unwrap())],
-    );
-    g.wait_line("Booting worker", Duration::from_secs(30));
+    let pids = HangPids::new("nobody");
+    let g = Gunicorn::new("hang_app:app")
+        .worker_class("gevent")
+        .timeout(6)
+        .env("HANG_PID_FILE", pids.path())
+        .spawn();
     let master = g.pid().to_string();
-    let mut t = Tracer::start_via(
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            &format!("--inh-caps={DAEMONSET_CAPS}"),
-            &format!("--ambient-caps={DAEMONSET_CAPS}"),
-            &format!("--bounding-set={DAEMONSET_CAPS}"),
-        ],
-        &["--pid", &master, "--threshold", "300ms"],
-    );
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        &format!("--inh-caps={DAEMONSET_CAPS}"),
+        &format!("--ambient-caps={DAEMONSET_CAPS}"),
+        &format!("--bounding-set={DAEMONSET_CAPS}"),
+    ])
+    .arg(tracer_bin())
+    .args([
+        "watch",
+        "--format",
+        "json",
+        "--pid",
+        &master,
+        "--threshold",
+        "300ms",
+    ]);
+    let mut t = Tracer::start_command(cmd);
     let uid = std::fs::read_to_string(format!("/proc/{}/status", t.pid()))
         .unwrap()
         .lines()
@@ -634,16 +628,8 @@ fn as_nobody_with_only_the_daemonset_capabilities_a_stall_is_named_with_peers_an
         .unwrap()
         .to_string();
     assert!(uid.contains("65534"), "the tracer runs as nobody: {uid}");
-    let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim: u64 = eventually("hang pid", Duration::from_secs(5), || {
-        std::fs::read_to_string(&pids)
-            .ok()?
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()
-    });
+    let _client = get_async(g.port, "/hang", Duration::from_secs(20));
+    let victim = pids.wait_nth(0);
     let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| {
         e["event"] == "stall" && e["pid"] == victim
     });
@@ -658,7 +644,6 @@ fn as_nobody_with_only_the_daemonset_capabilities_a_stall_is_named_with_peers_an
         "heartbeat age is read: {stall}"
     );
     t.stop();
-    let _ = std::fs::remove_file(&pids);
 }
 
 /// Dups its pipe's write end `n` times, then reads the pipe for good.

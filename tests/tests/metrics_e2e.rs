@@ -27,27 +27,15 @@ fn raw(port: u16, request: &[u8]) -> String {
 #[test]
 fn metrics_show_the_stalled_worker_and_forget_it_when_it_dies() {
     require_root();
-    let port = free_port();
+    let pids = HangPids::new("metrics");
+    let g = Gunicorn::new("hang_app:app")
+        .worker_class("gevent")
+        .workers(2)
+        .timeout(60)
+        .env("HANG_PID_FILE", pids.path())
+        .spawn();
+    let (master, port) = (g.pid(), g.port);
     let mport = free_port();
-    let pids = std::env::temp_dir().join(format!("tracer-metrics-{}.pids", std::process::id()));
-    let _ = std::fs::remove_file(&pids);
-    let bind = format!("127.0.0.1:{port}");
-    let mut g = gunicorn(
-        &[
-            "-k",
-            "gevent",
-            "-w",
-            "2",
-            "-t",
-            "60",
-            "-b",
-            &bind,
-            "hang_app:app",
-        ],
-        &[("HANG_PID_FILE", pids.to_str().unwrap())],
-    );
-    g.wait_count("Booting worker", 2, Duration::from_secs(30));
-    let master = g.pid();
     let maddr = format!("127.0.0.1:{mport}");
     let mut t = Tracer::start(&["--pid", &master.to_string(), "--metrics-addr", &maddr]);
 
@@ -95,13 +83,7 @@ fn metrics_show_the_stalled_worker_and_forget_it_when_it_dies() {
     );
 
     let _client = get_async(port, "/hang", Duration::from_secs(30));
-    let victim = eventually("hang pid", Duration::from_secs(5), || {
-        std::fs::read_to_string(&pids)
-            .ok()?
-            .trim()
-            .parse::<u32>()
-            .ok()
-    });
+    let victim = pids.wait_nth(0);
     t.wait_for("stall", Duration::from_secs(5), |e| {
         e["event"] == "stall" && e["pid"] == victim
     });
@@ -156,7 +138,6 @@ fn metrics_show_the_stalled_worker_and_forget_it_when_it_dies() {
         "{text}"
     );
     t.stop();
-    let _ = std::fs::remove_file(&pids);
 }
 
 #[test]

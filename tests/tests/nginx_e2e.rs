@@ -11,21 +11,12 @@ use tests::*;
 #[test]
 fn every_502_from_nginx_is_one_dropped_request_event() {
     require_root();
-    let port = free_port();
-    let bind = format!("127.0.0.1:{port}");
-    let mut g = gunicorn(
-        &[
-            "-k",
-            "old_worker.OldGeventWorker",
-            "-w",
-            "1",
-            "-b",
-            &bind,
-            "leak_app:app",
-        ],
-        &[("LEAKED_TIMEOUT", "0.5")],
-    );
-    g.wait_line("Booting worker", Duration::from_secs(30));
+    let mut g = Gunicorn::new("leak_app:app")
+        .worker_class("old_worker.OldGeventWorker")
+        .workers(1)
+        .env("LEAKED_TIMEOUT", "0.5")
+        .spawn();
+    let port = g.port;
     let nginx = Nginx::start(port);
     let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
     let worker = t
@@ -44,7 +35,7 @@ fn every_502_from_nginx_is_one_dropped_request_event() {
     // The leak: /rpc sets socket.setdefaulttimeout(0.5) for 3 s; uploads
     // accepted meanwhile inherit it, and so do GETs (which do not wait).
     let rpc = get_async(nginx.port, "/rpc", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    g.wait_line("default socket timeout 0.5 leaked", Duration::from_secs(5));
     let np = nginx.port;
     let uploads: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(move || slow_upload(np, Duration::from_secs(1))))
@@ -54,20 +45,24 @@ fn every_502_from_nginx_is_one_dropped_request_event() {
     }
     let upload_status: Vec<String> = uploads.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(rpc.recv().unwrap().unwrap().contains("rpc done"));
-    t.collect_for(Duration::from_secs(1));
-    let summary = t.stop();
 
-    let statuses = nginx.statuses();
+    // nginx logs a request as it ends: wait for all of them, then for one
+    // event per 502; `stop` then reads whatever else was reported.
+    let expected = 20 + 2 + 1 + 4 + 10;
+    let statuses = eventually("every request logged", Duration::from_secs(5), || {
+        let s = nginx.statuses();
+        (s.len() >= expected).then_some(s)
+    });
     let n502 = statuses.iter().filter(|s| **s == 502).count();
     assert!(
         n502 >= 1,
         "the leak produced no 502 at all: {statuses:?} {upload_status:?}"
     );
-    assert_eq!(
-        statuses.len(),
-        20 + 2 + 1 + 4 + 10,
-        "every request is in nginx's log"
-    );
+    assert_eq!(statuses.len(), expected, "every request is in nginx's log");
+    t.wait_count("dropped requests", n502, Duration::from_secs(5), |e| {
+        e["event"] == "early_close" && e["kind"] == "dropped_request"
+    });
+    let summary = t.stop();
     let drops: Vec<&Value> = t
         .of_kind("early_close")
         .into_iter()

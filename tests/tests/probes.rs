@@ -65,11 +65,17 @@ fn blocked_pipe_read_is_reported_while_still_blocked() {
 #[test]
 fn a_read_that_started_after_attach_and_returns_is_reported_with_its_end() {
     require_root();
-    // Blocks about 1 s in read until a forked child writes to the pipe.
-    let code = "import os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    time.sleep(2)\n    os.write(w, b'x')\n    os._exit(0)\ntime.sleep(0.8)\nos.read(r, 1)\nos.wait()\n";
-    let p = Proc::python(code);
+    // Once the tracer is attached, blocks about 1.2 s in read until a forked
+    // child writes to the pipe.
+    let go = GoFile::new("read-returns");
+    let code = format!(
+        "{}r, w = os.pipe()\nif os.fork() == 0:\n    time.sleep(1.2)\n    os.write(w, b'x')\n    os._exit(0)\nos.read(r, 1)\nos.wait()\n",
+        go.python_wait()
+    );
+    let p = Proc::python(&code);
     let pid = p.pid();
     let mut t = Tracer::start(&["--pid", &pid.to_string(), "--threshold", "300ms"]);
+    go.release();
     let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| {
         e["event"] == "stall" && e["pid"] == pid
     });
@@ -80,7 +86,7 @@ fn a_read_that_started_after_attach_and_returns_is_reported_with_its_end() {
         e["event"] == "stall_end" && e["pid"] == pid
     });
     assert_eq!(end["outcome"], "returned");
-    // The child writes 2 s in, the read starts 0.8 s in.
+    // The child writes 1.2 s after the fork; the read starts right after it.
     let ms = end["blocked_ms"].as_u64().unwrap();
     assert!((1000..2000).contains(&ms), "{end}");
     t.stop();
@@ -89,19 +95,16 @@ fn a_read_that_started_after_attach_and_returns_is_reported_with_its_end() {
 #[test]
 fn a_forked_child_is_followed_from_its_first_syscall() {
     require_root();
-    let dir = std::env::temp_dir().join(format!("tracer-fork-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let go = dir.join("go");
-    let _ = std::fs::remove_file(&go);
     // The parent idles in sleep until told, then forks a child that blocks.
+    let go = GoFile::new("fork");
     let code = format!(
-        "import os, time\nwhile not os.path.exists({go:?}):\n    time.sleep(0.05)\nr, w = os.pipe()\npid = os.fork()\nif pid == 0:\n    os.read(r, 4)\n    os._exit(0)\nos.waitpid(pid, 0)\n",
-        go = go.to_str().unwrap()
+        "{}r, w = os.pipe()\npid = os.fork()\nif pid == 0:\n    os.read(r, 4)\n    os._exit(0)\nos.waitpid(pid, 0)\n",
+        go.python_wait()
     );
     let p = Proc::python(&code);
     let parent = p.pid();
     let mut t = Tracer::start(&["--pid", &parent.to_string(), "--threshold", "300ms"]);
-    std::fs::write(&go, b"").unwrap();
+    go.release();
     let (_, born) = t.wait_for("forked child", Duration::from_secs(5), |e| {
         e["event"] == "worker" && e["source"] == "fork"
     });
@@ -124,7 +127,6 @@ fn a_forked_child_is_followed_from_its_first_syscall() {
         "only the child stalls: {:?}",
         t.of_kind("stall")
     );
-    let _ = std::fs::remove_dir_all(&dir);
     t.stop();
 }
 
@@ -157,6 +159,8 @@ fn an_idle_sleeping_process_is_not_a_stall() {
     let p = Proc::python(
         "import time, threading\nthreading.Thread(target=lambda: time.sleep(60), daemon=True).start()\ntime.sleep(60)\n",
     );
+    // Watched once asleep, so the second below is all idle time.
+    wait_blocked_in(p.pid(), libc::SYS_clock_nanosleep, |_| true);
     let mut t = Tracer::start(&["--pid", &p.pid().to_string(), "--threshold", "200ms"]);
     t.collect_for(Duration::from_secs(1));
     let summary = t.stop();
@@ -226,19 +230,12 @@ fn a_signal_that_breaks_a_blocked_read_ends_the_stall_as_interrupted() {
 #[test]
 fn exit_codes_and_fatal_signals_come_from_the_kernel() {
     require_root();
-    let dir = std::env::temp_dir().join(format!("tracer-exit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let go = dir.join("go");
-    let _ = std::fs::remove_file(&go);
-    let wait_go = format!(
-        "import os, time\nwhile not os.path.exists({:?}):\n    time.sleep(0.02)\n",
-        go.to_str().unwrap()
-    );
-    let coded = Proc::python(&format!("{wait_go}os._exit(3)\n"));
-    let termed = Proc::python(&format!("{wait_go}time.sleep(60)\n"));
+    let go = GoFile::new("exit");
+    let coded = Proc::python(&format!("{}os._exit(3)\n", go.python_wait()));
+    let termed = Proc::python(&format!("{}time.sleep(60)\n", go.python_wait()));
     let (a, b) = (coded.pid(), termed.pid());
     let mut t = Tracer::start(&["--pid", &a.to_string(), "--pid", &b.to_string()]);
-    std::fs::write(&go, b"").unwrap();
+    go.release();
     unsafe { libc::kill(b as i32, libc::SIGTERM) };
     t.wait_count("exits", 2, Duration::from_secs(5), |e| {
         e["event"] == "worker_exit"
@@ -250,5 +247,4 @@ fn exit_codes_and_fatal_signals_come_from_the_kernel() {
     assert_eq!(of(b)["signal"], "SIGTERM", "{exits:?}");
     assert_eq!(of(b)["exit_code"], Value::Null, "{exits:?}");
     t.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }

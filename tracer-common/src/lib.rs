@@ -24,26 +24,61 @@ pub mod kind {
     /// A signal was generated for a watched process (`aux_pid` is the sender).
     pub const SIGNAL: u32 = 3;
     /// A watched thread woke up after sleeping at least the threshold in a
-    /// syscall that is not a wait for work. `ret` says why it woke.
-    pub const SLOW_SYSCALL: u32 = 4;
+    /// syscall that is not a wait for work. `aux` is one of [`wake`].
+    pub const SLEEP_END: u32 = 4;
     /// A process whose comm looks like Python or Gunicorn called exec.
     pub const EXEC: u32 = 5;
     /// A tracked connection ended badly: a [`ConnEnd`] record.
     pub const CONN_END: u32 = 6;
-    /// Or-ed into a SLOW_SYSCALL whose start is only known to be before the
+    /// Or-ed into a SLEEP_END whose start is only known to be before the
     /// attach (user space seeded the entry).
     pub const FLAG_SEEDED: u32 = 0x100;
 }
 
-/// `Event::ret` of a SLOW_SYSCALL: the thread woke with nothing pending, so
-/// the syscall is returning (its value is not known at wake-up).
-pub const RET_WOKE: i64 = 0;
-/// `Event::ret` of a SLOW_SYSCALL: a signal woke the thread; the syscall is
-/// interrupted (-EINTR, or restarted).
-pub const RET_INTERRUPTED: i64 = -4;
-/// `Event::ret` of a SLOW_SYSCALL: SIGKILL woke the thread; it dies inside
-/// the syscall.
-pub const RET_EXITED: i64 = i64::MIN;
+/// `Event::aux` of a SLEEP_END: why the thread woke. The syscall's return
+/// value is not known at wake-up.
+pub mod wake {
+    /// Nothing pending: the syscall is returning.
+    pub const RETURNING: i64 = 0;
+    /// A signal woke the thread; the syscall is interrupted (-EINTR, or
+    /// restarted).
+    pub const INTERRUPTED: i64 = -4;
+    /// SIGKILL woke the thread; it dies inside the syscall.
+    pub const KILLED: i64 = i64::MIN;
+}
+
+/// Signals that end or restart a Gunicorn worker: the only ones the kernel
+/// reports. SIGCHLD, SIGWINCH and the like are frequent and say nothing
+/// about a stall.
+pub mod signal {
+    pub const SIGHUP: i32 = 1;
+    pub const SIGINT: i32 = 2;
+    pub const SIGQUIT: i32 = 3;
+    pub const SIGABRT: i32 = 6;
+    pub const SIGBUS: i32 = 7;
+    pub const SIGKILL: i32 = 9;
+    pub const SIGSEGV: i32 = 11;
+    pub const SIGTERM: i32 = 15;
+
+    /// The name of a reported signal; None for the others.
+    pub const fn name(sig: i32) -> Option<&'static str> {
+        Some(match sig {
+            SIGHUP => "SIGHUP",
+            SIGINT => "SIGINT",
+            SIGQUIT => "SIGQUIT",
+            SIGABRT => "SIGABRT",
+            SIGBUS => "SIGBUS",
+            SIGKILL => "SIGKILL",
+            SIGSEGV => "SIGSEGV",
+            SIGTERM => "SIGTERM",
+            _ => return None,
+        })
+    }
+
+    pub const fn is_reported(sig: i32) -> bool {
+        name(sig).is_some()
+    }
+}
 
 /// Per-syscall class bits, indexed by syscall number in the `SYSCALL_CLASS`
 /// map. Zero, the default, means "may block on something it does not own",
@@ -138,6 +173,17 @@ pub struct Conn {
     pub addr: [u8; 32],
 }
 
+impl Conn {
+    /// The rule both sides judge a closed connection by: inbound, nothing
+    /// was sent back; outbound, a request went out and nothing came back.
+    pub const fn ended_badly(&self) -> bool {
+        match self.direction {
+            direction::OUTBOUND => self.bytes_out > 0 && self.bytes_in == 0,
+            _ => self.bytes_out == 0,
+        }
+    }
+}
+
 /// A connection that ended badly, sent through the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -163,17 +209,19 @@ pub struct Event {
     pub kind: u32,
     pub tgid: u32,
     pub tid: u32,
-    /// Child pid (FORK), sender tgid (SIGNAL), master (EXIT/SLOW_SYSCALL).
+    /// Child pid (FORK), sender tgid (SIGNAL), master (EXIT/SLEEP_END).
     pub aux_pid: u32,
     /// `bpf_ktime_get_ns` when the event happened.
     pub ts_ns: u64,
-    /// Syscall start (SLOW_SYSCALL).
+    /// When the sleep started (SLEEP_END).
     pub start_ns: u64,
-    /// Syscall number (SLOW_SYSCALL), signal number (SIGNAL), exit code (EXIT).
+    /// Syscall number (SLEEP_END), signal number (SIGNAL), exit code or
+    /// signal (EXIT), the child's [`role`] (FORK).
     pub nr: i64,
-    /// [`RET_WOKE`], [`RET_INTERRUPTED`] or [`RET_EXITED`] (SLOW_SYSCALL); for
-    /// EXIT, 1 if `nr` is an exit code, 0 if a signal.
-    pub ret: i64,
+    /// Second kind-specific value: one of [`wake`] (SLEEP_END); 1 if `nr`
+    /// is an exit code, 0 if a signal (EXIT); the master (FORK); the
+    /// sending thread (SIGNAL).
+    pub aux: i64,
     pub arg0: u64,
     pub arg2: u64,
     pub comm: [u8; 16],
@@ -231,9 +279,162 @@ pub mod stat {
     pub const COUNT: u32 = 5;
 }
 
+/// Indexes of the kernel's `ERRORS` per-CPU counters: runs of each program
+/// that failed (a read of the record or of kernel memory was refused, a map
+/// was full) and were skipped.
+pub mod program {
+    pub const SCHED_SWITCH: u32 = 0;
+    pub const INET_SOCK_SET_STATE: u32 = 1;
+    pub const SOCK_RECV_LENGTH: u32 = 2;
+    pub const TASK_NEWTASK: u32 = 3;
+    pub const SCHED_PROCESS_EXIT: u32 = 4;
+    pub const SIGNAL_GENERATE: u32 = 5;
+    pub const SCHED_PROCESS_EXEC: u32 = 6;
+    pub const COUNT: u32 = 7;
+    /// Indexed by the ids above: the programs' own names.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "sched_switch",
+        "inet_sock_set_state",
+        "sock_recv_length",
+        "task_newtask",
+        "sched_process_exit",
+        "signal_generate",
+        "sched_process_exec",
+    ];
+}
+
+/// An offset or value the loader did not set: reads through it fail.
+pub const UNSET: u64 = u64::MAX;
+
+/// Tracepoint record field offsets, read from tracefs `format` files.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    pub newtask_pid: u64,
+    pub newtask_flags: u64,
+    /// [`UNSET`] on kernels without `group_dead` (then the leader's exit
+    /// stands for the process's).
+    pub exit_group_dead: u64,
+    pub signal_sig: u64,
+    pub signal_pid: u64,
+    pub set_state_skaddr: u64,
+    pub set_state_oldstate: u64,
+    pub set_state_newstate: u64,
+    pub set_state_sport: u64,
+    pub set_state_dport: u64,
+    pub set_state_family: u64,
+    pub set_state_protocol: u64,
+    pub set_state_daddr: u64,
+    pub set_state_daddr_v6: u64,
+}
+
+/// Offsets of kernel struct members, read from the running kernel's BTF:
+/// Rust eBPF emits no CO-RE relocations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_state: u64,
+    pub task_pid: u64,
+    pub task_flags: u64,
+    pub task_exit_code: u64,
+    pub task_comm: u64,
+    /// task_struct.pending.signal.
+    pub task_pending_signal: u64,
+    pub task_blocked: u64,
+    /// task_struct.signal -> signal_struct.shared_pending.signal.
+    pub task_signal: u64,
+    pub signal_shared_pending: u64,
+    // task_struct.files -> files_struct.fdt -> fdtable.fd[fd] -> file.f_inode
+    // -> inode.i_mode: what kind of file a read blocks on.
+    pub task_files: u64,
+    pub files_fdt: u64,
+    pub fdt_max_fds: u64,
+    pub fdt_fd: u64,
+    pub file_inode: u64,
+    pub inode_mode: u64,
+    // struct sock and struct tcp_sock (which starts with a struct sock).
+    pub sk_shutdown: u64,
+    pub tcp_bytes_received: u64,
+    pub tcp_bytes_sent: u64,
+    pub tcp_bytes_retrans: u64,
+    pub tcp_write_seq: u64,
+    pub tcp_snd_nxt: u64,
+    // Where a task inside a syscall keeps its number and first and third
+    // arguments in its saved user registers (struct pt_regs).
+    pub pt_regs_nr: u64,
+    pub pt_regs_arg0: u64,
+    pub pt_regs_arg2: u64,
+}
+
+/// The programs' configuration: the `CONFIG` global of the BPF object,
+/// set once by the loader before the programs load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// A sleep at least this long is sent when it ends.
+    pub threshold_ns: u64,
+    /// Syscall numbers on this architecture.
+    pub nr_close: u64,
+    pub nr_shutdown: u64,
+    pub tp: TracepointOffsets,
+    pub kernel: KernelOffsets,
+}
+
+impl Config {
+    /// What the object file carries until the loader sets it: every read
+    /// through it fails rather than reading the wrong place.
+    pub const UNSET: Config = Config {
+        threshold_ns: UNSET,
+        nr_close: UNSET,
+        nr_shutdown: UNSET,
+        tp: TracepointOffsets {
+            newtask_pid: UNSET,
+            newtask_flags: UNSET,
+            exit_group_dead: UNSET,
+            signal_sig: UNSET,
+            signal_pid: UNSET,
+            set_state_skaddr: UNSET,
+            set_state_oldstate: UNSET,
+            set_state_newstate: UNSET,
+            set_state_sport: UNSET,
+            set_state_dport: UNSET,
+            set_state_family: UNSET,
+            set_state_protocol: UNSET,
+            set_state_daddr: UNSET,
+            set_state_daddr_v6: UNSET,
+        },
+        kernel: KernelOffsets {
+            task_state: UNSET,
+            task_pid: UNSET,
+            task_flags: UNSET,
+            task_exit_code: UNSET,
+            task_comm: UNSET,
+            task_pending_signal: UNSET,
+            task_blocked: UNSET,
+            task_signal: UNSET,
+            signal_shared_pending: UNSET,
+            task_files: UNSET,
+            files_fdt: UNSET,
+            fdt_max_fds: UNSET,
+            fdt_fd: UNSET,
+            file_inode: UNSET,
+            inode_mode: UNSET,
+            sk_shutdown: UNSET,
+            tcp_bytes_received: UNSET,
+            tcp_bytes_sent: UNSET,
+            tcp_bytes_retrans: UNSET,
+            tcp_write_seq: UNSET,
+            tcp_snd_nxt: UNSET,
+            pt_regs_nr: UNSET,
+            pt_regs_arg0: UNSET,
+            pt_regs_arg2: UNSET,
+        },
+    };
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C), contain only integers, and have explicit
+    // SAFETY: all are repr(C), contain only integers, and have explicit
     // padding fields, so every bit pattern is valid and no byte is undefined.
     unsafe impl aya::Pod for super::Watched {}
     unsafe impl aya::Pod for super::Inflight {}
@@ -241,6 +442,7 @@ mod pod {
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ConnEnd {}
     unsafe impl aya::Pod for super::ReadHist {}
+    unsafe impl aya::Pod for super::Config {}
 }
 
 #[cfg(test)]
@@ -257,5 +459,50 @@ mod tests {
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
+        assert_eq!(size_of::<TracepointOffsets>(), 14 * 8);
+        assert_eq!(size_of::<KernelOffsets>(), 24 * 8);
+        assert_eq!(
+            size_of::<Config>(),
+            3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()
+        );
+    }
+
+    #[test]
+    fn program_names_follow_their_ids() {
+        assert_eq!(
+            program::NAMES[program::SCHED_SWITCH as usize],
+            "sched_switch"
+        );
+        assert_eq!(
+            program::NAMES[program::SCHED_PROCESS_EXEC as usize],
+            "sched_process_exec"
+        );
+        assert_eq!(program::NAMES.len(), program::COUNT as usize);
+    }
+
+    #[test]
+    fn only_signals_that_end_or_restart_a_worker_are_reported() {
+        let reported: [i32; 8] = [1, 2, 3, 6, 7, 9, 11, 15];
+        for sig in 0..65 {
+            assert_eq!(signal::is_reported(sig), reported.contains(&sig), "{sig}");
+        }
+        assert_eq!(signal::name(signal::SIGABRT), Some("SIGABRT"));
+        assert_eq!(signal::name(17), None, "SIGCHLD");
+    }
+
+    #[test]
+    fn a_connection_ends_badly_when_nothing_came_back() {
+        let c = |direction, bytes_in, bytes_out| Conn {
+            direction,
+            bytes_in,
+            bytes_out,
+            ..Default::default()
+        };
+        assert!(c(direction::INBOUND, 120, 0).ended_badly());
+        assert!(c(direction::INBOUND, 0, 0).ended_badly());
+        assert!(!c(direction::INBOUND, 120, 300).ended_badly());
+        assert!(c(direction::OUTBOUND, 0, 80).ended_badly());
+        assert!(!c(direction::OUTBOUND, 10, 80).ended_badly());
+        assert!(!c(direction::OUTBOUND, 0, 0).ended_badly());
     }
 }

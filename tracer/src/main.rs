@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracer::app::{self, cli};
+use tracer::app::{self, cli, logging};
 
 fn main() -> ExitCode {
+    logging::init_logging();
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Watch(args) => app::run(args),

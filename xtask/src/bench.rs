@@ -3,13 +3,12 @@
 //! noisy, so every figure is a median over interleaved rounds and the table
 //! reports ratios measured in the same run; nothing here asserts a time.
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tests::{Proc, Tracer, Value};
+use tests::{GoFile, Gunicorn, Proc, Tracer, Value};
 
 use crate::{root, step};
 
@@ -304,8 +303,7 @@ const SWITCHES: Micro = Micro {
 
 /// One measurement: ns per loop unit of the pipe loop under `config`.
 fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> {
-    let go = std::env::temp_dir().join(format!("tracer-bench-go-{}", std::process::id()));
-    let _ = std::fs::remove_file(&go);
+    let go = GoFile::new("bench");
     let pairs = match (config, m.switch) {
         ("strace", _) => s.strace_pairs,
         // A switch costs several times a syscall: fewer of them take as long.
@@ -313,7 +311,7 @@ fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> 
         _ => s.pairs,
     };
     let mut cmd = Command::new(self_exe());
-    cmd.args(["__pipe-loop", &pairs.to_string()]).arg(&go);
+    cmd.args(["__pipe-loop", &pairs.to_string()]).arg(go.path());
     if m.switch {
         cmd.arg("--switch");
     }
@@ -337,11 +335,10 @@ fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> 
         "strace" => Some(strace(&[pid])?),
         _ => bail!("unknown config {config}"),
     };
-    std::fs::write(&go, b"")?;
+    go.release();
     line.clear();
     out.read_line(&mut line)?;
     child.child.wait()?;
-    let _ = std::fs::remove_file(&go);
     line.trim()
         .strip_prefix("ns_per_syscall ")
         .and_then(|v| v.parse().ok())
@@ -441,7 +438,7 @@ pub enum Part {
 
 type Report = serde_json::Map<String, Value>;
 
-pub fn run(venv: &Path, quick: bool, only: &[Part]) -> Result<()> {
+pub fn run(quick: bool, only: &[Part]) -> Result<()> {
     let s = Sizes::new(quick);
     let mut report = serde_json::Map::new();
     let machine = format!(
@@ -470,7 +467,7 @@ pub fn run(venv: &Path, quick: bool, only: &[Part]) -> Result<()> {
         early_close_load(&s, &mut report)?;
     }
     if want(Part::Latency) {
-        detection_latency(venv, &s, &mut report)?;
+        detection_latency(&s, &mut report)?;
     }
     // A partial run must not overwrite the full table the README quotes.
     let name = if only.is_empty() {
@@ -536,22 +533,12 @@ fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
 fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
     // 2. Service throughput with real Gunicorn.
     step("service throughput: Gunicorn -k gevent -w 4, wrk -t2 -c32");
-    let port = tests::free_port();
-    let mut g = tests::gunicorn(
-        &[
-            "-k",
-            "gevent",
-            "-w",
-            "4",
-            "-b",
-            &format!("127.0.0.1:{port}"),
-            "bench_app:app",
-        ],
-        &[],
-    );
-    g.wait_count("Booting worker", 4, Duration::from_secs(30));
+    let g = Gunicorn::new("bench_app:app")
+        .worker_class("gevent")
+        .workers(4)
+        .spawn();
     std::thread::sleep(Duration::from_millis(500));
-    let master = g.pid();
+    let (master, port) = (g.pid(), g.port);
     let workers: Vec<u32> =
         std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
             .unwrap_or_default()
@@ -640,37 +627,17 @@ fn early_close_load(s: &Sizes, report: &mut Report) -> Result<()> {
         "early-close load: a server that closes without replying, {} s at full speed",
         s.load_secs
     ));
-    let mut server = Command::new(self_exe())
-        .arg("__drop-server")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut l = String::new();
-    BufReader::new(server.stdout.take().expect("piped")).read_line(&mut l)?;
-    let sport: u16 = l.trim().parse().context("drop server port")?;
-    let mut t = Tracer::start(&["--pid", &server.id().to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(s.load_secs);
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while Instant::now() < deadline {
-                    if let Ok(mut c) = TcpStream::connect(("127.0.0.1", sport)) {
-                        let _ = c.write_all(b"x");
-                        let mut sink = [0u8; 8];
-                        let _ = c.read(&mut sink);
-                        n += 1;
-                    }
-                }
-                n
-            })
-        })
-        .collect();
-    let sent: u64 = clients.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+    let mut server = Proc::spawn_captured(Command::new(self_exe()).arg("__drop-server"));
+    let sport: u16 = server
+        .first_line(Duration::from_secs(10))
+        .trim()
+        .parse()
+        .context("drop server port")?;
+    let mut t = Tracer::start(&["--pid", &server.pid().to_string()]);
+    let sent = tests::connection_storm(sport, 2, Duration::from_secs(s.load_secs));
     t.collect_for(Duration::from_secs(1));
     let summary = t.stop();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let seen = t
         .of_kind("early_close")
         .iter()
@@ -684,7 +651,7 @@ fn early_close_load(s: &Sizes, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-fn detection_latency(venv: &Path, s: &Sizes, report: &mut Report) -> Result<()> {
+fn detection_latency(s: &Sizes, report: &mut Report) -> Result<()> {
     // 4. Detection latency.
     step(&format!(
         "detection latency: {} blocking reads, threshold 500ms",
@@ -692,31 +659,26 @@ fn detection_latency(venv: &Path, s: &Sizes, report: &mut Report) -> Result<()> 
     ));
     let mut lat = Vec::new();
     for _ in 0..s.latency_trials {
-        let go = std::env::temp_dir().join(format!("tracer-bench-lat-{}", std::process::id()));
-        let _ = std::fs::remove_file(&go);
+        let go = GoFile::new("bench-latency");
         let code = format!(
-            "import os, time\nwhile not os.path.exists({:?}):\n    time.sleep(0.01)\nr, w = os.pipe()\nprint(time.monotonic_ns(), flush=True)\nos.read(r, 1)\n",
-            go.to_str().unwrap_or_default()
+            "{}r, w = os.pipe()\nprint(time.monotonic_ns(), flush=True)\nos.read(r, 1)\n",
+            go.python_wait()
         );
-        let mut p = Command::new(venv.join("bin/python"))
-            .args(["-c", &code])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut t = Tracer::start(&["--pid", &p.id().to_string(), "--threshold", "500ms"]);
-        std::fs::write(&go, b"")?;
-        let mut l = String::new();
-        BufReader::new(p.stdout.take().expect("piped")).read_line(&mut l)?;
-        let entered: u64 = l.trim().parse().context("python timestamp")?;
+        let mut p = Proc::python_captured(&code);
+        let mut t = Tracer::start(&["--pid", &p.pid().to_string(), "--threshold", "500ms"]);
+        go.release();
+        let entered: u64 = p
+            .first_line(Duration::from_secs(10))
+            .trim()
+            .parse()
+            .context("python timestamp")?;
         t.wait_for("stall", Duration::from_secs(5), |e: &Value| {
             e["event"] == "stall"
         });
         let arrived = mono_ns();
         lat.push((arrived.saturating_sub(entered) as f64 / 1e6) - 500.0);
-        let _ = p.kill();
-        let _ = p.wait();
+        drop(p);
         t.stop();
-        let _ = std::fs::remove_file(&go);
     }
     let lat_med = median(&mut lat);
     eprintln!("  stall printed {lat_med:.1} ms after crossing the threshold (median)");

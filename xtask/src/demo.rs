@@ -3,7 +3,6 @@
 //! tracer names the stalled worker before Gunicorn's WORKER TIMEOUT.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::channel;
@@ -11,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::{root, step};
+use tests::{Gunicorn, Proc};
+
+use crate::step;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Scenario {
@@ -19,32 +20,10 @@ pub enum Scenario {
     EarlyClose,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Gunicorn from the virtualenv, serving `app` from tests/apps on loopback,
-/// in its own process group so that stopping it stops its workers too.
-fn spawn_gunicorn(
-    venv: &Path,
-    args: &[&str],
-    port: u16,
-    app: &str,
-    stderr: Stdio,
-) -> Result<std::process::Child> {
-    Command::new(venv.join("bin/gunicorn"))
-        .args(args)
-        .args(["-b", &format!("127.0.0.1:{port}"), app])
-        .current_dir(root().join("tests/apps"))
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .process_group(0)
-        .spawn()
-        .context("starting gunicorn from the virtualenv")
+/// Gunicorn with the tests' command line, in its own process group so that
+/// dropping it stops its workers too; its log goes where `stderr` says.
+fn spawn_gunicorn(g: &Gunicorn, stderr: Stdio) -> Proc {
+    Proc::spawn(g.command().stdout(Stdio::null()).stderr(stderr))
 }
 
 /// `tracer watch --pid MASTER`, text on the demo's terminal.
@@ -68,29 +47,19 @@ fn stop_tracer(mut tr: std::process::Child) -> Result<()> {
     Ok(())
 }
 
-/// Kills a child started with `process_group(0)` and all it spawned.
-fn stop_group(child: &mut std::process::Child) {
-    // SAFETY: kill(2) on the process group we created for the child.
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-    let _ = child.wait();
-}
-
-pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
-    let port = free_port()?;
+pub fn run(tracer: &Path, timeout: u32) -> Result<()> {
+    let g = Gunicorn::new("hang_app:app")
+        .worker_class("gevent")
+        .workers(3)
+        .timeout(timeout);
+    let port = g.port();
     step(&format!(
         "starting Gunicorn: 3 gevent workers, --timeout {timeout}, tests/apps/hang_app.py on 127.0.0.1:{port}"
     ));
-    let t = timeout.to_string();
-    let mut gunicorn = spawn_gunicorn(
-        venv,
-        &["-k", "gevent", "-w", "3", "-t", &t],
-        port,
-        "hang_app:app",
-        Stdio::piped(),
-    )?;
-    let master = gunicorn.id();
+    let mut gunicorn = spawn_gunicorn(&g, Stdio::piped());
+    let master = gunicorn.pid();
     let (tx, rx) = channel::<String>();
-    let log = gunicorn.stderr.take().expect("piped");
+    let log = gunicorn.child.stderr.take().expect("piped");
     std::thread::spawn(move || {
         for line in BufReader::new(log).lines().map_while(Result::ok) {
             eprintln!("    gunicorn | {line}");
@@ -146,7 +115,7 @@ pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
         }
         stop_tracer(tr)
     })();
-    stop_group(&mut gunicorn);
+    drop(gunicorn);
     step("demo done; gunicorn stopped");
     result
 }
@@ -155,19 +124,16 @@ pub fn run(tracer: &Path, venv: &Path, timeout: u32) -> Result<()> {
 /// /rpc leaks socket.setdefaulttimeout(0.5), slow uploads accepted by the
 /// same worker time out; Gunicorn closes them with nothing sent and nginx
 /// answers 502. The tracer names the worker, the connections and the cause.
-pub fn early_close(tracer: &Path, venv: &Path) -> Result<()> {
-    let port = free_port()?;
+pub fn early_close(tracer: &Path) -> Result<()> {
+    let g = Gunicorn::new("leak_app:app")
+        .worker_class("old_worker.OldGeventWorker")
+        .workers(1);
+    let port = g.port();
     step(&format!(
         "starting Gunicorn with a pre-19.8 gevent worker (tests/apps/old_worker.py), tests/apps/leak_app.py on 127.0.0.1:{port}"
     ));
-    let mut gunicorn = spawn_gunicorn(
-        venv,
-        &["-k", "old_worker.OldGeventWorker", "-w", "1"],
-        port,
-        "leak_app:app",
-        Stdio::null(),
-    )?;
-    let master = gunicorn.id();
+    let gunicorn = spawn_gunicorn(&g, Stdio::null());
+    let master = gunicorn.pid();
     let result = (|| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -213,7 +179,7 @@ pub fn early_close(tracer: &Path, venv: &Path) -> Result<()> {
         );
         stop_tracer(tr)
     })();
-    stop_group(&mut gunicorn);
+    drop(gunicorn);
     step("demo done; gunicorn and nginx stopped");
     result
 }

@@ -111,8 +111,8 @@ fn test(filter: Option<String>) -> Result<()> {
     let bin = build()?;
     let venv = setup::venv()?;
     setup::tools(
-        &[("nginx", "nginx")],
-        "the end-to-end tests (nginx in front of Gunicorn)",
+        &[("nginx", "nginx"), ("bpftool", "bpftool")],
+        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload)",
     )?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();
@@ -177,7 +177,7 @@ fn bench(quick: bool, only: &[bench::Part]) -> Result<()> {
         std::env::set_var("TRACER_BIN", &bin);
         std::env::set_var("TRACER_VENV", &venv);
     }
-    bench::run(&venv, quick, only)
+    bench::run(quick, only)
 }
 
 fn main() -> ExitCode {
@@ -198,21 +198,23 @@ fn main() -> ExitCode {
                 std::env::set_var("TRACER_BIN", &bin);
                 std::env::set_var("TRACER_VENV", &venv);
             }
-            soak::run(&venv, minutes)
+            soak::run(minutes)
         })(),
         Cmd::DropServer => bench::drop_server(),
         Cmd::Demo { scenario, timeout } => (|| {
             setup::require_root("cargo xtask demo")?;
             let bin = build()?;
             let venv = setup::venv()?;
+            // SAFETY: set before any thread is spawned.
+            unsafe { std::env::set_var("TRACER_VENV", &venv) };
             match scenario {
-                demo::Scenario::Stall => demo::run(&bin, &venv, timeout),
+                demo::Scenario::Stall => demo::run(&bin, timeout),
                 demo::Scenario::EarlyClose => {
                     setup::tools(
                         &[("nginx", "nginx")],
                         "the early-close demo (nginx in front of Gunicorn)",
                     )?;
-                    demo::early_close(&bin, &venv)
+                    demo::early_close(&bin)
                 }
             }
         })(),

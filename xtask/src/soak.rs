@@ -1,11 +1,10 @@
 //! `cargo xtask soak`: a long run under steady load with worker churn, to
 //! show that the tracer's memory and its kernel maps stay flat. Not in CI
 //! (it takes minutes); its latest result is recorded in docs/soak.md.
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tests::Tracer;
+use tests::{Gunicorn, Tracer};
 
 use crate::step;
 
@@ -27,27 +26,17 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-pub fn run(_venv: &Path, minutes: u64) -> Result<()> {
-    let port = tests::free_port();
-    let mport = tests::free_port();
+pub fn run(minutes: u64) -> Result<()> {
     step(&format!(
         "soak: Gunicorn -k gevent -w 4 --max-requests 200 under wrk for {minutes} min, tracer sampled every 30 s"
     ));
-    let mut g = tests::gunicorn(
-        &[
-            "-k",
-            "gevent",
-            "-w",
-            "4",
-            "--max-requests",
-            "200",
-            "-b",
-            &format!("127.0.0.1:{port}"),
-            "bench_app:app",
-        ],
-        &[],
-    );
-    g.wait_count("Booting worker", 4, Duration::from_secs(30));
+    let g = Gunicorn::new("bench_app:app")
+        .worker_class("gevent")
+        .workers(4)
+        .max_requests(200)
+        .spawn();
+    let port = g.port;
+    let mport = tests::free_port();
     let maddr = format!("127.0.0.1:{mport}");
     let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--metrics-addr", &maddr]);
     let end = Instant::now() + Duration::from_secs(minutes * 60);

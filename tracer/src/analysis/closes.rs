@@ -44,8 +44,11 @@ pub(super) struct ConnFacts<'a> {
 /// Which early close this is, if any: None when a reply was sent (or,
 /// outbound, one came back), or when nothing was asked of an outbound call.
 fn classify(c: &Conn) -> Option<(Direction, CloseKind)> {
+    if !c.ended_badly() {
+        return None;
+    }
     match c.direction {
-        direction::INBOUND if c.bytes_out == 0 => Some((
+        direction::INBOUND => Some((
             Direction::Inbound,
             if c.bytes_in > 0 || c.aborted != 0 {
                 CloseKind::DroppedRequest
@@ -53,9 +56,7 @@ fn classify(c: &Conn) -> Option<(Direction, CloseKind)> {
                 CloseKind::Idle
             },
         )),
-        direction::OUTBOUND if c.bytes_out > 0 && c.bytes_in == 0 => {
-            Some((Direction::Outbound, CloseKind::UpstreamCut))
-        }
+        direction::OUTBOUND => Some((Direction::Outbound, CloseKind::UpstreamCut)),
         _ => None,
     }
 }

@@ -1,27 +1,24 @@
 //! Syscall numbers, names, and which syscalls count as "waiting for work".
 use std::borrow::Cow;
 
+use syscalls::Sysno;
+
 use crate::model::Role;
 
-// Both tables are compiled; only the host architecture's is used.
-#[allow(dead_code)]
-#[path = "syscall_names.rs"]
-mod names;
-
-#[cfg(target_arch = "x86_64")]
-static TABLE: &[&str] = &names::X86_64;
-#[cfg(not(target_arch = "x86_64"))]
-static TABLE: &[&str] = &names::GENERIC;
-
+/// The host architecture's name for a syscall number; unknown numbers print
+/// as `syscall_N`.
 pub fn name(nr: i64) -> Cow<'static, str> {
-    match usize::try_from(nr).ok().and_then(|i| TABLE.get(i)) {
-        Some(n) if !n.is_empty() => Cow::Borrowed(n),
-        _ => Cow::Owned(format!("syscall_{nr}")),
+    match usize::try_from(nr).ok().and_then(Sysno::new) {
+        Some(sysno) => Cow::Borrowed(sysno.name()),
+        None => Cow::Owned(format!("syscall_{nr}")),
     }
 }
 
+/// The host architecture's number for a syscall name, if it has one there.
 pub fn number(name: &str) -> Option<i64> {
-    TABLE.iter().position(|n| *n == name).map(|i| i as i64)
+    name.parse::<Sysno>()
+        .ok()
+        .map(|sysno| i64::from(sysno.id()))
 }
 
 /// Multiplexers and signal waits: a thread in one of these is idle, whatever
@@ -44,16 +41,26 @@ pub const ALWAYS_WAIT: &[&str] = &[
 
 /// Waits that are idle for an ordinary thread but block everything when the
 /// thread is a Gunicorn worker's event loop: an unpatched `time.sleep`, a
-/// lock held by another thread, a blocking `waitpid` or `accept`.
+/// lock held by another thread, a blocking `waitpid` or `accept`. The futex2
+/// calls (Linux 5.16 and 6.7) split `futex`'s operations, so they are classed
+/// like it.
 pub const IDLE_UNLESS_EVENT_LOOP: &[&str] = &[
     "futex",
     "futex_waitv",
+    "futex_wait",
+    "futex_wake",
+    "futex_requeue",
     "nanosleep",
     "clock_nanosleep",
     "wait4",
     "waitid",
     "accept",
     "accept4",
+];
+
+/// Reads the kernel watches for a blocked pipe or socket read (class READ).
+const READS: &[&str] = &[
+    "read", "readv", "pread64", "recvfrom", "recvmsg", "recvmmsg",
 ];
 
 /// Whether a syscall blocked past the threshold is a stall for this thread.
@@ -80,15 +87,7 @@ pub fn is_stall(role: Role, main_thread: bool, nr: i64) -> bool {
 /// syscall that is not the default [`class::MAYBE`].
 pub fn class_table() -> Vec<(i64, u32)> {
     use tracer_common::class;
-    let groups: [(&[&str], u32); 2] = [
-        (ALWAYS_WAIT, class::WAIT),
-        (
-            &[
-                "read", "readv", "pread64", "recvfrom", "recvmsg", "recvmmsg",
-            ],
-            class::READ,
-        ),
-    ];
+    let groups: [(&[&str], u32); 2] = [(ALWAYS_WAIT, class::WAIT), (READS, class::READ)];
     let mut out: Vec<(i64, u32)> = Vec::new();
     for (names, bits) in groups {
         for n in names.iter().filter_map(|n| number(n)) {
@@ -210,5 +209,95 @@ mod tests {
         assert!(!is_stall(Role::Plain, false, number("futex").unwrap()));
         assert!(is_stall(Role::Plain, false, read));
         assert!(is_stall(Role::Child, true, read));
+    }
+
+    /// Syscalls added since Linux 6.1, numbered alike in the x86_64 and the
+    /// generic (aarch64) tables.
+    const NEWER: &[(&str, i64)] = &[
+        ("futex_waitv", 449),
+        ("cachestat", 451),
+        ("fchmodat2", 452),
+        ("map_shadow_stack", 453),
+        ("futex_wake", 454),
+        ("futex_wait", 455),
+        ("futex_requeue", 456),
+        ("statmount", 457),
+        ("listmount", 458),
+        ("lsm_get_self_attr", 459),
+        ("lsm_set_self_attr", 460),
+        ("lsm_list_modules", 461),
+        ("mseal", 462),
+        ("setxattrat", 463),
+        ("getxattrat", 464),
+        ("listxattrat", 465),
+        ("removexattrat", 466),
+        ("open_tree_attr", 467),
+    ];
+
+    #[test]
+    fn newer_syscalls_round_trip() {
+        for &(n, nr) in NEWER {
+            assert_eq!(number(n), Some(nr), "{n}");
+            assert_eq!(name(nr), n, "{nr}");
+        }
+    }
+
+    #[test]
+    fn numbers_agree_with_libc() {
+        assert_eq!(number("read"), Some(libc::SYS_read));
+        assert_eq!(number("futex"), Some(libc::SYS_futex));
+        assert_eq!(number("futex_waitv"), Some(libc::SYS_futex_waitv));
+        assert_eq!(number("mseal"), Some(libc::SYS_mseal));
+        assert_eq!(number("close"), Some(libc::SYS_close));
+        assert_eq!(number("shutdown"), Some(libc::SYS_shutdown));
+    }
+
+    #[test]
+    fn no_placeholder_is_a_name() {
+        // The kernel headers' end-of-table count and arch-specific base.
+        for marker in ["syscalls", "arch_specific_syscall"] {
+            assert_eq!(number(marker), None, "{marker}");
+        }
+        for nr in 0..i64::from(tracer_common::MAX_SYSCALL_NR) {
+            let n = name(nr);
+            assert!(n != "syscalls" && n != "arch_specific_syscall", "{nr}: {n}");
+        }
+    }
+
+    #[test]
+    fn class_lists_name_real_syscalls() {
+        use syscalls::{aarch64, x86_64};
+        let lists = [ALWAYS_WAIT, IDLE_UNLESS_EVENT_LOOP, READS];
+        for n in lists.into_iter().flatten() {
+            let known = n.parse::<x86_64::Sysno>().is_ok() || n.parse::<aarch64::Sysno>().is_ok();
+            assert!(known, "{n} is no syscall on x86_64 or aarch64");
+        }
+    }
+
+    #[test]
+    fn class_table_fits_the_kernel_map() {
+        let max = i64::from(tracer_common::MAX_SYSCALL_NR);
+        assert!(class_table().iter().all(|(nr, _)| (0..max).contains(nr)));
+        assert!(NEWER.iter().all(|&(_, nr)| nr < max));
+    }
+
+    #[test]
+    fn futex2_waits_are_classed_like_futex() {
+        let futex = number("futex").unwrap();
+        for n in ["futex_wait", "futex_waitv", "futex_wake", "futex_requeue"] {
+            let nr = number(n).unwrap();
+            for role in [Role::Worker, Role::Master, Role::Plain, Role::Child] {
+                for main in [true, false] {
+                    assert_eq!(
+                        is_stall(role, main, nr),
+                        is_stall(role, main, futex),
+                        "{n} {role:?} main={main}"
+                    );
+                }
+            }
+        }
+        let wait = number("futex_wait").unwrap();
+        assert!(is_stall(Role::Worker, true, wait), "worker loop asleep");
+        assert!(!is_stall(Role::Worker, false, wait), "worker helper idle");
     }
 }

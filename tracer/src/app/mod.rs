@@ -3,6 +3,7 @@
 //! `attach` loads the probes and watches the targets; `run_loop` reacts to
 //! the kernel; `finish` prints the summary.
 pub mod cli;
+pub mod logging;
 pub mod metrics_server;
 pub mod output;
 mod session;

@@ -180,6 +180,7 @@ impl Session {
             events_received: self.events_received,
             losses: self.losses(),
             maps: self.probes.occupancy(),
+            bpf_errors: self.probes.bpf_errors(),
         };
         let probes = &self.probes;
         let heartbeats = &mut self.enricher.heartbeats;

@@ -342,10 +342,32 @@ mod tests {
         assert_eq!(parse_environ(b"\xff\xfe\0=\0"), (None, None));
     }
 
+    /// The reader gives what the parser makes of the real file: a container
+    /// exactly when this process's own cgroup path names one (host or CI
+    /// container alike), with the same id, runtime and pod uid.
     #[test]
-    fn this_process_reads_without_error() {
-        // On a host this is usually None; in a container, Some. Either way no panic.
-        let _ = of_process(std::process::id(), Path::new(DEFAULT_PODS_DIR));
+    fn this_process_is_read_as_its_cgroup_file_says() {
+        let me = std::process::id();
+        let text = std::fs::read_to_string(format!("/proc/{me}/cgroup")).unwrap();
+        assert!(
+            text.lines().any(|l| l.splitn(3, ':').nth(2).is_some()),
+            "not a cgroup file: {text:?}"
+        );
+        let parsed = parse_cgroup(&text);
+        let read = of_process(me, Path::new(DEFAULT_PODS_DIR));
+        assert_eq!(read.is_some(), parsed.is_some(), "{text}");
+        if let (Some(read), Some(parsed)) = (read, parsed) {
+            assert_eq!(
+                (read.id, read.runtime, read.pod_uid),
+                (parsed.id, parsed.runtime, parsed.pod_uid)
+            );
+        }
+    }
+
+    #[test]
+    fn a_process_that_does_not_exist_is_none() {
+        // Above pid_max (at most 2^22), so never a live process.
+        assert_eq!(of_process(u32::MAX, Path::new(DEFAULT_PODS_DIR)), None);
     }
 
     #[test]

@@ -223,13 +223,45 @@ mod tests {
         assert!(Btf::parse(b).is_none());
     }
 
+    /// Size in bytes of `struct name`, read the way `member_offset` finds it.
+    fn struct_size(btf: &Btf, name: &str) -> Option<u64> {
+        (1..=btf.type_offsets.len() as u32).find_map(|id| {
+            let (at, name_off, info) = btf.header(id)?;
+            ((info >> 24) & 0x1f == KIND_STRUCT && btf.name(name_off) == name.as_bytes())
+                .then(|| btf.u32(at, 8))?
+                .map(u64::from)
+        })
+    }
+
+    /// The tracer refuses to start without BTF, so this machine must have it;
+    /// the offsets are checked against layout facts of every kernel.
     #[test]
-    fn reads_this_kernels_btf_when_present() {
-        let Some(btf) = Btf::from_sys_fs() else {
-            return; // no BTF on this kernel: the tracer then skips fd kinds
+    fn reads_this_kernels_btf() {
+        let btf = Btf::from_sys_fs()
+            .expect("/sys/kernel/btf/vmlinux is missing or unreadable: the tracer requires it");
+        let inside = |s: &str, m: &str| -> u64 {
+            let off = btf
+                .member_offset(s, m)
+                .unwrap_or_else(|| panic!("no {s}.{m}"));
+            let size = struct_size(&btf, s).unwrap_or_else(|| panic!("no struct {s}"));
+            assert!(off < size, "{s}.{m} at {off} is outside its {size} bytes");
+            off
         };
-        assert!(btf.member_offset("task_struct", "files").is_some());
-        assert!(btf.member_offset("inode", "i_mode").is_some());
-        assert!(btf.member_offset("file", "f_inode").is_some());
+        let pid = inside("task_struct", "pid");
+        assert!(pid > 0, "pid is not the first field of task_struct");
+        // `pid_t pid; pid_t tgid;` side by side: offsets in bytes, not bits.
+        assert_eq!(inside("task_struct", "tgid"), pid + 4);
+        for m in ["comm", "files", "signal", "blocked", "exit_code", "flags"] {
+            assert!(inside("task_struct", m) > 0, "task_struct.{m}");
+        }
+        // The first member of struct inode.
+        assert_eq!(inside("inode", "i_mode"), 0);
+        assert!(inside("file", "f_inode") > 0);
+        assert!(inside("fdtable", "fd") > inside("fdtable", "max_fds"));
+        // Inside the embedded inet_connection_sock, hence past its size.
+        let icsk = struct_size(&btf, "inet_connection_sock").unwrap();
+        for m in ["bytes_received", "bytes_sent", "write_seq", "snd_nxt"] {
+            assert!(inside("tcp_sock", m) >= icsk, "tcp_sock.{m}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
-use tracer_common::{ConnEnd, Event, RET_EXITED, RET_INTERRUPTED, kind};
+use tracer_common::{ConnEnd, Event, kind, wake};
 
 use crate::model::{KernelEvent, Role, Wake};
 
@@ -118,10 +118,10 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             parent: e.tgid,
             child: e.aux_pid,
             role: Role::from_kernel(e.nr as u32),
-            master: e.ret as u32,
+            master: e.aux as u32,
         },
         kind::EXIT => {
-            let (exit_code, signal) = if e.ret == 1 {
+            let (exit_code, signal) = if e.aux == 1 {
                 (Some(e.nr as i32), None)
             } else if e.nr != 0 {
                 (None, Some(e.nr as i32))
@@ -141,15 +141,15 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             sender: e.aux_pid,
             sig: e.nr as i32,
         },
-        kind::SLOW_SYSCALL => KernelEvent::SleepEnd {
+        kind::SLEEP_END => KernelEvent::SleepEnd {
             ts_ns: e.ts_ns,
             tgid: e.tgid,
             tid: e.tid,
             nr: e.nr,
             start_ns: e.start_ns,
-            wake: match e.ret {
-                RET_EXITED => Wake::Killed,
-                RET_INTERRUPTED => Wake::Interrupted,
+            wake: match e.aux {
+                wake::KILLED => Wake::Killed,
+                wake::INTERRUPTED => Wake::Interrupted,
                 _ => Wake::Returning,
             },
             arg0: e.arg0,
@@ -180,15 +180,15 @@ mod tests {
     }
 
     #[test]
-    fn decodes_slow_syscall_including_thread_death_and_seeded() {
+    fn decodes_sleep_end_including_thread_death_and_seeded() {
         let e = Event {
-            kind: kind::SLOW_SYSCALL | kind::FLAG_SEEDED,
+            kind: kind::SLEEP_END | kind::FLAG_SEEDED,
             tgid: 10,
             tid: 11,
             ts_ns: 900,
             start_ns: 100,
             nr: 0,
-            ret: RET_EXITED,
+            aux: wake::KILLED,
             arg0: 5,
             arg2: 4,
             ..Default::default()
@@ -208,12 +208,12 @@ mod tests {
                 seeded: true
             }
         );
-        let woke = |ret| match from_event(&Event { ret, ..e }) {
+        let woke = |aux| match from_event(&Event { aux, ..e }) {
             Some(KernelEvent::SleepEnd { wake, .. }) => wake,
             other => panic!("{other:?}"),
         };
-        assert_eq!(woke(RET_INTERRUPTED), Wake::Interrupted);
-        assert_eq!(woke(tracer_common::RET_WOKE), Wake::Returning);
+        assert_eq!(woke(wake::INTERRUPTED), Wake::Interrupted);
+        assert_eq!(woke(wake::RETURNING), Wake::Returning);
     }
 
     #[test]
@@ -222,7 +222,7 @@ mod tests {
             kind: kind::EXIT,
             tgid: 3,
             nr: 1,
-            ret: 1,
+            aux: 1,
             ..Default::default()
         };
         assert!(matches!(
@@ -233,7 +233,7 @@ mod tests {
                 ..
             })
         ));
-        e.ret = 0;
+        e.aux = 0;
         e.nr = 9;
         assert!(matches!(
             from_event(&e),
@@ -300,7 +300,7 @@ mod tests {
             tgid: 1,
             aux_pid: 2,
             nr: tracer_common::role::WORKER as i64,
-            ret: 1,
+            aux: 1,
             ..Default::default()
         };
         assert_eq!(

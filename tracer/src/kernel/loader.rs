@@ -7,7 +7,10 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint};
 
 use aya::{Ebpf, EbpfLoader};
-use tracer_common::{Conn, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, stat};
+use tracer_common::{
+    Config, Conn, Inflight, KernelOffsets, MAX_SYSCALL_NR, ReadHist, TracepointOffsets, UNSET,
+    Watched, program, stat,
+};
 
 use super::btf::Btf;
 use super::tracefs::Format;
@@ -23,6 +26,7 @@ pub struct Probes {
     pub watched: HashMap<MapData, u32, Watched>,
     pub inflight: HashMap<MapData, u32, Inflight>,
     pub stats: PerCpuArray<MapData, u64>,
+    errors: PerCpuArray<MapData, u64>,
     pub conns: HashMap<MapData, u64, Conn>,
     pub read_hist: HashMap<MapData, u32, ReadHist>,
     pub ports: Array<MapData, u8>,
@@ -114,14 +118,25 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Where a task inside a syscall keeps its syscall number and first and
+/// third arguments in its saved `struct pt_regs`: members named by each
+/// architecture's ABI, plus a byte offset into an array member.
+#[cfg(target_arch = "x86_64")]
+const PT_REGS: [(&[&str], u64); 3] = [(&["orig_ax"], 0), (&["di"], 0), (&["dx"], 0)];
+#[cfg(target_arch = "aarch64")]
+const PT_REGS: [(&[&str], u64); 3] = [(&["syscallno"], 0), (&["orig_x0"], 0), (&["regs"], 2 * 8)];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!(
+    "the tracer reads syscall registers from struct pt_regs and knows their names on x86_64 and aarch64 only; add this architecture's to PT_REGS in loader.rs"
+);
+
 /// Offsets of the kernel struct fields the programs read, from the running
 /// kernel's BTF. All are required: without them nothing can be told apart.
-fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u64)>> {
-    let need = |global: &'static str, s: &str, members: &[&str]| -> Result<(&'static str, u64)> {
+fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
+    let need = |s: &str, members: &[&str]| -> Result<u64> {
         members
             .iter()
             .find_map(|m| btf.member_offset(s, m))
-            .map(|off| (global, off))
             .ok_or_else(|| {
                 anyhow!(
                     "this kernel's BTF has no {s}.{}; please report it with the kernel version ({})",
@@ -130,46 +145,42 @@ fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u64)>> {
                 )
             })
     };
-    let pending = need("", "task_struct", &["pending"])?.1 + need("", "sigpending", &["signal"])?.1;
-    let shared =
-        need("", "signal_struct", &["shared_pending"])?.1 + need("", "sigpending", &["signal"])?.1;
-    Ok(vec![
+    let regs = |i: usize| -> Result<u64> {
+        let (members, extra) = PT_REGS[i];
+        Ok(need("pt_regs", members)? + extra)
+    };
+    Ok(KernelOffsets {
         // "state" before Linux 5.14.
-        need("OFF_TASK_STATE", "task_struct", &["__state", "state"])?,
-        need("OFF_TASK_PID", "task_struct", &["pid"])?,
-        need("OFF_TASK_FLAGS", "task_struct", &["flags"])?,
-        need("OFF_TASK_EXIT_CODE", "task_struct", &["exit_code"])?,
-        need("OFF_TASK_COMM", "task_struct", &["comm"])?,
-        ("OFF_TASK_PENDING_SIGNAL", pending),
-        need("OFF_TASK_BLOCKED", "task_struct", &["blocked"])?,
-        need("OFF_TASK_SIGNAL", "task_struct", &["signal"])?,
-        ("OFF_SIGNAL_SHARED_PENDING", shared),
-        need("OFF_TASK_FILES", "task_struct", &["files"])?,
-        need("OFF_FILES_FDT", "files_struct", &["fdt"])?,
-        need("OFF_FDT_MAX_FDS", "fdtable", &["max_fds"])?,
-        need("OFF_FDT_FD", "fdtable", &["fd"])?,
-        need("OFF_FILE_INODE", "file", &["f_inode"])?,
-        need("OFF_INODE_MODE", "inode", &["i_mode"])?,
-        need("OFF_SK_SHUTDOWN", "sock", &["sk_shutdown"])?,
-        need("OFF_TCP_BYTES_RECEIVED", "tcp_sock", &["bytes_received"])?,
-        need("OFF_TCP_BYTES_SENT", "tcp_sock", &["bytes_sent"])?,
-        need("OFF_TCP_BYTES_RETRANS", "tcp_sock", &["bytes_retrans"])?,
-        need("OFF_TCP_WRITE_SEQ", "tcp_sock", &["write_seq"])?,
-        need("OFF_TCP_SND_NXT", "tcp_sock", &["snd_nxt"])?,
-    ])
+        task_state: need("task_struct", &["__state", "state"])?,
+        task_pid: need("task_struct", &["pid"])?,
+        task_flags: need("task_struct", &["flags"])?,
+        task_exit_code: need("task_struct", &["exit_code"])?,
+        task_comm: need("task_struct", &["comm"])?,
+        task_pending_signal: need("task_struct", &["pending"])? + need("sigpending", &["signal"])?,
+        task_blocked: need("task_struct", &["blocked"])?,
+        task_signal: need("task_struct", &["signal"])?,
+        signal_shared_pending: need("signal_struct", &["shared_pending"])?
+            + need("sigpending", &["signal"])?,
+        task_files: need("task_struct", &["files"])?,
+        files_fdt: need("files_struct", &["fdt"])?,
+        fdt_max_fds: need("fdtable", &["max_fds"])?,
+        fdt_fd: need("fdtable", &["fd"])?,
+        file_inode: need("file", &["f_inode"])?,
+        inode_mode: need("inode", &["i_mode"])?,
+        sk_shutdown: need("sock", &["sk_shutdown"])?,
+        tcp_bytes_received: need("tcp_sock", &["bytes_received"])?,
+        tcp_bytes_sent: need("tcp_sock", &["bytes_sent"])?,
+        tcp_bytes_retrans: need("tcp_sock", &["bytes_retrans"])?,
+        tcp_write_seq: need("tcp_sock", &["write_seq"])?,
+        tcp_snd_nxt: need("tcp_sock", &["snd_nxt"])?,
+        pt_regs_nr: regs(0)?,
+        pt_regs_arg0: regs(1)?,
+        pt_regs_arg2: regs(2)?,
+    })
 }
 
-/// The syscall numbers the kernel side needs, from user space's table
-/// (`analysis::syscalls`), so that the kernel crate carries no table.
-pub struct SyscallTable {
-    /// (number, class bits) of every syscall that may block.
-    pub classes: Vec<(i64, u32)>,
-    pub close: i64,
-    pub shutdown: i64,
-}
-
-pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Probes> {
-    raise_memlock();
+/// Tracepoint record offsets, from the running kernel's tracefs.
+fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
     // The raw tracepoint takes (preempt, prev, next): no record layout.
     // Its tracefs entry must still exist for the kernel to have it.
     Format::read(tracefs, "sched", "sched_switch")?;
@@ -177,68 +188,83 @@ pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Pro
     let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
     let st = Format::read(tracefs, "sock", "inet_sock_set_state")?;
-    let recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).ok();
+    Ok(TracepointOffsets {
+        newtask_pid: newtask.offset("pid", 4)?,
+        newtask_flags: newtask.offset("clone_flags", 8)?,
+        exit_group_dead: pexit.optional_offset("group_dead").unwrap_or(UNSET),
+        signal_sig: sig.offset("sig", 4)?,
+        signal_pid: sig.offset("pid", 4)?,
+        set_state_skaddr: st.offset("skaddr", 8)?,
+        set_state_oldstate: st.offset("oldstate", 4)?,
+        set_state_newstate: st.offset("newstate", 4)?,
+        set_state_sport: st.offset("sport", 2)?,
+        set_state_dport: st.offset("dport", 2)?,
+        set_state_family: st.offset("family", 2)?,
+        set_state_protocol: st.offset("protocol", 2)?,
+        set_state_daddr: st.offset("daddr", 4)?,
+        set_state_daddr_v6: st.offset("daddr_v6", 16)?,
+    })
+}
 
-    let mut globals: Vec<(&str, u64)> = vec![
-        ("THRESHOLD_NS", threshold_ns),
-        ("OFF_NEWTASK_PID", newtask.offset("pid", 4)?),
-        ("OFF_NEWTASK_FLAGS", newtask.offset("clone_flags", 8)?),
-        (
-            "OFF_EXIT_GROUP_DEAD",
-            pexit.optional_offset("group_dead").unwrap_or(u64::MAX),
-        ),
-        ("OFF_SIG_SIG", sig.offset("sig", 4)?),
-        ("OFF_SIG_PID", sig.offset("pid", 4)?),
-        ("OFF_SETSTATE_SKADDR", st.offset("skaddr", 8)?),
-        ("OFF_SETSTATE_OLDSTATE", st.offset("oldstate", 4)?),
-        ("OFF_SETSTATE_NEWSTATE", st.offset("newstate", 4)?),
-        ("OFF_SETSTATE_SPORT", st.offset("sport", 2)?),
-        ("OFF_SETSTATE_DPORT", st.offset("dport", 2)?),
-        ("OFF_SETSTATE_FAMILY", st.offset("family", 2)?),
-        ("OFF_SETSTATE_PROTOCOL", st.offset("protocol", 2)?),
-        ("OFF_SETSTATE_DADDR", st.offset("daddr", 4)?),
-        ("OFF_SETSTATE_DADDR_V6", st.offset("daddr_v6", 16)?),
-    ];
-    globals.push(("NR_CLOSE", sys.close as u64));
-    globals.push(("NR_SHUTDOWN", sys.shutdown as u64));
+/// The syscall numbers the kernel side needs, from user space's table
+/// (`analysis::syscalls`), so that this room carries no table of its own.
+pub struct SyscallTable {
+    /// (number, class bits) of every syscall that may block.
+    pub classes: Vec<(i64, u32)>,
+    pub close: i64,
+    pub shutdown: i64,
+}
+
+/// The programs' whole configuration, from this kernel.
+fn config(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Config> {
+    let tp = tracepoint_offsets(tracefs)?;
     let btf = Btf::from_sys_fs().ok_or_else(|| {
         anyhow!(
             "this kernel has no BTF at /sys/kernel/btf/vmlinux: the tracer needs it (CONFIG_DEBUG_INFO_BTF=y, the default on Debian, Ubuntu, RHEL and their kin) to read task and socket fields"
         )
     })?;
-    globals.extend(kernel_offsets(&btf)?);
-    drop(btf);
+    Ok(Config {
+        threshold_ns,
+        nr_close: sys.close as u64,
+        nr_shutdown: sys.shutdown as u64,
+        tp,
+        kernel: kernel_offsets(&btf)?,
+    })
+}
 
+/// The embedded BPF object, loaded (not yet attached) with `config`.
+fn open_object(config: &Config) -> Result<Ebpf> {
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
         bail!(
             "this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs; rebuild it with `cargo xtask build`"
         );
     }
-    let mut loader = EbpfLoader::new();
-    for (name, value) in &globals {
-        loader.override_global(name, value, true);
-    }
-    let mut ebpf = loader
+    EbpfLoader::new()
+        .override_global("CONFIG", config, true)
         .load(bytes)
-        .map_err(|e| explain(e, "loading the BPF object"))?;
+        .map_err(|e| explain(e, "loading the BPF object"))
+}
 
-    // The class table must be filled before sched_switch can run.
-    {
-        let mut classes: Array<_, u32> = Array::try_from(
-            ebpf.map_mut("SYSCALL_CLASS")
-                .ok_or_else(|| anyhow!("BPF object has no SYSCALL_CLASS map"))?,
-        )?;
-        for &(nr, bits) in &sys.classes {
-            if (nr as u32) < MAX_SYSCALL_NR {
-                classes
-                    .set(nr as u32, bits, 0)
-                    .context("filling the syscall class table")?;
-            }
+/// Fills the syscall class table: it must be full before sched_switch runs.
+fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, u32)]) -> Result<()> {
+    let mut map: Array<_, u32> = Array::try_from(
+        ebpf.map_mut("SYSCALL_CLASS")
+            .ok_or_else(|| anyhow!("BPF object has no SYSCALL_CLASS map"))?,
+    )?;
+    for &(nr, bits) in classes {
+        if (nr as u32) < MAX_SYSCALL_NR {
+            map.set(nr as u32, bits, 0)
+                .context("filling the syscall class table")?;
         }
     }
+    Ok(())
+}
 
-    let optional = recv.is_some().then_some(OPTIONAL_RAW_PROGRAM);
+/// Loads each program into the kernel and attaches it; the optional raw
+/// tracepoint only where this kernel has it.
+fn attach_all(ebpf: &mut Ebpf, with_recv: bool) -> Result<()> {
+    let optional = with_recv.then_some(OPTIONAL_RAW_PROGRAM);
     for name in RAW_PROGRAMS.into_iter().chain(optional) {
         let p: &mut RawTracePoint = ebpf
             .program_mut(name)
@@ -259,28 +285,45 @@ pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Pro
         p.attach(category, name)
             .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
     }
+    Ok(())
+}
 
-    let take = |ebpf: &mut Ebpf, name: &str| {
+/// Takes the maps user space reads out of the object.
+fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
+    let mut take = |name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| anyhow!("BPF object has no map {name}"))
     };
-    let watched = HashMap::try_from(take(&mut ebpf, "WATCHED")?)?;
-    let inflight = HashMap::try_from(take(&mut ebpf, "INFLIGHT")?)?;
-    let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
-    let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
-    let read_hist = HashMap::try_from(take(&mut ebpf, "READ_HIST")?)?;
-    let ports = Array::try_from(take(&mut ebpf, "PORTS")?)?;
-    let events = Some(RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?);
+    let watched = HashMap::try_from(take("WATCHED")?)?;
+    let inflight = HashMap::try_from(take("INFLIGHT")?)?;
+    let stats = PerCpuArray::try_from(take("STATS")?)?;
+    let errors = PerCpuArray::try_from(take("ERRORS")?)?;
+    let conns = HashMap::try_from(take("CONNS")?)?;
+    let read_hist = HashMap::try_from(take("READ_HIST")?)?;
+    let ports = Array::try_from(take("PORTS")?)?;
+    let events = Some(RingBuf::try_from(take("EVENTS")?)?);
     Ok(Probes {
         _ebpf: ebpf,
         watched,
         inflight,
         stats,
+        errors,
         conns,
         read_hist,
         ports,
         events,
     })
+}
+
+/// Loads and attaches every program, configured for this kernel.
+pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Probes> {
+    raise_memlock();
+    let config = config(tracefs, threshold_ns, sys)?;
+    let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
+    let mut ebpf = open_object(&config)?;
+    fill_classes(&mut ebpf, &sys.classes)?;
+    attach_all(&mut ebpf, with_recv)?;
+    take_maps(ebpf)
 }
 
 impl Probes {
@@ -368,6 +411,20 @@ impl Probes {
     pub fn is_watched(&self, pid: u32) -> bool {
         self.watched.get(&pid, 0).is_ok()
     }
+
+    /// Failed runs of each program so far, indexed by `program` id (the
+    /// names are `program::NAMES`).
+    pub fn bpf_errors(&self) -> [u64; program::COUNT as usize] {
+        let mut out = [0; program::COUNT as usize];
+        for (id, n) in out.iter_mut().enumerate() {
+            *n = self
+                .errors
+                .get(&(id as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -388,11 +445,11 @@ mod tests {
     fn permission_errors_say_what_to_do() {
         let e = explain(
             "Operation not permitted (os error 1)",
-            "loading program sys_enter",
+            "loading program sched_switch",
         )
         .to_string();
         assert!(
-            e.starts_with("loading program sys_enter: permission denied; run as root"),
+            e.starts_with("loading program sched_switch: permission denied; run as root"),
             "{e}"
         );
         assert!(e.contains("CAP_BPF") && e.contains("CAP_PERFMON"), "{e}");
@@ -401,7 +458,7 @@ mod tests {
     #[test]
     fn verifier_rejections_show_the_end_of_the_log() {
         let log = "the BPF_PROG_LOAD syscall failed. Verifier output:\n0: (79) r1 = *(u64 *)(r1 +0)\n1: R1 invalid mem access 'scalar'\nprocessed 2 insns";
-        let e = explain(log, "loading program sys_exit").to_string();
+        let e = explain(log, "loading program inet_sock_set_state").to_string();
         assert!(e.contains("verifier rejected the program"), "{e}");
         assert!(
             e.contains("invalid mem access"),
@@ -420,6 +477,20 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    /// The offsets that were hard-coded from the x86_64 ABI before they
+    /// came from BTF: BTF must give the same ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn syscall_registers_come_from_btf() {
+        let btf = Btf::from_sys_fs().expect("the tracer requires BTF");
+        let k = kernel_offsets(&btf).unwrap();
+        assert_eq!(
+            (k.pt_regs_nr, k.pt_regs_arg0, k.pt_regs_arg2),
+            (120, 112, 96),
+            "orig_ax, di, dx"
+        );
     }
 
     #[test]

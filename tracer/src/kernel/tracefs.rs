@@ -54,7 +54,7 @@ pub struct Field {
 }
 
 /// Parses a tracepoint `format` file into field name -> offset/size.
-/// Array fields like `unsigned long args[6]` are keyed by their bare name.
+/// Array fields like `__u8 daddr[4]` are keyed by their bare name.
 pub fn parse_format(text: &str) -> HashMap<String, Field> {
     let mut fields = HashMap::new();
     for line in text.lines() {
@@ -79,7 +79,7 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
             continue;
         };
         // The name is the last identifier once array brackets are dropped:
-        // `unsigned long args[6]`, `__data_loc char[] filename`.
+        // `__u8 daddr[4]`, `__data_loc char[] filename`.
         let mut bare = String::with_capacity(decl.len());
         let mut depth = 0;
         for c in decl.chars() {
@@ -109,7 +109,7 @@ impl Format {
         let path = root.join("events").join(category).join(name).join("format");
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
-                "tracepoint {category}:{name} is missing ({} unreadable): this kernel lacks it (CONFIG_FTRACE_SYSCALLS for syscalls)",
+                "tracepoint {category}:{name} is missing ({} unreadable): this kernel lacks it",
                 path.display()
             )
         })?;
@@ -122,7 +122,7 @@ impl Format {
     /// Offset of a field that must exist, checked against the size we read.
     pub fn offset(&self, field: &str, size: u64) -> Result<u64> {
         match self.fields.get(field) {
-            Some(f) if f.size == size || (field == "args" && f.size >= size) => Ok(f.offset),
+            Some(f) if f.size == size => Ok(f.offset),
             Some(f) => bail!(
                 "tracepoint {} field {field} has size {} where {size} was expected; this kernel is not supported",
                 self.event,
@@ -145,18 +145,23 @@ impl Format {
 mod tests {
     use super::*;
 
-    const SYS_ENTER: &str = "name: sys_enter
-ID: 443
+    // sock:inet_sock_set_state on 6.x (print fmt shortened).
+    const SET_STATE: &str = "name: inet_sock_set_state
+ID: 2287
 format:
 \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
 \tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
 \tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
 \tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
 
-\tfield:long id;\toffset:8;\tsize:8;\tsigned:1;
-\tfield:unsigned long args[6];\toffset:16;\tsize:48;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
 
-print fmt: \"NR %ld (%lx, %lx, %lx, %lx, %lx, %lx)\", REC->id, REC->args[0]
+print fmt: \"family=%s sport=%hu\", REC->family, REC->sport
 ";
 
     // sched_process_exec on 6.x: a __data_loc string, then pids.
@@ -184,9 +189,11 @@ format:
 
     #[test]
     fn parses_scalars_and_arrays() {
-        let f = fmt(SYS_ENTER);
-        assert_eq!(f.offset("id", 8).unwrap(), 8);
-        assert_eq!(f.offset("args", 8).unwrap(), 16);
+        let f = fmt(SET_STATE);
+        assert_eq!(f.offset("skaddr", 8).unwrap(), 8);
+        assert_eq!(f.offset("newstate", 4).unwrap(), 20);
+        assert_eq!(f.offset("daddr", 4).unwrap(), 36);
+        assert_eq!(f.offset("daddr_v6", 16).unwrap(), 56);
         assert_eq!(f.offset("common_pid", 4).unwrap(), 4);
     }
 
@@ -208,8 +215,8 @@ format:
 
     #[test]
     fn wrong_size_or_missing_field_is_an_error() {
-        let f = fmt(SYS_ENTER);
-        let e = f.offset("id", 4).unwrap_err().to_string();
+        let f = fmt(SET_STATE);
+        let e = f.offset("skaddr", 4).unwrap_err().to_string();
         assert!(e.contains("size 8"), "{e}");
         let e = f.offset("nope", 4).unwrap_err().to_string();
         assert!(e.contains("no field nope"), "{e}");
@@ -248,15 +255,15 @@ mod read_tests {
         .unwrap();
         let ok = Format::read(&dir, "sched", "sched_process_exit").unwrap();
         assert_eq!(ok.offset("pid", 4).unwrap(), 24);
-        let e = Format::read(&dir, "raw_syscalls", "sys_enter")
+        let e = Format::read(&dir, "sock", "sock_recv_length")
             .err()
             .unwrap()
             .to_string();
         assert!(
-            e.contains("tracepoint raw_syscalls:sys_enter is missing"),
+            e.contains("tracepoint sock:sock_recv_length is missing"),
             "{e}"
         );
-        assert!(e.contains("CONFIG_FTRACE_SYSCALLS"), "{e}");
+        assert!(e.contains("this kernel lacks it"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

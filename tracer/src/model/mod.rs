@@ -192,18 +192,11 @@ pub enum PodSource {
     Environment,
 }
 
-/// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name.
+/// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The
+/// names are tracer-common's, the list the kernel side forwards.
 pub fn signal_name(sig: i32) -> String {
-    let n = match sig {
-        1 => "SIGHUP",
-        2 => "SIGINT",
-        3 => "SIGQUIT",
-        6 => "SIGABRT",
-        7 => "SIGBUS",
-        9 => "SIGKILL",
-        11 => "SIGSEGV",
-        15 => "SIGTERM",
-        _ => return format!("SIG{sig}"),
-    };
-    n.to_string()
+    match tracer_common::signal::name(sig) {
+        Some(n) => n.to_string(),
+        None => format!("SIG{sig}"),
+    }
 }

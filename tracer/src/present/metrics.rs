@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::model::{FdKind, Losses, MapOccupancy, Role, Summary, WorkerState, WorkerSummary};
-use tracer_common::{HIST_BUCKETS, ReadHist, fdkind};
+use tracer_common::{HIST_BUCKETS, ReadHist, fdkind, program};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
@@ -38,6 +38,11 @@ struct FdKindLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
 }
 
 fn stall_histogram() -> Histogram {
@@ -72,6 +77,8 @@ pub struct SelfStats {
     pub events_received: u64,
     pub losses: Losses,
     pub maps: MapOccupancy,
+    /// Failed runs per kernel program, indexed by `program` id.
+    pub bpf_errors: [u64; program::COUNT as usize],
 }
 
 fn labels(w: &WorkerSummary) -> WorkerLabels {
@@ -259,6 +266,7 @@ pub fn render(
         counter(me.losses.over_quota),
     );
     reg.register("map_entries", "Entries in the tracer's kernel maps", maps);
+    register_bpf_errors(&mut reg, &me.bpf_errors);
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out = "# encoding failed\n".into();
@@ -270,6 +278,23 @@ pub fn render(
         None => out.push_str(&hist),
     }
     out
+}
+
+/// Runs of each kernel program that failed and were skipped (a refused
+/// read, a full map): every program has a series, zero included.
+fn register_bpf_errors(reg: &mut Registry, errors: &[u64]) {
+    let family = Family::<ProgramLabels, Counter>::default();
+    for (name, n) in program::NAMES.iter().zip(errors) {
+        let l = ProgramLabels {
+            program: name.to_string(),
+        };
+        family.get_or_create(&l).inc_by(*n);
+    }
+    reg.register(
+        "bpf_errors",
+        "Runs of a kernel program that failed and were skipped, by program",
+        family,
+    );
 }
 
 #[cfg(test)]
@@ -330,6 +355,7 @@ mod tests {
                 inflight: 5,
                 conns: 0,
             },
+            ..Default::default()
         };
         let mut h = ReadHist::default();
         h.counts[fdkind::PIPE * HIST_BUCKETS] = 2; // two reads of 1-2 ms
@@ -382,6 +408,35 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn kernel_program_errors_have_one_series_per_program() {
+        let mut me = SelfStats::default();
+        me.bpf_errors[program::INET_SOCK_SET_STATE as usize] = 4;
+        let t = render(
+            &summary(vec![]),
+            &mut |_| None,
+            &mut |_| None,
+            &StallDurations::default(),
+            &me,
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_bpf_errors_total{program="inet_sock_set_state"} 4"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_bpf_errors_total{program="sched_switch"} 0"#),
+            "{t}"
+        );
+        assert_eq!(
+            t.matches("gunicorn_tracer_bpf_errors_total{").count(),
+            program::COUNT as usize
+        );
+        assert!(
+            t.contains("# TYPE gunicorn_tracer_bpf_errors counter"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! Process lifecycle: fork, exit, signals and exec. Rare, so each is sent
+//! as an event; fork also extends the watch list to the child.
+use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
+use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
+
+use crate::config::{CONFIG, cfg};
+use crate::helpers::{base_event, count, current_task, emit, field, finish, ids, kread};
+use crate::maps::{INFLIGHT, WATCHED};
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    finish(program::TASK_NEWTASK, try_task_newtask(&ctx));
+    0
+}
+
+fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let Some(parent) = (unsafe { WATCHED.get(tgid) }).copied() else {
+        return Ok(());
+    };
+    let flags: u64 = field(ctx, &CONFIG.tp.newtask_flags)?;
+    if flags & CLONE_THREAD != 0 {
+        return Ok(());
+    }
+    let child: i32 = field(ctx, &CONFIG.tp.newtask_pid)?;
+    let child_role = if parent.role == role::MASTER {
+        role::WORKER
+    } else {
+        role::CHILD
+    };
+    let w = Watched {
+        master: parent.master,
+        role: child_role,
+    };
+    // The child cannot run before this returns, so it is watched from its
+    // first syscall.
+    if WATCHED.insert(child as u32, w, 0).is_err() {
+        count(stat::WATCH_FULL);
+    }
+    let mut ev = base_event(kind::FORK, tgid, tid);
+    ev.aux_pid = child as u32;
+    ev.nr = child_role as i64;
+    ev.aux = parent.master as i64;
+    emit(&ev);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    finish(program::SCHED_PROCESS_EXIT, try_sched_process_exit(&ctx));
+    0
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
+        return Ok(());
+    };
+    let _ = INFLIGHT.remove(tid);
+    let off = &CONFIG.tp.exit_group_dead;
+    let group_dead = if cfg(off) == UNSET {
+        tid == tgid
+    } else {
+        field::<u8>(ctx, off)? != 0
+    };
+    if !group_dead {
+        return Ok(());
+    }
+    // The wait status the parent will see: a signal number in the low 7
+    // bits, or the exit code in the next 8.
+    let code = kread::<i32>(current_task(), cfg(&CONFIG.kernel.task_exit_code)).unwrap_or(0);
+    let mut ev = base_event(kind::EXIT, tgid, tid);
+    ev.aux_pid = w.master;
+    if code & 0x7f != 0 {
+        ev.nr = (code & 0x7f) as i64;
+        ev.aux = 0;
+    } else {
+        ev.nr = ((code >> 8) & 0xff) as i64;
+        ev.aux = 1;
+    }
+    emit(&ev);
+    // WATCHED keeps the process until user space has seen this event: the
+    // kernel closes its sockets after this point, and they must count.
+    Ok(())
+}
+
+#[tracepoint]
+pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    finish(program::SIGNAL_GENERATE, try_signal_generate(&ctx));
+    0
+}
+
+fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
+    let target: i32 = field(ctx, &CONFIG.tp.signal_pid)?;
+    if unsafe { WATCHED.get(target as u32) }.is_none() {
+        return Ok(());
+    }
+    let sig: i32 = field(ctx, &CONFIG.tp.signal_sig)?;
+    if !signal::is_reported(sig) {
+        return Ok(());
+    }
+    let (tgid, tid) = ids();
+    let mut ev = base_event(kind::SIGNAL, target as u32, target as u32);
+    ev.aux_pid = tgid;
+    ev.nr = sig as i64;
+    ev.aux = tid as i64;
+    emit(&ev);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    finish(program::SCHED_PROCESS_EXEC, try_sched_process_exec(&ctx));
+    0
+}
+
+fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    let comm = bpf_get_current_comm()?;
+    // Only what could be a Gunicorn master (gunicorn, python3 -m gunicorn)
+    // or a watched process that execs goes to user space.
+    let interesting = comm.starts_with(b"gunicorn")
+        || comm.starts_with(b"python")
+        || unsafe { WATCHED.get(tgid) }.is_some();
+    if !interesting {
+        return Ok(());
+    }
+    let ev = base_event(kind::EXEC, tgid, tid);
+    emit(&ev);
+    Ok(())
+}

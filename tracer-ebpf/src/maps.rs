@@ -1,0 +1,34 @@
+//! Every map of the object. All bounded: LRU where an entry could be missed
+//! at cleanup.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{Conn, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, program, stat};
+
+#[map]
+pub static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(8192, 0);
+#[map]
+pub static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32768, 0);
+/// What is known of a connection before its close, keyed by socket address.
+#[map]
+pub static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(65536, 0);
+/// Local ports that watched processes listen on (1 = yes), indexed by port:
+/// an inbound connection is established in softirq, where the task running
+/// is anyone's, so the port is all there is to go by.
+#[map]
+pub static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+#[map]
+pub static READ_HIST: LruHashMap<u32, ReadHist> = LruHashMap::with_max_entries(4096, 0);
+/// One all-zero ReadHist to insert from: it is too big for the BPF stack.
+#[map]
+pub static ZERO_HIST: Array<ReadHist> = Array::with_max_entries(1, 0);
+#[map]
+pub static SYSCALL_CLASS: Array<u32> = Array::with_max_entries(MAX_SYSCALL_NR, 0);
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(512 * 1024, 0);
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+/// Failed runs, indexed by the `program` ids of tracer-common.
+#[map]
+pub static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(program::COUNT, 0);

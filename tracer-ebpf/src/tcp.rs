@@ -1,0 +1,243 @@
+//! TCP: a connection a watched process closes is judged at the close from
+//! the socket's own byte counters and sent only when it ended badly; its
+//! start and last EAGAIN are remembered in `CONNS` until then.
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use tracer_common::{Conn, ConnEnd, direction, ended, kind, program, stat};
+
+use crate::config::{CONFIG, cfg};
+use crate::helpers::{
+    PF_EXITING, count, current_syscall, current_task, emit, field, finish, ids, kread, syscall_arg0,
+};
+use crate::maps::{CONNS, PORTS, WATCHED};
+
+const EAGAIN: i32 = 11;
+const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+/// struct sock.sk_shutdown: this side will send no more. Set by close and
+/// shutdown before the state change, never by a RST from the peer.
+const SEND_SHUTDOWN: u8 = 2;
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    finish(program::INET_SOCK_SET_STATE, try_inet_sock_set_state(&ctx));
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let tp = &CONFIG.tp;
+    let protocol: u16 = field(ctx, &tp.set_state_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let new: i32 = field(ctx, &tp.set_state_newstate)?;
+    let old: i32 = field(ctx, &tp.set_state_oldstate)?;
+    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+        return accepted(ctx);
+    }
+    let opening = new == TCP_SYN_SENT;
+    let closing = matches!(old, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
+        && matches!(new, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
+    if !opening && !closing {
+        return Ok(());
+    }
+    let (tgid, tid) = ids();
+    if unsafe { WATCHED.get(tgid) }.is_none() {
+        return Ok(());
+    }
+    let sk: u64 = field(ctx, &tp.set_state_skaddr)?;
+    let family: u16 = field(ctx, &tp.set_state_family)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if opening {
+        return connecting(ctx, sk, family, now);
+    }
+    // Only a close or shutdown by this side sets SEND_SHUTDOWN before the
+    // state change. A RST from the peer, handled in softirq on top of
+    // whatever task was running (maybe a watched one), does not.
+    match kread::<u8>(sk, cfg(&CONFIG.kernel.sk_shutdown)) {
+        Some(v) if v & SEND_SHUTDOWN != 0 => {}
+        _ => return Ok(()),
+    }
+    let closed = Closed {
+        sk,
+        family,
+        new,
+        tgid,
+        tid,
+        now,
+    };
+    closed.judge(ctx)
+}
+
+/// The peer's address from inet_sock_set_state, as a sockaddr head.
+#[inline(always)]
+fn peer_addr(ctx: &TracePointContext, family: u16) -> Result<[u8; 32], i32> {
+    let tp = &CONFIG.tp;
+    let mut a = [0u8; 32];
+    a[..2].copy_from_slice(&family.to_ne_bytes());
+    let dport: u16 = field(ctx, &tp.set_state_dport)?;
+    a[2..4].copy_from_slice(&dport.to_be_bytes());
+    if family == AF_INET {
+        let ip: [u8; 4] = field(ctx, &tp.set_state_daddr)?;
+        a[4..8].copy_from_slice(&ip);
+    } else {
+        let ip: [u8; 16] = field(ctx, &tp.set_state_daddr_v6)?;
+        a[8..24].copy_from_slice(&ip);
+    }
+    Ok(a)
+}
+
+/// connect() in a watched process: an outbound connection starts.
+#[inline(always)]
+fn connecting(ctx: &TracePointContext, sk: u64, family: u16, now: u64) -> Result<(), i32> {
+    let conn = Conn {
+        start_ns: now,
+        direction: direction::OUTBOUND,
+        addr: peer_addr(ctx, family)?,
+        ..Default::default()
+    };
+    if CONNS.insert(sk, conn, 0).is_err() {
+        count(stat::CONNS_UNTRACKED);
+    }
+    Ok(())
+}
+
+/// A connection to a port a watched process listens on was established:
+/// remember when, for its lifetime at close.
+#[inline(always)]
+fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
+    let tp = &CONFIG.tp;
+    let sport: u16 = field(ctx, &tp.set_state_sport)?;
+    if PORTS.get(sport as u32).copied().unwrap_or(0) == 0 {
+        return Ok(());
+    }
+    let sk: u64 = field(ctx, &tp.set_state_skaddr)?;
+    let family: u16 = field(ctx, &tp.set_state_family)?;
+    let conn = Conn {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        direction: direction::INBOUND,
+        local_port: sport as u32,
+        addr: peer_addr(ctx, family)?,
+        ..Default::default()
+    };
+    if CONNS.insert(sk, conn, 0).is_err() {
+        count(stat::CONNS_UNTRACKED);
+    }
+    Ok(())
+}
+
+/// A connection a watched process is closing (or shutting down), at its
+/// state change.
+struct Closed {
+    sk: u64,
+    family: u16,
+    /// The state it moves to.
+    new: i32,
+    tgid: u32,
+    tid: u32,
+    now: u64,
+}
+
+impl Closed {
+    /// Counts a connection that ended well; sends one that ended badly.
+    #[inline(always)]
+    fn judge(&self, ctx: &TracePointContext) -> Result<(), i32> {
+        let mut conn = match unsafe { CONNS.get(self.sk) } {
+            Some(c) => *c,
+            None => Conn {
+                direction: direction::INBOUND,
+                ..Default::default()
+            },
+        };
+        let _ = CONNS.remove(self.sk);
+        conn.bytes_in = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_bytes_received)).unwrap_or(0);
+        conn.bytes_out = self.bytes_written();
+        if !conn.ended_badly() {
+            count(stat::CONNS_OK);
+            return Ok(());
+        }
+        let sport: u16 = field(ctx, &CONFIG.tp.set_state_sport)?;
+        conn.local_port = sport as u32;
+        if conn.addr[0] == 0 && conn.addr[1] == 0 {
+            conn.addr = peer_addr(ctx, self.family)?;
+        }
+        // Closing straight to CLOSE means the kernel threw unread data away
+        // and answers with a RST.
+        conn.aborted = (self.new == TCP_CLOSE) as u32;
+        let (ended_by, fd) = ended_by();
+        let ev = ConnEnd {
+            kind: kind::CONN_END,
+            tgid: self.tgid,
+            tid: self.tid,
+            fd,
+            ts_ns: self.now,
+            conn,
+            ended_by,
+            _pad: 0,
+        };
+        emit(&ev);
+        Ok(())
+    }
+
+    /// What the process wrote: what went out once, plus what is still queued.
+    #[inline(always)]
+    fn bytes_written(&self) -> u64 {
+        let k = &CONFIG.kernel;
+        let sent = kread::<u64>(self.sk, cfg(&k.tcp_bytes_sent)).unwrap_or(0);
+        let retrans = kread::<u64>(self.sk, cfg(&k.tcp_bytes_retrans)).unwrap_or(0);
+        let write_seq = kread::<u32>(self.sk, cfg(&k.tcp_write_seq)).unwrap_or(0);
+        let snd_nxt = kread::<u32>(self.sk, cfg(&k.tcp_snd_nxt)).unwrap_or(0);
+        sent.saturating_sub(retrans) + write_seq.wrapping_sub(snd_nxt) as u64
+    }
+}
+
+/// How the current task ended the connection, and the fd it passed: an
+/// exit, or the shutdown or close syscall it is inside.
+#[inline(always)]
+fn ended_by() -> (u32, i32) {
+    let flags = kread::<u32>(current_task(), cfg(&CONFIG.kernel.task_flags)).unwrap_or(0);
+    if flags & PF_EXITING != 0 {
+        return (ended::EXIT, -1);
+    }
+    let (nr, regs) = current_syscall();
+    let fd = || syscall_arg0(regs).unwrap_or(u64::MAX) as i32;
+    if nr as u64 == cfg(&CONFIG.nr_shutdown) {
+        (ended::SHUTDOWN, fd())
+    } else if nr as u64 == cfg(&CONFIG.nr_close) {
+        (ended::CLOSE, fd())
+    } else {
+        (ended::CLOSE, -1)
+    }
+}
+
+/// Every socket receive on the host, so a raw tracepoint (no record is
+/// built) that leaves at once unless the receive found nothing: EAGAIN on a
+/// connection being tracked is when a socket timeout starts to run.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
+    finish(program::SOCK_RECV_LENGTH, try_sock_recv_length(&ctx));
+    0
+}
+
+fn try_sock_recv_length(ctx: &RawTracePointContext) -> Result<(), i32> {
+    let ret: u64 = ctx.arg(1);
+    if ret as i32 != -EAGAIN {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    if let Some(c) = CONNS.get_ptr_mut(sk) {
+        unsafe { (*c).eagain_ns = bpf_ktime_get_ns() };
+    }
+    Ok(())
+}
