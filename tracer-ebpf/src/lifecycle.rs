@@ -35,9 +35,12 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
         role: child_role,
     };
     // The child cannot run before this returns, so it is watched from its
-    // first syscall.
+    // first syscall. When the map is full it is not watched at all, and user
+    // space is not told of it either: a FORK for a process the kernel does
+    // not follow would leave user space waiting for an EXIT that never comes.
     if WATCHED.insert(child as u32, w, 0).is_err() {
         count(stat::WATCH_FULL);
+        return Ok(());
     }
     let mut ev = base_event(kind::FORK, tgid, tid);
     ev.aux_pid = child as u32;
