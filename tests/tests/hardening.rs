@@ -728,3 +728,31 @@ fn forks_past_the_per_master_quota_are_counted_not_followed_and_others_still_are
     assert!(s["maps"]["watched"].as_u64().unwrap() <= 7, "{s}");
     assert_eq!(s["watch_full"], 0, "{s}");
 }
+
+#[test]
+fn a_fork_flood_past_the_kernel_watch_list_is_counted_and_never_followed() {
+    require_root();
+    let flood = Proc::python(&forker(20));
+    // A list of 8: the flooding process and 7 of its children fit.
+    let mut t = Tracer::start(&["--pid", &flood.pid().to_string(), "--watch-capacity", "8"]);
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(flood.pid() as i32, libc::SIGUSR1) };
+    t.wait_count("children that fit", 7, Duration::from_secs(5), |e| {
+        e["event"] == "worker" && e["source"] == "fork"
+    });
+    t.collect_for(Duration::from_secs(2));
+    let followed = t
+        .of_kind("worker")
+        .iter()
+        .filter(|e| e["source"] == "fork")
+        .count();
+    assert_eq!(followed, 7, "only what the kernel holds is followed");
+    let s = t.stop();
+    assert_eq!(s["watch_full"], 13, "{s}");
+    assert!(s["maps"]["watched"].as_u64().unwrap() <= 8, "{s}");
+    let rows = s["workers"].as_array().unwrap().len();
+    assert!(
+        rows <= 8,
+        "user space holds no process the kernel lost: {s}"
+    );
+}

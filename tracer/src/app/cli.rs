@@ -87,6 +87,11 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value = "512", value_parser = parse_quota)]
     pub max_watched_per_master: usize,
 
+    /// Processes the kernel's watch list holds at most. Hidden: a test
+    /// lowers it to overflow the list with a few forks.
+    #[arg(long, value_name = "N", default_value = "8192", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
+    pub watch_capacity: u32,
+
     /// Serve /healthz alone on this loopback address, for a liveness probe
     /// (`tracer health`) that a flood of metrics clients cannot starve.
     #[arg(long, value_name = "ADDR", value_parser = parse_loopback)]

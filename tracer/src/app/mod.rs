@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::analysis::{Correlator, syscalls};
 use crate::host::{container, proc, pystack};
-use crate::kernel::{self, SyscallTable, intake::Intake, tracefs};
+use crate::kernel::{self, LoadOptions, SyscallTable, intake::Intake, tracefs};
 use crate::model::{KernelEvent, Role, Source};
 use crate::present::{self, Clock, StartEvent, SummaryEvent};
 use cli::WatchArgs;
@@ -139,7 +139,11 @@ impl Events {
 /// every event is seen.
 fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
     let threshold_ns = args.threshold.as_nanos() as u64;
-    let mut probes = kernel::load(&p.tracefs, threshold_ns, &syscall_table()?)?;
+    let opts = LoadOptions {
+        threshold_ns,
+        watch_capacity: args.watch_capacity,
+    };
+    let mut probes = kernel::load(&p.tracefs, &opts, &syscall_table()?)?;
     // Loading parsed the kernel's BTF (twice: aya and us), megabytes freed
     // in pieces that glibc keeps unless asked to give them back.
     #[cfg(target_env = "gnu")]

@@ -233,7 +233,7 @@ fn config(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Confi
 }
 
 /// The embedded BPF object, loaded (not yet attached) with `config`.
-fn open_object(config: &Config) -> Result<Ebpf> {
+fn open_object(config: &Config, watch_capacity: u32) -> Result<Ebpf> {
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
         bail!(
@@ -242,6 +242,7 @@ fn open_object(config: &Config) -> Result<Ebpf> {
     }
     EbpfLoader::new()
         .override_global("CONFIG", config, true)
+        .set_max_entries("WATCHED", watch_capacity)
         .load(bytes)
         .map_err(|e| explain(e, "loading the BPF object"))
 }
@@ -315,12 +316,19 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
     })
 }
 
+/// What the session asks of the kernel side.
+pub struct LoadOptions {
+    pub threshold_ns: u64,
+    /// Processes `WATCHED` holds at most (its default is the object's 8,192).
+    pub watch_capacity: u32,
+}
+
 /// Loads and attaches every program, configured for this kernel.
-pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Probes> {
+pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Probes> {
     raise_memlock();
-    let config = config(tracefs, threshold_ns, sys)?;
+    let config = config(tracefs, opts.threshold_ns, sys)?;
     let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
-    let mut ebpf = open_object(&config)?;
+    let mut ebpf = open_object(&config, opts.watch_capacity)?;
     fill_classes(&mut ebpf, &sys.classes)?;
     attach_all(&mut ebpf, with_recv)?;
     take_maps(ebpf)

@@ -6,4 +6,4 @@ pub mod intake;
 mod loader;
 pub mod tracefs;
 
-pub use loader::{Probes, SyscallTable, load};
+pub use loader::{LoadOptions, Probes, SyscallTable, load};
