@@ -242,7 +242,7 @@ fn open_object(config: &Config, watch_capacity: u32) -> Result<Ebpf> {
     }
     EbpfLoader::new()
         .override_global("CONFIG", config, true)
-        .set_max_entries("WATCHED", watch_capacity)
+        .map_max_entries("WATCHED", watch_capacity)
         .load(bytes)
         .map_err(|e| explain(e, "loading the BPF object"))
 }
