@@ -485,6 +485,16 @@ impl Gunicorn {
         self.arg("--max-requests", n)
     }
 
+    /// `--threads`: request threads per worker (with `-k gthread`).
+    pub fn threads(self, n: u32) -> Gunicorn {
+        self.arg("--threads", n)
+    }
+
+    /// `--keep-alive`: seconds an idle keep-alive connection is kept open.
+    pub fn keep_alive(self, secs: u32) -> Gunicorn {
+        self.arg("--keep-alive", secs)
+    }
+
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Gunicorn {
         let value = value.as_ref().to_string_lossy().into_owned();
         self.env.push((key.to_string(), value));

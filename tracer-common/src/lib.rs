@@ -177,9 +177,14 @@ impl Conn {
     /// The rule both sides judge a closed connection by: inbound, nothing
     /// was sent back; outbound, a request went out and nothing came back.
     pub const fn ended_badly(&self) -> bool {
-        match self.direction {
-            direction::OUTBOUND => self.bytes_out > 0 && self.bytes_in == 0,
-            _ => self.bytes_out == 0,
+        Conn::ends_badly(self.direction, self.bytes_in, self.bytes_out)
+    }
+
+    /// [`Conn::ended_badly`] from the three values it depends on.
+    pub const fn ends_badly(direction: u32, bytes_in: u64, bytes_out: u64) -> bool {
+        match direction {
+            direction::OUTBOUND => bytes_out > 0 && bytes_in == 0,
+            _ => bytes_out == 0,
         }
     }
 }
@@ -198,7 +203,9 @@ pub struct ConnEnd {
     pub conn: Conn,
     /// One of [`ended`].
     pub ended_by: u32,
-    pub _pad: u32,
+    /// 1 when the peer closed first (the socket was in CLOSE_WAIT): its FIN
+    /// is already taken out of `conn.bytes_in`.
+    pub peer_closed_first: u32,
 }
 
 /// One record of the ring buffer. A single fixed layout keeps decoding trivial.

@@ -10,9 +10,9 @@ use tracer_common::{Conn, ConnEnd, direction, ended, kind, program, stat};
 
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{
-    PF_EXITING, count, current_syscall, current_task, emit, field, finish, ids, kread, syscall_arg0,
+    PF_EXITING, count, current_syscall, current_task, field, finish, ids, kread, syscall_arg0,
 };
-use crate::maps::{CONNS, PORTS, WATCHED};
+use crate::maps::{CONNS, EVENTS, PORTS, WATCHED};
 
 const EAGAIN: i32 = 11;
 const IPPROTO_TCP: u16 = 6;
@@ -72,6 +72,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let closed = Closed {
         sk,
         family,
+        old,
         new,
         tgid,
         tid,
@@ -142,6 +143,8 @@ fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
 struct Closed {
     sk: u64,
     family: u16,
+    /// The state it leaves: CLOSE_WAIT when the peer closed first.
+    old: i32,
     /// The state it moves to.
     new: i32,
     tgid: u32,
@@ -149,44 +152,94 @@ struct Closed {
     now: u64,
 }
 
+/// Bytes each way on a closed connection, as the socket counted them.
+struct Totals {
+    bytes_in: u64,
+    bytes_out: u64,
+    peer_closed_first: bool,
+}
+
 impl Closed {
     /// Counts a connection that ended well; sends one that ended badly.
+    /// What `CONNS` knows is read in place: the stack cannot hold copies.
     #[inline(always)]
     fn judge(&self, ctx: &TracePointContext) -> Result<(), i32> {
-        let mut conn = match unsafe { CONNS.get(self.sk) } {
-            Some(c) => *c,
-            None => Conn {
-                direction: direction::INBOUND,
-                ..Default::default()
-            },
+        let known = CONNS.get_ptr_mut(self.sk);
+        let direction = match known {
+            Some(c) => unsafe { (*c).direction },
+            None => direction::INBOUND,
+        };
+        let peer_closed_first = self.old == TCP_CLOSE_WAIT;
+        let received = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_bytes_received)).unwrap_or(0);
+        // bytes_received counts the peer's FIN as one (rcv_nxt moves past
+        // it): a health check that connects and closes sent no data.
+        let totals = Totals {
+            bytes_in: received.saturating_sub(peer_closed_first as u64),
+            bytes_out: self.bytes_written(),
+            peer_closed_first,
+        };
+        let sent = if Conn::ends_badly(direction, totals.bytes_in, totals.bytes_out) {
+            self.send(ctx, known, &totals)
+        } else {
+            count(stat::CONNS_OK);
+            Ok(())
         };
         let _ = CONNS.remove(self.sk);
-        conn.bytes_in = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_bytes_received)).unwrap_or(0);
-        conn.bytes_out = self.bytes_written();
-        if !conn.ended_badly() {
-            count(stat::CONNS_OK);
-            return Ok(());
-        }
+        sent
+    }
+
+    /// Sends a connection that ended badly, written straight into the ring
+    /// buffer. Everything that can fail is read before the reservation.
+    #[inline(always)]
+    fn send(
+        &self,
+        ctx: &TracePointContext,
+        known: Option<*mut Conn>,
+        t: &Totals,
+    ) -> Result<(), i32> {
         let sport: u16 = field(ctx, &CONFIG.tp.set_state_sport)?;
-        conn.local_port = sport as u32;
-        if conn.addr[0] == 0 && conn.addr[1] == 0 {
-            conn.addr = peer_addr(ctx, self.family)?;
-        }
-        // Closing straight to CLOSE means the kernel threw unread data away
-        // and answers with a RST.
-        conn.aborted = (self.new == TCP_CLOSE) as u32;
-        let (ended_by, fd) = ended_by();
-        let ev = ConnEnd {
-            kind: kind::CONN_END,
-            tgid: self.tgid,
-            tid: self.tid,
-            fd,
-            ts_ns: self.now,
-            conn,
-            ended_by,
-            _pad: 0,
+        let addr_known = known.is_some_and(|c| unsafe { (*c).addr[0] != 0 || (*c).addr[1] != 0 });
+        let addr = if addr_known {
+            None
+        } else {
+            Some(peer_addr(ctx, self.family)?)
         };
-        emit(&ev);
+        let (ended_by, fd) = ended_by();
+        let Some(mut entry) = EVENTS.reserve::<ConnEnd>(0) else {
+            count(stat::EVENTS_LOST);
+            return Ok(());
+        };
+        let ev = entry.as_mut_ptr();
+        unsafe {
+            (*ev).kind = kind::CONN_END;
+            (*ev).tgid = self.tgid;
+            (*ev).tid = self.tid;
+            (*ev).fd = fd;
+            (*ev).ts_ns = self.now;
+            (*ev).ended_by = ended_by;
+            (*ev).peer_closed_first = t.peer_closed_first as u32;
+            match known {
+                Some(c) => (*ev).conn = *c,
+                None => {
+                    (*ev).conn = Conn {
+                        direction: direction::INBOUND,
+                        ..Default::default()
+                    }
+                }
+            }
+            let conn = &mut (*ev).conn;
+            conn.bytes_in = t.bytes_in;
+            conn.bytes_out = t.bytes_out;
+            conn.local_port = sport as u32;
+            // Closing straight to CLOSE means the kernel threw unread data
+            // away and answers with a RST.
+            conn.aborted = (self.new == TCP_CLOSE) as u32;
+            if let Some(a) = addr {
+                conn.addr = a;
+            }
+        }
+        entry.submit(0);
+        count(stat::EVENTS_SENT);
         Ok(())
     }
 

@@ -100,6 +100,7 @@ fn conn_end(ts_ms: u64, pid: u32, c: tracer_common::Conn, ended_by: u32) -> Kern
         fd: 9,
         conn: c,
         ended_by,
+        peer_closed_first: false,
     }
 }
 
@@ -249,6 +250,23 @@ fn scripted_run() -> String {
         conn_end(2300, W2, conn(direction::INBOUND, 0, 0, 0, 1), ended::CLOSE),
         f,
     ));
+    // A TCP health check and a client that left before the answer: both
+    // closed first, both counted, neither a drop.
+    for bytes_in in [0, 21] {
+        let mut e = conn_end(
+            2400,
+            W2,
+            conn(direction::INBOUND, bytes_in, 0, 0, 0),
+            ended::SHUTDOWN,
+        );
+        if let KernelEvent::ConnEnd {
+            peer_closed_first, ..
+        } = &mut e
+        {
+            *peer_closed_first = true;
+        }
+        ev.extend(c.on_kernel(e, f));
+    }
     ev.extend(c.on_kernel(
         conn_end(5100, W, conn(direction::INBOUND, 80, 0, 0, 0), ended::EXIT),
         f,

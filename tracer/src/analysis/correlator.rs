@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::Enricher;
+use super::closes::ConnEnd;
 use super::stalls::Active;
 use crate::model::{
     CloseCounts, Container, EarlyClose, KernelEvent, Output, Role, Source, StallReport,
@@ -144,7 +145,18 @@ impl Correlator {
                 fd,
                 conn,
                 ended_by,
-            } => self.on_conn_end(ts_ns, tgid, tid, fd, &conn, ended_by),
+                peer_closed_first,
+            } => {
+                let end = ConnEnd {
+                    ts_ns,
+                    pid: tgid,
+                    tid,
+                    fd,
+                    ended_by,
+                    peer_closed_first,
+                };
+                self.on_conn_end(&end, &conn)
+            }
         }
     }
 }

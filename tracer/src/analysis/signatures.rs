@@ -212,6 +212,7 @@ mod tests {
             bytes_out: 0,
             lifetime_ms: Some(0),
             ended_by,
+            peer_closed_first: false,
             kind,
             unread_data: false,
             preceded_by: wait_ms.map(|w| Preceded {

@@ -400,6 +400,7 @@ fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: u32) -> KernelEve
             ..Default::default()
         },
         ended_by,
+        peer_closed_first: false,
     }
 }
 
@@ -447,7 +448,7 @@ fn early_closes_are_counted_and_rank_after_stalls() {
         CloseCounts {
             dropped_request: 1,
             idle: 1,
-            upstream_cut: 0
+            ..Default::default()
         }
     );
     assert_eq!(verdict(&sum).dropping_pids, vec![W]);

@@ -20,6 +20,7 @@ pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
             fd: c.fd,
             conn: c.conn,
             ended_by: c.ended_by,
+            peer_closed_first: c.peer_closed_first != 0,
         });
     }
     if bytes.len() < std::mem::size_of::<Event>() {
@@ -189,7 +190,7 @@ mod tests {
                 ..Default::default()
             },
             ended_by: tracer_common::ended::SHUTDOWN,
-            _pad: 0,
+            peer_closed_first: 1,
         };
         // SAFETY: ConnEnd is repr(C) with no implicit padding.
         let b = unsafe {
@@ -211,6 +212,13 @@ mod tests {
         };
         assert_eq!(conn.bytes_in, 120);
         assert_eq!(ended_by, tracer_common::ended::SHUTDOWN);
+        assert!(matches!(
+            decode(b),
+            Some(KernelEvent::ConnEnd {
+                peer_closed_first: true,
+                ..
+            })
+        ));
         assert!(decode(&b[..40]).is_none(), "truncated record");
     }
 

@@ -48,6 +48,8 @@ pub enum KernelEvent {
         fd: i32,
         conn: tracer_common::Conn,
         ended_by: u32,
+        /// The peer closed first (its FIN is not in `conn.bytes_in`).
+        peer_closed_first: bool,
     },
 }
 

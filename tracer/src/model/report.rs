@@ -126,6 +126,24 @@ pub enum CloseKind {
     Idle,
     /// An outbound call that sent a request and was closed before any reply.
     UpstreamCut,
+    /// The client connected and closed without sending a byte: a TCP health
+    /// check (kubelet `tcpSocket`, a load balancer), a port scan. Counted.
+    Probe,
+    /// The client sent (part of) a request and closed before the answer
+    /// (nginx's 499): not the worker's doing. Counted.
+    ClientAbort,
+}
+
+impl CloseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseKind::DroppedRequest => "dropped_request",
+            CloseKind::Idle => "idle",
+            CloseKind::UpstreamCut => "upstream_cut",
+            CloseKind::Probe => "probe",
+            CloseKind::ClientAbort => "client_abort",
+        }
+    }
 }
 
 /// The syscall that preceded the close, when it explains it.
@@ -156,6 +174,8 @@ pub struct EarlyClose {
     /// None when the tracer did not see the start (opened before it attached).
     pub lifetime_ms: Option<u64>,
     pub ended_by: EndedBy,
+    /// The peer closed its side first (a FIN came before our close).
+    pub peer_closed_first: bool,
     pub kind: CloseKind,
     /// The kernel answered the close with a RST: the peer's data was never read.
     pub unread_data: bool,
@@ -174,12 +194,36 @@ pub struct CloseCounts {
     pub dropped_request: u32,
     pub idle: u32,
     pub upstream_cut: u32,
+    pub probe: u32,
+    pub client_abort: u32,
 }
 
 impl CloseCounts {
     /// Closes that hurt someone: dropped requests and cut upstream calls.
     pub fn harmful(&self) -> u32 {
         self.dropped_request + self.upstream_cut
+    }
+
+    pub fn count(&mut self, kind: CloseKind) {
+        let n = match kind {
+            CloseKind::DroppedRequest => &mut self.dropped_request,
+            CloseKind::Idle => &mut self.idle,
+            CloseKind::UpstreamCut => &mut self.upstream_cut,
+            CloseKind::Probe => &mut self.probe,
+            CloseKind::ClientAbort => &mut self.client_abort,
+        };
+        *n += 1;
+    }
+
+    /// Every kind with its count, in a fixed order (metrics labels).
+    pub fn by_kind(&self) -> [(CloseKind, u32); 5] {
+        [
+            (CloseKind::DroppedRequest, self.dropped_request),
+            (CloseKind::Idle, self.idle),
+            (CloseKind::UpstreamCut, self.upstream_cut),
+            (CloseKind::Probe, self.probe),
+            (CloseKind::ClientAbort, self.client_abort),
+        ]
     }
 }
 

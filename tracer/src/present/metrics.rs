@@ -181,7 +181,7 @@ pub fn render(
     );
     reg.register(
         "worker_early_closes",
-        "Connections ended with nothing sent back, by kind (dropped_request, idle, upstream_cut)",
+        "Connections ended with nothing sent back, by kind (dropped_request, idle, upstream_cut, probe, client_abort)",
         closes.clone(),
     );
     reg.register(
@@ -212,14 +212,10 @@ pub fn render(
         blocked.get_or_create(&l).set(b as f64 / 1000.0);
         stalls.get_or_create(&l).inc_by(w.stalls as u64);
         timeouts.get_or_create(&l).inc_by(w.timeouts as u64);
-        for (kind, n) in [
-            ("dropped_request", w.early_closes.dropped_request),
-            ("idle", w.early_closes.idle),
-            ("upstream_cut", w.early_closes.upstream_cut),
-        ] {
+        for (kind, n) in w.early_closes.by_kind() {
             let kl = KindLabels {
                 worker: l.clone(),
-                kind: kind.to_string(),
+                kind: kind.as_str().to_string(),
             };
             closes.get_or_create(&kl).inc_by(n as u64);
         }
@@ -299,7 +295,7 @@ mod tests {
             early_closes: CloseCounts {
                 dropped_request: 3,
                 idle: 4,
-                upstream_cut: 0,
+                ..Default::default()
             },
             last_early_close: None,
             container: Some(Container {

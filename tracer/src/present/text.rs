@@ -125,6 +125,8 @@ fn early_close_line(e: &EarlyClose) -> String {
         CloseKind::DroppedRequest => "DROPPED ",
         CloseKind::Idle => "idle    ",
         CloseKind::UpstreamCut => "UPSTREAM",
+        CloseKind::Probe => "probe   ",
+        CloseKind::ClientAbort => "abort   ",
     };
     let peer = e
         .peer
@@ -159,8 +161,15 @@ fn early_close_line(e: &EarlyClose) -> String {
             p.syscall, p.ret, p.wait_ms
         ));
     }
-    if e.kind == CloseKind::Idle {
-        l.push_str("; normal for an idle keep-alive connection");
+    match e.kind {
+        CloseKind::Idle => l.push_str("; normal for an idle keep-alive connection"),
+        CloseKind::Probe => {
+            l.push_str("; the client closed first without sending a byte: a TCP health check")
+        }
+        CloseKind::ClientAbort => {
+            l.push_str("; the client closed first, before the answer (nginx logs 499)")
+        }
+        _ => {}
     }
     if let Some(c) = &e.cause {
         l.push_str(&cause_lines(c));
@@ -248,7 +257,7 @@ pub fn colorize(line: &str) -> String {
         "STALL" | "TIMEOUT" | "DROPPED" => "1;31",
         "UPSTREAM" => "1;33",
         "end" | "exit" => "2",
-        "idle" => "2",
+        "idle" | "probe" | "abort" => "2",
         _ => return line.to_string(),
     };
     format!("{}\x1b[{code}m{label}\x1b[0m{}", &line[..14], &line[22..])
