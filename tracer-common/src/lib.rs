@@ -30,6 +30,10 @@ pub mod kind {
     pub const EXEC: u32 = 5;
     /// A tracked connection ended badly: a [`ConnEnd`] record.
     pub const CONN_END: u32 = 6;
+    /// The kernel's OOM killer chose a watched process (`oom:mark_victim`):
+    /// `nr` is its oom_score_adj, `arg0` its resident memory in kB
+    /// (anonymous + file + shmem; 0 when the kernel does not say).
+    pub const OOM_KILL: u32 = 7;
     /// Or-ed into a SLEEP_END whose start is only known to be before the
     /// attach (user space seeded the entry).
     pub const FLAG_SEEDED: u32 = 0x100;
@@ -297,7 +301,8 @@ pub mod program {
     pub const SCHED_PROCESS_EXIT: u32 = 4;
     pub const SIGNAL_GENERATE: u32 = 5;
     pub const SCHED_PROCESS_EXEC: u32 = 6;
-    pub const COUNT: u32 = 7;
+    pub const MARK_VICTIM: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Indexed by the ids above: the programs' own names.
     pub const NAMES: [&str; COUNT as usize] = [
         "sched_switch",
@@ -307,6 +312,7 @@ pub mod program {
         "sched_process_exit",
         "signal_generate",
         "sched_process_exec",
+        "mark_victim",
     ];
 }
 
@@ -333,6 +339,13 @@ pub struct TracepointOffsets {
     pub set_state_protocol: u64,
     pub set_state_daddr: u64,
     pub set_state_daddr_v6: u64,
+    /// oom:mark_victim. Only `pid` is on every kernel; the others are
+    /// [`UNSET`] where the kernel's record lacks them.
+    pub victim_pid: u64,
+    pub victim_oom_score_adj: u64,
+    pub victim_anon_rss: u64,
+    pub victim_file_rss: u64,
+    pub victim_shmem_rss: u64,
 }
 
 /// Offsets of kernel struct members, read from the running kernel's BTF:
@@ -409,6 +422,11 @@ impl Config {
             set_state_protocol: UNSET,
             set_state_daddr: UNSET,
             set_state_daddr_v6: UNSET,
+            victim_pid: UNSET,
+            victim_oom_score_adj: UNSET,
+            victim_anon_rss: UNSET,
+            victim_file_rss: UNSET,
+            victim_shmem_rss: UNSET,
         },
         kernel: KernelOffsets {
             task_state: UNSET,
@@ -466,7 +484,7 @@ mod tests {
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
-        assert_eq!(size_of::<TracepointOffsets>(), 14 * 8);
+        assert_eq!(size_of::<TracepointOffsets>(), 19 * 8);
         assert_eq!(size_of::<KernelOffsets>(), 24 * 8);
         assert_eq!(
             size_of::<Config>(),

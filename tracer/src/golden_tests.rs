@@ -5,8 +5,8 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, Output, Peer, Role, Sample, Source,
-    Wake,
+    Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, MasterSettings, MemoryCgroup,
+    Output, Peer, Role, Sample, Source, Wake,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -50,6 +50,13 @@ impl Enricher for Fake {
             pod_uid: Some("uid-1".into()),
             pod: Some("web-1".into()),
             namespace: Some("shop".into()),
+        })
+    }
+    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+        Some(MemoryCgroup {
+            path: "/web".into(),
+            limit_bytes: Some(400 << 20),
+            usage_bytes: Some(400 << 20),
         })
     }
 }
@@ -128,6 +135,75 @@ fn summary(out: &mut String, c: &Correlator, now_ms: u64) {
     ));
     out.push('\n');
     out.push_str(&present::text_summary(&ev));
+}
+
+fn exit_event(ts_ms: u64, pid: u32, exit_code: Option<i32>, signal: Option<i32>) -> KernelEvent {
+    KernelEvent::Exit {
+        ts_ns: ts_ms * MS,
+        pid,
+        exit_code,
+        signal,
+    }
+}
+
+fn signal(ts_ms: u64, target: u32, sender: u32, comm: &str, sig: i32) -> KernelEvent {
+    KernelEvent::Signal {
+        ts_ns: ts_ms * MS,
+        target,
+        sender,
+        sender_comm: comm.into(),
+        sig,
+    }
+}
+
+/// Every cause of `worker_exit`, one worker each (202 to 206).
+fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
+    use tracer_common::{direction, ended};
+    c.configure(
+        MASTER,
+        MasterSettings {
+            keepalive_s: Some(2.0),
+            max_requests: Some(5),
+        },
+    );
+    for pid in 202..=206 {
+        let fork = KernelEvent::Fork {
+            ts_ns: 5400 * MS,
+            parent: MASTER,
+            child: pid,
+            role: Role::Worker,
+            master: MASTER,
+        };
+        ev.extend(c.on_kernel(fork, f));
+    }
+    // 202: the OOM killer, mid-request (the SIGKILL comes from the task
+    // that hit the limit: here the victim itself).
+    ev.extend(c.on_kernel(signal(5500, 202, 202, "gunicorn", 9), f));
+    let oom = KernelEvent::OomKill {
+        ts_ns: 5500 * MS,
+        pid: 202,
+        trigger: 202,
+        oom_score_adj: 0,
+        rss_kb: 389_120,
+    };
+    ev.extend(c.on_kernel(oom, f));
+    let drop = conn_end(
+        5510,
+        202,
+        conn(direction::INBOUND, 80, 0, 0, 0),
+        ended::EXIT,
+    );
+    ev.extend(c.on_kernel(drop, f));
+    ev.extend(c.on_kernel(exit_event(5510, 202, None, Some(9)), f));
+    // 203: an operator's kill -9.
+    ev.extend(c.on_kernel(signal(5600, 203, 4242, "kill", 9), f));
+    ev.extend(c.on_kernel(exit_event(5600, 203, None, Some(9)), f));
+    // 204: a reload: SIGTERM from the master, a clean exit.
+    ev.extend(c.on_kernel(signal(5700, 204, MASTER, "gunicorn", 15), f));
+    ev.extend(c.on_kernel(exit_event(5800, 204, Some(0), None), f));
+    // 205: retired after --max-requests; 206: failed to boot.
+    ev.extend(c.on_kernel(exit_event(5900, 205, Some(0), None), f));
+    ev.extend(c.on_kernel(exit_event(5900, 206, Some(3), None), f));
 }
 
 fn scripted_run() -> String {
@@ -218,6 +294,7 @@ fn scripted_run() -> String {
             ts_ns: 5000 * MS,
             target: W,
             sender: MASTER,
+            sender_comm: "gunicorn".into(),
             sig: 6,
         },
         f,
@@ -289,6 +366,8 @@ fn scripted_run() -> String {
         },
         f,
     ));
+    render(&mut out, std::mem::take(&mut ev));
+    exits(&mut c, f, &mut ev);
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &c, 6000);
     // A run with nothing wrong.

@@ -47,6 +47,7 @@ pub(super) struct ConnFacts<'a> {
     pub role: Role,
     pub conn: &'a Conn,
     pub while_killed: bool,
+    pub while_oom_killed: bool,
 }
 
 /// An inbound connection that got nothing back. Who closed first decides
@@ -111,6 +112,7 @@ pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
         unread_data: c.aborted != 0,
         preceded_by,
         while_killed: f.while_killed,
+        while_oom_killed: f.while_oom_killed,
         cause: None,
         container: None,
     };
@@ -131,6 +133,7 @@ impl Correlator {
             role: p.role,
             conn,
             while_killed: p.killed_by_timeout,
+            while_oom_killed: p.oom.is_some(),
         };
         let Some(mut close) = early_close(facts) else {
             return Vec::new();
@@ -216,6 +219,7 @@ mod tests {
             role: Role::Worker,
             conn: c,
             while_killed: false,
+            while_oom_killed: false,
         }
     }
 

@@ -4,6 +4,7 @@
 //!
 //! - `correlator`: the per-process state and the dispatch of kernel events;
 //! - `lifecycle`: forks, exits, and Gunicorn's WORKER TIMEOUT signals;
+//! - `exits`: why a process exited (OOM kill, whose signal, --max-requests);
 //! - `stalls`: blocked syscalls, from first report to their end;
 //! - `closes`: connections that ended badly;
 //! - `signatures`: known causes, as data;
@@ -11,6 +12,7 @@
 //! - `summary`: the state of every process and the findings ranked by harm.
 mod closes;
 mod correlator;
+mod exits;
 mod lifecycle;
 pub mod signatures;
 mod stalls;
@@ -23,7 +25,7 @@ mod tests;
 pub use closes::format_sockaddr;
 pub use correlator::{Correlator, NewProcess};
 
-use crate::model::{Container, FdInfo};
+use crate::model::{Container, FdInfo, MemoryCgroup};
 
 /// /proc lookups, done only for a stall being reported.
 pub trait Enricher {
@@ -32,4 +34,7 @@ pub trait Enricher {
     fn comm(&mut self, pid: u32) -> String;
     /// The container and pod of a process, if it runs in one.
     fn container(&mut self, pid: u32) -> Option<Container>;
+    /// The memory cgroup whose limit applies to a process, with its usage
+    /// (read when the OOM killer chose it).
+    fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup>;
 }

@@ -3,11 +3,14 @@
 use std::cmp::Reverse;
 
 use super::correlator::{Correlator, Proc};
-use crate::model::{Finding, Summary, WorkerState, WorkerSummary, signal_name};
+use crate::model::{ExitCause, Finding, Summary, WorkerState, WorkerSummary, signal_name};
 
 fn state(p: &Proc, stalled_now: bool) -> WorkerState {
+    let cause = p.exit.as_ref().map(|e| e.cause);
     if stalled_now && p.alive {
         WorkerState::Stalled
+    } else if !p.alive && cause == Some(ExitCause::OomKill) {
+        WorkerState::KilledByOom
     } else if !p.alive && p.killed_by_timeout {
         WorkerState::KilledByTimeout
     } else if !p.alive {
@@ -21,22 +24,55 @@ fn state(p: &Proc, stalled_now: bool) -> WorkerState {
     }
 }
 
-/// Stalled now (longest first), then killed by Gunicorn, then dropping
-/// requests (most first).
+/// The workers whose exit matches `pred`.
+fn exited(
+    workers: &[WorkerSummary],
+    pred: impl Fn(&crate::model::ExitReport) -> bool,
+) -> Vec<usize> {
+    (0..workers.len())
+        .filter(|&i| workers[i].exit.as_ref().is_some_and(&pred))
+        .collect()
+}
+
+/// By harm: a master halted by a worker that cannot boot (the whole server
+/// is down), workers stalled now (longest first), OOM kills, kills by
+/// Gunicorn's WORKER TIMEOUT, dropped requests (most first), then kills
+/// from outside Gunicorn.
 fn rank(workers: &[WorkerSummary]) -> Vec<Finding> {
-    let mut stalled: Vec<usize> = (0..workers.len())
+    let all = 0..workers.len();
+    let mut stalled: Vec<usize> = all
+        .clone()
         .filter(|&i| workers[i].state == WorkerState::Stalled)
         .collect();
     stalled.sort_by_key(|&i| Reverse(workers[i].stall.as_ref().map(|s| s.blocked_ms)));
-    let killed = (0..workers.len())
-        .filter(|&i| workers[i].timeouts > 0 && workers[i].state != WorkerState::Stalled);
-    let mut dropping: Vec<usize> = (0..workers.len())
+    let killed = all.clone().filter(|&i| {
+        workers[i].timeouts > 0
+            && workers[i].state != WorkerState::Stalled
+            && workers[i].state != WorkerState::KilledByOom
+    });
+    let mut dropping: Vec<usize> = all
         .filter(|&i| workers[i].early_closes.harmful() > 0)
         .collect();
     dropping.sort_by_key(|&i| Reverse(workers[i].early_closes.dropped_request));
-    let mut findings: Vec<Finding> = stalled.into_iter().map(Finding::Stalled).collect();
+    let mut findings: Vec<Finding> = exited(workers, |e| e.halts_master)
+        .into_iter()
+        .map(Finding::Halted)
+        .collect();
+    findings.extend(stalled.into_iter().map(Finding::Stalled));
+    findings.extend(
+        exited(workers, |e| e.cause == ExitCause::OomKill)
+            .into_iter()
+            .map(Finding::OomKilled),
+    );
     findings.extend(killed.map(Finding::KilledByTimeout));
     findings.extend(dropping.into_iter().map(Finding::Dropping));
+    findings.extend(
+        exited(workers, |e| {
+            e.cause == ExitCause::ExternalSignal && e.is_finding()
+        })
+        .into_iter()
+        .map(Finding::KilledExternally),
+    );
     findings
 }
 
@@ -58,6 +94,7 @@ impl Correlator {
                     timeouts: p.timeouts,
                     exit_code: p.exit_code,
                     exit_signal: p.exit_signal.map(signal_name),
+                    exit: p.exit.clone(),
                     stall: current.or_else(|| p.last_stall.clone()),
                     early_closes: p.closes,
                     last_early_close: p.last_drop.clone(),
@@ -70,6 +107,7 @@ impl Correlator {
             workers,
             exited_quiet: self.exited_quiet,
             threshold_ms: self.threshold_ns / 1_000_000,
+            exits: self.exits.clone(),
         }
     }
 }

@@ -3,8 +3,8 @@
 use super::lifecycle::MAX_EXITED_KEPT;
 use super::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent, Outcome, Output, Peer,
-    Role, Sample, Source, Wake, WorkerState,
+    CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent, MemoryCgroup, Outcome,
+    Output, Peer, Role, Sample, Source, Wake, WorkerState,
 };
 use crate::present::verdict;
 
@@ -43,6 +43,13 @@ impl Enricher for FakeProc {
     }
     fn container(&mut self, _pid: u32) -> Option<Container> {
         None
+    }
+    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+        Some(MemoryCgroup {
+            path: "/web".into(),
+            limit_bytes: Some(400 << 20),
+            usage_bytes: Some(400 << 20),
+        })
     }
 }
 
@@ -294,6 +301,7 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         ts_ns: 4500 * MS,
         target: W,
         sender: MASTER,
+        sender_comm: "gunicorn".into(),
         sig: 6,
     };
     let out = c.on_kernel(abrt, &mut FakeProc);
@@ -319,6 +327,7 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         ts_ns: 4600 * MS,
         target: W,
         sender: 4242,
+        sender_comm: "kill".into(),
         sig: 9,
     };
     assert!(c.on_kernel(other, &mut FakeProc).is_empty());

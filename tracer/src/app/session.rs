@@ -8,9 +8,11 @@ use anyhow::Result;
 use super::sink::Sink;
 use super::targets::Target;
 use crate::analysis::{Correlator, Enricher, NewProcess};
-use crate::host::{container, proc, pystack};
+use crate::host::{container, memcg, proc, pystack};
 use crate::kernel::{Probes, intake};
-use crate::model::{Container, FdInfo, KernelEvent, Output, Role, Sample, Source};
+use crate::model::{
+    Container, FdInfo, KernelEvent, MasterSettings, MemoryCgroup, Output, Role, Sample, Source,
+};
 use crate::present::{self, metrics};
 
 /// /proc lookups for stalls being reported.
@@ -30,11 +32,26 @@ impl Enricher for ProcEnricher {
     fn container(&mut self, pid: u32) -> Option<Container> {
         container::of_process(pid)
     }
+    fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
+        memcg::of_process(pid)
+    }
+}
+
+/// Gunicorn's settings the analysis needs, from a master's command line.
+fn master_settings(cmd: &[String]) -> MasterSettings {
+    MasterSettings {
+        // Gunicorn's default keep-alive is 2 s.
+        keepalive_s: Some(proc::parse_number_flag(cmd, "--keep-alive").unwrap_or(2.0)),
+        max_requests: proc::parse_number_flag(cmd, "--max-requests").map(|n| n as u64),
+    }
 }
 
 /// How long an EXIT event is held: the kernel closes the process's sockets
 /// within microseconds of it; this leaves room for a busy machine.
 const EXIT_HOLD_NS: u64 = 20_000_000;
+/// Held longer while the process still has fds: it is freeing a lot of
+/// memory first (an OOM victim), and its sockets close after that.
+const EXIT_HOLD_MAX_NS: u64 = 2_000_000_000;
 /// How often WATCHED is checked for processes whose EXIT event was lost.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
@@ -144,6 +161,9 @@ impl Session {
         if let Some(o) = self.corr.add_process(now, p) {
             self.emit(&o);
         }
+        if t.role == Role::Master {
+            self.corr.configure(t.pid, master_settings(&cmd));
+        }
         Ok(())
     }
 
@@ -203,9 +223,14 @@ impl Session {
     /// when `all`).
     pub fn flush_exits(&mut self, all: bool) {
         let now = present::monotonic_ns();
+        let due_now = |(at, ev): &(u64, KernelEvent)| {
+            let held = now.saturating_sub(*at);
+            let closing = matches!(ev, KernelEvent::Exit { pid, .. } if proc::has_open_fds(*pid));
+            all || held >= EXIT_HOLD_MAX_NS || (held >= EXIT_HOLD_NS && !closing)
+        };
         let (due, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.exits)
             .into_iter()
-            .partition(|(at, _)| all || now.saturating_sub(*at) >= EXIT_HOLD_NS);
+            .partition(due_now);
         self.exits = held;
         for (_, ev) in due {
             let KernelEvent::Exit { pid, .. } = ev else {

@@ -2,5 +2,6 @@
 //! py-spy for Python stacks. Everything read here is written by a process
 //! that may be hostile. Depends on `model` only.
 pub mod container;
+pub mod memcg;
 pub mod proc;
 pub mod pystack;

@@ -21,6 +21,15 @@ pub fn exists(pid: u32) -> bool {
     proc_path(&[&pid.to_string()]).is_dir()
 }
 
+/// The process still has an fd table with something in it. An exiting
+/// process closes its files (and so its sockets) only after freeing its
+/// memory, which takes a while for a large one (an OOM victim).
+pub fn has_open_fds(pid: u32) -> bool {
+    fs::read_dir(proc_path(&[&pid.to_string(), "fd"]))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
 pub fn cmdline(pid: u32) -> Vec<String> {
     fs::read(proc_path(&[&pid.to_string(), "cmdline"]))
         .map(|b| parse_cmdline(&b))
@@ -156,6 +165,24 @@ pub fn parse_timeout(cmdline: &[String]) -> Option<f64> {
         };
         if let Some(t) = v.and_then(|v| v.parse::<f64>().ok()) {
             return Some(t);
+        }
+    }
+    None
+}
+
+/// A numeric long option from a Gunicorn command line: `--name N` or
+/// `--name=N`. (Settings from a config file or GUNICORN_CMD_ARGS are not
+/// seen.)
+pub fn parse_number_flag(cmdline: &[String], name: &str) -> Option<f64> {
+    let mut it = cmdline.iter();
+    while let Some(a) = it.next() {
+        let v = if a == name {
+            it.next().map(|s| s.as_str())
+        } else {
+            a.strip_prefix(name).and_then(|v| v.strip_prefix('='))
+        };
+        if let Some(n) = v.and_then(|v| v.parse::<f64>().ok()) {
+            return Some(n);
         }
     }
     None
@@ -460,6 +487,16 @@ mod tests {
             &v(&["/usr/bin/gunicorn-exporter"]),
             "gunicorn-export"
         ));
+    }
+
+    #[test]
+    fn keep_alive_and_max_requests_from_command_line() {
+        let cmd = v(&["gunicorn", "--keep-alive", "1", "--max-requests=5", "a:b"]);
+        assert_eq!(parse_number_flag(&cmd, "--keep-alive"), Some(1.0));
+        assert_eq!(parse_number_flag(&cmd, "--max-requests"), Some(5.0));
+        assert_eq!(parse_number_flag(&cmd, "--max-requests-jitter"), None);
+        let jitter = v(&["gunicorn", "--max-requests-jitter=3"]);
+        assert_eq!(parse_number_flag(&jitter, "--max-requests"), None);
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     from_event(&e)
 }
 
+/// A task name from the kernel: up to 16 bytes, NUL-terminated when shorter.
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
 pub fn from_event(e: &Event) -> Option<KernelEvent> {
     let seeded = e.kind & kind::FLAG_SEEDED != 0;
     Some(match e.kind & !kind::FLAG_SEEDED {
@@ -61,7 +67,15 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             ts_ns: e.ts_ns,
             target: e.tgid,
             sender: e.aux_pid,
+            sender_comm: comm(&e.comm),
             sig: e.nr as i32,
+        },
+        kind::OOM_KILL => KernelEvent::OomKill {
+            ts_ns: e.ts_ns,
+            pid: e.tgid,
+            trigger: e.aux_pid,
+            oom_score_adj: e.nr,
+            rss_kb: e.arg0,
         },
         kind::SLEEP_END => KernelEvent::SleepEnd {
             ts_ns: e.ts_ns,
@@ -165,6 +179,42 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn decodes_a_signal_with_its_sender_and_an_oom_kill() {
+        let mut name = [0u8; 16];
+        name[..4].copy_from_slice(b"kill");
+        let e = Event {
+            kind: kind::SIGNAL,
+            tgid: 7,
+            aux_pid: 99,
+            nr: 9,
+            comm: name,
+            ..Default::default()
+        };
+        assert!(matches!(
+            from_event(&e),
+            Some(KernelEvent::Signal { target: 7, sender: 99, sig: 9, sender_comm, .. }) if sender_comm == "kill"
+        ));
+        let o = Event {
+            kind: kind::OOM_KILL,
+            tgid: 7,
+            aux_pid: 8,
+            nr: -500,
+            arg0: 409_600,
+            ..Default::default()
+        };
+        assert_eq!(
+            from_event(&o),
+            Some(KernelEvent::OomKill {
+                ts_ns: 0,
+                pid: 7,
+                trigger: 8,
+                oom_score_adj: -500,
+                rss_kb: 409_600
+            })
+        );
     }
 
     #[test]

@@ -49,6 +49,16 @@ const PROGRAMS: [(&str, &str, &str); 5] = [
 /// last receive on a tracked connection that found nothing (EAGAIN).
 const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
 
+/// Classic tracepoints attached when the kernel has them, as (program,
+/// category, name): without one, what it explains is not seen (said once
+/// on stderr), and everything else works.
+const OPTIONAL_PROGRAMS: [(&str, &str, &str, &str); 1] = [(
+    "mark_victim",
+    "oom",
+    "mark_victim",
+    "OOM kills will be reported as a plain SIGKILL",
+)];
+
 fn raise_memlock() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones
     // ignore it. Best effort: a failure shows up later as a map error.
@@ -174,6 +184,13 @@ fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
     let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
     let st = Format::read(tracefs, "sock", "inet_sock_set_state")?;
+    let victim = Format::read(tracefs, "oom", "mark_victim").ok();
+    let victim_field = |name: &str, size: u64| {
+        victim
+            .as_ref()
+            .and_then(|f| f.offset(name, size).ok())
+            .unwrap_or(UNSET)
+    };
     Ok(TracepointOffsets {
         newtask_pid: newtask.offset("pid", 4)?,
         newtask_flags: newtask.offset("clone_flags", 8)?,
@@ -189,6 +206,11 @@ fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
         set_state_protocol: st.offset("protocol", 2)?,
         set_state_daddr: st.offset("daddr", 4)?,
         set_state_daddr_v6: st.offset("daddr_v6", 16)?,
+        victim_pid: victim_field("pid", 4),
+        victim_oom_score_adj: victim_field("oom_score_adj", 2),
+        victim_anon_rss: victim_field("anon_rss", 8),
+        victim_file_rss: victim_field("file_rss", 8),
+        victim_shmem_rss: victim_field("shmem_rss", 8),
     })
 }
 
@@ -243,6 +265,32 @@ fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, u32)]) -> Result<()> {
             map.set(nr as u32, bits, 0)
                 .context("filling the syscall class table")?;
         }
+    }
+    Ok(())
+}
+
+/// Loads and attaches the optional classic programs this kernel has the
+/// tracepoints of (`tp` says which offsets were found).
+fn attach_optional(ebpf: &mut Ebpf, tracefs: &Path, tp: &TracepointOffsets) -> Result<()> {
+    for (prog, category, name, without) in OPTIONAL_PROGRAMS {
+        let usable = match prog {
+            "mark_victim" => tp.victim_pid != UNSET,
+            _ => Format::read(tracefs, category, name).is_ok(),
+        };
+        if !usable {
+            eprintln!(
+                "tracer: note: this kernel has no usable {category}:{name} tracepoint; {without}"
+            );
+            continue;
+        }
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
+            .try_into()?;
+        p.load()
+            .map_err(|e| explain(e, &format!("loading program {prog}")))?;
+        p.attach(category, name)
+            .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
     }
     Ok(())
 }
@@ -309,6 +357,7 @@ pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Pro
     let mut ebpf = open_object(&config)?;
     fill_classes(&mut ebpf, &sys.classes)?;
     attach_all(&mut ebpf, with_recv)?;
+    attach_optional(&mut ebpf, tracefs, &config.tp)?;
     take_maps(ebpf)
 }
 

@@ -20,7 +20,19 @@ pub enum KernelEvent {
         ts_ns: u64,
         target: u32,
         sender: u32,
+        /// The sending thread's name (the signal is generated in its context).
+        sender_comm: String,
         sig: i32,
+    },
+    /// The kernel's OOM killer chose `pid` as its victim (it is being
+    /// SIGKILLed). `trigger` is the process whose allocation hit the limit.
+    OomKill {
+        ts_ns: u64,
+        pid: u32,
+        trigger: u32,
+        oom_score_adj: i64,
+        /// Resident memory in kB at the kill; 0 when the kernel does not say.
+        rss_kb: u64,
     },
     /// A thread woke up after sleeping at least the threshold in a syscall
     /// that may block. The kernel sees the wake-up, not the return.

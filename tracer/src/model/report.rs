@@ -184,6 +184,10 @@ pub struct EarlyClose {
     /// the close is part of its dying, whichever path closed the socket.
     #[serde(skip)]
     pub while_killed: bool,
+    /// The kernel's OOM killer had chosen the process: the close is part
+    /// of its dying.
+    #[serde(skip)]
+    pub while_oom_killed: bool,
     pub cause: Option<Cause>,
     pub container: Option<Container>,
 }
@@ -224,6 +228,112 @@ impl CloseCounts {
             (CloseKind::Probe, self.probe),
             (CloseKind::ClientAbort, self.client_abort),
         ]
+    }
+}
+
+/// Why a watched process exited: `worker_exit.cause`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitCause {
+    /// The master's SIGABRT/SIGKILL after the heartbeat went stale.
+    WorkerTimeout,
+    /// The kernel's OOM killer.
+    OomKill,
+    /// Another signal from the master: reload, scale-down, shutdown.
+    MasterSignal,
+    /// A signal from any other process (or raised by the process itself).
+    ExternalSignal,
+    /// A clean exit after --max-requests.
+    MaxRequests,
+    /// Any other exit.
+    Exit,
+}
+
+impl ExitCause {
+    pub const ALL: [ExitCause; 6] = [
+        ExitCause::WorkerTimeout,
+        ExitCause::OomKill,
+        ExitCause::MasterSignal,
+        ExitCause::ExternalSignal,
+        ExitCause::MaxRequests,
+        ExitCause::Exit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitCause::WorkerTimeout => "worker_timeout",
+            ExitCause::OomKill => "oom_kill",
+            ExitCause::MasterSignal => "master_signal",
+            ExitCause::ExternalSignal => "external_signal",
+            ExitCause::MaxRequests => "max_requests",
+            ExitCause::Exit => "exit",
+        }
+    }
+}
+
+/// The process that sent a signal: signals are generated in its context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sender {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// What the kernel's OOM killer and the victim's memory cgroup said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OomKill {
+    pub oom_score_adj: i64,
+    /// Resident memory of the victim at the kill, when the kernel says.
+    pub rss_bytes: Option<u64>,
+    /// The memory cgroup whose limit was reached (the nearest one, from the
+    /// victim's, with a limit), when readable.
+    pub cgroup: Option<String>,
+    pub memory_limit_bytes: Option<u64>,
+    /// The cgroup's peak usage (memory.max_usage_in_bytes, memory.peak),
+    /// else its usage when read just after the kill.
+    pub memory_usage_bytes: Option<u64>,
+}
+
+/// Why a process exited, in full: the body `worker_exit` adds to the exit
+/// code and the signal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExitReport {
+    pub cause: ExitCause,
+    /// The signal that caused the exit (sent by `sender`): for
+    /// worker_timeout, master_signal and external_signal.
+    pub cause_signal: Option<String>,
+    pub sender: Option<Sender>,
+    pub oom: Option<OomKill>,
+    /// --max-requests of the master, for max_requests.
+    pub max_requests: Option<u64>,
+    /// Exit code 3 (a worker failed to boot) or 4 (the app failed to
+    /// load): Gunicorn's master stops the whole server.
+    pub halts_master: bool,
+}
+
+impl ExitReport {
+    /// A cause with nothing more to say.
+    pub fn new(cause: ExitCause) -> ExitReport {
+        ExitReport {
+            cause,
+            cause_signal: None,
+            sender: None,
+            oom: None,
+            max_requests: None,
+            halts_master: false,
+        }
+    }
+
+    /// An exit worth a line in the verdict: an OOM kill, a forced kill from
+    /// outside Gunicorn, or a failure that stops the whole server. (Kills
+    /// by WORKER TIMEOUT are findings of their own.)
+    pub fn is_finding(&self) -> bool {
+        let forced = matches!(
+            self.cause_signal.as_deref(),
+            Some("SIGKILL" | "SIGSEGV" | "SIGBUS" | "SIGABRT")
+        );
+        self.cause == ExitCause::OomKill
+            || self.halts_master
+            || (self.cause == ExitCause::ExternalSignal && forced)
     }
 }
 
@@ -287,6 +397,8 @@ pub enum Output {
         role: Role,
         exit_code: Option<i32>,
         signal: Option<String>,
+        #[serde(flatten)]
+        why: ExitReport,
         container: Option<Container>,
     },
     EarlyClose {

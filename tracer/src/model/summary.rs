@@ -2,7 +2,9 @@
 //! ranked by harm. Presentation words them; metrics count them.
 use serde::Serialize;
 
-use super::{CloseCounts, Container, EarlyClose, Role, StallReport};
+use std::collections::BTreeMap;
+
+use super::{CloseCounts, Container, EarlyClose, ExitCause, ExitReport, Role, StallReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -10,6 +12,8 @@ pub enum WorkerState {
     Stalled,
     TimingOut,
     KilledByTimeout,
+    /// Killed by the kernel's OOM killer.
+    KilledByOom,
     Exited,
     DroppingRequests,
     Healthy,
@@ -21,6 +25,7 @@ impl WorkerState {
             WorkerState::Stalled => "stalled",
             WorkerState::TimingOut => "timing_out",
             WorkerState::KilledByTimeout => "killed_by_timeout",
+            WorkerState::KilledByOom => "killed_by_oom",
             WorkerState::Exited => "exited",
             WorkerState::DroppingRequests => "dropping_requests",
             WorkerState::Healthy => "healthy",
@@ -29,7 +34,10 @@ impl WorkerState {
 
     /// Still running (metrics keep series only for these).
     pub fn is_alive(self) -> bool {
-        !matches!(self, WorkerState::Exited | WorkerState::KilledByTimeout)
+        !matches!(
+            self,
+            WorkerState::Exited | WorkerState::KilledByTimeout | WorkerState::KilledByOom
+        )
     }
 }
 
@@ -44,6 +52,8 @@ pub struct WorkerSummary {
     pub timeouts: u32,
     pub exit_code: Option<i32>,
     pub exit_signal: Option<String>,
+    /// Why it exited (as in `worker_exit`), once it has.
+    pub exit: Option<ExitReport>,
     /// The current stall, or the last one.
     pub stall: Option<StallReport>,
     pub early_closes: CloseCounts,
@@ -53,23 +63,33 @@ pub struct WorkerSummary {
 }
 
 /// One thing wrong, naming the process (an index into `Summary::workers`).
-/// Findings come ranked by harm: what is stalled now, then what Gunicorn
-/// killed, then what dropped requests.
+/// Findings come ranked by harm (see `analysis::summary`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finding {
+    /// A worker failed to boot or to load the app: the master halts.
+    Halted(usize),
     /// Blocked right now (longest first).
     Stalled(usize),
+    /// Killed by the kernel's OOM killer.
+    OomKilled(usize),
     /// Killed by Gunicorn's WORKER TIMEOUT.
     KilledByTimeout(usize),
     /// Closed requests with nothing sent, or cut upstream calls (most first).
     Dropping(usize),
+    /// Killed by a signal from outside Gunicorn (kill -9, a crash).
+    KilledExternally(usize),
 }
 
 impl Finding {
     /// The index of the process it names in `Summary::workers`.
     pub fn worker(self) -> usize {
         match self {
-            Finding::Stalled(i) | Finding::KilledByTimeout(i) | Finding::Dropping(i) => i,
+            Finding::Halted(i)
+            | Finding::Stalled(i)
+            | Finding::OomKilled(i)
+            | Finding::KilledByTimeout(i)
+            | Finding::Dropping(i)
+            | Finding::KilledExternally(i) => i,
         }
     }
 }
@@ -82,6 +102,8 @@ pub struct Summary {
     pub findings: Vec<Finding>,
     /// The stall threshold, for saying what "healthy" was measured against.
     pub threshold_ms: u64,
+    /// Every exit seen, by cause, including processes no longer listed.
+    pub exits: BTreeMap<ExitCause, u64>,
 }
 
 /// Entries in the kernel's maps.

@@ -1,8 +1,10 @@
 //! JSON lines: one object per event, with `ts` added (docs/events.md).
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::verdict::{Verdict, verdict};
-use crate::model::{MapOccupancy, Summary, WorkerSummary};
+use crate::model::{ExitCause, MapOccupancy, Summary, WorkerSummary};
 
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
@@ -42,6 +44,8 @@ pub struct SummaryEvent<'a> {
     pub workers: &'a [WorkerSummary],
     pub verdict: Verdict,
     pub exited_quiet: u64,
+    /// Every exit seen, by cause (`worker_exit.cause`).
+    pub exits: &'a BTreeMap<ExitCause, u64>,
 }
 
 impl<'a> SummaryEvent<'a> {
@@ -58,6 +62,7 @@ impl<'a> SummaryEvent<'a> {
             workers: &summary.workers,
             verdict: verdict(summary),
             exited_quiet: summary.exited_quiet,
+            exits: &summary.exits,
         }
     }
 }

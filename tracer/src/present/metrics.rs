@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::model::{FdKind, MapOccupancy, Role, Summary, WorkerState, WorkerSummary};
+use crate::model::{ExitCause, FdKind, MapOccupancy, Role, Summary, WorkerState, WorkerSummary};
 use tracer_common::{HIST_BUCKETS, ReadHist, fdkind, program};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +43,11 @@ struct MapLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProgramLabels {
     program: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: String,
 }
 
 fn stall_histogram() -> Histogram {
@@ -245,6 +250,7 @@ pub fn render(
     );
     reg.register("map_entries", "Entries in the tracer's kernel maps", maps);
     register_bpf_errors(&mut reg, &me.bpf_errors);
+    register_exits(&mut reg, summary);
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out = "# encoding failed\n".into();
@@ -275,6 +281,24 @@ fn register_bpf_errors(reg: &mut Registry, errors: &[u64]) {
     );
 }
 
+/// Exits of watched processes by cause, since the start (the processes
+/// themselves leave the per-worker series): every cause has a series.
+fn register_exits(reg: &mut Registry, summary: &Summary) {
+    let family = Family::<CauseLabels, Counter>::default();
+    for cause in ExitCause::ALL {
+        let n = summary.exits.get(&cause).copied().unwrap_or(0);
+        let l = CauseLabels {
+            cause: cause.as_str().to_string(),
+        };
+        family.get_or_create(&l).inc_by(n);
+    }
+    reg.register(
+        "worker_exits",
+        "Exits of watched processes by cause: worker_timeout, oom_kill, master_signal, external_signal, max_requests, exit",
+        family,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +315,7 @@ mod tests {
             timeouts: 1,
             exit_code: None,
             exit_signal: None,
+            exit: None,
             stall: None,
             early_closes: CloseCounts {
                 dropped_request: 3,
@@ -313,6 +338,7 @@ mod tests {
             exited_quiet: 0,
             findings: vec![],
             threshold_ms: 500,
+            exits: Default::default(),
         }
     }
 
@@ -405,6 +431,27 @@ mod tests {
         );
         assert!(
             t.contains("# TYPE gunicorn_tracer_bpf_errors counter"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn exits_are_counted_by_cause_with_every_cause_present() {
+        let mut s = summary(vec![]);
+        s.exits.insert(ExitCause::OomKill, 2);
+        let t = render(
+            &s,
+            &mut |_| None,
+            &mut |_| None,
+            &StallDurations::default(),
+            &SelfStats::default(),
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_worker_exits_total{cause="oom_kill"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_worker_exits_total{cause="max_requests"} 0"#),
             "{t}"
         );
     }

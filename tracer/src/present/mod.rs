@@ -5,6 +5,7 @@
 //! neutralises control characters so a process name cannot drive the
 //! terminal.
 mod clock;
+mod exits;
 mod json;
 pub mod metrics;
 mod text;

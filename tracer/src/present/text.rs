@@ -1,8 +1,11 @@
 //! The text view: one line (or a few) per event, and the summary with the
 //! verdict on top. Everything from a traced process goes through `sanitize`.
+use super::exits::exit_words;
 use super::json::{StartEvent, SummaryEvent};
 use super::{Clock, describe_call, sanitize, secs};
-use crate::model::{CloseKind, Direction, EarlyClose, Outcome, Output, Role, Source, StallReport};
+use crate::model::{
+    CloseKind, Direction, EarlyClose, ExitReport, Outcome, Output, Role, Source, StallReport,
+};
 
 /// `  likely: ...` and `  fix: ...` under an event line.
 fn cause_lines(c: &crate::model::Cause) -> String {
@@ -177,15 +180,22 @@ fn early_close_line(e: &EarlyClose) -> String {
     l
 }
 
-fn exit_line(pid: u32, role: Role, exit_code: Option<i32>, signal: &Option<String>) -> String {
+fn exit_line(
+    pid: u32,
+    master: u32,
+    role: Role,
+    exit_code: Option<i32>,
+    signal: &Option<String>,
+    why: &ExitReport,
+) -> String {
+    let label = match why.is_finding() {
+        true => "EXIT    ",
+        false => "exit    ",
+    };
     format!(
-        "exit     {} {pid} {}",
+        "{label} {} {pid} {}",
         role.as_str(),
-        match (signal, exit_code) {
-            (_, Some(c)) => format!("exited with code {c}"),
-            (Some(s), None) => format!("killed by {s}"),
-            (None, None) => "exited".into(),
-        }
+        exit_words(pid, master, exit_code, signal.as_deref(), why)
     )
 }
 
@@ -224,11 +234,13 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
         Output::EarlyClose { close, .. } => early_close_line(close),
         Output::WorkerExit {
             pid,
+            master_pid,
             role,
             exit_code,
             signal,
+            why,
             ..
-        } => exit_line(*pid, *role, *exit_code, signal),
+        } => exit_line(*pid, *master_pid, *role, *exit_code, signal, why),
     };
     format!("{}  {body}", clock.hhmmss(o.ts_ns()))
 }
@@ -254,7 +266,7 @@ pub fn colorize(line: &str) -> String {
         return line.to_string();
     };
     let code = match label.trim() {
-        "STALL" | "TIMEOUT" | "DROPPED" => "1;31",
+        "STALL" | "TIMEOUT" | "DROPPED" | "EXIT" => "1;31",
         "UPSTREAM" => "1;33",
         "end" | "exit" => "2",
         "idle" | "probe" | "abort" => "2",
@@ -396,6 +408,7 @@ mod tests {
             role: Role::Worker,
             exit_code: None,
             signal: Some("SIGKILL".into()),
+            why: ExitReport::new(crate::model::ExitCause::ExternalSignal),
             container: None,
         };
         let v: serde_json::Value = serde_json::from_str(&json_line(&x, "t".into())).unwrap();
@@ -473,6 +486,7 @@ mod tests {
                     role: Role::Worker,
                     exit_code: Some(0),
                     signal: None,
+                    why: ExitReport::new(crate::model::ExitCause::Exit),
                     container: None,
                 },
                 &c

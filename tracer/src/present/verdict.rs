@@ -2,7 +2,7 @@
 //! thing a person reads.
 use serde::Serialize;
 
-use super::{describe_call, secs};
+use super::{describe_call, exits, secs};
 use crate::model::{Finding, Role, StallReport, Summary, WorkerState, WorkerSummary};
 
 #[derive(Debug, Clone, Serialize)]
@@ -11,6 +11,12 @@ pub struct Verdict {
     pub killed_pids: Vec<u32>,
     /// Workers that closed requests with nothing sent (or cut upstream calls).
     pub dropping_pids: Vec<u32>,
+    /// Killed by the kernel's OOM killer.
+    pub oom_killed_pids: Vec<u32>,
+    /// Workers that failed to boot or to load the app (the master halts).
+    pub boot_failed_pids: Vec<u32>,
+    /// Killed by a signal from outside Gunicorn (kill -9, a crash).
+    pub killed_externally_pids: Vec<u32>,
     pub text: String,
 }
 
@@ -42,7 +48,7 @@ fn stalled(w: &WorkerSummary) -> String {
     )
 }
 
-fn killed(w: &WorkerSummary) -> String {
+fn timed_out(w: &WorkerSummary) -> String {
     match &w.stall {
         Some(s) => format!(
             "{} was killed by Gunicorn's WORKER TIMEOUT after blocking {} in {}{}",
@@ -94,6 +100,40 @@ fn dropping(w: &WorkerSummary) -> String {
     line
 }
 
+/// The exit of `w` in words, after its name.
+fn exit_of(w: &WorkerSummary) -> String {
+    match &w.exit {
+        Some(why) => exits::exit_words(
+            w.pid,
+            w.master_pid,
+            w.exit_code,
+            w.exit_signal.as_deref(),
+            why,
+        ),
+        None => "exited".into(),
+    }
+}
+
+/// "worker 7 (master 1) was killed by the kernel's OOM killer: ...", or
+/// by whatever killed it, with the last stall it had, if any.
+fn killed(w: &WorkerSummary) -> String {
+    let mut line = format!("{} was {}", name(w), exit_of(w));
+    if let Some(st) = w.stall.as_ref().filter(|_| w.stalls > 0) {
+        line.push_str(&format!(
+            "; it had stalled {} time(s), last for {} in {}",
+            w.stalls,
+            secs(st.blocked_ms),
+            describe_call(st)
+        ));
+    }
+    line
+}
+
+/// "worker 7 (master 1) exited with code 3: the worker failed to boot ..."
+fn halted(w: &WorkerSummary) -> String {
+    format!("{} {}", name(w), exit_of(w))
+}
+
 /// With nothing wrong: say what was watched, or the stalls that are over.
 fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
     let past: Vec<&WorkerSummary> = s.workers.iter().filter(|w| w.stalls > 0).collect();
@@ -123,15 +163,21 @@ pub fn verdict(s: &Summary) -> Verdict {
         stalled_pids: Vec::new(),
         killed_pids: Vec::new(),
         dropping_pids: Vec::new(),
+        oom_killed_pids: Vec::new(),
+        boot_failed_pids: Vec::new(),
+        killed_externally_pids: Vec::new(),
         text: String::new(),
     };
     let mut lines = Vec::new();
     for &f in &s.findings {
         let w = &s.workers[f.worker()];
         let (pids, line) = match f {
+            Finding::Halted(_) => (&mut v.boot_failed_pids, halted(w)),
             Finding::Stalled(_) => (&mut v.stalled_pids, stalled(w)),
-            Finding::KilledByTimeout(_) => (&mut v.killed_pids, killed(w)),
+            Finding::OomKilled(_) => (&mut v.oom_killed_pids, killed(w)),
+            Finding::KilledByTimeout(_) => (&mut v.killed_pids, timed_out(w)),
             Finding::Dropping(_) => (&mut v.dropping_pids, dropping(w)),
+            Finding::KilledExternally(_) => (&mut v.killed_externally_pids, killed(w)),
         };
         pids.push(w.pid);
         lines.push(line);
