@@ -6,7 +6,7 @@
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
     Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, MasterSettings, MemoryCgroup,
-    Output, Peer, Role, Sample, Source, Wake,
+    Output, Peer, RaceReset, Role, Sample, Source, Wake,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -166,6 +166,31 @@ fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
             max_requests: Some(5),
         },
     );
+    // 200 closed a keep-alive connection after 2 s idle; the client's next
+    // request came 0.3 s later and was reset.
+    let mut addr = [0u8; 32];
+    addr[..2].copy_from_slice(&2u16.to_ne_bytes());
+    addr[2..4].copy_from_slice(&41000u16.to_be_bytes());
+    addr[4..8].copy_from_slice(&[10, 0, 0, 7]);
+    let race = RaceReset {
+        ts_ns: 5350 * MS,
+        close: tracer_common::AnsweredClose {
+            closed_ns: 5050 * MS,
+            idle_ns: 2000 * MS,
+            start_ns: 1000 * MS,
+            bytes_in: 160,
+            bytes_out: 400,
+            tgid: W2,
+            tid: W2,
+            master: MASTER,
+            fd: 12,
+            ended_by: ended::CLOSE,
+            local_port: 8000,
+            addr,
+            ..Default::default()
+        },
+    };
+    ev.extend(c.on_kernel(KernelEvent::KeepaliveRace(race), f));
     for pid in 202..=206 {
         let fork = KernelEvent::Fork {
             ts_ns: 5400 * MS,

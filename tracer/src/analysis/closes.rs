@@ -75,7 +75,7 @@ fn classify(c: &Conn, peer_closed_first: bool) -> Option<(Direction, CloseKind)>
     }
 }
 
-fn ended_by(v: u32) -> EndedBy {
+pub(super) fn ended_by(v: u32) -> EndedBy {
     match v {
         ended::SHUTDOWN => EndedBy::Shutdown,
         ended::EXIT => EndedBy::Exit,
@@ -111,6 +111,9 @@ pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
         kind,
         unread_data: c.aborted != 0,
         preceded_by,
+        idle_ms: None,
+        keepalive_s: None,
+        reset_after_ms: None,
         while_killed: f.while_killed,
         while_oom_killed: f.while_oom_killed,
         cause: None,

@@ -28,6 +28,8 @@ pub(super) struct Proc {
     pub last_stall: Option<StallReport>,
     pub closes: CloseCounts,
     pub last_drop: Option<EarlyClose>,
+    /// The last request lost to a keep-alive race on a connection it closed.
+    pub last_race: Option<EarlyClose>,
     pub container: Option<Container>,
     /// A master's settings (workers look theirs up through `master`).
     pub settings: MasterSettings,
@@ -50,6 +52,7 @@ impl Proc {
         self.stalls > 0
             || self.timeouts > 0
             || self.closes.harmful() > 0
+            || self.closes.keepalive_race > 0
             || self.exit.as_ref().is_some_and(|e| e.is_finding())
     }
 }
@@ -209,6 +212,7 @@ impl Correlator {
                 };
                 self.on_conn_end(&end, &conn)
             }
+            KernelEvent::KeepaliveRace(r) => self.on_keepalive_race(&r),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - `exits`: why a process exited (OOM kill, whose signal, --max-requests);
 //! - `stalls`: blocked syscalls, from first report to their end;
 //! - `closes`: connections that ended badly;
+//! - `races`: requests lost to keep-alive races;
 //! - `signatures`: known causes, as data;
 //! - `syscalls`: names and classes of syscalls;
 //! - `summary`: the state of every process and the findings ranked by harm.
@@ -14,6 +15,7 @@ mod closes;
 mod correlator;
 mod exits;
 mod lifecycle;
+mod races;
 pub mod signatures;
 mod stalls;
 mod summary;

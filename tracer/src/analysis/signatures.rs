@@ -122,6 +122,12 @@ pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
         },
     },
     Signature {
+        id: "keepalive_shorter_than_client",
+        cause: "the client or load balancer sent its next request on a keep-alive connection that Gunicorn's keep-alive timer had just closed: it keeps idle connections longer than Gunicorn's --keep-alive, and the kernel reset the request",
+        fix: "set Gunicorn's --keep-alive above the balancer's idle timeout (ALB: 60 s by default), or lower the balancer's idle or upstream keep-alive timeout below Gunicorn's",
+        matches: |e| e.kind == CloseKind::KeepaliveRace,
+    },
+    Signature {
         id: "upstream_timeout",
         cause: "an upstream call was cut short by a socket timeout before any reply arrived (possibly a timeout leaked from another greenlet via socket.setdefaulttimeout)",
         fix: "check the client library's timeout settings, and never call socket.setdefaulttimeout in request code",
@@ -226,6 +232,9 @@ mod tests {
                 ret: "EAGAIN",
                 wait_ms: w,
             }),
+            idle_ms: None,
+            keepalive_s: None,
+            reset_after_ms: None,
             while_killed: false,
             while_oom_killed: false,
             cause: None,

@@ -36,8 +36,8 @@ fn exited(
 
 /// By harm: a master halted by a worker that cannot boot (the whole server
 /// is down), workers stalled now (longest first), OOM kills, kills by
-/// Gunicorn's WORKER TIMEOUT, dropped requests (most first), then kills
-/// from outside Gunicorn.
+/// Gunicorn's WORKER TIMEOUT, dropped requests (most first), requests lost
+/// to keep-alive races (most first), then kills from outside Gunicorn.
 fn rank(workers: &[WorkerSummary]) -> Vec<Finding> {
     let all = 0..workers.len();
     let mut stalled: Vec<usize> = all
@@ -66,6 +66,11 @@ fn rank(workers: &[WorkerSummary]) -> Vec<Finding> {
     );
     findings.extend(killed.map(Finding::KilledByTimeout));
     findings.extend(dropping.into_iter().map(Finding::Dropping));
+    let mut racing: Vec<usize> = (0..workers.len())
+        .filter(|&i| workers[i].early_closes.keepalive_race > 0)
+        .collect();
+    racing.sort_by_key(|&i| Reverse(workers[i].early_closes.keepalive_race));
+    findings.extend(racing.into_iter().map(Finding::KeepaliveRaces));
     findings.extend(
         exited(workers, |e| {
             e.cause == ExitCause::ExternalSignal && e.is_finding()
@@ -98,6 +103,7 @@ impl Correlator {
                     stall: current.or_else(|| p.last_stall.clone()),
                     early_closes: p.closes,
                     last_early_close: p.last_drop.clone(),
+                    last_keepalive_race: p.last_race.clone(),
                     container: p.container.clone(),
                 }
             })

@@ -1,12 +1,23 @@
 //! Event intake: decoding ring buffer records into [`KernelEvent`]s.
-use tracer_common::{ConnEnd, Event, kind, wake};
+use tracer_common::{ConnEnd, Event, KeepaliveRace, kind, wake};
 
-use crate::model::{KernelEvent, Role, Wake};
+use crate::model::{KernelEvent, RaceReset, Role, Wake};
 
 /// Decodes one ring buffer record. Returns None for a record of the wrong
 /// size or an unknown kind (a newer BPF object, say) rather than guessing.
 pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     let k = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    if k == kind::KEEPALIVE_RACE {
+        if bytes.len() < std::mem::size_of::<KeepaliveRace>() {
+            return None;
+        }
+        // SAFETY: KeepaliveRace is Pod and the slice is long enough.
+        let r: KeepaliveRace = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        return Some(KernelEvent::KeepaliveRace(RaceReset {
+            ts_ns: r.ts_ns,
+            close: r.close,
+        }));
+    }
     if k == kind::CONN_END {
         if bytes.len() < std::mem::size_of::<ConnEnd>() {
             return None;
@@ -269,6 +280,35 @@ mod tests {
                 ..
             })
         ));
+        assert!(decode(&b[..40]).is_none(), "truncated record");
+    }
+
+    #[test]
+    fn decodes_a_keepalive_race_by_its_own_layout() {
+        let r = KeepaliveRace {
+            kind: kind::KEEPALIVE_RACE,
+            _pad: 0,
+            ts_ns: 99,
+            close: tracer_common::AnsweredClose {
+                tgid: 4,
+                idle_ns: 1_000_000_000,
+                ..Default::default()
+            },
+        };
+        // SAFETY: KeepaliveRace is repr(C) with no implicit padding.
+        let b = unsafe {
+            std::slice::from_raw_parts(
+                (&r as *const KeepaliveRace).cast::<u8>(),
+                std::mem::size_of::<KeepaliveRace>(),
+            )
+        };
+        assert_eq!(
+            decode(b),
+            Some(KernelEvent::KeepaliveRace(RaceReset {
+                ts_ns: 99,
+                close: r.close
+            }))
+        );
         assert!(decode(&b[..40]).is_none(), "truncated record");
     }
 

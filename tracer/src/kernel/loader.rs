@@ -52,12 +52,20 @@ const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
 /// Classic tracepoints attached when the kernel has them, as (program,
 /// category, name): without one, what it explains is not seen (said once
 /// on stderr), and everything else works.
-const OPTIONAL_PROGRAMS: [(&str, &str, &str, &str); 1] = [(
-    "mark_victim",
-    "oom",
-    "mark_victim",
-    "OOM kills will be reported as a plain SIGKILL",
-)];
+const OPTIONAL_PROGRAMS: [(&str, &str, &str, &str); 2] = [
+    (
+        "mark_victim",
+        "oom",
+        "mark_victim",
+        "OOM kills will be reported as a plain SIGKILL",
+    ),
+    (
+        "tcp_send_reset",
+        "tcp",
+        "tcp_send_reset",
+        "requests lost to keep-alive races will not be seen",
+    ),
+];
 
 fn raise_memlock() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones
@@ -169,6 +177,7 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         tcp_bytes_retrans: need("tcp_sock", &["bytes_retrans"])?,
         tcp_write_seq: need("tcp_sock", &["write_seq"])?,
         tcp_snd_nxt: need("tcp_sock", &["snd_nxt"])?,
+        tcp_mstamp: btf.member_offset("tcp_sock", "tcp_mstamp").unwrap_or(UNSET),
         pt_regs_nr: regs(0)?,
         pt_regs_arg0: regs(1)?,
         pt_regs_arg2: regs(2)?,
@@ -185,6 +194,16 @@ fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
     let st = Format::read(tracefs, "sock", "inet_sock_set_state")?;
     let victim = Format::read(tracefs, "oom", "mark_victim").ok();
+    // Linux 6.x lays the reset's addresses out as sockaddr_in6-sized
+    // buffers (from the packet when the socket is a timewait one); older
+    // layouts are not used.
+    let reset = Format::read(tracefs, "tcp", "tcp_send_reset").ok();
+    let reset_field = |name: &str| {
+        reset
+            .as_ref()
+            .and_then(|f| f.offset(name, 28).ok())
+            .unwrap_or(UNSET)
+    };
     let victim_field = |name: &str, size: u64| {
         victim
             .as_ref()
@@ -211,6 +230,10 @@ fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
         victim_anon_rss: victim_field("anon_rss", 8),
         victim_file_rss: victim_field("file_rss", 8),
         victim_shmem_rss: victim_field("shmem_rss", 8),
+        set_state_saddr: st.offset("saddr", 4)?,
+        set_state_saddr_v6: st.offset("saddr_v6", 16)?,
+        reset_saddr: reset_field("saddr"),
+        reset_daddr: reset_field("daddr"),
     })
 }
 
@@ -275,6 +298,7 @@ fn attach_optional(ebpf: &mut Ebpf, tracefs: &Path, tp: &TracepointOffsets) -> R
     for (prog, category, name, without) in OPTIONAL_PROGRAMS {
         let usable = match prog {
             "mark_victim" => tp.victim_pid != UNSET,
+            "tcp_send_reset" => tp.reset_saddr != UNSET && tp.reset_daddr != UNSET,
             _ => Format::read(tracefs, category, name).is_ok(),
         };
         if !usable {

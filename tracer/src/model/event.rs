@@ -63,6 +63,15 @@ pub enum KernelEvent {
         /// The peer closed first (its FIN is not in `conn.bytes_in`).
         peer_closed_first: bool,
     },
+    KeepaliveRace(RaceReset),
+}
+
+/// The kernel reset the client's request on a connection a watched
+/// process had closed after answering (see `tracer_common::AnsweredClose`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaceReset {
+    pub ts_ns: u64,
+    pub close: tracer_common::AnsweredClose,
 }
 
 /// Why a thread that slept in a syscall woke up, as the kernel saw it then.

@@ -7,7 +7,7 @@ mod event;
 mod report;
 mod summary;
 
-pub use event::{KernelEvent, Sample, Wake};
+pub use event::{KernelEvent, RaceReset, Sample, Wake};
 pub use report::{
     Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause, ExitReport, OomKill,
     Outcome, Output, Preceded, Sender, Source, StallReport,

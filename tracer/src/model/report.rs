@@ -132,6 +132,10 @@ pub enum CloseKind {
     /// The client sent (part of) a request and closed before the answer
     /// (nginx's 499): not the worker's doing. Counted.
     ClientAbort,
+    /// The worker closed a keep-alive connection after answering on it, and
+    /// the client's next request on it was answered by the kernel with a
+    /// reset: a lost request (a proxy's 502).
+    KeepaliveRace,
 }
 
 impl CloseKind {
@@ -142,6 +146,7 @@ impl CloseKind {
             CloseKind::UpstreamCut => "upstream_cut",
             CloseKind::Probe => "probe",
             CloseKind::ClientAbort => "client_abort",
+            CloseKind::KeepaliveRace => "keepalive_race",
         }
     }
 }
@@ -180,6 +185,13 @@ pub struct EarlyClose {
     /// The kernel answered the close with a RST: the peer's data was never read.
     pub unread_data: bool,
     pub preceded_by: Option<Preceded>,
+    /// keepalive_race: how long the connection had been idle (nothing sent
+    /// or received) when the worker closed it, when known.
+    pub idle_ms: Option<u64>,
+    /// keepalive_race: the master's --keep-alive.
+    pub keepalive_s: Option<f64>,
+    /// keepalive_race: from the close to the reset of the client's request.
+    pub reset_after_ms: Option<u64>,
     /// The process's master had already sent it the WORKER TIMEOUT signal:
     /// the close is part of its dying, whichever path closed the socket.
     #[serde(skip)]
@@ -200,6 +212,7 @@ pub struct CloseCounts {
     pub upstream_cut: u32,
     pub probe: u32,
     pub client_abort: u32,
+    pub keepalive_race: u32,
 }
 
 impl CloseCounts {
@@ -215,18 +228,20 @@ impl CloseCounts {
             CloseKind::UpstreamCut => &mut self.upstream_cut,
             CloseKind::Probe => &mut self.probe,
             CloseKind::ClientAbort => &mut self.client_abort,
+            CloseKind::KeepaliveRace => &mut self.keepalive_race,
         };
         *n += 1;
     }
 
     /// Every kind with its count, in a fixed order (metrics labels).
-    pub fn by_kind(&self) -> [(CloseKind, u32); 5] {
+    pub fn by_kind(&self) -> [(CloseKind, u32); 6] {
         [
             (CloseKind::DroppedRequest, self.dropped_request),
             (CloseKind::Idle, self.idle),
             (CloseKind::UpstreamCut, self.upstream_cut),
             (CloseKind::Probe, self.probe),
             (CloseKind::ClientAbort, self.client_abort),
+            (CloseKind::KeepaliveRace, self.keepalive_race),
         ]
     }
 }

@@ -59,6 +59,8 @@ pub struct WorkerSummary {
     pub early_closes: CloseCounts,
     /// The last dropped request or cut upstream call.
     pub last_early_close: Option<EarlyClose>,
+    /// The last request lost to a keep-alive race on a connection it closed.
+    pub last_keepalive_race: Option<EarlyClose>,
     pub container: Option<Container>,
 }
 
@@ -76,6 +78,8 @@ pub enum Finding {
     KilledByTimeout(usize),
     /// Closed requests with nothing sent, or cut upstream calls (most first).
     Dropping(usize),
+    /// Requests lost to keep-alive races on connections it closed.
+    KeepaliveRaces(usize),
     /// Killed by a signal from outside Gunicorn (kill -9, a crash).
     KilledExternally(usize),
 }
@@ -89,6 +93,7 @@ impl Finding {
             | Finding::OomKilled(i)
             | Finding::KilledByTimeout(i)
             | Finding::Dropping(i)
+            | Finding::KeepaliveRaces(i)
             | Finding::KilledExternally(i) => i,
         }
     }

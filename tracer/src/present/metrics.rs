@@ -323,6 +323,7 @@ mod tests {
                 ..Default::default()
             },
             last_early_close: None,
+            last_keepalive_race: None,
             container: Some(Container {
                 id: "abc".into(),
                 pod: Some("web-1".into()),

@@ -130,6 +130,7 @@ fn early_close_line(e: &EarlyClose) -> String {
         CloseKind::UpstreamCut => "UPSTREAM",
         CloseKind::Probe => "probe   ",
         CloseKind::ClientAbort => "abort   ",
+        CloseKind::KeepaliveRace => "RACE    ",
     };
     let peer = e
         .peer
@@ -172,12 +173,33 @@ fn early_close_line(e: &EarlyClose) -> String {
         CloseKind::ClientAbort => {
             l.push_str("; the client closed first, before the answer (nginx logs 499)")
         }
+        CloseKind::KeepaliveRace => l.push_str(&race_details(e)),
         _ => {}
     }
     if let Some(c) = &e.cause {
         l.push_str(&cause_lines(c));
     }
     l
+}
+
+/// "; idle 1.0s before the close (--keep-alive 1s); the client's next
+/// request came 0.5s after it and the kernel reset it: a lost request"
+fn race_details(e: &EarlyClose) -> String {
+    let mut d = String::new();
+    if let Some(idle) = e.idle_ms {
+        d.push_str(&format!("; idle {} before the close", secs(idle)));
+    }
+    if let Some(k) = e.keepalive_s {
+        d.push_str(&format!(" (--keep-alive {k}s)"));
+    }
+    let after = e
+        .reset_after_ms
+        .map(|ms| format!(" {} after it", secs(ms)))
+        .unwrap_or_default();
+    d.push_str(&format!(
+        "; the client's next request came{after} and the kernel reset it: a lost request (a proxy's 502)"
+    ));
+    d
 }
 
 fn exit_line(
@@ -266,7 +288,7 @@ pub fn colorize(line: &str) -> String {
         return line.to_string();
     };
     let code = match label.trim() {
-        "STALL" | "TIMEOUT" | "DROPPED" | "EXIT" => "1;31",
+        "STALL" | "TIMEOUT" | "DROPPED" | "EXIT" | "RACE" => "1;31",
         "UPSTREAM" => "1;33",
         "end" | "exit" => "2",
         "idle" | "probe" | "abort" => "2",

@@ -17,6 +17,8 @@ pub struct Verdict {
     pub boot_failed_pids: Vec<u32>,
     /// Killed by a signal from outside Gunicorn (kill -9, a crash).
     pub killed_externally_pids: Vec<u32>,
+    /// Closed keep-alive connections on which a request was then lost.
+    pub keepalive_race_pids: Vec<u32>,
     pub text: String,
 }
 
@@ -134,6 +136,30 @@ fn halted(w: &WorkerSummary) -> String {
     format!("{} {}", name(w), exit_of(w))
 }
 
+/// "worker 7 (master 1): 3 request(s) lost to keep-alive races: ..."
+fn racing(w: &WorkerSummary) -> String {
+    let last = w.last_keepalive_race.as_ref();
+    let keepalive = last
+        .and_then(|e| e.keepalive_s)
+        .map(|k| format!(" ({k}s)"))
+        .unwrap_or_default();
+    let mut line = format!(
+        "{}: {} request(s) lost to keep-alive races: the client or load balancer reuses connections longer than Gunicorn's keep-alive{keepalive}; set --keep-alive above the balancer's idle timeout (ALB default 60 s)",
+        name(w),
+        w.early_closes.keepalive_race
+    );
+    if let Some(e) = last {
+        line.push_str(&format!("; last: {}", e.peer.as_deref().unwrap_or("?")));
+        if let Some(idle) = e.idle_ms {
+            line.push_str(&format!(", closed after {} idle", secs(idle)));
+        }
+        if let Some(after) = e.reset_after_ms {
+            line.push_str(&format!(", its next request came {} later", secs(after)));
+        }
+    }
+    line
+}
+
 /// With nothing wrong: say what was watched, or the stalls that are over.
 fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
     let past: Vec<&WorkerSummary> = s.workers.iter().filter(|w| w.stalls > 0).collect();
@@ -166,6 +192,7 @@ pub fn verdict(s: &Summary) -> Verdict {
         oom_killed_pids: Vec::new(),
         boot_failed_pids: Vec::new(),
         killed_externally_pids: Vec::new(),
+        keepalive_race_pids: Vec::new(),
         text: String::new(),
     };
     let mut lines = Vec::new();
@@ -178,14 +205,20 @@ pub fn verdict(s: &Summary) -> Verdict {
             Finding::KilledByTimeout(_) => (&mut v.killed_pids, timed_out(w)),
             Finding::Dropping(_) => (&mut v.dropping_pids, dropping(w)),
             Finding::KilledExternally(_) => (&mut v.killed_externally_pids, killed(w)),
+            Finding::KeepaliveRaces(_) => (&mut v.keepalive_race_pids, racing(w)),
         };
         pids.push(w.pid);
         lines.push(line);
     }
+    let named: Vec<usize> = s.findings.iter().map(|f| f.worker()).collect();
     let healthy: Vec<String> = s
         .workers
         .iter()
-        .filter(|w| w.role == Role::Worker && w.state == WorkerState::Healthy)
+        .enumerate()
+        .filter(|(i, w)| {
+            w.role == Role::Worker && w.state == WorkerState::Healthy && !named.contains(i)
+        })
+        .map(|(_, w)| w)
         .map(|w| w.pid.to_string())
         .collect();
     if lines.is_empty() {
