@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tests::*;
 
@@ -327,4 +327,108 @@ fn behind_nginx_every_502_from_a_reused_upstream_connection_is_one_keepalive_rac
     }
     assert!(dropped(&t).is_empty(), "{:#?}", dropped(&t));
     t.stop();
+}
+
+/// GET through `port` in a thread; the receiver gets when the response
+/// ended and its status line.
+fn timed_get(port: u16, path: &str) -> std::sync::mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let reply = get_async(port, &path, Duration::from_secs(40))
+            .recv()
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        let status = reply.lines().next().unwrap_or("").to_string();
+        let _ = tx.send((Instant::now(), status));
+    });
+    rx
+}
+
+#[test]
+fn a_request_stuck_in_a_gthread_worker_is_named_before_nginx_gives_up_with_504() {
+    require_root();
+    let g = Gunicorn::new("exits_app:app")
+        .worker_class("gthread")
+        .threads(4)
+        .workers(1)
+        .spawn();
+    let nginx = Nginx::start_with(
+        g.port,
+        &NginxConf {
+            read_timeout: Some(Duration::from_secs(6)),
+            ..Default::default()
+        },
+    );
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--request-threshold", "2s"]);
+    let worker = t
+        .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
+        .1["pid"]
+        .clone();
+
+    // Straight to Gunicorn: a pool thread blocks 4 s in a pipe read, then
+    // answers. The worker's main thread keeps the heartbeat all along.
+    let direct = timed_get(g.port, "/block?s=4");
+    let (_, hung) = t.wait_for("the hung request", Duration::from_secs(5), |e| {
+        e["event"] == "hung_request"
+    });
+    assert_eq!(hung["pid"], worker, "{hung}");
+    assert_eq!(hung["local_port"], g.port, "{hung}");
+    assert!(hung["waiting_ms"].as_u64().unwrap() >= 2000, "{hung}");
+    assert!(hung["bytes_in"].as_u64().unwrap() > 0, "{hung}");
+    assert_eq!(hung["bytes_out"], 0, "{hung}");
+    assert!(hung["fd"].is_i64(), "{hung}");
+    let threads = hung["blocked_threads"].as_array().unwrap();
+    assert!(
+        threads.iter().any(|th| th["syscall"] == "read"
+            && th["fd_target"]
+                .as_str()
+                .is_some_and(|f| f.starts_with("pipe:"))
+            && th["tid"] != worker),
+        "the pool thread blocked on the pipe is named: {hung}"
+    );
+    let (_, end) = t.wait_for("its end", Duration::from_secs(8), |e| {
+        e["event"] == "hung_request_end"
+    });
+    assert_eq!(end["outcome"], "answered", "{end}");
+    assert_eq!(end["peer"], hung["peer"], "{end}");
+    let waited = end["waited_ms"].as_u64().unwrap();
+    assert!((3500..7000).contains(&waited), "about the 4 s block: {end}");
+    assert!(direct.recv().unwrap().1.contains("200"));
+
+    // Through nginx, which gives up after 6 s: the tracer names the hung
+    // request before the client gets nginx's 504.
+    let proxied = timed_get(nginx.port, "/block?s=30");
+    let (hung_at, hung) = t.wait_for("the hung proxied request", Duration::from_secs(8), |e| {
+        e["event"] == "hung_request" && e["peer"] != end["peer"]
+    });
+    let (gave_up_at, status) = proxied.recv().unwrap();
+    assert!(status.contains("504"), "nginx gave up: {status:?}");
+    assert!(
+        hung_at < gave_up_at,
+        "reported {:?} before nginx's 504",
+        gave_up_at - hung_at
+    );
+    let peer = hung["peer"].clone();
+    let (_, end) = t.wait_for("its end", Duration::from_secs(5), |e| {
+        e["event"] == "hung_request_end" && e["peer"] == peer
+    });
+    assert_eq!(end["outcome"], "client_closed", "{end}");
+
+    let summary = t.stop();
+    let v = &summary["verdict"];
+    assert_eq!(v["hung_request_pids"], serde_json::json!([worker]), "{v}");
+    assert!(
+        v["text"]
+            .as_str()
+            .unwrap()
+            .contains("held 2 request(s) past --request-threshold (2.0s) without an answer"),
+        "{v}"
+    );
+    assert!(
+        t.of_kind("worker_timeout").is_empty() && t.of_kind("worker_exit").is_empty(),
+        "the worker lived: {:#?}",
+        t.events
+    );
 }

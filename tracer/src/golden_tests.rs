@@ -5,8 +5,8 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, MasterSettings, MemoryCgroup,
-    Output, Peer, RaceReset, Role, Sample, Source, Wake,
+    BlockedThread, Container, End, FdInfo, FdKind, KernelEvent, MapOccupancy, MasterSettings,
+    MemoryCgroup, Output, Peer, RaceReset, Role, Sample, SockSnapshot, Source, TcpState, Wake,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -58,6 +58,20 @@ impl Enricher for Fake {
             limit_bytes: Some(400 << 20),
             usage_bytes: Some(400 << 20),
         })
+    }
+    fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
+        // Socket inode N belongs to the worker whose pid is N / 1000, as fd 9.
+        let pid = (inode / 1000) as u32;
+        pids.contains(&pid).then_some((pid, 9))
+    }
+    fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
+        vec![BlockedThread {
+            tid: pid + 1,
+            comm: "gunicorn".into(),
+            syscall: "read".into(),
+            fd: Some(11),
+            fd_target: Some("pipe:[777]".into()),
+        }]
     }
 }
 
@@ -231,10 +245,27 @@ fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
     ev.extend(c.on_kernel(exit_event(5900, 206, Some(3), None), f));
 }
 
+/// Socket inode 200001 is worker W2's (see `Fake::socket_owner`).
+fn hung_sock(state: TcpState) -> SockSnapshot {
+    SockSnapshot {
+        inode: 200_001,
+        state,
+        local_port: 8000,
+        peer: "127.0.0.1:40100".into(),
+        unread_bytes: 0,
+        has_info: true,
+        last_data_sent_ms: 1300,
+        last_data_recv_ms: 1200,
+        bytes_acked: 0,
+        bytes_received: 92,
+    }
+}
+
 fn scripted_run() -> String {
     use tracer_common::{direction, ended};
     let mut out = String::new();
     let mut c = Correlator::new(500 * MS);
+    c.set_request_threshold(1000 * MS);
     let f = &mut Fake;
     let mut ev = Vec::new();
     ev.extend(c.add_process(
@@ -312,8 +343,12 @@ fn scripted_run() -> String {
     ));
     // Worker W: the seed's pipe read, interrupted then restarted, then killed.
     ev.extend(c.on_samples(&[sample(W, W, "read", 1000, 11, 2)], 1600 * MS, f));
+    // Worker W2 holds a request 1.2 s with nothing sent back (threshold 1 s).
+    ev.extend(c.on_sockets(&[hung_sock(TcpState::Established)], 1650 * MS, f));
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &c, 1700);
+    // The proxy gives up on it.
+    ev.extend(c.on_sockets(&[hung_sock(TcpState::CloseWait)], 2500 * MS, f));
     ev.extend(c.on_kernel(
         KernelEvent::Signal {
             ts_ns: 5000 * MS,

@@ -149,6 +149,7 @@ impl Correlator {
         ) {
             p.last_drop = Some(close.clone());
         }
+        self.hung_closed_badly(end.pid, close.peer.as_deref());
         vec![Output::EarlyClose {
             ts_ns: end.ts_ns,
             close,

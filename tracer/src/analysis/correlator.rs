@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use super::Enricher;
 use super::closes::ConnEnd;
 use super::exits::SignalSeen;
+use super::hung::HungState;
 use super::stalls::Active;
 use crate::model::{
-    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, KernelEvent, MasterSettings,
-    OomKill, Output, Role, Source, StallReport,
+    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, KernelEvent,
+    MasterSettings, OomKill, Output, Role, Source, StallReport,
 };
 
 /// What the correlator keeps about one process.
@@ -44,6 +45,9 @@ pub(super) struct Proc {
     pub oom: Option<OomKill>,
     /// Why it exited, once it has.
     pub exit: Option<ExitReport>,
+    /// Requests it held past --request-threshold without an answer.
+    pub hung_requests: u32,
+    pub last_hung: Option<HungRequest>,
 }
 
 impl Proc {
@@ -53,6 +57,7 @@ impl Proc {
             || self.timeouts > 0
             || self.closes.harmful() > 0
             || self.closes.keepalive_race > 0
+            || self.hung_requests > 0
             || self.exit.as_ref().is_some_and(|e| e.is_finding())
     }
 }
@@ -82,6 +87,9 @@ pub struct Correlator {
     pub(super) active: HashMap<u32, Active>,
     /// Every exit seen, by cause (the processes themselves may be gone).
     pub(super) exits: BTreeMap<ExitCause, u64>,
+    /// --request-threshold: a request unanswered this long is hung.
+    pub(super) request_threshold_ns: u64,
+    pub(super) hung: HungState,
 }
 
 impl Correlator {
@@ -93,6 +101,8 @@ impl Correlator {
             exited_quiet: 0,
             active: HashMap::new(),
             exits: BTreeMap::new(),
+            request_threshold_ns: 30_000_000_000,
+            hung: HungState::default(),
         }
     }
 

@@ -5,10 +5,12 @@ use std::cmp::Reverse;
 use super::correlator::{Correlator, Proc};
 use crate::model::{ExitCause, Finding, Summary, WorkerState, WorkerSummary, signal_name};
 
-fn state(p: &Proc, stalled_now: bool) -> WorkerState {
+fn state(p: &Proc, stalled_now: bool, hanging_now: bool) -> WorkerState {
     let cause = p.exit.as_ref().map(|e| e.cause);
     if stalled_now && p.alive {
         WorkerState::Stalled
+    } else if hanging_now && p.alive {
+        WorkerState::HangingRequests
     } else if !p.alive && cause == Some(ExitCause::OomKill) {
         WorkerState::KilledByOom
     } else if !p.alive && p.killed_by_timeout {
@@ -35,9 +37,11 @@ fn exited(
 }
 
 /// By harm: a master halted by a worker that cannot boot (the whole server
-/// is down), workers stalled now (longest first), OOM kills, kills by
-/// Gunicorn's WORKER TIMEOUT, dropped requests (most first), requests lost
-/// to keep-alive races (most first), then kills from outside Gunicorn.
+/// is down), workers stalled now (longest first), workers holding a request
+/// without an answer now, OOM kills, kills by Gunicorn's WORKER TIMEOUT,
+/// dropped requests (most first), requests that hung and are over,
+/// requests lost to keep-alive races (most first), then kills from outside
+/// Gunicorn.
 fn rank(workers: &[WorkerSummary]) -> Vec<Finding> {
     let all = 0..workers.len();
     let mut stalled: Vec<usize> = all
@@ -59,6 +63,10 @@ fn rank(workers: &[WorkerSummary]) -> Vec<Finding> {
         .map(Finding::Halted)
         .collect();
     findings.extend(stalled.into_iter().map(Finding::Stalled));
+    let (hanging, held): (Vec<usize>, Vec<usize>) = (0..workers.len())
+        .filter(|&i| workers[i].hung_requests > 0)
+        .partition(|&i| workers[i].hanging_now > 0);
+    findings.extend(hanging.into_iter().map(Finding::HungRequests));
     findings.extend(
         exited(workers, |e| e.cause == ExitCause::OomKill)
             .into_iter()
@@ -66,6 +74,7 @@ fn rank(workers: &[WorkerSummary]) -> Vec<Finding> {
     );
     findings.extend(killed.map(Finding::KilledByTimeout));
     findings.extend(dropping.into_iter().map(Finding::Dropping));
+    findings.extend(held.into_iter().map(Finding::HungRequests));
     let mut racing: Vec<usize> = (0..workers.len())
         .filter(|&i| workers[i].early_closes.keepalive_race > 0)
         .collect();
@@ -89,12 +98,13 @@ impl Correlator {
             .iter()
             .map(|(&pid, p)| {
                 let current = self.current_stall(pid, now_ns);
+                let hanging = self.hanging(pid, now_ns);
                 WorkerSummary {
                     pid,
                     master_pid: p.master,
                     role: p.role,
                     app: p.app.clone(),
-                    state: state(p, current.is_some()),
+                    state: state(p, current.is_some(), !hanging.is_empty()),
                     stalls: p.stalls,
                     timeouts: p.timeouts,
                     exit_code: p.exit_code,
@@ -104,6 +114,9 @@ impl Correlator {
                     early_closes: p.closes,
                     last_early_close: p.last_drop.clone(),
                     last_keepalive_race: p.last_race.clone(),
+                    hung_requests: p.hung_requests,
+                    hanging_now: hanging.len() as u32,
+                    hung_request: hanging.into_iter().next().or_else(|| p.last_hung.clone()),
                     container: p.container.clone(),
                 }
             })

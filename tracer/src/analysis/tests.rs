@@ -3,8 +3,8 @@
 use super::lifecycle::MAX_EXITED_KEPT;
 use super::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent, MemoryCgroup, Outcome,
-    Output, Peer, Role, Sample, Source, Wake, WorkerState,
+    BlockedThread, CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent,
+    MemoryCgroup, Outcome, Output, Peer, Role, Sample, Source, Wake, WorkerState,
 };
 use crate::present::verdict;
 
@@ -50,6 +50,20 @@ impl Enricher for FakeProc {
             limit_bytes: Some(400 << 20),
             usage_bytes: Some(400 << 20),
         })
+    }
+    fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
+        // Socket inode N belongs to the worker whose pid is N / 1000, as fd 9.
+        let pid = (inode / 1000) as u32;
+        pids.contains(&pid).then_some((pid, 9))
+    }
+    fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
+        vec![BlockedThread {
+            tid: pid + 1,
+            comm: "gunicorn".into(),
+            syscall: "read".into(),
+            fd: Some(11),
+            fd_target: Some("pipe:[777]".into()),
+        }]
     }
 }
 
@@ -137,6 +151,8 @@ fn kinds(out: &[Output]) -> Vec<&'static str> {
             Output::WorkerTimeout { .. } => "worker_timeout",
             Output::WorkerExit { .. } => "worker_exit",
             Output::EarlyClose { .. } => "early_close",
+            Output::HungRequest { .. } => "hung_request",
+            Output::HungRequestEnd { .. } => "hung_request_end",
         })
         .collect()
 }

@@ -7,6 +7,7 @@ pub mod logging;
 pub mod metrics_server;
 mod session;
 mod sink;
+mod sockets;
 mod targets;
 
 use std::fs::File;
@@ -155,7 +156,10 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
         py_stack: args.py_stack,
         durations: Default::default(),
         metrics: None,
+        sockets: sockets::SocketWatch::new(args.request_threshold),
     };
+    st.corr
+        .set_request_threshold(args.request_threshold.as_nanos() as u64);
     if let Some((addr, listener)) = p.metrics {
         let text = Arc::new(Mutex::new(String::new()));
         tokio::spawn(metrics_server::serve(listener, text.clone()));
@@ -170,6 +174,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
         &StartEvent {
             version: env!("CARGO_PKG_VERSION"),
             threshold_ms: threshold_ns / 1_000_000,
+            request_threshold_ms: args.request_threshold.as_millis() as u64,
             discover: st.discover,
             pids: p.targets.iter().map(|t| t.pid).collect(),
         },

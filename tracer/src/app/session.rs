@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::sink::Sink;
+use super::sockets::SocketWatch;
 use super::targets::Target;
-use crate::analysis::{Correlator, Enricher, NewProcess};
+use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::host::{container, memcg, proc, pystack};
 use crate::kernel::{Probes, intake};
 use crate::model::{
-    Container, FdInfo, KernelEvent, MasterSettings, MemoryCgroup, Output, Role, Sample, Source,
+    BlockedThread, Container, FdInfo, KernelEvent, MasterSettings, MemoryCgroup, Output, Role,
+    Sample, Source,
 };
 use crate::present::{self, metrics};
 
@@ -34,6 +36,32 @@ impl Enricher for ProcEnricher {
     }
     fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
         memcg::of_process(pid)
+    }
+    fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
+        pids.iter()
+            .find_map(|&pid| proc::socket_fd(pid, inode).map(|fd| (pid, fd)))
+    }
+    fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
+        proc::threads(pid)
+            .into_iter()
+            .filter_map(|tid| {
+                let (nr, args) = proc::thread_syscall(pid, tid)?;
+                let name = syscalls::name(nr).into_owned();
+                // On an fd, and not a wait for work (what a plain process's
+                // stall would be).
+                if !syscalls::takes_fd(&name) || !syscalls::is_stall(Role::Plain, true, nr) {
+                    return None;
+                }
+                let fd = args[0] as i32;
+                Some(BlockedThread {
+                    tid,
+                    comm: proc::comm(tid),
+                    syscall: name,
+                    fd: Some(fd),
+                    fd_target: proc::fd_target(pid, fd),
+                })
+            })
+            .collect()
     }
 }
 
@@ -69,6 +97,8 @@ pub struct Session {
     pub durations: metrics::StallDurations,
     /// Latest metrics text, shared with the HTTP server (when enabled).
     pub metrics: Option<(Arc<Mutex<String>>, Instant)>,
+    /// Connections on watched ports, scanned for hung requests.
+    pub sockets: SocketWatch,
 }
 
 impl Session {
@@ -134,6 +164,7 @@ impl Session {
     fn add_listeners(&mut self, pid: u32) {
         for (_, port) in proc::listening_fds(pid) {
             self.probes.add_port(port);
+            self.sockets.add_port(port);
         }
     }
 
@@ -313,6 +344,18 @@ impl Session {
             })
             .collect();
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
+            self.emit(&o);
+        }
+        self.scan_sockets(now);
+    }
+
+    /// Hung requests: the connections on watched ports, when a scan is due.
+    fn scan_sockets(&mut self, now: u64) {
+        let pids: Vec<u32> = self.probes.watched.keys().filter_map(|k| k.ok()).collect();
+        let Some(socks) = self.sockets.scan(&pids) else {
+            return;
+        };
+        for o in self.corr.on_sockets(&socks, now, &mut self.enricher) {
             self.emit(&o);
         }
     }

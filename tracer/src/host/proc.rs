@@ -30,6 +30,17 @@ pub fn has_open_fds(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The fd through which `pid` holds the socket with this inode, from its
+/// /proc/PID/fd links (`socket:[inode]`).
+pub fn socket_fd(pid: u32, inode: u64) -> Option<i32> {
+    let want = format!("socket:[{inode}]");
+    fs::read_dir(proc_path(&[&pid.to_string(), "fd"]))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == want.as_str()))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
 pub fn cmdline(pid: u32) -> Vec<String> {
     fs::read(proc_path(&[&pid.to_string(), "cmdline"]))
         .map(|b| parse_cmdline(&b))
@@ -487,6 +498,18 @@ mod tests {
             &v(&["/usr/bin/gunicorn-exporter"]),
             "gunicorn-export"
         ));
+    }
+
+    #[test]
+    fn finds_the_fd_of_a_socket_by_inode() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
+            .unwrap()
+            .ino();
+        assert_eq!(socket_fd(std::process::id(), inode), Some(l.as_raw_fd()));
+        assert_eq!(socket_fd(std::process::id(), 1), None);
     }
 
     #[test]

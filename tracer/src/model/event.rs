@@ -98,3 +98,52 @@ pub struct Sample {
     pub active: bool,
     pub seeded: bool,
 }
+
+/// A TCP connection's state, among those the socket scan asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TcpState {
+    #[default]
+    Established,
+    /// The peer closed its side (a proxy that gave up, say).
+    CloseWait,
+}
+
+/// One inbound TCP connection on a watched port, as the kernel's socket
+/// diagnostics showed it at one scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SockSnapshot {
+    pub inode: u64,
+    pub state: TcpState,
+    pub local_port: u16,
+    /// The other end, `10.0.0.7:41000`.
+    pub peer: String,
+    /// Received, not yet read by the process.
+    pub unread_bytes: u32,
+    /// tcp_info came with it (the fields below are meaningful).
+    pub has_info: bool,
+    /// Since data last went out, and last came in, in ms.
+    pub last_data_sent_ms: u32,
+    pub last_data_recv_ms: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+impl SockSnapshot {
+    /// A request came in and nothing went out since, for `threshold_ms`.
+    /// A connection that never sent a byte counts its age as the time since
+    /// it last sent, which may equal the request's to the millisecond: then
+    /// nothing acknowledged says it.
+    pub fn unanswered_for(&self, threshold_ms: u64) -> bool {
+        self.state == TcpState::Established
+            && self.has_info
+            && self.bytes_received > 0
+            && u64::from(self.last_data_recv_ms) >= threshold_ms
+            && (self.bytes_acked == 0 || self.last_data_sent_ms > self.last_data_recv_ms)
+    }
+
+    /// Something went out since an earlier look that saw `acked` bytes
+    /// acknowledged, or after the last byte that came in.
+    pub fn answered_since(&self, acked: u64) -> bool {
+        self.bytes_acked > acked || self.last_data_sent_ms < self.last_data_recv_ms
+    }
+}

@@ -7,10 +7,11 @@ mod event;
 mod report;
 mod summary;
 
-pub use event::{KernelEvent, RaceReset, Sample, Wake};
+pub use event::{KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, Wake};
 pub use report::{
-    Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause, ExitReport, OomKill,
-    Outcome, Output, Preceded, Sender, Source, StallReport,
+    BlockedThread, Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause,
+    ExitReport, HungOutcome, HungRequest, OomKill, Outcome, Output, Preceded, Sender, Source,
+    StallReport,
 };
 pub use summary::{Finding, MapOccupancy, Summary, WorkerState, WorkerSummary};
 

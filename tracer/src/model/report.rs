@@ -352,6 +352,68 @@ impl ExitReport {
     }
 }
 
+/// A thread of a process blocked in a syscall on an fd (not its event
+/// loop's wait): what may be holding a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedThread {
+    pub tid: u32,
+    pub comm: String,
+    pub syscall: String,
+    pub fd: Option<i32>,
+    pub fd_target: Option<String>,
+}
+
+/// The body of `hung_request`: a request read and not answered for longer
+/// than --request-threshold, while the worker lives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HungRequest {
+    pub pid: u32,
+    pub master_pid: u32,
+    pub role: Role,
+    /// The worker's fd for the connection.
+    pub fd: Option<i32>,
+    pub peer: String,
+    pub local_port: u16,
+    /// Since the last byte of the request came in, with nothing sent since.
+    pub waiting_ms: u64,
+    pub bytes_in: u64,
+    /// Bytes of earlier answers on the connection the client acknowledged.
+    pub bytes_out: u64,
+    /// Received and not yet read by the worker.
+    pub unread_bytes: u32,
+    pub threshold_ms: u64,
+    /// The worker's stall in progress, when one was reported.
+    pub stall: Option<StallReport>,
+    /// The worker's threads blocked on an fd, from /proc.
+    pub blocked_threads: Vec<BlockedThread>,
+    pub container: Option<Container>,
+    #[serde(skip)]
+    pub inode: u64,
+}
+
+/// How a hung request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HungOutcome {
+    /// The worker sent something back.
+    Answered,
+    /// The client (a proxy that timed out, say) closed its side.
+    ClientClosed,
+    /// The worker closed it (or died) with nothing sent: an `early_close`
+    /// says how.
+    Dropped,
+}
+
+impl HungOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HungOutcome::Answered => "answered",
+            HungOutcome::ClientClosed => "client_closed",
+            HungOutcome::Dropped => "dropped",
+        }
+    }
+}
+
 /// What the correlator tells the world. `ts_ns` is kernel monotonic time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -422,6 +484,25 @@ pub enum Output {
         #[serde(flatten)]
         close: EarlyClose,
     },
+    HungRequest {
+        #[serde(skip)]
+        ts_ns: u64,
+        #[serde(flatten)]
+        hung: HungRequest,
+    },
+    HungRequestEnd {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        fd: Option<i32>,
+        peer: String,
+        local_port: u16,
+        /// From the request's last byte to the end.
+        waited_ms: u64,
+        outcome: HungOutcome,
+        container: Option<Container>,
+    },
 }
 
 impl Output {
@@ -433,7 +514,9 @@ impl Output {
             | Output::StallEnd { ts_ns, .. }
             | Output::WorkerTimeout { ts_ns, .. }
             | Output::WorkerExit { ts_ns, .. }
-            | Output::EarlyClose { ts_ns, .. } => *ts_ns,
+            | Output::EarlyClose { ts_ns, .. }
+            | Output::HungRequest { ts_ns, .. }
+            | Output::HungRequestEnd { ts_ns, .. } => *ts_ns,
         }
     }
 }

@@ -4,12 +4,16 @@ use serde::Serialize;
 
 use std::collections::BTreeMap;
 
-use super::{CloseCounts, Container, EarlyClose, ExitCause, ExitReport, Role, StallReport};
+use super::{
+    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, Role, StallReport,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
     Stalled,
+    /// Holding a request past --request-threshold without an answer.
+    HangingRequests,
     TimingOut,
     KilledByTimeout,
     /// Killed by the kernel's OOM killer.
@@ -23,6 +27,7 @@ impl WorkerState {
     pub fn as_str(self) -> &'static str {
         match self {
             WorkerState::Stalled => "stalled",
+            WorkerState::HangingRequests => "hanging_requests",
             WorkerState::TimingOut => "timing_out",
             WorkerState::KilledByTimeout => "killed_by_timeout",
             WorkerState::KilledByOom => "killed_by_oom",
@@ -61,6 +66,12 @@ pub struct WorkerSummary {
     pub last_early_close: Option<EarlyClose>,
     /// The last request lost to a keep-alive race on a connection it closed.
     pub last_keepalive_race: Option<EarlyClose>,
+    /// Requests it held past --request-threshold without an answer.
+    pub hung_requests: u32,
+    /// The longest still hanging, else the last.
+    pub hung_request: Option<HungRequest>,
+    /// How many are hanging now.
+    pub hanging_now: u32,
     pub container: Option<Container>,
 }
 
@@ -72,6 +83,9 @@ pub enum Finding {
     Halted(usize),
     /// Blocked right now (longest first).
     Stalled(usize),
+    /// Held requests past --request-threshold without an answer (those
+    /// hanging now first).
+    HungRequests(usize),
     /// Killed by the kernel's OOM killer.
     OomKilled(usize),
     /// Killed by Gunicorn's WORKER TIMEOUT.
@@ -90,6 +104,7 @@ impl Finding {
         match self {
             Finding::Halted(i)
             | Finding::Stalled(i)
+            | Finding::HungRequests(i)
             | Finding::OomKilled(i)
             | Finding::KilledByTimeout(i)
             | Finding::Dropping(i)

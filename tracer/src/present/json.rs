@@ -29,6 +29,8 @@ pub fn json_line<T: Serialize>(body: &T, ts: String) -> String {
 pub struct StartEvent {
     pub version: &'static str,
     pub threshold_ms: u64,
+    /// --request-threshold: a request unanswered this long is hung.
+    pub request_threshold_ms: u64,
     /// true when no --pid was given: every Gunicorn master is watched.
     pub discover: bool,
     pub pids: Vec<u32>,

@@ -163,6 +163,8 @@ pub fn render(
     let stalls = Family::<WorkerLabels, Counter>::default();
     let timeouts = Family::<WorkerLabels, Counter>::default();
     let closes = Family::<KindLabels, Counter>::default();
+    let hung = Family::<WorkerLabels, Counter>::default();
+    let hanging = Family::<WorkerLabels, Gauge>::default();
     reg.register(
         "worker_heartbeat_age_seconds",
         "Time since the worker's last Gunicorn heartbeat",
@@ -188,6 +190,16 @@ pub fn render(
         "worker_early_closes",
         "Connections ended with nothing sent back, by kind (dropped_request, idle, upstream_cut, probe, client_abort)",
         closes.clone(),
+    );
+    reg.register(
+        "worker_hung_requests",
+        "Requests held past --request-threshold with nothing sent back",
+        hung.clone(),
+    );
+    reg.register(
+        "worker_requests_hanging",
+        "Requests held past --request-threshold with nothing sent back, now",
+        hanging.clone(),
     );
     reg.register(
         "stall_duration_seconds",
@@ -217,6 +229,8 @@ pub fn render(
         blocked.get_or_create(&l).set(b as f64 / 1000.0);
         stalls.get_or_create(&l).inc_by(w.stalls as u64);
         timeouts.get_or_create(&l).inc_by(w.timeouts as u64);
+        hung.get_or_create(&l).inc_by(w.hung_requests as u64);
+        hanging.get_or_create(&l).set(w.hanging_now as i64);
         for (kind, n) in w.early_closes.by_kind() {
             let kl = KindLabels {
                 worker: l.clone(),
@@ -324,6 +338,9 @@ mod tests {
             },
             last_early_close: None,
             last_keepalive_race: None,
+            hung_requests: 0,
+            hung_request: None,
+            hanging_now: 0,
             container: Some(Container {
                 id: "abc".into(),
                 pod: Some("web-1".into()),

@@ -2,9 +2,10 @@
 //! verdict on top. Everything from a traced process goes through `sanitize`.
 use super::exits::exit_words;
 use super::json::{StartEvent, SummaryEvent};
-use super::{Clock, describe_call, sanitize, secs};
+use super::{Clock, describe_call, holders, sanitize, secs};
 use crate::model::{
-    CloseKind, Direction, EarlyClose, ExitReport, Outcome, Output, Role, Source, StallReport,
+    CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, Outcome, Output, Role,
+    Source, StallReport,
 };
 
 /// `  likely: ...` and `  fix: ...` under an event line.
@@ -202,6 +203,41 @@ fn race_details(e: &EarlyClose) -> String {
     d
 }
 
+fn hung_line(h: &HungRequest) -> String {
+    let fd = h.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
+    format!(
+        "HUNG     {} {} (master {}) has sent nothing back to {} -> :{}{fd} for {} (--request-threshold {}): {} bytes in{}; {}",
+        h.role.as_str(),
+        h.pid,
+        h.master_pid,
+        sanitize(&h.peer),
+        h.local_port,
+        secs(h.waiting_ms),
+        secs(h.threshold_ms),
+        h.bytes_in,
+        if h.unread_bytes > 0 {
+            format!(" ({} not read yet)", h.unread_bytes)
+        } else {
+            String::new()
+        },
+        sanitize(&holders(h))
+    )
+}
+
+fn hung_end_line(pid: u32, peer: &str, waited_ms: u64, outcome: HungOutcome) -> String {
+    format!(
+        "end      {pid} request from {} after {}: {}",
+        sanitize(peer),
+        secs(waited_ms),
+        match outcome {
+            HungOutcome::Answered => "answered",
+            HungOutcome::ClientClosed =>
+                "the client closed its side (a proxy that gave up: its 504)",
+            HungOutcome::Dropped => "dropped by the worker with nothing sent (see the early close)",
+        }
+    )
+}
+
 fn exit_line(
     pid: u32,
     master: u32,
@@ -254,6 +290,14 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             ..
         } => timeout_line(*pid, *master_pid, signal, stall),
         Output::EarlyClose { close, .. } => early_close_line(close),
+        Output::HungRequest { hung, .. } => hung_line(hung),
+        Output::HungRequestEnd {
+            pid,
+            peer,
+            waited_ms,
+            outcome,
+            ..
+        } => hung_end_line(*pid, peer, *waited_ms, *outcome),
         Output::WorkerExit {
             pid,
             master_pid,
@@ -288,7 +332,7 @@ pub fn colorize(line: &str) -> String {
         return line.to_string();
     };
     let code = match label.trim() {
-        "STALL" | "TIMEOUT" | "DROPPED" | "EXIT" | "RACE" => "1;31",
+        "STALL" | "TIMEOUT" | "DROPPED" | "EXIT" | "RACE" | "HUNG" => "1;31",
         "UPSTREAM" => "1;33",
         "end" | "exit" => "2",
         "idle" | "probe" | "abort" => "2",

@@ -2,7 +2,7 @@
 //! thing a person reads.
 use serde::Serialize;
 
-use super::{describe_call, exits, secs};
+use super::{describe_call, exits, holders, secs};
 use crate::model::{Finding, Role, StallReport, Summary, WorkerState, WorkerSummary};
 
 #[derive(Debug, Clone, Serialize)]
@@ -19,6 +19,8 @@ pub struct Verdict {
     pub killed_externally_pids: Vec<u32>,
     /// Closed keep-alive connections on which a request was then lost.
     pub keepalive_race_pids: Vec<u32>,
+    /// Held requests past --request-threshold without an answer.
+    pub hung_request_pids: Vec<u32>,
     pub text: String,
 }
 
@@ -136,6 +138,40 @@ fn halted(w: &WorkerSummary) -> String {
     format!("{} {}", name(w), exit_of(w))
 }
 
+/// "worker 7 (master 1) is HANGING 1 request(s): ..." (or held them).
+fn hung(w: &WorkerSummary) -> String {
+    let Some(h) = &w.hung_request else {
+        return format!(
+            "{} held {} request(s) without an answer",
+            name(w),
+            w.hung_requests
+        );
+    };
+    let head = if w.hanging_now > 0 {
+        format!(
+            "{} is HANGING {} request(s): {} has waited {} with nothing sent back",
+            name(w),
+            w.hanging_now,
+            h.peer,
+            secs(h.waiting_ms)
+        )
+    } else {
+        format!(
+            "{} held {} request(s) past --request-threshold ({}) without an answer; last from {}",
+            name(w),
+            w.hung_requests,
+            secs(h.threshold_ms),
+            h.peer
+        )
+    };
+    let when = if w.hanging_now > 0 {
+        ""
+    } else {
+        "at the time: "
+    };
+    format!("{head}; {when}{}", holders(h))
+}
+
 /// "worker 7 (master 1): 3 request(s) lost to keep-alive races: ..."
 fn racing(w: &WorkerSummary) -> String {
     let last = w.last_keepalive_race.as_ref();
@@ -193,6 +229,7 @@ pub fn verdict(s: &Summary) -> Verdict {
         boot_failed_pids: Vec::new(),
         killed_externally_pids: Vec::new(),
         keepalive_race_pids: Vec::new(),
+        hung_request_pids: Vec::new(),
         text: String::new(),
     };
     let mut lines = Vec::new();
@@ -201,6 +238,7 @@ pub fn verdict(s: &Summary) -> Verdict {
         let (pids, line) = match f {
             Finding::Halted(_) => (&mut v.boot_failed_pids, halted(w)),
             Finding::Stalled(_) => (&mut v.stalled_pids, stalled(w)),
+            Finding::HungRequests(_) => (&mut v.hung_request_pids, hung(w)),
             Finding::OomKilled(_) => (&mut v.oom_killed_pids, killed(w)),
             Finding::KilledByTimeout(_) => (&mut v.killed_pids, timed_out(w)),
             Finding::Dropping(_) => (&mut v.dropping_pids, dropping(w)),
