@@ -351,10 +351,11 @@ impl Session {
 
     /// Hung requests: the connections on watched ports, when a scan is due.
     fn scan_sockets(&mut self, now: u64) {
-        let pids: Vec<u32> = self.probes.watched.keys().filter_map(|k| k.ok()).collect();
-        let Some(socks) = self.sockets.scan(&pids) else {
+        if !self.sockets.due() {
             return;
-        };
+        }
+        let pids: Vec<u32> = self.probes.watched.keys().filter_map(|k| k.ok()).collect();
+        let socks = self.sockets.scan(&pids);
         for o in self.corr.on_sockets(&socks, now, &mut self.enricher) {
             self.emit(&o);
         }

@@ -64,12 +64,14 @@ impl SocketWatch {
         self.diags.get_mut(ns)?.as_mut()
     }
 
-    /// When due, the connections on watched ports in every network
-    /// namespace of `pids`; None when not due.
-    pub fn scan(&mut self, pids: &[u32]) -> Option<Vec<SockSnapshot>> {
-        if self.last.elapsed() < self.every || self.ports.is_empty() {
-            return None;
-        }
+    /// A scan is due (and there is something to scan).
+    pub fn due(&self) -> bool {
+        self.last.elapsed() >= self.every && !self.ports.is_empty()
+    }
+
+    /// The connections on watched ports in every network namespace of
+    /// `pids`.
+    pub fn scan(&mut self, pids: &[u32]) -> Vec<SockSnapshot> {
         self.last = Instant::now();
         let mut namespaces: HashMap<String, u32> = HashMap::new();
         for &pid in pids {
@@ -89,6 +91,6 @@ impl SocketWatch {
                 }
             }
         }
-        Some(out)
+        out
     }
 }
