@@ -27,6 +27,9 @@ const AF_INET6: u16 = 10;
 /// How long a closed connection can still take a request and be reset: an
 /// orphaned FIN_WAIT2 lasts tcp_fin_timeout (60 s by default).
 const ANSWERED_FOR_NS: u64 = 120_000_000_000;
+/// A connection closed after this long without traffic was kept alive
+/// (Gunicorn's --keep-alive is whole seconds, 1 at least when on).
+const KEPT_IDLE_NS: u64 = 100_000_000;
 /// struct sock.sk_shutdown: this side will send no more. Set by close and
 /// shutdown before the state change, never by a RST from the peer.
 const SEND_SHUTDOWN: u8 = 2;
@@ -300,8 +303,6 @@ impl Closed {
         known: Option<*mut Conn>,
         t: &Totals,
     ) -> Result<(), i32> {
-        let key = conn_key(ctx, self.family)?;
-        let (ended_by, fd) = ended_by();
         // tcp_mstamp is the socket's last send or receive, in µs of the
         // same monotonic clock as bpf_ktime_get_ns.
         let last_us = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_mstamp)).unwrap_or(0);
@@ -310,6 +311,18 @@ impl Closed {
         } else {
             self.now - last_us * 1000
         };
+        // Closed straight to CLOSE: the next request was already there,
+        // unread, and the kernel resets the connection right now.
+        let aborted = self.new == TCP_CLOSE;
+        // A close right after the answer (Connection: close, HTTP/1.0) is
+        // one the client asked for: it will not send on it again. Only a
+        // connection left idle can be reused by a client that missed the
+        // close, so only those are remembered (the common close stays cheap).
+        if !aborted && idle_ns != UNSET && idle_ns < KEPT_IDLE_NS {
+            return Ok(());
+        }
+        let key = conn_key(ctx, self.family)?;
+        let (ended_by, fd) = ended_by();
         let v = AnsweredClose {
             closed_ns: self.now,
             idle_ns,
@@ -321,9 +334,7 @@ impl Closed {
             master: self.watched.master,
             fd,
             ended_by,
-            // Closed straight to CLOSE: the next request was already there,
-            // unread, and the kernel resets the connection right now.
-            aborted: (self.new == TCP_CLOSE) as u32,
+            aborted: aborted as u32,
             local_port: key.local_port as u32,
             _pad: 0,
             addr: peer_addr(ctx, self.family)?,
