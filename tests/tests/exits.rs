@@ -100,6 +100,8 @@ fn exit_of(t: &mut Tracer, pid: u32) -> Value {
 fn an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request() {
     require_root();
     const LIMIT: u64 = 160 << 20;
+    // First, so that it is removed last, once the processes in it are gone.
+    let cg = MemoryCgroup::new("oom", LIMIT);
     let pids = HangPids::new("oom");
     let mut g = Gunicorn::new("exits_app:app")
         .workers(1)
@@ -114,7 +116,6 @@ fn an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request() {
         .unwrap() as u32;
     // The master and its worker go into a cgroup with a small limit; the
     // worker's next allocations are charged there.
-    let cg = MemoryCgroup::new("oom", LIMIT);
     cg.add(master);
     cg.add(worker);
 
@@ -168,14 +169,6 @@ fn an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request() {
         "{text}"
     );
     assert_eq!(summary["exits"]["oom_kill"], 1, "{summary}");
-    drop_all(g, t, cg);
-}
-
-/// Stops the processes before the cgroup they are in is removed.
-fn drop_all(g: GunicornProc, t: Tracer, cg: MemoryCgroup) {
-    drop(g);
-    drop(t);
-    drop(cg);
 }
 
 #[test]
