@@ -485,6 +485,16 @@ impl Gunicorn {
         self.arg("--max-requests", n)
     }
 
+    /// `--threads`: request threads per worker (with `-k gthread`).
+    pub fn threads(self, n: u32) -> Gunicorn {
+        self.arg("--threads", n)
+    }
+
+    /// `--keep-alive`: seconds an idle keep-alive connection is kept open.
+    pub fn keep_alive(self, secs: u32) -> Gunicorn {
+        self.arg("--keep-alive", secs)
+    }
+
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Gunicorn {
         let value = value.as_ref().to_string_lossy().into_owned();
         self.env.push((key.to_string(), value));
@@ -736,20 +746,47 @@ pub struct Nginx {
     proc: Option<Proc>,
 }
 
+/// What a test changes in nginx's proxying; the default is `Nginx::start`'s.
+#[derive(Debug, Clone, Default)]
+pub struct NginxConf {
+    /// Keep up to this many idle connections to Gunicorn open for reuse
+    /// (`keepalive` in the upstream block), for this long.
+    pub upstream_keepalive: Option<(u32, Duration)>,
+    /// `proxy_read_timeout`: nginx answers 504 after this long without a
+    /// response byte.
+    pub read_timeout: Option<Duration>,
+}
+
 impl Nginx {
     pub fn start(upstream_port: u16) -> Nginx {
+        Nginx::start_with(upstream_port, &NginxConf::default())
+    }
+
+    pub fn start_with(upstream_port: u16, c: &NginxConf) -> Nginx {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("tracer-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
+        let keepalive = c
+            .upstream_keepalive
+            .map(|(n, t)| format!(" keepalive {n}; keepalive_timeout {}s;", t.as_secs()))
+            .unwrap_or_default();
+        let mut location = String::new();
+        if c.upstream_keepalive.is_some() {
+            location.push_str("      proxy_set_header Connection \"\";\n");
+        }
+        if let Some(t) = c.read_timeout {
+            location.push_str(&format!("      proxy_read_timeout {}s;\n", t.as_secs()));
+        }
         let conf = format!(
             "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               upstream gunicorn {{ server 127.0.0.1:{upstream_port};{keepalive} }}\n\
                server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
-                 proxy_pass http://127.0.0.1:{upstream_port};\n      proxy_next_upstream off;\n\
-                 proxy_request_buffering off;\n      proxy_http_version 1.1;\n    }}\n  }}\n}}\n"
+                 proxy_pass http://gunicorn;\n      proxy_next_upstream off;\n\
+                 proxy_request_buffering off;\n      proxy_http_version 1.1;\n{location}    }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]

@@ -180,11 +180,24 @@ fn a_killed_tracer_leaves_no_program_loaded() {
         "sched_process_exec",
         "inet_sock_set_state",
         "sock_recv_length",
+        "mark_victim",
+        "tcp_send_reset",
     ];
-    // sock_recv_length is attached only on kernels that have it (6.3+).
-    let optional_missing =
-        !std::path::Path::new("/sys/kernel/tracing/events/sock/sock_recv_length").exists();
-    let programs = ours.len() - optional_missing as usize;
+    // sock_recv_length (6.3+), oom:mark_victim and tcp:tcp_send_reset (with
+    // its 6.x address layout) are attached only on kernels that have them.
+    let format = |tp: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/tracing/events/{tp}/format"))
+            .unwrap_or_default()
+    };
+    let optional_missing = [
+        !format("sock/sock_recv_length").is_empty(),
+        !format("oom/mark_victim").is_empty(),
+        format("tcp/tcp_send_reset").contains("saddr[28]"),
+    ]
+    .iter()
+    .filter(|present| !**present)
+    .count();
+    let programs = ours.len() - optional_missing;
     // (id, name) of loaded programs with our names. Ids, not counts: another
     // tracer's programs may still be being freed when this test starts.
     let loaded = || -> Vec<(u32, String)> {

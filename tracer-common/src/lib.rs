@@ -30,6 +30,14 @@ pub mod kind {
     pub const EXEC: u32 = 5;
     /// A tracked connection ended badly: a [`ConnEnd`] record.
     pub const CONN_END: u32 = 6;
+    /// The kernel's OOM killer chose a watched process (`oom:mark_victim`):
+    /// `nr` is its oom_score_adj, `arg0` its resident memory in kB
+    /// (anonymous + file + shmem; 0 when the kernel does not say).
+    pub const OOM_KILL: u32 = 7;
+    /// The kernel reset a connection a watched process had closed after
+    /// answering on it: the client's next request was lost. A
+    /// [`KeepaliveRace`] record.
+    pub const KEEPALIVE_RACE: u32 = 8;
     /// Or-ed into a SLEEP_END whose start is only known to be before the
     /// attach (user space seeded the entry).
     pub const FLAG_SEEDED: u32 = 0x100;
@@ -177,9 +185,14 @@ impl Conn {
     /// The rule both sides judge a closed connection by: inbound, nothing
     /// was sent back; outbound, a request went out and nothing came back.
     pub const fn ended_badly(&self) -> bool {
-        match self.direction {
-            direction::OUTBOUND => self.bytes_out > 0 && self.bytes_in == 0,
-            _ => self.bytes_out == 0,
+        Conn::ends_badly(self.direction, self.bytes_in, self.bytes_out)
+    }
+
+    /// [`Conn::ended_badly`] from the three values it depends on.
+    pub const fn ends_badly(direction: u32, bytes_in: u64, bytes_out: u64) -> bool {
+        match direction {
+            direction::OUTBOUND => bytes_out > 0 && bytes_in == 0,
+            _ => bytes_out == 0,
         }
     }
 }
@@ -198,7 +211,65 @@ pub struct ConnEnd {
     pub conn: Conn,
     /// One of [`ended`].
     pub ended_by: u32,
+    /// 1 when the peer closed first (the socket was in CLOSE_WAIT): its FIN
+    /// is already taken out of `conn.bytes_in`.
+    pub peer_closed_first: u32,
+}
+
+/// Key of the `ANSWERED` map: a connection's four-tuple as both the close
+/// and the reset see it. IPv4 addresses are stored v4-mapped
+/// (`::ffff:a.b.c.d`), so a dual-stack socket and its IPv4 packets agree.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnKey {
+    pub local: [u8; 16],
+    pub peer: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    pub peer_port: u16,
+}
+
+/// Value of the `ANSWERED` map: an inbound connection a watched process
+/// closed first after it had answered on it (an idle keep-alive connection
+/// closed by Gunicorn's timer, typically). If the client sends its next
+/// request on it anyway, the kernel answers with a reset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnsweredClose {
+    pub closed_ns: u64,
+    /// How long nothing had been sent or received before the close
+    /// (from `tcp_sock.tcp_mstamp`); [`UNSET`] when not known.
+    pub idle_ns: u64,
+    /// When the connection started (0: not seen).
+    pub start_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub master: u32,
+    /// The fd passed to close/shutdown; -1 when the process exited.
+    pub fd: i32,
+    /// One of [`ended`].
+    pub ended_by: u32,
+    /// 1 when the close itself threw away unread data (the next request had
+    /// already arrived): the reset follows at once.
+    pub aborted: u32,
+    pub local_port: u32,
     pub _pad: u32,
+    /// The peer's address, laid out as a sockaddr_in/in6 head (as in [`Conn`]).
+    pub addr: [u8; 32],
+}
+
+/// A request lost to a keep-alive race, sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepaliveRace {
+    /// Always [`kind::KEEPALIVE_RACE`].
+    pub kind: u32,
+    pub _pad: u32,
+    /// When the kernel sent the reset.
+    pub ts_ns: u64,
+    pub close: AnsweredClose,
 }
 
 /// One record of the ring buffer. A single fixed layout keeps decoding trivial.
@@ -290,7 +361,9 @@ pub mod program {
     pub const SCHED_PROCESS_EXIT: u32 = 4;
     pub const SIGNAL_GENERATE: u32 = 5;
     pub const SCHED_PROCESS_EXEC: u32 = 6;
-    pub const COUNT: u32 = 7;
+    pub const MARK_VICTIM: u32 = 7;
+    pub const TCP_SEND_RESET: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// Indexed by the ids above: the programs' own names.
     pub const NAMES: [&str; COUNT as usize] = [
         "sched_switch",
@@ -300,6 +373,8 @@ pub mod program {
         "sched_process_exit",
         "signal_generate",
         "sched_process_exec",
+        "mark_victim",
+        "tcp_send_reset",
     ];
 }
 
@@ -326,6 +401,21 @@ pub struct TracepointOffsets {
     pub set_state_protocol: u64,
     pub set_state_daddr: u64,
     pub set_state_daddr_v6: u64,
+    /// oom:mark_victim. Only `pid` is on every kernel; the others are
+    /// [`UNSET`] where the kernel's record lacks them.
+    pub victim_pid: u64,
+    pub victim_oom_score_adj: u64,
+    pub victim_anon_rss: u64,
+    pub victim_file_rss: u64,
+    pub victim_shmem_rss: u64,
+    /// inet_sock_set_state's local address (the connection's key).
+    pub set_state_saddr: u64,
+    pub set_state_saddr_v6: u64,
+    /// tcp:tcp_send_reset's addresses, as sockaddr_in6-sized buffers
+    /// (Linux 6.x); [`UNSET`] on kernels whose record lays them out
+    /// otherwise.
+    pub reset_saddr: u64,
+    pub reset_daddr: u64,
 }
 
 /// Offsets of kernel struct members, read from the running kernel's BTF:
@@ -359,6 +449,9 @@ pub struct KernelOffsets {
     pub tcp_bytes_retrans: u64,
     pub tcp_write_seq: u64,
     pub tcp_snd_nxt: u64,
+    /// tcp_sock.tcp_mstamp: the last time (µs of CLOCK_MONOTONIC) the
+    /// socket sent or received; [`UNSET`] where BTF lacks it.
+    pub tcp_mstamp: u64,
     // Where a task inside a syscall keeps its number and first and third
     // arguments in its saved user registers (struct pt_regs).
     pub pt_regs_nr: u64,
@@ -402,6 +495,15 @@ impl Config {
             set_state_protocol: UNSET,
             set_state_daddr: UNSET,
             set_state_daddr_v6: UNSET,
+            victim_pid: UNSET,
+            victim_oom_score_adj: UNSET,
+            victim_anon_rss: UNSET,
+            victim_file_rss: UNSET,
+            victim_shmem_rss: UNSET,
+            set_state_saddr: UNSET,
+            set_state_saddr_v6: UNSET,
+            reset_saddr: UNSET,
+            reset_daddr: UNSET,
         },
         kernel: KernelOffsets {
             task_state: UNSET,
@@ -425,6 +527,7 @@ impl Config {
             tcp_bytes_retrans: UNSET,
             tcp_write_seq: UNSET,
             tcp_snd_nxt: UNSET,
+            tcp_mstamp: UNSET,
             pt_regs_nr: UNSET,
             pt_regs_arg0: UNSET,
             pt_regs_arg2: UNSET,
@@ -441,6 +544,9 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ConnEnd {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::AnsweredClose {}
+    unsafe impl aya::Pod for super::KeepaliveRace {}
     unsafe impl aya::Pod for super::ReadHist {}
     unsafe impl aya::Pod for super::Config {}
 }
@@ -459,8 +565,14 @@ mod tests {
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
-        assert_eq!(size_of::<TracepointOffsets>(), 14 * 8);
-        assert_eq!(size_of::<KernelOffsets>(), 24 * 8);
+        assert_eq!(size_of::<TracepointOffsets>(), 23 * 8);
+        assert_eq!(size_of::<ConnKey>(), 2 * 16 + 2 * 2);
+        assert_eq!(size_of::<AnsweredClose>(), 5 * 8 + 8 * 4 + 32);
+        assert_eq!(
+            size_of::<KeepaliveRace>(),
+            2 * 4 + 8 + size_of::<AnsweredClose>()
+        );
+        assert_eq!(size_of::<KernelOffsets>(), 25 * 8);
         assert_eq!(
             size_of::<Config>(),
             3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()

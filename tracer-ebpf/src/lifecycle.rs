@@ -1,5 +1,5 @@
-//! Process lifecycle: fork, exit, signals and exec. Rare, so each is sent
-//! as an event; fork also extends the watch list to the child.
+//! Process lifecycle: fork, exit, signals, exec and OOM kills. Rare, so
+//! each is sent as an event; fork also extends the watch list to the child.
 use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
 use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
 
@@ -131,6 +131,42 @@ fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let ev = base_event(kind::EXEC, tgid, tid);
+    emit(&ev);
+    Ok(())
+}
+
+/// The kernel's OOM killer chose a victim. It runs in the context of
+/// whichever task hit the limit, so the victim comes from the record.
+#[tracepoint]
+pub fn mark_victim(ctx: TracePointContext) -> u32 {
+    finish(program::MARK_VICTIM, try_mark_victim(&ctx));
+    0
+}
+
+fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
+    let tp = &CONFIG.tp;
+    let victim: i32 = field(ctx, &tp.victim_pid)?;
+    if unsafe { WATCHED.get(victim as u32) }.is_none() {
+        return Ok(());
+    }
+    let optional = |off: &u64| -> u64 {
+        if cfg(off) == UNSET {
+            0
+        } else {
+            field::<u64>(ctx, off).unwrap_or(0)
+        }
+    };
+    let (tgid, tid) = ids();
+    let mut ev = base_event(kind::OOM_KILL, victim as u32, tid);
+    ev.aux_pid = tgid;
+    ev.nr = if cfg(&tp.victim_oom_score_adj) == UNSET {
+        0
+    } else {
+        field::<i16>(ctx, &tp.victim_oom_score_adj).unwrap_or(0) as i64
+    };
+    ev.arg0 = optional(&tp.victim_anon_rss)
+        + optional(&tp.victim_file_rss)
+        + optional(&tp.victim_shmem_rss);
     emit(&ev);
     Ok(())
 }

@@ -4,7 +4,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{Conn, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, program, stat};
+use tracer_common::{
+    AnsweredClose, Conn, ConnKey, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, program, stat,
+};
 
 #[map]
 pub static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(8192, 0);
@@ -13,6 +15,12 @@ pub static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32
 /// What is known of a connection before its close, keyed by socket address.
 #[map]
 pub static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(65536, 0);
+/// Inbound connections a watched process closed first after answering,
+/// keyed by four-tuple: a reset the kernel sends on one means the client's
+/// next request was lost (a keep-alive race). An LRU: most are never
+/// reused, and the oldest go first.
+#[map]
+pub static ANSWERED: LruHashMap<ConnKey, AnsweredClose> = LruHashMap::with_max_entries(16384, 0);
 /// Local ports that watched processes listen on (1 = yes), indexed by port:
 /// an inbound connection is established in softirq, where the task running
 /// is anyone's, so the port is all there is to go by.

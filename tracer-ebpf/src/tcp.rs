@@ -1,22 +1,35 @@
 //! TCP: a connection a watched process closes is judged at the close from
 //! the socket's own byte counters and sent only when it ended badly; its
-//! start and last EAGAIN are remembered in `CONNS` until then.
+//! start and last EAGAIN are remembered in `CONNS` until then. One closed
+//! after an answer is remembered in `ANSWERED` a while: if the kernel then
+//! resets it (the client's next request came too late), a request was lost
+//! to a keep-alive race.
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use tracer_common::{Conn, ConnEnd, direction, ended, kind, program, stat};
+use tracer_common::{
+    AnsweredClose, Conn, ConnEnd, ConnKey, KeepaliveRace, UNSET, Watched, direction, ended, kind,
+    program, stat,
+};
 
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{
-    PF_EXITING, count, current_syscall, current_task, emit, field, finish, ids, kread, syscall_arg0,
+    PF_EXITING, count, current_syscall, current_task, field, finish, ids, kread, syscall_arg0,
 };
-use crate::maps::{CONNS, PORTS, WATCHED};
+use crate::maps::{ANSWERED, CONNS, EVENTS, PORTS, WATCHED};
 
 const EAGAIN: i32 = 11;
 const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// How long a closed connection can still take a request and be reset: an
+/// orphaned FIN_WAIT2 lasts tcp_fin_timeout (60 s by default).
+const ANSWERED_FOR_NS: u64 = 120_000_000_000;
+/// A connection closed after this long without traffic was kept alive
+/// (Gunicorn's --keep-alive is whole seconds, 1 at least when on).
+const KEPT_IDLE_NS: u64 = 100_000_000;
 /// struct sock.sk_shutdown: this side will send no more. Set by close and
 /// shutdown before the state change, never by a RST from the peer.
 const SEND_SHUTDOWN: u8 = 2;
@@ -53,9 +66,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let (tgid, tid) = ids();
-    if unsafe { WATCHED.get(tgid) }.is_none() {
+    let Some(watched) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
-    }
+    };
     let sk: u64 = field(ctx, &tp.set_state_skaddr)?;
     let family: u16 = field(ctx, &tp.set_state_family)?;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -72,9 +85,11 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let closed = Closed {
         sk,
         family,
+        old,
         new,
         tgid,
         tid,
+        watched,
         now,
     };
     closed.judge(ctx)
@@ -96,6 +111,35 @@ fn peer_addr(ctx: &TracePointContext, family: u16) -> Result<[u8; 32], i32> {
         a[8..24].copy_from_slice(&ip);
     }
     Ok(a)
+}
+
+/// An IPv4 address as IPv6 maps it (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn v4_mapped(ip: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12..].copy_from_slice(&ip);
+    a
+}
+
+/// The four-tuple of inet_sock_set_state's socket.
+#[inline(always)]
+fn conn_key(ctx: &TracePointContext, family: u16) -> Result<ConnKey, i32> {
+    let tp = &CONFIG.tp;
+    let mut k = ConnKey {
+        local_port: field(ctx, &tp.set_state_sport)?,
+        peer_port: field(ctx, &tp.set_state_dport)?,
+        ..Default::default()
+    };
+    if family == AF_INET {
+        k.local = v4_mapped(field(ctx, &tp.set_state_saddr)?);
+        k.peer = v4_mapped(field(ctx, &tp.set_state_daddr)?);
+    } else {
+        k.local = field(ctx, &tp.set_state_saddr_v6)?;
+        k.peer = field(ctx, &tp.set_state_daddr_v6)?;
+    }
+    Ok(k)
 }
 
 /// connect() in a watched process: an outbound connection starts.
@@ -134,6 +178,9 @@ fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
     if CONNS.insert(sk, conn, 0).is_err() {
         count(stat::CONNS_UNTRACKED);
     }
+    // A new connection on a four-tuple that was closed earlier: resets on
+    // it are its own, not the old one's.
+    let _ = ANSWERED.remove(&conn_key(ctx, family)?);
     Ok(())
 }
 
@@ -142,52 +189,157 @@ fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
 struct Closed {
     sk: u64,
     family: u16,
+    /// The state it leaves: CLOSE_WAIT when the peer closed first.
+    old: i32,
     /// The state it moves to.
     new: i32,
     tgid: u32,
     tid: u32,
+    watched: Watched,
     now: u64,
+}
+
+/// Bytes each way on a closed connection, as the socket counted them.
+struct Totals {
+    bytes_in: u64,
+    bytes_out: u64,
+    peer_closed_first: bool,
 }
 
 impl Closed {
     /// Counts a connection that ended well; sends one that ended badly.
+    /// What `CONNS` knows is read in place: the stack cannot hold copies.
     #[inline(always)]
     fn judge(&self, ctx: &TracePointContext) -> Result<(), i32> {
-        let mut conn = match unsafe { CONNS.get(self.sk) } {
-            Some(c) => *c,
-            None => Conn {
-                direction: direction::INBOUND,
-                ..Default::default()
-            },
+        let known = CONNS.get_ptr_mut(self.sk);
+        let direction = match known {
+            Some(c) => unsafe { (*c).direction },
+            None => direction::INBOUND,
+        };
+        let peer_closed_first = self.old == TCP_CLOSE_WAIT;
+        let received = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_bytes_received)).unwrap_or(0);
+        // bytes_received counts the peer's FIN as one (rcv_nxt moves past
+        // it): a health check that connects and closes sent no data.
+        let totals = Totals {
+            bytes_in: received.saturating_sub(peer_closed_first as u64),
+            bytes_out: self.bytes_written(),
+            peer_closed_first,
+        };
+        let sent = if Conn::ends_badly(direction, totals.bytes_in, totals.bytes_out) {
+            self.send(ctx, known, &totals)
+        } else {
+            count(stat::CONNS_OK);
+            if direction == direction::INBOUND && !peer_closed_first {
+                self.remember_answered(ctx, known, &totals)
+            } else {
+                Ok(())
+            }
         };
         let _ = CONNS.remove(self.sk);
-        conn.bytes_in = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_bytes_received)).unwrap_or(0);
-        conn.bytes_out = self.bytes_written();
-        if !conn.ended_badly() {
-            count(stat::CONNS_OK);
+        sent
+    }
+
+    /// Sends a connection that ended badly, written straight into the ring
+    /// buffer. Everything that can fail is read before the reservation.
+    #[inline(always)]
+    fn send(
+        &self,
+        ctx: &TracePointContext,
+        known: Option<*mut Conn>,
+        t: &Totals,
+    ) -> Result<(), i32> {
+        let sport: u16 = field(ctx, &CONFIG.tp.set_state_sport)?;
+        let addr_known = known.is_some_and(|c| unsafe { (*c).addr[0] != 0 || (*c).addr[1] != 0 });
+        let addr = if addr_known {
+            None
+        } else {
+            Some(peer_addr(ctx, self.family)?)
+        };
+        let (ended_by, fd) = ended_by();
+        let Some(mut entry) = EVENTS.reserve::<ConnEnd>(0) else {
+            count(stat::EVENTS_LOST);
+            return Ok(());
+        };
+        let ev = entry.as_mut_ptr();
+        unsafe {
+            (*ev).kind = kind::CONN_END;
+            (*ev).tgid = self.tgid;
+            (*ev).tid = self.tid;
+            (*ev).fd = fd;
+            (*ev).ts_ns = self.now;
+            (*ev).ended_by = ended_by;
+            (*ev).peer_closed_first = t.peer_closed_first as u32;
+            match known {
+                Some(c) => (*ev).conn = *c,
+                None => {
+                    (*ev).conn = Conn {
+                        direction: direction::INBOUND,
+                        ..Default::default()
+                    }
+                }
+            }
+            let conn = &mut (*ev).conn;
+            conn.bytes_in = t.bytes_in;
+            conn.bytes_out = t.bytes_out;
+            conn.local_port = sport as u32;
+            // Closing straight to CLOSE means the kernel threw unread data
+            // away and answers with a RST.
+            conn.aborted = (self.new == TCP_CLOSE) as u32;
+            if let Some(a) = addr {
+                conn.addr = a;
+            }
+        }
+        entry.submit(0);
+        count(stat::EVENTS_SENT);
+        Ok(())
+    }
+
+    /// Remembers an inbound connection closed first by the process after
+    /// it had answered: a keep-alive connection closed as idle, typically.
+    #[inline(always)]
+    fn remember_answered(
+        &self,
+        ctx: &TracePointContext,
+        known: Option<*mut Conn>,
+        t: &Totals,
+    ) -> Result<(), i32> {
+        // tcp_mstamp is the socket's last send or receive, in µs of the
+        // same monotonic clock as bpf_ktime_get_ns.
+        let last_us = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_mstamp)).unwrap_or(0);
+        let idle_ns = if last_us == 0 || last_us > self.now / 1000 {
+            UNSET
+        } else {
+            self.now - last_us * 1000
+        };
+        // Closed straight to CLOSE: the next request was already there,
+        // unread, and the kernel resets the connection right now.
+        let aborted = self.new == TCP_CLOSE;
+        // A close right after the answer (Connection: close, HTTP/1.0) is
+        // one the client asked for: it will not send on it again. Only a
+        // connection left idle can be reused by a client that missed the
+        // close, so only those are remembered (the common close stays cheap).
+        if !aborted && idle_ns != UNSET && idle_ns < KEPT_IDLE_NS {
             return Ok(());
         }
-        let sport: u16 = field(ctx, &CONFIG.tp.set_state_sport)?;
-        conn.local_port = sport as u32;
-        if conn.addr[0] == 0 && conn.addr[1] == 0 {
-            conn.addr = peer_addr(ctx, self.family)?;
-        }
-        // Closing straight to CLOSE means the kernel threw unread data away
-        // and answers with a RST.
-        conn.aborted = (self.new == TCP_CLOSE) as u32;
+        let key = conn_key(ctx, self.family)?;
         let (ended_by, fd) = ended_by();
-        let ev = ConnEnd {
-            kind: kind::CONN_END,
+        let v = AnsweredClose {
+            closed_ns: self.now,
+            idle_ns,
+            start_ns: known.map(|c| unsafe { (*c).start_ns }).unwrap_or(0),
+            bytes_in: t.bytes_in,
+            bytes_out: t.bytes_out,
             tgid: self.tgid,
             tid: self.tid,
+            master: self.watched.master,
             fd,
-            ts_ns: self.now,
-            conn,
             ended_by,
+            aborted: aborted as u32,
+            local_port: key.local_port as u32,
             _pad: 0,
+            addr: peer_addr(ctx, self.family)?,
         };
-        emit(&ev);
-        Ok(())
+        ANSWERED.insert(&key, &v, 0).map_err(|e| e as i32)
     }
 
     /// What the process wrote: what went out once, plus what is still queued.
@@ -239,5 +391,70 @@ fn try_sock_recv_length(ctx: &RawTracePointContext) -> Result<(), i32> {
     if let Some(c) = CONNS.get_ptr_mut(sk) {
         unsafe { (*c).eagain_ns = bpf_ktime_get_ns() };
     }
+    Ok(())
+}
+
+/// Every TCP reset the host sends. The one that matters here answers a
+/// request that arrived on a connection a watched process had closed after
+/// answering: in softirq, on an orphaned FIN_WAIT2 (a timewait socket,
+/// whose addresses the record takes from the packet), or from the close
+/// itself when the request was already queued.
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    finish(program::TCP_SEND_RESET, try_tcp_send_reset(&ctx));
+    0
+}
+
+/// The address and host-order port of a sockaddr_in/in6 in a record.
+#[inline(always)]
+fn sockaddr_ip(a: &[u8; 28]) -> Option<([u8; 16], u16)> {
+    let family = u16::from_ne_bytes([a[0], a[1]]);
+    let port = u16::from_be_bytes([a[2], a[3]]);
+    let mut ip = [0u8; 16];
+    match family {
+        AF_INET => ip = v4_mapped([a[4], a[5], a[6], a[7]]),
+        AF_INET6 => ip.copy_from_slice(&a[8..24]),
+        _ => return None,
+    }
+    Some((ip, port))
+}
+
+fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    let tp = &CONFIG.tp;
+    let local: [u8; 28] = field(ctx, &tp.reset_saddr)?;
+    let peer: [u8; 28] = field(ctx, &tp.reset_daddr)?;
+    let (Some((local, local_port)), Some((peer, peer_port))) =
+        (sockaddr_ip(&local), sockaddr_ip(&peer))
+    else {
+        return Ok(());
+    };
+    let key = ConnKey {
+        local,
+        peer,
+        local_port,
+        peer_port,
+    };
+    let Some(closed) = ANSWERED.get_ptr(&key) else {
+        return Ok(());
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(unsafe { (*closed).closed_ns }) < ANSWERED_FOR_NS {
+        match EVENTS.reserve::<KeepaliveRace>(0) {
+            Some(mut entry) => {
+                let ev = entry.as_mut_ptr();
+                unsafe {
+                    (*ev).kind = kind::KEEPALIVE_RACE;
+                    (*ev)._pad = 0;
+                    (*ev).ts_ns = now;
+                    (*ev).close = *closed;
+                }
+                entry.submit(0);
+                count(stat::EVENTS_SENT);
+            }
+            None => count(stat::EVENTS_LOST),
+        }
+    }
+    // One lost request per connection: the reset ends it.
+    let _ = ANSWERED.remove(&key);
     Ok(())
 }

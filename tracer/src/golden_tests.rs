@@ -5,8 +5,9 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    Container, End, FdInfo, FdKind, KernelEvent, Losses, MapOccupancy, Output, Peer, PodSource,
-    Role, Sample, Source, Wake,
+    BlockedThread, Container, End, FdInfo, FdKind, KernelEvent, Losses, MapOccupancy,
+    MasterSettings, MemoryCgroup, Output, Peer, PodSource, RaceReset, Role, Sample, SockSnapshot,
+    Source, TcpState, Wake,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -57,6 +58,27 @@ impl Enricher for Fake {
             pod_source: Some(PodSource::LogDir),
         })
     }
+    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+        Some(MemoryCgroup {
+            path: "/web".into(),
+            limit_bytes: Some(400 << 20),
+            usage_bytes: Some(400 << 20),
+        })
+    }
+    fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
+        // Socket inode N belongs to the worker whose pid is N / 1000, as fd 9.
+        let pid = (inode / 1000) as u32;
+        pids.contains(&pid).then_some((pid, 9))
+    }
+    fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
+        vec![BlockedThread {
+            tid: pid + 1,
+            comm: "gunicorn".into(),
+            syscall: "read".into(),
+            fd: Some(11),
+            fd_target: Some("pipe:[777]".into()),
+        }]
+    }
 }
 
 fn sample(tgid: u32, tid: u32, name: &str, start_ms: u64, fd: u64, seq: u64) -> Sample {
@@ -105,6 +127,7 @@ fn conn_end(ts_ms: u64, pid: u32, c: tracer_common::Conn, ended_by: u32) -> Kern
         fd: 9,
         conn: c,
         ended_by,
+        peer_closed_first: false,
     }
 }
 
@@ -138,10 +161,121 @@ fn summary(out: &mut String, c: &Correlator, now_ms: u64) {
     out.push_str(&present::text_summary(&ev));
 }
 
+fn exit_event(ts_ms: u64, pid: u32, exit_code: Option<i32>, signal: Option<i32>) -> KernelEvent {
+    KernelEvent::Exit {
+        ts_ns: ts_ms * MS,
+        pid,
+        exit_code,
+        signal,
+    }
+}
+
+fn signal(ts_ms: u64, target: u32, sender: u32, comm: &str, sig: i32) -> KernelEvent {
+    KernelEvent::Signal {
+        ts_ns: ts_ms * MS,
+        target,
+        sender,
+        sender_comm: comm.into(),
+        sig,
+    }
+}
+
+/// Every cause of `worker_exit`, one worker each (202 to 206).
+fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
+    use tracer_common::{direction, ended};
+    c.configure(
+        MASTER,
+        MasterSettings {
+            keepalive_s: Some(2.0),
+            max_requests: Some(5),
+        },
+    );
+    // 200 closed a keep-alive connection after 2 s idle; the client's next
+    // request came 0.3 s later and was reset.
+    let mut addr = [0u8; 32];
+    addr[..2].copy_from_slice(&2u16.to_ne_bytes());
+    addr[2..4].copy_from_slice(&41000u16.to_be_bytes());
+    addr[4..8].copy_from_slice(&[10, 0, 0, 7]);
+    let race = RaceReset {
+        ts_ns: 5350 * MS,
+        close: tracer_common::AnsweredClose {
+            closed_ns: 5050 * MS,
+            idle_ns: 2000 * MS,
+            start_ns: 1000 * MS,
+            bytes_in: 160,
+            bytes_out: 400,
+            tgid: W2,
+            tid: W2,
+            master: MASTER,
+            fd: 12,
+            ended_by: ended::CLOSE,
+            local_port: 8000,
+            addr,
+            ..Default::default()
+        },
+    };
+    ev.extend(c.on_kernel(KernelEvent::KeepaliveRace(race), f));
+    for pid in 202..=206 {
+        let fork = KernelEvent::Fork {
+            ts_ns: 5400 * MS,
+            parent: MASTER,
+            child: pid,
+            role: Role::Worker,
+            master: MASTER,
+        };
+        ev.extend(c.on_kernel(fork, f));
+    }
+    // 202: the OOM killer, mid-request (the SIGKILL comes from the task
+    // that hit the limit: here the victim itself).
+    ev.extend(c.on_kernel(signal(5500, 202, 202, "gunicorn", 9), f));
+    let oom = KernelEvent::OomKill {
+        ts_ns: 5500 * MS,
+        pid: 202,
+        trigger: 202,
+        oom_score_adj: 0,
+        rss_kb: 389_120,
+    };
+    ev.extend(c.on_kernel(oom, f));
+    let drop = conn_end(
+        5510,
+        202,
+        conn(direction::INBOUND, 80, 0, 0, 0),
+        ended::EXIT,
+    );
+    ev.extend(c.on_kernel(drop, f));
+    ev.extend(c.on_kernel(exit_event(5510, 202, None, Some(9)), f));
+    // 203: an operator's kill -9.
+    ev.extend(c.on_kernel(signal(5600, 203, 4242, "kill", 9), f));
+    ev.extend(c.on_kernel(exit_event(5600, 203, None, Some(9)), f));
+    // 204: a reload: SIGTERM from the master, a clean exit.
+    ev.extend(c.on_kernel(signal(5700, 204, MASTER, "gunicorn", 15), f));
+    ev.extend(c.on_kernel(exit_event(5800, 204, Some(0), None), f));
+    // 205: retired after --max-requests; 206: failed to boot.
+    ev.extend(c.on_kernel(exit_event(5900, 205, Some(0), None), f));
+    ev.extend(c.on_kernel(exit_event(5900, 206, Some(3), None), f));
+}
+
+/// Socket inode 200001 is worker W2's (see `Fake::socket_owner`).
+fn hung_sock(state: TcpState) -> SockSnapshot {
+    SockSnapshot {
+        inode: 200_001,
+        state,
+        local_port: 8000,
+        peer: "127.0.0.1:40100".into(),
+        unread_bytes: 0,
+        has_info: true,
+        last_data_sent_ms: 1300,
+        last_data_recv_ms: 1200,
+        bytes_acked: 0,
+        bytes_received: 92,
+    }
+}
+
 fn scripted_run() -> String {
     use tracer_common::{direction, ended};
     let mut out = String::new();
     let mut c = Correlator::new(500 * MS);
+    c.set_request_threshold(1000 * MS);
     let f = &mut Fake;
     let mut ev = Vec::new();
     ev.extend(c.add_process(
@@ -219,13 +353,18 @@ fn scripted_run() -> String {
     ));
     // Worker W: the seed's pipe read, interrupted then restarted, then killed.
     ev.extend(c.on_samples(&[sample(W, W, "read", 1000, 11, 2)], 1600 * MS, f));
+    // Worker W2 holds a request 1.2 s with nothing sent back (threshold 1 s).
+    ev.extend(c.on_sockets(&[hung_sock(TcpState::Established)], 1650 * MS, f));
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &c, 1700);
+    // The proxy gives up on it.
+    ev.extend(c.on_sockets(&[hung_sock(TcpState::CloseWait)], 2500 * MS, f));
     ev.extend(c.on_kernel(
         KernelEvent::Signal {
             ts_ns: 5000 * MS,
             target: W,
             sender: MASTER,
+            sender_comm: "gunicorn".into(),
             sig: 6,
         },
         f,
@@ -258,6 +397,23 @@ fn scripted_run() -> String {
         conn_end(2300, W2, conn(direction::INBOUND, 0, 0, 0, 1), ended::CLOSE),
         f,
     ));
+    // A TCP health check and a client that left before the answer: both
+    // closed first, both counted, neither a drop.
+    for bytes_in in [0, 21] {
+        let mut e = conn_end(
+            2400,
+            W2,
+            conn(direction::INBOUND, bytes_in, 0, 0, 0),
+            ended::SHUTDOWN,
+        );
+        if let KernelEvent::ConnEnd {
+            peer_closed_first, ..
+        } = &mut e
+        {
+            *peer_closed_first = true;
+        }
+        ev.extend(c.on_kernel(e, f));
+    }
     ev.extend(c.on_kernel(
         conn_end(5100, W, conn(direction::INBOUND, 80, 0, 0, 0), ended::EXIT),
         f,
@@ -280,6 +436,8 @@ fn scripted_run() -> String {
         },
         f,
     ));
+    render(&mut out, std::mem::take(&mut ev));
+    exits(&mut c, f, &mut ev);
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &c, 6000);
     // A run with nothing wrong.

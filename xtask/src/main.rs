@@ -111,8 +111,12 @@ fn test(filter: Option<String>) -> Result<()> {
     let bin = build()?;
     let venv = setup::venv()?;
     setup::tools(
-        &[("nginx", "nginx"), ("bpftool", "bpftool")],
-        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload)",
+        &[
+            ("nginx", "nginx"),
+            ("bpftool", "bpftool"),
+            ("nft", "nftables"),
+        ],
+        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race)",
     )?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();

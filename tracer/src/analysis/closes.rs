@@ -28,40 +28,54 @@ pub fn format_sockaddr(a: &[u8; 32]) -> Option<String> {
     }
 }
 
-/// Everything the correlator knows when a connection ends badly.
-pub(super) struct ConnFacts<'a> {
+/// How the kernel saw a connection end (a `KernelEvent::ConnEnd`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ConnEnd {
+    pub ts_ns: u64,
     pub pid: u32,
     pub tid: u32,
+    pub fd: i32,
+    /// One of `tracer_common::ended`.
+    pub ended_by: u32,
+    pub peer_closed_first: bool,
+}
+
+/// Everything the correlator knows when a connection ends badly.
+pub(super) struct ConnFacts<'a> {
+    pub end: ConnEnd,
     pub master: u32,
     pub role: Role,
-    pub fd: i32,
     pub conn: &'a Conn,
-    pub ended_by: u32,
-    pub ts_ns: u64,
     pub while_killed: bool,
+    pub while_oom_killed: bool,
+}
+
+/// An inbound connection that got nothing back. Who closed first decides
+/// whose doing it was: a client that left (with or without a request) is
+/// counted, a worker that closed on a request it had read is a drop.
+fn inbound_kind(c: &Conn, peer_closed_first: bool) -> CloseKind {
+    match (peer_closed_first, c.bytes_in > 0 || c.aborted != 0) {
+        (true, false) => CloseKind::Probe,
+        (true, true) => CloseKind::ClientAbort,
+        (false, true) => CloseKind::DroppedRequest,
+        (false, false) => CloseKind::Idle,
+    }
 }
 
 /// Which early close this is, if any: None when a reply was sent (or,
 /// outbound, one came back), or when nothing was asked of an outbound call.
-fn classify(c: &Conn) -> Option<(Direction, CloseKind)> {
+fn classify(c: &Conn, peer_closed_first: bool) -> Option<(Direction, CloseKind)> {
     if !c.ended_badly() {
         return None;
     }
     match c.direction {
-        direction::INBOUND => Some((
-            Direction::Inbound,
-            if c.bytes_in > 0 || c.aborted != 0 {
-                CloseKind::DroppedRequest
-            } else {
-                CloseKind::Idle
-            },
-        )),
+        direction::INBOUND => Some((Direction::Inbound, inbound_kind(c, peer_closed_first))),
         direction::OUTBOUND => Some((Direction::Outbound, CloseKind::UpstreamCut)),
         _ => None,
     }
 }
 
-fn ended_by(v: u32) -> EndedBy {
+pub(super) fn ended_by(v: u32) -> EndedBy {
     match v {
         ended::SHUTDOWN => EndedBy::Shutdown,
         ended::EXIT => EndedBy::Exit,
@@ -72,31 +86,36 @@ fn ended_by(v: u32) -> EndedBy {
 /// Turns a connection the kernel reported into an `early_close`, or None
 /// when it did not end badly (a reply was sent, or nothing was asked).
 pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
-    let c = f.conn;
-    let (direction, kind) = classify(c)?;
-    let preceded_by = (c.eagain_ns != 0 && c.eagain_ns <= f.ts_ns).then(|| Preceded {
+    let (c, end) = (f.conn, f.end);
+    let (direction, kind) = classify(c, end.peer_closed_first)?;
+    let preceded_by = (c.eagain_ns != 0 && c.eagain_ns <= end.ts_ns).then(|| Preceded {
         syscall: "recv",
         ret: "EAGAIN",
-        wait_ms: (f.ts_ns - c.eagain_ns) / 1_000_000,
+        wait_ms: (end.ts_ns - c.eagain_ns) / 1_000_000,
     });
     let mut ec = EarlyClose {
         direction,
-        pid: f.pid,
-        tid: f.tid,
+        pid: end.pid,
+        tid: end.tid,
         master_pid: f.master,
         role: f.role,
-        fd: (f.fd >= 0).then_some(f.fd),
+        fd: (end.fd >= 0).then_some(end.fd),
         peer: format_sockaddr(&c.addr),
         local_port: u16::try_from(c.local_port).ok().filter(|p| *p != 0),
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
-        lifetime_ms: (c.start_ns != 0 && c.start_ns <= f.ts_ns)
-            .then(|| (f.ts_ns - c.start_ns) / 1_000_000),
-        ended_by: ended_by(f.ended_by),
+        lifetime_ms: (c.start_ns != 0 && c.start_ns <= end.ts_ns)
+            .then(|| (end.ts_ns - c.start_ns) / 1_000_000),
+        ended_by: ended_by(end.ended_by),
+        peer_closed_first: end.peer_closed_first,
         kind,
         unread_data: c.aborted != 0,
         preceded_by,
+        idle_ms: None,
+        keepalive_s: None,
+        reset_after_ms: None,
         while_killed: f.while_killed,
+        while_oom_killed: f.while_oom_killed,
         cause: None,
         container: None,
     };
@@ -107,42 +126,34 @@ pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
 impl Correlator {
     /// A watched process's connection ended badly (the kernel's judgement);
     /// count it and report it.
-    pub(super) fn on_conn_end(
-        &mut self,
-        ts_ns: u64,
-        pid: u32,
-        tid: u32,
-        fd: i32,
-        conn: &Conn,
-        ended_by: u32,
-    ) -> Vec<Output> {
-        let Some(p) = self.procs.get_mut(&pid) else {
+    pub(super) fn on_conn_end(&mut self, end: &ConnEnd, conn: &Conn) -> Vec<Output> {
+        let Some(p) = self.procs.get_mut(&end.pid) else {
             return Vec::new();
         };
         let facts = ConnFacts {
-            pid,
-            tid,
+            end: *end,
             master: p.master,
             role: p.role,
-            fd,
             conn,
-            ended_by,
-            ts_ns,
             while_killed: p.killed_by_timeout,
+            while_oom_killed: p.oom.is_some(),
         };
         let Some(mut close) = early_close(facts) else {
             return Vec::new();
         };
         close.container = p.container.clone();
-        match close.kind {
-            CloseKind::DroppedRequest => p.closes.dropped_request += 1,
-            CloseKind::Idle => p.closes.idle += 1,
-            CloseKind::UpstreamCut => p.closes.upstream_cut += 1,
-        }
-        if close.kind != CloseKind::Idle {
+        p.closes.count(close.kind);
+        if matches!(
+            close.kind,
+            CloseKind::DroppedRequest | CloseKind::UpstreamCut
+        ) {
             p.last_drop = Some(close.clone());
         }
-        vec![Output::EarlyClose { ts_ns, close }]
+        self.hung_closed_badly(end.pid, close.peer.as_deref());
+        vec![Output::EarlyClose {
+            ts_ns: end.ts_ns,
+            close,
+        }]
     }
 }
 
@@ -200,16 +211,48 @@ mod tests {
 
     fn facts(c: &Conn, ended_by: u32) -> ConnFacts<'_> {
         ConnFacts {
-            pid: 10,
-            tid: 10,
+            end: ConnEnd {
+                ts_ns: 1_500_000_000,
+                pid: 10,
+                tid: 10,
+                fd: 11,
+                ended_by,
+                peer_closed_first: false,
+            },
             master: 1,
             role: Role::Worker,
-            fd: 11,
             conn: c,
-            ended_by,
-            ts_ns: 1_500_000_000,
             while_killed: false,
+            while_oom_killed: false,
         }
+    }
+
+    fn peer_first(c: &Conn) -> ConnFacts<'_> {
+        let mut f = facts(c, ended::SHUTDOWN);
+        f.end.peer_closed_first = true;
+        f
+    }
+
+    #[test]
+    fn a_client_that_closed_first_is_counted_not_dropped() {
+        // Connect and close: a health check, whatever the worker does next.
+        let probe = conn(direction::INBOUND, 0, 0);
+        let e = early_close(peer_first(&probe)).unwrap();
+        assert_eq!((e.kind, e.peer_closed_first), (CloseKind::Probe, true));
+        assert_eq!(e.cause, None);
+        // A request, then gone before the answer (nginx's 499).
+        let left = conn(direction::INBOUND, 21, 0);
+        assert_eq!(
+            early_close(peer_first(&left)).unwrap().kind,
+            CloseKind::ClientAbort
+        );
+        // The same bytes with the worker closing first: its drop.
+        assert_eq!(
+            early_close(facts(&left, ended::CLOSE)).unwrap().kind,
+            CloseKind::DroppedRequest
+        );
+        // Answered, whoever closed first: nothing to say.
+        assert!(early_close(peer_first(&conn(direction::INBOUND, 21, 40))).is_none());
     }
 
     #[test]

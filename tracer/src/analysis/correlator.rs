@@ -4,9 +4,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::Enricher;
+use super::closes::ConnEnd;
+use super::exits::SignalSeen;
+use super::hung::HungState;
 use super::stalls::Active;
 use crate::model::{
-    CloseCounts, Container, EarlyClose, KernelEvent, Output, Role, Source, StallReport,
+    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, KernelEvent,
+    MasterSettings, OomKill, Output, Role, Source, StallReport,
 };
 
 /// What the correlator keeps about one process.
@@ -25,13 +29,36 @@ pub(super) struct Proc {
     pub last_stall: Option<StallReport>,
     pub closes: CloseCounts,
     pub last_drop: Option<EarlyClose>,
+    /// The last request lost to a keep-alive race on a connection it closed.
+    pub last_race: Option<EarlyClose>,
     pub container: Option<Container>,
+    /// A master's settings (workers look theirs up through `master`).
+    pub settings: MasterSettings,
+    /// The last reported signal sent to it, and by whom.
+    pub last_signal: Option<SignalSeen>,
+    /// The master's last WORKER TIMEOUT signal (SIGABRT, then SIGKILL).
+    pub timeout_signal: Option<SignalSeen>,
+    /// The master asked it to stop (SIGTERM, SIGINT or SIGQUIT): a SIGKILL
+    /// that follows is the end of a graceful stop, not a WORKER TIMEOUT.
+    pub asked_to_stop: bool,
+    /// The kernel's OOM killer chose it.
+    pub oom: Option<OomKill>,
+    /// Why it exited, once it has.
+    pub exit: Option<ExitReport>,
+    /// Requests it held past --request-threshold without an answer.
+    pub hung_requests: u32,
+    pub last_hung: Option<HungRequest>,
 }
 
 impl Proc {
     /// Worth keeping after it exits: something happened to it.
     pub fn is_notable(&self) -> bool {
-        self.stalls > 0 || self.timeouts > 0 || self.closes.harmful() > 0
+        self.stalls > 0
+            || self.timeouts > 0
+            || self.closes.harmful() > 0
+            || self.closes.keepalive_race > 0
+            || self.hung_requests > 0
+            || self.exit.as_ref().is_some_and(|e| e.is_finding())
     }
 }
 
@@ -58,6 +85,11 @@ pub struct Correlator {
     pub(super) exited_quiet: u64,
     /// Stalls reported and not ended yet, by thread id.
     pub(super) active: HashMap<u32, Active>,
+    /// Every exit seen, by cause (the processes themselves may be gone).
+    pub(super) exits: BTreeMap<ExitCause, u64>,
+    /// --request-threshold: a request unanswered this long is hung.
+    pub(super) request_threshold_ns: u64,
+    pub(super) hung: HungState,
 }
 
 impl Correlator {
@@ -68,7 +100,26 @@ impl Correlator {
             exited_notable: VecDeque::new(),
             exited_quiet: 0,
             active: HashMap::new(),
+            exits: BTreeMap::new(),
+            request_threshold_ns: 30_000_000_000,
+            hung: HungState::default(),
         }
+    }
+
+    /// Records a master's settings, read from its command line.
+    pub fn configure(&mut self, master: u32, settings: MasterSettings) {
+        if let Some(p) = self.procs.get_mut(&master) {
+            p.settings = settings;
+        }
+    }
+
+    /// The settings of `pid`'s master (defaults when it is not known).
+    pub(super) fn settings_of(&self, pid: u32) -> MasterSettings {
+        self.procs
+            .get(&pid)
+            .and_then(|p| self.procs.get(&p.master))
+            .map(|m| m.settings)
+            .unwrap_or_default()
     }
 
     pub fn is_watched(&self, pid: u32) -> bool {
@@ -151,8 +202,23 @@ impl Correlator {
                 ts_ns,
                 target,
                 sender,
+                sender_comm,
                 sig,
-            } => self.on_signal(ts_ns, target, sender, sig),
+            } => {
+                let seen = SignalSeen {
+                    ts_ns,
+                    sig,
+                    sender,
+                    sender_comm,
+                };
+                self.on_signal(target, seen)
+            }
+            KernelEvent::OomKill {
+                pid,
+                oom_score_adj,
+                rss_kb,
+                ..
+            } => self.on_oom_kill(pid, oom_score_adj, rss_kb, enr),
             KernelEvent::SleepEnd { .. } => self.on_sleep_end(&ev, enr),
             KernelEvent::Exec { .. } => Vec::new(),
             KernelEvent::ConnEnd {
@@ -162,7 +228,19 @@ impl Correlator {
                 fd,
                 conn,
                 ended_by,
-            } => self.on_conn_end(ts_ns, tgid, tid, fd, &conn, ended_by),
+                peer_closed_first,
+            } => {
+                let end = ConnEnd {
+                    ts_ns,
+                    pid: tgid,
+                    tid,
+                    fd,
+                    ended_by,
+                    peer_closed_first,
+                };
+                self.on_conn_end(&end, &conn)
+            }
+            KernelEvent::KeepaliveRace(r) => self.on_keepalive_race(&r),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! are Gunicorn's WORKER TIMEOUT.
 use super::Enricher;
 use super::correlator::{Correlator, NewProcess};
+use super::exits::{self, Ended, SignalSeen};
 use crate::model::{Outcome, Output, Role, Source, signal_name};
 
 /// Exited processes with findings kept for the summary, at most.
@@ -43,12 +44,21 @@ impl Correlator {
         signal: Option<i32>,
     ) -> Vec<Output> {
         let mut out = self.end_stalls_of(pid, ts_ns, Outcome::Exited);
+        let settings = self.settings_of(pid);
         let Some(p) = self.procs.get_mut(&pid) else {
             return out;
         };
+        let end = Ended {
+            ts_ns,
+            exit_code,
+            signal,
+        };
+        let why = exits::explain(p, end, settings);
+        *self.exits.entry(why.cause).or_default() += 1;
         p.alive = false;
         p.exit_code = exit_code;
         p.exit_signal = signal;
+        p.exit = Some(why.clone());
         out.push(Output::WorkerExit {
             ts_ns,
             pid,
@@ -56,6 +66,7 @@ impl Correlator {
             role: p.role,
             exit_code,
             signal: signal.map(signal_name),
+            why,
             container: p.container.clone(),
         });
         if p.is_notable() {
@@ -72,26 +83,32 @@ impl Correlator {
         out
     }
 
-    /// Gunicorn's arbiter sends SIGABRT, then SIGKILL, to a worker whose
-    /// heartbeat is older than --timeout: tie the kill to the stall.
-    pub(super) fn on_signal(
-        &mut self,
-        ts_ns: u64,
-        target: u32,
-        sender: u32,
-        sig: i32,
-    ) -> Vec<Output> {
-        let Some(p) = self.procs.get(&target) else {
+    /// Remembers who signalled a process (its exit will say), and ties
+    /// Gunicorn's WORKER TIMEOUT to the stall that caused it: the arbiter
+    /// sends SIGABRT, then SIGKILL, to a worker whose heartbeat is older
+    /// than --timeout. A SIGKILL after the master asked the worker to stop
+    /// (SIGTERM, SIGINT, SIGQUIT) ends a graceful stop instead.
+    pub(super) fn on_signal(&mut self, target: u32, seen: SignalSeen) -> Vec<Output> {
+        let Some(p) = self.procs.get_mut(&target) else {
             return Vec::new();
         };
-        if p.role != Role::Worker || sender != p.master || !matches!(sig, 6 | 9) {
+        let (ts_ns, sender, sig) = (seen.ts_ns, seen.sender, seen.sig);
+        let from_master = p.role == Role::Worker && sender == p.master;
+        if from_master && matches!(sig, 2 | 3 | 15) {
+            p.asked_to_stop = true;
+        }
+        let timeout = from_master && (sig == 6 || (sig == 9 && !p.asked_to_stop));
+        if timeout {
+            p.timeout_signal = Some(seen.clone());
+        }
+        p.last_signal = Some(seen);
+        if !timeout {
             return Vec::new();
         }
-        let stall = self.current_stall(target, ts_ns).or_else(|| {
-            p.last_stall
-                .clone()
-                .filter(|s| ts_ns.saturating_sub(s.start_ns) < TIMEOUT_BLAME_NS)
-        });
+        let last_stall = p.last_stall.clone();
+        let stall = self
+            .current_stall(target, ts_ns)
+            .or_else(|| last_stall.filter(|s| ts_ns.saturating_sub(s.start_ns) < TIMEOUT_BLAME_NS));
         let p = self.procs.get_mut(&target).expect("checked above");
         p.timeouts += 1;
         p.killed_by_timeout = true;

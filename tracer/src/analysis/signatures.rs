@@ -97,6 +97,12 @@ fn timed_out_read(e: &EarlyClose) -> bool {
 /// Known causes of a connection closed with nothing sent back.
 pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
     Signature {
+        id: "oom_killed_mid_request",
+        cause: "the kernel's OOM killer killed the worker with the request in flight: its memory cgroup reached its limit, so the client got nothing",
+        fix: "find what the request allocates (a large query result, a file read whole, a leak across requests) and bound it, or raise the container's memory limit; --max-requests recycles workers that grow",
+        matches: |e| e.kind == CloseKind::DroppedRequest && e.while_oom_killed,
+    },
+    Signature {
         id: "worker_died_mid_request",
         cause: "the worker died with the request in flight (killed by WORKER TIMEOUT, the OOM killer, or a crash), so the client got nothing",
         fix: "find why the worker died: a stall reported just before it, or the kernel log for an OOM kill",
@@ -114,6 +120,12 @@ pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
                 && e.direction == Direction::Inbound
                 && timed_out_read(e)
         },
+    },
+    Signature {
+        id: "keepalive_shorter_than_client",
+        cause: "the client or load balancer sent its next request on a keep-alive connection that Gunicorn's keep-alive timer had just closed: it keeps idle connections longer than Gunicorn's --keep-alive, and the kernel reset the request",
+        fix: "set Gunicorn's --keep-alive above the balancer's idle timeout (ALB: 60 s by default), or lower the balancer's idle or upstream keep-alive timeout below Gunicorn's",
+        matches: |e| e.kind == CloseKind::KeepaliveRace,
     },
     Signature {
         id: "upstream_timeout",
@@ -212,6 +224,7 @@ mod tests {
             bytes_out: 0,
             lifetime_ms: Some(0),
             ended_by,
+            peer_closed_first: false,
             kind,
             unread_data: false,
             preceded_by: wait_ms.map(|w| Preceded {
@@ -219,7 +232,11 @@ mod tests {
                 ret: "EAGAIN",
                 wait_ms: w,
             }),
+            idle_ms: None,
+            keepalive_s: None,
+            reset_after_ms: None,
             while_killed: false,
+            while_oom_killed: false,
             cause: None,
             container: None,
         }
@@ -247,6 +264,12 @@ mod tests {
             ..close(CloseKind::DroppedRequest, EndedBy::Close, Some(5000))
         };
         assert_eq!(id(&dying), Some("worker_died_mid_request"));
+        // Chosen by the OOM killer: its kill, not a timeout, explains it.
+        let oom = EarlyClose {
+            while_oom_killed: true,
+            ..close(CloseKind::DroppedRequest, EndedBy::Exit, None)
+        };
+        assert_eq!(id(&oom), Some("oom_killed_mid_request"));
         assert_eq!(
             id(&close(CloseKind::UpstreamCut, EndedBy::Close, Some(100))),
             Some("upstream_timeout")

@@ -3,8 +3,8 @@
 use super::lifecycle::MAX_EXITED_KEPT;
 use super::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent, Outcome, Output, Peer,
-    Role, Sample, Source, Wake, WorkerState,
+    BlockedThread, CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent,
+    MemoryCgroup, Outcome, Output, Peer, Role, Sample, Source, Wake, WorkerState,
 };
 use crate::present::verdict;
 
@@ -47,6 +47,27 @@ impl Enricher for FakeProc {
     }
     fn container(&mut self, _pid: u32) -> Option<Container> {
         None
+    }
+    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+        Some(MemoryCgroup {
+            path: "/web".into(),
+            limit_bytes: Some(400 << 20),
+            usage_bytes: Some(400 << 20),
+        })
+    }
+    fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
+        // Socket inode N belongs to the worker whose pid is N / 1000, as fd 9.
+        let pid = (inode / 1000) as u32;
+        pids.contains(&pid).then_some((pid, 9))
+    }
+    fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
+        vec![BlockedThread {
+            tid: pid + 1,
+            comm: "gunicorn".into(),
+            syscall: "read".into(),
+            fd: Some(11),
+            fd_target: Some("pipe:[777]".into()),
+        }]
     }
 }
 
@@ -134,6 +155,8 @@ fn kinds(out: &[Output]) -> Vec<&'static str> {
             Output::WorkerTimeout { .. } => "worker_timeout",
             Output::WorkerExit { .. } => "worker_exit",
             Output::EarlyClose { .. } => "early_close",
+            Output::HungRequest { .. } => "hung_request",
+            Output::HungRequestEnd { .. } => "hung_request_end",
         })
         .collect()
 }
@@ -298,6 +321,7 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         ts_ns: 4500 * MS,
         target: W,
         sender: MASTER,
+        sender_comm: "gunicorn".into(),
         sig: 6,
     };
     let out = c.on_kernel(abrt, &mut FakeProc);
@@ -323,6 +347,7 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         ts_ns: 4600 * MS,
         target: W,
         sender: 4242,
+        sender_comm: "kill".into(),
         sig: 9,
     };
     assert!(c.on_kernel(other, &mut FakeProc).is_empty());
@@ -404,6 +429,7 @@ fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: u32) -> KernelEve
             ..Default::default()
         },
         ended_by,
+        peer_closed_first: false,
     }
 }
 
@@ -451,7 +477,7 @@ fn early_closes_are_counted_and_rank_after_stalls() {
         CloseCounts {
             dropped_request: 1,
             idle: 1,
-            upstream_cut: 0
+            ..Default::default()
         }
     );
     assert_eq!(verdict(&sum).dropping_pids, vec![W]);

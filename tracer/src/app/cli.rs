@@ -43,6 +43,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_threshold)]
     pub threshold: Duration,
 
+    /// Report a request that has waited this long for its first response
+    /// byte while its worker lives (a hung request). Raise it for
+    /// long-polling or slow streaming endpoints.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_request_threshold)]
+    pub request_threshold: Duration,
+
     /// Output: text for a person, json for JSON lines (docs/events.md).
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
@@ -161,6 +167,16 @@ fn parse_threshold(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_request_threshold(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "request threshold '{s}' is too small: ordinary requests would be reported as hung; use 1s or more (default 30s)"
+        ));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +230,15 @@ mod tests {
         assert_eq!(w.threshold, Duration::from_millis(500));
         assert_eq!(w.format, Format::Text);
         assert_eq!(w.duration, None);
+        assert_eq!(w.request_threshold, Duration::from_secs(30));
+        assert_eq!(
+            watch(&["--request-threshold", "2s"])
+                .unwrap()
+                .request_threshold,
+            Duration::from_secs(2)
+        );
+        let e = watch(&["--request-threshold", "100ms"]).unwrap_err();
+        assert!(e.contains("too small"), "{e}");
     }
 
     #[test]

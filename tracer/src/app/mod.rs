@@ -8,6 +8,7 @@ pub mod metrics_server;
 pub mod output;
 mod session;
 mod sink;
+mod sockets;
 mod targets;
 
 use std::net::SocketAddr;
@@ -183,7 +184,10 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         served: Default::default(),
         max_per_master: args.max_watched_per_master,
         over_quota: 0,
+        sockets: sockets::SocketWatch::new(args.request_threshold),
     };
+    st.corr
+        .set_request_threshold(args.request_threshold.as_nanos() as u64);
     if let Some((addr, listener)) = p.metrics {
         let shared = st.served.clone();
         tokio::spawn(metrics_server::serve(
@@ -212,6 +216,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         &StartEvent {
             version: env!("CARGO_PKG_VERSION"),
             threshold_ms: threshold_ns / 1_000_000,
+            request_threshold_ms: args.request_threshold.as_millis() as u64,
             discover: st.discover,
             pids: p.targets.iter().map(|t| t.pid).collect(),
         },

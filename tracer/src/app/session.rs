@@ -10,11 +10,15 @@ use anyhow::Result;
 
 use super::metrics_server::Shared;
 use super::sink::Sink;
+use super::sockets::SocketWatch;
 use super::targets::Target;
-use crate::analysis::{Correlator, Enricher, NewProcess};
-use crate::host::{bounded, container, proc, pystack};
+use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
+use crate::host::{bounded, container, memcg, proc, pystack};
 use crate::kernel::Probes;
-use crate::model::{Container, FdInfo, KernelEvent, Losses, Output, Role, Sample, Source};
+use crate::model::{
+    BlockedThread, Container, FdInfo, KernelEvent, Losses, MasterSettings, MemoryCgroup, Output,
+    Role, Sample, Source,
+};
 use crate::present::{self, metrics};
 
 /// How long the session waits for a /proc read that can block (see
@@ -61,6 +65,44 @@ impl Enricher for ProcEnricher {
     fn container(&mut self, pid: u32) -> Option<Container> {
         container_of(pid, &self.pods_dir)
     }
+    fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
+        memcg::of_process(pid)
+    }
+    fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
+        pids.iter()
+            .find_map(|&pid| proc::socket_fd(pid, inode).map(|fd| (pid, fd)))
+    }
+    fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
+        proc::threads(pid)
+            .into_iter()
+            .filter_map(|tid| {
+                let (nr, args) = proc::thread_syscall(pid, tid)?;
+                let name = syscalls::name(nr).into_owned();
+                // On an fd, and not a wait for work (what a plain process's
+                // stall would be).
+                if !syscalls::takes_fd(&name) || !syscalls::is_stall(Role::Plain, true, nr) {
+                    return None;
+                }
+                let fd = args[0] as i32;
+                Some(BlockedThread {
+                    tid,
+                    comm: proc::comm(tid),
+                    syscall: name,
+                    fd: Some(fd),
+                    fd_target: proc::fd_target(pid, fd),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Gunicorn's settings the analysis needs, from a master's command line.
+fn master_settings(cmd: &[String]) -> MasterSettings {
+    MasterSettings {
+        // Gunicorn's default keep-alive is 2 s.
+        keepalive_s: Some(proc::parse_number_flag(cmd, "--keep-alive").unwrap_or(2.0)),
+        max_requests: proc::parse_number_flag(cmd, "--max-requests").map(|n| n as u64),
+    }
 }
 
 fn with_stack(o: Output, r: Result<String, String>) -> Output {
@@ -77,6 +119,9 @@ fn with_stack(o: Output, r: Result<String, String>) -> Output {
 /// How long an EXIT event is held: the kernel closes the process's sockets
 /// within microseconds of it; this leaves room for a busy machine.
 const EXIT_HOLD_NS: u64 = 20_000_000;
+/// Held longer while the process still has fds: it is freeing a lot of
+/// memory first (an OOM victim), and its sockets close after that.
+const EXIT_HOLD_MAX_NS: u64 = 2_000_000_000;
 /// How often WATCHED is checked for processes whose EXIT event was lost.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
@@ -103,6 +148,8 @@ pub struct Session {
     pub max_per_master: usize,
     /// Forks dropped because their master was at its quota.
     pub over_quota: u64,
+    /// Connections on watched ports, scanned for hung requests.
+    pub sockets: SocketWatch,
 }
 
 /// How long a py-spy dump may take before the stall goes out without it.
@@ -201,6 +248,7 @@ impl Session {
     fn add_listeners(&mut self, pid: u32) {
         for (_, port) in proc::listening_fds(pid) {
             self.probes.add_port(port);
+            self.sockets.add_port(port);
         }
     }
 
@@ -227,6 +275,9 @@ impl Session {
         };
         if let Some(o) = self.corr.add_process(now, p) {
             self.emit(&o);
+        }
+        if t.role == Role::Master {
+            self.corr.configure(t.pid, master_settings(&cmd));
         }
         Ok(())
     }
@@ -315,9 +366,14 @@ impl Session {
     /// when `all`).
     pub fn flush_exits(&mut self, all: bool) {
         let now = present::monotonic_ns();
+        let due_now = |(at, ev): &(u64, KernelEvent)| {
+            let held = now.saturating_sub(*at);
+            let closing = matches!(ev, KernelEvent::Exit { pid, .. } if proc::has_open_fds(*pid));
+            all || held >= EXIT_HOLD_MAX_NS || (held >= EXIT_HOLD_NS && !closing)
+        };
         let (due, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.exits)
             .into_iter()
-            .partition(|(at, _)| all || now.saturating_sub(*at) >= EXIT_HOLD_NS);
+            .partition(due_now);
         self.exits = held;
         for (_, ev) in due {
             let KernelEvent::Exit { pid, .. } = ev else {
@@ -402,6 +458,19 @@ impl Session {
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
             self.emit(&o);
         }
+        self.scan_sockets(now);
         self.flush_pending(false);
+    }
+
+    /// Hung requests: the connections on watched ports, when a scan is due.
+    fn scan_sockets(&mut self, now: u64) {
+        if !self.sockets.due() {
+            return;
+        }
+        let pids: Vec<u32> = self.probes.watched.keys().filter_map(|k| k.ok()).collect();
+        let socks = self.sockets.scan(&pids);
+        for o in self.corr.on_sockets(&socks, now, &mut self.enricher) {
+            self.emit(&o);
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! The host as /proc shows it: processes, fds, heartbeats, containers, and
-//! py-spy for Python stacks. Everything read here is written by a process
-//! that may be hostile. Depends on `model` only.
+//! py-spy for Python stacks; memory cgroups and socket diagnostics.
+//! Everything read here is written by a process that may be hostile.
+//! Depends on `model` only.
 pub mod bounded;
 pub mod container;
+pub mod memcg;
 pub mod proc;
 pub mod pystack;
+pub mod sockdiag;

@@ -51,6 +51,26 @@ pub fn exists(pid: u32) -> bool {
     proc_path(&[&pid.to_string()]).is_dir()
 }
 
+/// The process still has an fd table with something in it. An exiting
+/// process closes its files (and so its sockets) only after freeing its
+/// memory, which takes a while for a large one (an OOM victim).
+pub fn has_open_fds(pid: u32) -> bool {
+    fs::read_dir(proc_path(&[&pid.to_string(), "fd"]))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+/// The fd through which `pid` holds the socket with this inode, from its
+/// /proc/PID/fd links (`socket:[inode]`).
+pub fn socket_fd(pid: u32, inode: u64) -> Option<i32> {
+    let want = format!("socket:[{inode}]");
+    fs::read_dir(proc_path(&[&pid.to_string(), "fd"]))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == want.as_str()))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
 /// How long a command line may take to read. Reading it waits for the
 /// process's memory-map lock, which the process can hold (a fault on a hung
 /// mount), so it is read on a helper thread (see `bounded`).
@@ -195,6 +215,24 @@ pub fn parse_timeout(cmdline: &[String]) -> Option<f64> {
         };
         if let Some(t) = v.and_then(|v| v.parse::<f64>().ok()) {
             return Some(t);
+        }
+    }
+    None
+}
+
+/// A numeric long option from a Gunicorn command line: `--name N` or
+/// `--name=N`. (Settings from a config file or GUNICORN_CMD_ARGS are not
+/// seen.)
+pub fn parse_number_flag(cmdline: &[String], name: &str) -> Option<f64> {
+    let mut it = cmdline.iter();
+    while let Some(a) = it.next() {
+        let v = if a == name {
+            it.next().map(|s| s.as_str())
+        } else {
+            a.strip_prefix(name).and_then(|v| v.strip_prefix('='))
+        };
+        if let Some(n) = v.and_then(|v| v.parse::<f64>().ok()) {
+            return Some(n);
         }
     }
     None
@@ -630,6 +668,28 @@ mod tests {
             &v(&["/usr/bin/gunicorn-exporter"]),
             "gunicorn-export"
         ));
+    }
+
+    #[test]
+    fn finds_the_fd_of_a_socket_by_inode() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
+            .unwrap()
+            .ino();
+        assert_eq!(socket_fd(std::process::id(), inode), Some(l.as_raw_fd()));
+        assert_eq!(socket_fd(std::process::id(), 1), None);
+    }
+
+    #[test]
+    fn keep_alive_and_max_requests_from_command_line() {
+        let cmd = v(&["gunicorn", "--keep-alive", "1", "--max-requests=5", "a:b"]);
+        assert_eq!(parse_number_flag(&cmd, "--keep-alive"), Some(1.0));
+        assert_eq!(parse_number_flag(&cmd, "--max-requests"), Some(5.0));
+        assert_eq!(parse_number_flag(&cmd, "--max-requests-jitter"), None);
+        let jitter = v(&["gunicorn", "--max-requests-jitter=3"]);
+        assert_eq!(parse_number_flag(&jitter, "--max-requests"), None);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::thread::JoinHandle;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
-use tracer_common::{ConnEnd, Event, kind, wake};
+use tracer_common::{ConnEnd, Event, KeepaliveRace, kind, wake};
 
-use crate::model::{KernelEvent, Role, Wake};
+use crate::model::{KernelEvent, RaceReset, Role, Wake};
 
 /// Batches of events queued for the session, at most.
 const QUEUE: usize = 4096;
@@ -86,6 +86,17 @@ fn run(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<KernelEvent>>, stop: Arc
 /// size or an unknown kind (a newer BPF object, say) rather than guessing.
 pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     let k = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    if k == kind::KEEPALIVE_RACE {
+        if bytes.len() < std::mem::size_of::<KeepaliveRace>() {
+            return None;
+        }
+        // SAFETY: KeepaliveRace is Pod and the slice is long enough.
+        let r: KeepaliveRace = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        return Some(KernelEvent::KeepaliveRace(RaceReset {
+            ts_ns: r.ts_ns,
+            close: r.close,
+        }));
+    }
     if k == kind::CONN_END {
         if bytes.len() < std::mem::size_of::<ConnEnd>() {
             return None;
@@ -99,6 +110,7 @@ pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
             fd: c.fd,
             conn: c.conn,
             ended_by: c.ended_by,
+            peer_closed_first: c.peer_closed_first != 0,
         });
     }
     if bytes.len() < std::mem::size_of::<Event>() {
@@ -108,6 +120,12 @@ pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     // because ring buffer records are only 8-byte aligned by convention.
     let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     from_event(&e)
+}
+
+/// A task name from the kernel: up to 16 bytes, NUL-terminated when shorter.
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
 pub fn from_event(e: &Event) -> Option<KernelEvent> {
@@ -139,7 +157,15 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             ts_ns: e.ts_ns,
             target: e.tgid,
             sender: e.aux_pid,
+            sender_comm: comm(&e.comm),
             sig: e.nr as i32,
+        },
+        kind::OOM_KILL => KernelEvent::OomKill {
+            ts_ns: e.ts_ns,
+            pid: e.tgid,
+            trigger: e.aux_pid,
+            oom_score_adj: e.nr,
+            rss_kb: e.arg0,
         },
         kind::SLEEP_END => KernelEvent::SleepEnd {
             ts_ns: e.ts_ns,
@@ -246,6 +272,42 @@ mod tests {
     }
 
     #[test]
+    fn decodes_a_signal_with_its_sender_and_an_oom_kill() {
+        let mut name = [0u8; 16];
+        name[..4].copy_from_slice(b"kill");
+        let e = Event {
+            kind: kind::SIGNAL,
+            tgid: 7,
+            aux_pid: 99,
+            nr: 9,
+            comm: name,
+            ..Default::default()
+        };
+        assert!(matches!(
+            from_event(&e),
+            Some(KernelEvent::Signal { target: 7, sender: 99, sig: 9, sender_comm, .. }) if sender_comm == "kill"
+        ));
+        let o = Event {
+            kind: kind::OOM_KILL,
+            tgid: 7,
+            aux_pid: 8,
+            nr: -500,
+            arg0: 409_600,
+            ..Default::default()
+        };
+        assert_eq!(
+            from_event(&o),
+            Some(KernelEvent::OomKill {
+                ts_ns: 0,
+                pid: 7,
+                trigger: 8,
+                oom_score_adj: -500,
+                rss_kb: 409_600
+            })
+        );
+    }
+
+    #[test]
     fn rejects_short_records_and_unknown_kinds() {
         assert!(decode(&[0u8; 8]).is_none());
         let e = Event {
@@ -268,7 +330,7 @@ mod tests {
                 ..Default::default()
             },
             ended_by: tracer_common::ended::SHUTDOWN,
-            _pad: 0,
+            peer_closed_first: 1,
         };
         // SAFETY: ConnEnd is repr(C) with no implicit padding.
         let b = unsafe {
@@ -290,6 +352,42 @@ mod tests {
         };
         assert_eq!(conn.bytes_in, 120);
         assert_eq!(ended_by, tracer_common::ended::SHUTDOWN);
+        assert!(matches!(
+            decode(b),
+            Some(KernelEvent::ConnEnd {
+                peer_closed_first: true,
+                ..
+            })
+        ));
+        assert!(decode(&b[..40]).is_none(), "truncated record");
+    }
+
+    #[test]
+    fn decodes_a_keepalive_race_by_its_own_layout() {
+        let r = KeepaliveRace {
+            kind: kind::KEEPALIVE_RACE,
+            _pad: 0,
+            ts_ns: 99,
+            close: tracer_common::AnsweredClose {
+                tgid: 4,
+                idle_ns: 1_000_000_000,
+                ..Default::default()
+            },
+        };
+        // SAFETY: KeepaliveRace is repr(C) with no implicit padding.
+        let b = unsafe {
+            std::slice::from_raw_parts(
+                (&r as *const KeepaliveRace).cast::<u8>(),
+                std::mem::size_of::<KeepaliveRace>(),
+            )
+        };
+        assert_eq!(
+            decode(b),
+            Some(KernelEvent::KeepaliveRace(RaceReset {
+                ts_ns: 99,
+                close: r.close
+            }))
+        );
         assert!(decode(&b[..40]).is_none(), "truncated record");
     }
 

@@ -49,6 +49,24 @@ const PROGRAMS: [(&str, &str, &str); 5] = [
 /// last receive on a tracked connection that found nothing (EAGAIN).
 const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
 
+/// Classic tracepoints attached when the kernel has them, as (program,
+/// category, name): without one, what it explains is not seen (said once
+/// on stderr), and everything else works.
+const OPTIONAL_PROGRAMS: [(&str, &str, &str, &str); 2] = [
+    (
+        "mark_victim",
+        "oom",
+        "mark_victim",
+        "OOM kills will be reported as a plain SIGKILL",
+    ),
+    (
+        "tcp_send_reset",
+        "tcp",
+        "tcp_send_reset",
+        "requests lost to keep-alive races will not be seen",
+    ),
+];
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones to
 /// the memory cgroup. The tracer needs 5.15, so this is only for a kernel
 /// that says otherwise: best effort, and not even tried where it is not
@@ -173,6 +191,7 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         tcp_bytes_retrans: need("tcp_sock", &["bytes_retrans"])?,
         tcp_write_seq: need("tcp_sock", &["write_seq"])?,
         tcp_snd_nxt: need("tcp_sock", &["snd_nxt"])?,
+        tcp_mstamp: btf.member_offset("tcp_sock", "tcp_mstamp").unwrap_or(UNSET),
         pt_regs_nr: regs(0)?,
         pt_regs_arg0: regs(1)?,
         pt_regs_arg2: regs(2)?,
@@ -188,6 +207,23 @@ fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
     let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
     let sig = Format::read(tracefs, "signal", "signal_generate")?;
     let st = Format::read(tracefs, "sock", "inet_sock_set_state")?;
+    let victim = Format::read(tracefs, "oom", "mark_victim").ok();
+    // Linux 6.x lays the reset's addresses out as sockaddr_in6-sized
+    // buffers (from the packet when the socket is a timewait one); older
+    // layouts are not used.
+    let reset = Format::read(tracefs, "tcp", "tcp_send_reset").ok();
+    let reset_field = |name: &str| {
+        reset
+            .as_ref()
+            .and_then(|f| f.offset(name, 28).ok())
+            .unwrap_or(UNSET)
+    };
+    let victim_field = |name: &str, size: u64| {
+        victim
+            .as_ref()
+            .and_then(|f| f.offset(name, size).ok())
+            .unwrap_or(UNSET)
+    };
     Ok(TracepointOffsets {
         newtask_pid: newtask.offset("pid", 4)?,
         newtask_flags: newtask.offset("clone_flags", 8)?,
@@ -203,6 +239,15 @@ fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
         set_state_protocol: st.offset("protocol", 2)?,
         set_state_daddr: st.offset("daddr", 4)?,
         set_state_daddr_v6: st.offset("daddr_v6", 16)?,
+        victim_pid: victim_field("pid", 4),
+        victim_oom_score_adj: victim_field("oom_score_adj", 2),
+        victim_anon_rss: victim_field("anon_rss", 8),
+        victim_file_rss: victim_field("file_rss", 8),
+        victim_shmem_rss: victim_field("shmem_rss", 8),
+        set_state_saddr: st.offset("saddr", 4)?,
+        set_state_saddr_v6: st.offset("saddr_v6", 16)?,
+        reset_saddr: reset_field("saddr"),
+        reset_daddr: reset_field("daddr"),
     })
 }
 
@@ -258,6 +303,33 @@ fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, u32)]) -> Result<()> {
             map.set(nr as u32, bits, 0)
                 .context("filling the syscall class table")?;
         }
+    }
+    Ok(())
+}
+
+/// Loads and attaches the optional classic programs this kernel has the
+/// tracepoints of (`tp` says which offsets were found).
+fn attach_optional(ebpf: &mut Ebpf, tracefs: &Path, tp: &TracepointOffsets) -> Result<()> {
+    for (prog, category, name, without) in OPTIONAL_PROGRAMS {
+        let usable = match prog {
+            "mark_victim" => tp.victim_pid != UNSET,
+            "tcp_send_reset" => tp.reset_saddr != UNSET && tp.reset_daddr != UNSET,
+            _ => Format::read(tracefs, category, name).is_ok(),
+        };
+        if !usable {
+            eprintln!(
+                "tracer: note: this kernel has no usable {category}:{name} tracepoint; {without}"
+            );
+            continue;
+        }
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
+            .try_into()?;
+        p.load()
+            .map_err(|e| explain(e, &format!("loading program {prog}")))?;
+        p.attach(category, name)
+            .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
     }
     Ok(())
 }
@@ -331,6 +403,7 @@ pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Pr
     let mut ebpf = open_object(&config, opts.watch_capacity)?;
     fill_classes(&mut ebpf, &sys.classes)?;
     attach_all(&mut ebpf, with_recv)?;
+    attach_optional(&mut ebpf, tracefs, &config.tp)?;
     take_maps(ebpf)
 }
 

@@ -7,10 +7,11 @@ mod event;
 mod report;
 mod summary;
 
-pub use event::{KernelEvent, Sample, Wake};
+pub use event::{KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, Wake};
 pub use report::{
-    Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, Outcome, Output, Preceded,
-    Source, StallReport,
+    BlockedThread, Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause,
+    ExitReport, HungOutcome, HungRequest, OomKill, Outcome, Output, Preceded, Sender, Source,
+    StallReport,
 };
 pub use summary::{Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary};
 
@@ -190,6 +191,25 @@ pub struct Container {
 pub enum PodSource {
     LogDir,
     Environment,
+}
+
+/// A memory cgroup's limit and usage, read from cgroupfs (v1 or v2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryCgroup {
+    /// As /proc/PID/cgroup names it.
+    pub path: String,
+    pub limit_bytes: Option<u64>,
+    pub usage_bytes: Option<u64>,
+}
+
+/// What the tracer needs of a Gunicorn master's settings, from its
+/// command line.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MasterSettings {
+    /// --keep-alive (2 when the command line does not say).
+    pub keepalive_s: Option<f64>,
+    /// --max-requests (0 or absent: workers are never retired).
+    pub max_requests: Option<u64>,
 }
 
 /// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The

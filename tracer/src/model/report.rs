@@ -129,6 +129,29 @@ pub enum CloseKind {
     Idle,
     /// An outbound call that sent a request and was closed before any reply.
     UpstreamCut,
+    /// The client connected and closed without sending a byte: a TCP health
+    /// check (kubelet `tcpSocket`, a load balancer), a port scan. Counted.
+    Probe,
+    /// The client sent (part of) a request and closed before the answer
+    /// (nginx's 499): not the worker's doing. Counted.
+    ClientAbort,
+    /// The worker closed a keep-alive connection after answering on it, and
+    /// the client's next request on it was answered by the kernel with a
+    /// reset: a lost request (a proxy's 502).
+    KeepaliveRace,
+}
+
+impl CloseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseKind::DroppedRequest => "dropped_request",
+            CloseKind::Idle => "idle",
+            CloseKind::UpstreamCut => "upstream_cut",
+            CloseKind::Probe => "probe",
+            CloseKind::ClientAbort => "client_abort",
+            CloseKind::KeepaliveRace => "keepalive_race",
+        }
+    }
 }
 
 /// The syscall that preceded the close, when it explains it.
@@ -159,14 +182,27 @@ pub struct EarlyClose {
     /// None when the tracer did not see the start (opened before it attached).
     pub lifetime_ms: Option<u64>,
     pub ended_by: EndedBy,
+    /// The peer closed its side first (a FIN came before our close).
+    pub peer_closed_first: bool,
     pub kind: CloseKind,
     /// The kernel answered the close with a RST: the peer's data was never read.
     pub unread_data: bool,
     pub preceded_by: Option<Preceded>,
+    /// keepalive_race: how long the connection had been idle (nothing sent
+    /// or received) when the worker closed it, when known.
+    pub idle_ms: Option<u64>,
+    /// keepalive_race: the master's --keep-alive.
+    pub keepalive_s: Option<f64>,
+    /// keepalive_race: from the close to the reset of the client's request.
+    pub reset_after_ms: Option<u64>,
     /// The process's master had already sent it the WORKER TIMEOUT signal:
     /// the close is part of its dying, whichever path closed the socket.
     #[serde(skip)]
     pub while_killed: bool,
+    /// The kernel's OOM killer had chosen the process: the close is part
+    /// of its dying.
+    #[serde(skip)]
+    pub while_oom_killed: bool,
     pub cause: Option<Cause>,
     pub container: Option<Container>,
 }
@@ -177,12 +213,207 @@ pub struct CloseCounts {
     pub dropped_request: u32,
     pub idle: u32,
     pub upstream_cut: u32,
+    pub probe: u32,
+    pub client_abort: u32,
+    pub keepalive_race: u32,
 }
 
 impl CloseCounts {
     /// Closes that hurt someone: dropped requests and cut upstream calls.
     pub fn harmful(&self) -> u32 {
         self.dropped_request + self.upstream_cut
+    }
+
+    pub fn count(&mut self, kind: CloseKind) {
+        let n = match kind {
+            CloseKind::DroppedRequest => &mut self.dropped_request,
+            CloseKind::Idle => &mut self.idle,
+            CloseKind::UpstreamCut => &mut self.upstream_cut,
+            CloseKind::Probe => &mut self.probe,
+            CloseKind::ClientAbort => &mut self.client_abort,
+            CloseKind::KeepaliveRace => &mut self.keepalive_race,
+        };
+        *n += 1;
+    }
+
+    /// Every kind with its count, in a fixed order (metrics labels).
+    pub fn by_kind(&self) -> [(CloseKind, u32); 6] {
+        [
+            (CloseKind::DroppedRequest, self.dropped_request),
+            (CloseKind::Idle, self.idle),
+            (CloseKind::UpstreamCut, self.upstream_cut),
+            (CloseKind::Probe, self.probe),
+            (CloseKind::ClientAbort, self.client_abort),
+            (CloseKind::KeepaliveRace, self.keepalive_race),
+        ]
+    }
+}
+
+/// Why a watched process exited: `worker_exit.cause`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitCause {
+    /// The master's SIGABRT/SIGKILL after the heartbeat went stale.
+    WorkerTimeout,
+    /// The kernel's OOM killer.
+    OomKill,
+    /// Another signal from the master: reload, scale-down, shutdown.
+    MasterSignal,
+    /// A signal from any other process (or raised by the process itself).
+    ExternalSignal,
+    /// A clean exit after --max-requests.
+    MaxRequests,
+    /// Any other exit.
+    Exit,
+}
+
+impl ExitCause {
+    pub const ALL: [ExitCause; 6] = [
+        ExitCause::WorkerTimeout,
+        ExitCause::OomKill,
+        ExitCause::MasterSignal,
+        ExitCause::ExternalSignal,
+        ExitCause::MaxRequests,
+        ExitCause::Exit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitCause::WorkerTimeout => "worker_timeout",
+            ExitCause::OomKill => "oom_kill",
+            ExitCause::MasterSignal => "master_signal",
+            ExitCause::ExternalSignal => "external_signal",
+            ExitCause::MaxRequests => "max_requests",
+            ExitCause::Exit => "exit",
+        }
+    }
+}
+
+/// The process that sent a signal: signals are generated in its context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sender {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// What the kernel's OOM killer and the victim's memory cgroup said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OomKill {
+    pub oom_score_adj: i64,
+    /// Resident memory of the victim at the kill, when the kernel says.
+    pub rss_bytes: Option<u64>,
+    /// The memory cgroup whose limit was reached (the nearest one, from the
+    /// victim's, with a limit), when readable.
+    pub cgroup: Option<String>,
+    pub memory_limit_bytes: Option<u64>,
+    /// The cgroup's peak usage (memory.max_usage_in_bytes, memory.peak),
+    /// else its usage when read just after the kill.
+    pub memory_usage_bytes: Option<u64>,
+}
+
+/// Why a process exited, in full: the body `worker_exit` adds to the exit
+/// code and the signal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExitReport {
+    pub cause: ExitCause,
+    /// The signal that caused the exit (sent by `sender`): for
+    /// worker_timeout, master_signal and external_signal.
+    pub cause_signal: Option<String>,
+    pub sender: Option<Sender>,
+    pub oom: Option<OomKill>,
+    /// --max-requests of the master, for max_requests.
+    pub max_requests: Option<u64>,
+    /// Exit code 3 (a worker failed to boot) or 4 (the app failed to
+    /// load): Gunicorn's master stops the whole server.
+    pub halts_master: bool,
+}
+
+impl ExitReport {
+    /// A cause with nothing more to say.
+    pub fn new(cause: ExitCause) -> ExitReport {
+        ExitReport {
+            cause,
+            cause_signal: None,
+            sender: None,
+            oom: None,
+            max_requests: None,
+            halts_master: false,
+        }
+    }
+
+    /// An exit worth a line in the verdict: an OOM kill, a forced kill from
+    /// outside Gunicorn, or a failure that stops the whole server. (Kills
+    /// by WORKER TIMEOUT are findings of their own.)
+    pub fn is_finding(&self) -> bool {
+        let forced = matches!(
+            self.cause_signal.as_deref(),
+            Some("SIGKILL" | "SIGSEGV" | "SIGBUS" | "SIGABRT")
+        );
+        self.cause == ExitCause::OomKill
+            || self.halts_master
+            || (self.cause == ExitCause::ExternalSignal && forced)
+    }
+}
+
+/// A thread of a process blocked in a syscall on an fd (not its event
+/// loop's wait): what may be holding a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedThread {
+    pub tid: u32,
+    pub comm: String,
+    pub syscall: String,
+    pub fd: Option<i32>,
+    pub fd_target: Option<String>,
+}
+
+/// The body of `hung_request`: a request read and not answered for longer
+/// than --request-threshold, while the worker lives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HungRequest {
+    pub pid: u32,
+    pub master_pid: u32,
+    pub role: Role,
+    /// The worker's fd for the connection.
+    pub fd: Option<i32>,
+    pub peer: String,
+    pub local_port: u16,
+    /// Since the last byte of the request came in, with nothing sent since.
+    pub waiting_ms: u64,
+    pub bytes_in: u64,
+    /// Bytes of earlier answers on the connection the client acknowledged.
+    pub bytes_out: u64,
+    /// Received and not yet read by the worker.
+    pub unread_bytes: u32,
+    pub threshold_ms: u64,
+    /// The worker's stall in progress, when one was reported.
+    pub stall: Option<StallReport>,
+    /// The worker's threads blocked on an fd, from /proc.
+    pub blocked_threads: Vec<BlockedThread>,
+    pub container: Option<Container>,
+    #[serde(skip)]
+    pub inode: u64,
+}
+
+/// How a hung request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HungOutcome {
+    /// The worker sent something back.
+    Answered,
+    /// The client (a proxy that timed out, say) closed its side.
+    ClientClosed,
+    /// The worker closed it (or died) with nothing sent: an `early_close`
+    /// says how.
+    Dropped,
+}
+
+impl HungOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HungOutcome::Answered => "answered",
+            HungOutcome::ClientClosed => "client_closed",
+            HungOutcome::Dropped => "dropped",
+        }
     }
 }
 
@@ -246,6 +477,8 @@ pub enum Output {
         role: Role,
         exit_code: Option<i32>,
         signal: Option<String>,
+        #[serde(flatten)]
+        why: ExitReport,
         container: Option<Container>,
     },
     EarlyClose {
@@ -253,6 +486,25 @@ pub enum Output {
         ts_ns: u64,
         #[serde(flatten)]
         close: EarlyClose,
+    },
+    HungRequest {
+        #[serde(skip)]
+        ts_ns: u64,
+        #[serde(flatten)]
+        hung: HungRequest,
+    },
+    HungRequestEnd {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        fd: Option<i32>,
+        peer: String,
+        local_port: u16,
+        /// From the request's last byte to the end.
+        waited_ms: u64,
+        outcome: HungOutcome,
+        container: Option<Container>,
     },
 }
 
@@ -265,7 +517,9 @@ impl Output {
             | Output::StallEnd { ts_ns, .. }
             | Output::WorkerTimeout { ts_ns, .. }
             | Output::WorkerExit { ts_ns, .. }
-            | Output::EarlyClose { ts_ns, .. } => *ts_ns,
+            | Output::EarlyClose { ts_ns, .. }
+            | Output::HungRequest { ts_ns, .. }
+            | Output::HungRequestEnd { ts_ns, .. } => *ts_ns,
         }
     }
 }

@@ -2,14 +2,22 @@
 //! ranked by harm. Presentation words them; metrics count them.
 use serde::Serialize;
 
-use super::{CloseCounts, Container, EarlyClose, Role, StallReport};
+use std::collections::BTreeMap;
+
+use super::{
+    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, Role, StallReport,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
     Stalled,
+    /// Holding a request past --request-threshold without an answer.
+    HangingRequests,
     TimingOut,
     KilledByTimeout,
+    /// Killed by the kernel's OOM killer.
+    KilledByOom,
     Exited,
     DroppingRequests,
     Healthy,
@@ -19,8 +27,10 @@ impl WorkerState {
     pub fn as_str(self) -> &'static str {
         match self {
             WorkerState::Stalled => "stalled",
+            WorkerState::HangingRequests => "hanging_requests",
             WorkerState::TimingOut => "timing_out",
             WorkerState::KilledByTimeout => "killed_by_timeout",
+            WorkerState::KilledByOom => "killed_by_oom",
             WorkerState::Exited => "exited",
             WorkerState::DroppingRequests => "dropping_requests",
             WorkerState::Healthy => "healthy",
@@ -29,7 +39,10 @@ impl WorkerState {
 
     /// Still running (metrics keep series only for these).
     pub fn is_alive(self) -> bool {
-        !matches!(self, WorkerState::Exited | WorkerState::KilledByTimeout)
+        !matches!(
+            self,
+            WorkerState::Exited | WorkerState::KilledByTimeout | WorkerState::KilledByOom
+        )
     }
 }
 
@@ -44,32 +57,59 @@ pub struct WorkerSummary {
     pub timeouts: u32,
     pub exit_code: Option<i32>,
     pub exit_signal: Option<String>,
+    /// Why it exited (as in `worker_exit`), once it has.
+    pub exit: Option<ExitReport>,
     /// The current stall, or the last one.
     pub stall: Option<StallReport>,
     pub early_closes: CloseCounts,
     /// The last dropped request or cut upstream call.
     pub last_early_close: Option<EarlyClose>,
+    /// The last request lost to a keep-alive race on a connection it closed.
+    pub last_keepalive_race: Option<EarlyClose>,
+    /// Requests it held past --request-threshold without an answer.
+    pub hung_requests: u32,
+    /// The longest still hanging, else the last.
+    pub hung_request: Option<HungRequest>,
+    /// How many are hanging now.
+    pub hanging_now: u32,
     pub container: Option<Container>,
 }
 
 /// One thing wrong, naming the process (an index into `Summary::workers`).
-/// Findings come ranked by harm: what is stalled now, then what Gunicorn
-/// killed, then what dropped requests.
+/// Findings come ranked by harm (see `analysis::summary`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finding {
+    /// A worker failed to boot or to load the app: the master halts.
+    Halted(usize),
     /// Blocked right now (longest first).
     Stalled(usize),
+    /// Held requests past --request-threshold without an answer (those
+    /// hanging now first).
+    HungRequests(usize),
+    /// Killed by the kernel's OOM killer.
+    OomKilled(usize),
     /// Killed by Gunicorn's WORKER TIMEOUT.
     KilledByTimeout(usize),
     /// Closed requests with nothing sent, or cut upstream calls (most first).
     Dropping(usize),
+    /// Requests lost to keep-alive races on connections it closed.
+    KeepaliveRaces(usize),
+    /// Killed by a signal from outside Gunicorn (kill -9, a crash).
+    KilledExternally(usize),
 }
 
 impl Finding {
     /// The index of the process it names in `Summary::workers`.
     pub fn worker(self) -> usize {
         match self {
-            Finding::Stalled(i) | Finding::KilledByTimeout(i) | Finding::Dropping(i) => i,
+            Finding::Halted(i)
+            | Finding::Stalled(i)
+            | Finding::HungRequests(i)
+            | Finding::OomKilled(i)
+            | Finding::KilledByTimeout(i)
+            | Finding::Dropping(i)
+            | Finding::KeepaliveRaces(i)
+            | Finding::KilledExternally(i) => i,
         }
     }
 }
@@ -82,6 +122,8 @@ pub struct Summary {
     pub findings: Vec<Finding>,
     /// The stall threshold, for saying what "healthy" was measured against.
     pub threshold_ms: u64,
+    /// Every exit seen, by cause, including processes no longer listed.
+    pub exits: BTreeMap<ExitCause, u64>,
 }
 
 /// Entries in the kernel's maps.

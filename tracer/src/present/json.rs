@@ -1,8 +1,10 @@
 //! JSON lines: one object per event, with `ts` added (docs/events.md).
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::verdict::{Verdict, verdict};
-use crate::model::{Losses, MapOccupancy, Summary, WorkerSummary};
+use crate::model::{ExitCause, Losses, MapOccupancy, Summary, WorkerSummary};
 
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
@@ -27,6 +29,8 @@ pub fn json_line<T: Serialize>(body: &T, ts: String) -> String {
 pub struct StartEvent {
     pub version: &'static str,
     pub threshold_ms: u64,
+    /// --request-threshold: a request unanswered this long is hung.
+    pub request_threshold_ms: u64,
     /// true when no --pid was given: every Gunicorn master is watched.
     pub discover: bool,
     pub pids: Vec<u32>,
@@ -44,6 +48,8 @@ pub struct SummaryEvent<'a> {
     pub workers: &'a [WorkerSummary],
     pub verdict: Verdict,
     pub exited_quiet: u64,
+    /// Every exit seen, by cause (`worker_exit.cause`).
+    pub exits: &'a BTreeMap<ExitCause, u64>,
 }
 
 impl<'a> SummaryEvent<'a> {
@@ -60,6 +66,7 @@ impl<'a> SummaryEvent<'a> {
             workers: &summary.workers,
             verdict: verdict(summary),
             exited_quiet: summary.exited_quiet,
+            exits: &summary.exits,
         }
     }
 }

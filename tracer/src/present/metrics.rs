@@ -10,7 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::model::{FdKind, Losses, MapOccupancy, Role, Summary, WorkerState, WorkerSummary};
+use crate::model::{
+    ExitCause, FdKind, Losses, MapOccupancy, Role, Summary, WorkerState, WorkerSummary,
+};
 use tracer_common::{HIST_BUCKETS, ReadHist, fdkind, program};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +45,11 @@ struct MapLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProgramLabels {
     program: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: String,
 }
 
 fn stall_histogram() -> Histogram {
@@ -158,6 +165,8 @@ pub fn render(
     let stalls = Family::<WorkerLabels, Counter>::default();
     let timeouts = Family::<WorkerLabels, Counter>::default();
     let closes = Family::<KindLabels, Counter>::default();
+    let hung = Family::<WorkerLabels, Counter>::default();
+    let hanging = Family::<WorkerLabels, Gauge>::default();
     reg.register(
         "worker_heartbeat_age_seconds",
         "Time since the worker's last Gunicorn heartbeat",
@@ -181,8 +190,18 @@ pub fn render(
     );
     reg.register(
         "worker_early_closes",
-        "Connections ended with nothing sent back, by kind (dropped_request, idle, upstream_cut)",
+        "Connections ended with nothing sent back, by kind (dropped_request, idle, upstream_cut, probe, client_abort)",
         closes.clone(),
+    );
+    reg.register(
+        "worker_hung_requests",
+        "Requests held past --request-threshold with nothing sent back",
+        hung.clone(),
+    );
+    reg.register(
+        "worker_requests_hanging",
+        "Requests held past --request-threshold with nothing sent back, now",
+        hanging.clone(),
     );
     reg.register(
         "stall_duration_seconds",
@@ -212,14 +231,12 @@ pub fn render(
         blocked.get_or_create(&l).set(b as f64 / 1000.0);
         stalls.get_or_create(&l).inc_by(w.stalls as u64);
         timeouts.get_or_create(&l).inc_by(w.timeouts as u64);
-        for (kind, n) in [
-            ("dropped_request", w.early_closes.dropped_request),
-            ("idle", w.early_closes.idle),
-            ("upstream_cut", w.early_closes.upstream_cut),
-        ] {
+        hung.get_or_create(&l).inc_by(w.hung_requests as u64);
+        hanging.get_or_create(&l).set(w.hanging_now as i64);
+        for (kind, n) in w.early_closes.by_kind() {
             let kl = KindLabels {
                 worker: l.clone(),
-                kind: kind.to_string(),
+                kind: kind.as_str().to_string(),
             };
             closes.get_or_create(&kl).inc_by(n as u64);
         }
@@ -267,6 +284,7 @@ pub fn render(
     );
     reg.register("map_entries", "Entries in the tracer's kernel maps", maps);
     register_bpf_errors(&mut reg, &me.bpf_errors);
+    register_exits(&mut reg, summary);
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out = "# encoding failed\n".into();
@@ -297,6 +315,24 @@ fn register_bpf_errors(reg: &mut Registry, errors: &[u64]) {
     );
 }
 
+/// Exits of watched processes by cause, since the start (the processes
+/// themselves leave the per-worker series): every cause has a series.
+fn register_exits(reg: &mut Registry, summary: &Summary) {
+    let family = Family::<CauseLabels, Counter>::default();
+    for cause in ExitCause::ALL {
+        let n = summary.exits.get(&cause).copied().unwrap_or(0);
+        let l = CauseLabels {
+            cause: cause.as_str().to_string(),
+        };
+        family.get_or_create(&l).inc_by(n);
+    }
+    reg.register(
+        "worker_exits",
+        "Exits of watched processes by cause: worker_timeout, oom_kill, master_signal, external_signal, max_requests, exit",
+        family,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,13 +349,18 @@ mod tests {
             timeouts: 1,
             exit_code: None,
             exit_signal: None,
+            exit: None,
             stall: None,
             early_closes: CloseCounts {
                 dropped_request: 3,
                 idle: 4,
-                upstream_cut: 0,
+                ..Default::default()
             },
             last_early_close: None,
+            last_keepalive_race: None,
+            hung_requests: 0,
+            hung_request: None,
+            hanging_now: 0,
             container: Some(Container {
                 id: "abc".into(),
                 pod: Some("web-1".into()),
@@ -335,6 +376,7 @@ mod tests {
             exited_quiet: 0,
             findings: vec![],
             threshold_ms: 500,
+            exits: Default::default(),
         }
     }
 
@@ -435,6 +477,27 @@ mod tests {
         );
         assert!(
             t.contains("# TYPE gunicorn_tracer_bpf_errors counter"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn exits_are_counted_by_cause_with_every_cause_present() {
+        let mut s = summary(vec![]);
+        s.exits.insert(ExitCause::OomKill, 2);
+        let t = render(
+            &s,
+            &mut |_| None,
+            &mut |_| None,
+            &StallDurations::default(),
+            &SelfStats::default(),
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_worker_exits_total{cause="oom_kill"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_worker_exits_total{cause="max_requests"} 0"#),
             "{t}"
         );
     }

@@ -5,6 +5,7 @@
 //! neutralises control characters so a process name cannot drive the
 //! terminal.
 mod clock;
+mod exits;
 mod json;
 pub mod metrics;
 mod text;
@@ -34,6 +35,38 @@ pub fn sanitize(s: &str) -> String {
 /// `1.5s`
 fn secs(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+/// What holds a hung request, when known: its worker's stall, else the
+/// threads blocked on an fd ("thread 12 [gunicorn] blocked in read() on fd
+/// 11 (pipe:[1234])"), else nothing seen.
+fn holders(h: &crate::model::HungRequest) -> String {
+    if let Some(s) = &h.stall {
+        return format!(
+            "the worker is stalled {} in {}",
+            secs(s.blocked_ms),
+            describe_call(s)
+        );
+    }
+    if h.blocked_threads.is_empty() {
+        return "no thread was seen blocked on an fd (a greenlet or a lock?)".into();
+    }
+    let threads: Vec<String> = h
+        .blocked_threads
+        .iter()
+        .map(|t| {
+            let on = match (t.fd, &t.fd_target) {
+                (Some(fd), Some(tg)) => format!(" on fd {fd} ({tg})"),
+                (Some(fd), None) => format!(" on fd {fd}"),
+                _ => String::new(),
+            };
+            format!(
+                "thread {} [{}] blocked in {}(){on}",
+                t.tid, t.comm, t.syscall
+            )
+        })
+        .collect();
+    threads.join(", ")
 }
 
 /// "read() on fd 11 (pipe:[1234])"

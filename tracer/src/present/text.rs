@@ -1,8 +1,12 @@
 //! The text view: one line (or a few) per event, and the summary with the
 //! verdict on top. Everything from a traced process goes through `sanitize`.
+use super::exits::exit_words;
 use super::json::{StartEvent, SummaryEvent};
-use super::{Clock, describe_call, sanitize, secs};
-use crate::model::{CloseKind, Direction, EarlyClose, Outcome, Output, Role, Source, StallReport};
+use super::{Clock, describe_call, holders, sanitize, secs};
+use crate::model::{
+    CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, Outcome, Output, Role,
+    Source, StallReport,
+};
 
 /// `  likely: ...` and `  fix: ...` under an event line.
 fn cause_lines(c: &crate::model::Cause) -> String {
@@ -125,6 +129,9 @@ fn early_close_line(e: &EarlyClose) -> String {
         CloseKind::DroppedRequest => "DROPPED ",
         CloseKind::Idle => "idle    ",
         CloseKind::UpstreamCut => "UPSTREAM",
+        CloseKind::Probe => "probe   ",
+        CloseKind::ClientAbort => "abort   ",
+        CloseKind::KeepaliveRace => "RACE    ",
     };
     let peer = e
         .peer
@@ -159,8 +166,16 @@ fn early_close_line(e: &EarlyClose) -> String {
             p.syscall, p.ret, p.wait_ms
         ));
     }
-    if e.kind == CloseKind::Idle {
-        l.push_str("; normal for an idle keep-alive connection");
+    match e.kind {
+        CloseKind::Idle => l.push_str("; normal for an idle keep-alive connection"),
+        CloseKind::Probe => {
+            l.push_str("; the client closed first without sending a byte: a TCP health check")
+        }
+        CloseKind::ClientAbort => {
+            l.push_str("; the client closed first, before the answer (nginx logs 499)")
+        }
+        CloseKind::KeepaliveRace => l.push_str(&race_details(e)),
+        _ => {}
     }
     if let Some(c) = &e.cause {
         l.push_str(&cause_lines(c));
@@ -168,15 +183,77 @@ fn early_close_line(e: &EarlyClose) -> String {
     l
 }
 
-fn exit_line(pid: u32, role: Role, exit_code: Option<i32>, signal: &Option<String>) -> String {
+/// "; idle 1.0s before the close (--keep-alive 1s); the client's next
+/// request came 0.5s after it and the kernel reset it: a lost request"
+fn race_details(e: &EarlyClose) -> String {
+    let mut d = String::new();
+    if let Some(idle) = e.idle_ms {
+        d.push_str(&format!("; idle {} before the close", secs(idle)));
+    }
+    if let Some(k) = e.keepalive_s {
+        d.push_str(&format!(" (--keep-alive {k}s)"));
+    }
+    let after = e
+        .reset_after_ms
+        .map(|ms| format!(" {} after it", secs(ms)))
+        .unwrap_or_default();
+    d.push_str(&format!(
+        "; the client's next request came{after} and the kernel reset it: a lost request (a proxy's 502)"
+    ));
+    d
+}
+
+fn hung_line(h: &HungRequest) -> String {
+    let fd = h.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
     format!(
-        "exit     {} {pid} {}",
-        role.as_str(),
-        match (signal, exit_code) {
-            (_, Some(c)) => format!("exited with code {c}"),
-            (Some(s), None) => format!("killed by {s}"),
-            (None, None) => "exited".into(),
+        "HUNG     {} {} (master {}) has sent nothing back to {} -> :{}{fd} for {} (--request-threshold {}): {} bytes in{}; {}",
+        h.role.as_str(),
+        h.pid,
+        h.master_pid,
+        sanitize(&h.peer),
+        h.local_port,
+        secs(h.waiting_ms),
+        secs(h.threshold_ms),
+        h.bytes_in,
+        if h.unread_bytes > 0 {
+            format!(" ({} not read yet)", h.unread_bytes)
+        } else {
+            String::new()
+        },
+        sanitize(&holders(h))
+    )
+}
+
+fn hung_end_line(pid: u32, peer: &str, waited_ms: u64, outcome: HungOutcome) -> String {
+    format!(
+        "end      {pid} request from {} after {}: {}",
+        sanitize(peer),
+        secs(waited_ms),
+        match outcome {
+            HungOutcome::Answered => "answered",
+            HungOutcome::ClientClosed =>
+                "the client closed its side (a proxy that gave up: its 504)",
+            HungOutcome::Dropped => "dropped by the worker with nothing sent (see the early close)",
         }
+    )
+}
+
+fn exit_line(
+    pid: u32,
+    master: u32,
+    role: Role,
+    exit_code: Option<i32>,
+    signal: &Option<String>,
+    why: &ExitReport,
+) -> String {
+    let label = match why.is_finding() {
+        true => "EXIT    ",
+        false => "exit    ",
+    };
+    format!(
+        "{label} {} {pid} {}",
+        role.as_str(),
+        exit_words(pid, master, exit_code, signal.as_deref(), why)
     )
 }
 
@@ -213,13 +290,23 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             ..
         } => timeout_line(*pid, *master_pid, signal, stall),
         Output::EarlyClose { close, .. } => early_close_line(close),
+        Output::HungRequest { hung, .. } => hung_line(hung),
+        Output::HungRequestEnd {
+            pid,
+            peer,
+            waited_ms,
+            outcome,
+            ..
+        } => hung_end_line(*pid, peer, *waited_ms, *outcome),
         Output::WorkerExit {
             pid,
+            master_pid,
             role,
             exit_code,
             signal,
+            why,
             ..
-        } => exit_line(*pid, *role, *exit_code, signal),
+        } => exit_line(*pid, *master_pid, *role, *exit_code, signal, why),
     };
     format!("{}  {body}", clock.hhmmss(o.ts_ns()))
 }
@@ -245,10 +332,10 @@ pub fn colorize(line: &str) -> String {
         return line.to_string();
     };
     let code = match label.trim() {
-        "STALL" | "TIMEOUT" | "DROPPED" => "1;31",
+        "STALL" | "TIMEOUT" | "DROPPED" | "EXIT" | "RACE" | "HUNG" => "1;31",
         "UPSTREAM" => "1;33",
         "end" | "exit" => "2",
-        "idle" => "2",
+        "idle" | "probe" | "abort" => "2",
         _ => return line.to_string(),
     };
     format!("{}\x1b[{code}m{label}\x1b[0m{}", &line[..14], &line[22..])
@@ -402,6 +489,7 @@ mod tests {
             role: Role::Worker,
             exit_code: None,
             signal: Some("SIGKILL".into()),
+            why: ExitReport::new(crate::model::ExitCause::ExternalSignal),
             container: None,
         };
         let v: serde_json::Value = serde_json::from_str(&json_line(&x, "t".into())).unwrap();
@@ -479,6 +567,7 @@ mod tests {
                     role: Role::Worker,
                     exit_code: Some(0),
                     signal: None,
+                    why: ExitReport::new(crate::model::ExitCause::Exit),
                     container: None,
                 },
                 &c

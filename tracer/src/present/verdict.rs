@@ -2,7 +2,7 @@
 //! thing a person reads.
 use serde::Serialize;
 
-use super::{describe_call, secs};
+use super::{describe_call, exits, holders, secs};
 use crate::model::{Finding, Role, StallReport, Summary, WorkerState, WorkerSummary};
 
 #[derive(Debug, Clone, Serialize)]
@@ -11,6 +11,16 @@ pub struct Verdict {
     pub killed_pids: Vec<u32>,
     /// Workers that closed requests with nothing sent (or cut upstream calls).
     pub dropping_pids: Vec<u32>,
+    /// Killed by the kernel's OOM killer.
+    pub oom_killed_pids: Vec<u32>,
+    /// Workers that failed to boot or to load the app (the master halts).
+    pub boot_failed_pids: Vec<u32>,
+    /// Killed by a signal from outside Gunicorn (kill -9, a crash).
+    pub killed_externally_pids: Vec<u32>,
+    /// Closed keep-alive connections on which a request was then lost.
+    pub keepalive_race_pids: Vec<u32>,
+    /// Held requests past --request-threshold without an answer.
+    pub hung_request_pids: Vec<u32>,
     pub text: String,
 }
 
@@ -42,7 +52,7 @@ fn stalled(w: &WorkerSummary) -> String {
     )
 }
 
-fn killed(w: &WorkerSummary) -> String {
+fn timed_out(w: &WorkerSummary) -> String {
     match &w.stall {
         Some(s) => format!(
             "{} was killed by Gunicorn's WORKER TIMEOUT after blocking {} in {}{}",
@@ -94,6 +104,98 @@ fn dropping(w: &WorkerSummary) -> String {
     line
 }
 
+/// The exit of `w` in words, after its name.
+fn exit_of(w: &WorkerSummary) -> String {
+    match &w.exit {
+        Some(why) => exits::exit_words(
+            w.pid,
+            w.master_pid,
+            w.exit_code,
+            w.exit_signal.as_deref(),
+            why,
+        ),
+        None => "exited".into(),
+    }
+}
+
+/// "worker 7 (master 1) was killed by the kernel's OOM killer: ...", or
+/// by whatever killed it, with the last stall it had, if any.
+fn killed(w: &WorkerSummary) -> String {
+    let mut line = format!("{} was {}", name(w), exit_of(w));
+    if let Some(st) = w.stall.as_ref().filter(|_| w.stalls > 0) {
+        line.push_str(&format!(
+            "; it had stalled {} time(s), last for {} in {}",
+            w.stalls,
+            secs(st.blocked_ms),
+            describe_call(st)
+        ));
+    }
+    line
+}
+
+/// "worker 7 (master 1) exited with code 3: the worker failed to boot ..."
+fn halted(w: &WorkerSummary) -> String {
+    format!("{} {}", name(w), exit_of(w))
+}
+
+/// "worker 7 (master 1) is HANGING 1 request(s): ..." (or held them).
+fn hung(w: &WorkerSummary) -> String {
+    let Some(h) = &w.hung_request else {
+        return format!(
+            "{} held {} request(s) without an answer",
+            name(w),
+            w.hung_requests
+        );
+    };
+    let head = if w.hanging_now > 0 {
+        format!(
+            "{} is HANGING {} request(s): {} has waited {} with nothing sent back",
+            name(w),
+            w.hanging_now,
+            h.peer,
+            secs(h.waiting_ms)
+        )
+    } else {
+        format!(
+            "{} held {} request(s) past --request-threshold ({}) without an answer; last from {}",
+            name(w),
+            w.hung_requests,
+            secs(h.threshold_ms),
+            h.peer
+        )
+    };
+    let when = if w.hanging_now > 0 {
+        ""
+    } else {
+        "at the time: "
+    };
+    format!("{head}; {when}{}", holders(h))
+}
+
+/// "worker 7 (master 1): 3 request(s) lost to keep-alive races: ..."
+fn racing(w: &WorkerSummary) -> String {
+    let last = w.last_keepalive_race.as_ref();
+    let keepalive = last
+        .and_then(|e| e.keepalive_s)
+        .map(|k| format!(" ({k}s)"))
+        .unwrap_or_default();
+    let mut line = format!(
+        "{}: {} request(s) lost to keep-alive races: the client or load balancer reuses connections longer than Gunicorn's keep-alive{keepalive}; set --keep-alive above the balancer's idle timeout (ALB default 60 s)",
+        name(w),
+        w.early_closes.keepalive_race
+    );
+    if let Some(e) = last {
+        line.push_str(&format!("; last: {}", e.peer.as_deref().unwrap_or("?")));
+        if let Some(idle) = e.idle_ms {
+            line.push_str(&format!(", closed after {} idle", secs(idle)));
+        }
+        if let Some(after) = e.reset_after_ms {
+            line.push_str(&format!(", its next request came {} later", secs(after)));
+        }
+    }
+    line
+}
+
 /// With nothing wrong: say what was watched, or the stalls that are over.
 fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
     let past: Vec<&WorkerSummary> = s.workers.iter().filter(|w| w.stalls > 0).collect();
@@ -123,23 +225,38 @@ pub fn verdict(s: &Summary) -> Verdict {
         stalled_pids: Vec::new(),
         killed_pids: Vec::new(),
         dropping_pids: Vec::new(),
+        oom_killed_pids: Vec::new(),
+        boot_failed_pids: Vec::new(),
+        killed_externally_pids: Vec::new(),
+        keepalive_race_pids: Vec::new(),
+        hung_request_pids: Vec::new(),
         text: String::new(),
     };
     let mut lines = Vec::new();
     for &f in &s.findings {
         let w = &s.workers[f.worker()];
         let (pids, line) = match f {
+            Finding::Halted(_) => (&mut v.boot_failed_pids, halted(w)),
             Finding::Stalled(_) => (&mut v.stalled_pids, stalled(w)),
-            Finding::KilledByTimeout(_) => (&mut v.killed_pids, killed(w)),
+            Finding::HungRequests(_) => (&mut v.hung_request_pids, hung(w)),
+            Finding::OomKilled(_) => (&mut v.oom_killed_pids, killed(w)),
+            Finding::KilledByTimeout(_) => (&mut v.killed_pids, timed_out(w)),
             Finding::Dropping(_) => (&mut v.dropping_pids, dropping(w)),
+            Finding::KilledExternally(_) => (&mut v.killed_externally_pids, killed(w)),
+            Finding::KeepaliveRaces(_) => (&mut v.keepalive_race_pids, racing(w)),
         };
         pids.push(w.pid);
         lines.push(line);
     }
+    let named: Vec<usize> = s.findings.iter().map(|f| f.worker()).collect();
     let healthy: Vec<String> = s
         .workers
         .iter()
-        .filter(|w| w.role == Role::Worker && w.state == WorkerState::Healthy)
+        .enumerate()
+        .filter(|(i, w)| {
+            w.role == Role::Worker && w.state == WorkerState::Healthy && !named.contains(i)
+        })
+        .map(|(_, w)| w)
         .map(|w| w.pid.to_string())
         .collect();
     if lines.is_empty() {

@@ -1,0 +1,312 @@
+//! End to end: why a Gunicorn worker exited, as `worker_exit.cause` says
+//! it, on real Gunicorn 27 (tests/apps/exits_app.py): the kernel's OOM
+//! killer, the master's signals, someone else's kill -9, --max-requests,
+//! and a worker that cannot boot.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tests::*;
+
+/// A child of this process's memory cgroup with a limit, removed when
+/// dropped (cgroup v1, as on these machines, or v2).
+struct MemoryCgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    fn new(tag: &str, limit: u64) -> MemoryCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let v1 = own
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .filter(|_| std::path::Path::new("/sys/fs/cgroup/memory").is_dir());
+        let (root, path, v2) = match v1 {
+            Some(p) => ("/sys/fs/cgroup/memory", p, false),
+            None => {
+                let p = own
+                    .lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+                    .expect("a cgroup v2 path");
+                ("/sys/fs/cgroup", p, true)
+            }
+        };
+        let dir = PathBuf::from(root)
+            .join(path.trim_start_matches('/'))
+            .join(format!("tracer-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cg = MemoryCgroup { dir, v2 };
+        if v2 {
+            cg.write("memory.max", limit);
+            cg.write("memory.swap.max", 0);
+        } else {
+            cg.write("memory.limit_in_bytes", limit);
+            // No swap to escape to, where swap accounting is on.
+            if cg.dir.join("memory.memsw.limit_in_bytes").exists() {
+                cg.write("memory.memsw.limit_in_bytes", limit);
+            }
+        }
+        cg
+    }
+
+    fn write(&self, file: &str, v: impl ToString) {
+        let _ = std::fs::write(self.dir.join(file), v.to_string());
+    }
+
+    /// Moves a process in: what it allocates from now on is charged here.
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", self.dir.display()));
+    }
+
+    /// The path /proc/PID/cgroup shows for a process in it.
+    fn path(&self) -> String {
+        let root = if self.v2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/memory"
+        };
+        self.dir
+            .to_str()
+            .unwrap()
+            .strip_prefix(root)
+            .unwrap()
+            .to_string()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Empty once the test's processes are gone; retry while they die.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn exit_of(t: &mut Tracer, pid: u32) -> Value {
+    t.wait_for(
+        &format!("worker_exit of {pid}"),
+        Duration::from_secs(15),
+        |e| e["event"] == "worker_exit" && e["pid"] == pid,
+    )
+    .1
+}
+
+#[test]
+fn an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request() {
+    require_root();
+    const LIMIT: u64 = 160 << 20;
+    // First, so that it is removed last, once the processes in it are gone.
+    let cg = MemoryCgroup::new("oom", LIMIT);
+    let pids = HangPids::new("oom");
+    let mut g = Gunicorn::new("exits_app:app")
+        .workers(1)
+        .env("PID_FILE", pids.path())
+        .spawn();
+    let master = g.pid();
+    let mut t = Tracer::start(&["--pid", &master.to_string()]);
+    let worker = t
+        .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
+        .1["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    // The master and its worker go into a cgroup with a small limit; the
+    // worker's next allocations are charged there.
+    cg.add(master);
+    cg.add(worker);
+
+    let client = get_async(g.port, "/alloc?mb=400", Duration::from_secs(20));
+    assert_eq!(pids.wait_nth(0), worker);
+    let reply = client.recv().unwrap();
+    assert!(
+        reply.as_ref().map(|r| r.is_empty()).unwrap_or(true),
+        "the client got nothing: {reply:?}"
+    );
+    g.wait_line(
+        &format!("Worker (pid:{worker}) was sent SIGKILL! Perhaps out of memory?"),
+        Duration::from_secs(10),
+    );
+
+    let exit = exit_of(&mut t, worker);
+    assert_eq!(exit["cause"], "oom_kill", "{exit}");
+    assert_eq!(exit["signal"], "SIGKILL", "{exit}");
+    let oom = &exit["oom"];
+    assert_eq!(oom["memory_limit_bytes"], LIMIT, "{exit}");
+    assert_eq!(oom["cgroup"], cg.path(), "{exit}");
+    let usage = oom["memory_usage_bytes"].as_u64().unwrap();
+    assert!(usage >= LIMIT * 9 / 10, "usage reached the limit: {exit}");
+    assert!(oom["oom_score_adj"].is_i64(), "{exit}");
+    // The request in flight was lost with it, and blamed on the OOM kill.
+    let (_, drop) = t.wait_for("the dropped request", Duration::from_secs(5), |e| {
+        e["event"] == "early_close" && e["pid"] == worker
+    });
+    assert_eq!(drop["kind"], "dropped_request", "{drop}");
+    assert_eq!(drop["cause"]["id"], "oom_killed_mid_request", "{drop}");
+    // Gunicorn restarts it; nothing was a WORKER TIMEOUT.
+    t.wait_for("the replacement", Duration::from_secs(10), |e| {
+        e["event"] == "worker" && e["source"] == "fork"
+    });
+    assert!(t.of_kind("worker_timeout").is_empty(), "{:#?}", t.events);
+
+    let summary = t.stop();
+    let v = &summary["verdict"];
+    assert_eq!(v["oom_killed_pids"], serde_json::json!([worker]), "{v}");
+    assert_eq!(v["killed_pids"], serde_json::json!([]), "{v}");
+    let text = v["text"].as_str().unwrap();
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.starts_with(&format!(
+            "worker {worker} (master {master}) was killed by the kernel's OOM killer: cgroup limit 160 MiB, usage "
+        )),
+        "{text}"
+    );
+    assert!(
+        first.contains("Gunicorn's 'Perhaps out of memory?' is right this time"),
+        "{text}"
+    );
+    assert_eq!(summary["exits"]["oom_kill"], 1, "{summary}");
+}
+
+#[test]
+fn signals_are_told_apart_by_who_sent_them() {
+    require_root();
+    let g = Gunicorn::new("exits_app:app").workers(2).spawn();
+    let master = g.pid();
+    let mut t = Tracer::start(&["--pid", &master.to_string()]);
+    let workers: Vec<u32> = t
+        .wait_count("workers", 2, Duration::from_secs(5), |e| {
+            e["event"] == "worker"
+        })
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+
+    // Someone else's kill -9: not Gunicorn, not the OOM killer.
+    // SAFETY: kill(2) on a worker of the Gunicorn this test started.
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    let exit = exit_of(&mut t, workers[0]);
+    assert_eq!(exit["cause"], "external_signal", "{exit}");
+    assert_eq!(exit["cause_signal"], "SIGKILL", "{exit}");
+    assert_eq!(exit["sender"]["pid"], std::process::id(), "{exit}");
+    assert!(exit["sender"]["comm"].is_string(), "{exit}");
+
+    // A reload: the master starts new workers and stops the old ones with
+    // SIGTERM; they exit cleanly.
+    let forked = |t: &Tracer| -> Vec<u32> {
+        t.of_kind("worker")
+            .iter()
+            .filter(|e| e["source"] == "fork")
+            .map(|e| e["pid"].as_u64().unwrap() as u32)
+            .collect()
+    };
+    t.wait_for("the replacement", Duration::from_secs(10), |e| {
+        e["event"] == "worker" && e["source"] == "fork"
+    });
+    let old = [workers[1], forked(&t)[0]];
+    // SAFETY: kill(2) on the Gunicorn master this test started.
+    unsafe { libc::kill(master as i32, libc::SIGHUP) };
+    for w in old {
+        let exit = exit_of(&mut t, w);
+        assert_eq!(exit["cause"], "master_signal", "{exit}");
+        assert_eq!(exit["cause_signal"], "SIGTERM", "{exit}");
+        assert_eq!(exit["sender"]["pid"], master, "{exit}");
+        assert_eq!(exit["exit_code"], 0, "{exit}");
+    }
+
+    // A shutdown: SIGTERM to the master from here; it stops its workers.
+    t.wait_count("the reloaded workers", 3, Duration::from_secs(10), |e| {
+        e["event"] == "worker" && e["source"] == "fork"
+    });
+    let live = forked(&t)[1..].to_vec();
+    // SAFETY: as above.
+    unsafe { libc::kill(master as i32, libc::SIGTERM) };
+    for w in &live {
+        let exit = exit_of(&mut t, *w);
+        assert_eq!(exit["cause"], "master_signal", "{exit}");
+        assert_eq!(exit["sender"]["pid"], master, "{exit}");
+    }
+    let exit = exit_of(&mut t, master);
+    assert_eq!(exit["cause"], "external_signal", "{exit}");
+    assert_eq!(exit["cause_signal"], "SIGTERM", "{exit}");
+    assert_eq!(exit["sender"]["pid"], std::process::id(), "{exit}");
+
+    let summary = t.stop();
+    let v = &summary["verdict"];
+    assert_eq!(
+        v["killed_externally_pids"],
+        serde_json::json!([workers[0]]),
+        "only the kill -9 is a finding: {v}"
+    );
+    assert!(t.of_kind("worker_timeout").is_empty(), "{:#?}", t.events);
+    assert_eq!(summary["exits"]["master_signal"], 4, "{summary}");
+    assert_eq!(summary["exits"]["external_signal"], 2, "{summary}");
+}
+
+#[test]
+fn a_worker_retired_by_max_requests_says_so() {
+    require_root();
+    let g = Gunicorn::new("exits_app:app")
+        .workers(1)
+        .max_requests(5)
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let worker = t
+        .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
+        .1["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    for _ in 0..5 {
+        assert!(get(g.port, "/").ends_with("ok\n"));
+    }
+    let exit = exit_of(&mut t, worker);
+    assert_eq!(exit["cause"], "max_requests", "{exit}");
+    assert_eq!(exit["max_requests"], 5, "{exit}");
+    assert_eq!(exit["exit_code"], 0, "{exit}");
+    let summary = t.stop();
+    assert!(
+        summary["verdict"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("healthy:"),
+        "a retirement is not a finding: {summary}"
+    );
+}
+
+#[test]
+fn a_worker_that_cannot_boot_is_said_to_halt_the_master() {
+    require_root();
+    let go = GoFile::new("boot");
+    let mut g = Gunicorn::new("boot_fail_app:app")
+        .workers(1)
+        .env("GO_FILE", go.path())
+        .spawn();
+    let master = g.pid();
+    let mut t = Tracer::start(&["--pid", &master.to_string()]);
+    let worker = t
+        .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
+        .1["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    go.release();
+    let exit = exit_of(&mut t, worker);
+    assert_eq!(exit["cause"], "exit", "{exit}");
+    assert_eq!(exit["exit_code"], 3, "{exit}");
+    assert_eq!(exit["halts_master"], true, "{exit}");
+    g.wait_line("Worker failed to boot", Duration::from_secs(10));
+    let master_exit = exit_of(&mut t, master);
+    assert_eq!(master_exit["exit_code"], 3, "{master_exit}");
+    let summary = t.stop();
+    let v = &summary["verdict"];
+    assert_eq!(v["boot_failed_pids"], serde_json::json!([worker]), "{v}");
+    let text = v["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(&format!(
+            "worker {worker} (master {master}) exited with code 3: the worker failed to boot"
+        )) && text.contains("halts the whole server"),
+        "{text}"
+    );
+}

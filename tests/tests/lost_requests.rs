@@ -1,0 +1,434 @@
+//! End to end: requests that are lost, and connections that only look
+//! lost, on a real Gunicorn 27 running tests/apps/exits_app.py.
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::*;
+
+/// A TCP health check: connect, send nothing, close (kubelet `tcpSocket`,
+/// a load balancer's TCP check, a port scanner).
+fn tcp_probe(port: u16) -> u16 {
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.local_addr().unwrap().port()
+}
+
+/// A client that sends `request` and leaves after `wait`, before any answer.
+fn leave_early(port: u16, request: &[u8], wait: Duration) -> u16 {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(request).unwrap();
+    std::thread::sleep(wait);
+    c.local_addr().unwrap().port()
+}
+
+fn dropped(t: &Tracer) -> Vec<&Value> {
+    t.of_kind("early_close")
+        .into_iter()
+        .filter(|e| e["kind"] == "dropped_request")
+        .collect()
+}
+
+#[test]
+fn health_checks_and_client_aborts_are_counted_never_blamed_on_a_worker() {
+    require_root();
+    let g = Gunicorn::new("exits_app:app").workers(2).spawn();
+    let port = g.port;
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_count("workers", 2, Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+
+    let probes: Vec<u16> = (0..6).map(|_| tcp_probe(port)).collect();
+    // Half a request, then gone: Gunicorn reads EOF and closes, nothing sent.
+    let half = leave_early(port, b"GET / HTTP/1.1\r\nHost:", Duration::from_millis(200));
+    // A whole request to a slow endpoint, then gone before the answer
+    // (what nginx logs as 499).
+    let slow = leave_early(
+        port,
+        b"GET /slow?s=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(200),
+    );
+
+    t.wait_count("probes", probes.len(), Duration::from_secs(5), |e| {
+        e["event"] == "early_close" && e["kind"] == "probe"
+    });
+    let (_, abort) = t.wait_for("the half request", Duration::from_secs(5), |e| {
+        e["event"] == "early_close" && e["peer"] == format!("127.0.0.1:{half}")
+    });
+    assert_eq!(abort["kind"], "client_abort", "{abort}");
+    assert_eq!(abort["peer_closed_first"], true, "{abort}");
+    assert_eq!(abort["bytes_in"], 21, "the FIN is not a byte: {abort}");
+    // The slow request is answered into a closed connection: not lost by
+    // the worker either way.
+    assert!(get(port, "/slow?s=1").ends_with("slow\n"));
+    t.collect_for(Duration::from_millis(1500));
+
+    for p in &probes {
+        let e = t
+            .of_kind("early_close")
+            .into_iter()
+            .find(|e| e["peer"] == format!("127.0.0.1:{p}"))
+            .unwrap_or_else(|| panic!("no event for probe {p}: {:#?}", t.events));
+        assert_eq!(e["kind"], "probe", "{e}");
+        assert_eq!(e["bytes_in"], 0, "the FIN is not a byte: {e}");
+        assert_eq!(e["peer_closed_first"], true, "{e}");
+        assert_eq!(e["cause"], Value::Null, "{e}");
+    }
+    assert!(
+        t.of_kind("early_close")
+            .iter()
+            .all(|e| e["peer"] != format!("127.0.0.1:{slow}") || e["kind"] == "client_abort"),
+        "{:#?}",
+        t.of_kind("early_close")
+    );
+    assert!(dropped(&t).is_empty(), "{:#?}", dropped(&t));
+
+    let summary = t.stop();
+    assert_eq!(
+        summary["verdict"]["dropping_pids"],
+        serde_json::json!([]),
+        "{summary}"
+    );
+    let text = summary["verdict"]["text"].as_str().unwrap();
+    assert!(!text.contains("dropped"), "no worker is blamed: {text}");
+    let counted: u64 = summary["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["early_closes"]["probe"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(counted, probes.len() as u64, "{summary}");
+}
+
+/// Sends a request on `c` and reads one response: its status line, or
+/// None when the connection was closed or reset instead.
+fn request_on(c: &mut TcpStream, path: &str) -> Option<String> {
+    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let len: usize = text
+            .lines()
+            .find_map(|l| {
+                let l = l.to_ascii_lowercase();
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            return text.lines().next().map(str::to_string);
+        }
+    }
+}
+
+/// A keep-alive client: one request, a pause, then the next request on the
+/// same connection. Returns its port and whether the second was answered.
+fn reuse_after(port: u16, pause: Duration) -> (u16, bool) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let local = c.local_addr().unwrap().port();
+    assert!(request_on(&mut c, "/").is_some_and(|s| s.contains("200")));
+    std::thread::sleep(pause);
+    (local, request_on(&mut c, "/").is_some())
+}
+
+fn races(t: &Tracer) -> Vec<&Value> {
+    t.of_kind("early_close")
+        .into_iter()
+        .filter(|e| e["kind"] == "keepalive_race")
+        .collect()
+}
+
+/// Gunicorn with a gthread worker (it keeps connections alive) and
+/// `--keep-alive 1`.
+fn keepalive_gunicorn() -> GunicornProc {
+    Gunicorn::new("exits_app:app")
+        .worker_class("gthread")
+        .threads(4)
+        .keep_alive(1)
+        .workers(1)
+        .spawn()
+}
+
+#[test]
+fn a_request_sent_on_a_connection_gunicorn_closed_as_idle_is_a_keepalive_race() {
+    require_root();
+    let g = keepalive_gunicorn();
+    let port = g.port;
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let worker = t
+        .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
+        .1["pid"]
+        .clone();
+
+    // Clients that come back after the keep-alive (1 s): lost. Clients that
+    // come back within it: answered. One that never comes back: silent.
+    let late: Vec<std::thread::JoinHandle<(u16, bool)>> = (0..3)
+        .map(|_| std::thread::spawn(move || reuse_after(port, Duration::from_millis(2500))))
+        .collect();
+    let early: Vec<std::thread::JoinHandle<(u16, bool)>> = (0..2)
+        .map(|_| std::thread::spawn(move || reuse_after(port, Duration::from_millis(300))))
+        .collect();
+    let mut quiet = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let quiet_port = quiet.local_addr().unwrap().port();
+    assert!(request_on(&mut quiet, "/").is_some());
+    let late: Vec<(u16, bool)> = late.into_iter().map(|h| h.join().unwrap()).collect();
+    let early: Vec<(u16, bool)> = early.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(late.iter().all(|(_, answered)| !answered), "{late:?}");
+    assert!(early.iter().all(|(_, answered)| *answered), "{early:?}");
+
+    t.wait_count("races", late.len(), Duration::from_secs(5), |e| {
+        e["event"] == "early_close" && e["kind"] == "keepalive_race"
+    });
+    t.collect_for(Duration::from_millis(500));
+    let found = races(&t);
+    assert_eq!(found.len(), late.len(), "one per lost request: {found:#?}");
+    for (client, _) in &late {
+        let e = found
+            .iter()
+            .find(|e| e["peer"] == format!("127.0.0.1:{client}"))
+            .unwrap_or_else(|| panic!("no race for client port {client}: {found:#?}"));
+        assert_eq!(e["pid"], worker, "{e}");
+        assert_eq!(e["local_port"], port, "{e}");
+        assert_eq!(e["keepalive_s"], 1.0, "{e}");
+        assert!(e["bytes_out"].as_u64().unwrap() > 0, "it had answered: {e}");
+        let idle = e["idle_ms"].as_u64().unwrap();
+        assert!(
+            (900..2600).contains(&idle),
+            "idle about the keep-alive: {e}"
+        );
+        let after = e["reset_after_ms"].as_u64().unwrap();
+        assert!(after < 2500, "{e}");
+        assert_eq!(e["cause"]["id"], "keepalive_shorter_than_client", "{e}");
+    }
+    for port in early.iter().map(|(p, _)| *p).chain([quiet_port]) {
+        assert!(
+            found
+                .iter()
+                .all(|e| e["peer"] != format!("127.0.0.1:{port}")),
+            "no race for client {port}: {found:#?}"
+        );
+    }
+    assert!(
+        t.of_kind("early_close")
+            .iter()
+            .all(|e| e["kind"] != "dropped_request"),
+        "not confused with a dropped request: {:#?}",
+        t.of_kind("early_close")
+    );
+    drop(quiet);
+
+    let summary = t.stop();
+    let v = &summary["verdict"];
+    assert_eq!(v["keepalive_race_pids"], serde_json::json!([worker]), "{v}");
+    let text = v["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!(
+            "{} request(s) lost to keep-alive races: the client or load balancer reuses connections longer than Gunicorn's keep-alive (1s); set --keep-alive above the balancer's idle timeout (ALB default 60 s)",
+            late.len()
+        )),
+        "{text}"
+    );
+}
+
+/// An nftables rule, removed when dropped, that drops the FINs a port
+/// sends: the peer does not learn that the connection was closed, as when
+/// a load balancer's next request is already on its way.
+struct HeldFins(String);
+
+impl HeldFins {
+    fn from_port(port: u16) -> HeldFins {
+        let table = format!("tracer_test_{}_{port}", std::process::id());
+        let nft = |args: &str| {
+            let ok = Command::new("nft")
+                .args(args.split_whitespace())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "nft {args} failed (cargo xtask test installs nftables)");
+        };
+        nft(&format!("add table inet {table}"));
+        nft(&format!(
+            "add chain inet {table} out {{ type filter hook output priority 0 ; }}"
+        ));
+        nft(&format!(
+            "add rule inet {table} out tcp sport {port} tcp flags & fin == fin drop"
+        ));
+        HeldFins(table)
+    }
+}
+
+impl Drop for HeldFins {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn behind_nginx_every_502_from_a_reused_upstream_connection_is_one_keepalive_race() {
+    require_root();
+    let g = keepalive_gunicorn();
+    let nginx = Nginx::start_with(
+        g.port,
+        &NginxConf {
+            upstream_keepalive: Some((8, Duration::from_secs(60))),
+            ..Default::default()
+        },
+    );
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker");
+    // nginx keeps its upstream connections 60 s; Gunicorn closes them after
+    // 1 s idle, and nginx hears of it late (the FIN is held back).
+    let _held = HeldFins::from_port(g.port);
+    let rounds = 3;
+    for _ in 0..rounds {
+        assert!(get(nginx.port, "/").contains("200 OK"));
+        std::thread::sleep(Duration::from_millis(2500));
+        let _ = get(nginx.port, "/");
+    }
+    let statuses = eventually("every request logged", Duration::from_secs(5), || {
+        let s = nginx.statuses();
+        (s.len() >= 2 * rounds).then_some(s)
+    });
+    let n502 = statuses.iter().filter(|s| **s == 502).count();
+    assert_eq!(
+        statuses,
+        [200, 502].repeat(rounds),
+        "each reuse of a connection Gunicorn closed is a 502"
+    );
+    t.wait_count("races", n502, Duration::from_secs(5), |e| {
+        e["event"] == "early_close" && e["kind"] == "keepalive_race"
+    });
+    t.collect_for(Duration::from_millis(500));
+    let found = races(&t);
+    assert_eq!(
+        found.len(),
+        n502,
+        "one race per 502: {found:#?}\n{statuses:?}"
+    );
+    for e in &found {
+        assert!(
+            e["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "nginx's side of the upstream connection: {e}"
+        );
+        assert_eq!(e["local_port"], g.port, "{e}");
+    }
+    assert!(dropped(&t).is_empty(), "{:#?}", dropped(&t));
+    t.stop();
+}
+
+/// GET through `port` in a thread; the receiver gets when the response
+/// ended and its status line.
+fn timed_get(port: u16, path: &str) -> std::sync::mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let reply = get_async(port, &path, Duration::from_secs(40))
+            .recv()
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        let status = reply.lines().next().unwrap_or("").to_string();
+        let _ = tx.send((Instant::now(), status));
+    });
+    rx
+}
+
+#[test]
+fn a_request_stuck_in_a_gthread_worker_is_named_before_nginx_gives_up_with_504() {
+    require_root();
+    let g = Gunicorn::new("exits_app:app")
+        .worker_class("gthread")
+        .threads(4)
+        .workers(1)
+        .spawn();
+    let nginx = Nginx::start_with(
+        g.port,
+        &NginxConf {
+            read_timeout: Some(Duration::from_secs(6)),
+            ..Default::default()
+        },
+    );
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--request-threshold", "2s"]);
+    let worker = t
+        .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
+        .1["pid"]
+        .clone();
+
+    // Straight to Gunicorn: a pool thread blocks 4 s in a pipe read, then
+    // answers. The worker's main thread keeps the heartbeat all along.
+    let direct = timed_get(g.port, "/block?s=4");
+    let (_, hung) = t.wait_for("the hung request", Duration::from_secs(5), |e| {
+        e["event"] == "hung_request"
+    });
+    assert_eq!(hung["pid"], worker, "{hung}");
+    assert_eq!(hung["local_port"], g.port, "{hung}");
+    assert!(hung["waiting_ms"].as_u64().unwrap() >= 2000, "{hung}");
+    assert!(hung["bytes_in"].as_u64().unwrap() > 0, "{hung}");
+    assert_eq!(hung["bytes_out"], 0, "{hung}");
+    assert!(hung["fd"].is_i64(), "{hung}");
+    let threads = hung["blocked_threads"].as_array().unwrap();
+    assert!(
+        threads.iter().any(|th| th["syscall"] == "read"
+            && th["fd_target"]
+                .as_str()
+                .is_some_and(|f| f.starts_with("pipe:"))
+            && th["tid"] != worker),
+        "the pool thread blocked on the pipe is named: {hung}"
+    );
+    let (_, end) = t.wait_for("its end", Duration::from_secs(8), |e| {
+        e["event"] == "hung_request_end"
+    });
+    assert_eq!(end["outcome"], "answered", "{end}");
+    assert_eq!(end["peer"], hung["peer"], "{end}");
+    let waited = end["waited_ms"].as_u64().unwrap();
+    assert!((3500..7000).contains(&waited), "about the 4 s block: {end}");
+    assert!(direct.recv().unwrap().1.contains("200"));
+
+    // Through nginx, which gives up after 6 s: the tracer names the hung
+    // request before the client gets nginx's 504.
+    let proxied = timed_get(nginx.port, "/block?s=30");
+    let (hung_at, hung) = t.wait_for("the hung proxied request", Duration::from_secs(8), |e| {
+        e["event"] == "hung_request" && e["peer"] != end["peer"]
+    });
+    let (gave_up_at, status) = proxied.recv().unwrap();
+    assert!(status.contains("504"), "nginx gave up: {status:?}");
+    assert!(
+        hung_at < gave_up_at,
+        "reported {:?} before nginx's 504",
+        gave_up_at - hung_at
+    );
+    let peer = hung["peer"].clone();
+    let (_, end) = t.wait_for("its end", Duration::from_secs(5), |e| {
+        e["event"] == "hung_request_end" && e["peer"] == peer
+    });
+    assert_eq!(end["outcome"], "client_closed", "{end}");
+
+    let summary = t.stop();
+    let v = &summary["verdict"];
+    assert_eq!(v["hung_request_pids"], serde_json::json!([worker]), "{v}");
+    assert!(
+        v["text"]
+            .as_str()
+            .unwrap()
+            .contains("held 2 request(s) past --request-threshold (2.0s) without an answer"),
+        "{v}"
+    );
+    assert!(
+        t.of_kind("worker_timeout").is_empty() && t.of_kind("worker_exit").is_empty(),
+        "the worker lived: {:#?}",
+        t.events
+    );
+}
