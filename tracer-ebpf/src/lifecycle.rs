@@ -30,9 +30,12 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         role::CHILD
     };
+    // The child runs its own event loop, not yet known: every multiplexer
+    // sleep counts as the loop's until user space finds it.
     let w = Watched {
         master: parent.master,
         role: child_role,
+        ..Default::default()
     };
     // The child cannot run before this returns, so it is watched from its
     // first syscall.

@@ -58,6 +58,11 @@ pub const IDLE_UNLESS_EVENT_LOOP: &[&str] = &[
     "accept4",
 ];
 
+/// Multiplexers by how their arguments name the fds they wait on.
+pub const EPOLL_WAITS: &[&str] = &["epoll_wait", "epoll_pwait", "epoll_pwait2"];
+pub const SELECTS: &[&str] = &["select", "pselect6"];
+pub const POLLS: &[&str] = &["poll", "ppoll"];
+
 /// Reads the kernel watches for a blocked pipe or socket read (class READ).
 const READS: &[&str] = &[
     "read", "readv", "pread64", "recvfrom", "recvmsg", "recvmmsg",
@@ -87,7 +92,13 @@ pub fn is_stall(role: Role, main_thread: bool, nr: i64) -> bool {
 /// syscall that is not the default [`class::MAYBE`].
 pub fn class_table() -> Vec<(i64, u32)> {
     use tracer_common::class;
-    let groups: [(&[&str], u32); 2] = [(ALWAYS_WAIT, class::WAIT), (READS, class::READ)];
+    let groups: [(&[&str], u32); 5] = [
+        (ALWAYS_WAIT, class::WAIT),
+        (READS, class::READ),
+        (EPOLL_WAITS, class::EPOLL),
+        (SELECTS, class::SELECT),
+        (POLLS, class::POLL),
+    ];
     let mut out: Vec<(i64, u32)> = Vec::new();
     for (names, bits) in groups {
         for n in names.iter().filter_map(|n| number(n)) {
@@ -169,7 +180,12 @@ mod tests {
                 .find(|(nr, _)| *nr == number(n).unwrap())
                 .map(|(_, b)| *b)
         };
-        assert_eq!(get("epoll_wait").or(get("epoll_pwait")), Some(class::WAIT));
+        assert_eq!(
+            get("epoll_wait").or(get("epoll_pwait")),
+            Some(class::WAIT | class::EPOLL)
+        );
+        assert_eq!(get("pselect6"), Some(class::WAIT | class::SELECT));
+        assert_eq!(get("ppoll"), Some(class::WAIT | class::POLL));
         assert_eq!(get("read"), Some(class::READ));
         assert_eq!(get("recvfrom"), Some(class::READ));
         assert_eq!(get("sendto"), None);
@@ -267,7 +283,14 @@ mod tests {
     #[test]
     fn class_lists_name_real_syscalls() {
         use syscalls::{aarch64, x86_64};
-        let lists = [ALWAYS_WAIT, IDLE_UNLESS_EVENT_LOOP, READS];
+        let lists = [
+            ALWAYS_WAIT,
+            IDLE_UNLESS_EVENT_LOOP,
+            READS,
+            EPOLL_WAITS,
+            SELECTS,
+            POLLS,
+        ];
         for n in lists.into_iter().flatten() {
             let known = n.parse::<x86_64::Sysno>().is_ok() || n.parse::<aarch64::Sysno>().is_ok();
             assert!(known, "{n} is no syscall on x86_64 or aarch64");

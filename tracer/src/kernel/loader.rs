@@ -104,13 +104,18 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Where a task inside a syscall keeps its syscall number and first and
-/// third arguments in its saved `struct pt_regs`: members named by each
+/// Where a task inside a syscall keeps its syscall number and first three
+/// arguments in its saved `struct pt_regs`: members named by each
 /// architecture's ABI, plus a byte offset into an array member.
 #[cfg(target_arch = "x86_64")]
-const PT_REGS: [(&[&str], u64); 3] = [(&["orig_ax"], 0), (&["di"], 0), (&["dx"], 0)];
+const PT_REGS: [(&[&str], u64); 4] = [(&["orig_ax"], 0), (&["di"], 0), (&["si"], 0), (&["dx"], 0)];
 #[cfg(target_arch = "aarch64")]
-const PT_REGS: [(&[&str], u64); 3] = [(&["syscallno"], 0), (&["orig_x0"], 0), (&["regs"], 2 * 8)];
+const PT_REGS: [(&[&str], u64); 4] = [
+    (&["syscallno"], 0),
+    (&["orig_x0"], 0),
+    (&["regs"], 8),
+    (&["regs"], 2 * 8),
+];
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!(
     "the tracer reads syscall registers from struct pt_regs and knows their names on x86_64 and aarch64 only; add this architecture's to PT_REGS in loader.rs"
@@ -161,7 +166,8 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         tcp_snd_nxt: need("tcp_sock", &["snd_nxt"])?,
         pt_regs_nr: regs(0)?,
         pt_regs_arg0: regs(1)?,
-        pt_regs_arg2: regs(2)?,
+        pt_regs_arg1: regs(2)?,
+        pt_regs_arg2: regs(3)?,
     })
 }
 
@@ -317,6 +323,7 @@ impl Probes {
         let w = Watched {
             master,
             role: role.to_kernel(),
+            ..Default::default()
         };
         self.watched
             .insert(pid, w, 0)
@@ -448,9 +455,9 @@ mod tests {
         let btf = Btf::from_sys_fs().expect("the tracer requires BTF");
         let k = kernel_offsets(&btf).unwrap();
         assert_eq!(
-            (k.pt_regs_nr, k.pt_regs_arg0, k.pt_regs_arg2),
-            (120, 112, 96),
-            "orig_ax, di, dx"
+            (k.pt_regs_nr, k.pt_regs_arg0, k.pt_regs_arg1, k.pt_regs_arg2),
+            (120, 112, 104, 96),
+            "orig_ax, di, si, dx"
         );
     }
 
