@@ -6,6 +6,7 @@ use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{base_event, count, current_task, emit, field, finish, ids, kread};
 use crate::maps::{INFLIGHT, WATCHED};
+use crate::scheduler::end_at_exit;
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -61,6 +62,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
+    end_at_exit(tid, w.master);
     let _ = INFLIGHT.remove(tid);
     let off = &CONFIG.tp.exit_group_dead;
     let group_dead = if cfg(off) == UNSET {

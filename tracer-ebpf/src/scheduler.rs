@@ -247,6 +247,26 @@ fn record_sleep(
     Ok(())
 }
 
+/// A thread exits with a call it woke from still open: the call returned
+/// if nothing was pending at the wake (the thread then ran to its exit),
+/// else the signal that woke it ended it.
+#[inline(always)]
+pub fn end_at_exit(tid: u32, master: u32) {
+    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
+        return;
+    };
+    let e = unsafe { &mut *e };
+    if !is_open(e) {
+        return;
+    }
+    let how = if e.woke_by == woke_by::PLAIN {
+        wake::RETURNING
+    } else {
+        wake::INTERRUPTED
+    };
+    close(e, tid, how, master, current_comm());
+}
+
 #[inline(always)]
 fn current_comm() -> [u8; 16] {
     bpf_get_current_comm().unwrap_or_default()
