@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::Enricher;
+use super::cpu::Beats;
 use super::stalls::Active;
 use crate::model::{
-    CloseCounts, Container, EarlyClose, KernelEvent, Output, Role, Source, StallReport,
+    CloseCounts, Container, EarlyClose, KernelEvent, LoopWait, Output, Role, Source, StallReport,
 };
 
 /// What the correlator keeps about one process.
@@ -16,6 +17,12 @@ pub(super) struct Proc {
     pub role: Role,
     pub app: Option<String>,
     pub timeout_s: Option<f64>,
+    /// Gunicorn's worker class, from the master's command line.
+    pub worker_class: Option<String>,
+    /// The worker's event loop's own wait, once found.
+    pub loop_wait: Option<LoopWait>,
+    /// Its heartbeats, for loops that keep the CPU.
+    pub beats: Beats,
     pub alive: bool,
     pub stalls: u32,
     pub timeouts: u32,
@@ -43,6 +50,7 @@ pub struct NewProcess {
     pub role: Role,
     pub app: Option<String>,
     pub timeout_s: Option<f64>,
+    pub worker_class: Option<String>,
     pub source: Source,
     pub container: Option<Container>,
 }
@@ -58,6 +66,11 @@ pub struct Correlator {
     pub(super) exited_quiet: u64,
     /// Stalls reported and not ended yet, by thread id.
     pub(super) active: HashMap<u32, Active>,
+    /// Loop threads reported on the CPU and not ended yet, by pid.
+    pub(super) on_cpu: HashMap<u32, StallReport>,
+    /// The last call of each thread whose stall ended, (seq, start): the
+    /// kernel may still hold it open, and it must not be reported again.
+    pub(super) ended: HashMap<u32, (u64, u64)>,
 }
 
 impl Correlator {
@@ -68,7 +81,25 @@ impl Correlator {
             exited_notable: VecDeque::new(),
             exited_quiet: 0,
             active: HashMap::new(),
+            on_cpu: HashMap::new(),
+            ended: HashMap::new(),
         }
+    }
+
+    /// The event loop's own wait of worker `pid`, found by user space.
+    pub fn set_loop(&mut self, pid: u32, wait: LoopWait) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.loop_wait = Some(wait);
+        }
+    }
+
+    /// Live workers whose loop's own wait is not known yet.
+    pub fn workers_without_loop(&self) -> Vec<u32> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.alive && p.role == Role::Worker && p.loop_wait.is_none())
+            .map(|(&pid, _)| pid)
+            .collect()
     }
 
     pub fn is_watched(&self, pid: u32) -> bool {
@@ -87,6 +118,7 @@ impl Correlator {
                 role: p.role,
                 app: p.app.clone(),
                 timeout_s: p.timeout_s,
+                worker_class: p.worker_class.clone(),
                 alive: true,
                 container: p.container.clone(),
                 ..Default::default()

@@ -5,12 +5,15 @@
 //! - `correlator`: the per-process state and the dispatch of kernel events;
 //! - `lifecycle`: forks, exits, and Gunicorn's WORKER TIMEOUT signals;
 //! - `stalls`: blocked syscalls, from first report to their end;
+//! - `cpu`: loops that keep the CPU: a worker's heartbeat stops while its
+//!   loop thread runs;
 //! - `closes`: connections that ended badly;
 //! - `signatures`: known causes, as data;
 //! - `syscalls`: names and classes of syscalls;
 //! - `summary`: the state of every process and the findings ranked by harm.
 mod closes;
 mod correlator;
+mod cpu;
 mod lifecycle;
 pub mod signatures;
 mod stalls;
@@ -23,13 +26,38 @@ mod tests;
 pub use closes::format_sockaddr;
 pub use correlator::{Correlator, NewProcess};
 
-use crate::model::{Container, FdInfo};
+use crate::model::{Container, FdInfo, ThreadCpu, ThreadNow};
 
-/// /proc lookups, done only for a stall being reported.
+/// /proc lookups: for a stall being reported, for a call the kernel left
+/// open, and a worker's heartbeat a few times a second. The defaults say
+/// "not known", for fakes that do not need them.
 pub trait Enricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo;
     fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64>;
     fn comm(&mut self, pid: u32) -> String;
     /// The container and pod of a process, if it runs in one.
     fn container(&mut self, pid: u32) -> Option<Container>;
+    /// The name of thread `tid` of `pid`.
+    fn thread_name(&mut self, _pid: u32, tid: u32) -> String {
+        self.comm(tid)
+    }
+    /// The other end of a socket fd (`10.0.3.7:5432`, `unix`).
+    fn socket_peer(&mut self, _pid: u32, _fd: i32) -> Option<String> {
+        None
+    }
+    /// The fds a multiplexer call (`poll`, `select`, `epoll_wait`...) of a
+    /// blocked thread waits on.
+    fn multiplexer_fds(&mut self, _pid: u32, _tid: u32, _syscall: &str, _arg0: u64) -> Vec<i32> {
+        Vec::new()
+    }
+    fn thread_now(&mut self, _pid: u32, _tid: u32) -> ThreadNow {
+        ThreadNow::Running
+    }
+    fn thread_cpu(&mut self, _pid: u32, _tid: u32) -> Option<ThreadCpu> {
+        None
+    }
+    /// How long ago the process was forked.
+    fn process_age_ms(&mut self, _pid: u32) -> Option<u64> {
+        None
+    }
 }

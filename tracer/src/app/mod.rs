@@ -137,7 +137,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
     let mut st = Session {
         probes,
         corr: Correlator::new(threshold_ns),
-        enricher: ProcEnricher,
+        enricher: ProcEnricher::default(),
         sink: Sink {
             format: args.format,
             clock: Clock::now(),
@@ -152,6 +152,9 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Ring, u64)> {
         events_received: 0,
         exits: Vec::new(),
         last_sweep: Instant::now(),
+        last_heartbeats: Instant::now(),
+        last_loop_search: Instant::now(),
+        listeners: Default::default(),
         py_stack: args.py_stack,
         durations: Default::default(),
         metrics: None,

@@ -4,3 +4,4 @@
 pub mod container;
 pub mod proc;
 pub mod pystack;
+pub mod waits;

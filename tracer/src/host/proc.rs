@@ -3,11 +3,14 @@
 //!
 //! Everything read here comes from untrusted processes: names and command
 //! lines are decoded lossily and never trusted as paths.
+use std::collections::HashMap;
 use std::fs;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use crate::model::{End, FdInfo, FdKind, Peer};
+use crate::model::{End, FdInfo, FdKind, Peer, ThreadCpu, ThreadNow};
 
 fn proc_path(parts: &[&str]) -> PathBuf {
     let mut p = PathBuf::from("/proc");
@@ -171,6 +174,42 @@ pub fn parse_app(cmdline: &[String]) -> Option<String> {
         .cloned()
 }
 
+/// Gunicorn's worker class from a command line (`-k X`, `--worker-class X`,
+/// `--worker-class=X`), named the short way: `sync`, `gthread`, `gevent`,
+/// `uvicorn` (Uvicorn's worker), or the class path as given.
+pub fn parse_worker_class(cmdline: &[String]) -> Option<String> {
+    let mut it = cmdline.iter();
+    while let Some(a) = it.next() {
+        let v = if a == "-k" || a == "--worker-class" {
+            it.next().map(|s| s.as_str())
+        } else if let Some(v) = a.strip_prefix("--worker-class=") {
+            Some(v)
+        } else {
+            a.strip_prefix("-k").filter(|v| !v.is_empty())
+        };
+        if let Some(v) = v {
+            return Some(short_class(v));
+        }
+    }
+    None
+}
+
+/// `gunicorn.workers.ggevent.GeventWorker` -> `gevent`, and so on.
+fn short_class(v: &str) -> String {
+    let v = v.strip_prefix("egg:gunicorn#").unwrap_or(v);
+    let lower = v.to_ascii_lowercase();
+    let short = match lower.as_str() {
+        _ if lower.contains("uvicorn") => "uvicorn",
+        "gunicorn.workers.sync.syncworker" => "sync",
+        "gunicorn.workers.gthread.threadworker" => "gthread",
+        "gunicorn.workers.ggevent.geventworker" => "gevent",
+        "gunicorn.workers.geventlet.eventletworker" => "eventlet",
+        "gunicorn.workers.gtornado.tornadoworker" => "tornado",
+        _ => v,
+    };
+    short.to_string()
+}
+
 pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
     fs::read_link(proc_path(&[&pid.to_string(), "fd", &fd.to_string()]))
         .ok()
@@ -279,31 +318,63 @@ pub fn fd_info(pid: u32, fd: i32) -> FdInfo {
     }
 }
 
-/// Age of a worker's Gunicorn heartbeat, in milliseconds.
-///
-/// The worker touches an unlinked `wgunicorn-*` file about once a second
-/// (`utimensat` since Gunicorn 22, `fchmod` before). Both change the inode's
-/// ctime to the wall-clock time, whatever they write into mtime, so ctime
-/// dates the last heartbeat for every version.
-pub fn heartbeat_age_ms(pid: u32) -> Option<u64> {
-    let dir = proc_path(&[&pid.to_string(), "fd"]);
-    for e in fs::read_dir(&dir).ok()?.flatten() {
-        let Ok(link) = fs::read_link(e.path()) else {
-            continue;
+/// Fds of a worker looked at to find its heartbeat file: Gunicorn opens it
+/// in the master before the fork, so it has a low number.
+const HEARTBEAT_SCAN: usize = 1024;
+/// A process without a heartbeat file is looked at again after this long.
+const NO_HEARTBEAT_RETRY: Duration = Duration::from_secs(10);
+
+fn is_heartbeat(link: &str) -> bool {
+    link.contains("/wgunicorn-")
+}
+
+fn find_heartbeat_fd(pid: u32) -> Option<i32> {
+    let rd = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])).ok()?;
+    rd.flatten().take(HEARTBEAT_SCAN).find_map(|e| {
+        let fd = e.file_name().to_str()?.parse().ok()?;
+        is_heartbeat(&fs::read_link(e.path()).ok()?.to_string_lossy()).then_some(fd)
+    })
+}
+
+/// Where each worker's heartbeat file is: its fd, found once and checked
+/// with one readlink per look, instead of reading every fd each time (the
+/// heartbeat is looked at a few times a second).
+#[derive(Default)]
+pub struct Heartbeats {
+    fds: HashMap<u32, Result<i32, Instant>>,
+}
+
+impl Heartbeats {
+    /// Age of a worker's Gunicorn heartbeat, in milliseconds.
+    ///
+    /// The worker touches an unlinked `wgunicorn-*` file about once a second
+    /// (`utimensat` since Gunicorn 22, `fchmod` before). Both change the
+    /// inode's ctime to the wall-clock time, whatever they write into mtime,
+    /// so ctime dates the last heartbeat for every version.
+    pub fn age_ms(&mut self, pid: u32) -> Option<u64> {
+        let cached = match self.fds.get(&pid) {
+            Some(Ok(fd)) if fd_target(pid, *fd).is_some_and(|l| is_heartbeat(&l)) => Some(*fd),
+            Some(Err(at)) if at.elapsed() < NO_HEARTBEAT_RETRY => return None,
+            _ => None,
         };
-        let name = link.to_string_lossy();
-        if !name.contains("/wgunicorn-") {
-            continue;
-        }
-        let meta = fs::metadata(e.path()).ok()?;
+        let Some(fd) = cached.or_else(|| find_heartbeat_fd(pid)) else {
+            self.fds.insert(pid, Err(Instant::now()));
+            return None;
+        };
+        self.fds.insert(pid, Ok(fd));
+        let meta = fs::metadata(proc_path(&[&pid.to_string(), "fd", &fd.to_string()])).ok()?;
         let ctime_ns = meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()?
             .as_nanos() as i128;
-        return Some(((now - ctime_ns).max(0) / 1_000_000) as u64);
+        Some(((now - ctime_ns).max(0) / 1_000_000) as u64)
     }
-    None
+
+    /// Drops what is known of processes that are gone.
+    pub fn retain(&mut self, alive: impl Fn(u32) -> bool) {
+        self.fds.retain(|pid, _| alive(*pid));
+    }
 }
 
 /// One TCP socket of /proc/PID/net/tcp or tcp6.
@@ -312,24 +383,69 @@ pub struct TcpSocket {
     pub inode: u64,
     pub local_port: u16,
     pub listening: bool,
+    /// The other end; None for a listening or unconnected socket.
+    pub remote: Option<SocketAddr>,
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits then `:port` (IPv6), as
+/// /proc/net/tcp prints them: each 32-bit word in host byte order.
+fn parse_net_addr(s: &str) -> Option<SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into(),
+        16 => {
+            let b: [u8; 16] = bytes.try_into().ok()?;
+            let v6 = Ipv6Addr::from(b);
+            v6.to_ipv4_mapped().map(Into::into).unwrap_or(v6.into())
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Parses /proc/PID/net/tcp or tcp6 (`sl local_address rem_address st ...
-/// inode`); lines that do not parse are skipped.
+/// inode`), and udp alike; lines that do not parse are skipped.
 pub fn parse_net_tcp(text: &str) -> Vec<TcpSocket> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let cols: Vec<&str> = line.split_whitespace().collect();
             let port = cols.get(1)?.rsplit(':').next()?;
+            let remote = cols.get(2).and_then(|r| parse_net_addr(r));
             Some(TcpSocket {
                 inode: cols.get(9)?.parse().ok()?,
                 local_port: u16::from_str_radix(port, 16).ok()?,
                 // st 0A is TCP_LISTEN.
                 listening: *cols.get(3)? == "0A",
+                remote: remote.filter(|r| r.port() != 0),
             })
         })
         .collect()
+}
+
+/// The other end of socket fd `fd` of `pid`: `10.0.3.7:5432`, `[::1]:80`,
+/// or `unix`; None for a listening or unconnected socket.
+pub fn socket_peer(pid: u32, fd: i32) -> Option<String> {
+    let inode = socket_inode(&fd_target(pid, fd)?)?;
+    for f in ["tcp", "tcp6", "udp", "udp6"] {
+        let Ok(text) = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])) else {
+            continue;
+        };
+        if let Some(s) = parse_net_tcp(&text).into_iter().find(|s| s.inode == inode) {
+            return s.remote.map(|r| r.to_string());
+        }
+    }
+    let unix = fs::read_to_string(proc_path(&[&pid.to_string(), "net", "unix"])).ok()?;
+    let listed = unix
+        .lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(6).and_then(|i| i.parse().ok()) == Some(inode));
+    listed.then(|| "unix".to_string())
 }
 
 /// The inode of a `socket:[N]` fd link target.
@@ -369,28 +485,113 @@ pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
 
 /// The syscall a thread is blocked in, from /proc/PID/task/TID/syscall:
 /// `nr arg1 .. arg6 sp pc`, or `running`, or `-1 sp pc` outside a syscall.
-pub fn parse_syscall_file(s: &str) -> Option<(i64, [u64; 3])> {
+pub fn parse_syscall_file(s: &str) -> Option<(i64, [u64; 6])> {
     let mut it = s.split_whitespace();
     let nr: i64 = it.next()?.parse().ok()?;
     if nr < 0 {
         return None;
     }
     let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
-    let a0 = hex(it.next()?)?;
-    let a1 = hex(it.next()?)?;
-    let a2 = hex(it.next()?)?;
-    Some((nr, [a0, a1, a2]))
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = hex(it.next()?)?;
+    }
+    Some((nr, args))
 }
 
-pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, [u64; 3])> {
-    let s = fs::read_to_string(proc_path(&[
+fn task_file(pid: u32, tid: u32, name: &str) -> Option<String> {
+    fs::read_to_string(proc_path(&[
         &pid.to_string(),
         "task",
         &tid.to_string(),
-        "syscall",
+        name,
     ]))
-    .ok()?;
-    parse_syscall_file(&s)
+    .ok()
+}
+
+pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, [u64; 6])> {
+    parse_syscall_file(&task_file(pid, tid, "syscall")?)
+}
+
+/// What a thread is doing now, from its syscall file.
+pub fn thread_now(pid: u32, tid: u32) -> ThreadNow {
+    let Some(text) = task_file(pid, tid, "syscall") else {
+        return ThreadNow::Gone;
+    };
+    if text.starts_with("running") {
+        return ThreadNow::Running;
+    }
+    match parse_syscall_file(&text) {
+        Some((nr, args)) => ThreadNow::InSyscall { nr, arg0: args[0] },
+        None => ThreadNow::OutsideSyscall,
+    }
+}
+
+/// The name of a thread (its comm: 15 bytes at most, from the kernel).
+pub fn thread_name(pid: u32, tid: u32) -> String {
+    task_file(pid, tid, "comm")
+        .map(|s| s.trim_end_matches('\n').chars().take(64).collect())
+        .unwrap_or_default()
+}
+
+/// State, and user plus system CPU ticks, from a stat line (parsed from the
+/// last ')': the comm may hold anything).
+pub fn parse_stat_cpu(stat: &str) -> Option<(char, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let state = f.first()?.chars().next()?;
+    // Fields 14 and 15 of stat (utime, stime): 12 and 13 after the comm.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((state, utime + stime))
+}
+
+/// `voluntary_ctxt_switches` of a status file.
+pub fn parse_voluntary_switches(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as u64,
+        _ => 100,
+    }
+}
+
+/// A thread's state and CPU time, from its stat and status files.
+pub fn thread_cpu(pid: u32, tid: u32) -> Option<ThreadCpu> {
+    let (state, ticks) = parse_stat_cpu(&task_file(pid, tid, "stat")?)?;
+    let switches = parse_voluntary_switches(&task_file(pid, tid, "status")?)?;
+    Some(ThreadCpu {
+        on_cpu: state == 'R',
+        cpu_ms: ticks * 1000 / clock_ticks(),
+        voluntary_switches: switches,
+    })
+}
+
+/// How long ago a process was started (forked), from its stat's start time
+/// (clock ticks after boot) and the boot-time clock.
+pub fn process_age_ms(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_path(&[&pid.to_string(), "stat"])).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Field 22 of stat (starttime): 20 after the comm.
+    let start_ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    let now_ms = ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+    Some(now_ms.saturating_sub(start_ticks * 1000 / clock_ticks()))
 }
 
 #[cfg(test)]
@@ -542,8 +743,8 @@ mod tests {
     #[test]
     fn syscall_file_forms() {
         assert_eq!(
-            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f0000001234\n"),
-            Some((0, [11, 0x7ffd1234, 4]))
+            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x9 0x7ffd0000 0x7f0000001234\n"),
+            Some((0, [11, 0x7ffd1234, 4, 0, 0, 9]))
         );
         assert_eq!(parse_syscall_file("running\n"), None);
         assert_eq!(parse_syscall_file("-1 0x7ffd0000 0x7f0000001234\n"), None);

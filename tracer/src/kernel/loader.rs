@@ -9,12 +9,12 @@ use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{
     Config, Conn, Inflight, KernelOffsets, MAX_SYSCALL_NR, ReadHist, TracepointOffsets, UNSET,
-    Watched, program, stat,
+    Watched, class, program, stat,
 };
 
 use super::btf::Btf;
 use super::tracefs::Format;
-use crate::model::{MapOccupancy, Role};
+use crate::model::{LoopWait, MapOccupancy, Role};
 
 /// Map update flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -328,6 +328,25 @@ impl Probes {
         self.watched
             .insert(pid, w, 0)
             .with_context(|| format!("adding pid {pid} to the kernel's watch list (is it full?)"))
+    }
+
+    /// The master of a watched process, as the kernel has it.
+    pub fn master_of(&self, pid: u32) -> Option<u32> {
+        self.watched.get(&pid, 0).ok().map(|w| w.master)
+    }
+
+    /// Tells the kernel a worker's event loop's own wait: from then on its
+    /// main thread's other multiplexer sleeps are recorded. Only user space
+    /// writes an entry after the fork, so rewriting it loses nothing.
+    pub fn set_loop(&mut self, pid: u32, wait: LoopWait) {
+        let Ok(mut w) = self.watched.get(&pid, 0) else {
+            return;
+        };
+        (w.loop_class, w.loop_arg0, w.loop_fds) = match wait {
+            LoopWait::Epoll { epfd } => (class::EPOLL, epfd as u64, 0),
+            LoopWait::Select { nfds, fds } => (class::SELECT, u64::from(nfds), fds),
+        };
+        let _ = self.watched.insert(pid, w, 0);
     }
 
     /// Tells the kernel that a watched process listens on `port`, so the

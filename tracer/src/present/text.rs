@@ -1,8 +1,10 @@
 //! The text view: one line (or a few) per event, and the summary with the
 //! verdict on top. Everything from a traced process goes through `sanitize`.
 use super::json::{StartEvent, SummaryEvent};
-use super::{Clock, describe_call, sanitize, secs};
-use crate::model::{CloseKind, Direction, EarlyClose, Outcome, Output, Role, Source, StallReport};
+use super::{Clock, describe_call, describe_stall, never_noticed, sanitize, secs, which_thread};
+use crate::model::{
+    CloseKind, Direction, EarlyClose, Outcome, Output, Role, Source, StallReport, StallState,
+};
 
 /// `  likely: ...` and `  fix: ...` under an event line.
 fn cause_lines(c: &crate::model::Cause) -> String {
@@ -10,28 +12,49 @@ fn cause_lines(c: &crate::model::Cause) -> String {
 }
 
 fn stall_details(s: &StallReport) -> String {
-    let mut d = format!(
-        "{} {} [{}] (master {}) blocked {}{} in {}",
-        s.role.as_str(),
-        s.pid,
-        sanitize(&s.comm),
-        s.master_pid,
-        secs(s.blocked_ms),
-        if s.since_attach {
-            "+ (before attach)"
-        } else {
-            ""
-        },
-        sanitize(&describe_call(s)),
-    );
-    if s.tid != s.pid {
-        d.push_str(&format!(" [thread {}]", s.tid));
-    }
+    let what = match s.state {
+        StallState::Blocked => format!(
+            "blocked {}{} in {}",
+            secs(s.blocked_ms),
+            if s.since_attach {
+                "+ (before attach)"
+            } else {
+                ""
+            },
+            sanitize(&describe_call(s)),
+        ),
+        StallState::OnCpu => describe_stall(s, "blocked"),
+    };
+    let who = if s.tid == s.pid {
+        format!(
+            "{} {} [{}] (master {})",
+            s.role.as_str(),
+            s.pid,
+            sanitize(&s.comm),
+            s.master_pid
+        )
+    } else {
+        format!(
+            "{} {} (master {}) thread {} [{}]",
+            s.role.as_str(),
+            s.pid,
+            s.master_pid,
+            s.tid,
+            sanitize(&s.thread_name)
+        )
+    };
+    let mut d = format!("{who} {what}");
     if let Some(hb) = s.heartbeat_age_ms {
         d.push_str(&format!("; heartbeat {} old", secs(hb)));
         if let Some(t) = s.gunicorn_timeout_s {
             d.push_str(&format!(" (timeout {t}s)"));
         }
+        if s.never_heartbeated == Some(true) {
+            d.push_str(", none since it was forked");
+        }
+    }
+    if let Some(n) = never_noticed(s) {
+        d.push_str(&format!("; {}", sanitize(&n)));
     }
     if s.fd_kind.is_pipe_like() {
         let writers: Vec<String> = s
@@ -94,14 +117,32 @@ fn process_line(pid: u32, master_pid: u32, role: Role, source: Source) -> String
     format!("{:<8} {pid} {how}", role.as_str())
 }
 
-fn stall_end_line(pid: u32, syscall: &str, blocked_ms: u64, outcome: Outcome) -> String {
+fn stall_end_line(
+    pid: u32,
+    tid: u32,
+    syscall: &Option<String>,
+    blocked_ms: u64,
+    outcome: Outcome,
+) -> String {
+    let what = match syscall {
+        Some(call) => format!("{call}()"),
+        None => "on the CPU".into(),
+    };
+    let thread = if tid != pid {
+        format!(" [thread {tid}]")
+    } else {
+        String::new()
+    };
     format!(
-        "end      {pid} {syscall}() after {}: {}",
+        "end      {pid}{thread} {what} after {}: {}",
         secs(blocked_ms),
         match outcome {
             Outcome::Returned => "returned",
             Outcome::Interrupted => "interrupted by a signal",
             Outcome::Exited => "the process died inside it",
+            Outcome::Woke => "woke (whether the call returned is not known)",
+            Outcome::Resumed => "the loop ran again (its heartbeat is fresh)",
+            Outcome::Blocked => "it went on to block in a syscall",
         },
     )
 }
@@ -112,9 +153,9 @@ fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallRep
         stall
             .as_ref()
             .map(|s| format!(
-                ": it was blocked {} in {}",
-                secs(s.blocked_ms),
-                sanitize(&describe_call(s))
+                ": {}it was {}",
+                sanitize(&which_thread(s)),
+                sanitize(&describe_stall(s, "blocked"))
             ))
             .unwrap_or_else(|| ": no blocking syscall seen".into())
     )
@@ -200,11 +241,12 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
         Output::Stall { report, .. } => format!("STALL    {}", stall_details(report)),
         Output::StallEnd {
             pid,
+            tid,
             syscall,
             blocked_ms,
             outcome,
             ..
-        } => stall_end_line(*pid, syscall, *blocked_ms, *outcome),
+        } => stall_end_line(*pid, *tid, syscall, *blocked_ms, *outcome),
         Output::WorkerTimeout {
             pid,
             master_pid,
@@ -280,7 +322,12 @@ pub fn text_summary(s: &SummaryEvent) -> String {
         let last = w
             .stall
             .as_ref()
-            .map(|st| format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st))))
+            .map(|st| match st.state {
+                StallState::Blocked => {
+                    format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st)))
+                }
+                StallState::OnCpu => format!("{} on the CPU", secs(st.blocked_ms)),
+            })
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8} {:>7} {:>5} {:>8}  {}\n",
@@ -318,7 +365,8 @@ mod tests {
             master_pid: 1,
             role: Role::Worker,
             comm: "gunicorn".into(),
-            syscall: "read".into(),
+            thread_name: "gunicorn".into(),
+            syscall: Some("read".into()),
             fd: Some(11),
             count: Some(4),
             fd_kind: FdKind::Pipe,
@@ -370,7 +418,9 @@ mod tests {
             pid: 7,
             tid: 7,
             master_pid: 1,
-            syscall: "read".into(),
+            thread_name: "gunicorn".into(),
+            state: StallState::Blocked,
+            syscall: Some("read".into()),
             fd: Some(11),
             fd_kind: FdKind::Pipe,
             blocked_ms: 4000,
