@@ -60,7 +60,10 @@ pub mod woke_by {
     pub const NONE: u32 = 0;
     /// Woken with nothing pending.
     pub const PLAIN: u32 = 1;
-    /// Woken by a pending signal: the call may be restarted.
+    /// Woken with a signal pending, and the call did not complete (it
+    /// returned -EINTR or a restart code to the signal's delivery): it may
+    /// be restarted. A call that completed with the signal arriving
+    /// meanwhile is PLAIN once the signal is delivered.
     pub const SIGNAL: u32 = 2;
     /// Stopped inside the call (ptrace attach, SIGSTOP) and, once woken,
     /// expected back in it: py-spy, gdb and strace attach this way.
@@ -343,7 +346,8 @@ pub mod program {
     pub const SCHED_PROCESS_EXIT: u32 = 4;
     pub const SIGNAL_GENERATE: u32 = 5;
     pub const SCHED_PROCESS_EXEC: u32 = 6;
-    pub const COUNT: u32 = 7;
+    pub const SIGNAL_DELIVER: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Indexed by the ids above: the programs' own names.
     pub const NAMES: [&str; COUNT as usize] = [
         "sched_switch",
@@ -353,6 +357,7 @@ pub mod program {
         "sched_process_exit",
         "signal_generate",
         "sched_process_exec",
+        "signal_deliver",
     ];
 }
 
@@ -418,6 +423,8 @@ pub struct KernelOffsets {
     pub pt_regs_arg0: u64,
     pub pt_regs_arg1: u64,
     pub pt_regs_arg2: u64,
+    /// Where a syscall's return value is, once it has one.
+    pub pt_regs_ret: u64,
 }
 
 /// The programs' configuration: the `CONFIG` global of the BPF object,
@@ -483,6 +490,7 @@ impl Config {
             pt_regs_arg0: UNSET,
             pt_regs_arg1: UNSET,
             pt_regs_arg2: UNSET,
+            pt_regs_ret: UNSET,
         },
     };
 }
@@ -515,7 +523,7 @@ mod tests {
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
         assert_eq!(size_of::<TracepointOffsets>(), 14 * 8);
-        assert_eq!(size_of::<KernelOffsets>(), 25 * 8);
+        assert_eq!(size_of::<KernelOffsets>(), 26 * 8);
         assert_eq!(
             size_of::<Config>(),
             3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()

@@ -6,7 +6,7 @@ use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{base_event, count, current_task, emit, field, finish, ids, kread};
 use crate::maps::{INFLIGHT, WATCHED};
-use crate::scheduler::end_at_exit;
+use crate::scheduler::{end_at_exit, on_signal_delivery};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -112,6 +112,22 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     ev.nr = sig as i64;
     ev.aux = tid as i64;
     emit(&ev);
+    Ok(())
+}
+
+/// A signal about to be handled: rare, and only a watched thread's open
+/// call is looked at (see `scheduler::on_signal_delivery`).
+#[tracepoint]
+pub fn signal_deliver(_ctx: TracePointContext) -> u32 {
+    finish(program::SIGNAL_DELIVER, try_signal_deliver());
+    0
+}
+
+fn try_signal_deliver() -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    if unsafe { WATCHED.get(tgid) }.is_some() {
+        on_signal_delivery(tid);
+    }
     Ok(())
 }
 

@@ -247,6 +247,37 @@ fn record_sleep(
     Ok(())
 }
 
+/// Return values of a syscall a signal broke: -EINTR, and the restart codes
+/// the kernel turns into a restart or -EINTR at the signal's delivery.
+const EINTR: i64 = -4;
+const ERESTARTSYS: i64 = -512;
+const ERESTART_RESTARTBLOCK: i64 = -516;
+
+/// A signal is being delivered to the current thread: if it woke the
+/// thread from a recorded call, the call's return value says whether the
+/// signal broke it or only came while it completed (gevent's SIGCHLD as a
+/// forked child writes the pipe and exits, say).
+#[inline(always)]
+pub fn on_signal_delivery(tid: u32) {
+    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
+        return;
+    };
+    let e = unsafe { &mut *e };
+    if !is_open(e) || e.woke_by != woke_by::SIGNAL {
+        return;
+    }
+    let (nr, regs) = current_syscall();
+    // Out of the call already (in user code, or another call): it completed.
+    let broken = nr == e.nr as i64
+        && match kread::<i64>(regs, cfg(&CONFIG.kernel.pt_regs_ret)) {
+            Some(ret) => ret == EINTR || (ERESTART_RESTARTBLOCK..=ERESTARTSYS).contains(&ret),
+            None => true,
+        };
+    if !broken {
+        e.woke_by = woke_by::PLAIN;
+    }
+}
+
 /// A thread exits with a call it woke from still open: the call returned
 /// if nothing was pending at the wake (the thread then ran to its exit),
 /// else the signal that woke it ended it.
