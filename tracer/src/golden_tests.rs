@@ -386,7 +386,7 @@ fn stalls_of_every_kind(out: &mut String, f: &mut Fake) {
             container: None,
         },
     ));
-    g.set_loop(W, LoopWait::Epoll { epfd: 4 });
+    ev.extend(g.set_loop(800 * MS, W, LoopWait::Epoll { epfd: 4 }));
     // The loop's own wait is idle; a poll outside it is the stall.
     ev.extend(g.on_samples(&[sample(W, W, "epoll_wait", 0, 4, 1)], 900 * MS, f));
     let poll = sample(W, W, "poll", 1000, 0x7ffd_0000, 2);

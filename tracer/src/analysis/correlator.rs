@@ -87,10 +87,21 @@ impl Correlator {
     }
 
     /// The event loop's own wait of worker `pid`, found by user space.
-    pub fn set_loop(&mut self, pid: u32, wait: LoopWait) {
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.loop_wait = Some(wait);
-        }
+    pub fn set_loop(&mut self, ts_ns: u64, pid: u32, wait: LoopWait) -> Option<Output> {
+        let p = self.procs.get_mut(&pid).filter(|p| p.alive)?;
+        p.loop_wait = Some(wait);
+        let (wait, fd, nfds) = match wait {
+            LoopWait::Epoll { epfd } => ("epoll_wait", Some(epfd), None),
+            LoopWait::Select { nfds, .. } => ("select", None, Some(nfds)),
+        };
+        Some(Output::Loop {
+            ts_ns,
+            pid,
+            master_pid: p.master,
+            wait,
+            fd,
+            nfds,
+        })
     }
 
     /// Live workers whose loop's own wait is not known yet.

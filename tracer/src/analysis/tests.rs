@@ -128,6 +128,7 @@ fn kinds(out: &[Output]) -> Vec<&'static str> {
         .map(|o| match o {
             Output::Master { .. } => "master",
             Output::Worker { .. } => "worker",
+            Output::Loop { .. } => "loop",
             Output::Stall { .. } => "stall",
             Output::StallEnd { .. } => "stall_end",
             Output::WorkerTimeout { .. } => "worker_timeout",

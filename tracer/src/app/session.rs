@@ -344,7 +344,10 @@ impl Session {
             };
             if let Some(wait) = waits::find_loop(pid, listeners, &selects) {
                 self.probes.set_loop(pid, wait);
-                self.corr.set_loop(pid, wait);
+                let now = present::monotonic_ns();
+                if let Some(o) = self.corr.set_loop(now, pid, wait) {
+                    self.emit(&o);
+                }
             }
         }
     }

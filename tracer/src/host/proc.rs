@@ -527,10 +527,18 @@ pub fn thread_now(pid: u32, tid: u32) -> ThreadNow {
     }
 }
 
-/// The name of a thread (its comm: 15 bytes at most, from the kernel).
+/// The name of a thread (its comm: 15 bytes at most, from the kernel, and
+/// any bytes the thread chose: decoded lossily).
 pub fn thread_name(pid: u32, tid: u32) -> String {
-    task_file(pid, tid, "comm")
-        .map(|s| s.trim_end_matches('\n').chars().take(64).collect())
+    let path = proc_path(&[&pid.to_string(), "task", &tid.to_string(), "comm"]);
+    fs::read(path)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\n')
+                .chars()
+                .take(64)
+                .collect()
+        })
         .unwrap_or_default()
 }
 

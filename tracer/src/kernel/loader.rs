@@ -37,10 +37,11 @@ pub struct Probes {
 const RAW_PROGRAMS: [&str; 1] = ["sched_switch"];
 
 /// (program name, tracepoint category, tracepoint name)
-const PROGRAMS: [(&str, &str, &str); 5] = [
+const PROGRAMS: [(&str, &str, &str); 6] = [
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("signal_generate", "signal", "signal_generate"),
+    ("signal_deliver", "signal", "signal_deliver"),
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
 ];
@@ -104,17 +105,24 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Where a task inside a syscall keeps its syscall number and first three
-/// arguments in its saved `struct pt_regs`: members named by each
-/// architecture's ABI, plus a byte offset into an array member.
+/// Where a task inside a syscall keeps its syscall number, first three
+/// arguments and return value in its saved `struct pt_regs`: members named
+/// by each architecture's ABI, plus a byte offset into an array member.
 #[cfg(target_arch = "x86_64")]
-const PT_REGS: [(&[&str], u64); 4] = [(&["orig_ax"], 0), (&["di"], 0), (&["si"], 0), (&["dx"], 0)];
+const PT_REGS: [(&[&str], u64); 5] = [
+    (&["orig_ax"], 0),
+    (&["di"], 0),
+    (&["si"], 0),
+    (&["dx"], 0),
+    (&["ax"], 0),
+];
 #[cfg(target_arch = "aarch64")]
-const PT_REGS: [(&[&str], u64); 4] = [
+const PT_REGS: [(&[&str], u64); 5] = [
     (&["syscallno"], 0),
     (&["orig_x0"], 0),
     (&["regs"], 8),
     (&["regs"], 2 * 8),
+    (&["regs"], 0),
 ];
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!(
@@ -168,6 +176,7 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         pt_regs_arg0: regs(1)?,
         pt_regs_arg1: regs(2)?,
         pt_regs_arg2: regs(3)?,
+        pt_regs_ret: regs(4)?,
     })
 }
 
@@ -474,9 +483,15 @@ mod tests {
         let btf = Btf::from_sys_fs().expect("the tracer requires BTF");
         let k = kernel_offsets(&btf).unwrap();
         assert_eq!(
-            (k.pt_regs_nr, k.pt_regs_arg0, k.pt_regs_arg1, k.pt_regs_arg2),
-            (120, 112, 104, 96),
-            "orig_ax, di, si, dx"
+            (
+                k.pt_regs_nr,
+                k.pt_regs_arg0,
+                k.pt_regs_arg1,
+                k.pt_regs_arg2,
+                k.pt_regs_ret
+            ),
+            (120, 112, 104, 96, 80),
+            "orig_ax, di, si, dx, ax"
         );
     }
 

@@ -285,6 +285,20 @@ pub enum Output {
         app: Option<String>,
         container: Option<Container>,
     },
+    /// A worker's event loop's own wait was found: from now on any other
+    /// wait of its loop thread is judged a stall.
+    Loop {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        /// `epoll_wait` (and its kin) or `select`.
+        wait: &'static str,
+        /// The epoll fd.
+        fd: Option<i32>,
+        /// select's nfds.
+        nfds: Option<u32>,
+    },
     Stall {
         #[serde(skip)]
         ts_ns: u64,
@@ -338,6 +352,7 @@ impl Output {
         match self {
             Output::Master { ts_ns, .. }
             | Output::Worker { ts_ns, .. }
+            | Output::Loop { ts_ns, .. }
             | Output::Stall { ts_ns, .. }
             | Output::StallEnd { ts_ns, .. }
             | Output::WorkerTimeout { ts_ns, .. }

@@ -105,11 +105,19 @@ fn which_thread(s: &StallReport) -> String {
     format!("thread {} ({}) ", s.tid, s.thread_name)
 }
 
-/// Said of a worker's thread other than its loop thread: Gunicorn only
-/// watches the loop's heartbeat.
+/// Said when Gunicorn's timeout cannot catch the stall: a thread other
+/// than the loop thread (which keeps the heartbeat), or a worker that never
+/// heartbeated (Gunicorn 22 and later compare the heartbeat file's mtime,
+/// which only a heartbeat makes a monotonic time, with their monotonic
+/// clock: an untouched file never looks stale).
 fn never_noticed(s: &StallReport) -> Option<String> {
-    if s.role != Role::Worker || s.tid == s.pid {
+    if s.role != Role::Worker {
         return None;
+    }
+    if s.tid == s.pid {
+        return (s.never_heartbeated == Some(true)).then(|| {
+            "it never heartbeated, so Gunicorn will never kill it (Gunicorn 22 and later compare the untouched heartbeat file's wall-clock mtime with their monotonic clock): it hangs until restarted".to_string()
+        });
     }
     let class = s
         .worker_class

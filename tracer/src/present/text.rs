@@ -147,6 +147,17 @@ fn stall_end_line(
     )
 }
 
+fn loop_line(pid: u32, wait: &str, fd: Option<i32>, nfds: Option<u32>) -> String {
+    let on = match (fd, nfds) {
+        (Some(fd), _) => format!(" on fd {fd}"),
+        (None, Some(n)) => format!(" over {n} fds"),
+        (None, None) => String::new(),
+    };
+    format!(
+        "loop     worker {pid} waits for work in {wait}(){on}; any other wait of its main thread is a stall"
+    )
+}
+
 fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallReport>) -> String {
     format!(
         "TIMEOUT  master {master_pid} sent {signal} to worker {pid} (Gunicorn WORKER TIMEOUT){}",
@@ -238,6 +249,13 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             source,
             ..
         } => process_line(*pid, *master_pid, *role, *source),
+        Output::Loop {
+            pid,
+            wait,
+            fd,
+            nfds,
+            ..
+        } => loop_line(*pid, wait, *fd, *nfds),
         Output::Stall { report, .. } => format!("STALL    {}", stall_details(report)),
         Output::StallEnd {
             pid,
