@@ -68,9 +68,10 @@ pub struct Correlator {
     pub(super) active: HashMap<u32, Active>,
     /// Loop threads reported on the CPU and not ended yet, by pid.
     pub(super) on_cpu: HashMap<u32, StallReport>,
-    /// The last call of each thread whose stall ended, (seq, start): the
-    /// kernel may still hold it open, and it must not be reported again.
-    pub(super) ended: HashMap<u32, (u64, u64)>,
+    /// The last call of each thread whose stall ended, (pid, seq, start):
+    /// the kernel may still hold it open, and it must not be reported
+    /// again. Dropped with the process.
+    pub(super) ended: HashMap<u32, (u32, u64, u64)>,
 }
 
 impl Correlator {

@@ -21,6 +21,8 @@ mod summary;
 pub mod syscalls;
 
 #[cfg(test)]
+mod stall_model_tests;
+#[cfg(test)]
 mod tests;
 
 pub use closes::format_sockaddr;

@@ -91,6 +91,7 @@ impl Correlator {
             })
             .collect();
         out.extend(self.end_on_cpu(pid, ts_ns, outcome));
+        self.ended.retain(|_, &mut (p, _, _)| p != pid);
         out
     }
 
@@ -115,7 +116,7 @@ impl Correlator {
         {
             return self.end(tid, ts_ns, outcome_of(wake)).into_iter().collect();
         }
-        if self.ended.get(&tid).is_some_and(|&(_, s)| s == start_ns) {
+        if self.ended.get(&tid).is_some_and(|&(_, _, s)| s == start_ns) {
             return Vec::new();
         }
         // A stall that came and went between two polls: report both halves.
@@ -151,7 +152,7 @@ impl Correlator {
             if !s.in_call()
                 || blocked_ns(s, now_ns) < self.threshold_ns
                 || self.active.contains_key(&s.tid)
-                || self.ended.get(&s.tid) == Some(&(s.seq, s.start_ns))
+                || self.ended.get(&s.tid) == Some(&(s.tgid, s.seq, s.start_ns))
             {
                 continue;
             }
@@ -305,7 +306,7 @@ impl Correlator {
 
     fn end(&mut self, tid: u32, ts_ns: u64, outcome: Outcome) -> Option<Output> {
         let a = self.active.remove(&tid)?;
-        self.ended.insert(tid, (a.seq, a.start_ns));
+        self.ended.insert(tid, (a.report.pid, a.seq, a.start_ns));
         let blocked_ms = ts_ns.saturating_sub(a.report.start_ns) / 1_000_000;
         if let Some(p) = self.procs.get_mut(&a.report.pid)
             && let Some(last) = p.last_stall.as_mut()

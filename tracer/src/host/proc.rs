@@ -788,4 +788,85 @@ mod tests {
         assert_eq!(socket_inode("socket:[45678]"), Some(45678));
         assert_eq!(socket_inode("pipe:[45678]"), None);
     }
+
+    #[test]
+    fn peers_from_net_tables() {
+        assert_eq!(
+            parse_net_addr("0700000A:1538"),
+            Some("10.0.0.7:5432".parse().unwrap())
+        );
+        assert_eq!(
+            parse_net_addr("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_net_addr("0000000000000000FFFF00000200007F:1538"),
+            Some("127.0.0.2:5432".parse().unwrap()),
+            "an IPv4-mapped peer prints as IPv4"
+        );
+        assert_eq!(parse_net_addr("zz:1"), None);
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:D2F2 0200007F:1538 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 20 4 30 10 -1
+   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 778 1 0000000000000000 100 0 0 10 0
+";
+        let socks = parse_net_tcp(text);
+        assert_eq!(socks[0].remote, Some("127.0.0.2:5432".parse().unwrap()));
+        assert_eq!(socks[1].remote, None, "a listener has no peer");
+    }
+
+    #[test]
+    fn worker_class_from_command_line() {
+        let class = |args: &[&str]| parse_worker_class(&v(args));
+        assert_eq!(
+            class(&["gunicorn", "-k", "gevent", "a:b"]).as_deref(),
+            Some("gevent")
+        );
+        assert_eq!(
+            class(&["gunicorn", "-kgthread"]).as_deref(),
+            Some("gthread")
+        );
+        assert_eq!(
+            class(&["gunicorn", "--worker-class=uvicorn_worker.UvicornWorker"]).as_deref(),
+            Some("uvicorn")
+        );
+        assert_eq!(
+            class(&[
+                "gunicorn",
+                "--worker-class",
+                "gunicorn.workers.ggevent.GeventWorker"
+            ])
+            .as_deref(),
+            Some("gevent")
+        );
+        assert_eq!(
+            class(&["gunicorn", "-k", "egg:gunicorn#sync"]).as_deref(),
+            Some("sync")
+        );
+        assert_eq!(
+            class(&["gunicorn", "-k", "my.Worker"]).as_deref(),
+            Some("my.Worker")
+        );
+        assert_eq!(class(&["gunicorn", "a:b"]), None);
+    }
+
+    #[test]
+    fn thread_cpu_from_stat_and_status() {
+        let stat =
+            "4242 (a) b) R 1 4242 4242 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 3 0 123456 0 0";
+        assert_eq!(parse_stat_cpu(stat), Some(('R', 287)));
+        assert_eq!(parse_stat_cpu("garbage"), None);
+        let status =
+            "Name:\tgunicorn\nvoluntary_ctxt_switches:\t1500\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_voluntary_switches(status), Some(1500));
+        let me = std::process::id();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let cpu = thread_cpu(me, tid).expect("this thread's stat");
+        assert!(cpu.on_cpu, "it is running this test");
+        assert!(process_age_ms(me).is_some());
+        // Reading its own syscall file, the thread is in a syscall (read).
+        assert!(matches!(thread_now(me, tid), ThreadNow::InSyscall { .. }));
+        assert_eq!(thread_now(me, u32::MAX), ThreadNow::Gone);
+        assert!(!thread_name(me, tid).is_empty());
+    }
 }
