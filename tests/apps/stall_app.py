@@ -9,6 +9,9 @@
                gevent does not patch, send a query, then wait up to `secs`
                for the reply in poll() (as libpq under psycopg2 does)
     /spin      compute for `secs` without a syscall
+    /chatty    for `secs`, one 50 ms database wait after another on host:port
+               (as /db, each timing out): no single call is long, and the
+               loop never runs in between
 
 If STALL_PID_FILE is set, a stall endpoint first appends "pid tid" to it,
 so a test knows which worker, and which thread, took the request.
@@ -99,6 +102,13 @@ def app(environ, start_response):
         body = b"read %r\n" % pipe_read(None)
     elif path == "/db":
         body = b"db %r\n" % query_database(q.get("host", "127.0.0.1"), int(q["port"]), secs)
+    elif path == "/chatty":
+        end = time.time() + secs
+        n = 0
+        while time.time() < end:
+            query_database(q.get("host", "127.0.0.1"), int(q["port"]), 0.05)
+            n += 1
+        body = b"queried %d times\n" % n
     elif path == "/spin":
         body = b"spun %d\n" % spin(secs)
     else:

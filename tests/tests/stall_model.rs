@@ -226,6 +226,34 @@ fn a_greenlet_that_keeps_the_cpu_is_a_stall_before_worker_timeout() {
     t.stop();
 }
 
+/// The same hub, blocked by a thousand short waits: each 50 ms poll on an
+/// unpatched socket is under the threshold, and the loop never runs.
+#[test]
+fn many_short_waits_outside_the_loop_are_a_busy_stall_before_worker_timeout() {
+    require_root();
+    let (_db, port) = tcp_server(&["silent"]);
+    let pids = StallPids::new("chatty");
+    let mut g = gevent(&pids, 6);
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let w = the_worker(&mut t);
+    loop_found(&mut t, w);
+    let path = format!("/chatty?port={port}&secs=30");
+    let _client = get_async(g.port, &path, Duration::from_secs(30));
+    pids.wait_nth(0);
+    let (at, stall) = t.wait_for("busy stall", Duration::from_secs(6), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    assert_eq!(stall["state"], "busy", "{stall}");
+    assert_eq!(stall["syscall"], Value::Null, "{stall}");
+    assert_eq!(stall["cause"]["id"], "busy_loop", "{stall}");
+    let kill = g.wait_line(
+        &format!("WORKER TIMEOUT (pid:{w})"),
+        Duration::from_secs(15),
+    );
+    assert!(at < kill.at, "named before Gunicorn's WORKER TIMEOUT");
+    t.stop();
+}
+
 /// Defect 4: a gthread pool thread blocked in a pipe read; the main
 /// thread keeps the heartbeat, so Gunicorn never kills the worker.
 #[test]

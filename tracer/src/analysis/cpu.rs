@@ -1,19 +1,28 @@
-//! Loops that keep the CPU. A greenlet that computes without a syscall
-//! blocks the hub as surely as a read that never returns, but the kernel
-//! sees no sleep. What shows is the worker's heartbeat: it stops while the
-//! loop thread keeps running without sleeping. A worker at 100% CPU
-//! serving load is not one: its heartbeat stays fresh.
+//! Loops that keep the CPU, or stay away from their wait in calls too short
+//! to be stalls. A greenlet that computes without a syscall blocks the hub
+//! as surely as a read that never returns, but the kernel sees no sleep; a
+//! greenlet that queries an unpatched database a thousand times, 10 ms
+//! each, blocks it for ten seconds with no call past the threshold. What
+//! shows is the worker's heartbeat: it stops while the loop thread never
+//! goes back to its loop's own wait. A worker at 100% CPU serving load is
+//! not one: its heartbeat stays fresh.
 use super::Enricher;
 use super::correlator::Correlator;
 use super::signatures;
 use super::stalls::stall_end;
-use crate::model::{FdKind, LoopWait, Outcome, Output, Role, StallReport, StallState, ThreadCpu};
+use super::syscalls;
+use crate::model::{
+    FdKind, LoopWait, Outcome, Output, Role, StallReport, StallState, ThreadCpu, ThreadNow,
+};
 
 const MS: u64 = 1_000_000;
 /// Gunicorn's own workers touch their heartbeat about once a second while
 /// their loop runs (an idle sync worker less often, but it is then asleep
 /// in its select).
 const BUILTIN_INTERVAL_MS: u64 = 1000;
+/// The session looks at heartbeats every 250 ms: the first look that found
+/// one overdue (and started the busy count) may have come that late.
+const LOOK_SLACK_MS: u64 = 250;
 /// Heartbeat ages come from the file's wall-clock ctime: a heartbeat that
 /// moved less than this between two looks is the same one.
 const SAME_BEAT_NS: u64 = 100 * MS;
@@ -25,8 +34,9 @@ pub(crate) struct Beats {
     last_ns: Option<u64>,
     /// The shortest interval seen between two heartbeats.
     min_interval_ns: Option<u64>,
-    /// Since the heartbeat became overdue: the loop thread's voluntary
-    /// context switches and CPU time when it was first seen busy, and when.
+    /// Since the heartbeat became overdue: when the loop thread was first
+    /// seen away from its loop, and its voluntary context switches and CPU
+    /// time then.
     busy: Option<Busy>,
 }
 
@@ -35,6 +45,8 @@ struct Busy {
     since_ns: u64,
     switches: u64,
     cpu_ms: u64,
+    /// It went to sleep since (a voluntary switch): not on the CPU all along.
+    slept: bool,
 }
 
 impl Beats {
@@ -56,16 +68,33 @@ impl Beats {
         }
     }
 
-    /// How long the thread has run without sleeping, from `cpu` now; a
-    /// sleep (a new voluntary switch) starts the count again.
-    fn busy_for(&mut self, cpu: ThreadCpu, now_ns: u64) -> Option<Busy> {
-        match self.busy {
-            Some(b) if b.switches == cpu.voluntary_switches && cpu.on_cpu => Some(b),
-            _ => {
-                self.busy = cpu.on_cpu.then_some(Busy {
+    /// One look at the loop thread while its heartbeat is overdue: busy
+    /// since the first look that found it away from its loop's own wait
+    /// (`in_loop`, when the loop is known), or else on the CPU without
+    /// sleeping. Back in the wait, the count stops.
+    fn look(&mut self, cpu: ThreadCpu, in_loop: Option<bool>, now_ns: u64) -> Option<Busy> {
+        let slept = self
+            .busy
+            .is_some_and(|b| b.switches != cpu.voluntary_switches);
+        let idle = match in_loop {
+            Some(in_loop) => in_loop,
+            None => slept || !cpu.on_cpu,
+        };
+        if idle {
+            self.busy = None;
+            return None;
+        }
+        match &mut self.busy {
+            Some(b) => {
+                b.slept |= slept;
+                Some(*b)
+            }
+            None => {
+                self.busy = Some(Busy {
                     since_ns: now_ns,
                     switches: cpu.voluntary_switches,
                     cpu_ms: cpu.cpu_ms,
+                    slept: false,
                 });
                 None
             }
@@ -116,8 +145,9 @@ impl Correlator {
     }
 
     /// A heartbeat older than the threshold and two intervals, while the
-    /// loop thread has kept the CPU without sleeping for all but one
-    /// interval of it, is a stall; a fresh heartbeat ends it.
+    /// loop thread has stayed away from its loop's wait since the heartbeat
+    /// was overdue (one interval old), is a stall: on the CPU if it never
+    /// slept meanwhile, else busy in short calls. A fresh heartbeat ends it.
     fn check_heartbeat(&mut self, pid: u32, now_ns: u64, enr: &mut dyn Enricher) -> Vec<Output> {
         let Some(age_ms) = enr.heartbeat_age_ms(pid) else {
             return Vec::new();
@@ -140,17 +170,27 @@ impl Correlator {
         let Some(cpu) = enr.thread_cpu(pid, pid) else {
             return Vec::new();
         };
+        let in_loop = p.loop_wait.map(|l| match enr.thread_now(pid, pid) {
+            ThreadNow::InSyscall { nr, arg0 } => l.is(&syscalls::name(nr), arg0),
+            _ => false,
+        });
         let p = self.procs.get_mut(&pid).expect("checked above");
-        let busy = p.beats.busy_for(cpu, now_ns);
+        let busy = p.beats.look(cpu, in_loop, now_ns);
         let already = self.on_cpu.contains_key(&pid) || self.active.contains_key(&pid);
         let Some(busy) = busy.filter(|_| interval.is_some() && !already && age_ms >= stale_ms)
         else {
             return Vec::new();
         };
-        if now_ns.saturating_sub(busy.since_ns) + step * MS < stale_ms * MS {
+        if now_ns.saturating_sub(busy.since_ns) + (step + LOOK_SLACK_MS) * MS < stale_ms * MS {
             return Vec::new();
         }
-        let report = self.on_cpu_report(pid, beat_ns, age_ms, cpu.cpu_ms - busy.cpu_ms, enr);
+        let state = if busy.slept || !cpu.on_cpu {
+            StallState::Busy
+        } else {
+            StallState::OnCpu
+        };
+        let cpu_ms = cpu.cpu_ms.saturating_sub(busy.cpu_ms);
+        let report = self.on_cpu_report(pid, state, beat_ns, age_ms, cpu_ms, enr);
         let p = self.procs.get_mut(&pid).expect("checked above");
         p.stalls += 1;
         p.last_stall = Some(report.clone());
@@ -164,6 +204,7 @@ impl Correlator {
     fn on_cpu_report(
         &self,
         pid: u32,
+        state: StallState,
         beat_ns: u64,
         age_ms: u64,
         cpu_ms: u64,
@@ -178,7 +219,7 @@ impl Correlator {
             role: p.role,
             comm: thread_name.clone(),
             thread_name,
-            state: StallState::OnCpu,
+            state,
             syscall: None,
             fd_kind: FdKind::Unknown,
             blocked_ms: age_ms,
@@ -194,7 +235,8 @@ impl Correlator {
         report
     }
 
-    /// Ends the on-CPU stall of `pid`, if it has one.
+    /// Ends the stall of `pid` without a syscall (on the CPU, or busy), if
+    /// it has one.
     pub(super) fn end_on_cpu(&mut self, pid: u32, ts_ns: u64, outcome: Outcome) -> Vec<Output> {
         let Some(r) = self.on_cpu.remove(&pid) else {
             return Vec::new();
@@ -203,7 +245,7 @@ impl Correlator {
         let blocked_ms = ts_ns.saturating_sub(r.start_ns) / MS;
         if let Some(p) = self.procs.get_mut(&pid)
             && let Some(last) = p.last_stall.as_mut()
-            && last.state == StallState::OnCpu
+            && last.state == r.state
             && last.start_ns == r.start_ns
         {
             last.blocked_ms = blocked_ms;
@@ -238,27 +280,46 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_sleep_restarts_the_busy_count() {
-        let mut b = Beats::default();
-        let cpu = |on_cpu, voluntary_switches, cpu_ms| ThreadCpu {
+    fn cpu(on_cpu: bool, voluntary_switches: u64, cpu_ms: u64) -> ThreadCpu {
+        ThreadCpu {
             on_cpu,
             cpu_ms,
             voluntary_switches,
-        };
+        }
+    }
+
+    #[test]
+    fn without_its_loop_known_a_sleep_restarts_the_busy_count() {
+        let mut b = Beats::default();
         assert!(
-            b.busy_for(cpu(true, 5, 100), 1000 * MS).is_none(),
+            b.look(cpu(true, 5, 100), None, 1000 * MS).is_none(),
             "first look"
         );
-        let busy = b.busy_for(cpu(true, 5, 900), 2000 * MS).unwrap();
-        assert_eq!((busy.since_ns, busy.cpu_ms), (1000 * MS, 100));
+        let busy = b.look(cpu(true, 5, 900), None, 2000 * MS).unwrap();
+        assert_eq!(
+            (busy.since_ns, busy.cpu_ms, busy.slept),
+            (1000 * MS, 100, false)
+        );
         assert!(
-            b.busy_for(cpu(true, 6, 950), 2250 * MS).is_none(),
+            b.look(cpu(true, 6, 950), None, 2250 * MS).is_none(),
             "it slept"
         );
         assert!(
-            b.busy_for(cpu(false, 6, 950), 2500 * MS).is_none(),
+            b.look(cpu(false, 6, 950), None, 2500 * MS).is_none(),
             "asleep now"
         );
+    }
+
+    #[test]
+    fn with_its_loop_known_only_the_loops_wait_restarts_it() {
+        let mut b = Beats::default();
+        assert!(b.look(cpu(false, 5, 100), Some(false), 1000 * MS).is_none());
+        let busy = b.look(cpu(false, 9, 300), Some(false), 2000 * MS).unwrap();
+        assert!(
+            busy.slept,
+            "short sleeps outside the loop: busy, not on the CPU"
+        );
+        assert!(b.look(cpu(false, 10, 300), Some(true), 2250 * MS).is_none());
+        assert!(b.busy.is_none(), "back in its loop's wait");
     }
 }

@@ -118,6 +118,24 @@ static FIRST: &[Signature<StallReport>] = &[
         matches: |s| s.state == StallState::OnCpu,
     },
     Signature {
+        id: "busy_loop",
+        cause: "the event loop's thread has not gone back to its loop since its heartbeat was due, though no single call lasted the threshold: many short blocking calls (an unpatched client queried in a loop) or computation between short waits; no other greenlet runs meanwhile, the heartbeat included",
+        fix: "make the calls cooperative (monkey-patch the client before importing it, or use a gevent-aware driver), batch them, or move the work out of the worker; with --py-stack the stack names the line",
+        matches: |s| s.state == StallState::Busy && gevent_loop(s),
+    },
+    Signature {
+        id: "busy_coroutine",
+        cause: "the asyncio loop's thread has not gone back to its loop since its heartbeat was due: many short blocking calls (or computation) in an async handler, none past the threshold alone",
+        fix: "use async clients, or run the blocking calls in a thread (asyncio.to_thread)",
+        matches: |s| s.state == StallState::Busy && asyncio_loop(s),
+    },
+    Signature {
+        id: "busy_request",
+        cause: "a request has kept the worker away from its loop this long in short calls and computation: the worker serves nothing else meanwhile",
+        fix: "make the request cheaper (fewer round trips to its servers), or move the work to a task queue",
+        matches: |s| s.state == StallState::Busy,
+    },
+    Signature {
         id: "multiprocessing_queue_gevent",
         cause: "multiprocessing.Queue.get() in a gevent worker: the queue's feeder thread is a greenlet that cannot run while the hub is blocked, so the 4-byte read on its pipe never returns",
         fix: "use gevent.queue.Queue or queue.Queue, call get(timeout=...), or move the work out of the worker process",

@@ -312,6 +312,43 @@ fn a_loop_that_sleeps_or_a_heartbeat_not_yet_learnt_is_no_cpu_stall() {
 }
 
 #[test]
+fn a_loop_thread_that_never_goes_back_to_its_wait_is_busy() {
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    let poll = syscalls::number("poll")
+        .or(syscalls::number("ppoll"))
+        .unwrap();
+    f.now = ThreadNow::InSyscall {
+        nr: poll,
+        arg0: 0x7ff0,
+    };
+    for (now, hb, switches) in [(3000, 1200, 5), (3500, 1700, 40), (4000, 2200, 80)] {
+        f.heartbeat = hb;
+        f.cpu = cpu(false, switches, now / 10);
+        let out = c.on_tick(now * MS, f);
+        if now < 4000 {
+            assert!(out.is_empty(), "at {now}: {out:?}");
+        } else {
+            let r = stalls(&out)[0];
+            assert_eq!(r.state, StallState::Busy);
+            assert_eq!(r.cause.as_ref().unwrap().id, "busy_loop");
+        }
+    }
+    // The same looks with the thread back in its loop's wait: healthy.
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    let epoll = syscalls::number("epoll_wait")
+        .or(syscalls::number("epoll_pwait"))
+        .unwrap();
+    f.now = ThreadNow::InSyscall { nr: epoll, arg0: 4 };
+    for (now, hb) in [(3000, 1200), (4000, 2200), (5000, 3200)] {
+        f.heartbeat = hb;
+        f.cpu = cpu(false, now, 10);
+        assert!(c.on_tick(now * MS, f).is_empty(), "at {now}");
+    }
+}
+
+#[test]
 fn a_loop_thread_in_a_futex_that_never_heartbeated_is_deadlocked_since_fork() {
     let f = &mut Scripted {
         heartbeat: 5000,

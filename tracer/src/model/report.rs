@@ -25,6 +25,10 @@ pub enum StallState {
     /// Running without yielding: the worker's heartbeat stopped while its
     /// loop thread kept the CPU (no syscall).
     OnCpu,
+    /// Away from its loop's wait: the heartbeat stopped while the loop
+    /// thread made calls each shorter than the threshold (and computed
+    /// between them), never going back to the loop.
+    Busy,
 }
 
 impl StallState {
@@ -32,6 +36,7 @@ impl StallState {
         match self {
             StallState::Blocked => "blocked",
             StallState::OnCpu => "on_cpu",
+            StallState::Busy => "busy",
         }
     }
 }
@@ -49,7 +54,7 @@ pub struct StallReport {
     /// /proc/PID/task/TID/comm of the stalled thread.
     pub thread_name: String,
     pub state: StallState,
-    /// The syscall it is blocked in; None when it is on the CPU.
+    /// The syscall it is blocked in; None when it is on the CPU or busy.
     pub syscall: Option<String>,
     pub fd: Option<i32>,
     /// The byte count asked for, for read-like calls.
@@ -71,8 +76,8 @@ pub struct StallReport {
     /// For a worker: true when it has not touched its heartbeat since it
     /// was forked (it never reached its loop).
     pub never_heartbeated: Option<bool>,
-    /// On the CPU: CPU time the thread used since its heartbeat was last
-    /// seen fresh.
+    /// On the CPU or busy: CPU time the thread used since its heartbeat was
+    /// overdue.
     pub cpu_ms: Option<u64>,
     /// The master's --timeout, when its command line says.
     pub gunicorn_timeout_s: Option<f64>,
@@ -126,10 +131,10 @@ pub enum Outcome {
     /// since without sleeping in another call, or slept again in the same
     /// call with the same arguments, which may be a new call).
     Woke,
-    /// On the CPU: the loop ran again (its heartbeat is fresh).
+    /// On the CPU or busy: the loop ran again (its heartbeat is fresh).
     Resumed,
-    /// On the CPU: the thread went on to block in a syscall, reported as
-    /// its own stall.
+    /// On the CPU or busy: the thread went on to block in a syscall,
+    /// reported as its own stall.
     Blocked,
 }
 

@@ -50,7 +50,7 @@ fn describe_fd(target: Option<&str>, peer: Option<&str>) -> Option<String> {
 /// 10.0.3.7:5432)", "select() on fds 3, 5, 9"; "the CPU, without a syscall"
 fn describe_call(s: &StallReport) -> String {
     let Some(call) = &s.syscall else {
-        return "the CPU, without a syscall".into();
+        return where_without_syscall(s.state).into();
     };
     let peer = |fd: i32| {
         s.wait_fds
@@ -83,17 +83,28 @@ fn fd_list(fds: &[WaitFd]) -> String {
 }
 
 /// "blocked 2.0s in read() on fd 11 (pipe:[1234])", "on the CPU 2.5s
-/// without a syscall (2.4s of CPU)"
+/// without a syscall (2.4s of CPU)", "busy 3.0s away from its loop, in
+/// calls each under the threshold (0.4s of CPU)"
 fn describe_stall(s: &StallReport, blocked: &str) -> String {
+    let cpu = s
+        .cpu_ms
+        .map(|c| format!(" ({} of CPU since its heartbeat was due)", secs(c)))
+        .unwrap_or_default();
     match s.state {
         StallState::Blocked => format!("{blocked} {} in {}", secs(s.blocked_ms), describe_call(s)),
-        StallState::OnCpu => {
-            let cpu = s
-                .cpu_ms
-                .map(|c| format!(" ({} of CPU since its heartbeat was due)", secs(c)))
-                .unwrap_or_default();
-            format!("on the CPU {} without a syscall{cpu}", secs(s.blocked_ms))
-        }
+        StallState::OnCpu => format!("on the CPU {} without a syscall{cpu}", secs(s.blocked_ms)),
+        StallState::Busy => format!(
+            "busy {} away from its loop, in calls each under the threshold{cpu}",
+            secs(s.blocked_ms)
+        ),
+    }
+}
+
+/// Where a stall without a syscall was: "on the CPU", "away from its loop".
+fn where_without_syscall(state: StallState) -> &'static str {
+    match state {
+        StallState::Busy => "away from its loop",
+        _ => "on the CPU",
     }
 }
 

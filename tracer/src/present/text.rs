@@ -1,7 +1,10 @@
 //! The text view: one line (or a few) per event, and the summary with the
 //! verdict on top. Everything from a traced process goes through `sanitize`.
 use super::json::{StartEvent, SummaryEvent};
-use super::{Clock, describe_call, describe_stall, never_noticed, sanitize, secs, which_thread};
+use super::{
+    Clock, describe_call, describe_stall, never_noticed, sanitize, secs, where_without_syscall,
+    which_thread,
+};
 use crate::model::{
     CloseKind, Direction, EarlyClose, Outcome, Output, Role, Source, StallReport, StallState,
 };
@@ -23,7 +26,7 @@ fn stall_details(s: &StallReport) -> String {
             },
             sanitize(&describe_call(s)),
         ),
-        StallState::OnCpu => describe_stall(s, "blocked"),
+        StallState::OnCpu | StallState::Busy => describe_stall(s, "blocked"),
     };
     let who = if s.tid == s.pid {
         format!(
@@ -118,15 +121,15 @@ fn process_line(pid: u32, master_pid: u32, role: Role, source: Source) -> String
 }
 
 fn stall_end_line(
-    pid: u32,
-    tid: u32,
+    (pid, tid): (u32, u32),
+    state: StallState,
     syscall: &Option<String>,
     blocked_ms: u64,
     outcome: Outcome,
 ) -> String {
     let what = match syscall {
         Some(call) => format!("{call}()"),
-        None => "on the CPU".into(),
+        None => where_without_syscall(state).into(),
     };
     let thread = if tid != pid {
         format!(" [thread {tid}]")
@@ -260,11 +263,12 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
         Output::StallEnd {
             pid,
             tid,
+            state,
             syscall,
             blocked_ms,
             outcome,
             ..
-        } => stall_end_line(*pid, *tid, syscall, *blocked_ms, *outcome),
+        } => stall_end_line((*pid, *tid), *state, syscall, *blocked_ms, *outcome),
         Output::WorkerTimeout {
             pid,
             master_pid,
@@ -344,7 +348,7 @@ pub fn text_summary(s: &SummaryEvent) -> String {
                 StallState::Blocked => {
                     format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st)))
                 }
-                StallState::OnCpu => format!("{} on the CPU", secs(st.blocked_ms)),
+                state => format!("{} {}", secs(st.blocked_ms), where_without_syscall(state)),
             })
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(

@@ -111,7 +111,7 @@ fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
             let st = w.stall.as_ref().expect("stalls > 0 has a stall");
             let last = match st.syscall {
                 Some(_) => format!("{} in {}", secs(st.blocked_ms), describe_call(st)),
-                None => format!("{} on the CPU", secs(st.blocked_ms)),
+                None => format!("{} {}", secs(st.blocked_ms), describe_call(st)),
             };
             format!(
                 "no worker is stalled now; {} stalled {} time(s), last for {last}",
