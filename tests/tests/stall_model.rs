@@ -79,12 +79,13 @@ fn py_stack_on_a_ten_second_block_gives_one_stall_and_the_worker_stays_stalled()
         let text = get(mport, "/metrics");
         let stalled = metric(&text, "gunicorn_tracer_worker_stalled", &[&label]);
         let blocked = metric(&text, "gunicorn_tracer_worker_blocked_seconds", &[&label]);
-        if let Some((_, end)) = t.try_wait_for(Duration::from_millis(400), |e| {
+        // Scraped before the end was seen: it was still stalled then.
+        scrapes.push((started.elapsed(), stalled, blocked));
+        if let Some((_, end)) = t.try_wait_for(Duration::from_millis(250), |e| {
             e["event"] == "stall_end" && e["pid"] == w
         }) {
             break end;
         }
-        scrapes.push((started.elapsed(), stalled, blocked));
         assert!(started.elapsed() < Duration::from_secs(25), "no stall_end");
     };
     // Metrics render once a second: the first scrape may predate the stall.

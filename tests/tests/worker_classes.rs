@@ -59,9 +59,10 @@ fn healthy_under_load(g: &GunicornProc, t: &mut Tracer) {
     t.collect_for(Duration::from_secs(1));
     assert!(
         t.of_kind("stall").is_empty(),
-        "no stall under load ({served} requests in {:?}): {:?}",
+        "no stall under load ({served} requests in {:?}): {:?}; loops: {:?}",
         began.elapsed(),
-        t.of_kind("stall")
+        t.of_kind("stall"),
+        t.of_kind("loop")
     );
 }
 

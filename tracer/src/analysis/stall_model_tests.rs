@@ -59,8 +59,15 @@ impl Enricher for Scripted {
     fn socket_peer(&mut self, _pid: u32, fd: i32) -> Option<String> {
         self.peer.clone().filter(|_| fd == 7)
     }
-    fn multiplexer_fds(&mut self, _pid: u32, _tid: u32, _syscall: &str, _arg0: u64) -> Vec<i32> {
-        vec![7]
+    /// Epoll fd 4 is the loop's (a listener and its wake-up eventfd), 10
+    /// a re-created instance of it that watches only the eventfd so far;
+    /// anything else waits on socket 7.
+    fn multiplexer_fds(&mut self, _pid: u32, _tid: u32, _syscall: &str, arg0: u64) -> Vec<i32> {
+        match arg0 {
+            4 => vec![3, 6],
+            10 => vec![6],
+            _ => vec![7],
+        }
     }
     fn thread_now(&mut self, _pid: u32, _tid: u32) -> ThreadNow {
         self.now

@@ -12,8 +12,8 @@ use super::Enricher;
 use super::correlator::Correlator;
 use super::{signatures, syscalls};
 use crate::model::{
-    FdInfo, FdKind, KernelEvent, Outcome, Output, Role, Sample, StallReport, StallState, ThreadNow,
-    WaitFd, Wake, WokeBy,
+    FdInfo, FdKind, KernelEvent, LoopWait, Outcome, Output, Role, Sample, StallReport, StallState,
+    ThreadNow, WaitFd, Wake, WokeBy,
 };
 
 /// A multiplexer's fds named in a stall, at most.
@@ -219,6 +219,10 @@ impl Correlator {
         if !syscalls::is_stall(p.role, s.tid == s.tgid, s.nr, loop_wait) {
             return Vec::new();
         }
+        if loop_wait == Some(false) && self.is_loops_own_epoll(s, &name, enr) {
+            return Vec::new();
+        }
+        let p = &self.procs[&s.tgid];
         let fd = syscalls::takes_fd(&name).then_some(s.arg0 as i32);
         let info = fd
             .map(|fd| enr.fd_info(s.tgid, fd))
@@ -302,6 +306,30 @@ impl Correlator {
             report,
         });
         out
+    }
+
+    /// An epoll wait of the loop thread on another epoll fd that watches
+    /// nothing but what the loop's own epoll fd watches (its wake-up
+    /// eventfd, say) is the loop's wait on a re-created epoll instance, not
+    /// a client's: no client waits on the loop's own fds. The loop is then
+    /// looked for again.
+    fn is_loops_own_epoll(&mut self, s: &Sample, name: &str, enr: &mut dyn Enricher) -> bool {
+        let Some(p) = self.procs.get_mut(&s.tgid) else {
+            return false;
+        };
+        let Some(LoopWait::Epoll { epfd }) = p.loop_wait else {
+            return false;
+        };
+        if !syscalls::EPOLL_WAITS.contains(&name) {
+            return false;
+        }
+        let theirs = enr.multiplexer_fds(s.tgid, s.tid, name, s.arg0);
+        let ours = enr.multiplexer_fds(s.tgid, s.tid, name, epfd as u64);
+        let own = theirs.iter().all(|fd| ours.contains(fd));
+        if own {
+            p.loop_wait = None;
+        }
+        own
     }
 
     fn end(&mut self, tid: u32, ts_ns: u64, outcome: Outcome) -> Option<Output> {
