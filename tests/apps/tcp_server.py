@@ -12,6 +12,9 @@ Server modes, for every accepted connection:
     exit      read the request, then exit with the socket still open
     hold GO   read the request, print "read", wait for file GO, close
               without writing
+    silent [HOST:PORT]
+              keep every connection open and never answer: a database
+              that does not reply (on HOST:PORT, e.g. 127.0.0.2:5432)
 """
 import os
 import socket
@@ -35,11 +38,18 @@ def client(port, go):
 def serve(mode, go=None):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 0))
+    host, port = ("127.0.0.1", 0)
+    if mode == "silent" and go:
+        host, port = go.rsplit(":", 1)
+    s.bind((host, int(port)))
     s.listen(16)
     print(s.getsockname()[1], flush=True)
+    held = []
     while True:
         c, _ = s.accept()
+        if mode == "silent":
+            held.append(c)
+            continue
         if mode == "idle":
             c.settimeout(0.3)
             try:

@@ -411,6 +411,24 @@ impl Proc {
         }
     }
 
+    /// Collects the output for `d`; returns the lines containing `needle`
+    /// (seen before or during that time).
+    pub fn lines_within(&mut self, needle: &str, d: Duration) -> Vec<Line> {
+        let deadline = Instant::now() + d;
+        let rx = self
+            .output
+            .as_ref()
+            .expect("process output is not captured");
+        while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.lines.push(l);
+        }
+        self.lines
+            .iter()
+            .filter(|l| l.text.contains(needle))
+            .cloned()
+            .collect()
+    }
+
     /// Waits for a line of the output containing `needle`.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Line {
         self.wait_count(needle, 1, timeout)
@@ -480,14 +498,19 @@ impl Gunicorn {
         self.arg("-t", secs)
     }
 
+    /// `--threads`: the gthread worker's pool size.
+    pub fn threads(self, n: u32) -> Gunicorn {
+        self.arg("--threads", n)
+    }
+
+    /// `-c`: a config file of tests/apps (hooks such as post_fork).
+    pub fn config(self, file: &str) -> Gunicorn {
+        self.arg("-c", file)
+    }
+
     /// `--max-requests`: a worker retires after serving this many.
     pub fn max_requests(self, n: u32) -> Gunicorn {
         self.arg("--max-requests", n)
-    }
-
-    /// `--threads`: request threads per worker (with `-k gthread`).
-    pub fn threads(self, n: u32) -> Gunicorn {
-        self.arg("--threads", n)
     }
 
     /// `--keep-alive`: seconds an idle keep-alive connection is kept open.
@@ -588,6 +611,63 @@ impl Drop for HangPids {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// The file tests/apps/stall_app.py and asgi_app.py append "pid tid" to
+/// when a stall endpoint starts (pass `path()` as STALL_PID_FILE); removed
+/// when dropped.
+pub struct StallPids(PathBuf);
+
+impl StallPids {
+    pub fn new(tag: &str) -> StallPids {
+        let p =
+            std::env::temp_dir().join(format!("tracer-stall-{tag}-{}.pids", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        StallPids(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The (pid, tid) that took the `n`-th stall request (from 0), once it has.
+    pub fn wait_nth(&self, n: usize) -> (u32, u32) {
+        eventually("stall pid", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let line = text.lines().nth(n)?;
+            let mut it = line.split_whitespace().map(|v| v.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+    }
+}
+
+impl Drop for StallPids {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The value of the first sample of metric `name` whose labels contain
+/// every one of `labels`, in Prometheus text.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| labels.iter().all(|lb| l.contains(lb)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// `wrk` (Debian's) against `path` on a loopback port: `conns` connections
+/// on two threads for `secs`; returns the requests it completed.
+pub fn wrk(port: u16, path: &str, conns: u32, secs: u32) -> u64 {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("wrk is not installed: run `cargo xtask test`, which installs it");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().split(" requests in ").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("wrk printed no request count: {text}"))
 }
 
 /// A file whose creation lets a waiting child go on: the child polls for it,

@@ -177,6 +177,7 @@ fn a_killed_tracer_leaves_no_program_loaded() {
         "task_newtask",
         "sched_process_exit",
         "signal_generate",
+        "signal_deliver",
         "sched_process_exec",
         "inet_sock_set_state",
         "sock_recv_length",

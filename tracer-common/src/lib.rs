@@ -23,8 +23,9 @@ pub mod kind {
     pub const EXIT: u32 = 2;
     /// A signal was generated for a watched process (`aux_pid` is the sender).
     pub const SIGNAL: u32 = 3;
-    /// A watched thread woke up after sleeping at least the threshold in a
-    /// syscall that is not a wait for work. `aux` is one of [`wake`].
+    /// A syscall a watched thread slept in for at least the threshold is
+    /// over (see [`Inflight`]); `ts_ns` is when the thread woke from it for
+    /// the last time. `aux` is one of [`wake`].
     pub const SLEEP_END: u32 = 4;
     /// A process whose comm looks like Python or Gunicorn called exec.
     pub const EXEC: u32 = 5;
@@ -43,17 +44,45 @@ pub mod kind {
     pub const FLAG_SEEDED: u32 = 0x100;
 }
 
-/// `Event::aux` of a SLEEP_END: why the thread woke. The syscall's return
-/// value is not known at wake-up.
+/// `Event::aux` of a SLEEP_END: how the syscall ended, as far as the kernel
+/// can tell. The return value itself is never known.
 pub mod wake {
-    /// Nothing pending: the syscall is returning.
+    /// The thread woke with nothing pending and was next seen elsewhere (in
+    /// another syscall, or stopped by a tracer at a syscall boundary): the
+    /// call returned.
     pub const RETURNING: i64 = 0;
-    /// A signal woke the thread; the syscall is interrupted (-EINTR, or
-    /// restarted).
+    /// A signal (or a tracer's stop) woke the thread and it did not go back
+    /// into the same call: the call was interrupted.
     pub const INTERRUPTED: i64 = -4;
     /// SIGKILL woke the thread; it dies inside the syscall.
     pub const KILLED: i64 = i64::MIN;
+    /// The thread woke with nothing pending, then slept again in the same
+    /// syscall with the same first argument: a new call, or a second sleep
+    /// inside the same one. Which, the kernel cannot tell.
+    pub const WOKE: i64 = 1;
 }
+
+/// `Inflight::woke_by`: how the thread last woke inside the recorded call.
+pub mod woke_by {
+    /// Not woken since the call started.
+    pub const NONE: u32 = 0;
+    /// Woken with nothing pending.
+    pub const PLAIN: u32 = 1;
+    /// Woken with a signal pending, and the call did not complete (it
+    /// returned -EINTR or a restart code to the signal's delivery): it may
+    /// be restarted. A call that completed with the signal arriving
+    /// meanwhile is PLAIN once the signal is delivered.
+    pub const SIGNAL: u32 = 2;
+    /// Stopped inside the call (ptrace attach, SIGSTOP) and, once woken,
+    /// expected back in it: py-spy, gdb and strace attach this way.
+    pub const STOP: u32 = 3;
+    /// Asleep again in the same call after a signal or a stop.
+    pub const RESUMED: u32 = 4;
+}
+
+/// How long after a signal or a stop woke a thread its call may resume and
+/// still count as the same call (both sides use it).
+pub const RESTART_WINDOW_NS: u64 = 200_000_000;
 
 /// Signals that end or restart a Gunicorn worker: the only ones the kernel
 /// reports. SIGCHLD, SIGWINCH and the like are frequent and say nothing
@@ -93,10 +122,18 @@ pub mod signal {
 /// so a syscall the table does not know is never missed.
 pub mod class {
     pub const MAYBE: u32 = 0;
-    /// Never a stall: waiting for work (epoll_wait, poll, select, pause, ...).
+    /// A multiplexer or a signal wait (epoll_wait, poll, select, pause,
+    /// ...): idle, unless it is a Gunicorn worker's loop thread waiting
+    /// outside its event loop's own wait.
     pub const WAIT: u32 = 1;
     /// Reads from fd arg0 (read, recvfrom, ...): goes into the read histogram.
     pub const READ: u32 = 2;
+    /// An epoll wait: arg0 is the epoll fd.
+    pub const EPOLL: u32 = 4;
+    /// select/pselect6: arg0 is nfds, arg1 the read set.
+    pub const SELECT: u32 = 8;
+    /// poll/ppoll: arg0 is the pollfd array, arg1 its length.
+    pub const POLL: u32 = 16;
 }
 
 /// `Conn::direction`.
@@ -121,6 +158,7 @@ pub const MAX_SYSCALL_NR: u32 = 1024;
 /// Value of the `WATCHED` map, keyed by tgid. User space removes the entry
 /// once it has handled the process's EXIT event: the kernel closes an
 /// exiting process's sockets after that event, and they must still count.
+/// Only user space writes an entry after the fork that created it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Watched {
@@ -128,31 +166,49 @@ pub struct Watched {
     pub master: u32,
     /// One of [`role`].
     pub role: u32,
+    /// The event loop's own wait, once user space has found it: the
+    /// [`class`] bit of its syscalls ([`class::EPOLL`] or [`class::SELECT`]),
+    /// 0 while unknown (then every multiplexer sleep counts as the loop's).
+    pub loop_class: u32,
+    pub _pad: u32,
+    /// Their first argument: the loop's epoll fd, or select's nfds.
+    pub loop_arg0: u64,
+    /// For select: the first 64 bits of the read set it waits on (0: not
+    /// checked).
+    pub loop_fds: u64,
 }
 
-/// Value of the `INFLIGHT` map, keyed by tid: the syscall a thread went to
-/// sleep in, and since when. Written when a watched thread is switched out
-/// asleep inside a syscall; `active` drops to 0 when it runs again.
+/// Value of the `INFLIGHT` map, keyed by tid: the syscall a thread is
+/// blocked in, and since when. Written when a watched thread is switched
+/// out asleep inside a syscall. A wake-up does not end the call: the entry
+/// stays open (`woke_ns` set) until the thread is next seen, either back
+/// in the same call (after a signal or a stop: the call goes on, same
+/// start, same `seq`) or elsewhere (the call is over: a SLEEP_END is sent
+/// if it lasted the threshold).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
-    /// `bpf_ktime_get_ns` when the thread went to sleep.
+    /// `bpf_ktime_get_ns` when the call first went to sleep.
     pub start_ns: u64,
     /// First and third arguments (fd and count for read-like calls).
     pub arg0: u64,
     pub arg2: u64,
-    /// Incremented on every sleep, so user space can tell two apart.
+    /// Incremented on every new call, so user space can tell two apart.
     pub seq: u64,
+    /// When the thread last woke in this call; 0 while it sleeps, or once
+    /// the call is over.
+    pub woke_ns: u64,
     pub nr: i32,
     pub tgid: u32,
-    /// 1 while the thread is asleep in the syscall.
+    /// 1 while the thread is asleep (or stopped) in the call.
     pub active: u32,
     /// 1 when user space seeded the entry at attach time for a thread that was
     /// already asleep: `start_ns` is then the attach time, a lower bound.
     pub seeded: u32,
     /// One of [`fdkind`], for reads (the histogram's key).
     pub fd_kind: u32,
-    pub _pad: u32,
+    /// One of [`woke_by`].
+    pub woke_by: u32,
 }
 
 /// Value of the `CONNS` map, keyed by the kernel's socket address: what the
@@ -284,7 +340,7 @@ pub struct Event {
     pub aux_pid: u32,
     /// `bpf_ktime_get_ns` when the event happened.
     pub ts_ns: u64,
-    /// When the sleep started (SLEEP_END).
+    /// When the call first went to sleep (SLEEP_END).
     pub start_ns: u64,
     /// Syscall number (SLEEP_END), signal number (SIGNAL), exit code or
     /// signal (EXIT), the child's [`role`] (FORK).
@@ -363,7 +419,8 @@ pub mod program {
     pub const SCHED_PROCESS_EXEC: u32 = 6;
     pub const MARK_VICTIM: u32 = 7;
     pub const TCP_SEND_RESET: u32 = 8;
-    pub const COUNT: u32 = 9;
+    pub const SIGNAL_DELIVER: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Indexed by the ids above: the programs' own names.
     pub const NAMES: [&str; COUNT as usize] = [
         "sched_switch",
@@ -375,6 +432,7 @@ pub mod program {
         "sched_process_exec",
         "mark_victim",
         "tcp_send_reset",
+        "signal_deliver",
     ];
 }
 
@@ -452,11 +510,14 @@ pub struct KernelOffsets {
     /// tcp_sock.tcp_mstamp: the last time (µs of CLOCK_MONOTONIC) the
     /// socket sent or received; [`UNSET`] where BTF lacks it.
     pub tcp_mstamp: u64,
-    // Where a task inside a syscall keeps its number and first and third
+    // Where a task inside a syscall keeps its number and first three
     // arguments in its saved user registers (struct pt_regs).
     pub pt_regs_nr: u64,
     pub pt_regs_arg0: u64,
+    pub pt_regs_arg1: u64,
     pub pt_regs_arg2: u64,
+    /// Where a syscall's return value is, once it has one.
+    pub pt_regs_ret: u64,
 }
 
 /// The programs' configuration: the `CONFIG` global of the BPF object,
@@ -530,7 +591,9 @@ impl Config {
             tcp_mstamp: UNSET,
             pt_regs_nr: UNSET,
             pt_regs_arg0: UNSET,
+            pt_regs_arg1: UNSET,
             pt_regs_arg2: UNSET,
+            pt_regs_ret: UNSET,
         },
     };
 }
@@ -560,8 +623,8 @@ mod tests {
     // would show up as a size that is not the sum of the fields.
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Watched>(), 2 * 4);
-        assert_eq!(size_of::<Inflight>(), 4 * 8 + 6 * 4);
+        assert_eq!(size_of::<Watched>(), 4 * 4 + 2 * 8);
+        assert_eq!(size_of::<Inflight>(), 5 * 8 + 6 * 4);
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
@@ -572,7 +635,7 @@ mod tests {
             size_of::<KeepaliveRace>(),
             2 * 4 + 8 + size_of::<AnsweredClose>()
         );
-        assert_eq!(size_of::<KernelOffsets>(), 25 * 8);
+        assert_eq!(size_of::<KernelOffsets>(), 27 * 8);
         assert_eq!(
             size_of::<Config>(),
             3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()

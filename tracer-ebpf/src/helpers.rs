@@ -127,6 +127,12 @@ pub fn syscall_arg0(regs: u64) -> Option<u64> {
     kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg0))
 }
 
+/// The second syscall argument from saved registers.
+#[inline(always)]
+pub fn syscall_arg1(regs: u64) -> Option<u64> {
+    kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg1))
+}
+
 /// The third syscall argument from saved registers.
 #[inline(always)]
 pub fn syscall_arg2(regs: u64) -> Option<u64> {

@@ -6,6 +6,7 @@ use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{base_event, count, current_task, emit, field, finish, ids, kread};
 use crate::maps::{INFLIGHT, WATCHED};
+use crate::scheduler::{end_at_exit, on_signal_delivery};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -30,9 +31,12 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         role::CHILD
     };
+    // The child runs its own event loop, not yet known: every multiplexer
+    // sleep counts as the loop's until user space finds it.
     let w = Watched {
         master: parent.master,
         role: child_role,
+        ..Default::default()
     };
     // The child cannot run before this returns, so it is watched from its
     // first syscall. When the map is full it is not watched at all, and user
@@ -61,6 +65,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
+    end_at_exit(tid, w.master);
     let _ = INFLIGHT.remove(tid);
     let off = &CONFIG.tp.exit_group_dead;
     let group_dead = if cfg(off) == UNSET {
@@ -110,6 +115,22 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     ev.nr = sig as i64;
     ev.aux = tid as i64;
     emit(&ev);
+    Ok(())
+}
+
+/// A signal about to be handled: rare, and only a watched thread's open
+/// call is looked at (see `scheduler::on_signal_delivery`).
+#[tracepoint]
+pub fn signal_deliver(_ctx: TracePointContext) -> u32 {
+    finish(program::SIGNAL_DELIVER, try_signal_deliver());
+    0
+}
+
+fn try_signal_deliver() -> Result<(), i32> {
+    let (tgid, tid) = ids();
+    if unsafe { WATCHED.get(tgid) }.is_some() {
+        on_signal_delivery(tid);
+    }
     Ok(())
 }
 

@@ -5,9 +5,9 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    BlockedThread, Container, End, FdInfo, FdKind, KernelEvent, Losses, MapOccupancy,
+    BlockedThread, Container, End, FdInfo, FdKind, KernelEvent, LoopWait, Losses, MapOccupancy,
     MasterSettings, MemoryCgroup, Output, Peer, PodSource, RaceReset, Role, Sample, SockSnapshot,
-    Source, TcpState, Wake,
+    Source, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -16,10 +16,32 @@ const MASTER: u32 = 100;
 const W: u32 = 101;
 const W2: u32 = 200;
 
-struct Fake;
+/// Stands in for /proc; the scripted run sets what the heartbeat and the
+/// loop thread look like at each step.
+struct Fake {
+    heartbeat_ms: u64,
+    cpu: Option<ThreadCpu>,
+}
+
+impl Default for Fake {
+    fn default() -> Fake {
+        Fake {
+            heartbeat_ms: 600,
+            cpu: None,
+        }
+    }
+}
+
 impl Enricher for Fake {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
         match fd {
+            7 => FdInfo {
+                kind: FdKind::Socket,
+                target: Some("socket:[7]".into()),
+                peers: vec![],
+                peers_omitted: 0,
+                peers_complete: true,
+            },
             11 => FdInfo {
                 kind: FdKind::Pipe,
                 target: Some("pipe:[777]".into()),
@@ -43,10 +65,32 @@ impl Enricher for Fake {
         }
     }
     fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
-        Some(600)
+        Some(self.heartbeat_ms)
     }
     fn comm(&mut self, _pid: u32) -> String {
         "gunicorn\x1b[2J".into()
+    }
+    fn thread_name(&mut self, pid: u32, tid: u32) -> String {
+        if tid == pid {
+            "gunicorn\x1b[2J".into()
+        } else {
+            "ThreadPoolExec".into()
+        }
+    }
+    fn socket_peer(&mut self, _pid: u32, fd: i32) -> Option<String> {
+        (fd == 7).then(|| "10.0.3.7:5432".into())
+    }
+    fn multiplexer_fds(&mut self, _pid: u32, _tid: u32, _syscall: &str, _arg0: u64) -> Vec<i32> {
+        vec![7]
+    }
+    fn thread_now(&mut self, _pid: u32, _tid: u32) -> ThreadNow {
+        ThreadNow::InSyscall {
+            nr: syscalls::number("futex").unwrap(),
+            arg0: 0,
+        }
+    }
+    fn thread_cpu(&mut self, _pid: u32, _tid: u32) -> Option<ThreadCpu> {
+        self.cpu
     }
     fn container(&mut self, pid: u32) -> Option<Container> {
         (pid == W2).then(|| Container {
@@ -92,6 +136,8 @@ fn sample(tgid: u32, tid: u32, name: &str, start_ms: u64, fd: u64, seq: u64) -> 
         seq,
         active: true,
         seeded: false,
+        woke_ns: 0,
+        woke_by: WokeBy::None,
     }
 }
 
@@ -276,7 +322,7 @@ fn scripted_run() -> String {
     let mut out = String::new();
     let mut c = Correlator::new(500 * MS);
     c.set_request_threshold(1000 * MS);
-    let f = &mut Fake;
+    let f = &mut Fake::default();
     let mut ev = Vec::new();
     ev.extend(c.add_process(
         0,
@@ -286,6 +332,7 @@ fn scripted_run() -> String {
             role: Role::Master,
             app: Some("app:app".into()),
             timeout_s: Some(4.0),
+            worker_class: None,
             source: Source::Scan,
             container: None,
         },
@@ -298,6 +345,7 @@ fn scripted_run() -> String {
             role: Role::Worker,
             app: Some("app:app".into()),
             timeout_s: Some(4.0),
+            worker_class: None,
             source: Source::Scan,
             container: None,
         },
@@ -310,6 +358,7 @@ fn scripted_run() -> String {
             role: Role::Plain,
             app: None,
             timeout_s: None,
+            worker_class: None,
             source: Source::Scan,
             container: None,
         },
@@ -450,6 +499,7 @@ fn scripted_run() -> String {
             role: Role::Master,
             app: None,
             timeout_s: Some(30.0),
+            worker_class: None,
             source: Source::Exec,
             container: None,
         },
@@ -462,19 +512,96 @@ fn scripted_run() -> String {
             role: Role::Worker,
             app: None,
             timeout_s: Some(30.0),
+            worker_class: None,
             source: Source::Scan,
             container: None,
         },
     ));
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &h, 100);
-    // A stall that is over: the verdict names the past stall.
-    ev.extend(h.on_samples(&[sample(W, W, "nanosleep", 0, 0, 1)], 600 * MS, f));
-    ev.extend(h.on_samples(&[], 700 * MS, f));
-    ev.extend(h.on_samples(&[], 800 * MS, f));
+    // A stall that is over: the verdict names the past stall. The thread
+    // woke and went back to waiting elsewhere: the call returned.
+    let slept = sample(W, W, "nanosleep", 0, 0, 1);
+    ev.extend(h.on_samples(&[slept], 600 * MS, f));
+    let woke = Sample {
+        active: false,
+        woke_ns: 700 * MS,
+        woke_by: WokeBy::Plain,
+        ..slept
+    };
+    ev.extend(h.on_samples(&[woke], 800 * MS, f));
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &h, 900);
+    stalls_of_every_kind(&mut out, f);
     out
+}
+
+/// A gevent worker whose loop is known: a wait outside its loop on a
+/// PostgreSQL server, a helper thread blocked in a read, then its loop on
+/// the CPU until the heartbeat comes back.
+fn stalls_of_every_kind(out: &mut String, f: &mut Fake) {
+    let mut ev = Vec::new();
+    let mut g = Correlator::new(500 * MS);
+    ev.extend(g.add_process(
+        0,
+        NewProcess {
+            pid: W,
+            master: MASTER,
+            role: Role::Worker,
+            app: Some("app:app".into()),
+            timeout_s: Some(5.0),
+            worker_class: Some("gevent".into()),
+            source: Source::Scan,
+            container: None,
+        },
+    ));
+    ev.extend(g.set_loop(800 * MS, W, LoopWait::Epoll { epfd: 4 }));
+    // The loop's own wait is idle; a poll outside it is the stall.
+    ev.extend(g.on_samples(&[sample(W, W, "epoll_wait", 0, 4, 1)], 900 * MS, f));
+    let poll = sample(W, W, "poll", 1000, 0x7ffd_0000, 2);
+    ev.extend(g.on_samples(&[poll], 1600 * MS, f));
+    ev.extend(g.on_kernel(
+        KernelEvent::SleepEnd {
+            ts_ns: 1800 * MS,
+            tgid: W,
+            tid: W,
+            nr: poll.nr,
+            start_ns: poll.start_ns,
+            wake: Wake::Returning,
+            arg0: poll.arg0,
+            arg2: 4,
+            seeded: false,
+        },
+        f,
+    ));
+    // A helper thread blocked in a read; it woke and waits elsewhere now.
+    let helper = sample(W, W + 1, "read", 2000, 5, 1);
+    ev.extend(g.on_samples(&[helper], 2600 * MS, f));
+    let woke = Sample {
+        active: false,
+        woke_ns: 2700 * MS,
+        woke_by: WokeBy::Plain,
+        ..helper
+    };
+    ev.extend(g.on_samples(&[woke], 2750 * MS, f));
+    render(out, std::mem::take(&mut ev));
+    // The loop keeps the CPU: the heartbeat ages with no sleep in between.
+    let cpu = |cpu_ms| ThreadCpu {
+        on_cpu: true,
+        cpu_ms,
+        voluntary_switches: 10,
+    };
+    for (now_ms, heartbeat_ms, cpu_ms) in [(3000, 1200, 100), (4000, 2200, 1050)] {
+        f.heartbeat_ms = heartbeat_ms;
+        f.cpu = Some(cpu(cpu_ms));
+        ev.extend(g.on_tick(now_ms * MS, f));
+    }
+    render(out, std::mem::take(&mut ev));
+    summary(out, &g, 4200);
+    f.heartbeat_ms = 100;
+    ev.extend(g.on_tick(4500 * MS, f));
+    render(out, std::mem::take(&mut ev));
+    summary(out, &g, 4600);
 }
 
 #[test]

@@ -686,6 +686,48 @@ fn detection_latency(s: &Sizes, report: &mut Report) -> Result<()> {
         "detection_latency_ms_after_threshold".into(),
         lat_med.into(),
     );
+    cpu_detection_latency(s, report)
+}
 
+/// A gevent worker's loop on the CPU is judged once its heartbeat is two
+/// intervals (2 s) old: how long after that the stall is printed, by the
+/// heartbeat age the tracer read (the file's ctime, wall clock).
+fn cpu_detection_latency(s: &Sizes, report: &mut Report) -> Result<()> {
+    step(&format!(
+        "detection latency of a loop on the CPU: {} greenlets computing 5 s, judged at a 2 s old heartbeat",
+        s.latency_trials
+    ));
+    let g = Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .timeout(60)
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let mut lat = Vec::new();
+    for trial in 0..s.latency_trials {
+        let client = tests::get_async(g.port, "/spin?secs=5", Duration::from_secs(20));
+        let (_, stall) = t.wait_for("stall on the CPU", Duration::from_secs(6), |e: &Value| {
+            e["event"] == "stall" && e["state"] == "on_cpu"
+        });
+        let age = stall["heartbeat_age_ms"]
+            .as_f64()
+            .context("heartbeat age")?;
+        lat.push(age - 2000.0);
+        t.events.retain(|(_, e)| e["event"] != "stall");
+        let _ = client.recv_timeout(Duration::from_secs(15));
+        // Let the heartbeat come back before the next one.
+        t.wait_for("its end", Duration::from_secs(5), |e: &Value| {
+            e["event"] == "stall_end" && e["state"] == "on_cpu"
+        });
+        t.events.retain(|(_, e)| e["event"] != "stall_end");
+        eprintln!("  trial {trial}: printed at a {age:.0} ms old heartbeat");
+    }
+    t.stop();
+    drop(g);
+    let lat_med = median(&mut lat);
+    eprintln!("  loop on the CPU printed {lat_med:.1} ms after its heartbeat was 2 s old (median)");
+    report.insert(
+        "cpu_detection_latency_ms_after_threshold".into(),
+        lat_med.into(),
+    );
     Ok(())
 }

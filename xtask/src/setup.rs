@@ -15,6 +15,8 @@ const PY_PACKAGES: &[&str] = &[
     "packaging",
     "py-spy==0.4.3",
     "kubernetes-validate==1.37.0",
+    "uvicorn==0.54.0",
+    "uvicorn-worker==0.4.0",
 ];
 
 fn is_root() -> bool {
@@ -136,11 +138,12 @@ pub fn toolchain() -> Result<()> {
     Ok(())
 }
 
-/// The Python virtualenv under target/ with pinned Gunicorn and gevent.
+/// The Python virtualenv under target/ with pinned Gunicorn, gevent and
+/// Uvicorn's worker (the worker classes the tests run).
 pub fn venv() -> Result<PathBuf> {
     let dir = root().join("target/venv");
     let py = dir.join("bin/python");
-    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') and m.version('py-spy') == '0.4.3' and m.version('kubernetes-validate') == '1.37.0' else 1)";
+    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') and m.version('py-spy') == '0.4.3' and m.version('kubernetes-validate') == '1.37.0' and m.version('uvicorn') == '0.54.0' and m.version('uvicorn-worker') == '0.4.0' else 1)";
     if output_ok(Command::new(&py).args(["-c", check])).is_some() {
         return Ok(dir);
     }

@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::Enricher;
 use super::closes::ConnEnd;
+use super::cpu::Beats;
 use super::exits::SignalSeen;
 use super::hung::HungState;
 use super::stalls::Active;
 use crate::model::{
-    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, KernelEvent,
+    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, KernelEvent, LoopWait,
     MasterSettings, OomKill, Output, Role, Source, StallReport,
 };
 
@@ -20,6 +21,12 @@ pub(super) struct Proc {
     pub role: Role,
     pub app: Option<String>,
     pub timeout_s: Option<f64>,
+    /// Gunicorn's worker class, from the master's command line.
+    pub worker_class: Option<String>,
+    /// The worker's event loop's own wait, once found.
+    pub loop_wait: Option<LoopWait>,
+    /// Its heartbeats, for loops that keep the CPU.
+    pub beats: Beats,
     pub alive: bool,
     pub stalls: u32,
     pub timeouts: u32,
@@ -70,6 +77,7 @@ pub struct NewProcess {
     pub role: Role,
     pub app: Option<String>,
     pub timeout_s: Option<f64>,
+    pub worker_class: Option<String>,
     pub source: Source,
     pub container: Option<Container>,
 }
@@ -90,6 +98,12 @@ pub struct Correlator {
     /// --request-threshold: a request unanswered this long is hung.
     pub(super) request_threshold_ns: u64,
     pub(super) hung: HungState,
+    /// Loop threads reported on the CPU and not ended yet, by pid.
+    pub(super) on_cpu: HashMap<u32, StallReport>,
+    /// The last call of each thread whose stall ended, (pid, seq, start):
+    /// the kernel may still hold it open, and it must not be reported
+    /// again. Dropped with the process.
+    pub(super) ended: HashMap<u32, (u32, u64, u64)>,
 }
 
 impl Correlator {
@@ -103,6 +117,8 @@ impl Correlator {
             exits: BTreeMap::new(),
             request_threshold_ns: 30_000_000_000,
             hung: HungState::default(),
+            on_cpu: HashMap::new(),
+            ended: HashMap::new(),
         }
     }
 
@@ -120,6 +136,33 @@ impl Correlator {
             .and_then(|p| self.procs.get(&p.master))
             .map(|m| m.settings)
             .unwrap_or_default()
+    }
+
+    /// The event loop's own wait of worker `pid`, found by user space.
+    pub fn set_loop(&mut self, ts_ns: u64, pid: u32, wait: LoopWait) -> Option<Output> {
+        let p = self.procs.get_mut(&pid).filter(|p| p.alive)?;
+        p.loop_wait = Some(wait);
+        let (wait, fd, nfds) = match wait {
+            LoopWait::Epoll { epfd } => ("epoll_wait", Some(epfd), None),
+            LoopWait::Select { nfds, .. } => ("select", None, Some(nfds)),
+        };
+        Some(Output::Loop {
+            ts_ns,
+            pid,
+            master_pid: p.master,
+            wait,
+            fd,
+            nfds,
+        })
+    }
+
+    /// Live workers whose loop's own wait is not known yet.
+    pub fn workers_without_loop(&self) -> Vec<u32> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.alive && p.role == Role::Worker && p.loop_wait.is_none())
+            .map(|(&pid, _)| pid)
+            .collect()
     }
 
     pub fn is_watched(&self, pid: u32) -> bool {
@@ -156,6 +199,7 @@ impl Correlator {
                 role: p.role,
                 app: p.app.clone(),
                 timeout_s: p.timeout_s,
+                worker_class: p.worker_class.clone(),
                 alive: true,
                 container: p.container.clone(),
                 ..Default::default()

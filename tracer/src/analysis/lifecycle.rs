@@ -19,10 +19,10 @@ impl Correlator {
         master: u32,
         enr: &mut dyn Enricher,
     ) -> Vec<Output> {
-        let (app, timeout_s) = self
+        let (app, timeout_s, worker_class) = self
             .procs
             .get(&master)
-            .map(|m| (m.app.clone(), m.timeout_s))
+            .map(|m| (m.app.clone(), m.timeout_s, m.worker_class.clone()))
             .unwrap_or_default();
         let p = NewProcess {
             pid: child,
@@ -30,6 +30,7 @@ impl Correlator {
             role,
             app,
             timeout_s,
+            worker_class,
             source: Source::Fork,
             container: enr.container(child),
         };

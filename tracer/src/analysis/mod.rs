@@ -6,6 +6,8 @@
 //! - `lifecycle`: forks, exits, and Gunicorn's WORKER TIMEOUT signals;
 //! - `exits`: why a process exited (OOM kill, whose signal, --max-requests);
 //! - `stalls`: blocked syscalls, from first report to their end;
+//! - `cpu`: loops that keep the CPU: a worker's heartbeat stops while its
+//!   loop thread runs;
 //! - `closes`: connections that ended badly;
 //! - `races`: requests lost to keep-alive races;
 //! - `hung`: requests unanswered while their worker lives;
@@ -14,6 +16,7 @@
 //! - `summary`: the state of every process and the findings ranked by harm.
 mod closes;
 mod correlator;
+mod cpu;
 mod exits;
 mod hung;
 mod lifecycle;
@@ -24,14 +27,18 @@ mod summary;
 pub mod syscalls;
 
 #[cfg(test)]
+mod stall_model_tests;
+#[cfg(test)]
 mod tests;
 
 pub use closes::format_sockaddr;
 pub use correlator::{Correlator, NewProcess};
 
-use crate::model::{BlockedThread, Container, FdInfo, MemoryCgroup};
+use crate::model::{BlockedThread, Container, FdInfo, MemoryCgroup, ThreadCpu, ThreadNow};
 
-/// /proc lookups, done only for a stall being reported.
+/// /proc lookups: for a stall being reported, for a call the kernel left
+/// open, and a worker's heartbeat a few times a second. The defaults say
+/// "not known", for fakes that do not need them.
 pub trait Enricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo;
     fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64>;
@@ -40,11 +47,40 @@ pub trait Enricher {
     fn container(&mut self, pid: u32) -> Option<Container>;
     /// The memory cgroup whose limit applies to a process, with its usage
     /// (read when the OOM killer chose it).
-    fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup>;
+    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+        None
+    }
     /// Which of `pids` holds the socket with this inode, and as which fd
     /// (read for a hung request only).
-    fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)>;
+    fn socket_owner(&mut self, _inode: u64, _pids: &[u32]) -> Option<(u32, i32)> {
+        None
+    }
     /// The threads of `pid` blocked in a syscall on an fd, other than an
     /// event loop's wait.
-    fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread>;
+    fn blocked_threads(&mut self, _pid: u32) -> Vec<BlockedThread> {
+        Vec::new()
+    }
+    /// The name of thread `tid` of `pid`.
+    fn thread_name(&mut self, _pid: u32, tid: u32) -> String {
+        self.comm(tid)
+    }
+    /// The other end of a socket fd (`10.0.3.7:5432`, `unix`).
+    fn socket_peer(&mut self, _pid: u32, _fd: i32) -> Option<String> {
+        None
+    }
+    /// The fds a multiplexer call (`poll`, `select`, `epoll_wait`...) of a
+    /// blocked thread waits on.
+    fn multiplexer_fds(&mut self, _pid: u32, _tid: u32, _syscall: &str, _arg0: u64) -> Vec<i32> {
+        Vec::new()
+    }
+    fn thread_now(&mut self, _pid: u32, _tid: u32) -> ThreadNow {
+        ThreadNow::Running
+    }
+    fn thread_cpu(&mut self, _pid: u32, _tid: u32) -> Option<ThreadCpu> {
+        None
+    }
+    /// How long ago the process was forked.
+    fn process_age_ms(&mut self, _pid: u32) -> Option<u64> {
+        None
+    }
 }

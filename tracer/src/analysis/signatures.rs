@@ -1,7 +1,11 @@
 //! Known causes, as data: each signature is a predicate on a stall and the
-//! sentence a person needs. Adding one is adding an entry to `SIGNATURES`.
+//! sentence a person needs. Adding one is adding an entry to `SIGNATURES`
+//! (or, for a server a stall waits on, to `SERVICES`).
+use std::borrow::Cow;
+
 use crate::model::{
-    Cause, CloseKind, Direction, EarlyClose, EndedBy, FdKind, Role, StallReport, no_other_writer,
+    Cause, CloseKind, Direction, EarlyClose, EndedBy, FdKind, StallReport, StallState,
+    no_other_writer,
 };
 
 /// One known cause of a stall (`T` = StallReport) or of an early close
@@ -20,9 +24,43 @@ fn first_match<T>(signatures: &[Signature<T>], x: &T) -> Option<Cause> {
         .find(|sig| (sig.matches)(x))
         .map(|sig| Cause {
             id: sig.id,
-            cause: sig.cause,
-            fix: sig.fix,
+            cause: Cow::Borrowed(sig.cause),
+            fix: Cow::Borrowed(sig.fix),
         })
+}
+
+/// How a worker class runs requests: what a blocked loop thread means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// gevent or eventlet: greenlets on one hub.
+    Gevent,
+    /// An asyncio loop (Uvicorn's worker).
+    Asyncio,
+    /// One request at a time (Gunicorn's default).
+    Sync,
+    /// A thread pool behind a poller (gthread).
+    Threads,
+    /// The command line did not say; as before, judged like gevent.
+    Unknown,
+}
+
+fn flavor(s: &StallReport) -> Flavor {
+    match s.worker_class.as_deref() {
+        Some("gevent" | "eventlet" | "gevent_wsgi" | "gevent_pywsgi") => Flavor::Gevent,
+        Some("uvicorn" | "tornado") => Flavor::Asyncio,
+        Some("sync") => Flavor::Sync,
+        Some("gthread") => Flavor::Threads,
+        _ => Flavor::Unknown,
+    }
+}
+
+/// The stall blocks a greenlet hub (or a loop not known to be anything else).
+fn gevent_loop(s: &StallReport) -> bool {
+    s.on_loop_thread() && matches!(flavor(s), Flavor::Gevent | Flavor::Unknown)
+}
+
+fn asyncio_loop(s: &StallReport) -> bool {
+    s.on_loop_thread() && flavor(s) == Flavor::Asyncio
 }
 
 /// A pipe that nobody but the blocked process itself can write to.
@@ -35,20 +73,75 @@ pub fn only_self_writes(s: &StallReport) -> bool {
 
 fn is_read(s: &StallReport) -> bool {
     matches!(
-        s.syscall.as_str(),
+        s.syscall_name(),
         "read" | "readv" | "pread64" | "recvfrom" | "recvmsg"
     )
 }
 
-/// First match wins, so specific signatures come before general ones.
-pub static SIGNATURES: &[Signature<StallReport>] = &[
+fn is_futex(s: &StallReport) -> bool {
+    s.syscall_name().starts_with("futex")
+}
+
+fn is_sleep(s: &StallReport) -> bool {
+    matches!(s.syscall_name(), "nanosleep" | "clock_nanosleep")
+}
+
+fn is_multiplexer(s: &StallReport) -> bool {
+    super::syscalls::is_multiplexer(s.syscall_name())
+}
+
+/// Checked before the servers a stall waits on: these name the cause
+/// whatever the fd is.
+static FIRST: &[Signature<StallReport>] = &[
+    Signature {
+        id: "deadlocked_since_fork",
+        cause: "deadlocked since fork: a lock (logging, or one held by another thread of the master when it forked, e.g. with preload_app) was copied locked into the child",
+        fix: "start no threads in the master before it forks (with preload_app, start them in a post_fork hook or lazily in the worker), and reset locks a library holds with os.register_at_fork(after_in_child=...)",
+        matches: |s| s.on_loop_thread() && is_futex(s) && s.never_heartbeated == Some(true),
+    },
+    Signature {
+        id: "cpu_bound_loop",
+        cause: "the event loop's thread has kept the CPU without yielding (a CPU-bound request: a long loop, a big regex or JSON document, a C extension holding the GIL): no other greenlet runs meanwhile, the heartbeat included",
+        fix: "move CPU-heavy work out of the worker (a process pool or a task queue), or yield in long loops (gevent.sleep(0)); with --py-stack the stack names the line",
+        matches: |s| s.state == StallState::OnCpu && gevent_loop(s),
+    },
+    Signature {
+        id: "cpu_bound_coroutine",
+        cause: "the asyncio loop's thread has kept the CPU without awaiting (CPU-bound code in an async handler): no other request is served meanwhile, and the heartbeat stops",
+        fix: "run CPU-heavy work in a process pool (loop.run_in_executor with a ProcessPoolExecutor) or a task queue; with --py-stack the stack names the line",
+        matches: |s| s.state == StallState::OnCpu && asyncio_loop(s),
+    },
+    Signature {
+        id: "cpu_bound_request",
+        cause: "a request has kept the worker's CPU this long without returning: the worker serves nothing else meanwhile",
+        fix: "make the request cheaper or move the work to a task queue; raise --timeout only for requests known to be long",
+        matches: |s| s.state == StallState::OnCpu,
+    },
+    Signature {
+        id: "busy_loop",
+        cause: "the event loop's thread has not gone back to its loop since its heartbeat was due, though no single call lasted the threshold: many short blocking calls (an unpatched client queried in a loop) or computation between short waits; no other greenlet runs meanwhile, the heartbeat included",
+        fix: "make the calls cooperative (monkey-patch the client before importing it, or use a gevent-aware driver), batch them, or move the work out of the worker; with --py-stack the stack names the line",
+        matches: |s| s.state == StallState::Busy && gevent_loop(s),
+    },
+    Signature {
+        id: "busy_coroutine",
+        cause: "the asyncio loop's thread has not gone back to its loop since its heartbeat was due: many short blocking calls (or computation) in an async handler, none past the threshold alone",
+        fix: "use async clients, or run the blocking calls in a thread (asyncio.to_thread)",
+        matches: |s| s.state == StallState::Busy && asyncio_loop(s),
+    },
+    Signature {
+        id: "busy_request",
+        cause: "a request has kept the worker away from its loop this long in short calls and computation: the worker serves nothing else meanwhile",
+        fix: "make the request cheaper (fewer round trips to its servers), or move the work to a task queue",
+        matches: |s| s.state == StallState::Busy,
+    },
     Signature {
         id: "multiprocessing_queue_gevent",
         cause: "multiprocessing.Queue.get() in a gevent worker: the queue's feeder thread is a greenlet that cannot run while the hub is blocked, so the 4-byte read on its pipe never returns",
         fix: "use gevent.queue.Queue or queue.Queue, call get(timeout=...), or move the work out of the worker process",
         matches: |s| {
-            s.role == Role::Worker
-                && s.syscall == "read"
+            gevent_loop(s)
+                && s.syscall_name() == "read"
                 && s.count == Some(4)
                 && only_self_writes(s)
         },
@@ -59,35 +152,48 @@ pub static SIGNATURES: &[Signature<StallReport>] = &[
         fix: "use gevent-aware primitives in request code, or bound the wait with a timeout",
         matches: |s| is_read(s) && only_self_writes(s),
     },
+];
+
+/// First match wins, so specific signatures come before general ones.
+pub static SIGNATURES: &[Signature<StallReport>] = &[
+    Signature {
+        id: "wait_outside_loop",
+        cause: "the event loop's thread waits outside the loop: a C library (a database driver, an RPC client) or a socket created before monkey-patching, which gevent does not make cooperative, polls its own sockets and blocks the hub",
+        fix: "make the client cooperative (monkey-patch before importing it, or use a gevent-aware driver), or run the call in gevent's threadpool",
+        matches: |s| gevent_loop(s) && is_multiplexer(s),
+    },
     Signature {
         id: "uncooperative_socket_read",
         cause: "a blocking read on a socket the event loop does not own: a C client library (database driver, RPC client) not made cooperative by gevent",
         fix: "use a gevent-compatible driver, or run the call in gevent's threadpool",
-        matches: |s| s.role == Role::Worker && is_read(s) && s.fd_kind == FdKind::Socket,
+        matches: |s| gevent_loop(s) && is_read(s) && s.fd_kind == FdKind::Socket,
     },
     Signature {
         id: "file_lock_wait",
         cause: "waiting for a file lock (flock/fcntl) held by another process",
         fix: "find the lock holder (lslocks), and never take blocking file locks in request code",
         // Only the waiting forms of fcntl (F_SETLKW, F_OFD_SETLKW) can block this long.
-        matches: |s| matches!(s.syscall.as_str(), "flock" | "fcntl"),
+        matches: |s| matches!(s.syscall_name(), "flock" | "fcntl"),
     },
     Signature {
         id: "unpatched_sleep",
         cause: "a sleep that gevent did not patch (time.sleep imported before monkey-patching, or C code sleeping) blocks the whole worker",
         fix: "monkey-patch before any other import, or use gevent.sleep",
-        matches: |s| {
-            s.role == Role::Worker && matches!(s.syscall.as_str(), "nanosleep" | "clock_nanosleep")
-        },
+        matches: |s| gevent_loop(s) && is_sleep(s),
     },
     Signature {
         id: "os_thread_lock",
         cause: "the event loop waits on a lock held by a real OS thread (a C extension thread, or a lock created before monkey-patching)",
         fix: "create locks after monkey-patching; py-spy dump --pid shows which thread holds it",
-        matches: |s| s.role == Role::Worker && s.syscall == "futex",
+        matches: |s| gevent_loop(s) && is_futex(s),
+    },
+    Signature {
+        id: "blocking_call_in_async_handler",
+        cause: "a blocking call in an async handler (time.sleep, a synchronous client, a lock): the asyncio loop waits with it, so no other request is served and the heartbeat stops",
+        fix: "await an async equivalent (asyncio.sleep, an async client), or run the call in a thread (asyncio.to_thread)",
+        matches: asyncio_loop,
     },
 ];
-
 /// A read that found nothing (EAGAIN), a wait, then the close: the socket
 /// had a timeout Gunicorn never set.
 fn timed_out_read(e: &EarlyClose) -> bool {
@@ -140,13 +246,155 @@ pub fn identify_close(e: &EarlyClose) -> Option<Cause> {
 }
 
 pub fn identify(s: &StallReport) -> Option<Cause> {
-    first_match(SIGNATURES, s)
+    first_match(FIRST, s)
+        .or_else(|| waits_on_service(s))
+        .or_else(|| first_match(SIGNATURES, s))
+}
+
+/// A well-known server port, what blocks on it, and the fixes.
+pub struct Service {
+    pub port: u16,
+    pub id: &'static str,
+    pub name: &'static str,
+    /// The client that, under gevent, blocks the hub on this server.
+    pub gevent_client: &'static str,
+    pub gevent_fix: &'static str,
+    pub asyncio_fix: &'static str,
+}
+
+pub static SERVICES: &[Service] = &[
+    Service {
+        port: 5432,
+        id: "postgresql_wait",
+        name: "PostgreSQL",
+        gevent_client: "a database driver that gevent does not patch (psycopg2 without psycogreen)",
+        gevent_fix: "call psycogreen.gevent.patch_psycopg() in a post_fork hook, or use psycopg 3, which gevent's monkey-patching makes cooperative",
+        asyncio_fix: "use an async driver (asyncpg, or psycopg 3's AsyncConnection), or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 3306,
+        id: "mysql_wait",
+        name: "MySQL",
+        gevent_client: "a C driver that gevent does not patch (mysqlclient/MySQLdb)",
+        gevent_fix: "use PyMySQL, which gevent's monkey-patching makes cooperative, or run the query in gevent's threadpool",
+        asyncio_fix: "use an async driver (aiomysql, asyncmy), or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 6379,
+        id: "redis_wait",
+        name: "Redis",
+        gevent_client: "a Redis client whose socket gevent does not own (created before monkey-patching, or a C client)",
+        gevent_fix: "monkey-patch before importing redis, and create clients in the worker after the fork",
+        asyncio_fix: "use redis.asyncio, or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 11211,
+        id: "memcached_wait",
+        name: "memcached",
+        gevent_client: "a C client that gevent does not patch (pylibmc)",
+        gevent_fix: "use pymemcache, which gevent's monkey-patching makes cooperative",
+        asyncio_fix: "use an async client (aiomcache), or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 5672,
+        id: "amqp_wait",
+        name: "AMQP (RabbitMQ)",
+        gevent_client: "a C client that gevent does not patch (librabbitmq)",
+        gevent_fix: "use pika or kombu's pure-Python transport",
+        asyncio_fix: "use aio-pika, or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 9092,
+        id: "kafka_wait",
+        name: "Kafka",
+        gevent_client: "confluent-kafka (librdkafka) blocking in flush() or poll()",
+        gevent_fix: "call flush()/poll() with timeout=0 from a greenlet loop, or use kafka-python",
+        asyncio_fix: "use aiokafka, or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 27017,
+        id: "mongodb_wait",
+        name: "MongoDB",
+        gevent_client: "a MongoDB client whose sockets gevent does not own (created before monkey-patching)",
+        gevent_fix: "monkey-patch before importing pymongo, and create the client in the worker after the fork",
+        asyncio_fix: "use an async client (pymongo's AsyncMongoClient, motor), or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 443,
+        id: "https_wait",
+        name: "HTTPS",
+        gevent_client: "an HTTP client that gevent does not patch (pycurl, or a socket created before monkey-patching)",
+        gevent_fix: "monkey-patch before importing the client, use requests/urllib3 with a timeout, or run the call in gevent's threadpool",
+        asyncio_fix: "use an async client (httpx.AsyncClient, aiohttp), or run the call in a thread (asyncio.to_thread)",
+    },
+    Service {
+        port: 80,
+        id: "http_wait",
+        name: "HTTP",
+        gevent_client: "an HTTP client that gevent does not patch (pycurl, or a socket created before monkey-patching)",
+        gevent_fix: "monkey-patch before importing the client, use requests/urllib3 with a timeout, or run the call in gevent's threadpool",
+        asyncio_fix: "use an async client (httpx.AsyncClient, aiohttp), or run the call in a thread (asyncio.to_thread)",
+    },
+];
+
+/// The server a stall waits on, when it listens on a well-known port: the
+/// cause names the peer, and the fix fits how the worker runs requests.
+fn waits_on_service(s: &StallReport) -> Option<Cause> {
+    let (fd, svc) = s.wait_fds.iter().find_map(|w| {
+        let port = w.peer_port()?;
+        SERVICES
+            .iter()
+            .find(|svc| svc.port == port)
+            .map(|svc| (w, svc))
+    })?;
+    let peer = fd.peer.as_deref().unwrap_or("?");
+    let call = s.syscall_name();
+    let waiting = format!(
+        "waiting for a reply from {peer} ({} port) in {call}()",
+        svc.name
+    );
+    let timeouts = "set the client's connect and query timeouts below Gunicorn's --timeout (and the proxy's), and check the server";
+    let (cause, fix): (String, Cow<'static, str>) = match flavor(s) {
+        _ if !s.on_loop_thread() => (
+            format!(
+                "{waiting}: a slow or unreachable {} server holds this thread and the request it serves",
+                svc.name
+            ),
+            Cow::Borrowed(timeouts),
+        ),
+        Flavor::Gevent | Flavor::Unknown => (
+            format!(
+                "{waiting}: {}; the whole worker waits with it",
+                svc.gevent_client
+            ),
+            Cow::Borrowed(svc.gevent_fix),
+        ),
+        Flavor::Asyncio => (
+            format!(
+                "{waiting}: a synchronous {} client in an async handler blocks the event loop",
+                svc.name
+            ),
+            Cow::Borrowed(svc.asyncio_fix),
+        ),
+        Flavor::Sync | Flavor::Threads => (
+            format!(
+                "{waiting}: a slow or unreachable {} server holds the worker, which serves one request at a time",
+                svc.name
+            ),
+            Cow::Borrowed(timeouts),
+        ),
+    };
+    Some(Cause {
+        id: svc.id,
+        cause: Cow::Owned(cause),
+        fix,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{End, Peer, Preceded};
+    use crate::model::{End, Peer, Preceded, Role};
 
     fn peer(pid: u32, end: End) -> Peer {
         Peer {
@@ -161,7 +409,7 @@ mod tests {
         StallReport {
             pid: 10,
             tid: 10,
-            syscall: syscall.into(),
+            syscall: Some(syscall.into()),
             fd_kind: kind,
             count,
             peers,

@@ -1,30 +1,39 @@
 //! Blocked syscalls: a stall is reported once, while it is still blocked,
-//! followed across signal restarts, and ended when the thread returns,
-//! gives up, or dies.
+//! and ended when the call is over. The kernel holds a call open across
+//! wake-ups (a signal, a tracer's stop, a restart: the same call goes on)
+//! and judges it when it next sees the thread; when the thread went back
+//! to its loop's own wait, which the kernel does not look at, or has not
+//! slept since, the call is judged here from /proc.
 use std::collections::HashMap;
+
+use tracer_common::RESTART_WINDOW_NS;
 
 use super::Enricher;
 use super::correlator::Correlator;
 use super::{signatures, syscalls};
-use crate::model::{FdInfo, KernelEvent, Outcome, Output, Role, Sample, StallReport, Wake};
+use crate::model::{
+    FdInfo, FdKind, KernelEvent, LoopWait, Outcome, Output, Role, Sample, StallReport, StallState,
+    ThreadNow, WaitFd, Wake, WokeBy,
+};
 
-/// How long a syscall interrupted by a signal has to be restarted to count
-/// as the same stall (Python retries EINTR after running the handler).
-const RESTART_GRACE_NS: u64 = 200_000_000;
+/// A multiplexer's fds named in a stall, at most.
+const MAX_WAIT_FDS: usize = 16;
+/// A worker that heartbeated within this long of its fork may still be
+/// taken for one that never did (/proc's start time has 10 ms ticks).
+const FORK_TOLERANCE_MS: u64 = 20;
 
 /// A stall that was reported and has not ended yet.
 #[derive(Debug, Clone)]
 pub(super) struct Active {
     pub report: StallReport,
-    /// In-flight entry currently carrying it (changes when a syscall
-    /// interrupted by a signal is restarted).
+    /// The kernel's entry for the call: the same across its wake-ups.
     seq: u64,
-    cur_start_ns: u64,
+    start_ns: u64,
     nr: i64,
-    /// Set when a signal woke the thread: the stall ends unless
-    /// the thread re-enters the same call on the same fd within the grace.
-    interrupted_at: Option<u64>,
-    /// Polls in a row that did not find it in flight.
+    arg0: u64,
+    /// When and how the thread last woke in it, as last polled.
+    woke: Option<(u64, WokeBy)>,
+    /// Polls in a row that did not find the call in the kernel's map.
     missing_polls: u32,
 }
 
@@ -33,22 +42,33 @@ fn outcome_of(wake: Wake) -> Outcome {
         Wake::Killed => Outcome::Exited,
         Wake::Interrupted => Outcome::Interrupted,
         Wake::Returning => Outcome::Returned,
+        Wake::Woke => Outcome::Woke,
     }
 }
 
+/// How long a call has been (or was) blocked at `now_ns`: until its last
+/// wake when the thread is out of it.
+fn blocked_ns(s: &Sample, now_ns: u64) -> u64 {
+    let until = if s.is_open() { s.woke_ns } else { now_ns };
+    until.saturating_sub(s.start_ns)
+}
+
 impl Correlator {
-    /// The stall `pid` is in at `now_ns` (its main thread's first), with
-    /// `blocked_ms` brought up to date.
+    /// The stall `pid` is in at `now_ns` (its loop thread's first, then an
+    /// on-CPU one, then another thread's), with `blocked_ms` up to date.
     pub(super) fn current_stall(&self, pid: u32, now_ns: u64) -> Option<StallReport> {
-        self.active
+        let blocked = self
+            .active
             .values()
             .filter(|a| a.report.pid == pid)
             .min_by_key(|a| (a.report.tid != pid, a.report.start_ns))
-            .map(|a| {
-                let mut r = a.report.clone();
-                r.blocked_ms = now_ns.saturating_sub(r.start_ns) / 1_000_000;
-                r
-            })
+            .map(|a| &a.report);
+        let loop_blocked = blocked.filter(|r| r.tid == pid);
+        loop_blocked.or(self.on_cpu.get(&pid)).or(blocked).map(|r| {
+            let mut r = r.clone();
+            r.blocked_ms = now_ns.saturating_sub(r.start_ns) / 1_000_000;
+            r
+        })
     }
 
     /// Ends every stall of a process (it exited).
@@ -59,12 +79,23 @@ impl Correlator {
             .filter(|(_, a)| a.report.pid == pid)
             .map(|(t, _)| *t)
             .collect();
-        tids.into_iter()
-            .filter_map(|tid| self.end(tid, ts_ns, outcome))
-            .collect()
+        let mut out: Vec<Output> = tids
+            .into_iter()
+            .filter_map(|tid| {
+                // Woken with nothing pending, then the process ended: the
+                // call had returned.
+                match self.active.get(&tid).and_then(|a| a.woke) {
+                    Some((at, WokeBy::Plain)) => self.end(tid, at, Outcome::Returned),
+                    _ => self.end(tid, ts_ns, outcome),
+                }
+            })
+            .collect();
+        out.extend(self.end_on_cpu(pid, ts_ns, outcome));
+        self.ended.retain(|_, &mut (p, _, _)| p != pid);
+        out
     }
 
-    /// A thread woke after a long sleep in a syscall.
+    /// The kernel judged a long call over.
     pub(super) fn on_sleep_end(&mut self, ev: &KernelEvent, enr: &mut dyn Enricher) -> Vec<Output> {
         let &KernelEvent::SleepEnd {
             ts_ns,
@@ -80,14 +111,13 @@ impl Correlator {
         else {
             return Vec::new();
         };
-        if let Some(a) = self.active.get_mut(&tid)
-            && a.cur_start_ns == start_ns
+        if let Some(a) = self.active.get(&tid)
+            && a.start_ns == start_ns
         {
-            if wake == Wake::Interrupted {
-                a.interrupted_at = Some(ts_ns);
-                return Vec::new();
-            }
             return self.end(tid, ts_ns, outcome_of(wake)).into_iter().collect();
+        }
+        if self.ended.get(&tid).is_some_and(|&(_, _, s)| s == start_ns) {
+            return Vec::new();
         }
         // A stall that came and went between two polls: report both halves.
         let s = Sample {
@@ -98,12 +128,13 @@ impl Correlator {
             arg0,
             arg2,
             seq: 0,
-            active: true,
+            active: false,
             seeded,
+            woke_ns: ts_ns,
+            woke_by: WokeBy::Plain,
         };
-        let mut out = Vec::new();
-        if let Some(stall) = self.new_stall(&s, ts_ns, enr) {
-            out.push(stall);
+        let mut out = self.new_stall(&s, ts_ns, enr);
+        if !out.is_empty() {
             out.extend(self.end(tid, ts_ns, outcome_of(wake)));
         }
         out
@@ -116,11 +147,12 @@ impl Correlator {
         now_ns: u64,
         enr: &mut dyn Enricher,
     ) -> Vec<Output> {
-        let mut out = self.follow_active(samples, now_ns);
+        let mut out = self.follow_active(samples, now_ns, enr);
         for s in samples {
-            if !s.active
-                || now_ns.saturating_sub(s.start_ns) < self.threshold_ns
+            if !s.in_call()
+                || blocked_ns(s, now_ns) < self.threshold_ns
                 || self.active.contains_key(&s.tid)
+                || self.ended.get(&s.tid) == Some(&(s.tgid, s.seq, s.start_ns))
             {
                 continue;
             }
@@ -130,78 +162,119 @@ impl Correlator {
     }
 
     /// Follows or ends the stalls already reported.
-    fn follow_active(&mut self, samples: &[Sample], now_ns: u64) -> Vec<Output> {
+    fn follow_active(
+        &mut self,
+        samples: &[Sample],
+        now_ns: u64,
+        enr: &mut dyn Enricher,
+    ) -> Vec<Output> {
         let mut out = Vec::new();
         let by_tid: HashMap<u32, &Sample> = samples.iter().map(|s| (s.tid, s)).collect();
         let tids: Vec<u32> = self.active.keys().copied().collect();
         for tid in tids {
             let a = self.active.get_mut(&tid).expect("key from map");
-            let cur = by_tid.get(&tid).filter(|s| s.active);
-            if let Some(at) = a.interrupted_at {
-                match cur {
-                    Some(s) if s.nr == a.nr && s.start_ns >= at => {
-                        a.seq = s.seq;
-                        a.cur_start_ns = s.start_ns;
-                        a.interrupted_at = None;
-                        a.missing_polls = 0;
-                    }
-                    _ if now_ns >= at + RESTART_GRACE_NS => {
-                        out.extend(self.end(tid, at, Outcome::Interrupted));
-                    }
-                    _ => {}
+            let same_call = by_tid
+                .get(&tid)
+                .filter(|s| s.seq == a.seq && s.start_ns == a.start_ns && s.in_call());
+            let Some(s) = same_call else {
+                // The kernel ended it (its event is on the way) or the
+                // thread is gone; wait one more poll for the event.
+                a.missing_polls += 1;
+                if a.missing_polls >= 2 {
+                    let (at, outcome) = match a.woke {
+                        Some((at, _)) => (at, Outcome::Woke),
+                        None => (now_ns, Outcome::Exited),
+                    };
+                    out.extend(self.end(tid, at, outcome));
                 }
                 continue;
+            };
+            a.missing_polls = 0;
+            if s.active {
+                a.woke = None;
+                continue;
             }
-            match cur {
-                Some(s) if s.seq == a.seq || (s.seeded && s.start_ns == a.cur_start_ns) => {
-                    a.missing_polls = 0
-                }
-                _ => {
-                    // Ended without a kernel event (restarted call that was
-                    // short, or lost event). Wait one more poll for the event.
-                    a.missing_polls += 1;
-                    if a.missing_polls >= 2 {
-                        out.extend(self.end(tid, now_ns, Outcome::Returned));
-                    }
-                }
+            a.woke = Some((s.woke_ns, s.woke_by));
+            let (pid, nr, arg0) = (a.report.pid, a.nr, a.arg0);
+            if let Some(outcome) = judge_open(s, nr, arg0, now_ns, || enr.thread_now(pid, tid)) {
+                out.extend(self.end(tid, s.woke_ns, outcome));
             }
         }
         out
     }
 
-    fn new_stall(&mut self, s: &Sample, now_ns: u64, enr: &mut dyn Enricher) -> Option<Output> {
-        let p = self.procs.get(&s.tgid).filter(|p| p.alive)?;
-        if !syscalls::is_stall(p.role, s.tid == s.tgid, s.nr) {
-            return None;
-        }
+    /// Reports a call past the threshold if it is a stall for its thread;
+    /// nothing otherwise.
+    pub(super) fn new_stall(
+        &mut self,
+        s: &Sample,
+        now_ns: u64,
+        enr: &mut dyn Enricher,
+    ) -> Vec<Output> {
+        let Some(p) = self.procs.get(&s.tgid).filter(|p| p.alive) else {
+            return Vec::new();
+        };
         let name = syscalls::name(s.nr).into_owned();
+        let loop_wait = p.loop_wait.map(|l| l.is(&name, s.arg0));
+        if !syscalls::is_stall(p.role, s.tid == s.tgid, s.nr, loop_wait) {
+            return Vec::new();
+        }
+        if loop_wait == Some(false) && self.is_loops_own_epoll(s, &name, enr) {
+            return Vec::new();
+        }
+        let p = &self.procs[&s.tgid];
         let fd = syscalls::takes_fd(&name).then_some(s.arg0 as i32);
         let info = fd
             .map(|fd| enr.fd_info(s.tgid, fd))
             .unwrap_or_else(FdInfo::unknown);
-        let heartbeat = if p.role == Role::Worker {
+        let wait_fds = match fd {
+            Some(fd) => vec![wait_fd(enr, s.tgid, fd, info.clone())],
+            None if syscalls::is_multiplexer(&name) => {
+                let fds = enr.multiplexer_fds(s.tgid, s.tid, &name, s.arg0);
+                fds.into_iter()
+                    .take(MAX_WAIT_FDS)
+                    .map(|fd| {
+                        let info = enr.fd_info(s.tgid, fd);
+                        wait_fd(enr, s.tgid, fd, info)
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let worker = p.role == Role::Worker;
+        let heartbeat = if worker {
             enr.heartbeat_age_ms(s.tgid)
         } else {
             None
         };
+        let never_heartbeated = heartbeat
+            .zip(worker.then(|| enr.process_age_ms(s.tgid)).flatten())
+            .map(|(hb, age)| hb + FORK_TOLERANCE_MS >= age);
+        let thread_name = enr.thread_name(s.tgid, s.tid);
         let mut report = StallReport {
             pid: s.tgid,
             tid: s.tid,
             master_pid: p.master,
             role: p.role,
-            comm: enr.comm(s.tid),
+            comm: thread_name.clone(),
+            thread_name,
+            state: StallState::Blocked,
             count: syscalls::takes_count(&name).then_some(s.arg2),
-            syscall: name,
+            syscall: Some(name),
             fd,
             only_self_can_wake: info.only_reader_can_write(s.tgid),
             fd_kind: info.kind,
             fd_target: info.target,
             peers: info.peers,
             peers_omitted: info.peers_omitted,
-            blocked_ms: now_ns.saturating_sub(s.start_ns) / 1_000_000,
+            wait_fds,
+            blocked_ms: blocked_ns(s, now_ns) / 1_000_000,
             since_attach: s.seeded,
             heartbeat_age_ms: heartbeat,
-            gunicorn_timeout_s: p.timeout_s.filter(|_| p.role == Role::Worker),
+            never_heartbeated,
+            cpu_ms: None,
+            gunicorn_timeout_s: p.timeout_s.filter(|_| worker),
+            worker_class: p.worker_class.clone().filter(|_| worker),
             cause: None,
             container: p.container.clone(),
             py_stack: None,
@@ -217,37 +290,117 @@ impl Correlator {
             Active {
                 report: report.clone(),
                 seq: s.seq,
-                cur_start_ns: s.start_ns,
+                start_ns: s.start_ns,
                 nr: s.nr,
-                interrupted_at: None,
+                arg0: s.arg0,
+                woke: s.is_open().then_some((s.woke_ns, s.woke_by)),
                 missing_polls: 0,
             },
         );
-        Some(Output::Stall {
+        // The loop thread went on to block: its time on the CPU is over.
+        let mut out = Vec::new();
+        if s.tid == s.tgid {
+            out.extend(self.end_on_cpu(s.tgid, s.start_ns, Outcome::Blocked));
+        }
+        out.push(Output::Stall {
             ts_ns: now_ns,
             report,
-        })
+        });
+        out
+    }
+
+    /// An epoll wait of the loop thread on another epoll fd that watches
+    /// nothing but what the loop's own epoll fd watches (its wake-up
+    /// eventfd, say) is the loop's wait on a re-created epoll instance, not
+    /// a client's: no client waits on the loop's own fds. The loop is then
+    /// looked for again.
+    fn is_loops_own_epoll(&mut self, s: &Sample, name: &str, enr: &mut dyn Enricher) -> bool {
+        let Some(p) = self.procs.get_mut(&s.tgid) else {
+            return false;
+        };
+        let Some(LoopWait::Epoll { epfd }) = p.loop_wait else {
+            return false;
+        };
+        if !syscalls::EPOLL_WAITS.contains(&name) {
+            return false;
+        }
+        let theirs = enr.multiplexer_fds(s.tgid, s.tid, name, s.arg0);
+        let ours = enr.multiplexer_fds(s.tgid, s.tid, name, epfd as u64);
+        let own = theirs.iter().all(|fd| ours.contains(fd));
+        if own {
+            p.loop_wait = None;
+        }
+        own
     }
 
     fn end(&mut self, tid: u32, ts_ns: u64, outcome: Outcome) -> Option<Output> {
         let a = self.active.remove(&tid)?;
+        self.ended.insert(tid, (a.report.pid, a.seq, a.start_ns));
         let blocked_ms = ts_ns.saturating_sub(a.report.start_ns) / 1_000_000;
         if let Some(p) = self.procs.get_mut(&a.report.pid)
             && let Some(last) = p.last_stall.as_mut()
+            && last.tid == tid
+            && last.start_ns == a.report.start_ns
         {
             last.blocked_ms = blocked_ms;
         }
-        Some(Output::StallEnd {
-            ts_ns,
-            pid: a.report.pid,
-            tid,
-            master_pid: a.report.master_pid,
-            syscall: a.report.syscall,
-            fd: a.report.fd,
-            fd_kind: a.report.fd_kind,
-            blocked_ms,
-            outcome,
-            container: a.report.container,
-        })
+        Some(stall_end(&a.report, ts_ns, blocked_ms, outcome))
+    }
+}
+
+/// The `stall_end` of a reported stall.
+pub(super) fn stall_end(r: &StallReport, ts_ns: u64, blocked_ms: u64, outcome: Outcome) -> Output {
+    Output::StallEnd {
+        ts_ns,
+        pid: r.pid,
+        tid: r.tid,
+        master_pid: r.master_pid,
+        thread_name: r.thread_name.clone(),
+        state: r.state,
+        syscall: r.syscall.clone(),
+        fd: r.fd,
+        fd_kind: r.fd_kind,
+        blocked_ms,
+        outcome,
+        container: r.container.clone(),
+    }
+}
+
+/// A call the thread woke from and the kernel has not judged: over, and
+/// how, or None to wait. After a signal or a stop the call may resume
+/// within the restart window; after a plain wake-up, /proc says where the
+/// thread is now.
+fn judge_open(
+    s: &Sample,
+    nr: i64,
+    arg0: u64,
+    now_ns: u64,
+    now: impl FnOnce() -> ThreadNow,
+) -> Option<Outcome> {
+    let waited = now_ns.saturating_sub(s.woke_ns) >= RESTART_WINDOW_NS;
+    if s.woke_by.may_resume() {
+        return waited.then_some(Outcome::Interrupted);
+    }
+    match now() {
+        ThreadNow::InSyscall { nr: n, arg0: a } if (n, a) == (nr, arg0) => None,
+        ThreadNow::InSyscall { .. } | ThreadNow::OutsideSyscall | ThreadNow::Gone => {
+            Some(Outcome::Returned)
+        }
+        ThreadNow::Running => waited.then_some(Outcome::Woke),
+    }
+}
+
+/// One fd a call waits on, with the peer of a socket.
+fn wait_fd(enr: &mut dyn Enricher, pid: u32, fd: i32, info: FdInfo) -> WaitFd {
+    let peer = if info.kind == FdKind::Socket {
+        enr.socket_peer(pid, fd)
+    } else {
+        None
+    };
+    WaitFd {
+        fd,
+        kind: info.kind,
+        target: info.target,
+        peer,
     }
 }

@@ -58,6 +58,11 @@ pub const IDLE_UNLESS_EVENT_LOOP: &[&str] = &[
     "accept4",
 ];
 
+/// Multiplexers by how their arguments name the fds they wait on.
+pub const EPOLL_WAITS: &[&str] = &["epoll_wait", "epoll_pwait", "epoll_pwait2"];
+pub const SELECTS: &[&str] = &["select", "pselect6"];
+pub const POLLS: &[&str] = &["poll", "ppoll"];
+
 /// Reads the kernel watches for a blocked pipe or socket read (class READ).
 const READS: &[&str] = &[
     "read", "readv", "pread64", "recvfrom", "recvmsg", "recvmmsg",
@@ -65,29 +70,42 @@ const READS: &[&str] = &[
 
 /// Whether a syscall blocked past the threshold is a stall for this thread.
 ///
-/// A worker's main thread runs its event loop (gevent's hub, or the sync
-/// worker's request loop): anything but the loop's own wait stops heartbeats
-/// and every request. Its other threads are helpers whose waits are normal.
-/// The master only has timed waits when healthy. For any other process we
-/// cannot know which thread matters, so every thread counts.
-pub fn is_stall(role: Role, main_thread: bool, nr: i64) -> bool {
+/// A worker's main thread runs its event loop (gevent's hub, asyncio's
+/// loop, gthread's poller, the sync worker's request loop): anything but
+/// the loop's own wait stops heartbeats and every request. `loop_wait`
+/// says, for a multiplexer, whether it is that wait (None while the loop
+/// is not known: then every multiplexer counts as the loop's, as the kernel
+/// does). Any other thread of a worker, like any thread of another process,
+/// is judged by what it waits in: idle in multiplexers, sleeps, futexes and
+/// child waits, stalled in anything else (a read, a recv, a lock, a
+/// connect). The master only has timed waits when healthy.
+pub fn is_stall(role: Role, main_thread: bool, nr: i64, loop_wait: Option<bool>) -> bool {
     let n = name(nr);
-    if ALWAYS_WAIT.contains(&n.as_ref()) {
-        return false;
-    }
-    let idle = IDLE_UNLESS_EVENT_LOOP.contains(&n.as_ref());
+    let multiplexer = ALWAYS_WAIT.contains(&n.as_ref());
+    let idle = multiplexer || IDLE_UNLESS_EVENT_LOOP.contains(&n.as_ref());
     match role {
-        Role::Worker => main_thread,
+        Role::Worker if main_thread => !multiplexer || loop_wait == Some(false),
         Role::Master => main_thread && !idle,
-        Role::Plain | Role::Child => !idle,
+        Role::Worker | Role::Plain | Role::Child => !idle,
     }
+}
+
+/// A multiplexer: the fds it waits on come from its arguments.
+pub fn is_multiplexer(name: &str) -> bool {
+    EPOLL_WAITS.contains(&name) || SELECTS.contains(&name) || POLLS.contains(&name)
 }
 
 /// The kernel's class table: (syscall number, class bits) for every
 /// syscall that is not the default [`class::MAYBE`].
 pub fn class_table() -> Vec<(i64, u32)> {
     use tracer_common::class;
-    let groups: [(&[&str], u32); 2] = [(ALWAYS_WAIT, class::WAIT), (READS, class::READ)];
+    let groups: [(&[&str], u32); 5] = [
+        (ALWAYS_WAIT, class::WAIT),
+        (READS, class::READ),
+        (EPOLL_WAITS, class::EPOLL),
+        (SELECTS, class::SELECT),
+        (POLLS, class::POLL),
+    ];
     let mut out: Vec<(i64, u32)> = Vec::new();
     for (names, bits) in groups {
         for n in names.iter().filter_map(|n| number(n)) {
@@ -169,7 +187,12 @@ mod tests {
                 .find(|(nr, _)| *nr == number(n).unwrap())
                 .map(|(_, b)| *b)
         };
-        assert_eq!(get("epoll_wait").or(get("epoll_pwait")), Some(class::WAIT));
+        assert_eq!(
+            get("epoll_wait").or(get("epoll_pwait")),
+            Some(class::WAIT | class::EPOLL)
+        );
+        assert_eq!(get("pselect6"), Some(class::WAIT | class::SELECT));
+        assert_eq!(get("ppoll"), Some(class::WAIT | class::POLL));
         assert_eq!(get("read"), Some(class::READ));
         assert_eq!(get("recvfrom"), Some(class::READ));
         assert_eq!(get("sendto"), None);
@@ -180,8 +203,27 @@ mod tests {
     fn event_loop_wait_is_never_a_stall() {
         let ew = number("epoll_wait").or(number("epoll_pwait")).unwrap();
         for role in [Role::Worker, Role::Master, Role::Plain, Role::Child] {
-            assert!(!is_stall(role, true, ew));
+            assert!(!is_stall(role, true, ew, None));
+            assert!(!is_stall(role, true, ew, Some(true)));
         }
+    }
+
+    #[test]
+    fn a_wait_of_the_loop_thread_outside_its_loop_is_a_stall() {
+        let poll = number("poll").or(number("ppoll")).unwrap();
+        let ew = number("epoll_wait").or(number("epoll_pwait")).unwrap();
+        assert!(is_stall(Role::Worker, true, poll, Some(false)));
+        assert!(
+            is_stall(Role::Worker, true, ew, Some(false)),
+            "another epoll fd"
+        );
+        assert!(
+            !is_stall(Role::Worker, true, poll, None),
+            "loop not known yet"
+        );
+        // Other threads and processes idle in their multiplexers.
+        assert!(!is_stall(Role::Worker, false, poll, Some(false)));
+        assert!(!is_stall(Role::Plain, true, poll, Some(false)));
     }
 
     #[test]
@@ -189,12 +231,14 @@ mod tests {
         let read = number("read").unwrap();
         let sleep = number("clock_nanosleep").unwrap();
         let futex = number("futex").unwrap();
-        assert!(is_stall(Role::Worker, true, read));
-        assert!(is_stall(Role::Worker, true, sleep));
-        assert!(is_stall(Role::Worker, true, futex));
-        // A helper thread of a worker waiting is normal.
-        assert!(!is_stall(Role::Worker, false, read));
-        assert!(!is_stall(Role::Worker, false, futex));
+        assert!(is_stall(Role::Worker, true, read, None));
+        assert!(is_stall(Role::Worker, true, sleep, None));
+        assert!(is_stall(Role::Worker, true, futex, None));
+        // Another thread of a worker (a gthread pool thread) is judged like
+        // any thread: idle in a futex, stalled in a read.
+        assert!(is_stall(Role::Worker, false, read, None));
+        assert!(!is_stall(Role::Worker, false, futex, None));
+        assert!(!is_stall(Role::Worker, false, sleep, None));
     }
 
     #[test]
@@ -202,13 +246,18 @@ mod tests {
         let sleep = number("clock_nanosleep").unwrap();
         let wait4 = number("wait4").unwrap();
         let read = number("read").unwrap();
-        assert!(!is_stall(Role::Master, true, sleep));
-        assert!(!is_stall(Role::Master, true, wait4));
-        assert!(is_stall(Role::Master, true, read));
-        assert!(!is_stall(Role::Master, false, read));
-        assert!(!is_stall(Role::Plain, false, number("futex").unwrap()));
-        assert!(is_stall(Role::Plain, false, read));
-        assert!(is_stall(Role::Child, true, read));
+        assert!(!is_stall(Role::Master, true, sleep, None));
+        assert!(!is_stall(Role::Master, true, wait4, None));
+        assert!(is_stall(Role::Master, true, read, None));
+        assert!(!is_stall(Role::Master, false, read, None));
+        assert!(!is_stall(
+            Role::Plain,
+            false,
+            number("futex").unwrap(),
+            None
+        ));
+        assert!(is_stall(Role::Plain, false, read, None));
+        assert!(is_stall(Role::Child, true, read, None));
     }
 
     /// Syscalls added since Linux 6.1, numbered alike in the x86_64 and the
@@ -267,7 +316,14 @@ mod tests {
     #[test]
     fn class_lists_name_real_syscalls() {
         use syscalls::{aarch64, x86_64};
-        let lists = [ALWAYS_WAIT, IDLE_UNLESS_EVENT_LOOP, READS];
+        let lists = [
+            ALWAYS_WAIT,
+            IDLE_UNLESS_EVENT_LOOP,
+            READS,
+            EPOLL_WAITS,
+            SELECTS,
+            POLLS,
+        ];
         for n in lists.into_iter().flatten() {
             let known = n.parse::<x86_64::Sysno>().is_ok() || n.parse::<aarch64::Sysno>().is_ok();
             assert!(known, "{n} is no syscall on x86_64 or aarch64");
@@ -289,15 +345,21 @@ mod tests {
             for role in [Role::Worker, Role::Master, Role::Plain, Role::Child] {
                 for main in [true, false] {
                     assert_eq!(
-                        is_stall(role, main, nr),
-                        is_stall(role, main, futex),
+                        is_stall(role, main, nr, None),
+                        is_stall(role, main, futex, None),
                         "{n} {role:?} main={main}"
                     );
                 }
             }
         }
         let wait = number("futex_wait").unwrap();
-        assert!(is_stall(Role::Worker, true, wait), "worker loop asleep");
-        assert!(!is_stall(Role::Worker, false, wait), "worker helper idle");
+        assert!(
+            is_stall(Role::Worker, true, wait, None),
+            "worker loop asleep"
+        );
+        assert!(
+            !is_stall(Role::Worker, false, wait, None),
+            "worker helper idle"
+        );
     }
 }

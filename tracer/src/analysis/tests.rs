@@ -4,7 +4,7 @@ use super::lifecycle::MAX_EXITED_KEPT;
 use super::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
     BlockedThread, CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent,
-    MemoryCgroup, Outcome, Output, Peer, Role, Sample, Source, Wake, WorkerState,
+    MemoryCgroup, Outcome, Output, Peer, Role, Sample, Source, Wake, WokeBy, WorkerState,
 };
 use crate::present::verdict;
 
@@ -86,6 +86,8 @@ fn sample(tid: u32, name: &str, start_ms: u64, seq: u64) -> Sample {
         seq,
         active: true,
         seeded: false,
+        woke_ns: 0,
+        woke_by: WokeBy::None,
     }
 }
 
@@ -97,6 +99,7 @@ fn scanned(pid: u32, role: Role) -> NewProcess {
         role,
         app: Some("app:app".into()),
         timeout_s: Some(4.0),
+        worker_class: None,
         source: Source::Scan,
         container: None,
     }
@@ -150,6 +153,7 @@ fn kinds(out: &[Output]) -> Vec<&'static str> {
         .map(|o| match o {
             Output::Master { .. } => "master",
             Output::Worker { .. } => "worker",
+            Output::Loop { .. } => "loop",
             Output::Stall { .. } => "stall",
             Output::StallEnd { .. } => "stall_end",
             Output::WorkerTimeout { .. } => "worker_timeout",
@@ -175,7 +179,7 @@ fn blocked_pipe_read_reported_once_while_blocked() {
         unreachable!()
     };
     assert_eq!((report.pid, report.tid, report.master_pid), (W, W, MASTER));
-    assert_eq!(report.syscall, "read");
+    assert_eq!(report.syscall.as_deref(), Some("read"));
     assert_eq!(report.fd, Some(11));
     assert_eq!(report.fd_kind, FdKind::Pipe);
     assert_eq!(report.only_self_can_wake, Some(true));
@@ -200,18 +204,40 @@ fn blocked_pipe_read_reported_once_while_blocked() {
 }
 
 #[test]
-fn idle_event_loop_and_helper_threads_are_not_stalls() {
+fn idle_event_loop_and_idle_helper_threads_are_not_stalls() {
     let mut c = setup();
     let idle = sample(W, "epoll_wait", 0, 1);
-    let helper = sample(W + 1, "read", 0, 1);
     let helper_futex = sample(W + 2, "futex", 0, 1);
-    let out = c.on_samples(&[idle, helper, helper_futex], 10_000 * MS, &mut FakeProc);
+    let helper_sleep = sample(W + 3, "clock_nanosleep", 0, 1);
+    let out = c.on_samples(
+        &[idle, helper_futex, helper_sleep],
+        10_000 * MS,
+        &mut FakeProc,
+    );
     assert!(out.is_empty(), "{out:?}");
     // The master in its timed select/sleep is idle too.
     let mut m = sample(MASTER, "clock_nanosleep", 0, 1);
     m.tgid = MASTER;
     assert!(c.on_samples(&[m], 10_000 * MS, &mut FakeProc).is_empty());
     assert!(verdict(&c.summary(10_000 * MS)).text.starts_with("healthy"));
+}
+
+#[test]
+fn a_helper_thread_blocked_in_read_is_a_stall_gunicorn_never_notices() {
+    let mut c = setup();
+    let helper = sample(W + 1, "read", 0, 1);
+    let out = c.on_samples(&[helper], 10_000 * MS, &mut FakeProc);
+    assert_eq!(kinds(&out), ["stall"]);
+    let Output::Stall { report, .. } = &out[0] else {
+        unreachable!()
+    };
+    assert_eq!((report.pid, report.tid), (W, W + 1));
+    let text = verdict(&c.summary(10_000 * MS)).text;
+    assert!(
+        text.contains("thread 102 (gunicorn) blocked 10.0s in read()")
+            && text.contains("Gunicorn will never notice"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -261,24 +287,34 @@ fn short_stall_between_polls_reports_both_halves() {
     );
 }
 
+/// The kernel's entry for a call the thread woke from, not judged yet.
+fn woken(mut s: Sample, at_ms: u64, by: WokeBy) -> Sample {
+    s.active = false;
+    s.woke_ns = at_ms * MS;
+    s.woke_by = by;
+    s
+}
+
 #[test]
 fn read_restarted_after_signal_is_the_same_stall() {
     let mut c = setup();
-    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
-    let intr = woke(W, "read", 11, 0, 4000, Wake::Interrupted);
+    let s = sample(W, "read", 0, 1);
+    c.on_samples(&[s], 600 * MS, &mut FakeProc);
+    // A signal woke it: the kernel holds the call open.
+    let open = woken(s, 4000, WokeBy::Signal);
     assert!(
-        c.on_kernel(intr, &mut FakeProc).is_empty(),
-        "held for the grace period"
+        c.on_samples(&[open], 4050 * MS, &mut FakeProc).is_empty(),
+        "held while it may resume"
     );
-    // Python retried the read: same call, same fd, new entry.
-    let again = sample(W, "read", 4001, 5);
-    assert!(c.on_samples(&[again], 4050 * MS, &mut FakeProc).is_empty());
+    // Python retried the read: the kernel carries on the same entry.
+    let mut again = s;
+    again.woke_by = WokeBy::Resumed;
     assert!(
         c.on_samples(&[again], 4700 * MS, &mut FakeProc).is_empty(),
         "no second stall"
     );
     // SIGKILL: the thread dies inside the restarted read.
-    let died = woke(W, "read", 11, 4001, 5000, Wake::Killed);
+    let died = woke(W, "read", 11, 0, 5000, Wake::Killed);
     let out = c.on_kernel(died, &mut FakeProc);
     assert!(
         matches!(
@@ -296,10 +332,32 @@ fn read_restarted_after_signal_is_the_same_stall() {
 #[test]
 fn interrupted_and_not_restarted_ends_after_grace() {
     let mut c = setup();
+    let s = sample(W, "read", 0, 1);
+    c.on_samples(&[s], 600 * MS, &mut FakeProc);
+    let open = woken(s, 1000, WokeBy::Signal);
+    assert!(c.on_samples(&[open], 1100 * MS, &mut FakeProc).is_empty());
+    let out = c.on_samples(&[open], 1300 * MS, &mut FakeProc);
+    assert!(
+        matches!(
+            out[..],
+            [Output::StallEnd {
+                blocked_ms: 1000,
+                outcome: Outcome::Interrupted,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    // The entry the kernel still holds is not a new stall.
+    assert!(c.on_samples(&[open], 1400 * MS, &mut FakeProc).is_empty());
+}
+
+#[test]
+fn the_kernel_judging_a_call_interrupted_ends_it_at_once() {
+    let mut c = setup();
     c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
     let intr = woke(W, "read", 11, 0, 1000, Wake::Interrupted);
-    c.on_kernel(intr, &mut FakeProc);
-    let out = c.on_samples(&[], 1300 * MS, &mut FakeProc);
+    let out = c.on_kernel(intr, &mut FakeProc);
     assert!(
         matches!(
             out[..],
@@ -339,7 +397,7 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
     };
     assert_eq!(signal, "SIGABRT");
     assert_eq!(
-        (s.syscall.as_str(), s.fd, s.blocked_ms),
+        (s.syscall_name(), s.fd, s.blocked_ms),
         ("read", Some(11), 4500)
     );
     // A signal from someone else is not a Gunicorn timeout.

@@ -1,6 +1,6 @@
 //! One tracing session: the kernel probes, the correlator, and everything
 //! that happens between a kernel event and a line of output.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -13,11 +13,12 @@ use super::sink::Sink;
 use super::sockets::SocketWatch;
 use super::targets::Target;
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
+use crate::host::waits::{self, Multiplexer};
 use crate::host::{bounded, container, memcg, proc, pystack};
 use crate::kernel::Probes;
 use crate::model::{
     BlockedThread, Container, FdInfo, KernelEvent, Losses, MasterSettings, MemoryCgroup, Output,
-    Role, Sample, Source,
+    Role, Sample, Source, ThreadCpu, ThreadNow, WokeBy,
 };
 use crate::present::{self, metrics};
 
@@ -48,6 +49,19 @@ pub fn container_of(pid: u32, pods_dir: &Arc<PathBuf>) -> Option<Container> {
         .flatten()
 }
 
+/// How a multiplexer names its fds, from its name.
+fn multiplexer(name: &str) -> Option<Multiplexer> {
+    if syscalls::EPOLL_WAITS.contains(&name) {
+        Some(Multiplexer::Epoll)
+    } else if syscalls::POLLS.contains(&name) {
+        Some(Multiplexer::Poll)
+    } else if syscalls::SELECTS.contains(&name) {
+        Some(Multiplexer::Select)
+    } else {
+        None
+    }
+}
+
 impl Enricher for ProcEnricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
         bounded::call(proc::HOLDERS_BUDGET + PROC_DEADLINE, move || {
@@ -65,6 +79,27 @@ impl Enricher for ProcEnricher {
     fn container(&mut self, pid: u32) -> Option<Container> {
         container_of(pid, &self.pods_dir)
     }
+    fn thread_name(&mut self, pid: u32, tid: u32) -> String {
+        proc::thread_name(pid, tid)
+    }
+    fn socket_peer(&mut self, pid: u32, fd: i32) -> Option<String> {
+        proc::socket_peer(pid, fd)
+    }
+    fn multiplexer_fds(&mut self, pid: u32, tid: u32, syscall: &str, arg0: u64) -> Vec<i32> {
+        match (multiplexer(syscall), syscalls::number(syscall)) {
+            (Some(kind), Some(nr)) => waits::multiplexer_fds(pid, tid, kind, nr, arg0),
+            _ => Vec::new(),
+        }
+    }
+    fn thread_now(&mut self, pid: u32, tid: u32) -> ThreadNow {
+        proc::thread_now(pid, tid)
+    }
+    fn thread_cpu(&mut self, pid: u32, tid: u32) -> Option<ThreadCpu> {
+        proc::thread_cpu(pid, tid)
+    }
+    fn process_age_ms(&mut self, pid: u32) -> Option<u64> {
+        proc::process_age_ms(pid)
+    }
     fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
         memcg::of_process(pid)
     }
@@ -80,7 +115,7 @@ impl Enricher for ProcEnricher {
                 let name = syscalls::name(nr).into_owned();
                 // On an fd, and not a wait for work (what a plain process's
                 // stall would be).
-                if !syscalls::takes_fd(&name) || !syscalls::is_stall(Role::Plain, true, nr) {
+                if !syscalls::takes_fd(&name) || !syscalls::is_stall(Role::Plain, true, nr, None) {
                     return None;
                 }
                 let fd = args[0] as i32;
@@ -124,6 +159,10 @@ const EXIT_HOLD_NS: u64 = 20_000_000;
 const EXIT_HOLD_MAX_NS: u64 = 2_000_000_000;
 /// How often WATCHED is checked for processes whose EXIT event was lost.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How often workers' heartbeats are looked at, for loops that keep the CPU.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+/// How often workers whose event loop is not known yet are looked at.
+const LOOP_SEARCH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Session {
     pub probes: Probes,
@@ -135,6 +174,11 @@ pub struct Session {
     /// EXIT events held back, with when they arrived (see `flush_exits`).
     pub exits: Vec<(u64, KernelEvent)>,
     pub last_sweep: Instant,
+    pub last_heartbeats: Instant,
+    pub last_loop_search: Instant,
+    /// Listening fds of each watched process with any: a master's are its
+    /// workers' (inherited at the fork).
+    pub listeners: HashMap<u32, Vec<i32>>,
     /// With --py-stack: the `--py-spy` path, if given (else PATH is searched).
     pub py_stack: Option<Option<PathBuf>>,
     /// Output waiting for a py-spy dump ahead of it, in order.
@@ -246,9 +290,14 @@ impl Session {
     /// Registers the ports `pid` listens on with the kernel. Ports are never
     /// removed: a stale one only times a few more connections.
     fn add_listeners(&mut self, pid: u32) {
-        for (_, port) in proc::listening_fds(pid) {
-            self.probes.add_port(port);
-            self.sockets.add_port(port);
+        let found = proc::listening_fds(pid);
+        for (_, port) in &found {
+            self.probes.add_port(*port);
+            self.sockets.add_port(*port);
+        }
+        if !found.is_empty() {
+            self.listeners
+                .insert(pid, found.into_iter().map(|(fd, _)| fd).collect());
         }
     }
 
@@ -259,7 +308,8 @@ impl Session {
         self.add_listeners(t.pid);
         for tid in proc::threads(t.pid) {
             if let Some((nr, args)) = proc::thread_syscall(t.pid, tid) {
-                self.probes.seed_inflight(tid, t.pid, nr, args, now);
+                self.probes
+                    .seed_inflight(tid, t.pid, nr, [args[0], args[1], args[2]], now);
             }
         }
         let gunicorn = matches!(t.role, Role::Master | Role::Worker);
@@ -270,6 +320,7 @@ impl Session {
             role: t.role,
             app: gunicorn.then(|| proc::parse_app(&cmd)).flatten(),
             timeout_s: gunicorn.then(|| proc::parse_timeout(&cmd).unwrap_or(30.0)),
+            worker_class: gunicorn.then(|| proc::parse_worker_class(&cmd)).flatten(),
             source,
             container: container_of(t.pid, &self.enricher.pods_dir),
         };
@@ -423,6 +474,8 @@ impl Session {
         let alive = |pid: u32| proc::exists(pid);
         self.enricher.heartbeats.retain(alive);
         let now = present::monotonic_ns();
+        self.enricher.heartbeats.retain(proc::exists);
+        self.listeners.retain(|pid, _| proc::exists(*pid));
         for pid in dead {
             let ev = KernelEvent::Exit {
                 ts_ns: now,
@@ -434,10 +487,52 @@ impl Session {
         }
     }
 
-    /// One tick: lost exits, held exits, then the in-flight map.
+    /// Workers whose event loop's own wait is not known yet: look for it
+    /// (once they serve, their listeners show in it), and tell the kernel.
+    fn search_loops(&mut self) {
+        if self.last_loop_search.elapsed() < LOOP_SEARCH_EVERY {
+            return;
+        }
+        self.last_loop_search = Instant::now();
+        let selects: Vec<i64> = syscalls::SELECTS
+            .iter()
+            .filter_map(|n| syscalls::number(n))
+            .collect();
+        for pid in self.corr.workers_without_loop() {
+            let master = self.probes.master_of(pid).unwrap_or(pid);
+            let Some(listeners) = self.listeners.get(&master).or(self.listeners.get(&pid)) else {
+                continue;
+            };
+            if let Some(wait) = waits::find_loop(pid, listeners, &selects) {
+                self.probes.set_loop(pid, wait);
+                let now = present::monotonic_ns();
+                if let Some(o) = self.corr.set_loop(now, pid, wait) {
+                    self.emit(&o);
+                }
+            }
+        }
+    }
+
+    /// A few times a second: every worker's heartbeat, for loops that keep
+    /// the CPU.
+    fn check_heartbeats(&mut self) {
+        if self.last_heartbeats.elapsed() < HEARTBEAT_EVERY {
+            return;
+        }
+        self.last_heartbeats = Instant::now();
+        let now = present::monotonic_ns();
+        for o in self.corr.on_tick(now, &mut self.enricher) {
+            self.emit(&o);
+        }
+    }
+
+    /// One tick: lost exits, held exits, the loops and heartbeats of
+    /// workers, then the in-flight map.
     pub fn poll(&mut self) {
         self.sweep_dead();
         self.flush_exits(false);
+        self.search_loops();
+        self.check_heartbeats();
         let now = present::monotonic_ns();
         let samples: Vec<Sample> = self
             .probes
@@ -453,6 +548,8 @@ impl Session {
                 seq: e.seq,
                 active: e.active != 0,
                 seeded: e.seeded != 0,
+                woke_ns: e.woke_ns,
+                woke_by: WokeBy::from_kernel(e.woke_by),
             })
             .collect();
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {

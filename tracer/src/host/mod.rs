@@ -8,3 +8,4 @@ pub mod memcg;
 pub mod proc;
 pub mod pystack;
 pub mod sockdiag;
+pub mod waits;

@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
 use std::io::Read;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::model::{End, FdInfo, FdKind, Peer};
+use crate::model::{End, FdInfo, FdKind, Peer, ThreadCpu, ThreadNow};
 
 /// Bytes of a command line read, at most.
 const MAX_CMDLINE: u64 = 16 * 1024;
@@ -254,6 +255,42 @@ pub fn parse_app(cmdline: &[String]) -> Option<String> {
         end -= 1;
     }
     Some(app[..end].to_string())
+}
+
+/// Gunicorn's worker class from a command line (`-k X`, `--worker-class X`,
+/// `--worker-class=X`), named the short way: `sync`, `gthread`, `gevent`,
+/// `uvicorn` (Uvicorn's worker), or the class path as given.
+pub fn parse_worker_class(cmdline: &[String]) -> Option<String> {
+    let mut it = cmdline.iter();
+    while let Some(a) = it.next() {
+        let v = if a == "-k" || a == "--worker-class" {
+            it.next().map(|s| s.as_str())
+        } else if let Some(v) = a.strip_prefix("--worker-class=") {
+            Some(v)
+        } else {
+            a.strip_prefix("-k").filter(|v| !v.is_empty())
+        };
+        if let Some(v) = v {
+            return Some(short_class(v));
+        }
+    }
+    None
+}
+
+/// `gunicorn.workers.ggevent.GeventWorker` -> `gevent`, and so on.
+fn short_class(v: &str) -> String {
+    let v = v.strip_prefix("egg:gunicorn#").unwrap_or(v);
+    let lower = v.to_ascii_lowercase();
+    let short = match lower.as_str() {
+        _ if lower.contains("uvicorn") => "uvicorn",
+        "gunicorn.workers.sync.syncworker" => "sync",
+        "gunicorn.workers.gthread.threadworker" => "gthread",
+        "gunicorn.workers.ggevent.geventworker" => "gevent",
+        "gunicorn.workers.geventlet.eventletworker" => "eventlet",
+        "gunicorn.workers.gtornado.tornadoworker" => "tornado",
+        _ => v,
+    };
+    short.to_string()
 }
 
 pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
@@ -525,24 +562,69 @@ pub struct TcpSocket {
     pub inode: u64,
     pub local_port: u16,
     pub listening: bool,
+    /// The other end; None for a listening or unconnected socket.
+    pub remote: Option<SocketAddr>,
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits then `:port` (IPv6), as
+/// /proc/net/tcp prints them: each 32-bit word in host byte order.
+fn parse_net_addr(s: &str) -> Option<SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into(),
+        16 => {
+            let b: [u8; 16] = bytes.try_into().ok()?;
+            let v6 = Ipv6Addr::from(b);
+            v6.to_ipv4_mapped().map(Into::into).unwrap_or(v6.into())
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Parses /proc/PID/net/tcp or tcp6 (`sl local_address rem_address st ...
-/// inode`); lines that do not parse are skipped.
+/// inode`), and udp alike; lines that do not parse are skipped.
 pub fn parse_net_tcp(text: &str) -> Vec<TcpSocket> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let cols: Vec<&str> = line.split_whitespace().collect();
             let port = cols.get(1)?.rsplit(':').next()?;
+            let remote = cols.get(2).and_then(|r| parse_net_addr(r));
             Some(TcpSocket {
                 inode: cols.get(9)?.parse().ok()?,
                 local_port: u16::from_str_radix(port, 16).ok()?,
                 // st 0A is TCP_LISTEN.
                 listening: *cols.get(3)? == "0A",
+                remote: remote.filter(|r| r.port() != 0),
             })
         })
         .collect()
+}
+
+/// The other end of socket fd `fd` of `pid`: `10.0.3.7:5432`, `[::1]:80`,
+/// or `unix`; None for a listening or unconnected socket.
+pub fn socket_peer(pid: u32, fd: i32) -> Option<String> {
+    let inode = socket_inode(&fd_target(pid, fd)?)?;
+    for f in ["tcp", "tcp6", "udp", "udp6"] {
+        let Ok(text) = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])) else {
+            continue;
+        };
+        if let Some(s) = parse_net_tcp(&text).into_iter().find(|s| s.inode == inode) {
+            return s.remote.map(|r| r.to_string());
+        }
+    }
+    let unix = fs::read_to_string(proc_path(&[&pid.to_string(), "net", "unix"])).ok()?;
+    let listed = unix
+        .lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(6).and_then(|i| i.parse().ok()) == Some(inode));
+    listed.then(|| "unix".to_string())
 }
 
 /// The inode of a `socket:[N]` fd link target.
@@ -577,28 +659,121 @@ pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
 
 /// The syscall a thread is blocked in, from /proc/PID/task/TID/syscall:
 /// `nr arg1 .. arg6 sp pc`, or `running`, or `-1 sp pc` outside a syscall.
-pub fn parse_syscall_file(s: &str) -> Option<(i64, [u64; 3])> {
+pub fn parse_syscall_file(s: &str) -> Option<(i64, [u64; 6])> {
     let mut it = s.split_whitespace();
     let nr: i64 = it.next()?.parse().ok()?;
     if nr < 0 {
         return None;
     }
     let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
-    let a0 = hex(it.next()?)?;
-    let a1 = hex(it.next()?)?;
-    let a2 = hex(it.next()?)?;
-    Some((nr, [a0, a1, a2]))
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = hex(it.next()?)?;
+    }
+    Some((nr, args))
 }
 
-pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, [u64; 3])> {
-    let s = fs::read_to_string(proc_path(&[
+fn task_file(pid: u32, tid: u32, name: &str) -> Option<String> {
+    fs::read_to_string(proc_path(&[
         &pid.to_string(),
         "task",
         &tid.to_string(),
-        "syscall",
+        name,
     ]))
-    .ok()?;
-    parse_syscall_file(&s)
+    .ok()
+}
+
+pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, [u64; 6])> {
+    parse_syscall_file(&task_file(pid, tid, "syscall")?)
+}
+
+/// What a thread is doing now, from its syscall file.
+pub fn thread_now(pid: u32, tid: u32) -> ThreadNow {
+    let Some(text) = task_file(pid, tid, "syscall") else {
+        return ThreadNow::Gone;
+    };
+    if text.starts_with("running") {
+        return ThreadNow::Running;
+    }
+    match parse_syscall_file(&text) {
+        Some((nr, args)) => ThreadNow::InSyscall { nr, arg0: args[0] },
+        None => ThreadNow::OutsideSyscall,
+    }
+}
+
+/// The name of a thread (its comm: 15 bytes at most, from the kernel, and
+/// any bytes the thread chose: decoded lossily).
+pub fn thread_name(pid: u32, tid: u32) -> String {
+    let path = proc_path(&[&pid.to_string(), "task", &tid.to_string(), "comm"]);
+    fs::read(path)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\n')
+                .chars()
+                .take(64)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// State, and user plus system CPU ticks, from a stat line (parsed from the
+/// last ')': the comm may hold anything).
+pub fn parse_stat_cpu(stat: &str) -> Option<(char, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let state = f.first()?.chars().next()?;
+    // Fields 14 and 15 of stat (utime, stime): 12 and 13 after the comm.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((state, utime + stime))
+}
+
+/// `voluntary_ctxt_switches` of a status file.
+pub fn parse_voluntary_switches(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as u64,
+        _ => 100,
+    }
+}
+
+/// A thread's state and CPU time, from its stat and status files.
+pub fn thread_cpu(pid: u32, tid: u32) -> Option<ThreadCpu> {
+    let (state, ticks) = parse_stat_cpu(&task_file(pid, tid, "stat")?)?;
+    let switches = parse_voluntary_switches(&task_file(pid, tid, "status")?)?;
+    Some(ThreadCpu {
+        on_cpu: state == 'R',
+        cpu_ms: ticks * 1000 / clock_ticks(),
+        voluntary_switches: switches,
+    })
+}
+
+/// How long ago a process was started (forked), from its stat's start time
+/// (clock ticks after boot) and the boot-time clock.
+pub fn process_age_ms(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_path(&[&pid.to_string(), "stat"])).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Field 22 of stat (starttime): 20 after the comm.
+    let start_ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    let now_ms = ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+    Some(now_ms.saturating_sub(start_ticks * 1000 / clock_ticks()))
 }
 
 #[cfg(test)]
@@ -779,8 +954,8 @@ mod tests {
     #[test]
     fn syscall_file_forms() {
         assert_eq!(
-            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f0000001234\n"),
-            Some((0, [11, 0x7ffd1234, 4]))
+            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x9 0x7ffd0000 0x7f0000001234\n"),
+            Some((0, [11, 0x7ffd1234, 4, 0, 0, 9]))
         );
         assert_eq!(parse_syscall_file("running\n"), None);
         assert_eq!(parse_syscall_file("-1 0x7ffd0000 0x7f0000001234\n"), None);
@@ -864,5 +1039,86 @@ mod tests {
         assert!(socks[0].listening && !socks[1].listening);
         assert_eq!(socket_inode("socket:[45678]"), Some(45678));
         assert_eq!(socket_inode("pipe:[45678]"), None);
+    }
+
+    #[test]
+    fn peers_from_net_tables() {
+        assert_eq!(
+            parse_net_addr("0700000A:1538"),
+            Some("10.0.0.7:5432".parse().unwrap())
+        );
+        assert_eq!(
+            parse_net_addr("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_net_addr("0000000000000000FFFF00000200007F:1538"),
+            Some("127.0.0.2:5432".parse().unwrap()),
+            "an IPv4-mapped peer prints as IPv4"
+        );
+        assert_eq!(parse_net_addr("zz:1"), None);
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:D2F2 0200007F:1538 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 20 4 30 10 -1
+   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 778 1 0000000000000000 100 0 0 10 0
+";
+        let socks = parse_net_tcp(text);
+        assert_eq!(socks[0].remote, Some("127.0.0.2:5432".parse().unwrap()));
+        assert_eq!(socks[1].remote, None, "a listener has no peer");
+    }
+
+    #[test]
+    fn worker_class_from_command_line() {
+        let class = |args: &[&str]| parse_worker_class(&v(args));
+        assert_eq!(
+            class(&["gunicorn", "-k", "gevent", "a:b"]).as_deref(),
+            Some("gevent")
+        );
+        assert_eq!(
+            class(&["gunicorn", "-kgthread"]).as_deref(),
+            Some("gthread")
+        );
+        assert_eq!(
+            class(&["gunicorn", "--worker-class=uvicorn_worker.UvicornWorker"]).as_deref(),
+            Some("uvicorn")
+        );
+        assert_eq!(
+            class(&[
+                "gunicorn",
+                "--worker-class",
+                "gunicorn.workers.ggevent.GeventWorker"
+            ])
+            .as_deref(),
+            Some("gevent")
+        );
+        assert_eq!(
+            class(&["gunicorn", "-k", "egg:gunicorn#sync"]).as_deref(),
+            Some("sync")
+        );
+        assert_eq!(
+            class(&["gunicorn", "-k", "my.Worker"]).as_deref(),
+            Some("my.Worker")
+        );
+        assert_eq!(class(&["gunicorn", "a:b"]), None);
+    }
+
+    #[test]
+    fn thread_cpu_from_stat_and_status() {
+        let stat =
+            "4242 (a) b) R 1 4242 4242 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 3 0 123456 0 0";
+        assert_eq!(parse_stat_cpu(stat), Some(('R', 287)));
+        assert_eq!(parse_stat_cpu("garbage"), None);
+        let status =
+            "Name:\tgunicorn\nvoluntary_ctxt_switches:\t1500\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_voluntary_switches(status), Some(1500));
+        let me = std::process::id();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let cpu = thread_cpu(me, tid).expect("this thread's stat");
+        assert!(cpu.on_cpu, "it is running this test");
+        assert!(process_age_ms(me).is_some());
+        // Reading its own syscall file, the thread is in a syscall (read).
+        assert!(matches!(thread_now(me, tid), ThreadNow::InSyscall { .. }));
+        assert_eq!(thread_now(me, u32::MAX), ThreadNow::Gone);
+        assert!(!thread_name(me, tid).is_empty());
     }
 }

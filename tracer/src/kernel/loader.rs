@@ -9,12 +9,12 @@ use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{
     Config, Conn, Inflight, KernelOffsets, MAX_SYSCALL_NR, ReadHist, TracepointOffsets, UNSET,
-    Watched, program, stat,
+    Watched, class, program, stat,
 };
 
 use super::btf::Btf;
 use super::tracefs::Format;
-use crate::model::{Losses, MapOccupancy, Role};
+use crate::model::{LoopWait, Losses, MapOccupancy, Role};
 
 /// Map update flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -37,10 +37,11 @@ pub struct Probes {
 const RAW_PROGRAMS: [&str; 1] = ["sched_switch"];
 
 /// (program name, tracepoint category, tracepoint name)
-const PROGRAMS: [(&str, &str, &str); 5] = [
+const PROGRAMS: [(&str, &str, &str); 6] = [
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("signal_generate", "signal", "signal_generate"),
+    ("signal_deliver", "signal", "signal_deliver"),
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
 ];
@@ -136,13 +137,25 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Where a task inside a syscall keeps its syscall number and first and
-/// third arguments in its saved `struct pt_regs`: members named by each
-/// architecture's ABI, plus a byte offset into an array member.
+/// Where a task inside a syscall keeps its syscall number, first three
+/// arguments and return value in its saved `struct pt_regs`: members named
+/// by each architecture's ABI, plus a byte offset into an array member.
 #[cfg(target_arch = "x86_64")]
-const PT_REGS: [(&[&str], u64); 3] = [(&["orig_ax"], 0), (&["di"], 0), (&["dx"], 0)];
+const PT_REGS: [(&[&str], u64); 5] = [
+    (&["orig_ax"], 0),
+    (&["di"], 0),
+    (&["si"], 0),
+    (&["dx"], 0),
+    (&["ax"], 0),
+];
 #[cfg(target_arch = "aarch64")]
-const PT_REGS: [(&[&str], u64); 3] = [(&["syscallno"], 0), (&["orig_x0"], 0), (&["regs"], 2 * 8)];
+const PT_REGS: [(&[&str], u64); 5] = [
+    (&["syscallno"], 0),
+    (&["orig_x0"], 0),
+    (&["regs"], 8),
+    (&["regs"], 2 * 8),
+    (&["regs"], 0),
+];
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!(
     "the tracer reads syscall registers from struct pt_regs and knows their names on x86_64 and aarch64 only; add this architecture's to PT_REGS in loader.rs"
@@ -194,7 +207,9 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         tcp_mstamp: btf.member_offset("tcp_sock", "tcp_mstamp").unwrap_or(UNSET),
         pt_regs_nr: regs(0)?,
         pt_regs_arg0: regs(1)?,
-        pt_regs_arg2: regs(2)?,
+        pt_regs_arg1: regs(2)?,
+        pt_regs_arg2: regs(3)?,
+        pt_regs_ret: regs(4)?,
     })
 }
 
@@ -412,10 +427,30 @@ impl Probes {
         let w = Watched {
             master,
             role: role.to_kernel(),
+            ..Default::default()
         };
         self.watched
             .insert(pid, w, 0)
             .with_context(|| format!("adding pid {pid} to the kernel's watch list (is it full?)"))
+    }
+
+    /// The master of a watched process, as the kernel has it.
+    pub fn master_of(&self, pid: u32) -> Option<u32> {
+        self.watched.get(&pid, 0).ok().map(|w| w.master)
+    }
+
+    /// Tells the kernel a worker's event loop's own wait: from then on its
+    /// main thread's other multiplexer sleeps are recorded. Only user space
+    /// writes an entry after the fork, so rewriting it loses nothing.
+    pub fn set_loop(&mut self, pid: u32, wait: LoopWait) {
+        let Ok(mut w) = self.watched.get(&pid, 0) else {
+            return;
+        };
+        (w.loop_class, w.loop_arg0, w.loop_fds) = match wait {
+            LoopWait::Epoll { epfd } => (class::EPOLL, epfd as u64, 0),
+            LoopWait::Select { nfds, fds } => (class::SELECT, u64::from(nfds), fds),
+        };
+        let _ = self.watched.insert(pid, w, 0);
     }
 
     /// Tells the kernel that a watched process listens on `port`, so the
@@ -568,9 +603,15 @@ mod tests {
         let btf = Btf::from_sys_fs().expect("the tracer requires BTF");
         let k = kernel_offsets(&btf).unwrap();
         assert_eq!(
-            (k.pt_regs_nr, k.pt_regs_arg0, k.pt_regs_arg2),
-            (120, 112, 96),
-            "orig_ax, di, dx"
+            (
+                k.pt_regs_nr,
+                k.pt_regs_arg0,
+                k.pt_regs_arg1,
+                k.pt_regs_arg2,
+                k.pt_regs_ret
+            ),
+            (120, 112, 104, 96, 80),
+            "orig_ax, di, si, dx, ax"
         );
     }
 

@@ -34,8 +34,9 @@ pub enum KernelEvent {
         /// Resident memory in kB at the kill; 0 when the kernel does not say.
         rss_kb: u64,
     },
-    /// A thread woke up after sleeping at least the threshold in a syscall
-    /// that may block. The kernel sees the wake-up, not the return.
+    /// A syscall a thread slept in for at least the threshold is over, as
+    /// the kernel judged it when it next saw the thread (see
+    /// `tracer_common::Inflight`); `ts_ns` is its last wake-up.
     SleepEnd {
         ts_ns: u64,
         tgid: u32,
@@ -74,15 +75,52 @@ pub struct RaceReset {
     pub close: tracer_common::AnsweredClose,
 }
 
-/// Why a thread that slept in a syscall woke up, as the kernel saw it then.
+/// How a syscall ended, as far as the kernel could tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
-    /// Nothing pending: the syscall is returning.
+    /// Woke with nothing pending, next seen elsewhere: it returned.
     Returning,
-    /// A signal: the syscall is interrupted (and maybe restarted).
+    /// A signal or a stop woke it and it did not go back into the call.
     Interrupted,
     /// SIGKILL: the thread dies inside the syscall.
     Killed,
+    /// Woke with nothing pending, then slept in the same call again: a new
+    /// call or a second sleep inside this one; which is not known.
+    Woke,
+}
+
+/// How a thread last woke inside a call the kernel still holds open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WokeBy {
+    /// Not woken since the call started.
+    #[default]
+    None,
+    /// With nothing pending.
+    Plain,
+    /// By a signal: the call may be restarted.
+    Signal,
+    /// From a stop inside the call (a tracer attaching, SIGSTOP).
+    Stop,
+    /// Asleep again in the same call after a signal or a stop.
+    Resumed,
+}
+
+impl WokeBy {
+    pub fn from_kernel(v: u32) -> WokeBy {
+        use tracer_common::woke_by;
+        match v {
+            woke_by::PLAIN => WokeBy::Plain,
+            woke_by::SIGNAL => WokeBy::Signal,
+            woke_by::STOP => WokeBy::Stop,
+            woke_by::RESUMED => WokeBy::Resumed,
+            _ => WokeBy::None,
+        }
+    }
+
+    /// A signal or a stop: the call may still resume.
+    pub fn may_resume(self) -> bool {
+        matches!(self, WokeBy::Signal | WokeBy::Stop)
+    }
 }
 
 /// One entry of the kernel's in-flight map.
@@ -95,8 +133,52 @@ pub struct Sample {
     pub arg0: u64,
     pub arg2: u64,
     pub seq: u64,
+    /// Asleep (or stopped) in the call now.
     pub active: bool,
     pub seeded: bool,
+    /// When the thread last woke in the call; 0 while it sleeps, or once
+    /// the kernel has judged the call over.
+    pub woke_ns: u64,
+    pub woke_by: WokeBy,
+}
+
+impl Sample {
+    /// The thread woke from the call, and the kernel has not judged it yet:
+    /// it may resume, or be over.
+    pub fn is_open(&self) -> bool {
+        !self.active && self.woke_ns != 0
+    }
+
+    /// Asleep in the call, or woken and not judged yet.
+    pub fn in_call(&self) -> bool {
+        self.active || self.is_open()
+    }
+}
+
+/// What a thread is doing now, from /proc: used to judge a call the kernel
+/// left open because the thread went back to its loop's own wait (which the
+/// kernel does not look at) or has not slept since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadNow {
+    /// Asleep in syscall `nr` with this first argument.
+    InSyscall { nr: i64, arg0: u64 },
+    /// Asleep outside any syscall (a page fault, a stop in user code).
+    OutsideSyscall,
+    /// On a CPU, or about to be: what it is doing is not known.
+    Running,
+    /// The thread is gone.
+    Gone,
+}
+
+/// A thread's CPU state, from /proc/PID/task/TID/stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadCpu {
+    /// Runnable or running (state R).
+    pub on_cpu: bool,
+    /// User plus system CPU time used so far.
+    pub cpu_ms: u64,
+    /// Times it went to sleep so far (a thread that keeps the CPU adds none).
+    pub voluntary_switches: u64,
 }
 
 /// A TCP connection's state, among those the socket scan asks for.

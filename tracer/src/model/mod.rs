@@ -7,11 +7,13 @@ mod event;
 mod report;
 mod summary;
 
-pub use event::{KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, Wake};
+pub use event::{
+    KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
+};
 pub use report::{
     BlockedThread, Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause,
     ExitReport, HungOutcome, HungRequest, OomKill, Outcome, Output, Preceded, Sender, Source,
-    StallReport,
+    StallReport, StallState,
 };
 pub use summary::{Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary};
 
@@ -166,6 +168,49 @@ impl FdInfo {
 /// No process but `pid` holds a pipe end it may write through.
 pub fn no_other_writer(peers: &[Peer], pid: u32) -> bool {
     !peers.iter().any(|p| p.pid != pid && p.may_write())
+}
+
+/// One fd a blocked call waits on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WaitFd {
+    pub fd: i32,
+    pub kind: FdKind,
+    /// The /proc/PID/fd link target, such as `socket:[1234]`.
+    pub target: Option<String>,
+    /// For a socket: the other end (`10.0.3.7:5432`, `[::1]:80`, `unix`).
+    pub peer: Option<String>,
+}
+
+impl WaitFd {
+    /// The port of the other end, for an IP socket.
+    pub fn peer_port(&self) -> Option<u16> {
+        self.peer.as_deref()?.rsplit_once(':')?.1.parse().ok()
+    }
+}
+
+/// A Gunicorn worker's event loop's own wait: the sleep that is never a
+/// stall, however long. Found from /proc once the worker serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopWait {
+    /// An epoll wait on this epoll fd (gevent, gthread, Uvicorn/asyncio):
+    /// the one whose interest list holds a listening socket.
+    Epoll { epfd: i32 },
+    /// select with this nfds and this read set (its first 64 fds): the sync
+    /// worker's wait on its listeners and its pipe.
+    Select { nfds: u32, fds: u64 },
+}
+
+impl LoopWait {
+    /// Whether a multiplexer sleep of `name` with first argument `arg0` is
+    /// this wait. (The kernel also compares select's read set.)
+    pub fn is(&self, name: &str, arg0: u64) -> bool {
+        match *self {
+            LoopWait::Epoll { epfd } => name.starts_with("epoll_") && arg0 as i64 as i32 == epfd,
+            LoopWait::Select { nfds, .. } => {
+                matches!(name, "select" | "pselect6") && arg0 == u64::from(nfds)
+            }
+        }
+    }
 }
 
 /// The container and pod a process runs in.

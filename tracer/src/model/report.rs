@@ -1,26 +1,61 @@
 //! What the tracer reports: the events of docs/events.md. Field order and
 //! serde names are the JSON contract (pinned by the golden test).
+use std::borrow::Cow;
+
 use serde::Serialize;
 
-use super::{Container, FdKind, Peer, Role};
+use super::{Container, FdKind, Peer, Role, WaitFd};
 
-/// A known cause and its fix, from a signature.
+/// A known cause and its fix, from a signature. Most are fixed sentences;
+/// some name what the stall waits on (a server's address).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Cause {
     pub id: &'static str,
-    pub cause: &'static str,
-    pub fix: &'static str,
+    pub cause: Cow<'static, str>,
+    pub fix: Cow<'static, str>,
 }
 
-/// Facts about one blocked syscall; also the body of the `stall` event.
+/// What a stalled thread is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StallState {
+    /// Asleep in a syscall (`syscall` says which).
+    #[default]
+    Blocked,
+    /// Running without yielding: the worker's heartbeat stopped while its
+    /// loop thread kept the CPU (no syscall).
+    OnCpu,
+    /// Away from its loop's wait: the heartbeat stopped while the loop
+    /// thread made calls each shorter than the threshold (and computed
+    /// between them), never going back to the loop.
+    Busy,
+}
+
+impl StallState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StallState::Blocked => "blocked",
+            StallState::OnCpu => "on_cpu",
+            StallState::Busy => "busy",
+        }
+    }
+}
+
+/// Facts about one stall; also the body of the `stall` event.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StallReport {
     pub pid: u32,
     pub tid: u32,
     pub master_pid: u32,
     pub role: Role,
+    /// The thread's name (kept under this name for compatibility; the same
+    /// as `thread_name`).
     pub comm: String,
-    pub syscall: String,
+    /// /proc/PID/task/TID/comm of the stalled thread.
+    pub thread_name: String,
+    pub state: StallState,
+    /// The syscall it is blocked in; None when it is on the CPU or busy.
+    pub syscall: Option<String>,
     pub fd: Option<i32>,
     /// The byte count asked for, for read-like calls.
     pub count: Option<u64>,
@@ -33,13 +68,25 @@ pub struct StallReport {
     /// For a pipe: true when only the blocked process holds a write end, so
     /// nothing else can ever wake it.
     pub only_self_can_wake: Option<bool>,
+    /// The fds the call waits on: a multiplexer's set, or the one fd of a
+    /// read, recv, connect... with the peer address of sockets.
+    pub wait_fds: Vec<WaitFd>,
     pub blocked_ms: u64,
     /// The syscall was already in progress when the tracer attached, so
     /// `blocked_ms` is a lower bound.
     pub since_attach: bool,
     pub heartbeat_age_ms: Option<u64>,
+    /// For a worker: true when it has not touched its heartbeat since it
+    /// was forked (it never reached its loop).
+    pub never_heartbeated: Option<bool>,
+    /// On the CPU or busy: CPU time the thread used since its heartbeat was
+    /// overdue.
+    pub cpu_ms: Option<u64>,
     /// The master's --timeout, when its command line says.
     pub gunicorn_timeout_s: Option<f64>,
+    /// The worker class (`sync`, `gthread`, `gevent`, `uvicorn`, or the
+    /// class path Gunicorn was given), when the master's command line says.
+    pub worker_class: Option<String>,
     pub cause: Option<Cause>,
     /// Container id, pod and namespace when the process runs in one.
     pub container: Option<Container>,
@@ -60,15 +107,51 @@ impl StallReport {
     pub fn writers(&self) -> impl Iterator<Item = &Peer> {
         self.peers.iter().filter(|p| p.may_write())
     }
+
+    /// The syscall's name; empty when the thread is on the CPU.
+    pub fn syscall_name(&self) -> &str {
+        self.syscall.as_deref().unwrap_or("")
+    }
+
+    /// The thread runs the worker's event loop (its main thread).
+    pub fn on_loop_thread(&self) -> bool {
+        self.role == Role::Worker && self.tid == self.pid
+    }
 }
 
-/// How a reported stall ended.
+/// How a reported stall ended: only what is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// The call returned: the thread woke with nothing pending and was then
+    /// seen elsewhere.
     Returned,
+    /// A signal (or a tracer's stop) broke the call and it was not resumed.
     Interrupted,
+    /// The process died inside it.
     Exited,
+    /// The thread woke; whether the call returned is not known (it has run
+    /// since without sleeping in another call, or slept again in the same
+    /// call with the same arguments, which may be a new call).
+    Woke,
+    /// On the CPU or busy: the loop ran again (its heartbeat is fresh).
+    Resumed,
+    /// On the CPU or busy: the thread went on to block in a syscall,
+    /// reported as its own stall.
+    Blocked,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Returned => "returned",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Exited => "exited",
+            Outcome::Woke => "woke",
+            Outcome::Resumed => "resumed",
+            Outcome::Blocked => "blocked",
+        }
+    }
 }
 
 /// How the tracer found a process.
@@ -441,6 +524,20 @@ pub enum Output {
         app: Option<String>,
         container: Option<Container>,
     },
+    /// A worker's event loop's own wait was found: from now on any other
+    /// wait of its loop thread is judged a stall.
+    Loop {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        /// `epoll_wait` (and its kin) or `select`.
+        wait: &'static str,
+        /// The epoll fd.
+        fd: Option<i32>,
+        /// select's nfds.
+        nfds: Option<u32>,
+    },
     Stall {
         #[serde(skip)]
         ts_ns: u64,
@@ -453,7 +550,9 @@ pub enum Output {
         pid: u32,
         tid: u32,
         master_pid: u32,
-        syscall: String,
+        thread_name: String,
+        state: StallState,
+        syscall: Option<String>,
         fd: Option<i32>,
         fd_kind: FdKind,
         blocked_ms: u64,
@@ -513,6 +612,7 @@ impl Output {
         match self {
             Output::Master { ts_ns, .. }
             | Output::Worker { ts_ns, .. }
+            | Output::Loop { ts_ns, .. }
             | Output::Stall { ts_ns, .. }
             | Output::StallEnd { ts_ns, .. }
             | Output::WorkerTimeout { ts_ns, .. }

@@ -174,7 +174,7 @@ pub fn render(
     );
     reg.register(
         "worker_stalled",
-        "1 while a syscall blocks the worker's event loop past the threshold",
+        "1 while the worker is stalled: a thread blocked in a syscall past the threshold, or its loop away from its wait past two heartbeats",
         stalled.clone(),
     );
     reg.register(

@@ -16,7 +16,7 @@ pub use json::{StartEvent, SummaryEvent, json_line};
 pub use text::{colorize, start_line, text_line, text_summary};
 pub use verdict::{Verdict, verdict};
 
-use crate::model::StallReport;
+use crate::model::{Role, StallReport, StallState, WaitFd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -69,11 +69,106 @@ fn holders(h: &crate::model::HungRequest) -> String {
     threads.join(", ")
 }
 
-/// "read() on fd 11 (pipe:[1234])"
-fn describe_call(s: &StallReport) -> String {
-    match (s.fd, &s.fd_target) {
-        (Some(fd), Some(t)) => format!("{}() on fd {fd} ({t})", s.syscall),
-        (Some(fd), None) => format!("{}() on fd {fd}", s.syscall),
-        _ => format!("{}()", s.syscall),
+/// "pipe:[1234]", "socket:[99] to 10.0.3.7:5432"
+fn describe_fd(target: Option<&str>, peer: Option<&str>) -> Option<String> {
+    match (target, peer) {
+        (Some(t), Some(p)) => Some(format!("{t} to {p}")),
+        (Some(t), None) => Some(t.to_string()),
+        (None, Some(p)) => Some(format!("to {p}")),
+        (None, None) => None,
     }
+}
+
+/// "read() on fd 11 (pipe:[1234])", "poll() on fd 7 (socket:[99] to
+/// 10.0.3.7:5432)", "select() on fds 3, 5, 9"; "the CPU, without a syscall"
+fn describe_call(s: &StallReport) -> String {
+    let Some(call) = &s.syscall else {
+        return where_without_syscall(s.state).into();
+    };
+    let peer = |fd: i32| {
+        s.wait_fds
+            .iter()
+            .find(|w| w.fd == fd)
+            .and_then(|w| w.peer.as_deref())
+    };
+    match (s.fd, s.wait_fds.as_slice()) {
+        (Some(fd), _) => match describe_fd(s.fd_target.as_deref(), peer(fd)) {
+            Some(d) => format!("{call}() on fd {fd} ({d})"),
+            None => format!("{call}() on fd {fd}"),
+        },
+        (None, [one]) => match describe_fd(one.target.as_deref(), one.peer.as_deref()) {
+            Some(d) => format!("{call}() on fd {} ({d})", one.fd),
+            None => format!("{call}() on fd {}", one.fd),
+        },
+        (None, []) => format!("{call}()"),
+        (None, many) => format!("{call}() on fds {}", fd_list(many)),
+    }
+}
+
+fn fd_list(fds: &[WaitFd]) -> String {
+    fds.iter()
+        .map(|w| match &w.peer {
+            Some(p) => format!("{} ({p})", w.fd),
+            None => w.fd.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// "blocked 2.0s in read() on fd 11 (pipe:[1234])", "on the CPU 2.5s
+/// without a syscall (2.4s of CPU)", "busy 3.0s away from its loop, in
+/// calls each under the threshold (0.4s of CPU)"
+fn describe_stall(s: &StallReport, blocked: &str) -> String {
+    let cpu = s
+        .cpu_ms
+        .map(|c| format!(" ({} of CPU since its heartbeat was due)", secs(c)))
+        .unwrap_or_default();
+    match s.state {
+        StallState::Blocked => format!("{blocked} {} in {}", secs(s.blocked_ms), describe_call(s)),
+        StallState::OnCpu => format!("on the CPU {} without a syscall{cpu}", secs(s.blocked_ms)),
+        StallState::Busy => format!(
+            "busy {} away from its loop, in calls each under the threshold{cpu}",
+            secs(s.blocked_ms)
+        ),
+    }
+}
+
+/// Where a stall without a syscall was: "on the CPU", "away from its loop".
+fn where_without_syscall(state: StallState) -> &'static str {
+    match state {
+        StallState::Busy => "away from its loop",
+        _ => "on the CPU",
+    }
+}
+
+/// "thread 102 (ThreadPoolExecu) " for a thread other than the main one.
+fn which_thread(s: &StallReport) -> String {
+    if s.tid == s.pid {
+        return String::new();
+    }
+    format!("thread {} ({}) ", s.tid, s.thread_name)
+}
+
+/// Said when Gunicorn's timeout cannot catch the stall: a thread other
+/// than the loop thread (which keeps the heartbeat), or a worker that never
+/// heartbeated (Gunicorn 22 and later compare the heartbeat file's mtime,
+/// which only a heartbeat makes a monotonic time, with their monotonic
+/// clock: an untouched file never looks stale).
+fn never_noticed(s: &StallReport) -> Option<String> {
+    if s.role != Role::Worker {
+        return None;
+    }
+    if s.tid == s.pid {
+        return (s.never_heartbeated == Some(true)).then(|| {
+            "it never heartbeated, so Gunicorn will never kill it (Gunicorn 22 and later compare the untouched heartbeat file's wall-clock mtime with their monotonic clock): it hangs until restarted".to_string()
+        });
+    }
+    let class = s
+        .worker_class
+        .as_deref()
+        .map(|c| format!("{c} worker: "))
+        .unwrap_or_default();
+    Some(format!(
+        "{class}the main thread keeps the heartbeat, so Gunicorn will never notice; requests on this thread hang until the client or the proxy times out"
+    ))
 }

@@ -2,10 +2,13 @@
 //! verdict on top. Everything from a traced process goes through `sanitize`.
 use super::exits::exit_words;
 use super::json::{StartEvent, SummaryEvent};
-use super::{Clock, describe_call, holders, sanitize, secs};
+use super::{
+    Clock, describe_call, describe_stall, holders, never_noticed, sanitize, secs,
+    where_without_syscall, which_thread,
+};
 use crate::model::{
     CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, Outcome, Output, Role,
-    Source, StallReport,
+    Source, StallReport, StallState,
 };
 
 /// `  likely: ...` and `  fix: ...` under an event line.
@@ -14,28 +17,49 @@ fn cause_lines(c: &crate::model::Cause) -> String {
 }
 
 fn stall_details(s: &StallReport) -> String {
-    let mut d = format!(
-        "{} {} [{}] (master {}) blocked {}{} in {}",
-        s.role.as_str(),
-        s.pid,
-        sanitize(&s.comm),
-        s.master_pid,
-        secs(s.blocked_ms),
-        if s.since_attach {
-            "+ (before attach)"
-        } else {
-            ""
-        },
-        sanitize(&describe_call(s)),
-    );
-    if s.tid != s.pid {
-        d.push_str(&format!(" [thread {}]", s.tid));
-    }
+    let what = match s.state {
+        StallState::Blocked => format!(
+            "blocked {}{} in {}",
+            secs(s.blocked_ms),
+            if s.since_attach {
+                "+ (before attach)"
+            } else {
+                ""
+            },
+            sanitize(&describe_call(s)),
+        ),
+        StallState::OnCpu | StallState::Busy => describe_stall(s, "blocked"),
+    };
+    let who = if s.tid == s.pid {
+        format!(
+            "{} {} [{}] (master {})",
+            s.role.as_str(),
+            s.pid,
+            sanitize(&s.comm),
+            s.master_pid
+        )
+    } else {
+        format!(
+            "{} {} (master {}) thread {} [{}]",
+            s.role.as_str(),
+            s.pid,
+            s.master_pid,
+            s.tid,
+            sanitize(&s.thread_name)
+        )
+    };
+    let mut d = format!("{who} {what}");
     if let Some(hb) = s.heartbeat_age_ms {
         d.push_str(&format!("; heartbeat {} old", secs(hb)));
         if let Some(t) = s.gunicorn_timeout_s {
             d.push_str(&format!(" (timeout {t}s)"));
         }
+        if s.never_heartbeated == Some(true) {
+            d.push_str(", none since it was forked");
+        }
+    }
+    if let Some(n) = never_noticed(s) {
+        d.push_str(&format!("; {}", sanitize(&n)));
     }
     if s.fd_kind.is_pipe_like() {
         let writers: Vec<String> = s
@@ -98,15 +122,44 @@ fn process_line(pid: u32, master_pid: u32, role: Role, source: Source) -> String
     format!("{:<8} {pid} {how}", role.as_str())
 }
 
-fn stall_end_line(pid: u32, syscall: &str, blocked_ms: u64, outcome: Outcome) -> String {
+fn stall_end_line(
+    (pid, tid): (u32, u32),
+    state: StallState,
+    syscall: &Option<String>,
+    blocked_ms: u64,
+    outcome: Outcome,
+) -> String {
+    let what = match syscall {
+        Some(call) => format!("{call}()"),
+        None => where_without_syscall(state).into(),
+    };
+    let thread = if tid != pid {
+        format!(" [thread {tid}]")
+    } else {
+        String::new()
+    };
     format!(
-        "end      {pid} {syscall}() after {}: {}",
+        "end      {pid}{thread} {what} after {}: {}",
         secs(blocked_ms),
         match outcome {
             Outcome::Returned => "returned",
             Outcome::Interrupted => "interrupted by a signal",
             Outcome::Exited => "the process died inside it",
+            Outcome::Woke => "woke (whether the call returned is not known)",
+            Outcome::Resumed => "the loop ran again (its heartbeat is fresh)",
+            Outcome::Blocked => "it went on to block in a syscall",
         },
+    )
+}
+
+fn loop_line(pid: u32, wait: &str, fd: Option<i32>, nfds: Option<u32>) -> String {
+    let on = match (fd, nfds) {
+        (Some(fd), _) => format!(" on fd {fd}"),
+        (None, Some(n)) => format!(" over {n} fds"),
+        (None, None) => String::new(),
+    };
+    format!(
+        "loop     worker {pid} waits for work in {wait}(){on}; any other wait of its main thread is a stall"
     )
 }
 
@@ -116,9 +169,9 @@ fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallRep
         stall
             .as_ref()
             .map(|s| format!(
-                ": it was blocked {} in {}",
-                secs(s.blocked_ms),
-                sanitize(&describe_call(s))
+                ": {}it was {}",
+                sanitize(&which_thread(s)),
+                sanitize(&describe_stall(s, "blocked"))
             ))
             .unwrap_or_else(|| ": no blocking syscall seen".into())
     )
@@ -274,14 +327,23 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             source,
             ..
         } => process_line(*pid, *master_pid, *role, *source),
+        Output::Loop {
+            pid,
+            wait,
+            fd,
+            nfds,
+            ..
+        } => loop_line(*pid, wait, *fd, *nfds),
         Output::Stall { report, .. } => format!("STALL    {}", stall_details(report)),
         Output::StallEnd {
             pid,
+            tid,
+            state,
             syscall,
             blocked_ms,
             outcome,
             ..
-        } => stall_end_line(*pid, syscall, *blocked_ms, *outcome),
+        } => stall_end_line((*pid, *tid), *state, syscall, *blocked_ms, *outcome),
         Output::WorkerTimeout {
             pid,
             master_pid,
@@ -367,7 +429,12 @@ pub fn text_summary(s: &SummaryEvent) -> String {
         let last = w
             .stall
             .as_ref()
-            .map(|st| format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st))))
+            .map(|st| match st.state {
+                StallState::Blocked => {
+                    format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st)))
+                }
+                state => format!("{} {}", secs(st.blocked_ms), where_without_syscall(state)),
+            })
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "{:<8} {:<8} {:<8} {:<18} {:>6} {:>8} {:>7} {:>5} {:>8}  {}\n",
@@ -420,7 +487,8 @@ mod tests {
             master_pid: 1,
             role: Role::Worker,
             comm: "gunicorn".into(),
-            syscall: "read".into(),
+            thread_name: "gunicorn".into(),
+            syscall: Some("read".into()),
             fd: Some(11),
             count: Some(4),
             fd_kind: FdKind::Pipe,
@@ -472,7 +540,9 @@ mod tests {
             pid: 7,
             tid: 7,
             master_pid: 1,
-            syscall: "read".into(),
+            thread_name: "gunicorn".into(),
+            state: StallState::Blocked,
+            syscall: Some("read".into()),
             fd: Some(11),
             fd_kind: FdKind::Pipe,
             blocked_ms: 4000,

@@ -2,7 +2,7 @@
 //! thing a person reads.
 use serde::Serialize;
 
-use super::{describe_call, exits, holders, secs};
+use super::{describe_call, describe_stall, exits, holders, never_noticed, secs, which_thread};
 use crate::model::{Finding, Role, StallReport, Summary, WorkerState, WorkerSummary};
 
 #[derive(Debug, Clone, Serialize)]
@@ -38,16 +38,19 @@ fn why(s: &StallReport) -> String {
         Some(c) => w.push_str(&format!("; likely cause: {}. Fix: {}", c.cause, c.fix)),
         None => w.push_str("; cause: unknown"),
     }
+    if let Some(n) = never_noticed(s) {
+        w.push_str(&format!(". {n}"));
+    }
     w
 }
 
 fn stalled(w: &WorkerSummary) -> String {
     let s = w.stall.as_ref().expect("a stalled worker has a stall");
     format!(
-        "{} is STALLED: blocked {} in {}{}",
+        "{} is STALLED: {}{}{}",
         name(w),
-        secs(s.blocked_ms),
-        describe_call(s),
+        which_thread(s),
+        describe_stall(s, "blocked"),
         why(s)
     )
 }
@@ -55,10 +58,10 @@ fn stalled(w: &WorkerSummary) -> String {
 fn timed_out(w: &WorkerSummary) -> String {
     match &w.stall {
         Some(s) => format!(
-            "{} was killed by Gunicorn's WORKER TIMEOUT after blocking {} in {}{}",
+            "{} was killed by Gunicorn's WORKER TIMEOUT after {}{}{}",
             name(w),
-            secs(s.blocked_ms),
-            describe_call(s),
+            which_thread(s),
+            describe_stall(s, "blocking"),
             why(s)
         ),
         None => format!(
@@ -208,12 +211,14 @@ fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
     past.into_iter()
         .map(|w| {
             let st = w.stall.as_ref().expect("stalls > 0 has a stall");
+            let last = match st.syscall {
+                Some(_) => format!("{} in {}", secs(st.blocked_ms), describe_call(st)),
+                None => format!("{} {}", secs(st.blocked_ms), describe_call(st)),
+            };
             format!(
-                "no worker is stalled now; {} stalled {} time(s), last for {} in {}",
+                "no worker is stalled now; {} stalled {} time(s), last for {last}",
                 name(w),
                 w.stalls,
-                secs(st.blocked_ms),
-                describe_call(st)
             )
         })
         .collect()

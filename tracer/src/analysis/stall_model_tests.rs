@@ -1,0 +1,429 @@
+//! The stall model of issue 11 on synthetic input: a call held open across
+//! wake-ups and stops, the loop's own wait, loops on the CPU, threads, and
+//! the causes that depend on the worker class.
+use super::{Correlator, Enricher, NewProcess, signatures, syscalls};
+use crate::model::{
+    Container, FdInfo, FdKind, LoopWait, Outcome, Output, Role, Sample, Source, StallReport,
+    StallState, ThreadCpu, ThreadNow, WaitFd, WokeBy,
+};
+
+const MS: u64 = 1_000_000;
+const MASTER: u32 = 100;
+const W: u32 = 101;
+
+/// /proc as a test sets it: fd 7 is a socket to `peer`, the thread is
+/// doing `now`, the loop thread's CPU is `cpu`, the heartbeat `heartbeat`
+/// old, the process `age` old.
+struct Scripted {
+    now: ThreadNow,
+    cpu: Option<ThreadCpu>,
+    heartbeat: u64,
+    age: Option<u64>,
+    peer: Option<String>,
+}
+
+impl Default for Scripted {
+    fn default() -> Scripted {
+        Scripted {
+            now: ThreadNow::Running,
+            cpu: None,
+            heartbeat: 300,
+            age: Some(60_000),
+            peer: Some("10.0.3.7:5432".into()),
+        }
+    }
+}
+
+impl Enricher for Scripted {
+    fn fd_info(&mut self, _pid: u32, fd: i32) -> FdInfo {
+        let kind = if fd == 7 {
+            FdKind::Socket
+        } else {
+            FdKind::Pipe
+        };
+        FdInfo {
+            kind,
+            target: Some(format!("{}:[{fd}]", kind.as_str())),
+            peers: vec![],
+            peers_omitted: 0,
+            peers_complete: true,
+        }
+    }
+    fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
+        Some(self.heartbeat)
+    }
+    fn comm(&mut self, _pid: u32) -> String {
+        "gunicorn".into()
+    }
+    fn container(&mut self, _pid: u32) -> Option<Container> {
+        None
+    }
+    fn socket_peer(&mut self, _pid: u32, fd: i32) -> Option<String> {
+        self.peer.clone().filter(|_| fd == 7)
+    }
+    /// Epoll fd 4 is the loop's (a listener and its wake-up eventfd), 10
+    /// a re-created instance of it that watches only the eventfd so far;
+    /// anything else waits on socket 7.
+    fn multiplexer_fds(&mut self, _pid: u32, _tid: u32, _syscall: &str, arg0: u64) -> Vec<i32> {
+        match arg0 {
+            4 => vec![3, 6],
+            10 => vec![6],
+            _ => vec![7],
+        }
+    }
+    fn thread_now(&mut self, _pid: u32, _tid: u32) -> ThreadNow {
+        self.now
+    }
+    fn thread_cpu(&mut self, _pid: u32, _tid: u32) -> Option<ThreadCpu> {
+        self.cpu
+    }
+    fn process_age_ms(&mut self, _pid: u32) -> Option<u64> {
+        self.age
+    }
+}
+
+fn worker(class: Option<&str>) -> Correlator {
+    let mut c = Correlator::new(500 * MS);
+    c.add_process(
+        0,
+        NewProcess {
+            pid: W,
+            master: MASTER,
+            role: Role::Worker,
+            app: None,
+            timeout_s: Some(30.0),
+            worker_class: class.map(Into::into),
+            source: Source::Scan,
+            container: None,
+        },
+    );
+    c
+}
+
+fn asleep(tid: u32, name: &str, arg0: u64, start_ms: u64) -> Sample {
+    Sample {
+        tid,
+        tgid: W,
+        nr: syscalls::number(name).unwrap(),
+        start_ns: start_ms * MS,
+        arg0,
+        arg2: 1,
+        seq: 1,
+        active: true,
+        seeded: false,
+        woke_ns: 0,
+        woke_by: WokeBy::None,
+    }
+}
+
+fn woken(s: Sample, at_ms: u64, by: WokeBy) -> Sample {
+    Sample {
+        active: false,
+        woke_ns: at_ms * MS,
+        woke_by: by,
+        ..s
+    }
+}
+
+fn stalls(out: &[Output]) -> Vec<&StallReport> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Stall { report, .. } => Some(report),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ends(out: &[Output]) -> Vec<(u64, Outcome)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::StallEnd {
+                blocked_ms,
+                outcome,
+                ..
+            } => Some((*blocked_ms, *outcome)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_tracer_stop_inside_the_call_keeps_one_stall_and_its_clock() {
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    let s = asleep(W, "read", 11, 0);
+    assert_eq!(stalls(&c.on_samples(&[s], 600 * MS, f)).len(), 1);
+    // py-spy attaches: woken, stopped, woken again, back in the read.
+    for (now, sample) in [
+        (700, woken(s, 650, WokeBy::Plain)),
+        (800, woken(s, 650, WokeBy::Stop)),
+        (
+            1000,
+            Sample {
+                woke_by: WokeBy::Stop,
+                ..s
+            },
+        ),
+        (1100, woken(s, 1050, WokeBy::Stop)),
+        (
+            9000,
+            Sample {
+                woke_by: WokeBy::Resumed,
+                ..s
+            },
+        ),
+    ] {
+        let out = c.on_samples(&[sample], now * MS, f);
+        assert!(out.is_empty(), "at {now}: {out:?}");
+    }
+    let sum = c.summary(9000 * MS);
+    assert_eq!(sum.workers[0].stall.as_ref().unwrap().blocked_ms, 9000);
+}
+
+#[test]
+fn a_plain_wake_is_judged_from_where_the_thread_is_now() {
+    let f = &mut Scripted::default();
+    let s = asleep(W, "read", 11, 0);
+    // Back in another call (its loop's own wait): the read returned.
+    let mut c = worker(Some("gevent"));
+    c.on_samples(&[s], 600 * MS, f);
+    f.now = ThreadNow::InSyscall {
+        nr: syscalls::number("epoll_wait")
+            .or(syscalls::number("epoll_pwait"))
+            .unwrap(),
+        arg0: 4,
+    };
+    let out = c.on_samples(&[woken(s, 900, WokeBy::Plain)], 950 * MS, f);
+    assert_eq!(ends(&out), [(900, Outcome::Returned)]);
+    // On the CPU ever since: it woke, and that is all that is known.
+    let mut c = worker(Some("gevent"));
+    c.on_samples(&[s], 600 * MS, f);
+    f.now = ThreadNow::Running;
+    let open = woken(s, 900, WokeBy::Plain);
+    assert!(c.on_samples(&[open], 950 * MS, f).is_empty());
+    let out = c.on_samples(&[open], 1200 * MS, f);
+    assert_eq!(ends(&out), [(900, Outcome::Woke)]);
+    assert!(
+        c.on_samples(&[open], 1300 * MS, f).is_empty(),
+        "reported once"
+    );
+}
+
+#[test]
+fn a_process_that_exits_after_its_call_woke_plainly_had_returned() {
+    let (mut c, f) = (worker(None), &mut Scripted::default());
+    let s = asleep(W, "read", 11, 0);
+    c.on_samples(&[s], 600 * MS, f);
+    c.on_samples(&[woken(s, 1000, WokeBy::Plain)], 1050 * MS, f);
+    let exit = crate::model::KernelEvent::Exit {
+        ts_ns: 1100 * MS,
+        pid: W,
+        exit_code: Some(0),
+        signal: None,
+    };
+    let out = c.on_kernel(exit, f);
+    assert_eq!(ends(&out), [(1000, Outcome::Returned)]);
+}
+
+#[test]
+fn the_loop_threads_waits_outside_its_loop_are_stalls() {
+    let f = &mut Scripted::default();
+    let poll = syscalls::number("poll")
+        .or(syscalls::number("ppoll"))
+        .map(|nr| syscalls::name(nr).into_owned())
+        .unwrap();
+    let epoll = syscalls::number("epoll_wait")
+        .or(syscalls::number("epoll_pwait"))
+        .map(|nr| syscalls::name(nr).into_owned())
+        .unwrap();
+    let mut c = worker(Some("gevent"));
+    // Not known yet: every multiplexer counts as the loop's.
+    assert!(
+        c.on_samples(&[asleep(W, &poll, 0x7ff0, 0)], 600 * MS, f)
+            .is_empty()
+    );
+    let lp = c.set_loop(700 * MS, W, LoopWait::Epoll { epfd: 4 });
+    assert!(matches!(lp, Some(Output::Loop { fd: Some(4), .. })));
+    assert!(
+        c.on_samples(&[asleep(W, &epoll, 4, 0)], 800 * MS, f)
+            .is_empty()
+    );
+    let out = c.on_samples(&[asleep(W, &epoll, 9, 0)], 800 * MS, f);
+    assert_eq!(stalls(&out).len(), 1, "another epoll fd: {out:?}");
+    let mut c = worker(Some("gevent"));
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    let out = c.on_samples(&[asleep(W, &poll, 0x7ff0, 0)], 600 * MS, f);
+    let r = stalls(&out)[0];
+    assert_eq!(
+        r.wait_fds,
+        [WaitFd {
+            fd: 7,
+            kind: FdKind::Socket,
+            target: Some("socket:[7]".into()),
+            peer: Some("10.0.3.7:5432".into())
+        }]
+    );
+    assert_eq!(r.cause.as_ref().unwrap().id, "postgresql_wait");
+    // Another thread's poll is idle.
+    assert!(
+        c.on_samples(&[asleep(W + 1, &poll, 0x7ff0, 0)], 600 * MS, f)
+            .is_empty()
+    );
+}
+
+fn cpu(on_cpu: bool, switches: u64, cpu_ms: u64) -> Option<ThreadCpu> {
+    Some(ThreadCpu {
+        on_cpu,
+        cpu_ms,
+        voluntary_switches: switches,
+    })
+}
+
+#[test]
+fn a_loop_on_the_cpu_past_two_heartbeats_is_a_stall_until_the_heartbeat_returns() {
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    f.heartbeat = 1200;
+    f.cpu = cpu(true, 5, 100);
+    assert!(c.on_tick(3000 * MS, f).is_empty(), "overdue, first look");
+    f.heartbeat = 1700;
+    f.cpu = cpu(true, 5, 600);
+    assert!(c.on_tick(3500 * MS, f).is_empty(), "not two intervals yet");
+    f.heartbeat = 2200;
+    f.cpu = cpu(true, 5, 1100);
+    let out = c.on_tick(4000 * MS, f);
+    let r = stalls(&out)[0];
+    assert_eq!(r.state, StallState::OnCpu);
+    assert_eq!(r.syscall, None);
+    assert_eq!((r.cpu_ms, r.heartbeat_age_ms), (Some(1000), Some(2200)));
+    assert_eq!(r.cause.as_ref().unwrap().id, "cpu_bound_loop");
+    assert!(c.on_tick(4250 * MS, f).is_empty(), "reported once");
+    f.heartbeat = 50;
+    let out = c.on_tick(4500 * MS, f);
+    assert_eq!(ends(&out), [(2650, Outcome::Resumed)]);
+}
+
+#[test]
+fn a_loop_that_sleeps_or_a_heartbeat_not_yet_learnt_is_no_cpu_stall() {
+    // The thread slept meanwhile (a voluntary switch): busy from scratch.
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    for (now, hb, switches) in [(3000, 1200, 5), (4000, 2200, 6), (4250, 2450, 7)] {
+        f.heartbeat = hb;
+        f.cpu = cpu(true, switches, now);
+        assert!(c.on_tick(now * MS, f).is_empty(), "at {now}");
+    }
+    // Uvicorn's worker beats every timeout/2: not judged until two
+    // heartbeats were seen, then by their interval.
+    let (mut c, f) = (worker(Some("uvicorn")), &mut Scripted::default());
+    for (now, hb) in [(1000, 900), (3000, 2900), (4000, 3900)] {
+        f.heartbeat = hb;
+        f.cpu = cpu(true, 5, now);
+        assert!(c.on_tick(now * MS, f).is_empty(), "at {now}");
+    }
+}
+
+#[test]
+fn a_loop_thread_that_never_goes_back_to_its_wait_is_busy() {
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    let poll = syscalls::number("poll")
+        .or(syscalls::number("ppoll"))
+        .unwrap();
+    f.now = ThreadNow::InSyscall {
+        nr: poll,
+        arg0: 0x7ff0,
+    };
+    for (now, hb, switches) in [(3000, 1200, 5), (3500, 1700, 40), (4000, 2200, 80)] {
+        f.heartbeat = hb;
+        f.cpu = cpu(false, switches, now / 10);
+        let out = c.on_tick(now * MS, f);
+        if now < 4000 {
+            assert!(out.is_empty(), "at {now}: {out:?}");
+        } else {
+            let r = stalls(&out)[0];
+            assert_eq!(r.state, StallState::Busy);
+            assert_eq!(r.cause.as_ref().unwrap().id, "busy_loop");
+        }
+    }
+    // The same looks with the thread back in its loop's wait: healthy.
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    let epoll = syscalls::number("epoll_wait")
+        .or(syscalls::number("epoll_pwait"))
+        .unwrap();
+    f.now = ThreadNow::InSyscall { nr: epoll, arg0: 4 };
+    for (now, hb) in [(3000, 1200), (4000, 2200), (5000, 3200)] {
+        f.heartbeat = hb;
+        f.cpu = cpu(false, now, 10);
+        assert!(c.on_tick(now * MS, f).is_empty(), "at {now}");
+    }
+}
+
+#[test]
+fn a_loop_thread_in_a_futex_that_never_heartbeated_is_deadlocked_since_fork() {
+    let f = &mut Scripted {
+        heartbeat: 5000,
+        age: Some(4990),
+        ..Default::default()
+    };
+    let mut c = worker(Some("sync"));
+    let out = c.on_samples(&[asleep(W, "futex", 0x55, 0)], 600 * MS, f);
+    let r = stalls(&out)[0];
+    assert_eq!(r.never_heartbeated, Some(true));
+    assert_eq!(r.cause.as_ref().unwrap().id, "deadlocked_since_fork");
+    // One that did heartbeat waits on a lock: not this.
+    f.heartbeat = 700;
+    let mut c = worker(Some("gevent"));
+    let out = c.on_samples(&[asleep(W, "futex", 0x55, 0)], 600 * MS, f);
+    assert_eq!(stalls(&out)[0].cause.as_ref().unwrap().id, "os_thread_lock");
+}
+
+fn report(class: Option<&str>, tid: u32, syscall: &str, peer: Option<&str>) -> StallReport {
+    StallReport {
+        pid: W,
+        tid,
+        role: Role::Worker,
+        syscall: Some(syscall.into()),
+        worker_class: class.map(Into::into),
+        wait_fds: vec![WaitFd {
+            fd: 7,
+            kind: FdKind::Socket,
+            target: None,
+            peer: peer.map(Into::into),
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_servers_port_names_it_with_a_fix_for_the_worker_class() {
+    let cause = |r: &StallReport| signatures::identify(r).unwrap();
+    let pg = Some("10.0.3.7:5432");
+    let g = cause(&report(Some("gevent"), W, "poll", pg));
+    assert_eq!(g.id, "postgresql_wait");
+    assert!(
+        g.cause
+            .contains("10.0.3.7:5432 (PostgreSQL port) in poll()")
+            && g.cause.contains("psycopg2 without psycogreen"),
+        "{g:?}"
+    );
+    assert!(g.fix.contains("psycogreen"));
+    let a = cause(&report(Some("uvicorn"), W, "poll", pg));
+    assert!(a.fix.contains("asyncpg"), "{a:?}");
+    let s = cause(&report(Some("sync"), W, "poll", pg));
+    assert!(s.fix.contains("timeouts"), "{s:?}");
+    let t = cause(&report(
+        Some("gthread"),
+        W + 1,
+        "recvfrom",
+        Some("10.0.0.9:6379"),
+    ));
+    assert_eq!(t.id, "redis_wait");
+    assert!(t.cause.contains("holds this thread"), "{t:?}");
+    // No well-known port: the wait outside the loop, said for gevent.
+    let other = cause(&report(Some("gevent"), W, "poll", Some("10.0.0.9:7000")));
+    assert_eq!(other.id, "wait_outside_loop");
+    // Under asyncio any blocking call of the loop thread.
+    let sleep = report(Some("uvicorn"), W, "clock_nanosleep", None);
+    assert_eq!(cause(&sleep).id, "blocking_call_in_async_handler");
+    // A sync worker's sleep is no gevent cause.
+    assert!(signatures::identify(&report(Some("sync"), W, "clock_nanosleep", None)).is_none());
+}
