@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tests::{GoFile, Gunicorn, Proc, Tracer, Value};
 
-use crate::{root, step};
+use crate::{bpfstats, root, step};
 
 /// Sizes of one run; `quick` is the smoke test `cargo xtask test` runs.
 struct Sizes {
@@ -19,6 +19,8 @@ struct Sizes {
     /// needs more rounds than the micro-benchmarks for a steady median.
     wrk_rounds: usize,
     pairs: u64,
+    /// Hand-offs of the context-switch ping-pong: two switches each.
+    switch_pairs: u64,
     strace_pairs: u64,
     wrk_secs: u64,
     load_secs: u64,
@@ -32,6 +34,7 @@ impl Sizes {
                 rounds: 1,
                 wrk_rounds: 1,
                 pairs: 20_000,
+                switch_pairs: 5_000,
                 strace_pairs: 500,
                 wrk_secs: 1,
                 load_secs: 1,
@@ -42,6 +45,7 @@ impl Sizes {
                 rounds: 5,
                 wrk_rounds: 7,
                 pairs: 300_000,
+                switch_pairs: 200_000,
                 strace_pairs: 5_000,
                 wrk_secs: 5,
                 load_secs: 5,
@@ -301,13 +305,52 @@ const SWITCHES: Micro = Micro {
     ],
 };
 
+/// One measurement of a micro-benchmark.
+struct Sample {
+    /// Wall clock: ns per loop unit.
+    wall_ns: f64,
+    /// The kernel's accounting of the probe's program on the loop's event
+    /// (the tracer's `sched_switch`, or bpftrace's one program): runs and
+    /// run time over the loop. None without a probe or statistics.
+    runs: Option<(u64, u64)>,
+}
+
+impl Probe {
+    fn pid(&self) -> u32 {
+        match self {
+            Probe::Tracer(t) => t.pid(),
+            Probe::Other(c) => c.id(),
+        }
+    }
+}
+
+/// The probe `config` names, attached for a loop whose pid is `pid`.
+fn start_probe(m: &Micro, config: &str, pid: u32, idle_pid: u32) -> Result<Option<Probe>> {
+    let watch = |p: u32| Probe::Tracer(Tracer::start(&["--pid", &p.to_string()]));
+    Ok(match config {
+        "baseline" => None,
+        "floor" => Some(bpftrace(m.floor)?),
+        "tracer_unwatched" => Some(watch(idle_pid)),
+        "tracer_watched" => Some(watch(pid)),
+        "bpftrace" if m.switch => Some(bpftrace(&bpftrace_offcpu(pid))?),
+        "bpftrace" => Some(bpftrace(&bpftrace_inflight(&[pid]))?),
+        "strace" => Some(strace(&[pid])?),
+        _ => bail!("unknown config {config}"),
+    })
+}
+
+/// The tracer's program on the loop's event; any program of the others.
+fn loop_program(config: &str) -> impl Fn(&str) -> bool + use<> {
+    let tracer = config.starts_with("tracer");
+    move |name: &str| !tracer || name == "sched_switch"
+}
+
 /// One measurement: ns per loop unit of the pipe loop under `config`.
-fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> {
+fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<Sample> {
     let go = GoFile::new("bench");
     let pairs = match (config, m.switch) {
         ("strace", _) => s.strace_pairs,
-        // A switch costs several times a syscall: fewer of them take as long.
-        (_, true) => s.pairs / 4,
+        (_, true) => s.switch_pairs,
         _ => s.pairs,
     };
     let mut cmd = Command::new(self_exe());
@@ -321,28 +364,25 @@ fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> 
     let mut out = BufReader::new(child.child.stdout.take().expect("piped"));
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let pid = child.pid();
-    let _probe = match config {
-        "baseline" => None,
-        "floor" => Some(bpftrace(m.floor)?),
-        "tracer_unwatched" => Some(Probe::Tracer(Tracer::start(&[
-            "--pid",
-            &idle_pid.to_string(),
-        ]))),
-        "tracer_watched" => Some(Probe::Tracer(Tracer::start(&["--pid", &pid.to_string()]))),
-        "bpftrace" if m.switch => Some(bpftrace(&bpftrace_offcpu(pid))?),
-        "bpftrace" => Some(bpftrace(&bpftrace_inflight(&[pid]))?),
-        "strace" => Some(strace(&[pid])?),
-        _ => bail!("unknown config {config}"),
-    };
+    let probe = start_probe(m, config, child.pid(), idle_pid)?;
+    let progs = probe
+        .as_ref()
+        .filter(|_| m.switch)
+        .map(|p| bpfstats::prog_ids(p.pid()))
+        .unwrap_or_default();
+    let before = bpfstats::snapshot(&progs)?;
     go.release();
     line.clear();
     out.read_line(&mut line)?;
     child.child.wait()?;
-    line.trim()
+    let after = bpfstats::snapshot(&progs)?;
+    let runs = (!progs.is_empty()).then(|| bpfstats::delta(&before, &after, loop_program(config)));
+    let wall_ns = line
+        .trim()
         .strip_prefix("ns_per_syscall ")
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("pipe loop printed {line:?}"))
+        .with_context(|| format!("pipe loop printed {line:?}"))?;
+    Ok(Sample { wall_ns, runs })
 }
 
 /// wrk's requests/s and p99 latency (ms).
@@ -418,6 +458,82 @@ fn map_memlock_kb(pid: u32) -> u64 {
         / 1024
 }
 
+/// The tracer's BPF programs' CPU time over one wrk run, from the kernel's
+/// accounting: the cost the service's host pays in the kernel.
+struct KernelCpu {
+    secs: f64,
+    /// name -> (runs, ns)
+    progs: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl KernelCpu {
+    fn between(
+        before: &std::collections::BTreeMap<u32, bpfstats::Counters>,
+        after: &std::collections::BTreeMap<u32, bpfstats::Counters>,
+        wall: Duration,
+    ) -> KernelCpu {
+        let progs = after
+            .values()
+            .map(|c| {
+                let d = bpfstats::delta(before, after, |n| n == c.name);
+                (c.name.clone(), d)
+            })
+            .collect();
+        KernelCpu {
+            secs: wall.as_secs_f64(),
+            progs,
+        }
+    }
+
+    fn total_ns(&self) -> u64 {
+        self.progs.values().map(|p| p.1).sum()
+    }
+
+    /// Medians over the rounds: kernel CPU ms per second of load (all
+    /// programs), and each program's runs per second and ns per run.
+    fn report(path: &str, rounds: &[KernelCpu]) -> Value {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let mut ms_per_s: Vec<f64> = rounds
+            .iter()
+            .map(|r| r.total_ns() as f64 / 1e6 / r.secs)
+            .collect();
+        let total = median(&mut ms_per_s);
+        eprintln!(
+            "  {path:<6} tracer's BPF programs: {total:.2} ms of kernel CPU per second of load ({:.2}% of {cores} cores)",
+            total / 10.0 / cores
+        );
+        let mut progs = serde_json::Map::new();
+        let names = rounds
+            .first()
+            .map(|r| r.progs.keys().cloned().collect::<Vec<_>>());
+        for name in names.unwrap_or_default() {
+            let of = |f: &dyn Fn(&KernelCpu, u64, u64) -> f64| {
+                let mut v: Vec<f64> = rounds
+                    .iter()
+                    .filter_map(|r| r.progs.get(&name).map(|&(n, t)| f(r, n, t)))
+                    .collect();
+                median(&mut v)
+            };
+            let per_s = of(&|r, n, _| n as f64 / r.secs);
+            let ns = of(&|_, n, t| {
+                if n == 0 {
+                    f64::NAN
+                } else {
+                    t as f64 / n as f64
+                }
+            });
+            eprintln!("         {name:<20} {per_s:>9.0} runs/s {ns:>7.1} ns/run");
+            progs.insert(
+                name,
+                serde_json::json!({"runs_per_s": per_s, "ns_per_run": ns}),
+            );
+        }
+        serde_json::json!({"ms_per_s": total, "cores": cores, "percent_of_cores": total / 10.0 / cores, "programs": progs})
+    }
+}
+
 #[derive(Default, serde::Serialize)]
 struct TracerCost {
     cpu_ms: u64,
@@ -491,13 +607,20 @@ fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
         s.rounds,
         m.configs.len(),
         if m.switch {
-            ", two threads on one CPU passing a byte over two pipes"
+            ", two threads of one process pinned to one CPU passing a byte over two pipes"
         } else {
             ", 1-byte write+read pairs on a pipe"
         }
     ));
+    // On for the whole part, so every probe's wall-clock row pays the
+    // statistics' own cost alike.
+    let _stats = if m.switch {
+        Some(bpfstats::StatsOn::new()?)
+    } else {
+        None
+    };
     let idle = Proc::spawn(Command::new("sleep").arg("3600"));
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); m.configs.len()];
+    let mut samples: Vec<Vec<Sample>> = m.configs.iter().map(|_| Vec::new()).collect();
     for round in 0..s.rounds {
         // Rotate the order so no config always runs first or last.
         for k in 0..m.configs.len() {
@@ -506,7 +629,29 @@ fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
         }
     }
     drop(idle);
-    let med: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
+    let mut json = wall_clock_rows(m, &samples);
+    if m.switch {
+        let per_run = program_rows(m, s, &samples);
+        json.insert("program_ns_per_run".into(), per_run.into());
+    }
+    report.insert(m.name.into(), json.into());
+    Ok(())
+}
+
+/// Wall-clock ns per loop unit, against the floor's added cost, with the
+/// spread of the rounds: the noise these figures carry.
+fn wall_clock_rows(m: &Micro, samples: &[Vec<Sample>]) -> Report {
+    let spread = |v: &[Sample]| {
+        let w = v.iter().map(|x| x.wall_ns);
+        (
+            w.clone().fold(f64::INFINITY, f64::min),
+            w.fold(0.0, f64::max),
+        )
+    };
+    let med: Vec<f64> = samples
+        .iter()
+        .map(|v| median(&mut v.iter().map(|x| x.wall_ns).collect::<Vec<_>>()))
+        .collect();
     let base = med[0];
     let floor_added = med[1] - base;
     let mut json = serde_json::Map::new();
@@ -517,17 +662,74 @@ fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
         } else {
             added / floor_added
         };
+        let (lo, hi) = spread(&samples[i]);
         eprintln!(
-            "  {c:<18} {:>10.1} ns/{}  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
+            "  {c:<18} {:>10.1} ns/{} (rounds {lo:.0}..{hi:.0})  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
             med[i], m.unit, added, ratio
         );
         json.insert(
             c.to_string(),
-            serde_json::json!({"ns": med[i], "added_ns": added, "ratio_to_floor": ratio}),
+            serde_json::json!({"ns": med[i], "added_ns": added, "ratio_to_floor": ratio, "min_ns": lo, "max_ns": hi}),
         );
     }
-    report.insert(m.name.into(), json.into());
-    Ok(())
+    json
+}
+
+/// The kernel's ns per run of each probe's `sched_switch` program (median
+/// of the rounds), and the tracer's ratios to its two targets.
+fn program_rows(m: &Micro, s: &Sizes, samples: &[Vec<Sample>]) -> Report {
+    let per_run = |i: usize| {
+        let mut v: Vec<f64> = samples[i]
+            .iter()
+            .filter_map(|x| x.runs)
+            .filter(|(runs, _)| *runs > 0)
+            .map(|(runs, ns)| ns as f64 / runs as f64)
+            .collect();
+        let mut r: Vec<f64> = samples[i]
+            .iter()
+            .filter_map(|x| x.runs.map(|r| r.0 as f64))
+            .collect();
+        (median(&mut v), median(&mut r))
+    };
+    let at = |c: &str| m.configs.iter().position(|x| *x == c).expect("config");
+    let empty = per_run(at("floor")).0;
+    let offcpu = per_run(at("bpftrace")).0;
+    eprintln!(
+        "  program on sched_switch, kernel accounting (ns per run; the loop makes {} switches a round):",
+        2 * s.switch_pairs
+    );
+    // (config, row, what the target compares it with)
+    let rows = [
+        (
+            "floor",
+            "empty classic program, pid filter never matches (bpftrace)",
+            None,
+        ),
+        ("bpftrace", "bpftrace off-CPU tracking for one pid", None),
+        (
+            "tracer_unwatched",
+            "tracer, ping-pong not watched",
+            Some(("x_empty", empty, "the empty program's (target <= 1.3)")),
+        ),
+        (
+            "tracer_watched",
+            "tracer, ping-pong watched",
+            Some(("x_bpftrace", offcpu, "bpftrace's (target <= 1.0)")),
+        ),
+    ];
+    let mut json = serde_json::Map::new();
+    for (c, what, target) in rows {
+        let (ns, runs) = per_run(at(c));
+        let mut row = serde_json::json!({"ns_per_run": ns, "runs": runs});
+        let mut tail = String::new();
+        if let Some((key, base, name)) = target {
+            row[key] = (ns / base).into();
+            tail = format!("  {:.2}x {name}", ns / base);
+        }
+        eprintln!("  {what:<60} {ns:>6.1} ns/run {runs:>9.0} runs{tail}");
+        json.insert(c.to_string(), row);
+    }
+    json
 }
 
 fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
@@ -548,6 +750,7 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
     let configs = ["none", "floor", "tracer", "bpftrace", "strace"];
     let mut thr: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len() * 2];
     let mut cost = TracerCost::default();
+    let mut kcpu: [Vec<KernelCpu>; 2] = [Vec::new(), Vec::new()];
     for round in 0..s.wrk_rounds {
         for k in 0..configs.len() {
             let ci = (k + round) % configs.len();
@@ -565,10 +768,24 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
                 Some(Probe::Tracer(t)) => cpu_ticks(t.pid()),
                 _ => 0,
             };
+            // Only the tracer's rounds pay for the statistics: its row
+            // carries their cost, the others none.
+            let (_stats, progs) = match &probe {
+                Some(Probe::Tracer(t)) => {
+                    (Some(bpfstats::StatsOn::new()?), bpfstats::prog_ids(t.pid()))
+                }
+                _ => (None, Vec::new()),
+            };
             let t0 = Instant::now();
             for (pi, path) in ["/", "/pipe"].iter().enumerate() {
+                let before = bpfstats::snapshot(&progs)?;
+                let w0 = Instant::now();
                 let r = wrk(port, path, s.wrk_secs)?;
                 thr[ci * 2 + pi].push(r);
+                if !progs.is_empty() {
+                    let after = bpfstats::snapshot(&progs)?;
+                    kcpu[pi].push(KernelCpu::between(&before, &after, w0.elapsed()));
+                }
             }
             if let Some(Probe::Tracer(t)) = &mut probe {
                 let hz = 100; // USER_HZ
@@ -607,6 +824,11 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
         eprintln!("{r}");
     }
     report.insert("throughput".into(), thr_json.into());
+    let mut kjson = serde_json::Map::new();
+    for (pi, path) in ["/", "/pipe"].iter().enumerate() {
+        kjson.insert(path.to_string(), KernelCpu::report(path, &kcpu[pi]));
+    }
+    report.insert("tracer_kernel_cpu".into(), kjson.into());
     report.insert("tracer_cost".into(), serde_json::to_value(&cost)?);
 
     eprintln!("  tracer's own cost during the throughput run:");

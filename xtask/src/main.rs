@@ -3,6 +3,7 @@
 //! Every command first makes sure its prerequisites exist and installs what
 //! is missing, saying what it does. Re-running is fast when all is there.
 mod bench;
+mod bpfstats;
 mod demo;
 mod setup;
 mod soak;
