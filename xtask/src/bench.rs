@@ -324,14 +324,30 @@ impl Probe {
     }
 }
 
+/// The tracer watching `pid`, checked to be the binary just built: the
+/// figures are about this checkout's programs.
+fn tracer_probe(pid: u32) -> Result<Probe> {
+    let t = Tracer::start(&["--pid", &pid.to_string()]);
+    let running = std::fs::read_link(format!("/proc/{}/exe", t.pid()))?;
+    let built = std::fs::canonicalize(tests::tracer_bin())?;
+    if running != built {
+        bail!(
+            "the tracer started runs {} instead of {}",
+            running.display(),
+            built.display()
+        );
+    }
+    Ok(Probe::Tracer(t))
+}
+
 /// The probe `config` names, attached for a loop whose pid is `pid`.
 fn start_probe(m: &Micro, config: &str, pid: u32, idle_pid: u32) -> Result<Option<Probe>> {
-    let watch = |p: u32| Probe::Tracer(Tracer::start(&["--pid", &p.to_string()]));
+    let watch = tracer_probe;
     Ok(match config {
         "baseline" => None,
         "floor" => Some(bpftrace(m.floor)?),
-        "tracer_unwatched" => Some(watch(idle_pid)),
-        "tracer_watched" => Some(watch(pid)),
+        "tracer_unwatched" => Some(watch(idle_pid)?),
+        "tracer_watched" => Some(watch(pid)?),
         "bpftrace" if m.switch => Some(bpftrace(&bpftrace_offcpu(pid))?),
         "bpftrace" => Some(bpftrace(&bpftrace_inflight(&[pid]))?),
         "strace" => Some(strace(&[pid])?),
@@ -757,10 +773,7 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
             let mut probe = match configs[ci] {
                 "none" => None,
                 "floor" => Some(bpftrace(FLOOR)?),
-                "tracer" => Some(Probe::Tracer(Tracer::start(&[
-                    "--pid",
-                    &master.to_string(),
-                ]))),
+                "tracer" => Some(tracer_probe(master)?),
                 "bpftrace" => Some(bpftrace(&bpftrace_inflight(&workers))?),
                 _ => Some(strace(&workers)?),
             };
