@@ -393,6 +393,7 @@ pub struct TracepointOffsets {
 pub struct KernelOffsets {
     pub task_state: u64,
     pub task_pid: u64,
+    pub task_tgid: u64,
     pub task_flags: u64,
     pub task_exit_code: u64,
     pub task_comm: u64,
@@ -467,6 +468,7 @@ impl Config {
         kernel: KernelOffsets {
             task_state: UNSET,
             task_pid: UNSET,
+            task_tgid: UNSET,
             task_flags: UNSET,
             task_exit_code: UNSET,
             task_comm: UNSET,
@@ -523,7 +525,7 @@ mod tests {
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
         assert_eq!(size_of::<TracepointOffsets>(), 14 * 8);
-        assert_eq!(size_of::<KernelOffsets>(), 26 * 8);
+        assert_eq!(size_of::<KernelOffsets>(), 27 * 8);
         assert_eq!(
             size_of::<Config>(),
             3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()

@@ -126,15 +126,3 @@ pub fn current_syscall() -> (i64, u64) {
 pub fn syscall_arg0(regs: u64) -> Option<u64> {
     kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg0))
 }
-
-/// The second syscall argument from saved registers.
-#[inline(always)]
-pub fn syscall_arg1(regs: u64) -> Option<u64> {
-    kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg1))
-}
-
-/// The third syscall argument from saved registers.
-#[inline(always)]
-pub fn syscall_arg2(regs: u64) -> Option<u64> {
-    kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg2))
-}

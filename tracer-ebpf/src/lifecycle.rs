@@ -62,7 +62,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
-    end_at_exit(tid, w.master);
+    end_at_exit(tid, current_task());
     let _ = INFLIGHT.remove(tid);
     let off = &CONFIG.tp.exit_group_dead;
     let group_dead = if cfg(off) == UNSET {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{RawTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
 
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{
@@ -33,8 +33,9 @@ pub struct Probes {
     pub events: Option<RingBuf<MapData>>,
 }
 
-/// Raw tracepoints: the hot path, every context switch (see tracer-ebpf).
-const RAW_PROGRAMS: [&str; 1] = ["sched_switch"];
+/// BTF tracepoints: the hot path, every context switch (see tracer-ebpf).
+/// The kernel checks them against its BTF at load.
+const BTF_PROGRAMS: [&str; 1] = ["sched_switch"];
 
 /// (program name, tracepoint category, tracepoint name)
 const PROGRAMS: [(&str, &str, &str); 6] = [
@@ -152,6 +153,7 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         // "state" before Linux 5.14.
         task_state: need("task_struct", &["__state", "state"])?,
         task_pid: need("task_struct", &["pid"])?,
+        task_tgid: need("task_struct", &["tgid"])?,
         task_flags: need("task_struct", &["flags"])?,
         task_exit_code: need("task_struct", &["exit_code"])?,
         task_comm: need("task_struct", &["comm"])?,
@@ -182,7 +184,7 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
 
 /// Tracepoint record offsets, from the running kernel's tracefs.
 fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
-    // The raw tracepoint takes (preempt, prev, next): no record layout.
+    // The BTF tracepoint takes (preempt, prev, next): no record layout.
     // Its tracefs entry must still exist for the kernel to have it.
     Format::read(tracefs, "sched", "sched_switch")?;
     let newtask = Format::read(tracefs, "task", "task_newtask")?;
@@ -234,7 +236,7 @@ fn config(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Confi
 }
 
 /// The embedded BPF object, loaded (not yet attached) with `config`.
-fn open_object(config: &Config) -> Result<Ebpf> {
+fn open_object(config: &Config, btf: &aya::Btf) -> Result<Ebpf> {
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
         bail!(
@@ -242,6 +244,7 @@ fn open_object(config: &Config) -> Result<Ebpf> {
         );
     }
     EbpfLoader::new()
+        .btf(Some(btf))
         .override_global("CONFIG", config, true)
         .load(bytes)
         .map_err(|e| explain(e, "loading the BPF object"))
@@ -264,9 +267,19 @@ fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, u32)]) -> Result<()> {
 
 /// Loads each program into the kernel and attaches it; the optional raw
 /// tracepoint only where this kernel has it.
-fn attach_all(ebpf: &mut Ebpf, with_recv: bool) -> Result<()> {
-    let optional = with_recv.then_some(OPTIONAL_RAW_PROGRAM);
-    for name in RAW_PROGRAMS.into_iter().chain(optional) {
+fn attach_all(ebpf: &mut Ebpf, with_recv: bool, btf: &aya::Btf) -> Result<()> {
+    for name in BTF_PROGRAMS {
+        let p: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
+            .try_into()?;
+        p.load(name, btf)
+            .map_err(|e| explain(e, &format!("loading program {name}")))?;
+        p.attach()
+            .map_err(|e| explain(e, &format!("attaching to BTF tracepoint {name}")))?;
+    }
+    if with_recv {
+        let name = OPTIONAL_RAW_PROGRAM;
         let p: &mut RawTracePoint = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
@@ -321,9 +334,12 @@ pub fn load(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Pro
     raise_memlock();
     let config = config(tracefs, threshold_ns, sys)?;
     let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
-    let mut ebpf = open_object(&config)?;
+    // Parsed once for the object's relocations and the BTF tracepoints,
+    // and dropped before the tracer settles (its heap is given back).
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let mut ebpf = open_object(&config, &btf)?;
     fill_classes(&mut ebpf, &sys.classes)?;
-    attach_all(&mut ebpf, with_recv)?;
+    attach_all(&mut ebpf, with_recv, &btf)?;
     take_maps(ebpf)
 }
 
