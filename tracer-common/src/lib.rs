@@ -197,7 +197,8 @@ pub struct Inflight {
     /// 1 when user space seeded the entry at attach time for a thread that was
     /// already asleep: `start_ns` is then the attach time, a lower bound.
     pub seeded: u32,
-    /// One of [`fdkind`], for reads (the histogram's key).
+    /// One of [`fdkind`], for reads that blocked 1 ms or more (the
+    /// histogram's key): set at its first wake, UNKNOWN until then.
     pub fd_kind: u32,
     /// One of [`woke_by`].
     pub woke_by: u32,

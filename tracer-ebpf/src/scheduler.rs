@@ -3,7 +3,8 @@
 //! tracer's stop (py-spy, gdb, strace attaching) or a restart leaves the
 //! thread in the same call. The call is judged over when the thread is next
 //! seen sleeping somewhere else, and a long one is then sent as one event.
-//! A read that blocked goes into the histogram at its first wake.
+//! A read that blocked goes into the histogram at its first wake, with its
+//! fd's kind, looked up then.
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, bpf_task_pt_regs},
     macros::btf_tracepoint,
@@ -84,8 +85,6 @@ struct Call {
     state: u32,
     arg0: u64,
     arg2: u64,
-    /// One of [`fdkind`], for reads.
-    fd_kind: u32,
 }
 
 /// `prev` is going to sleep: true, with `call` filled in, if it is a
@@ -135,9 +134,6 @@ fn going_to_sleep(prev: Task, call: &mut Call) -> bool {
     call.state = state;
     call.arg0 = arg0;
     call.arg2 = field(regs, &k.pt_regs_arg2);
-    if c & class::READ != 0 {
-        call.fd_kind = fd_kind(prev as u64, arg0 as i32) as u32;
-    }
     true
 }
 
@@ -228,7 +224,6 @@ fn record_sleep(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
             nr: call.nr,
             tgid: call.tgid,
             active: 1,
-            fd_kind: call.fd_kind,
             ..Default::default()
         };
         return INFLIGHT.insert(call.tid, e, 0);
@@ -259,7 +254,7 @@ fn record_sleep(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
     e.tgid = call.tgid;
     e.active = 1;
     e.seeded = 0;
-    e.fd_kind = call.fd_kind;
+    e.fd_kind = fdkind::UNKNOWN as u32;
     e.woke_by = woke_by::NONE;
     Ok(())
 }
@@ -375,7 +370,9 @@ fn wake(next: Task, e: &mut Inflight, now: u64) {
         && dur >= BLOCKING_READ_NS
         && class_of(e.nr as i64) & class::READ != 0
     {
-        record_read(e.tgid, e.fd_kind as usize, dur);
+        let kind = fd_kind(next as u64, e.arg0 as i32);
+        e.fd_kind = kind as u32;
+        record_read(e.tgid, kind, dur);
     }
     let reason = if dur >= BLOCKING_READ_NS || stopped {
         wake_reason(next as u64)
@@ -418,7 +415,10 @@ fn wake_reason(task: u64) -> i64 {
     }
 }
 
-/// What fd `fd` of `task` is, from its inode's mode.
+/// What fd `fd` of `task` is, from its inode's mode. Looked up when a
+/// read first wakes after blocking 1 ms or more, not when it starts: the
+/// fd stays open while a thread is asleep reading it, and most sleeps
+/// never need it.
 #[inline(always)]
 fn fd_kind(task: u64, fd: i32) -> usize {
     if fd < 0 {
