@@ -147,6 +147,10 @@ pub mod ended {
 /// Upper bound for syscall numbers the class table covers.
 pub const MAX_SYSCALL_NR: u32 = 1024;
 
+/// Tgids per element of the `WATCHED_TGIDS` array: one byte each, in
+/// elements of 8 bytes (an array map's smallest element).
+pub const TGIDS_PER_SLOT: u32 = 8;
+
 /// Value of the `WATCHED` map, keyed by tgid. User space removes the entry
 /// once it has handled the process's EXIT event: the kernel closes an
 /// exiting process's sockets after that event, and they must still count.

@@ -4,7 +4,9 @@ use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::Trac
 use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
 
 use crate::config::{CONFIG, cfg};
-use crate::helpers::{base_event, count, current_task, emit, field, finish, ids, kread};
+use crate::helpers::{
+    base_event, count, current_task, emit, field, finish, ids, kread, mark_watched,
+};
 use crate::maps::{INFLIGHT, WATCHED};
 use crate::scheduler::{end_at_exit, on_signal_delivery};
 
@@ -42,6 +44,8 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     // first syscall.
     if WATCHED.insert(child as u32, w, 0).is_err() {
         count(stat::WATCH_FULL);
+    } else {
+        mark_watched(child as u32);
     }
     let mut ev = base_event(kind::FORK, tgid, tid);
     ev.aux_pid = child as u32;

@@ -11,12 +11,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use tracer_common::{
-    Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RESTART_WINDOW_NS, Watched, class, fdkind, kind,
-    program, signal, wake, woke_by,
+    Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RESTART_WINDOW_NS, class, fdkind, kind, program,
+    signal, wake, woke_by,
 };
 
 use crate::config::{CONFIG, cfg};
-use crate::helpers::{PF_EXITING, atomic_add, class_of, current_syscall, emit, finish, kread};
+use crate::helpers::{
+    PF_EXITING, atomic_add, class_of, current_syscall, emit, finish, is_watched, kread,
+};
 use crate::maps::{INFLIGHT, READ_HIST, WATCHED, ZERO_HIST};
 
 /// A read that took this long blocked: it goes into the latency histogram.
@@ -93,13 +95,9 @@ struct Call {
 fn going_to_sleep(prev: Task, call: &mut Call) -> bool {
     let k = &CONFIG.kernel;
     let tgid: u32 = field(prev, &k.task_tgid);
-    // tgid 0: the idle task, the most common prev on a quiet CPU.
-    if tgid == 0 {
+    if !is_watched(tgid) {
         return false;
     }
-    let Some(w) = (unsafe { WATCHED.get(tgid) }) else {
-        return false;
-    };
     let state: u32 = field(prev, &k.task_state);
     if state == 0 {
         return false;
@@ -122,10 +120,9 @@ fn going_to_sleep(prev: Task, call: &mut Call) -> bool {
     let tid: u32 = field(prev, &k.task_pid);
     let arg0: u64 = field(regs, &k.pt_regs_arg0);
     let c = class_of(nr);
-    // Checked first: it is most of a worker's sleeps. A multiplexer is idle
-    // except in a worker's loop thread, once its loop's own wait is known.
-    if c & class::WAIT != 0 && (tid != tgid || w.loop_class == 0 || is_loop_wait(w, c, arg0, regs))
-    {
+    // Most of a worker's sleeps end here. A multiplexer is idle except in
+    // a worker's loop thread, once its loop's own wait is known.
+    if c & class::WAIT != 0 && (tid != tgid || is_loop_wait(tgid, c, arg0, regs)) {
         return false;
     }
     call.tgid = tgid;
@@ -137,11 +134,18 @@ fn going_to_sleep(prev: Task, call: &mut Call) -> bool {
     true
 }
 
-/// Whether a multiplexer sleep is the event loop's own wait, as user space
-/// described it: same syscall family and first argument, and for select
-/// the same read set (its nfds alone could be another call's).
+/// Whether a multiplexer sleep of a main thread is the event loop's own
+/// wait, as user space described it in `WATCHED`: same syscall family and
+/// first argument, and for select the same read set (its nfds alone could
+/// be another call's). While the loop's wait is unknown, every one is.
 #[inline(always)]
-fn is_loop_wait(w: &Watched, c: u32, arg0: u64, regs: Task) -> bool {
+fn is_loop_wait(tgid: u32, c: u32, arg0: u64, regs: Task) -> bool {
+    let Some(w) = (unsafe { WATCHED.get(tgid) }) else {
+        return true;
+    };
+    if w.loop_class == 0 {
+        return true;
+    }
     if c & w.loop_class == 0 || arg0 != w.loop_arg0 {
         return false;
     }
@@ -347,12 +351,11 @@ fn close(e: &mut Inflight, tid: u32, how: i64, task: u64) {
 /// syscall.
 #[inline(always)]
 fn waking_up(next: Task) -> Option<*mut Inflight> {
-    let tid: u32 = field(next, &CONFIG.kernel.task_pid);
-    // 0: switching to the idle task.
-    if tid == 0 {
+    // Only threads of watched processes are recorded.
+    if !is_watched(field(next, &CONFIG.kernel.task_tgid)) {
         return None;
     }
-    let e = INFLIGHT.get_ptr_mut(tid)?;
+    let e = INFLIGHT.get_ptr_mut(field::<u32>(next, &CONFIG.kernel.task_pid))?;
     (unsafe { (*e).active } != 0).then_some(e)
 }
 

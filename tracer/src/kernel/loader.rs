@@ -14,6 +14,7 @@ use tracer_common::{
 
 use super::btf::Btf;
 use super::tracefs::Format;
+use super::watched_tgids::{self, WatchedTgids};
 use crate::model::{LoopWait, MapOccupancy, Role};
 
 /// Map update flag: insert only if the key is absent.
@@ -24,6 +25,8 @@ const BPF_NOEXIST: u64 = 1;
 pub struct Probes {
     _ebpf: Ebpf,
     pub watched: HashMap<MapData, u32, Watched>,
+    /// Mirrors `watched`'s keys for sched_switch: see `WatchedTgids`.
+    watched_tgids: WatchedTgids,
     pub inflight: HashMap<MapData, u32, Inflight>,
     pub stats: PerCpuArray<MapData, u64>,
     errors: PerCpuArray<MapData, u64>,
@@ -245,6 +248,7 @@ fn open_object(config: &Config, btf: &aya::Btf) -> Result<Ebpf> {
     }
     EbpfLoader::new()
         .btf(Some(btf))
+        .map_max_entries("WATCHED_TGIDS", watched_tgids::slots())
         .override_global("CONFIG", config, true)
         .load(bytes)
         .map_err(|e| explain(e, "loading the BPF object"))
@@ -309,6 +313,13 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
             .ok_or_else(|| anyhow!("BPF object has no map {name}"))
     };
     let watched = HashMap::try_from(take("WATCHED")?)?;
+    let watched_tgids = match take("WATCHED_TGIDS")? {
+        aya::maps::Map::Array(data) => {
+            let slots = data.info()?.max_entries();
+            WatchedTgids::map(data, slots)?
+        }
+        _ => bail!("BPF object's WATCHED_TGIDS is not an array"),
+    };
     let inflight = HashMap::try_from(take("INFLIGHT")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let errors = PerCpuArray::try_from(take("ERRORS")?)?;
@@ -319,6 +330,7 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
     Ok(Probes {
         _ebpf: ebpf,
         watched,
+        watched_tgids,
         inflight,
         stats,
         errors,
@@ -350,9 +362,11 @@ impl Probes {
             role: role.to_kernel(),
             ..Default::default()
         };
-        self.watched
-            .insert(pid, w, 0)
-            .with_context(|| format!("adding pid {pid} to the kernel's watch list (is it full?)"))
+        self.watched.insert(pid, w, 0).with_context(|| {
+            format!("adding pid {pid} to the kernel's watch list (is it full?)")
+        })?;
+        self.watched_tgids.set(pid, true);
+        Ok(())
     }
 
     /// The master of a watched process, as the kernel has it.
@@ -426,6 +440,7 @@ impl Probes {
     /// Drops what the kernel kept for a process that exited. The kernel
     /// leaves its WATCHED entry to us: see `Watched`.
     pub fn forget(&mut self, tgid: u32) {
+        self.watched_tgids.set(tgid, false);
         let _ = self.watched.remove(&tgid);
         let _ = self.read_hist.remove(&tgid);
     }
