@@ -326,10 +326,12 @@ impl Probe {
 
 /// The tracer watching `pid`, checked to be the binary just built: the
 /// figures are about this checkout's programs.
-fn tracer_probe(pid: u32) -> Result<Probe> {
-    let t = Tracer::start(&["--pid", &pid.to_string()]);
+fn tracer_probe(bin: &Path, pid: u32) -> Result<Probe> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["watch", "--format", "json", "--pid", &pid.to_string()]);
+    let t = Tracer::start_command(cmd);
     let running = std::fs::read_link(format!("/proc/{}/exe", t.pid()))?;
-    let built = std::fs::canonicalize(tests::tracer_bin())?;
+    let built = std::fs::canonicalize(bin)?;
     if running != built {
         bail!(
             "the tracer started runs {} instead of {}",
@@ -340,9 +342,44 @@ fn tracer_probe(pid: u32) -> Result<Probe> {
     Ok(Probe::Tracer(t))
 }
 
-/// The probe `config` names, attached for a loop whose pid is `pid`.
-fn start_probe(m: &Micro, config: &str, pid: u32, idle_pid: u32) -> Result<Option<Probe>> {
-    let watch = tracer_probe;
+/// Another build of the tracer to measure next to this one: a name for
+/// its rows, and its binary.
+#[derive(Clone)]
+pub struct Variant {
+    pub name: String,
+    pub bin: PathBuf,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Variant, String> {
+        let (name, bin) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=PATH"))?;
+        Ok(Variant {
+            name: name.to_string(),
+            bin: PathBuf::from(bin),
+        })
+    }
+}
+
+/// The probe `config` names, attached for a loop whose pid is `pid`. A
+/// tracer config may end in `@NAME`: that variant's binary.
+fn start_probe(
+    m: &Micro,
+    config: &str,
+    pid: u32,
+    idle_pid: u32,
+    variants: &[Variant],
+) -> Result<Option<Probe>> {
+    let (config, bin) = match config.split_once('@') {
+        Some((c, name)) => {
+            let v = variants.iter().find(|v| v.name == name).expect("variant");
+            (c, v.bin.clone())
+        }
+        None => (config, tests::tracer_bin()),
+    };
+    let watch = |p: u32| tracer_probe(&bin, p);
     Ok(match config {
         "baseline" => None,
         "floor" => Some(bpftrace(m.floor)?),
@@ -362,7 +399,13 @@ fn loop_program(config: &str) -> impl Fn(&str) -> bool + use<> {
 }
 
 /// One measurement: ns per loop unit of the pipe loop under `config`.
-fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<Sample> {
+fn micro_once(
+    m: &Micro,
+    config: &str,
+    s: &Sizes,
+    idle_pid: u32,
+    variants: &[Variant],
+) -> Result<Sample> {
     let go = GoFile::new("bench");
     let pairs = match (config, m.switch) {
         ("strace", _) => s.strace_pairs,
@@ -380,7 +423,7 @@ fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<Sampl
     let mut out = BufReader::new(child.child.stdout.take().expect("piped"));
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let probe = start_probe(m, config, child.pid(), idle_pid)?;
+    let probe = start_probe(m, config, child.pid(), idle_pid, variants)?;
     let progs = probe
         .as_ref()
         .filter(|_| m.switch)
@@ -570,7 +613,7 @@ pub enum Part {
 
 type Report = serde_json::Map<String, Value>;
 
-pub fn run(quick: bool, only: &[Part]) -> Result<()> {
+pub fn run(quick: bool, only: &[Part], variants: &[Variant]) -> Result<()> {
     let s = Sizes::new(quick);
     let mut report = serde_json::Map::new();
     let machine = format!(
@@ -587,10 +630,10 @@ pub fn run(quick: bool, only: &[Part]) -> Result<()> {
 
     let want = |p: Part| only.is_empty() || only.contains(&p);
     if want(Part::Syscalls) {
-        micro_cost(&SYSCALLS, &s, &mut report)?;
+        micro_cost(&SYSCALLS, &s, &[], &mut report)?;
     }
     if want(Part::Switches) {
-        micro_cost(&SWITCHES, &s, &mut report)?;
+        micro_cost(&SWITCHES, &s, variants, &mut report)?;
     }
     if want(Part::Throughput) {
         throughput(&s, &mut report)?;
@@ -616,12 +659,17 @@ pub fn run(quick: bool, only: &[Part]) -> Result<()> {
     Ok(())
 }
 
-fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
+fn micro_cost(m: &Micro, s: &Sizes, variants: &[Variant], report: &mut Report) -> Result<()> {
+    let mut configs: Vec<String> = m.configs.iter().map(|c| c.to_string()).collect();
+    for v in variants {
+        configs.push(format!("tracer_unwatched@{}", v.name));
+        configs.push(format!("tracer_watched@{}", v.name));
+    }
     step(&format!(
         "{} cost: {} rounds of {} configs{}",
         m.unit,
         s.rounds,
-        m.configs.len(),
+        configs.len(),
         if m.switch {
             ", two threads of one process pinned to one CPU passing a byte over two pipes"
         } else {
@@ -636,18 +684,18 @@ fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
         None
     };
     let idle = Proc::spawn(Command::new("sleep").arg("3600"));
-    let mut samples: Vec<Vec<Sample>> = m.configs.iter().map(|_| Vec::new()).collect();
+    let mut samples: Vec<Vec<Sample>> = configs.iter().map(|_| Vec::new()).collect();
     for round in 0..s.rounds {
         // Rotate the order so no config always runs first or last.
-        for k in 0..m.configs.len() {
-            let i = (k + round) % m.configs.len();
-            samples[i].push(micro_once(m, m.configs[i], s, idle.pid())?);
+        for k in 0..configs.len() {
+            let i = (k + round) % configs.len();
+            samples[i].push(micro_once(m, &configs[i], s, idle.pid(), variants)?);
         }
     }
     drop(idle);
-    let mut json = wall_clock_rows(m, &samples);
+    let mut json = wall_clock_rows(m, &configs, &samples);
     if m.switch {
-        let per_run = program_rows(m, s, &samples);
+        let per_run = program_rows(&configs, s, &samples);
         json.insert("program_ns_per_run".into(), per_run.into());
     }
     report.insert(m.name.into(), json.into());
@@ -656,7 +704,7 @@ fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
 
 /// Wall-clock ns per loop unit, against the floor's added cost, with the
 /// spread of the rounds: the noise these figures carry.
-fn wall_clock_rows(m: &Micro, samples: &[Vec<Sample>]) -> Report {
+fn wall_clock_rows(m: &Micro, configs: &[String], samples: &[Vec<Sample>]) -> Report {
     let spread = |v: &[Sample]| {
         let w = v.iter().map(|x| x.wall_ns);
         (
@@ -671,7 +719,7 @@ fn wall_clock_rows(m: &Micro, samples: &[Vec<Sample>]) -> Report {
     let base = med[0];
     let floor_added = med[1] - base;
     let mut json = serde_json::Map::new();
-    for (i, c) in m.configs.iter().enumerate() {
+    for (i, c) in configs.iter().enumerate() {
         let added = med[i] - base;
         let ratio = if i == 0 {
             f64::NAN
@@ -680,7 +728,7 @@ fn wall_clock_rows(m: &Micro, samples: &[Vec<Sample>]) -> Report {
         };
         let (lo, hi) = spread(&samples[i]);
         eprintln!(
-            "  {c:<18} {:>10.1} ns/{} (rounds {lo:.0}..{hi:.0})  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
+            "  {c:<24} {:>10.1} ns/{} (rounds {lo:.0}..{hi:.0})  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
             med[i], m.unit, added, ratio
         );
         json.insert(
@@ -691,9 +739,13 @@ fn wall_clock_rows(m: &Micro, samples: &[Vec<Sample>]) -> Report {
     json
 }
 
+/// A target of issue 14: the JSON key of the ratio, what it divides by,
+/// and how the table names that.
+type Target = (&'static str, f64, &'static str);
+
 /// The kernel's ns per run of each probe's `sched_switch` program (median
 /// of the rounds), and the tracer's ratios to its two targets.
-fn program_rows(m: &Micro, s: &Sizes, samples: &[Vec<Sample>]) -> Report {
+fn program_rows(configs: &[String], s: &Sizes, samples: &[Vec<Sample>]) -> Report {
     let per_run = |i: usize| {
         let mut v: Vec<f64> = samples[i]
             .iter()
@@ -707,7 +759,7 @@ fn program_rows(m: &Micro, s: &Sizes, samples: &[Vec<Sample>]) -> Report {
             .collect();
         (median(&mut v), median(&mut r))
     };
-    let at = |c: &str| m.configs.iter().position(|x| *x == c).expect("config");
+    let at = |c: &str| configs.iter().position(|x| *x == c).expect("config");
     let empty = per_run(at("floor")).0;
     let offcpu = per_run(at("bpftrace")).0;
     eprintln!(
@@ -715,27 +767,33 @@ fn program_rows(m: &Micro, s: &Sizes, samples: &[Vec<Sample>]) -> Report {
         2 * s.switch_pairs
     );
     // (config, row, what the target compares it with)
-    let rows = [
+    let mut rows: Vec<(String, String, Option<Target>)> = vec![
         (
-            "floor",
-            "empty classic program, pid filter never matches (bpftrace)",
+            "floor".into(),
+            "empty classic program, pid filter never matches (bpftrace)".into(),
             None,
         ),
-        ("bpftrace", "bpftrace off-CPU tracking for one pid", None),
         (
-            "tracer_unwatched",
-            "tracer, ping-pong not watched",
-            Some(("x_empty", empty, "the empty program's (target <= 1.3)")),
-        ),
-        (
-            "tracer_watched",
-            "tracer, ping-pong watched",
-            Some(("x_bpftrace", offcpu, "bpftrace's (target <= 1.0)")),
+            "bpftrace".into(),
+            "bpftrace off-CPU tracking for one pid".into(),
+            None,
         ),
     ];
+    let unwatched = Some(("x_empty", empty, "the empty program's (target <= 1.3)"));
+    let watched = Some(("x_bpftrace", offcpu, "bpftrace's (target <= 1.0)"));
+    for c in configs.iter().filter(|c| c.starts_with("tracer_")) {
+        let (what, target) = match c.strip_prefix("tracer_unwatched") {
+            Some(v) => (format!("tracer{v}, ping-pong not watched"), unwatched),
+            None => (
+                format!("tracer{}, ping-pong watched", &c["tracer_watched".len()..]),
+                watched,
+            ),
+        };
+        rows.push((c.clone(), what, target));
+    }
     let mut json = serde_json::Map::new();
     for (c, what, target) in rows {
-        let (ns, runs) = per_run(at(c));
+        let (ns, runs) = per_run(at(&c));
         let mut row = serde_json::json!({"ns_per_run": ns, "runs": runs});
         let mut tail = String::new();
         if let Some((key, base, name)) = target {
@@ -743,7 +801,7 @@ fn program_rows(m: &Micro, s: &Sizes, samples: &[Vec<Sample>]) -> Report {
             tail = format!("  {:.2}x {name}", ns / base);
         }
         eprintln!("  {what:<60} {ns:>6.1} ns/run {runs:>9.0} runs{tail}");
-        json.insert(c.to_string(), row);
+        json.insert(c, row);
     }
     json
 }
@@ -773,7 +831,7 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
             let mut probe = match configs[ci] {
                 "none" => None,
                 "floor" => Some(bpftrace(FLOOR)?),
-                "tracer" => Some(tracer_probe(master)?),
+                "tracer" => Some(tracer_probe(&tests::tracer_bin(), master)?),
                 "bpftrace" => Some(bpftrace(&bpftrace_inflight(&workers))?),
                 _ => Some(strace(&workers)?),
             };
