@@ -521,6 +521,8 @@ fn map_memlock_kb(pid: u32) -> u64 {
 /// accounting: the cost the service's host pays in the kernel.
 struct KernelCpu {
     secs: f64,
+    /// Requests wrk completed meanwhile.
+    requests: f64,
     /// name -> (runs, ns)
     progs: std::collections::BTreeMap<String, (u64, u64)>,
 }
@@ -530,6 +532,7 @@ impl KernelCpu {
         before: &std::collections::BTreeMap<u32, bpfstats::Counters>,
         after: &std::collections::BTreeMap<u32, bpfstats::Counters>,
         wall: Duration,
+        rps: f64,
     ) -> KernelCpu {
         let progs = after
             .values()
@@ -540,6 +543,7 @@ impl KernelCpu {
             .collect();
         KernelCpu {
             secs: wall.as_secs_f64(),
+            requests: rps * wall.as_secs_f64(),
             progs,
         }
     }
@@ -549,7 +553,9 @@ impl KernelCpu {
     }
 
     /// Medians over the rounds: kernel CPU ms per second of load (all
-    /// programs), and each program's runs per second and ns per run.
+    /// programs), ns per request (steadier: the request rate moves with
+    /// the machine's other load), and each program's runs per second and
+    /// ns per run.
     fn report(path: &str, rounds: &[KernelCpu]) -> Value {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -559,8 +565,13 @@ impl KernelCpu {
             .map(|r| r.total_ns() as f64 / 1e6 / r.secs)
             .collect();
         let total = median(&mut ms_per_s);
+        let mut per_req: Vec<f64> = rounds
+            .iter()
+            .map(|r| r.total_ns() as f64 / r.requests)
+            .collect();
+        let per_req = median(&mut per_req);
         eprintln!(
-            "  {path:<6} tracer's BPF programs: {total:.2} ms of kernel CPU per second of load ({:.2}% of {cores} cores)",
+            "  {path:<6} tracer's BPF programs: {total:.2} ms of kernel CPU per second of load ({:.2}% of {cores} cores), {per_req:.0} ns per request",
             total / 10.0 / cores
         );
         let mut progs = serde_json::Map::new();
@@ -589,7 +600,7 @@ impl KernelCpu {
                 serde_json::json!({"runs_per_s": per_s, "ns_per_run": ns}),
             );
         }
-        serde_json::json!({"ms_per_s": total, "cores": cores, "percent_of_cores": total / 10.0 / cores, "programs": progs})
+        serde_json::json!({"ms_per_s": total, "cores": cores, "percent_of_cores": total / 10.0 / cores, "ns_per_request": per_req, "programs": progs})
     }
 }
 
@@ -855,7 +866,8 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
                 thr[ci * 2 + pi].push(r);
                 if !progs.is_empty() {
                     let after = bpfstats::snapshot(&progs)?;
-                    kcpu[pi].push(KernelCpu::between(&before, &after, w0.elapsed()));
+                    let wall = w0.elapsed();
+                    kcpu[pi].push(KernelCpu::between(&before, &after, wall, r.0));
                 }
             }
             if let Some(Probe::Tracer(t)) = &mut probe {
