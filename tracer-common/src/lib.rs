@@ -155,6 +155,10 @@ pub mod ended {
 /// Upper bound for syscall numbers the class table covers.
 pub const MAX_SYSCALL_NR: u32 = 1024;
 
+/// Tgids per element of the `WATCHED_TGIDS` array: one byte each, in
+/// elements of 8 bytes (an array map's smallest element).
+pub const TGIDS_PER_SLOT: u32 = 8;
+
 /// Value of the `WATCHED` map, keyed by tgid. User space removes the entry
 /// once it has handled the process's EXIT event: the kernel closes an
 /// exiting process's sockets after that event, and they must still count.
@@ -205,7 +209,8 @@ pub struct Inflight {
     /// 1 when user space seeded the entry at attach time for a thread that was
     /// already asleep: `start_ns` is then the attach time, a lower bound.
     pub seeded: u32,
-    /// One of [`fdkind`], for reads (the histogram's key).
+    /// One of [`fdkind`], for reads that blocked 1 ms or more (the
+    /// histogram's key): set at its first wake, UNKNOWN until then.
     pub fd_kind: u32,
     /// One of [`woke_by`].
     pub woke_by: u32,
@@ -483,6 +488,7 @@ pub struct TracepointOffsets {
 pub struct KernelOffsets {
     pub task_state: u64,
     pub task_pid: u64,
+    pub task_tgid: u64,
     pub task_flags: u64,
     pub task_exit_code: u64,
     pub task_comm: u64,
@@ -569,6 +575,7 @@ impl Config {
         kernel: KernelOffsets {
             task_state: UNSET,
             task_pid: UNSET,
+            task_tgid: UNSET,
             task_flags: UNSET,
             task_exit_code: UNSET,
             task_comm: UNSET,

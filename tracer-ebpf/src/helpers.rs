@@ -7,10 +7,10 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel, bpf_task_pt_regs,
 };
 use aya_ebpf::programs::TracePointContext;
-use tracer_common::{Event, MAX_SYSCALL_NR, UNSET, class, stat};
+use tracer_common::{Event, MAX_SYSCALL_NR, TGIDS_PER_SLOT, UNSET, class, stat};
 
 use crate::config::{CONFIG, cfg};
-use crate::maps::{ERRORS, EVENTS, STATS, SYSCALL_CLASS};
+use crate::maps::{ERRORS, EVENTS, STATS, SYSCALL_CLASS, WATCHED, WATCHED_TGIDS};
 
 /// task_struct.flags: the task is exiting (do_exit has started).
 pub const PF_EXITING: u32 = 0x4;
@@ -127,14 +127,21 @@ pub fn syscall_arg0(regs: u64) -> Option<u64> {
     kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg0))
 }
 
-/// The second syscall argument from saved registers.
+/// Whether `WATCHED` holds `tgid`, from its byte in `WATCHED_TGIDS`: two
+/// loads. A tgid past the array (pid_max raised since the start) asks the
+/// hash.
 #[inline(always)]
-pub fn syscall_arg1(regs: u64) -> Option<u64> {
-    kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg1))
+pub fn is_watched(tgid: u32) -> bool {
+    match WATCHED_TGIDS.get(tgid / TGIDS_PER_SLOT) {
+        Some(slot) => slot[(tgid % TGIDS_PER_SLOT) as usize] != 0,
+        None => unsafe { WATCHED.get(tgid) }.is_some(),
+    }
 }
 
-/// The third syscall argument from saved registers.
+/// Sets `tgid`'s byte in `WATCHED_TGIDS`, after its `WATCHED` insert.
 #[inline(always)]
-pub fn syscall_arg2(regs: u64) -> Option<u64> {
-    kread::<u64>(regs, cfg(&CONFIG.kernel.pt_regs_arg2))
+pub fn mark_watched(tgid: u32) {
+    if let Some(slot) = WATCHED_TGIDS.get_ptr_mut(tgid / TGIDS_PER_SLOT) {
+        unsafe { (*slot)[(tgid % TGIDS_PER_SLOT) as usize] = 1 };
+    }
 }

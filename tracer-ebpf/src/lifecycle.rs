@@ -4,7 +4,9 @@ use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::Trac
 use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
 
 use crate::config::{CONFIG, cfg};
-use crate::helpers::{base_event, count, current_task, emit, field, finish, ids, kread};
+use crate::helpers::{
+    base_event, count, current_task, emit, field, finish, ids, kread, mark_watched,
+};
 use crate::maps::{INFLIGHT, WATCHED};
 use crate::scheduler::{end_at_exit, on_signal_delivery};
 
@@ -46,6 +48,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
         count(stat::WATCH_FULL);
         return Ok(());
     }
+    mark_watched(child as u32);
     let mut ev = base_event(kind::FORK, tgid, tid);
     ev.aux_pid = child as u32;
     ev.nr = child_role as i64;
@@ -65,7 +68,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
-    end_at_exit(tid, w.master);
+    end_at_exit(tid, current_task());
     let _ = INFLIGHT.remove(tid);
     let off = &CONFIG.tp.exit_group_dead;
     let group_dead = if cfg(off) == UNSET {

@@ -5,11 +5,24 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    AnsweredClose, Conn, ConnKey, Inflight, MAX_SYSCALL_NR, ReadHist, Watched, program, stat,
+    AnsweredClose, Conn, ConnKey, Inflight, MAX_SYSCALL_NR, ReadHist, TGIDS_PER_SLOT, Watched,
+    program, stat,
 };
 
 #[map]
 pub static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(8192, 0);
+
+/// The map can be mapped into user space's memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// One byte per tgid, 1 while `WATCHED` holds it: sched_switch tells an
+/// unwatched task by an array read the verifier inlines, not a hash
+/// lookup. Sized to cover pid_max by the loader (the default here is for
+/// pid_max 32768). User space writes it through a mapping, byte by byte as
+/// the kernel does, so neither side overwrites the other's bytes of a slot.
+#[map]
+pub static WATCHED_TGIDS: Array<[u8; TGIDS_PER_SLOT as usize]> =
+    Array::with_max_entries(32768 / TGIDS_PER_SLOT, BPF_F_MMAPABLE);
 #[map]
 pub static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32768, 0);
 /// What is known of a connection before its close, keyed by socket address.

@@ -3,21 +3,21 @@
 //! tracer's stop (py-spy, gdb, strace attaching) or a restart leaves the
 //! thread in the same call. The call is judged over when the thread is next
 //! seen sleeping somewhere else, and a long one is then sent as one event.
-//! A read that blocked goes into the histogram at its first wake.
+//! A read that blocked goes into the histogram at its first wake, with its
+//! fd's kind, looked up then.
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, bpf_task_pt_regs},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use tracer_common::{
-    Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RESTART_WINDOW_NS, Watched, class, fdkind, kind,
-    program, signal, wake, woke_by,
+    Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RESTART_WINDOW_NS, class, fdkind, kind, program,
+    signal, wake, woke_by,
 };
 
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{
-    PF_EXITING, atomic_add, class_of, current_syscall, current_task, emit, finish, ids, kread,
-    syscall_arg0, syscall_arg1, syscall_arg2,
+    PF_EXITING, atomic_add, class_of, current_syscall, emit, finish, is_watched, kread,
 };
 use crate::maps::{INFLIGHT, READ_HIST, WATCHED, ZERO_HIST};
 
@@ -31,116 +31,128 @@ const TASK_STOPPED: u32 = 0x4;
 const TASK_TRACED: u32 = 0x8;
 const SIGTRAP: i32 = 5;
 
-// sched_switch runs on every context switch of the host: a raw tracepoint,
-// so the kernel hands over (preempt, prev, next) without building a record.
-// Unwatched tasks cost one hash lookup each way.
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+// sched_switch runs on every context switch of the host. As a BTF
+// tracepoint it gets typed task_struct pointers, so task fields are plain
+// loads (the verifier checks them against the kernel's BTF; the offsets
+// from CONFIG are constants to it, .rodata being frozen) instead of
+// bpf_probe_read_kernel calls.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     finish(program::SCHED_SWITCH, try_sched_switch(&ctx));
     0
 }
 
-fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i32> {
+/// A task of the kernel, as the tracepoint hands it over.
+type Task = *const u8;
+
+/// A field of `task` at an offset from CONFIG: one load.
+#[inline(always)]
+fn field<T: Copy>(task: Task, off: &u64) -> T {
+    unsafe { core::ptr::read(task.add(cfg(off) as usize) as *const T) }
+}
+
+fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let preempt: u64 = ctx.arg(0);
-    let next: u64 = ctx.arg(2);
+    let prev: Task = ctx.arg(1);
+    let next: Task = ctx.arg(2);
+    // Filled in, not returned as an Option: every field must be defined on
+    // every path, or LLVM may spill an unset register the verifier refuses.
+    let mut call = Call::default();
     // A preempted task is still runnable: it is not waiting for anything.
-    let out = if preempt & 0xff == 0 {
-        switch_out()
+    let sleeping = preempt & 0xff == 0 && going_to_sleep(prev, &mut call);
+    let woken = waking_up(next);
+    if !sleeping && woken.is_none() {
+        return Ok(());
+    }
+    // One clock read serves both halves.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let out = if sleeping {
+        sleep_in(prev, &call, now)
     } else {
         Ok(())
     };
-    switch_in(next);
+    if let Some(e) = woken {
+        wake(next, unsafe { &mut *e }, now);
+    }
     out
 }
 
-/// The syscall a thread is going to sleep in.
+/// The syscall a watched thread is going to sleep in.
+#[derive(Default)]
 struct Call {
+    tgid: u32,
+    tid: u32,
     nr: i32,
+    /// task_struct.__state: how it sleeps (stopped, traced, or waiting).
+    state: u32,
     arg0: u64,
+    arg2: u64,
 }
 
-/// The current task (prev) is going to sleep: if it is a watched thread
-/// inside a syscall, record which one and since when, or carry on with the
-/// call it was already in.
+/// `prev` is going to sleep: true, with `call` filled in, if it is a
+/// watched thread inside a syscall that may stall. Cheapest checks first.
 #[inline(always)]
-fn switch_out() -> Result<(), i32> {
-    let (tgid, tid) = ids();
-    // tgid 0: the idle task, the most common prev on a quiet CPU.
-    if tgid == 0 {
-        return Ok(());
+fn going_to_sleep(prev: Task, call: &mut Call) -> bool {
+    let k = &CONFIG.kernel;
+    let tgid: u32 = field(prev, &k.task_tgid);
+    if !is_watched(tgid) {
+        return false;
     }
-    let Some(w) = (unsafe { WATCHED.get(tgid) }) else {
-        return Ok(());
-    };
-    let (nr, regs) = current_syscall();
-    if nr < 0 || nr >= MAX_SYSCALL_NR as i64 {
-        return Ok(());
+    let state: u32 = field(prev, &k.task_state);
+    if state == 0 {
+        return false;
     }
-    let c = class_of(nr);
-    let mut arg0 = None;
-    // Checked first: it is most of a worker's sleeps. A multiplexer is idle
-    // except in a worker's loop thread, once its loop's own wait is known.
-    if c & class::WAIT != 0 {
-        if tid != tgid || w.loop_class == 0 {
-            return Ok(());
-        }
-        let a = syscall_arg0(regs).unwrap_or(0);
-        if is_loop_wait(w, c, a, regs) {
-            return Ok(());
-        }
-        arg0 = Some(a);
-    }
-    let task = current_task();
-    let state = match kread::<u32>(task, cfg(&CONFIG.kernel.task_state)) {
-        Some(state) if state != 0 => state,
-        _ => return Ok(()),
-    };
     // An exiting thread's last sleeps come after sched_process_exit has
     // dropped its entry; recording them would leave a dead thread behind.
-    if kread::<u32>(task, cfg(&CONFIG.kernel.task_flags)).unwrap_or(0) & PF_EXITING != 0 {
-        return Ok(());
+    if field::<u32>(prev, &k.task_flags) & PF_EXITING != 0 {
+        return false;
     }
-    let call = Call {
-        nr: nr as i32,
-        arg0: arg0.unwrap_or_else(|| syscall_arg0(regs).unwrap_or(0)),
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if state & (TASK_STOPPED | TASK_TRACED) != 0 {
-        let syscall_stop = state & TASK_TRACED != 0 && is_syscall_stop(task);
-        if stop_in_call(tid, &call, syscall_stop, w.master, now) || syscall_stop {
-            return Ok(());
-        }
+    let regs = unsafe { bpf_task_pt_regs(prev as *mut _) } as Task;
+    // arm64 keeps it in an s32 (syscallno), x86_64 in a long (orig_ax).
+    #[cfg(bpf_target_arch = "aarch64")]
+    let nr = field::<i32>(regs, &k.pt_regs_nr) as i64;
+    #[cfg(not(bpf_target_arch = "aarch64"))]
+    let nr = field::<i64>(regs, &k.pt_regs_nr);
+    // Negative outside a syscall (a page fault, an interrupt).
+    if nr < 0 || nr >= MAX_SYSCALL_NR as i64 {
+        return false;
     }
-    let fd_kind = if c & class::READ != 0 {
-        fd_kind(call.arg0 as i32)
-    } else {
-        fdkind::UNKNOWN
-    };
-    record_sleep(
-        tgid,
-        tid,
-        &call,
-        syscall_arg2(regs).unwrap_or(0),
-        fd_kind as u32,
-        w.master,
-        now,
-    )
+    let tid: u32 = field(prev, &k.task_pid);
+    let arg0: u64 = field(regs, &k.pt_regs_arg0);
+    let c = class_of(nr);
+    // Most of a worker's sleeps end here. A multiplexer is idle except in
+    // a worker's loop thread, once its loop's own wait is known.
+    if c & class::WAIT != 0 && (tid != tgid || is_loop_wait(tgid, c, arg0, regs)) {
+        return false;
+    }
+    call.tgid = tgid;
+    call.tid = tid;
+    call.nr = nr as i32;
+    call.state = state;
+    call.arg0 = arg0;
+    call.arg2 = field(regs, &k.pt_regs_arg2);
+    true
 }
 
-/// Whether a multiplexer sleep is the event loop's own wait, as user space
-/// described it: same syscall family and first argument, and for select
-/// the same read set (its nfds alone could be another call's).
+/// Whether a multiplexer sleep of a main thread is the event loop's own
+/// wait, as user space described it in `WATCHED`: same syscall family and
+/// first argument, and for select the same read set (its nfds alone could
+/// be another call's). While the loop's wait is unknown, every one is.
 #[inline(always)]
-fn is_loop_wait(w: &Watched, c: u32, arg0: u64, regs: u64) -> bool {
+fn is_loop_wait(tgid: u32, c: u32, arg0: u64, regs: Task) -> bool {
+    let Some(w) = (unsafe { WATCHED.get(tgid) }) else {
+        return true;
+    };
+    if w.loop_class == 0 {
+        return true;
+    }
     if c & w.loop_class == 0 || arg0 != w.loop_arg0 {
         return false;
     }
     if w.loop_class != class::SELECT || w.loop_fds == 0 {
         return true;
     }
-    let Some(set) = syscall_arg1(regs) else {
-        return true;
-    };
+    let set: u64 = field(regs, &CONFIG.kernel.pt_regs_arg1);
     // A set that cannot be read is taken for the loop's: no false alarm.
     match unsafe { bpf_probe_read_user(set as *const u64) } {
         Ok(bits) => bits == w.loop_fds,
@@ -148,11 +160,24 @@ fn is_loop_wait(w: &Watched, c: u32, arg0: u64, regs: u64) -> bool {
     }
 }
 
+/// The thread goes to sleep in `call` at `now`; a tracer's stop inside the
+/// call it woke from is part of that call.
+#[inline(always)]
+fn sleep_in(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
+    if call.state & (TASK_STOPPED | TASK_TRACED) != 0 {
+        let syscall_stop = call.state & TASK_TRACED != 0 && is_syscall_stop(prev);
+        if stop_in_call(prev, call, syscall_stop, now) || syscall_stop {
+            return Ok(());
+        }
+    }
+    record_sleep(prev, call, now)
+}
+
 /// A tracer stopped the task at a syscall's entry or exit (strace): its
 /// stop code is SIGTRAP, or SIGTRAP|0x80, with no ptrace event above it.
 #[inline(always)]
-fn is_syscall_stop(task: u64) -> bool {
-    let code = kread::<i32>(task, cfg(&CONFIG.kernel.task_exit_code)).unwrap_or(0);
+fn is_syscall_stop(task: Task) -> bool {
+    let code: i32 = field(task, &CONFIG.kernel.task_exit_code);
     code & 0x7f == SIGTRAP && code >> 8 == 0
 }
 
@@ -167,8 +192,8 @@ fn is_open(e: &Inflight) -> bool {
 /// it. A stop at a syscall boundary (strace following every call) ends it.
 /// Returns whether the stop was the open call's.
 #[inline(always)]
-fn stop_in_call(tid: u32, call: &Call, syscall_stop: bool, master: u32, now: u64) -> bool {
-    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
+fn stop_in_call(prev: Task, call: &Call, syscall_stop: bool, now: u64) -> bool {
+    let Some(e) = INFLIGHT.get_ptr_mut(call.tid) else {
         return false;
     };
     let e = unsafe { &mut *e };
@@ -180,7 +205,7 @@ fn stop_in_call(tid: u32, call: &Call, syscall_stop: bool, master: u32, now: u64
         return false;
     }
     if syscall_stop {
-        close(e, tid, wake::RETURNING, master, current_comm());
+        close(e, call.tid, wake::RETURNING, prev as u64);
     } else {
         e.active = 1;
         e.woke_ns = 0;
@@ -193,28 +218,19 @@ fn stop_in_call(tid: u32, call: &Call, syscall_stop: bool, master: u32, now: u64
 /// on when a signal or a stop woke it; anything else ends that call and
 /// starts a new entry.
 #[inline(always)]
-fn record_sleep(
-    tgid: u32,
-    tid: u32,
-    call: &Call,
-    arg2: u64,
-    fd_kind: u32,
-    master: u32,
-    now: u64,
-) -> Result<(), i32> {
-    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
+fn record_sleep(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
+    let Some(e) = INFLIGHT.get_ptr_mut(call.tid) else {
         let e = Inflight {
             start_ns: now,
             arg0: call.arg0,
-            arg2,
+            arg2: call.arg2,
             seq: 1,
             nr: call.nr,
-            tgid,
+            tgid: call.tgid,
             active: 1,
-            fd_kind,
             ..Default::default()
         };
-        return INFLIGHT.insert(tid, e, 0);
+        return INFLIGHT.insert(call.tid, e, 0);
     };
     let e = unsafe { &mut *e };
     if is_open(e) {
@@ -231,18 +247,18 @@ fn record_sleep(
             (woke_by::PLAIN, false) => wake::RETURNING,
             _ => wake::INTERRUPTED,
         };
-        close(e, tid, how, master, current_comm());
+        close(e, call.tid, how, prev as u64);
     }
     e.start_ns = now;
     e.arg0 = call.arg0;
-    e.arg2 = arg2;
+    e.arg2 = call.arg2;
     e.seq += 1;
     e.woke_ns = 0;
     e.nr = call.nr;
-    e.tgid = tgid;
+    e.tgid = call.tgid;
     e.active = 1;
     e.seeded = 0;
-    e.fd_kind = fd_kind;
+    e.fd_kind = fdkind::UNKNOWN as u32;
     e.woke_by = woke_by::NONE;
     Ok(())
 }
@@ -280,9 +296,9 @@ pub fn on_signal_delivery(tid: u32) {
 
 /// A thread exits with a call it woke from still open: the call returned
 /// if nothing was pending at the wake (the thread then ran to its exit),
-/// else the signal that woke it ended it.
+/// else the signal that woke it ended it. `task` is the exiting thread.
 #[inline(always)]
-pub fn end_at_exit(tid: u32, master: u32) {
+pub fn end_at_exit(tid: u32, task: u64) {
     let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
         return;
     };
@@ -295,24 +311,23 @@ pub fn end_at_exit(tid: u32, master: u32) {
     } else {
         wake::INTERRUPTED
     };
-    close(e, tid, how, master, current_comm());
-}
-
-#[inline(always)]
-fn current_comm() -> [u8; 16] {
-    bpf_get_current_comm().unwrap_or_default()
+    close(e, tid, how, task);
 }
 
 /// Judges an open call over: sends it when it lasted the threshold, ending
-/// when the thread last woke from it.
+/// when the thread last woke from it. `task` is the thread (for its comm);
+/// the master and the comm are read only for a call that is sent.
 #[inline(always)]
-fn close(e: &mut Inflight, tid: u32, how: i64, master: u32, comm: [u8; 16]) {
+fn close(e: &mut Inflight, tid: u32, how: i64, task: u64) {
     let woke = e.woke_ns;
     e.woke_ns = 0;
     e.woke_by = woke_by::NONE;
     if woke.saturating_sub(e.start_ns) < cfg(&CONFIG.threshold_ns) {
         return;
     }
+    let master = unsafe { WATCHED.get(e.tgid) }
+        .map(|w| w.master)
+        .unwrap_or(0);
     let mut ev = Event {
         kind: kind::SLEEP_END,
         tgid: e.tgid,
@@ -324,7 +339,7 @@ fn close(e: &mut Inflight, tid: u32, how: i64, master: u32, comm: [u8; 16]) {
         aux: how,
         arg0: e.arg0,
         arg2: e.arg2,
-        comm,
+        comm: kread::<[u8; 16]>(task, cfg(&CONFIG.kernel.task_comm)).unwrap_or_default(),
     };
     if e.seeded != 0 {
         ev.kind |= kind::FLAG_SEEDED;
@@ -332,25 +347,24 @@ fn close(e: &mut Inflight, tid: u32, how: i64, master: u32, comm: [u8; 16]) {
     emit(&ev);
 }
 
-/// `next` is about to run: if it was asleep in a recorded syscall, note
-/// when and why it woke; the call stays open until the thread is next
-/// seen. A thread SIGKILL woke dies in the call: that ends it now.
+/// `next` is about to run: its entry, if it was asleep in a recorded
+/// syscall.
 #[inline(always)]
-fn switch_in(next: u64) {
-    let tid = match kread::<u32>(next, cfg(&CONFIG.kernel.task_pid)) {
-        // 0: switching to the idle task.
-        Some(tid) if tid != 0 => tid,
-        _ => return,
-    };
-    let Some(e) = INFLIGHT.get_ptr_mut(tid) else {
-        return;
-    };
-    let e = unsafe { &mut *e };
-    if e.active == 0 {
-        return;
+fn waking_up(next: Task) -> Option<*mut Inflight> {
+    // Only threads of watched processes are recorded.
+    if !is_watched(field(next, &CONFIG.kernel.task_tgid)) {
+        return None;
     }
+    let e = INFLIGHT.get_ptr_mut(field::<u32>(next, &CONFIG.kernel.task_pid))?;
+    (unsafe { (*e).active } != 0).then_some(e)
+}
+
+/// `next` wakes in its recorded call: note when and why; the call stays
+/// open until the thread is next seen. A thread SIGKILL woke dies in the
+/// call: that ends it now.
+#[inline(always)]
+fn wake(next: Task, e: &mut Inflight, now: u64) {
     e.active = 0;
-    let now = unsafe { bpf_ktime_get_ns() };
     let dur = now.saturating_sub(e.start_ns);
     let stopped = e.woke_by == woke_by::STOP;
     // A call's first wake: later ones (after a signal or a stop) would
@@ -359,20 +373,19 @@ fn switch_in(next: u64) {
         && dur >= BLOCKING_READ_NS
         && class_of(e.nr as i64) & class::READ != 0
     {
-        record_read(e.tgid, e.fd_kind as usize, dur);
+        let kind = fd_kind(next as u64, e.arg0 as i32);
+        e.fd_kind = kind as u32;
+        record_read(e.tgid, kind, dur);
     }
     let reason = if dur >= BLOCKING_READ_NS || stopped {
-        wake_reason(next)
+        wake_reason(next as u64)
     } else {
         wake::RETURNING
     };
     e.woke_ns = now;
     if reason == wake::KILLED {
-        let master = unsafe { WATCHED.get(e.tgid) }
-            .map(|w| w.master)
-            .unwrap_or(0);
-        let comm = kread::<[u8; 16]>(next, cfg(&CONFIG.kernel.task_comm)).unwrap_or_default();
-        close(e, tid, wake::KILLED, master, comm);
+        let tid: u32 = field(next, &CONFIG.kernel.task_pid);
+        close(e, tid, wake::KILLED, next as u64);
         return;
     }
     e.woke_by = if stopped {
@@ -405,14 +418,17 @@ fn wake_reason(task: u64) -> i64 {
     }
 }
 
-/// What fd `fd` of the current task is, from its inode's mode.
+/// What fd `fd` of `task` is, from its inode's mode. Looked up when a
+/// read first wakes after blocking 1 ms or more, not when it starts: the
+/// fd stays open while a thread is asleep reading it, and most sleeps
+/// never need it.
 #[inline(always)]
-fn fd_kind(fd: i32) -> usize {
+fn fd_kind(task: u64, fd: i32) -> usize {
     if fd < 0 {
         return fdkind::UNKNOWN;
     }
     let k = &CONFIG.kernel;
-    let Some(files) = kread::<u64>(current_task(), cfg(&k.task_files)) else {
+    let Some(files) = kread::<u64>(task, cfg(&k.task_files)) else {
         return fdkind::UNKNOWN;
     };
     let Some(fdt) = kread::<u64>(files, cfg(&k.files_fdt)) else {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tests::{GoFile, Gunicorn, Proc, Tracer, Value};
 
-use crate::{root, step};
+use crate::{bpfstats, root, step};
 
 /// Sizes of one run; `quick` is the smoke test `cargo xtask test` runs.
 struct Sizes {
@@ -19,6 +19,8 @@ struct Sizes {
     /// needs more rounds than the micro-benchmarks for a steady median.
     wrk_rounds: usize,
     pairs: u64,
+    /// Hand-offs of the context-switch ping-pong: two switches each.
+    switch_pairs: u64,
     strace_pairs: u64,
     wrk_secs: u64,
     load_secs: u64,
@@ -32,6 +34,7 @@ impl Sizes {
                 rounds: 1,
                 wrk_rounds: 1,
                 pairs: 20_000,
+                switch_pairs: 5_000,
                 strace_pairs: 500,
                 wrk_secs: 1,
                 load_secs: 1,
@@ -42,6 +45,7 @@ impl Sizes {
                 rounds: 5,
                 wrk_rounds: 7,
                 pairs: 300_000,
+                switch_pairs: 200_000,
                 strace_pairs: 5_000,
                 wrk_secs: 5,
                 load_secs: 5,
@@ -301,13 +305,111 @@ const SWITCHES: Micro = Micro {
     ],
 };
 
+/// One measurement of a micro-benchmark.
+struct Sample {
+    /// Wall clock: ns per loop unit.
+    wall_ns: f64,
+    /// The kernel's accounting of the probe's program on the loop's event
+    /// (the tracer's `sched_switch`, or bpftrace's one program): runs and
+    /// run time over the loop. None without a probe or statistics.
+    runs: Option<(u64, u64)>,
+}
+
+impl Probe {
+    fn pid(&self) -> u32 {
+        match self {
+            Probe::Tracer(t) => t.pid(),
+            Probe::Other(c) => c.id(),
+        }
+    }
+}
+
+/// The tracer watching `pid`, checked to be the binary just built: the
+/// figures are about this checkout's programs.
+fn tracer_probe(bin: &Path, pid: u32) -> Result<Probe> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["watch", "--format", "json", "--pid", &pid.to_string()]);
+    let t = Tracer::start_command(cmd);
+    let running = std::fs::read_link(format!("/proc/{}/exe", t.pid()))?;
+    let built = std::fs::canonicalize(bin)?;
+    if running != built {
+        bail!(
+            "the tracer started runs {} instead of {}",
+            running.display(),
+            built.display()
+        );
+    }
+    Ok(Probe::Tracer(t))
+}
+
+/// Another build of the tracer to measure next to this one: a name for
+/// its rows, and its binary.
+#[derive(Clone)]
+pub struct Variant {
+    pub name: String,
+    pub bin: PathBuf,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Variant, String> {
+        let (name, bin) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=PATH"))?;
+        Ok(Variant {
+            name: name.to_string(),
+            bin: PathBuf::from(bin),
+        })
+    }
+}
+
+/// The probe `config` names, attached for a loop whose pid is `pid`. A
+/// tracer config may end in `@NAME`: that variant's binary.
+fn start_probe(
+    m: &Micro,
+    config: &str,
+    pid: u32,
+    idle_pid: u32,
+    variants: &[Variant],
+) -> Result<Option<Probe>> {
+    let (config, bin) = match config.split_once('@') {
+        Some((c, name)) => {
+            let v = variants.iter().find(|v| v.name == name).expect("variant");
+            (c, v.bin.clone())
+        }
+        None => (config, tests::tracer_bin()),
+    };
+    let watch = |p: u32| tracer_probe(&bin, p);
+    Ok(match config {
+        "baseline" => None,
+        "floor" => Some(bpftrace(m.floor)?),
+        "tracer_unwatched" => Some(watch(idle_pid)?),
+        "tracer_watched" => Some(watch(pid)?),
+        "bpftrace" if m.switch => Some(bpftrace(&bpftrace_offcpu(pid))?),
+        "bpftrace" => Some(bpftrace(&bpftrace_inflight(&[pid]))?),
+        "strace" => Some(strace(&[pid])?),
+        _ => bail!("unknown config {config}"),
+    })
+}
+
+/// The tracer's program on the loop's event; any program of the others.
+fn loop_program(config: &str) -> impl Fn(&str) -> bool + use<> {
+    let tracer = config.starts_with("tracer");
+    move |name: &str| !tracer || name == "sched_switch"
+}
+
 /// One measurement: ns per loop unit of the pipe loop under `config`.
-fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> {
+fn micro_once(
+    m: &Micro,
+    config: &str,
+    s: &Sizes,
+    idle_pid: u32,
+    variants: &[Variant],
+) -> Result<Sample> {
     let go = GoFile::new("bench");
     let pairs = match (config, m.switch) {
         ("strace", _) => s.strace_pairs,
-        // A switch costs several times a syscall: fewer of them take as long.
-        (_, true) => s.pairs / 4,
+        (_, true) => s.switch_pairs,
         _ => s.pairs,
     };
     let mut cmd = Command::new(self_exe());
@@ -321,28 +423,25 @@ fn micro_once(m: &Micro, config: &str, s: &Sizes, idle_pid: u32) -> Result<f64> 
     let mut out = BufReader::new(child.child.stdout.take().expect("piped"));
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let pid = child.pid();
-    let _probe = match config {
-        "baseline" => None,
-        "floor" => Some(bpftrace(m.floor)?),
-        "tracer_unwatched" => Some(Probe::Tracer(Tracer::start(&[
-            "--pid",
-            &idle_pid.to_string(),
-        ]))),
-        "tracer_watched" => Some(Probe::Tracer(Tracer::start(&["--pid", &pid.to_string()]))),
-        "bpftrace" if m.switch => Some(bpftrace(&bpftrace_offcpu(pid))?),
-        "bpftrace" => Some(bpftrace(&bpftrace_inflight(&[pid]))?),
-        "strace" => Some(strace(&[pid])?),
-        _ => bail!("unknown config {config}"),
-    };
+    let probe = start_probe(m, config, child.pid(), idle_pid, variants)?;
+    let progs = probe
+        .as_ref()
+        .filter(|_| m.switch)
+        .map(|p| bpfstats::prog_ids(p.pid()))
+        .unwrap_or_default();
+    let before = bpfstats::snapshot(&progs)?;
     go.release();
     line.clear();
     out.read_line(&mut line)?;
     child.child.wait()?;
-    line.trim()
+    let after = bpfstats::snapshot(&progs)?;
+    let runs = (!progs.is_empty()).then(|| bpfstats::delta(&before, &after, loop_program(config)));
+    let wall_ns = line
+        .trim()
         .strip_prefix("ns_per_syscall ")
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("pipe loop printed {line:?}"))
+        .with_context(|| format!("pipe loop printed {line:?}"))?;
+    Ok(Sample { wall_ns, runs })
 }
 
 /// wrk's requests/s and p99 latency (ms).
@@ -418,6 +517,93 @@ fn map_memlock_kb(pid: u32) -> u64 {
         / 1024
 }
 
+/// The tracer's BPF programs' CPU time over one wrk run, from the kernel's
+/// accounting: the cost the service's host pays in the kernel.
+struct KernelCpu {
+    secs: f64,
+    /// Requests wrk completed meanwhile.
+    requests: f64,
+    /// name -> (runs, ns)
+    progs: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl KernelCpu {
+    fn between(
+        before: &std::collections::BTreeMap<u32, bpfstats::Counters>,
+        after: &std::collections::BTreeMap<u32, bpfstats::Counters>,
+        wall: Duration,
+        rps: f64,
+    ) -> KernelCpu {
+        let progs = after
+            .values()
+            .map(|c| {
+                let d = bpfstats::delta(before, after, |n| n == c.name);
+                (c.name.clone(), d)
+            })
+            .collect();
+        KernelCpu {
+            secs: wall.as_secs_f64(),
+            requests: rps * wall.as_secs_f64(),
+            progs,
+        }
+    }
+
+    fn total_ns(&self) -> u64 {
+        self.progs.values().map(|p| p.1).sum()
+    }
+
+    /// Medians over the rounds: kernel CPU ms per second of load (all
+    /// programs), ns per request (steadier: the request rate moves with
+    /// the machine's other load), and each program's runs per second and
+    /// ns per run.
+    fn report(path: &str, rounds: &[KernelCpu]) -> Value {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let mut ms_per_s: Vec<f64> = rounds
+            .iter()
+            .map(|r| r.total_ns() as f64 / 1e6 / r.secs)
+            .collect();
+        let total = median(&mut ms_per_s);
+        let mut per_req: Vec<f64> = rounds
+            .iter()
+            .map(|r| r.total_ns() as f64 / r.requests)
+            .collect();
+        let per_req = median(&mut per_req);
+        eprintln!(
+            "  {path:<6} tracer's BPF programs: {total:.2} ms of kernel CPU per second of load ({:.2}% of {cores} cores), {per_req:.0} ns per request",
+            total / 10.0 / cores
+        );
+        let mut progs = serde_json::Map::new();
+        let names = rounds
+            .first()
+            .map(|r| r.progs.keys().cloned().collect::<Vec<_>>());
+        for name in names.unwrap_or_default() {
+            let of = |f: &dyn Fn(&KernelCpu, u64, u64) -> f64| {
+                let mut v: Vec<f64> = rounds
+                    .iter()
+                    .filter_map(|r| r.progs.get(&name).map(|&(n, t)| f(r, n, t)))
+                    .collect();
+                median(&mut v)
+            };
+            let per_s = of(&|r, n, _| n as f64 / r.secs);
+            let ns = of(&|_, n, t| {
+                if n == 0 {
+                    f64::NAN
+                } else {
+                    t as f64 / n as f64
+                }
+            });
+            eprintln!("         {name:<20} {per_s:>9.0} runs/s {ns:>7.1} ns/run");
+            progs.insert(
+                name,
+                serde_json::json!({"runs_per_s": per_s, "ns_per_run": ns}),
+            );
+        }
+        serde_json::json!({"ms_per_s": total, "cores": cores, "percent_of_cores": total / 10.0 / cores, "ns_per_request": per_req, "programs": progs})
+    }
+}
+
 #[derive(Default, serde::Serialize)]
 struct TracerCost {
     cpu_ms: u64,
@@ -438,7 +624,7 @@ pub enum Part {
 
 type Report = serde_json::Map<String, Value>;
 
-pub fn run(quick: bool, only: &[Part]) -> Result<()> {
+pub fn run(quick: bool, only: &[Part], variants: &[Variant]) -> Result<()> {
     let s = Sizes::new(quick);
     let mut report = serde_json::Map::new();
     let machine = format!(
@@ -455,10 +641,10 @@ pub fn run(quick: bool, only: &[Part]) -> Result<()> {
 
     let want = |p: Part| only.is_empty() || only.contains(&p);
     if want(Part::Syscalls) {
-        micro_cost(&SYSCALLS, &s, &mut report)?;
+        micro_cost(&SYSCALLS, &s, &[], &mut report)?;
     }
     if want(Part::Switches) {
-        micro_cost(&SWITCHES, &s, &mut report)?;
+        micro_cost(&SWITCHES, &s, variants, &mut report)?;
     }
     if want(Part::Throughput) {
         throughput(&s, &mut report)?;
@@ -484,50 +670,151 @@ pub fn run(quick: bool, only: &[Part]) -> Result<()> {
     Ok(())
 }
 
-fn micro_cost(m: &Micro, s: &Sizes, report: &mut Report) -> Result<()> {
+fn micro_cost(m: &Micro, s: &Sizes, variants: &[Variant], report: &mut Report) -> Result<()> {
+    let mut configs: Vec<String> = m.configs.iter().map(|c| c.to_string()).collect();
+    for v in variants {
+        configs.push(format!("tracer_unwatched@{}", v.name));
+        configs.push(format!("tracer_watched@{}", v.name));
+    }
     step(&format!(
         "{} cost: {} rounds of {} configs{}",
         m.unit,
         s.rounds,
-        m.configs.len(),
+        configs.len(),
         if m.switch {
-            ", two threads on one CPU passing a byte over two pipes"
+            ", two threads of one process pinned to one CPU passing a byte over two pipes"
         } else {
             ", 1-byte write+read pairs on a pipe"
         }
     ));
+    // On for the whole part, so every probe's wall-clock row pays the
+    // statistics' own cost alike.
+    let _stats = if m.switch {
+        Some(bpfstats::StatsOn::new()?)
+    } else {
+        None
+    };
     let idle = Proc::spawn(Command::new("sleep").arg("3600"));
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); m.configs.len()];
+    let mut samples: Vec<Vec<Sample>> = configs.iter().map(|_| Vec::new()).collect();
     for round in 0..s.rounds {
         // Rotate the order so no config always runs first or last.
-        for k in 0..m.configs.len() {
-            let i = (k + round) % m.configs.len();
-            samples[i].push(micro_once(m, m.configs[i], s, idle.pid())?);
+        for k in 0..configs.len() {
+            let i = (k + round) % configs.len();
+            samples[i].push(micro_once(m, &configs[i], s, idle.pid(), variants)?);
         }
     }
     drop(idle);
-    let med: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
+    let mut json = wall_clock_rows(m, &configs, &samples);
+    if m.switch {
+        let per_run = program_rows(&configs, s, &samples);
+        json.insert("program_ns_per_run".into(), per_run.into());
+    }
+    report.insert(m.name.into(), json.into());
+    Ok(())
+}
+
+/// Wall-clock ns per loop unit, against the floor's added cost, with the
+/// spread of the rounds: the noise these figures carry.
+fn wall_clock_rows(m: &Micro, configs: &[String], samples: &[Vec<Sample>]) -> Report {
+    let spread = |v: &[Sample]| {
+        let w = v.iter().map(|x| x.wall_ns);
+        (
+            w.clone().fold(f64::INFINITY, f64::min),
+            w.fold(0.0, f64::max),
+        )
+    };
+    let med: Vec<f64> = samples
+        .iter()
+        .map(|v| median(&mut v.iter().map(|x| x.wall_ns).collect::<Vec<_>>()))
+        .collect();
     let base = med[0];
     let floor_added = med[1] - base;
     let mut json = serde_json::Map::new();
-    for (i, c) in m.configs.iter().enumerate() {
+    for (i, c) in configs.iter().enumerate() {
         let added = med[i] - base;
         let ratio = if i == 0 {
             f64::NAN
         } else {
             added / floor_added
         };
+        let (lo, hi) = spread(&samples[i]);
         eprintln!(
-            "  {c:<18} {:>10.1} ns/{}  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
+            "  {c:<24} {:>10.1} ns/{} (rounds {lo:.0}..{hi:.0})  {:>+9.1} ns added  {:>8.2}x the floor's added cost",
             med[i], m.unit, added, ratio
         );
         json.insert(
             c.to_string(),
-            serde_json::json!({"ns": med[i], "added_ns": added, "ratio_to_floor": ratio}),
+            serde_json::json!({"ns": med[i], "added_ns": added, "ratio_to_floor": ratio, "min_ns": lo, "max_ns": hi}),
         );
     }
-    report.insert(m.name.into(), json.into());
-    Ok(())
+    json
+}
+
+/// A target of issue 14: the JSON key of the ratio, what it divides by,
+/// and how the table names that.
+type Target = (&'static str, f64, &'static str);
+
+/// The kernel's ns per run of each probe's `sched_switch` program (median
+/// of the rounds), and the tracer's ratios to its two targets.
+fn program_rows(configs: &[String], s: &Sizes, samples: &[Vec<Sample>]) -> Report {
+    let per_run = |i: usize| {
+        let mut v: Vec<f64> = samples[i]
+            .iter()
+            .filter_map(|x| x.runs)
+            .filter(|(runs, _)| *runs > 0)
+            .map(|(runs, ns)| ns as f64 / runs as f64)
+            .collect();
+        let mut r: Vec<f64> = samples[i]
+            .iter()
+            .filter_map(|x| x.runs.map(|r| r.0 as f64))
+            .collect();
+        (median(&mut v), median(&mut r))
+    };
+    let at = |c: &str| configs.iter().position(|x| *x == c).expect("config");
+    let empty = per_run(at("floor")).0;
+    let offcpu = per_run(at("bpftrace")).0;
+    eprintln!(
+        "  program on sched_switch, kernel accounting (ns per run; the loop makes {} switches a round):",
+        2 * s.switch_pairs
+    );
+    // (config, row, what the target compares it with)
+    let mut rows: Vec<(String, String, Option<Target>)> = vec![
+        (
+            "floor".into(),
+            "empty classic program, pid filter never matches (bpftrace)".into(),
+            None,
+        ),
+        (
+            "bpftrace".into(),
+            "bpftrace off-CPU tracking for one pid".into(),
+            None,
+        ),
+    ];
+    let unwatched = Some(("x_empty", empty, "the empty program's (target <= 1.3)"));
+    let watched = Some(("x_bpftrace", offcpu, "bpftrace's (target <= 1.0)"));
+    for c in configs.iter().filter(|c| c.starts_with("tracer_")) {
+        let (what, target) = match c.strip_prefix("tracer_unwatched") {
+            Some(v) => (format!("tracer{v}, ping-pong not watched"), unwatched),
+            None => (
+                format!("tracer{}, ping-pong watched", &c["tracer_watched".len()..]),
+                watched,
+            ),
+        };
+        rows.push((c.clone(), what, target));
+    }
+    let mut json = serde_json::Map::new();
+    for (c, what, target) in rows {
+        let (ns, runs) = per_run(at(&c));
+        let mut row = serde_json::json!({"ns_per_run": ns, "runs": runs});
+        let mut tail = String::new();
+        if let Some((key, base, name)) = target {
+            row[key] = (ns / base).into();
+            tail = format!("  {:.2}x {name}", ns / base);
+        }
+        eprintln!("  {what:<60} {ns:>6.1} ns/run {runs:>9.0} runs{tail}");
+        json.insert(c, row);
+    }
+    json
 }
 
 fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
@@ -548,16 +835,14 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
     let configs = ["none", "floor", "tracer", "bpftrace", "strace"];
     let mut thr: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len() * 2];
     let mut cost = TracerCost::default();
+    let mut kcpu: [Vec<KernelCpu>; 2] = [Vec::new(), Vec::new()];
     for round in 0..s.wrk_rounds {
         for k in 0..configs.len() {
             let ci = (k + round) % configs.len();
             let mut probe = match configs[ci] {
                 "none" => None,
                 "floor" => Some(bpftrace(FLOOR)?),
-                "tracer" => Some(Probe::Tracer(Tracer::start(&[
-                    "--pid",
-                    &master.to_string(),
-                ]))),
+                "tracer" => Some(tracer_probe(&tests::tracer_bin(), master)?),
                 "bpftrace" => Some(bpftrace(&bpftrace_inflight(&workers))?),
                 _ => Some(strace(&workers)?),
             };
@@ -565,10 +850,25 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
                 Some(Probe::Tracer(t)) => cpu_ticks(t.pid()),
                 _ => 0,
             };
+            // Only the tracer's rounds pay for the statistics: its row
+            // carries their cost, the others none.
+            let (_stats, progs) = match &probe {
+                Some(Probe::Tracer(t)) => {
+                    (Some(bpfstats::StatsOn::new()?), bpfstats::prog_ids(t.pid()))
+                }
+                _ => (None, Vec::new()),
+            };
             let t0 = Instant::now();
             for (pi, path) in ["/", "/pipe"].iter().enumerate() {
+                let before = bpfstats::snapshot(&progs)?;
+                let w0 = Instant::now();
                 let r = wrk(port, path, s.wrk_secs)?;
                 thr[ci * 2 + pi].push(r);
+                if !progs.is_empty() {
+                    let after = bpfstats::snapshot(&progs)?;
+                    let wall = w0.elapsed();
+                    kcpu[pi].push(KernelCpu::between(&before, &after, wall, r.0));
+                }
             }
             if let Some(Probe::Tracer(t)) = &mut probe {
                 let hz = 100; // USER_HZ
@@ -607,6 +907,11 @@ fn throughput(s: &Sizes, report: &mut Report) -> Result<()> {
         eprintln!("{r}");
     }
     report.insert("throughput".into(), thr_json.into());
+    let mut kjson = serde_json::Map::new();
+    for (pi, path) in ["/", "/pipe"].iter().enumerate() {
+        kjson.insert(path.to_string(), KernelCpu::report(path, &kcpu[pi]));
+    }
+    report.insert("tracer_kernel_cpu".into(), kjson.into());
     report.insert("tracer_cost".into(), serde_json::to_value(&cost)?);
 
     eprintln!("  tracer's own cost during the throughput run:");

@@ -3,6 +3,7 @@
 //! Every command first makes sure its prerequisites exist and installs what
 //! is missing, saying what it does. Re-running is fast when all is there.
 mod bench;
+mod bpfstats;
 mod demo;
 mod setup;
 mod soak;
@@ -42,6 +43,10 @@ enum Cmd {
         /// Run only these parts (comma-separated), for iterating on one.
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<bench::Part>,
+        /// Another tracer binary to measure per context switch next to this
+        /// one, in the same interleaved rounds (NAME=PATH, repeatable).
+        #[arg(long, value_name = "NAME=PATH")]
+        variant: Vec<bench::Variant>,
     },
     /// A long run under load with worker churn: tracer memory and map sizes over time.
     Soak {
@@ -164,7 +169,7 @@ fn test(filter: Option<String>) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, only: &[bench::Part]) -> Result<()> {
+fn bench(quick: bool, only: &[bench::Part], variants: &[bench::Variant]) -> Result<()> {
     setup::require_root("cargo xtask bench")?;
     let bin = build()?;
     let venv = setup::venv()?;
@@ -181,7 +186,7 @@ fn bench(quick: bool, only: &[bench::Part]) -> Result<()> {
         std::env::set_var("TRACER_BIN", &bin);
         std::env::set_var("TRACER_VENV", &venv);
     }
-    bench::run(quick, only)
+    bench::run(quick, only, variants)
 }
 
 fn main() -> ExitCode {
@@ -190,7 +195,11 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
         Cmd::Test { filter } => test(filter),
-        Cmd::Bench { quick, only } => bench(quick, &only),
+        Cmd::Bench {
+            quick,
+            only,
+            variant,
+        } => bench(quick, &only, &variant),
         Cmd::PipeLoop { pairs, go, switch } => bench::pipe_loop(pairs, &go, switch),
         Cmd::Soak { minutes } => (|| {
             setup::require_root("cargo xtask soak")?;

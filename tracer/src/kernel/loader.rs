@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{RawTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
 
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{
@@ -14,6 +14,7 @@ use tracer_common::{
 
 use super::btf::Btf;
 use super::tracefs::Format;
+use super::watched_tgids::{self, WatchedTgids};
 use crate::model::{LoopWait, Losses, MapOccupancy, Role};
 
 /// Map update flag: insert only if the key is absent.
@@ -24,6 +25,8 @@ const BPF_NOEXIST: u64 = 1;
 pub struct Probes {
     _ebpf: Ebpf,
     pub watched: HashMap<MapData, u32, Watched>,
+    /// Mirrors `watched`'s keys for sched_switch: see `WatchedTgids`.
+    watched_tgids: WatchedTgids,
     pub inflight: HashMap<MapData, u32, Inflight>,
     pub stats: PerCpuArray<MapData, u64>,
     errors: PerCpuArray<MapData, u64>,
@@ -33,8 +36,9 @@ pub struct Probes {
     pub events: Option<RingBuf<MapData>>,
 }
 
-/// Raw tracepoints: the hot path, every context switch (see tracer-ebpf).
-const RAW_PROGRAMS: [&str; 1] = ["sched_switch"];
+/// BTF tracepoints: the hot path, every context switch (see tracer-ebpf).
+/// The kernel checks them against its BTF at load.
+const BTF_PROGRAMS: [&str; 1] = ["sched_switch"];
 
 /// (program name, tracepoint category, tracepoint name)
 const PROGRAMS: [(&str, &str, &str); 6] = [
@@ -184,6 +188,7 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         // "state" before Linux 5.14.
         task_state: need("task_struct", &["__state", "state"])?,
         task_pid: need("task_struct", &["pid"])?,
+        task_tgid: need("task_struct", &["tgid"])?,
         task_flags: need("task_struct", &["flags"])?,
         task_exit_code: need("task_struct", &["exit_code"])?,
         task_comm: need("task_struct", &["comm"])?,
@@ -215,7 +220,7 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
 
 /// Tracepoint record offsets, from the running kernel's tracefs.
 fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
-    // The raw tracepoint takes (preempt, prev, next): no record layout.
+    // The BTF tracepoint takes (preempt, prev, next): no record layout.
     // Its tracefs entry must still exist for the kernel to have it.
     Format::read(tracefs, "sched", "sched_switch")?;
     let newtask = Format::read(tracefs, "task", "task_newtask")?;
@@ -300,7 +305,9 @@ fn open_object(config: &Config, watch_capacity: u32) -> Result<Ebpf> {
             "this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs; rebuild it with `cargo xtask build`"
         );
     }
+    // The loader parses the kernel's BTF itself, and drops it on return.
     EbpfLoader::new()
+        .map_max_entries("WATCHED_TGIDS", watched_tgids::slots())
         .override_global("CONFIG", config, true)
         .map_max_entries("WATCHED", watch_capacity)
         .load(bytes)
@@ -351,9 +358,19 @@ fn attach_optional(ebpf: &mut Ebpf, tracefs: &Path, tp: &TracepointOffsets) -> R
 
 /// Loads each program into the kernel and attaches it; the optional raw
 /// tracepoint only where this kernel has it.
-fn attach_all(ebpf: &mut Ebpf, with_recv: bool) -> Result<()> {
-    let optional = with_recv.then_some(OPTIONAL_RAW_PROGRAM);
-    for name in RAW_PROGRAMS.into_iter().chain(optional) {
+fn attach_all(ebpf: &mut Ebpf, with_recv: bool, btf: &aya::Btf) -> Result<()> {
+    for name in BTF_PROGRAMS {
+        let p: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
+            .try_into()?;
+        p.load(name, btf)
+            .map_err(|e| explain(e, &format!("loading program {name}")))?;
+        p.attach()
+            .map_err(|e| explain(e, &format!("attaching to BTF tracepoint {name}")))?;
+    }
+    if with_recv {
+        let name = OPTIONAL_RAW_PROGRAM;
         let p: &mut RawTracePoint = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
@@ -383,6 +400,13 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
             .ok_or_else(|| anyhow!("BPF object has no map {name}"))
     };
     let watched = HashMap::try_from(take("WATCHED")?)?;
+    let watched_tgids = match take("WATCHED_TGIDS")? {
+        aya::maps::Map::Array(data) => {
+            let slots = data.info()?.max_entries();
+            WatchedTgids::map(data, slots)?
+        }
+        _ => bail!("BPF object's WATCHED_TGIDS is not an array"),
+    };
     let inflight = HashMap::try_from(take("INFLIGHT")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let errors = PerCpuArray::try_from(take("ERRORS")?)?;
@@ -393,6 +417,7 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
     Ok(Probes {
         _ebpf: ebpf,
         watched,
+        watched_tgids,
         inflight,
         stats,
         errors,
@@ -417,7 +442,11 @@ pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Pr
     let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
     let mut ebpf = open_object(&config, opts.watch_capacity)?;
     fill_classes(&mut ebpf, &sys.classes)?;
-    attach_all(&mut ebpf, with_recv)?;
+    // Parsed again for the BTF tracepoint, once the loader's copy is gone:
+    // two alive at once raised the start-up peak by 11 MB.
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    attach_all(&mut ebpf, with_recv, &btf)?;
+    drop(btf);
     attach_optional(&mut ebpf, tracefs, &config.tp)?;
     take_maps(ebpf)
 }
@@ -429,9 +458,11 @@ impl Probes {
             role: role.to_kernel(),
             ..Default::default()
         };
-        self.watched
-            .insert(pid, w, 0)
-            .with_context(|| format!("adding pid {pid} to the kernel's watch list (is it full?)"))
+        self.watched.insert(pid, w, 0).with_context(|| {
+            format!("adding pid {pid} to the kernel's watch list (is it full?)")
+        })?;
+        self.watched_tgids.set(pid, true);
+        Ok(())
     }
 
     /// The master of a watched process, as the kernel has it.
@@ -505,6 +536,7 @@ impl Probes {
     /// Drops what the kernel kept for a process that exited. The kernel
     /// leaves its WATCHED entry to us: see `Watched`.
     pub fn forget(&mut self, tgid: u32) {
+        self.watched_tgids.set(tgid, false);
         let _ = self.watched.remove(&tgid);
         let _ = self.read_hist.remove(&tgid);
     }

@@ -5,5 +5,6 @@ pub mod btf;
 pub mod intake;
 mod loader;
 pub mod tracefs;
+mod watched_tgids;
 
 pub use loader::{LoadOptions, Probes, SyscallTable, load};
