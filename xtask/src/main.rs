@@ -120,8 +120,9 @@ fn test(filter: Option<String>) -> Result<()> {
             ("nginx", "nginx"),
             ("bpftool", "bpftool"),
             ("nft", "nftables"),
+            ("wrk", "wrk"),
         ],
-        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race)",
+        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks)",
     )?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();
