@@ -14,7 +14,7 @@ use super::sockets::SocketWatch;
 use super::targets::Target;
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::host::waits::{self, Multiplexer};
-use crate::host::{bounded, container, memcg, proc, pystack};
+use crate::host::{bounded, container, heartbeat, memcg, proc, pystack, threads};
 use crate::kernel::Probes;
 use crate::model::{
     BlockedThread, Container, FdInfo, KernelEvent, Losses, MasterSettings, MemoryCgroup, Output,
@@ -28,7 +28,7 @@ const PROC_DEADLINE: Duration = Duration::from_millis(500);
 
 /// /proc lookups for stalls being reported and processes being added.
 pub struct ProcEnricher {
-    pub heartbeats: proc::Heartbeats,
+    pub heartbeats: heartbeat::Heartbeats,
     pub pods_dir: Arc<PathBuf>,
 }
 
@@ -80,7 +80,7 @@ impl Enricher for ProcEnricher {
         container_of(pid, &self.pods_dir)
     }
     fn thread_name(&mut self, pid: u32, tid: u32) -> String {
-        proc::thread_name(pid, tid)
+        threads::thread_name(pid, tid)
     }
     fn socket_peer(&mut self, pid: u32, fd: i32) -> Option<String> {
         proc::socket_peer(pid, fd)
@@ -92,13 +92,13 @@ impl Enricher for ProcEnricher {
         }
     }
     fn thread_now(&mut self, pid: u32, tid: u32) -> ThreadNow {
-        proc::thread_now(pid, tid)
+        threads::thread_now(pid, tid)
     }
     fn thread_cpu(&mut self, pid: u32, tid: u32) -> Option<ThreadCpu> {
-        proc::thread_cpu(pid, tid)
+        threads::thread_cpu(pid, tid)
     }
     fn process_age_ms(&mut self, pid: u32) -> Option<u64> {
-        proc::process_age_ms(pid)
+        threads::process_age_ms(pid)
     }
     fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
         memcg::of_process(pid)
@@ -111,7 +111,7 @@ impl Enricher for ProcEnricher {
         proc::threads(pid)
             .into_iter()
             .filter_map(|tid| {
-                let (nr, args) = proc::thread_syscall(pid, tid)?;
+                let (nr, args) = threads::thread_syscall(pid, tid)?;
                 let name = syscalls::name(nr).into_owned();
                 // On an fd, and not a wait for work (what a plain process's
                 // stall would be).
@@ -307,7 +307,7 @@ impl Session {
         self.probes.watch(t.pid, t.master, t.role)?;
         self.add_listeners(t.pid);
         for tid in proc::threads(t.pid) {
-            if let Some((nr, args)) = proc::thread_syscall(t.pid, tid) {
+            if let Some((nr, args)) = threads::thread_syscall(t.pid, tid) {
                 self.probes
                     .seed_inflight(tid, t.pid, nr, [args[0], args[1], args[2]], now);
             }

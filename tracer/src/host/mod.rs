@@ -4,8 +4,10 @@
 //! Depends on `model` only.
 pub mod bounded;
 pub mod container;
+pub mod heartbeat;
 pub mod memcg;
 pub mod proc;
 pub mod pystack;
 pub mod sockdiag;
+pub mod threads;
 pub mod waits;

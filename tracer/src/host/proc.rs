@@ -8,7 +8,6 @@
 //! statx of the magic link with AT_STATX_DONT_SYNC (the open inode's cached
 //! type, so a hung NFS or FUSE server is never asked); fd scans are capped
 //! per process and timed.
-use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
 use std::io::Read;
@@ -16,7 +15,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::model::{End, FdInfo, FdKind, Peer, ThreadCpu, ThreadNow};
+use crate::model::{End, FdInfo, FdKind, Peer};
 
 /// Bytes of a command line read, at most.
 const MAX_CMDLINE: u64 = 16 * 1024;
@@ -40,7 +39,7 @@ pub fn read_capped(path: &std::path::Path, cap: u64) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn proc_path(parts: &[&str]) -> PathBuf {
+pub(super) fn proc_path(parts: &[&str]) -> PathBuf {
     let mut p = PathBuf::from("/proc");
     for part in parts {
         p.push(part);
@@ -438,7 +437,7 @@ pub fn holders(target: &str, skip: (u32, i32)) -> Holders {
 /// statx of /proc/PID/fd/N with AT_STATX_DONT_SYNC: the magic link leads
 /// straight to the open file (no lookup), and DONT_SYNC lets NFS and FUSE
 /// answer from the inode they hold instead of asking their server.
-fn statx_fd(pid: u32, fd: i32, mask: u32) -> Option<libc::statx> {
+pub(super) fn statx_fd(pid: u32, fd: i32, mask: u32) -> Option<libc::statx> {
     let path = CString::new(format!("/proc/{pid}/fd/{fd}")).ok()?;
     // SAFETY: statx is plain old data; all-zero is a valid value.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
@@ -479,80 +478,6 @@ pub fn fd_info(pid: u32, fd: i32) -> FdInfo {
         peers,
         peers_omitted,
         peers_complete: complete,
-    }
-}
-
-/// A heartbeat file's ctime, in nanoseconds since the epoch.
-fn ctime_ns(pid: u32, fd: i32) -> Option<i128> {
-    let st = statx_fd(pid, fd, libc::STATX_CTIME)?;
-    Some(st.stx_ctime.tv_sec as i128 * 1_000_000_000 + st.stx_ctime.tv_nsec as i128)
-}
-
-/// Fds of a worker looked at to find its heartbeat file: Gunicorn opens it
-/// in the master before the fork, so it has a low number.
-const HEARTBEAT_SCAN: usize = 1024;
-/// A process without a heartbeat file is looked at again after this long.
-const NO_HEARTBEAT_RETRY: Duration = Duration::from_secs(10);
-
-/// Where each worker's heartbeat file is: its fd, found once and checked
-/// with one readlink per look, instead of reading every fd every second.
-#[derive(Default)]
-pub struct Heartbeats {
-    fds: HashMap<u32, Result<i32, Instant>>,
-}
-
-fn is_heartbeat(link: &str) -> bool {
-    link.contains("/wgunicorn-")
-}
-
-fn find_heartbeat_fd(pid: u32) -> Option<i32> {
-    let rd = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])).ok()?;
-    rd.flatten().take(HEARTBEAT_SCAN).find_map(|e| {
-        let fd = e.file_name().to_str()?.parse().ok()?;
-        is_heartbeat(&fs::read_link(e.path()).ok()?.to_string_lossy()).then_some(fd)
-    })
-}
-
-impl Heartbeats {
-    /// Age of a worker's Gunicorn heartbeat, in milliseconds.
-    ///
-    /// The worker touches an unlinked `wgunicorn-*` file about once a second
-    /// (`utimensat` since Gunicorn 22, `fchmod` before). Both change the
-    /// inode's ctime to the wall-clock time, whatever they write into mtime,
-    /// so ctime dates the last heartbeat for every version.
-    pub fn age_ms(&mut self, pid: u32) -> Option<u64> {
-        let cached = match self.fds.get(&pid) {
-            Some(Ok(fd)) if fd_target(pid, *fd).is_some_and(|l| is_heartbeat(&l)) => Some(*fd),
-            Some(Err(at)) if at.elapsed() < NO_HEARTBEAT_RETRY => return None,
-            _ => None,
-        };
-        let fd = match cached.or_else(|| find_heartbeat_fd(pid)) {
-            Some(fd) => fd,
-            None => {
-                self.fds.insert(pid, Err(Instant::now()));
-                return None;
-            }
-        };
-        self.fds.insert(pid, Ok(fd));
-        let ctime = ctime_ns(pid, fd)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_nanos() as i128;
-        Some(((now - ctime).max(0) / 1_000_000) as u64)
-    }
-
-    /// Drops what is known of processes that are gone.
-    pub fn retain(&mut self, alive: impl Fn(u32) -> bool) {
-        self.fds.retain(|pid, _| alive(*pid));
-    }
-
-    pub fn len(&self) -> usize {
-        self.fds.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.fds.is_empty()
     }
 }
 
@@ -655,125 +580,6 @@ pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
         .into_iter()
         .filter_map(|(fd, link)| Some((fd, *listen_inodes.get(&socket_inode(&link)?)?)))
         .collect()
-}
-
-/// The syscall a thread is blocked in, from /proc/PID/task/TID/syscall:
-/// `nr arg1 .. arg6 sp pc`, or `running`, or `-1 sp pc` outside a syscall.
-pub fn parse_syscall_file(s: &str) -> Option<(i64, [u64; 6])> {
-    let mut it = s.split_whitespace();
-    let nr: i64 = it.next()?.parse().ok()?;
-    if nr < 0 {
-        return None;
-    }
-    let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
-    let mut args = [0u64; 6];
-    for a in &mut args {
-        *a = hex(it.next()?)?;
-    }
-    Some((nr, args))
-}
-
-fn task_file(pid: u32, tid: u32, name: &str) -> Option<String> {
-    fs::read_to_string(proc_path(&[
-        &pid.to_string(),
-        "task",
-        &tid.to_string(),
-        name,
-    ]))
-    .ok()
-}
-
-pub fn thread_syscall(pid: u32, tid: u32) -> Option<(i64, [u64; 6])> {
-    parse_syscall_file(&task_file(pid, tid, "syscall")?)
-}
-
-/// What a thread is doing now, from its syscall file.
-pub fn thread_now(pid: u32, tid: u32) -> ThreadNow {
-    let Some(text) = task_file(pid, tid, "syscall") else {
-        return ThreadNow::Gone;
-    };
-    if text.starts_with("running") {
-        return ThreadNow::Running;
-    }
-    match parse_syscall_file(&text) {
-        Some((nr, args)) => ThreadNow::InSyscall { nr, arg0: args[0] },
-        None => ThreadNow::OutsideSyscall,
-    }
-}
-
-/// The name of a thread (its comm: 15 bytes at most, from the kernel, and
-/// any bytes the thread chose: decoded lossily).
-pub fn thread_name(pid: u32, tid: u32) -> String {
-    let path = proc_path(&[&pid.to_string(), "task", &tid.to_string(), "comm"]);
-    fs::read(path)
-        .map(|b| {
-            String::from_utf8_lossy(&b)
-                .trim_end_matches('\n')
-                .chars()
-                .take(64)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// State, and user plus system CPU ticks, from a stat line (parsed from the
-/// last ')': the comm may hold anything).
-pub fn parse_stat_cpu(stat: &str) -> Option<(char, u64)> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let state = f.first()?.chars().next()?;
-    // Fields 14 and 15 of stat (utime, stime): 12 and 13 after the comm.
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((state, utime + stime))
-}
-
-/// `voluntary_ctxt_switches` of a status file.
-pub fn parse_voluntary_switches(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        t if t > 0 => t as u64,
-        _ => 100,
-    }
-}
-
-/// A thread's state and CPU time, from its stat and status files.
-pub fn thread_cpu(pid: u32, tid: u32) -> Option<ThreadCpu> {
-    let (state, ticks) = parse_stat_cpu(&task_file(pid, tid, "stat")?)?;
-    let switches = parse_voluntary_switches(&task_file(pid, tid, "status")?)?;
-    Some(ThreadCpu {
-        on_cpu: state == 'R',
-        cpu_ms: ticks * 1000 / clock_ticks(),
-        voluntary_switches: switches,
-    })
-}
-
-/// How long ago a process was started (forked), from its stat's start time
-/// (clock ticks after boot) and the boot-time clock.
-pub fn process_age_ms(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(proc_path(&[&pid.to_string(), "stat"])).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Field 22 of stat (starttime): 20 after the comm.
-    let start_ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write into.
-    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
-        return None;
-    }
-    let now_ms = ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
-    Some(now_ms.saturating_sub(start_ticks * 1000 / clock_ticks()))
 }
 
 #[cfg(test)]
@@ -952,16 +758,6 @@ mod tests {
     }
 
     #[test]
-    fn syscall_file_forms() {
-        assert_eq!(
-            parse_syscall_file("0 0xb 0x7ffd1234 0x4 0x0 0x0 0x9 0x7ffd0000 0x7f0000001234\n"),
-            Some((0, [11, 0x7ffd1234, 4, 0, 0, 9]))
-        );
-        assert_eq!(parse_syscall_file("running\n"), None);
-        assert_eq!(parse_syscall_file("-1 0x7ffd0000 0x7f0000001234\n"), None);
-    }
-
-    #[test]
     fn reads_this_process() {
         let me = std::process::id();
         assert!(exists(me));
@@ -998,16 +794,6 @@ mod tests {
             "the outside writer is kept"
         );
         assert_eq!(h.omitted, 1000 - MAX_PEERS as u64 + 2);
-    }
-
-    #[test]
-    fn heartbeat_of_a_process_without_one_is_not_rescanned_each_time() {
-        let mut h = Heartbeats::default();
-        let me = std::process::id();
-        assert_eq!(h.age_ms(me), None);
-        assert!(matches!(h.fds.get(&me), Some(Err(_))));
-        h.retain(|_| false);
-        assert!(h.is_empty());
     }
 
     #[test]
@@ -1099,26 +885,5 @@ mod tests {
             Some("my.Worker")
         );
         assert_eq!(class(&["gunicorn", "a:b"]), None);
-    }
-
-    #[test]
-    fn thread_cpu_from_stat_and_status() {
-        let stat =
-            "4242 (a) b) R 1 4242 4242 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 3 0 123456 0 0";
-        assert_eq!(parse_stat_cpu(stat), Some(('R', 287)));
-        assert_eq!(parse_stat_cpu("garbage"), None);
-        let status =
-            "Name:\tgunicorn\nvoluntary_ctxt_switches:\t1500\nnonvoluntary_ctxt_switches:\t7\n";
-        assert_eq!(parse_voluntary_switches(status), Some(1500));
-        let me = std::process::id();
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() } as u32;
-        let cpu = thread_cpu(me, tid).expect("this thread's stat");
-        assert!(cpu.on_cpu, "it is running this test");
-        assert!(process_age_ms(me).is_some());
-        // Reading its own syscall file, the thread is in a syscall (read).
-        assert!(matches!(thread_now(me, tid), ThreadNow::InSyscall { .. }));
-        assert_eq!(thread_now(me, u32::MAX), ThreadNow::Gone);
-        assert!(!thread_name(me, tid).is_empty());
     }
 }

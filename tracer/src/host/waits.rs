@@ -6,7 +6,7 @@
 //! known yet: never per syscall.
 use std::fs;
 
-use super::proc;
+use super::threads;
 use crate::model::LoopWait;
 
 /// Fds named from one multiplexer call, at most.
@@ -102,7 +102,7 @@ pub fn multiplexer_fds(pid: u32, tid: u32, kind: Multiplexer, nr: i64, arg0: u64
     if kind == Multiplexer::Epoll {
         return epoll_targets(pid, arg0 as i32);
     }
-    let Some((now_nr, args)) = proc::thread_syscall(pid, tid) else {
+    let Some((now_nr, args)) = threads::thread_syscall(pid, tid) else {
         return Vec::new();
     };
     if now_nr != nr || args[0] != arg0 {
@@ -161,7 +161,7 @@ pub fn find_loop(pid: u32, listeners: &[i32], select_nrs: &[i64]) -> Option<Loop
     if let Some(epfd) = epoll {
         return Some(LoopWait::Epoll { epfd });
     }
-    let (nr, args) = proc::thread_syscall(pid, pid)?;
+    let (nr, args) = threads::thread_syscall(pid, pid)?;
     if !select_nrs.contains(&nr) {
         return None;
     }
@@ -169,7 +169,7 @@ pub fn find_loop(pid: u32, listeners: &[i32], select_nrs: &[i64]) -> Option<Loop
     let set = read_memory(pid, args[1], fd_set_len(nfds))?;
     let fds = parse_fd_set(&set, nfds);
     // Asleep in the same call all along, or the set may be another's.
-    if proc::thread_syscall(pid, pid) != Some((nr, args))
+    if threads::thread_syscall(pid, pid) != Some((nr, args))
         || !listeners.iter().all(|l| fds.contains(l))
     {
         return None;
