@@ -344,15 +344,21 @@ fn attach_optional(ebpf: &mut Ebpf, tracefs: &Path, tp: &TracepointOffsets) -> R
             );
             continue;
         }
-        let p: &mut TracePoint = ebpf
-            .program_mut(prog)
-            .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
-            .try_into()?;
-        p.load()
-            .map_err(|e| explain(e, &format!("loading program {prog}")))?;
-        p.attach(category, name)
-            .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
+        attach_tracepoint(ebpf, prog, category, name)?;
     }
+    Ok(())
+}
+
+/// Loads classic tracepoint program `prog` and attaches it to `category:name`.
+fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
+    let p: &mut TracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
+        .try_into()?;
+    p.load()
+        .map_err(|e| explain(e, &format!("loading program {prog}")))?;
+    p.attach(category, name)
+        .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
     Ok(())
 }
 
@@ -381,14 +387,7 @@ fn attach_all(ebpf: &mut Ebpf, with_recv: bool, btf: &aya::Btf) -> Result<()> {
             .map_err(|e| explain(e, &format!("attaching to raw tracepoint {name}")))?;
     }
     for (prog, category, name) in PROGRAMS {
-        let p: &mut TracePoint = ebpf
-            .program_mut(prog)
-            .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
-            .try_into()?;
-        p.load()
-            .map_err(|e| explain(e, &format!("loading program {prog}")))?;
-        p.attach(category, name)
-            .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
+        attach_tracepoint(ebpf, prog, category, name)?;
     }
     Ok(())
 }
