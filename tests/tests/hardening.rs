@@ -716,7 +716,8 @@ fn forks_past_the_per_master_quota_are_counted_not_followed_and_others_still_are
     t.wait_for("the other master's child", Duration::from_secs(5), |e| {
         e["event"] == "worker" && e["master_pid"] == other.pid() && e["source"] == "fork"
     });
-    t.collect_for(Duration::from_secs(2));
+    // Long enough for a sweep (every 2 s) after the children let go.
+    t.collect_for(Duration::from_secs(3));
     let followed = t
         .of_kind("worker")
         .iter()
@@ -726,6 +727,9 @@ fn forks_past_the_per_master_quota_are_counted_not_followed_and_others_still_are
     let s = t.stop();
     assert_eq!(s["over_quota"], 16, "{s}");
     assert!(s["maps"]["watched"].as_u64().unwrap() <= 7, "{s}");
+    // The sleeps of the children let go were recorded while they were
+    // watched; their entries go with them, not at their exit, 60 s on.
+    assert!(s["maps"]["inflight"].as_u64().unwrap() <= 7, "{s}");
     assert_eq!(s["watch_full"], 0, "{s}");
 }
 
@@ -755,4 +759,68 @@ fn a_fork_flood_past_the_kernel_watch_list_is_counted_and_never_followed() {
         rows <= 8,
         "user space holds no process the kernel lost: {s}"
     );
+}
+
+/// Blocks SIGUSR1, prints `ready <tid>`, reads a pipe only it can write on
+/// the main thread for good; on SIGUSR1 another thread starts `n` threads
+/// that sleep.
+fn thread_flood(n: usize) -> String {
+    format!(
+        "import os, signal, threading, time
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+def flood():
+    signal.sigwait([signal.SIGUSR1])
+    for _ in range({n}):
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    print('flooded', flush=True)
+threading.Thread(target=flood, daemon=True).start()
+r, w = os.pipe()
+print('ready', threading.get_native_id(), flush=True)
+os.read(r, 1)
+"
+    )
+}
+
+#[test]
+fn a_thread_flood_past_the_in_flight_map_is_counted_and_the_stall_already_seen_stays() {
+    require_root();
+    let n = 40;
+    let cap = 16;
+    let mut p = Proc::python_captured(&thread_flood(n));
+    p.wait_count("ready", 1, Duration::from_secs(10));
+    let pid = p.pid();
+    let mut t = Tracer::start(&[
+        "--pid",
+        &pid.to_string(),
+        "--threshold",
+        "200ms",
+        "--inflight-capacity",
+        &cap.to_string(),
+    ]);
+    let stall = stall_of(&mut t, pid);
+    assert_eq!(stall["tid"], pid, "the main thread's read: {stall}");
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    p.wait_count("flooded", 1, Duration::from_secs(10));
+    t.collect_for(Duration::from_secs(3));
+    assert!(
+        t.of_kind("stall_end").iter().all(|e| e["tid"] != pid),
+        "the oldest sleep is never the one given up: {:?}",
+        t.of_kind("stall_end")
+    );
+    let s = t.stop();
+    // 2 slots held before (the read, the waiting thread): every other
+    // sleeper found the map full at least once.
+    let full = s["inflight_full"].as_u64().unwrap();
+    assert!(full >= (n - cap + 2) as u64, "{full} refusals: {s}");
+    assert!(s["maps"]["inflight"].as_u64().unwrap() <= cap as u64, "{s}");
+    let w = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"] == pid)
+        .unwrap();
+    assert_eq!(w["state"], "stalled", "{w}");
+    assert_eq!(w["stall"]["tid"], pid, "{w}");
+    assert!(w["stall"]["blocked_ms"].as_u64().unwrap() >= 3000, "{w}");
 }

@@ -408,7 +408,10 @@ pub mod stat {
     pub const CONNS_OK: u32 = 3;
     /// Connections whose start could not be recorded (map insert failed).
     pub const CONNS_UNTRACKED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// `INFLIGHT` full: a thread's sleep could not be recorded, so a stall
+    /// in it would not be seen.
+    pub const INFLIGHT_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Indexes of the kernel's `ERRORS` per-CPU counters: runs of each program

@@ -23,8 +23,14 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map]
 pub static WATCHED_TGIDS: Array<[u8; TGIDS_PER_SLOT as usize]> =
     Array::with_max_entries(32768 / TGIDS_PER_SLOT, BPF_F_MMAPABLE);
+/// The call each thread of a watched process sleeps in, keyed by tid;
+/// removed at the thread's exit. Not an LRU: an LRU evicts the entry
+/// untouched longest, which is the longest sleep, the one that matters. A
+/// full map refuses the newest thread instead, counted in
+/// `stat::INFLIGHT_FULL`; user space removes entries of threads that are
+/// gone or no longer watched, so a missed exit cannot fill it for good.
 #[map]
-pub static INFLIGHT: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(32768, 0);
+pub static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(32768, 0);
 /// What is known of a connection before its close, keyed by socket address.
 #[map]
 pub static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(65536, 0);

@@ -12,12 +12,12 @@ use aya_ebpf::{
 };
 use tracer_common::{
     Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RESTART_WINDOW_NS, class, fdkind, kind, program,
-    signal, wake, woke_by,
+    signal, stat, wake, woke_by,
 };
 
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{
-    PF_EXITING, atomic_add, class_of, current_syscall, emit, finish, is_watched, kread,
+    PF_EXITING, atomic_add, class_of, count, current_syscall, emit, finish, is_watched, kread,
 };
 use crate::maps::{INFLIGHT, READ_HIST, WATCHED, ZERO_HIST};
 
@@ -230,7 +230,12 @@ fn record_sleep(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
             active: 1,
             ..Default::default()
         };
-        return INFLIGHT.insert(call.tid, e, 0);
+        // Full: the thread's calls go unseen until a slot frees, counted
+        // as such rather than as a failed run.
+        if INFLIGHT.insert(call.tid, e, 0).is_err() {
+            count(stat::INFLIGHT_FULL);
+        }
+        return Ok(());
     };
     let e = unsafe { &mut *e };
     if is_open(e) {

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     logging::init_logging();
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Watch(args) => app::run(args),
+        cli::Command::Watch(args) => app::run(*args),
         cli::Command::Health { addr } => app::metrics_server::probe(addr),
     };
     match result {

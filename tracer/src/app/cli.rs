@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Watch Gunicorn masters and their workers (or any process) for stalls.
-    Watch(WatchArgs),
+    Watch(Box<WatchArgs>),
     /// Ask a running tracer's --health-addr whether its event loop runs
     /// (exit 0) or not (exit 1): a liveness probe for Kubernetes.
     Health {
@@ -97,6 +97,11 @@ pub struct WatchArgs {
     /// lowers it to overflow the list with a few forks.
     #[arg(long, value_name = "N", default_value = "8192", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
     pub watch_capacity: u32,
+
+    /// Threads the kernel's in-flight map holds at most. Hidden: a test
+    /// lowers it to fill the map with a few threads.
+    #[arg(long, value_name = "N", default_value = "32768", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
+    pub inflight_capacity: u32,
 
     /// Serve /healthz alone on this loopback address, for a liveness probe
     /// (`tracer health`) that a flood of metrics clients cannot starve.
@@ -187,7 +192,7 @@ mod tests {
         match Cli::try_parse_from(v) {
             Ok(Cli {
                 command: Command::Watch(w),
-            }) => Ok(w),
+            }) => Ok(*w),
             Ok(other) => Err(format!("not watch: {other:?}")),
             Err(e) => Err(e.to_string()),
         }

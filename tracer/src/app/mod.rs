@@ -143,6 +143,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
     let opts = LoadOptions {
         threshold_ns,
         watch_capacity: args.watch_capacity,
+        inflight_capacity: args.inflight_capacity,
     };
     let mut probes = kernel::load(&p.tracefs, &opts, &syscall_table()?)?;
     // Loading parsed the kernel's BTF (twice: aya and us), megabytes freed

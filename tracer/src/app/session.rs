@@ -450,9 +450,10 @@ impl Session {
     /// longer exist: their EXIT event was lost (ring buffer full) or never
     /// sent. Ends them as if it had arrived, so neither the kernel map, the
     /// report nor the metric series keeps a dead process.
-    fn sweep_dead(&mut self) {
+    /// Returns whether it ran.
+    fn sweep_dead(&mut self) -> bool {
         if self.last_sweep.elapsed() < SWEEP_EVERY {
-            return;
+            return false;
         }
         self.last_sweep = Instant::now();
         let held: Vec<u32> = self
@@ -485,6 +486,7 @@ impl Session {
             };
             self.exits.push((0, ev));
         }
+        true
     }
 
     /// Workers whose event loop's own wait is not known yet: look for it
@@ -529,14 +531,17 @@ impl Session {
     /// One tick: lost exits, held exits, the loops and heartbeats of
     /// workers, then the in-flight map.
     pub fn poll(&mut self) {
-        self.sweep_dead();
+        let sweep = self.sweep_dead();
         self.flush_exits(false);
         self.search_loops();
         self.check_heartbeats();
         let now = present::monotonic_ns();
-        let samples: Vec<Sample> = self
-            .probes
-            .inflight_samples()
+        let mut entries = self.probes.inflight_samples();
+        if sweep {
+            let removed = self.probes.sweep_inflight(&entries, proc::thread_exists);
+            entries.retain(|(tid, _)| !removed.contains(tid));
+        }
+        let samples: Vec<Sample> = entries
             .into_iter()
             .map(|(tid, e)| Sample {
                 tid,

@@ -51,6 +51,11 @@ pub fn exists(pid: u32) -> bool {
     proc_path(&[&pid.to_string()]).is_dir()
 }
 
+/// Thread `tid` of process `tgid` exists (a zombie's threads do not).
+pub fn thread_exists(tgid: u32, tid: u32) -> bool {
+    proc_path(&[&tgid.to_string(), "task", &tid.to_string()]).is_dir()
+}
+
 /// The process still has an fd table with something in it. An exiting
 /// process closes its files (and so its sockets) only after freeing its
 /// memory, which takes a while for a large one (an OOM victim).

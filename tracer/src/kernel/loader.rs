@@ -34,6 +34,16 @@ pub struct Probes {
     pub read_hist: HashMap<MapData, u32, ReadHist>,
     pub ports: Array<MapData, u8>,
     pub events: Option<RingBuf<MapData>>,
+    /// Seeds `INFLIGHT` refused, full: added to the kernel's count.
+    seeds_refused: u64,
+}
+
+/// The errno of a failed map syscall.
+fn os_error(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
 }
 
 /// BTF tracepoints: the hot path, every context switch (see tracer-ebpf).
@@ -298,7 +308,7 @@ fn config(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Confi
 }
 
 /// The embedded BPF object, loaded (not yet attached) with `config`.
-fn open_object(config: &Config, watch_capacity: u32) -> Result<Ebpf> {
+fn open_object(config: &Config, opts: &LoadOptions) -> Result<Ebpf> {
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
         bail!(
@@ -309,7 +319,8 @@ fn open_object(config: &Config, watch_capacity: u32) -> Result<Ebpf> {
     EbpfLoader::new()
         .map_max_entries("WATCHED_TGIDS", watched_tgids::slots())
         .override_global("CONFIG", config, true)
-        .map_max_entries("WATCHED", watch_capacity)
+        .map_max_entries("WATCHED", opts.watch_capacity)
+        .map_max_entries("INFLIGHT", opts.inflight_capacity)
         .load(bytes)
         .map_err(|e| explain(e, "loading the BPF object"))
 }
@@ -424,6 +435,7 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
         read_hist,
         ports,
         events,
+        seeds_refused: 0,
     })
 }
 
@@ -432,6 +444,8 @@ pub struct LoadOptions {
     pub threshold_ns: u64,
     /// Processes `WATCHED` holds at most (its default is the object's 8,192).
     pub watch_capacity: u32,
+    /// Threads `INFLIGHT` holds at most (its default is the object's 32,768).
+    pub inflight_capacity: u32,
 }
 
 /// Loads and attaches every program, configured for this kernel.
@@ -439,7 +453,7 @@ pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Pr
     raise_memlock();
     let config = config(tracefs, opts.threshold_ns, sys)?;
     let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
-    let mut ebpf = open_object(&config, opts.watch_capacity)?;
+    let mut ebpf = open_object(&config, opts)?;
     fill_classes(&mut ebpf, &sys.classes)?;
     // Parsed again for the BTF tracepoint, once the loader's copy is gone:
     // two alive at once raised the start-up peak by 11 MB.
@@ -503,7 +517,37 @@ impl Probes {
             seeded: 1,
             ..Default::default()
         };
-        let _ = self.inflight.insert(tid, e, BPF_NOEXIST);
+        if let Err(e) = self.inflight.insert(tid, e, BPF_NOEXIST) {
+            // EEXIST is the kernel's newer record; E2BIG, a full map.
+            if os_error(&e) == Some(libc::E2BIG) {
+                self.seeds_refused += 1;
+            }
+        }
+    }
+
+    /// Removes the entries of threads that are gone or whose process is no
+    /// longer watched (let go past its quota, or forgotten): the kernel
+    /// removes an entry at its thread's exit only while the process is
+    /// watched, and `INFLIGHT` evicts nothing. `entries` is a recent read of
+    /// the map; `alive(tgid, tid)` says whether the thread still exists.
+    /// Returns the tids removed.
+    pub fn sweep_inflight(
+        &mut self,
+        entries: &[(u32, Inflight)],
+        alive: impl Fn(u32, u32) -> bool,
+    ) -> Vec<u32> {
+        let mut watched = std::collections::BTreeMap::new();
+        let mut removed = Vec::new();
+        for (tid, e) in entries {
+            let is_watched = *watched
+                .entry(e.tgid)
+                .or_insert_with(|| self.watched.get(&e.tgid, 0).is_ok());
+            let stale = !is_watched || !alive(e.tgid, *tid);
+            if stale && self.inflight.remove(tid).is_ok() {
+                removed.push(*tid);
+            }
+        }
+        removed
     }
 
     pub fn inflight_samples(&self) -> Vec<(u32, Inflight)> {
@@ -550,6 +594,7 @@ impl Probes {
             events_lost: self.stat(stat::EVENTS_LOST),
             watch_full: self.stat(stat::WATCH_FULL),
             conns_untracked: self.stat(stat::CONNS_UNTRACKED),
+            inflight_full: self.stat(stat::INFLIGHT_FULL) + self.seeds_refused,
             over_quota: 0,
         }
     }

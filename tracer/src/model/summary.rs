@@ -146,6 +146,9 @@ pub struct Losses {
     pub watch_full: u64,
     /// Connections whose start could not be recorded (`CONNS` insert failed).
     pub conns_untracked: u64,
+    /// Thread sleeps not recorded because the kernel's `INFLIGHT` map was
+    /// full: a stall in one would not be seen.
+    pub inflight_full: u64,
     /// Forks not followed because their master already had
     /// `--max-watched-per-master` processes watched.
     pub over_quota: u64,

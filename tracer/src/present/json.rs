@@ -41,7 +41,7 @@ pub struct StartEvent {
 #[serde(tag = "event", rename = "summary")]
 pub struct SummaryEvent<'a> {
     pub duration_ms: u64,
-    /// events_lost, watch_full, conns_untracked, over_quota.
+    /// events_lost, watch_full, conns_untracked, inflight_full, over_quota.
     #[serde(flatten)]
     pub losses: Losses,
     pub maps: MapOccupancy,

@@ -278,6 +278,11 @@ pub fn render(
         counter(me.losses.conns_untracked),
     );
     reg.register(
+        "inflight_full",
+        "Thread sleeps not recorded because the kernel's in-flight map was full",
+        counter(me.losses.inflight_full),
+    );
+    reg.register(
         "over_quota",
         "Forked processes not watched because their master had --max-watched-per-master",
         counter(me.losses.over_quota),
@@ -390,6 +395,7 @@ mod tests {
                 events_lost: 1,
                 watch_full: 4,
                 conns_untracked: 5,
+                inflight_full: 7,
                 over_quota: 6,
             },
             maps: MapOccupancy {
@@ -445,6 +451,7 @@ mod tests {
         assert!(t.contains("gunicorn_tracer_watch_full_total 4"), "{t}");
         assert!(t.contains("gunicorn_tracer_conns_untracked_total 5"), "{t}");
         assert!(t.contains("gunicorn_tracer_over_quota_total 6"), "{t}");
+        assert!(t.contains("gunicorn_tracer_inflight_full_total 7"), "{t}");
         assert!(
             t.contains(r#"gunicorn_tracer_map_entries{map="watched"} 3"#),
             "{t}"

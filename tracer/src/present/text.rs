@@ -465,6 +465,12 @@ pub fn text_summary(s: &SummaryEvent) -> String {
             l.over_quota
         ));
     }
+    if l.inflight_full > 0 {
+        out.push_str(&format!(
+            "WARNING: {} thread sleep(s) could not be recorded (in-flight map full); a stall in one would not be seen\n",
+            l.inflight_full
+        ));
+    }
     if l.conns_untracked > 0 {
         out.push_str(&format!(
             "WARNING: {} connection start(s) could not be recorded (connection map full); their lifetimes are unknown\n",
