@@ -196,6 +196,7 @@ fn summary(out: &mut String, c: &Correlator, now_ms: u64) {
     };
     let losses = Losses {
         events_lost: 3,
+        inflight_full: 2,
         ..Default::default()
     };
     let ev = SummaryEvent::new(&s, now_ms, losses, maps);
