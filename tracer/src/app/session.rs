@@ -103,9 +103,16 @@ impl Enricher for ProcEnricher {
     fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
         memcg::of_process(pid)
     }
+    /// Walks the candidates' fd tables, which their owners size: on a
+    /// helper thread, so a huge one delays only this answer.
     fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
-        pids.iter()
-            .find_map(|&pid| proc::socket_fd(pid, inode).map(|fd| (pid, fd)))
+        let pids = pids.to_vec();
+        bounded::call(PROC_DEADLINE, move || {
+            pids.iter()
+                .find_map(|&pid| proc::socket_fd(pid, inode).map(|fd| (pid, fd)))
+        })
+        .ok()
+        .flatten()
     }
     fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
         proc::threads(pid)

@@ -66,12 +66,13 @@ pub fn has_open_fds(pid: u32) -> bool {
 }
 
 /// The fd through which `pid` holds the socket with this inode, from its
-/// /proc/PID/fd links (`socket:[inode]`).
+/// /proc/PID/fd links (`socket:[inode]`); the first `MAX_FDS_SCANNED` only.
 pub fn socket_fd(pid: u32, inode: u64) -> Option<i32> {
     let want = format!("socket:[{inode}]");
     fs::read_dir(proc_path(&[&pid.to_string(), "fd"]))
         .ok()?
         .filter_map(|e| e.ok())
+        .take(MAX_FDS_SCANNED)
         .find(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == want.as_str()))
         .and_then(|e| e.file_name().to_str()?.parse().ok())
 }
