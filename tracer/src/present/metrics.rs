@@ -262,31 +262,37 @@ pub fn render(
         "Events received from the kernel",
         received,
     );
-    reg.register(
-        "events_lost",
-        "Kernel events dropped because the ring buffer was full",
-        counter(me.losses.events_lost),
-    );
-    reg.register(
-        "watch_full",
-        "Forked processes not watched because the kernel's watch list was full",
-        counter(me.losses.watch_full),
-    );
-    reg.register(
-        "conns_untracked",
-        "Connections whose start could not be recorded (connection map full)",
-        counter(me.losses.conns_untracked),
-    );
-    reg.register(
-        "inflight_full",
-        "Thread sleeps not recorded because the kernel's in-flight map was full",
-        counter(me.losses.inflight_full),
-    );
-    reg.register(
-        "over_quota",
-        "Forked processes not watched because their master had --max-watched-per-master",
-        counter(me.losses.over_quota),
-    );
+    // What the tracer could not see, each counted where it was lost.
+    let l = &me.losses;
+    for (name, help, n) in [
+        (
+            "events_lost",
+            "Kernel events dropped because the ring buffer was full",
+            l.events_lost,
+        ),
+        (
+            "watch_full",
+            "Forked processes not watched because the kernel's watch list was full",
+            l.watch_full,
+        ),
+        (
+            "conns_untracked",
+            "Connections whose start could not be recorded (the connection map refused it)",
+            l.conns_untracked,
+        ),
+        (
+            "inflight_full",
+            "Thread sleeps not recorded because the kernel's in-flight map was full",
+            l.inflight_full,
+        ),
+        (
+            "over_quota",
+            "Forked processes not watched because their master had --max-watched-per-master",
+            l.over_quota,
+        ),
+    ] {
+        reg.register(name, help, counter(n));
+    }
     reg.register("map_entries", "Entries in the tracer's kernel maps", maps);
     register_bpf_errors(&mut reg, &me.bpf_errors);
     register_exits(&mut reg, summary);

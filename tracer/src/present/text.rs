@@ -473,7 +473,7 @@ pub fn text_summary(s: &SummaryEvent) -> String {
     }
     if l.conns_untracked > 0 {
         out.push_str(&format!(
-            "WARNING: {} connection start(s) could not be recorded (connection map full); their lifetimes are unknown\n",
+            "WARNING: {} connection start(s) could not be recorded (the connection map refused them); their lifetimes are unknown\n",
             l.conns_untracked
         ));
     }
