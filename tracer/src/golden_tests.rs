@@ -5,15 +5,14 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    BlockedThread, Container, End, FdInfo, FdKind, KernelEvent, LoopWait, Losses, MapOccupancy,
-    MasterSettings, MemoryCgroup, Output, Peer, PodSource, RaceReset, Role, Sample, SockSnapshot,
-    Source, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
+    BlockedThread, Container, FdInfo, KernelEvent, LoopWait, Losses, MapOccupancy, MasterSettings,
+    MemoryCgroup, Output, PodSource, RaceReset, Role, Sample, SockSnapshot, Source, TcpState,
+    ThreadCpu, ThreadNow, Wake, WokeBy,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
-const MS: u64 = 1_000_000;
-const MASTER: u32 = 100;
-const W: u32 = 101;
+use crate::analysis::fixtures::{self, MASTER, MS, W};
+
 const W2: u32 = 200;
 
 /// Stands in for /proc; the scripted run sets what the heartbeat and the
@@ -35,32 +34,9 @@ impl Default for Fake {
 impl Enricher for Fake {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
         match fd {
-            7 => FdInfo {
-                kind: FdKind::Socket,
-                target: Some("socket:[7]".into()),
-                peers: vec![],
-                peers_omitted: 0,
-                peers_complete: true,
-            },
-            11 => FdInfo {
-                kind: FdKind::Pipe,
-                target: Some("pipe:[777]".into()),
-                peers: vec![Peer {
-                    pid,
-                    comm: "gunicorn".into(),
-                    fd: 12,
-                    end: End::Write,
-                }],
-                peers_omitted: 0,
-                peers_complete: true,
-            },
-            5 => FdInfo {
-                kind: FdKind::Socket,
-                target: Some("socket:[5]".into()),
-                peers: vec![],
-                peers_omitted: 0,
-                peers_complete: true,
-            },
+            7 => fixtures::socket(7),
+            11 => fixtures::self_pipe(pid),
+            5 => fixtures::socket(5),
             _ => FdInfo::unknown(),
         }
     }
@@ -103,25 +79,13 @@ impl Enricher for Fake {
         })
     }
     fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
-        Some(MemoryCgroup {
-            path: "/web".into(),
-            limit_bytes: Some(400 << 20),
-            usage_bytes: Some(400 << 20),
-        })
+        Some(fixtures::full_cgroup())
     }
     fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
-        // Socket inode N belongs to the worker whose pid is N / 1000, as fd 9.
-        let pid = (inode / 1000) as u32;
-        pids.contains(&pid).then_some((pid, 9))
+        fixtures::owner_by_inode(inode, pids)
     }
     fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
-        vec![BlockedThread {
-            tid: pid + 1,
-            comm: "gunicorn".into(),
-            syscall: "read".into(),
-            fd: Some(11),
-            fd_target: Some("pipe:[777]".into()),
-        }]
+        fixtures::pipe_reader(pid)
     }
 }
 

@@ -27,6 +27,8 @@ mod summary;
 pub mod syscalls;
 
 #[cfg(test)]
+pub(crate) mod fixtures;
+#[cfg(test)]
 mod stall_model_tests;
 #[cfg(test)]
 mod tests;

@@ -7,9 +7,7 @@ use crate::model::{
     StallState, ThreadCpu, ThreadNow, WaitFd, WokeBy,
 };
 
-const MS: u64 = 1_000_000;
-const MASTER: u32 = 100;
-const W: u32 = 101;
+use super::fixtures::{MASTER, MS, W};
 
 /// /proc as a test sets it: fd 7 is a socket to `peer`, the thread is
 /// doing `now`, the loop thread's CPU is `cpu`, the heartbeat `heartbeat`

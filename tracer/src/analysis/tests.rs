@@ -3,40 +3,21 @@
 use super::lifecycle::MAX_EXITED_KEPT;
 use super::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    BlockedThread, CloseCounts, CloseKind, Container, End, FdInfo, FdKind, KernelEvent,
-    MemoryCgroup, Outcome, Output, Peer, Role, Sample, Source, Wake, WokeBy, WorkerState,
+    BlockedThread, CloseCounts, CloseKind, Container, FdInfo, FdKind, KernelEvent, MemoryCgroup,
+    Outcome, Output, Role, Sample, Source, Wake, WokeBy, WorkerState,
 };
 use crate::present::verdict;
 
-const MS: u64 = 1_000_000;
-const MASTER: u32 = 100;
-const W: u32 = 101;
+use super::fixtures::{self, MASTER, MS, W};
 
 /// Stands in for /proc: worker W's fd 11 is a pipe only W can write to.
 struct FakeProc;
 impl Enricher for FakeProc {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
         if fd == 11 {
-            FdInfo {
-                kind: FdKind::Pipe,
-                target: Some("pipe:[777]".into()),
-                peers: vec![Peer {
-                    pid,
-                    comm: "gunicorn".into(),
-                    fd: 12,
-                    end: End::Write,
-                }],
-                peers_omitted: 0,
-                peers_complete: true,
-            }
+            fixtures::self_pipe(pid)
         } else {
-            FdInfo {
-                kind: FdKind::Socket,
-                target: Some("socket:[5]".into()),
-                peers: vec![],
-                peers_omitted: 0,
-                peers_complete: true,
-            }
+            fixtures::socket(5)
         }
     }
     fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
@@ -49,25 +30,13 @@ impl Enricher for FakeProc {
         None
     }
     fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
-        Some(MemoryCgroup {
-            path: "/web".into(),
-            limit_bytes: Some(400 << 20),
-            usage_bytes: Some(400 << 20),
-        })
+        Some(fixtures::full_cgroup())
     }
     fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
-        // Socket inode N belongs to the worker whose pid is N / 1000, as fd 9.
-        let pid = (inode / 1000) as u32;
-        pids.contains(&pid).then_some((pid, 9))
+        fixtures::owner_by_inode(inode, pids)
     }
     fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
-        vec![BlockedThread {
-            tid: pid + 1,
-            comm: "gunicorn".into(),
-            syscall: "read".into(),
-            fd: Some(11),
-            fd_target: Some("pipe:[777]".into()),
-        }]
+        fixtures::pipe_reader(pid)
     }
 }
 
