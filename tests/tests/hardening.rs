@@ -51,6 +51,18 @@ fn blocked_python_in(dir: &Path) -> Proc {
     Proc::spawn(Command::new("/usr/bin/python3").arg(&script))
 }
 
+/// Traces `pid` with `spy` as its py-spy, stalls reported after 200 ms.
+fn trace_with_spy(pid: u32, spy: &Path) -> Tracer {
+    Tracer::start(&[
+        "--pid",
+        &pid.to_string(),
+        "--py-spy",
+        spy.to_str().unwrap(),
+        "--threshold",
+        "200ms",
+    ])
+}
+
 fn stall_of(t: &mut Tracer, pid: u32) -> Value {
     t.wait_for("stall", Duration::from_secs(10), |e| {
         e["event"] == "stall" && e["pid"] == pid
@@ -91,14 +103,7 @@ fn a_py_spy_beside_the_traced_program_is_never_run() {
     let err = stall["py_stack_error"].as_str().unwrap_or_default();
     assert!(err.contains("py-spy is not installed"), "{stall}");
     // Named explicitly, but owned by someone else: refused, and said why.
-    let mut t = Tracer::start(&[
-        "--pid",
-        &pid,
-        "--py-spy",
-        spy.to_str().unwrap(),
-        "--threshold",
-        "200ms",
-    ]);
+    let mut t = trace_with_spy(p.pid(), &spy);
     stall_of(&mut t, p.pid());
     t.stop();
     let stall = t.of_kind("stall")[0].clone();
@@ -137,14 +142,7 @@ fn py_spy_output_over_64k_is_drained_and_the_dump_is_nonblocking() {
         0o755,
     );
     let p = Proc::python(BLOCK);
-    let mut t = Tracer::start(&[
-        "--pid",
-        &p.pid().to_string(),
-        "--py-spy",
-        spy.to_str().unwrap(),
-        "--threshold",
-        "200ms",
-    ]);
+    let mut t = trace_with_spy(p.pid(), &spy);
     let stall = stall_of(&mut t, p.pid());
     let stack = stall["py_stack"]
         .as_str()
@@ -172,14 +170,7 @@ fn a_hung_py_spy_is_killed_at_its_deadline_and_with_the_tracer() {
         0o755,
     );
     let p = Proc::python(BLOCK);
-    let mut t = Tracer::start(&[
-        "--pid",
-        &p.pid().to_string(),
-        "--py-spy",
-        spy.to_str().unwrap(),
-        "--threshold",
-        "200ms",
-    ]);
+    let mut t = trace_with_spy(p.pid(), &spy);
     let started = Instant::now();
     let stall = stall_of(&mut t, p.pid());
     assert!(
@@ -203,14 +194,7 @@ fn a_hung_py_spy_is_killed_at_its_deadline_and_with_the_tracer() {
     // A tracer killed outright takes its py-spy with it.
     let q = Proc::python(BLOCK);
     let _ = std::fs::remove_file(&pids);
-    let t = Tracer::start(&[
-        "--pid",
-        &q.pid().to_string(),
-        "--py-spy",
-        spy.to_str().unwrap(),
-        "--threshold",
-        "200ms",
-    ]);
+    let t = trace_with_spy(q.pid(), &spy);
     let second: u32 = eventually("py-spy started", Duration::from_secs(10), || {
         std::fs::read_to_string(&pids).ok()?.trim().parse().ok()
     });
