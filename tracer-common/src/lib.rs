@@ -172,7 +172,8 @@ pub struct Watched {
     pub role: u32,
     /// The event loop's own wait, once user space has found it: the
     /// [`class`] bit of its syscalls ([`class::EPOLL`] or [`class::SELECT`]),
-    /// 0 while unknown (then every multiplexer sleep counts as the loop's).
+    /// 0 while unknown (then a worker's main thread's multiplexer sleeps are
+    /// all recorded, and another process's main thread idles in them).
     pub loop_class: u32,
     pub _pad: u32,
     /// Their first argument: the loop's epoll fd, or select's nfds.

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RESTART_WINDOW_NS, class, fdkind, kind, program,
-    signal, stat, wake, woke_by,
+    role, signal, stat, wake, woke_by,
 };
 
 use crate::config::{CONFIG, cfg};
@@ -137,14 +137,17 @@ fn going_to_sleep(prev: Task, call: &mut Call) -> bool {
 /// Whether a multiplexer sleep of a main thread is the event loop's own
 /// wait, as user space described it in `WATCHED`: same syscall family and
 /// first argument, and for select the same read set (its nfds alone could
-/// be another call's). While the loop's wait is unknown, every one is.
+/// be another call's). While a worker's loop is unknown none is: its
+/// multiplexer sleeps are recorded, so that a `poll()` begun before user
+/// space found the loop is judged, with its true start, once it does.
+/// Other processes' main threads idle in theirs.
 #[inline(always)]
 fn is_loop_wait(tgid: u32, c: u32, arg0: u64, regs: Task) -> bool {
     let Some(w) = (unsafe { WATCHED.get(tgid) }) else {
         return true;
     };
     if w.loop_class == 0 {
-        return true;
+        return w.role != role::WORKER;
     }
     if c & w.loop_class == 0 || arg0 != w.loop_arg0 {
         return false;

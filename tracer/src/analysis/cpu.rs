@@ -9,7 +9,7 @@
 use super::Enricher;
 use super::correlator::Correlator;
 use super::signatures;
-use super::stalls::stall_end;
+use super::stalls::{current_figures, stall_end};
 use super::syscalls;
 use crate::model::{
     FdKind, LoopWait, Outcome, Output, Role, StallReport, StallState, ThreadCpu, ThreadNow,
@@ -50,8 +50,13 @@ struct Busy {
 }
 
 impl Beats {
+    /// How old the last heartbeat seen is at `now_ns`.
+    pub(super) fn age_ms(&self, now_ns: u64) -> Option<u64> {
+        self.last_ns.map(|last| now_ns.saturating_sub(last) / MS)
+    }
+
     /// Notes the heartbeat dated `beat_ns`; true when it is a new one.
-    fn saw(&mut self, beat_ns: u64) -> bool {
+    pub(super) fn saw(&mut self, beat_ns: u64) -> bool {
         match self.last_ns {
             Some(last) if beat_ns > last + SAME_BEAT_NS => {
                 let interval = beat_ns - last;
@@ -100,6 +105,14 @@ impl Beats {
             }
         }
     }
+}
+
+/// What one look measured of a loop thread away from its loop.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    cpu_ms: u64,
+    sleeps: u64,
+    ms: u64,
 }
 
 /// How often a worker heartbeats: about once a second for Gunicorn's own
@@ -184,13 +197,22 @@ impl Correlator {
         if now_ns.saturating_sub(busy.since_ns) + (step + LOOK_SLACK_MS) * MS < stale_ms * MS {
             return Vec::new();
         }
-        let state = if busy.slept || !cpu.on_cpu {
+        // Busy needs evidence of many calls: sleeps counted since the first
+        // look. A thread asleep all along is in one long call, which the
+        // kernel times (a blocked stall, with its syscall), not busy.
+        let state = if busy.slept {
             StallState::Busy
-        } else {
+        } else if cpu.on_cpu {
             StallState::OnCpu
+        } else {
+            return Vec::new();
         };
-        let cpu_ms = cpu.cpu_ms.saturating_sub(busy.cpu_ms);
-        let report = self.on_cpu_report(pid, state, beat_ns, age_ms, cpu_ms, enr);
+        let measured = Measured {
+            cpu_ms: cpu.cpu_ms.saturating_sub(busy.cpu_ms),
+            sleeps: cpu.voluntary_switches.saturating_sub(busy.switches),
+            ms: now_ns.saturating_sub(busy.since_ns) / MS,
+        };
+        let report = self.on_cpu_report(pid, state, beat_ns, age_ms, measured, enr);
         let p = self.procs.get_mut(&pid).expect("checked above");
         p.stalls += 1;
         p.last_stall = Some(report.clone());
@@ -207,7 +229,7 @@ impl Correlator {
         state: StallState,
         beat_ns: u64,
         age_ms: u64,
-        cpu_ms: u64,
+        measured: Measured,
         enr: &mut dyn Enricher,
     ) -> StallReport {
         let p = &self.procs[&pid];
@@ -224,7 +246,9 @@ impl Correlator {
             fd_kind: FdKind::Unknown,
             blocked_ms: age_ms,
             heartbeat_age_ms: Some(age_ms),
-            cpu_ms: Some(cpu_ms),
+            cpu_ms: Some(measured.cpu_ms),
+            sleeps: Some(measured.sleeps),
+            measured_ms: Some(measured.ms),
             gunicorn_timeout_s: p.timeout_s,
             worker_class: p.worker_class.clone(),
             container: p.container.clone(),
@@ -248,7 +272,7 @@ impl Correlator {
             && last.state == r.state
             && last.start_ns == r.start_ns
         {
-            last.blocked_ms = blocked_ms;
+            current_figures(last, &p.beats, ts_ns);
         }
         vec![stall_end(&r, ts_ns, blocked_ms, outcome)]
     }

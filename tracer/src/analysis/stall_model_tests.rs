@@ -339,6 +339,11 @@ fn a_loop_thread_that_never_goes_back_to_its_wait_is_busy() {
             let r = stalls(&out)[0];
             assert_eq!(r.state, StallState::Busy);
             assert_eq!(r.cause.as_ref().unwrap().id, "busy_loop");
+            // What was measured, since the first look found it away.
+            assert_eq!(
+                (r.sleeps, r.cpu_ms, r.measured_ms),
+                (Some(75), Some(100), Some(1000))
+            );
         }
     }
     // The same looks with the thread back in its loop's wait: healthy.
@@ -424,4 +429,37 @@ fn a_servers_port_names_it_with_a_fix_for_the_worker_class() {
     assert_eq!(cause(&sleep).id, "blocking_call_in_async_handler");
     // A sync worker's sleep is no gevent cause.
     assert!(signatures::identify(&report(Some("sync"), W, "clock_nanosleep", None)).is_none());
+}
+
+/// Issue 18, item 1: a loop thread asleep in one long call (its voluntary
+/// switches never move) is not busy: busy needs evidence of many calls.
+/// The call itself is the kernel's to time (it records a worker's main
+/// thread's multiplexer sleeps until its loop is known).
+#[test]
+fn a_loop_thread_asleep_in_one_call_is_not_busy() {
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    let poll = syscalls::number("poll")
+        .or(syscalls::number("ppoll"))
+        .unwrap();
+    f.now = ThreadNow::InSyscall {
+        nr: poll,
+        arg0: 0x7ff0,
+    };
+    for (now, hb) in [(3000, 1200), (3500, 1700), (4000, 2200), (6000, 4200)] {
+        f.heartbeat = hb;
+        f.cpu = cpu(false, 5, 30);
+        let out = c.on_tick(now * MS, f);
+        assert!(stalls(&out).is_empty(), "at {now}: {out:?}");
+    }
+    // The same thread, asleep in that poll since 1000 ms: the kernel's
+    // entry makes it a blocked stall, with its syscall and wait fds.
+    let s = asleep(W, &syscalls::name(poll), 0x7ff0, 1000);
+    let out = c.on_samples(&[s], 6000 * MS, f);
+    let r = stalls(&out)[0];
+    assert_eq!(r.state, StallState::Blocked);
+    assert_eq!(r.syscall_name(), syscalls::name(poll));
+    assert_eq!(r.blocked_ms, 5000);
+    assert_eq!(r.wait_fds.len(), 1, "{r:?}");
+    assert_eq!(r.wait_fds[0].peer.as_deref(), Some("10.0.3.7:5432"));
 }

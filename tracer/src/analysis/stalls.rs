@@ -10,6 +10,7 @@ use tracer_common::RESTART_WINDOW_NS;
 
 use super::Enricher;
 use super::correlator::Correlator;
+use super::cpu::Beats;
 use super::{signatures, syscalls};
 use crate::model::{
     FdInfo, FdKind, KernelEvent, LoopWait, Outcome, Output, Role, Sample, StallReport, StallState,
@@ -64,9 +65,10 @@ impl Correlator {
             .min_by_key(|a| (a.report.tid != pid, a.report.start_ns))
             .map(|a| &a.report);
         let loop_blocked = blocked.filter(|r| r.tid == pid);
+        let beats = &self.procs.get(&pid)?.beats;
         loop_blocked.or(self.on_cpu.get(&pid)).or(blocked).map(|r| {
             let mut r = r.clone();
-            r.blocked_ms = now_ns.saturating_sub(r.start_ns) / 1_000_000;
+            current_figures(&mut r, beats, now_ns);
             r
         })
     }
@@ -273,6 +275,8 @@ impl Correlator {
             heartbeat_age_ms: heartbeat,
             never_heartbeated,
             cpu_ms: None,
+            sleeps: None,
+            measured_ms: None,
             gunicorn_timeout_s: p.timeout_s.filter(|_| worker),
             worker_class: p.worker_class.clone().filter(|_| worker),
             cause: None,
@@ -283,6 +287,9 @@ impl Correlator {
         };
         report.cause = signatures::identify(&report);
         let p = self.procs.get_mut(&s.tgid).expect("checked above");
+        if let Some(age) = heartbeat {
+            p.beats.saw(now_ns.saturating_sub(age * 1_000_000));
+        }
         p.stalls += 1;
         p.last_stall = Some(report.clone());
         self.active.insert(
@@ -342,9 +349,19 @@ impl Correlator {
             && last.tid == tid
             && last.start_ns == a.report.start_ns
         {
-            last.blocked_ms = blocked_ms;
+            current_figures(last, &p.beats, ts_ns);
         }
         Some(stall_end(&a.report, ts_ns, blocked_ms, outcome))
+    }
+}
+
+/// Brings a stall's figures to `now_ns` (its end, or the moment a report
+/// is made): how long it has lasted, and how old the heartbeat is (as last
+/// seen: a worker's heartbeat is looked at a few times a second).
+pub(super) fn current_figures(r: &mut StallReport, beats: &Beats, now_ns: u64) {
+    r.blocked_ms = now_ns.saturating_sub(r.start_ns) / 1_000_000;
+    if r.heartbeat_age_ms.is_some() {
+        r.heartbeat_age_ms = beats.age_ms(now_ns).or(r.heartbeat_age_ms);
     }
 }
 
@@ -361,6 +378,7 @@ pub(super) fn stall_end(r: &StallReport, ts_ns: u64, blocked_ms: u64, outcome: O
         fd: r.fd,
         fd_kind: r.fd_kind,
         blocked_ms,
+        since_attach: r.since_attach,
         outcome,
         container: r.container.clone(),
     }

@@ -369,6 +369,9 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         (s.syscall_name(), s.fd, s.blocked_ms),
         ("read", Some(11), 4500)
     );
+    // Issue 18 item 2: every figure is current at the kill, not the first
+    // report's (the heartbeat was 600 ms old at 600 ms, and never moved).
+    assert_eq!(s.heartbeat_age_ms, Some(4500));
     // A signal from someone else is not a Gunicorn timeout.
     let other = KernelEvent::Signal {
         ts_ns: 4600 * MS,
@@ -398,6 +401,8 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
     );
     let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
     assert_eq!(w.state, WorkerState::KilledByTimeout);
+    let st = w.stall.as_ref().unwrap();
+    assert_eq!((st.blocked_ms, st.heartbeat_age_ms), (5500, Some(5500)));
 }
 
 #[test]

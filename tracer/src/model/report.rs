@@ -79,9 +79,16 @@ pub struct StallReport {
     /// For a worker: true when it has not touched its heartbeat since it
     /// was forked (it never reached its loop).
     pub never_heartbeated: Option<bool>,
-    /// On the CPU or busy: CPU time the thread used since its heartbeat was
-    /// overdue.
+    /// On the CPU or busy: CPU time the thread used over `measured_ms`.
     pub cpu_ms: Option<u64>,
+    /// On the CPU or busy: how often the thread went to sleep (its
+    /// voluntary context switches) over `measured_ms`. Busy is said only
+    /// when this rose: one long sleep is a blocked call, not busy.
+    pub sleeps: Option<u64>,
+    /// On the CPU or busy: the window `cpu_ms` and `sleeps` were counted
+    /// over, from the first look that found the loop thread away from its
+    /// loop while its heartbeat was overdue.
+    pub measured_ms: Option<u64>,
     /// The master's --timeout, when its command line says.
     pub gunicorn_timeout_s: Option<f64>,
     /// The worker class (`sync`, `gthread`, `gevent`, `uvicorn`, or the
@@ -556,6 +563,9 @@ pub enum Output {
         fd: Option<i32>,
         fd_kind: FdKind,
         blocked_ms: u64,
+        /// The call began before the tracer attached: `blocked_ms` is a
+        /// lower bound.
+        since_attach: bool,
         outcome: Outcome,
         container: Option<Container>,
     },

@@ -119,18 +119,39 @@ fn fd_list(fds: &[WaitFd]) -> String {
 /// without a syscall (2.4s of CPU)", "busy 3.0s away from its loop, in
 /// calls each under the threshold (0.4s of CPU)"
 fn describe_stall(s: &StallReport, blocked: &str) -> String {
+    let measured = |what: String| match s.measured_ms {
+        Some(ms) => format!(" ({what} in the last {})", secs(ms)),
+        None => format!(" ({what})"),
+    };
     let cpu = s
         .cpu_ms
-        .map(|c| format!(" ({} of CPU since its heartbeat was due)", secs(c)))
+        .map(|c| measured(format!("{} of CPU", secs(c))))
         .unwrap_or_default();
     match s.state {
-        StallState::Blocked => format!("{blocked} {} in {}", secs(s.blocked_ms), describe_call(s)),
-        StallState::OnCpu => format!("on the CPU {} without a syscall{cpu}", secs(s.blocked_ms)),
-        StallState::Busy => format!(
-            "busy {} away from its loop, in calls each under the threshold{cpu}",
-            secs(s.blocked_ms)
+        StallState::Blocked => format!(
+            "{blocked} {}{} in {}",
+            at_least(s),
+            secs(s.blocked_ms),
+            describe_call(s)
         ),
+        StallState::OnCpu => format!("on the CPU {} without a syscall{cpu}", secs(s.blocked_ms)),
+        StallState::Busy => {
+            let what = match (s.sleeps, s.cpu_ms) {
+                (Some(n), Some(c)) => measured(format!("{n} sleeps, {} of CPU", secs(c))),
+                _ => cpu,
+            };
+            format!(
+                "busy {} away from its loop, in calls each under the threshold{what}",
+                secs(s.blocked_ms)
+            )
+        }
     }
+}
+
+/// "at least " when `blocked_ms` counts from the attach, not from the
+/// call's start.
+fn at_least(s: &StallReport) -> &'static str {
+    if s.since_attach { "at least " } else { "" }
 }
 
 /// Where a stall without a syscall was: "on the CPU", "away from its loop".

@@ -3,7 +3,7 @@
 use super::exits::exit_words;
 use super::json::{StartEvent, SummaryEvent};
 use super::{
-    Clock, describe_call, describe_stall, holders, never_noticed, sanitize, secs,
+    Clock, at_least, describe_call, describe_stall, holders, never_noticed, sanitize, secs,
     where_without_syscall, which_thread,
 };
 use crate::model::{
@@ -19,14 +19,15 @@ fn cause_lines(c: &crate::model::Cause) -> String {
 fn stall_details(s: &StallReport) -> String {
     let what = match s.state {
         StallState::Blocked => format!(
-            "blocked {}{} in {}",
+            "blocked {}{} in {}{}",
+            at_least(s),
             secs(s.blocked_ms),
+            sanitize(&describe_call(s)),
             if s.since_attach {
-                "+ (before attach)"
+                " (it began before the tracer attached)"
             } else {
                 ""
             },
-            sanitize(&describe_call(s)),
         ),
         StallState::OnCpu | StallState::Busy => describe_stall(s, "blocked"),
     };
@@ -126,7 +127,7 @@ fn stall_end_line(
     (pid, tid): (u32, u32),
     state: StallState,
     syscall: &Option<String>,
-    blocked_ms: u64,
+    (blocked_ms, since_attach): (u64, bool),
     outcome: Outcome,
 ) -> String {
     let what = match syscall {
@@ -139,7 +140,8 @@ fn stall_end_line(
         String::new()
     };
     format!(
-        "end      {pid}{thread} {what} after {}: {}",
+        "end      {pid}{thread} {what} after {}{}: {}",
+        if since_attach { "at least " } else { "" },
         secs(blocked_ms),
         match outcome {
             Outcome::Returned => "returned",
@@ -341,9 +343,16 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             state,
             syscall,
             blocked_ms,
+            since_attach,
             outcome,
             ..
-        } => stall_end_line((*pid, *tid), *state, syscall, *blocked_ms, *outcome),
+        } => stall_end_line(
+            (*pid, *tid),
+            *state,
+            syscall,
+            (*blocked_ms, *since_attach),
+            *outcome,
+        ),
         Output::WorkerTimeout {
             pid,
             master_pid,
@@ -431,7 +440,12 @@ pub fn text_summary(s: &SummaryEvent) -> String {
             .as_ref()
             .map(|st| match st.state {
                 StallState::Blocked => {
-                    format!("{} {}", secs(st.blocked_ms), sanitize(&describe_call(st)))
+                    format!(
+                        "{}{} {}",
+                        if st.since_attach { ">=" } else { "" },
+                        secs(st.blocked_ms),
+                        sanitize(&describe_call(st))
+                    )
                 }
                 state => format!("{} {}", secs(st.blocked_ms), where_without_syscall(state)),
             })
@@ -552,6 +566,7 @@ mod tests {
             fd: Some(11),
             fd_kind: FdKind::Pipe,
             blocked_ms: 4000,
+            since_attach: false,
             outcome: Outcome::Exited,
             container: None,
         };

@@ -2,7 +2,9 @@
 //! thing a person reads.
 use serde::Serialize;
 
-use super::{describe_call, describe_stall, exits, holders, never_noticed, secs, which_thread};
+use super::{
+    at_least, describe_call, describe_stall, exits, holders, never_noticed, secs, which_thread,
+};
 use crate::model::{Finding, Role, StallReport, Summary, WorkerState, WorkerSummary};
 
 #[derive(Debug, Clone, Serialize)]
@@ -127,8 +129,9 @@ fn killed(w: &WorkerSummary) -> String {
     let mut line = format!("{} was {}", name(w), exit_of(w));
     if let Some(st) = w.stall.as_ref().filter(|_| w.stalls > 0) {
         line.push_str(&format!(
-            "; it had stalled {} time(s), last for {} in {}",
+            "; it had stalled {} time(s), last for {}{} in {}",
             w.stalls,
+            at_least(st),
             secs(st.blocked_ms),
             describe_call(st)
         ));
@@ -212,7 +215,12 @@ fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
         .map(|w| {
             let st = w.stall.as_ref().expect("stalls > 0 has a stall");
             let last = match st.syscall {
-                Some(_) => format!("{} in {}", secs(st.blocked_ms), describe_call(st)),
+                Some(_) => format!(
+                    "{}{} in {}",
+                    at_least(st),
+                    secs(st.blocked_ms),
+                    describe_call(st)
+                ),
                 None => format!("{} {}", secs(st.blocked_ms), describe_call(st)),
             };
             format!(
