@@ -98,6 +98,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value = "8192", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
     pub watch_capacity: u32,
 
+    /// How often workers whose event loop is not known yet are searched.
+    /// Hidden: a test slows it so that a call begins before the loop is
+    /// found.
+    #[arg(long, value_name = "DUR", default_value = "1s", hide = true, value_parser = parse_duration)]
+    pub loop_search_every: Duration,
+
     /// Threads the kernel's in-flight map holds at most. Hidden: a test
     /// lowers it to fill the map with a few threads.
     #[arg(long, value_name = "N", default_value = "32768", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]

@@ -180,6 +180,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         last_sweep: Instant::now(),
         last_heartbeats: Instant::now(),
         last_loop_search: Instant::now(),
+        loop_search_every: args.loop_search_every,
         listeners: Default::default(),
         py_stack: args.wants_py_stack().then(|| args.py_spy.clone()),
         pending: Default::default(),

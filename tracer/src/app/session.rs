@@ -168,8 +168,6 @@ const EXIT_HOLD_MAX_NS: u64 = 2_000_000_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// How often workers' heartbeats are looked at, for loops that keep the CPU.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
-/// How often workers whose event loop is not known yet are looked at.
-const LOOP_SEARCH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Session {
     pub probes: Probes,
@@ -183,6 +181,8 @@ pub struct Session {
     pub last_sweep: Instant,
     pub last_heartbeats: Instant,
     pub last_loop_search: Instant,
+    /// --loop-search-every (hidden; 1 s).
+    pub loop_search_every: Duration,
     /// Listening fds of each watched process with any: a master's are its
     /// workers' (inherited at the fork).
     pub listeners: HashMap<u32, Vec<i32>>,
@@ -499,7 +499,7 @@ impl Session {
     /// Workers whose event loop's own wait is not known yet: look for it
     /// (once they serve, their listeners show in it), and tell the kernel.
     fn search_loops(&mut self) {
-        if self.last_loop_search.elapsed() < LOOP_SEARCH_EVERY {
+        if self.last_loop_search.elapsed() < self.loop_search_every {
             return;
         }
         self.last_loop_search = Instant::now();

@@ -1,0 +1,116 @@
+//! End to end, issue 18 (say only what you know), with real Gunicorn from
+//! the test virtualenv running tests/apps/stall_app.py: a stall is called
+//! what the evidence shows, and every figure in a report is current, with a
+//! lower bound written as one.
+use std::time::Duration;
+
+use tests::*;
+
+fn gevent(pids: &StallPids, timeout: u32) -> GunicornProc {
+    Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .timeout(timeout)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn()
+}
+
+fn stalls_of(t: &Tracer, pid: u32) -> Vec<Value> {
+    t.of_kind("stall")
+        .into_iter()
+        .filter(|e| e["pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+/// Item 1: a `poll()` the loop thread began before the tracer found the
+/// worker's loop was called busy ("many short blocking calls"), with no
+/// syscall, once the loop was found. It is one long sleep: blocked in
+/// poll(), with its fd and peer, timed from its true start.
+#[test]
+fn a_poll_begun_before_the_loop_is_found_is_blocked_in_poll_not_busy() {
+    require_root();
+    let (_db, port) = tcp_server(&["silent"]);
+    let pids = StallPids::new("early-poll");
+    let g = gevent(&pids, 60);
+    // The first search for the loop comes 6 s after the attach.
+    let mut t = Tracer::start(&[
+        "--pid",
+        &g.pid().to_string(),
+        "--loop-search-every",
+        "6s",
+    ]);
+    let _client = get_async(
+        g.port,
+        &format!("/db?host=127.0.0.1&port={port}&secs=40"),
+        Duration::from_secs(45),
+    );
+    let (w, _) = pids.wait_nth(0);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(15), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    assert!(
+        t.of_kind("loop").iter().any(|e| e["pid"] == w),
+        "judged once the loop was known"
+    );
+    assert_eq!(stall["state"], "blocked", "{stall}");
+    assert!(
+        stall["syscall"] == "poll" || stall["syscall"] == "ppoll",
+        "{stall}"
+    );
+    assert_eq!(stall["tid"], w, "{stall}");
+    assert_eq!(stall["since_attach"], false, "timed from its start: {stall}");
+    assert!(
+        stall["blocked_ms"].as_u64().unwrap() >= 3000,
+        "from the call's start, before the loop was found: {stall}"
+    );
+    let fds = stall["wait_fds"].as_array().unwrap();
+    assert_eq!(fds.len(), 1, "{stall}");
+    assert_eq!(fds[0]["peer"], format!("127.0.0.1:{port}"), "{stall}");
+    t.collect_for(Duration::from_secs(3));
+    assert!(
+        stalls_of(&t, w).iter().all(|s| s["state"] == "blocked"),
+        "never busy: {:?}",
+        stalls_of(&t, w)
+    );
+    t.stop();
+}
+
+/// Item 2: attached to a worker already blocked, the verdict said
+/// "blocked 8.0s" for a call blocked longer (the figure counts from the
+/// attach), and the summary kept the heartbeat age of the first report
+/// next to a blocked time that kept growing. Both are current and a lower
+/// bound is written as one.
+#[test]
+fn attached_to_a_worker_already_stuck_the_figures_are_current_and_a_lower_bound_says_so() {
+    require_root();
+    let pids = StallPids::new("stuck-before");
+    let g = gevent(&pids, 60);
+    let _client = get_async(g.port, "/forever", Duration::from_secs(60));
+    let (w, _) = pids.wait_nth(0);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(5), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    assert_eq!(stall["since_attach"], true, "{stall}");
+    assert_eq!(stall["syscall"], "read", "{stall}");
+    t.collect_for(Duration::from_secs(4));
+    let summary = t.stop();
+    let worker = summary["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["pid"] == w)
+        .expect("the worker in the summary");
+    let st = &worker["stall"];
+    let blocked = st["blocked_ms"].as_u64().unwrap();
+    let heartbeat = st["heartbeat_age_ms"].as_u64().unwrap();
+    assert!(blocked >= 4000, "current, not the first report's: {st}");
+    // The heartbeat stopped when the hub blocked, 3 s before the attach.
+    assert!(
+        heartbeat >= blocked + 2000,
+        "the heartbeat age is current too: {st}"
+    );
+    let text = summary["verdict"]["text"].as_str().unwrap();
+    assert!(text.contains("blocked at least "), "{text}");
+}
