@@ -12,6 +12,9 @@
     /chatty    for `secs`, one 50 ms database wait after another on host:port
                (as /db, each timing out): no single call is long, and the
                loop never runs in between
+    /pool      run one task in the worker's ProcessPoolExecutor (made on
+               first use) and answer: its child then waits for the next
+               task in read() on the call queue's pipe, idle
 
 If STALL_PID_FILE is set, a stall endpoint first appends "pid tid" to it,
 so a test knows which worker, and which thread, took the request.
@@ -82,6 +85,21 @@ def query_database(host, port, secs):
         s.close()
 
 
+POOL = None
+
+
+def run_in_pool():
+    global POOL
+    if POOL is None:
+        import concurrent.futures
+        import multiprocessing
+
+        POOL = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("fork")
+        )
+    return POOL.submit(os.getpid).result()
+
+
 def spin(secs):
     end = time.time() + secs
     n = 0
@@ -109,6 +127,8 @@ def app(environ, start_response):
             query_database(q.get("host", "127.0.0.1"), int(q["port"]), 0.05)
             n += 1
         body = b"queried %d times\n" % n
+    elif path == "/pool":
+        body = b"pool child %d\n" % run_in_pool()
     elif path == "/spin":
         body = b"spun %d\n" % spin(secs)
     else:

@@ -513,6 +513,11 @@ impl Gunicorn {
         self.arg("--max-requests", n)
     }
 
+    /// `--worker-connections`: connections a gthread worker holds at most.
+    pub fn worker_connections(self, n: u32) -> Gunicorn {
+        self.arg("--worker-connections", n)
+    }
+
     /// `--keep-alive`: seconds an idle keep-alive connection is kept open.
     pub fn keep_alive(self, secs: u32) -> Gunicorn {
         self.arg("--keep-alive", secs)

@@ -33,12 +33,7 @@ fn a_poll_begun_before_the_loop_is_found_is_blocked_in_poll_not_busy() {
     let pids = StallPids::new("early-poll");
     let g = gevent(&pids, 60);
     // The first search for the loop comes 6 s after the attach.
-    let mut t = Tracer::start(&[
-        "--pid",
-        &g.pid().to_string(),
-        "--loop-search-every",
-        "6s",
-    ]);
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--loop-search-every", "6s"]);
     let _client = get_async(
         g.port,
         &format!("/db?host=127.0.0.1&port={port}&secs=40"),
@@ -58,7 +53,10 @@ fn a_poll_begun_before_the_loop_is_found_is_blocked_in_poll_not_busy() {
         "{stall}"
     );
     assert_eq!(stall["tid"], w, "{stall}");
-    assert_eq!(stall["since_attach"], false, "timed from its start: {stall}");
+    assert_eq!(
+        stall["since_attach"], false,
+        "timed from its start: {stall}"
+    );
     assert!(
         stall["blocked_ms"].as_u64().unwrap() >= 3000,
         "from the call's start, before the loop was found: {stall}"
@@ -113,4 +111,62 @@ fn attached_to_a_worker_already_stuck_the_figures_are_current_and_a_lower_bound_
     );
     let text = summary["verdict"]["text"].as_str().unwrap();
     assert!(text.contains("blocked at least "), "{text}");
+}
+
+/// Item 3: a worker's idle `ProcessPoolExecutor` child waits in read() on
+/// its call queue's pipe for the next task. It was called STALLED; a wait
+/// for work is idle.
+#[test]
+fn an_idle_process_pool_child_of_a_worker_is_not_stalled() {
+    require_root();
+    let g = Gunicorn::new("stall_app:app").worker_class("sync").spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let body = get(g.port, "/pool");
+    assert!(body.contains("pool child"), "{body}");
+    let child: u32 = body.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let (_, c) = t.wait_for("the pool's child", Duration::from_secs(5), |e| {
+        e["event"] == "worker" && e["pid"] == child
+    });
+    assert_eq!(c["role"], "child", "{c}");
+    // Idle well past the threshold.
+    t.collect_for(Duration::from_secs(3));
+    let stalls = t.of_kind("stall");
+    assert!(stalls.is_empty(), "nothing is stalled: {stalls:?}");
+    let summary = t.stop();
+    let text = summary["verdict"]["text"].as_str().unwrap();
+    assert!(!text.contains("STALLED"), "{text}");
+}
+
+/// Item 7: a gthread worker at --worker-connections waits on its pool's
+/// futures in its main thread, 1 s at a time, heartbeating in between: not
+/// a blocked loop. The pool thread that holds the request is the stall.
+#[test]
+fn a_gthread_worker_at_worker_connections_is_not_a_loop_stall() {
+    require_root();
+    let pids = StallPids::new("connections");
+    let g = Gunicorn::new("stall_app:app")
+        .worker_class("gthread")
+        .threads(2)
+        .worker_connections(1)
+        .timeout(30)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let slow = get_async(g.port, "/pipe?secs=5", Duration::from_secs(20));
+    let (w, tid) = pids.wait_nth(0);
+    assert_ne!(w, tid, "a pool thread took the request");
+    let (_, stall) = t.wait_for("the pool thread's stall", Duration::from_secs(5), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    assert_eq!(stall["tid"], tid, "{stall}");
+    assert!(stall["request_peer"].is_string(), "{stall}");
+    let reply = slow.recv_timeout(Duration::from_secs(15)).unwrap().unwrap();
+    assert!(reply.contains("read"), "{reply}");
+    t.collect_for(Duration::from_millis(500));
+    let main: Vec<_> = stalls_of(&t, w)
+        .into_iter()
+        .filter(|s| s["tid"] == w)
+        .collect();
+    assert!(main.is_empty(), "the main thread never stalled: {main:?}");
+    t.stop();
 }

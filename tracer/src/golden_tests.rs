@@ -539,7 +539,9 @@ fn stalls_of_every_kind(out: &mut String, f: &mut Fake) {
         },
         f,
     ));
-    // A helper thread blocked in a read; it woke and waits elsewhere now.
+    // A helper thread blocked in a read while a client's request waits in
+    // the worker (a scan since it blocked); it woke and waits elsewhere now.
+    ev.extend(g.on_sockets(&[fixtures::unanswered(101_001, 600)], 2500 * MS, f));
     let helper = sample(W, W + 1, "read", 2000, 5, 1);
     ev.extend(g.on_samples(&[helper], 2600 * MS, f));
     let woke = Sample {

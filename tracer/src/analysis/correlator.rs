@@ -8,6 +8,7 @@ use super::closes::ConnEnd;
 use super::cpu::Beats;
 use super::exits::SignalSeen;
 use super::hung::HungState;
+use super::requests::RequestScan;
 use super::stalls::Active;
 use crate::model::{
     CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, KernelEvent, LoopWait,
@@ -104,6 +105,8 @@ pub struct Correlator {
     /// the kernel may still hold it open, and it must not be reported
     /// again. Dropped with the process.
     pub(super) ended: HashMap<u32, (u32, u64, u64)>,
+    /// The latest socket scan, to tie a blocked thread to a request.
+    pub(super) requests: RequestScan,
 }
 
 impl Correlator {
@@ -119,6 +122,7 @@ impl Correlator {
             hung: HungState::default(),
             on_cpu: HashMap::new(),
             ended: HashMap::new(),
+            requests: RequestScan::default(),
         }
     }
 

@@ -1,7 +1,9 @@
 //! What the correlator's tests share: the ids of a scripted Gunicorn and
 //! the /proc answers more than one fake enricher gives. Each test file
 //! keeps its own fake, for what its script needs the host to look like.
-use crate::model::{BlockedThread, End, FdInfo, FdKind, MemoryCgroup, Peer};
+use crate::model::{
+    BlockedThread, End, FdInfo, FdKind, MemoryCgroup, Peer, SockSnapshot, TcpState,
+};
 
 pub const MS: u64 = 1_000_000;
 pub const MASTER: u32 = 100;
@@ -60,4 +62,21 @@ pub fn pipe_reader(pid: u32) -> Vec<BlockedThread> {
         fd: Some(11),
         fd_target: Some("pipe:[777]".into()),
     }]
+}
+
+/// A client connection to port 8000 whose request came in `recv_ms` ago
+/// and got nothing back.
+pub fn unanswered(inode: u64, recv_ms: u32) -> SockSnapshot {
+    SockSnapshot {
+        inode,
+        state: TcpState::Established,
+        local_port: 8000,
+        peer: "10.0.0.9:40000".into(),
+        unread_bytes: 0,
+        has_info: true,
+        last_data_sent_ms: recv_ms,
+        last_data_recv_ms: recv_ms,
+        bytes_acked: 0,
+        bytes_received: 92,
+    }
 }

@@ -63,6 +63,7 @@ impl Correlator {
         now_ns: u64,
         enr: &mut dyn Enricher,
     ) -> Vec<Output> {
+        self.requests.note(socks, now_ns);
         let by_inode: HashMap<u64, &SockSnapshot> = socks.iter().map(|s| (s.inode, s)).collect();
         let mut out = self.end_hung(&by_inode, now_ns);
         self.hung.unowned.retain(|i| by_inode.contains_key(i));

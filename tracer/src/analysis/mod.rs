@@ -11,6 +11,7 @@
 //! - `closes`: connections that ended badly;
 //! - `races`: requests lost to keep-alive races;
 //! - `hung`: requests unanswered while their worker lives;
+//! - `requests`: whether a blocked thread other than the loop's holds one;
 //! - `signatures`: known causes, as data;
 //! - `syscalls`: names and classes of syscalls;
 //! - `summary`: the state of every process and the findings ranked by harm.
@@ -21,6 +22,7 @@ mod exits;
 mod hung;
 mod lifecycle;
 mod races;
+mod requests;
 pub mod signatures;
 mod stalls;
 mod summary;

@@ -463,3 +463,32 @@ fn a_loop_thread_asleep_in_one_call_is_not_busy() {
     assert_eq!(r.wait_fds.len(), 1, "{r:?}");
     assert_eq!(r.wait_fds[0].peer.as_deref(), Some("10.0.3.7:5432"));
 }
+
+/// Issue 18, item 7: gthread's main thread waiting on its pool's futures
+/// (1 s at a time at --worker-connections; up to --graceful-timeout once
+/// asked to stop) is not a blocked loop. A longer futex is, and so is any
+/// futex of another class's loop thread.
+#[test]
+fn gthreads_main_thread_waiting_on_its_futures_is_not_a_loop_stall() {
+    let (mut c, f) = (worker(Some("gthread")), &mut Scripted::default());
+    let futex = asleep(W, "futex", 0x7f00, 0);
+    assert!(stalls(&c.on_samples(&[futex], 1000 * MS, f)).is_empty());
+    let out = c.on_samples(&[futex], 2000 * MS, f);
+    assert_eq!(stalls(&out)[0].syscall_name(), "futex", "past 1 s: {out:?}");
+    let stop = crate::model::KernelEvent::Signal {
+        ts_ns: 2500 * MS,
+        target: W,
+        sender: MASTER,
+        sender_comm: "gunicorn".into(),
+        sig: 15,
+    };
+    c.on_kernel(stop, f);
+    let draining = Sample {
+        seq: 2,
+        ..asleep(W, "futex", 0x7f00, 3000)
+    };
+    assert!(stalls(&c.on_samples(&[draining], 9000 * MS, f)).is_empty());
+    // The same wait of a gevent worker's loop thread is a stall at once.
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    assert_eq!(stalls(&c.on_samples(&[futex], 1000 * MS, f)).len(), 1);
+}

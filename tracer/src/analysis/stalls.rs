@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use tracer_common::RESTART_WINDOW_NS;
 
 use super::Enricher;
-use super::correlator::Correlator;
+use super::correlator::{Correlator, Proc};
 use super::cpu::Beats;
 use super::{signatures, syscalls};
 use crate::model::{
@@ -17,6 +17,9 @@ use crate::model::{
     ThreadNow, WaitFd, Wake, WokeBy,
 };
 
+/// gthread's `futures.wait(timeout=1.0)` at --worker-connections, with
+/// room for a loaded machine.
+const GTHREAD_FUTURES_WAIT_NS: u64 = 1_500_000_000;
 /// A multiplexer's fds named in a stall, at most.
 const MAX_WAIT_FDS: usize = 16;
 /// A worker that heartbeated within this long of its fork may still be
@@ -218,12 +221,25 @@ impl Correlator {
         };
         let name = syscalls::name(s.nr).into_owned();
         let loop_wait = p.loop_wait.map(|l| l.is(&name, s.arg0));
-        if !syscalls::is_stall(p.role, s.tid == s.tgid, s.nr, loop_wait) {
+        if !syscalls::is_stall(p.role, s.tid == s.tgid, s.nr, loop_wait)
+            || is_gthread_pool_wait(p, s, &name, now_ns)
+        {
             return Vec::new();
         }
         if loop_wait == Some(false) && self.is_loops_own_epoll(s, &name, enr) {
             return Vec::new();
         }
+        // A thread that is not the loop's, or a worker's child, may be
+        // waiting for work: a stall only while a request waits with it.
+        let p = &self.procs[&s.tgid];
+        let request = if (p.role == Role::Worker && s.tid != s.tgid) || p.role == Role::Child {
+            match self.requests.tied_to(s.tgid, s.start_ns, now_ns, enr) {
+                Some(r) => Some(r),
+                None => return Vec::new(),
+            }
+        } else {
+            None
+        };
         let p = &self.procs[&s.tgid];
         let fd = syscalls::takes_fd(&name).then_some(s.arg0 as i32);
         let info = fd
@@ -281,6 +297,8 @@ impl Correlator {
             worker_class: p.worker_class.clone().filter(|_| worker),
             cause: None,
             container: p.container.clone(),
+            request_peer: request.as_ref().map(|r| r.peer.clone()),
+            request_waiting_ms: request.map(|r| r.waiting_ms),
             py_stack: None,
             py_stack_error: None,
             start_ns: s.start_ns,
@@ -353,6 +371,18 @@ impl Correlator {
         }
         Some(stall_end(&a.report, ts_ns, blocked_ms, outcome))
     }
+}
+
+/// gthread's main thread waits on its pool's futures (a futex) in two
+/// places, neither of them a blocked loop: at --worker-connections, for up
+/// to 1 s at a time, heartbeating in between; and at a graceful stop, for
+/// up to --graceful-timeout, once the master asked it to stop.
+fn is_gthread_pool_wait(p: &Proc, s: &Sample, name: &str, now_ns: u64) -> bool {
+    p.role == Role::Worker
+        && s.tid == s.tgid
+        && p.worker_class.as_deref() == Some("gthread")
+        && name.starts_with("futex")
+        && (p.asked_to_stop || blocked_ns(s, now_ns) < GTHREAD_FUTURES_WAIT_NS)
 }
 
 /// Brings a stall's figures to `now_ns` (its end, or the moment a report

@@ -191,21 +191,74 @@ fn idle_event_loop_and_idle_helper_threads_are_not_stalls() {
     assert!(verdict(&c.summary(10_000 * MS)).text.starts_with("healthy"));
 }
 
+/// Issue 18, item 3: a thread other than the loop's (here blocked in a
+/// read since 1 ms) holds up a request only when one waits with it.
 #[test]
-fn a_helper_thread_blocked_in_read_is_a_stall_gunicorn_never_notices() {
+fn a_helper_thread_blocked_in_read_is_a_stall_only_with_a_request_waiting() {
     let mut c = setup();
     let helper = sample(W + 1, "read", 0, 1);
+    // No scan yet: nothing ties a request to it (a thread waiting for work).
+    assert!(c.on_samples(&[helper], 1000 * MS, &mut FakeProc).is_empty());
+    assert!(verdict(&c.summary(1000 * MS)).text.starts_with("healthy"));
+    // A scan made before it blocked cannot say; one from after, with a
+    // request to another worker only, neither.
+    c.on_sockets(
+        &[fixtures::unanswered(202_001, 5000)],
+        1100 * MS,
+        &mut FakeProc,
+    );
+    assert!(c.on_samples(&[helper], 1200 * MS, &mut FakeProc).is_empty());
+    // A request worker W holds that has waited since before the thread
+    // blocked, with nothing sent back: a stall Gunicorn never notices.
+    c.on_sockets(
+        &[fixtures::unanswered(101_001, 1300)],
+        1300 * MS,
+        &mut FakeProc,
+    );
     let out = c.on_samples(&[helper], 10_000 * MS, &mut FakeProc);
     assert_eq!(kinds(&out), ["stall"]);
     let Output::Stall { report, .. } = &out[0] else {
         unreachable!()
     };
     assert_eq!((report.pid, report.tid), (W, W + 1));
+    assert_eq!(report.request_peer.as_deref(), Some("10.0.0.9:40000"));
+    assert_eq!(report.request_waiting_ms, Some(10_000));
     let text = verdict(&c.summary(10_000 * MS)).text;
     assert!(
         text.contains("thread 102 (gunicorn) blocked 10.0s in read()")
+            && text.contains("10.0.0.9:40000")
             && text.contains("Gunicorn will never notice"),
         "{text}"
+    );
+}
+
+/// Issue 18, item 3: an idle `multiprocessing.Pool` child of a worker
+/// reads its task pipe for as long as no task comes: idle, not stalled.
+#[test]
+fn a_workers_child_waiting_for_work_is_not_stalled() {
+    let mut c = setup();
+    let child = scanned(300, Role::Child);
+    c.add_process(0, child);
+    let read = Sample {
+        tgid: 300,
+        ..sample(300, "read", 0, 1)
+    };
+    c.on_sockets(
+        &[fixtures::unanswered(101_001, 900)],
+        1000 * MS,
+        &mut FakeProc,
+    );
+    assert!(c.on_samples(&[read], 5000 * MS, &mut FakeProc).is_empty());
+    assert!(verdict(&c.summary(5000 * MS)).text.starts_with("healthy"));
+    // One holding a client's request it has not answered is a stall.
+    c.on_sockets(
+        &[fixtures::unanswered(300_001, 2000)],
+        2000 * MS,
+        &mut FakeProc,
+    );
+    assert_eq!(
+        kinds(&c.on_samples(&[read], 5000 * MS, &mut FakeProc)),
+        ["stall"]
     );
 }
 

@@ -97,6 +97,14 @@ pub struct StallReport {
     pub cause: Option<Cause>,
     /// Container id, pod and namespace when the process runs in one.
     pub container: Option<Container>,
+    /// A thread other than a worker's loop thread, or a worker's child, is
+    /// a stall only while a request waits with it: the client of a
+    /// connection the process holds, whose request came in before the
+    /// thread blocked and has had nothing sent back since. Null for a
+    /// worker's loop thread, a master, a plain process.
+    pub request_peer: Option<String>,
+    /// How long that client had waited with nothing sent back.
+    pub request_waiting_ms: Option<u64>,
     /// With --py-stack: the Python stack of the stalled process (py-spy
     /// dump). Under gevent the blocked greenlet is the one running, so this
     /// names the application line that blocked the hub.

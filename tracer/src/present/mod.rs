@@ -176,8 +176,15 @@ fn which_thread(s: &StallReport) -> String {
 /// which only a heartbeat makes a monotonic time, with their monotonic
 /// clock: an untouched file never looks stale).
 fn never_noticed(s: &StallReport) -> Option<String> {
+    let request = s.request_peer.as_deref().map(|peer| {
+        let waited = s
+            .request_waiting_ms
+            .map(|ms| format!(" {}", secs(ms)))
+            .unwrap_or_default();
+        format!("a request from {peer} has waited{waited} in this process with nothing sent back")
+    });
     if s.role != Role::Worker {
-        return None;
+        return request;
     }
     if s.tid == s.pid {
         return (s.never_heartbeated == Some(true)).then(|| {
@@ -189,7 +196,10 @@ fn never_noticed(s: &StallReport) -> Option<String> {
         .as_deref()
         .map(|c| format!("{c} worker: "))
         .unwrap_or_default();
-    Some(format!(
-        "{class}the main thread keeps the heartbeat, so Gunicorn will never notice; requests on this thread hang until the client or the proxy times out"
-    ))
+    let mut line =
+        format!("{class}the main thread keeps the heartbeat, so Gunicorn will never notice");
+    if let Some(r) = request {
+        line.push_str(&format!("; {r}"));
+    }
+    Some(line)
 }
