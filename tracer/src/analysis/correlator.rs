@@ -104,6 +104,8 @@ pub struct Correlator {
     /// the kernel may still hold it open, and it must not be reported
     /// again. Dropped with the process.
     pub(super) ended: HashMap<u32, (u32, u64, u64)>,
+    /// Reported stalls ended with outcome `unknown` (see `Losses`).
+    pub(super) stall_ends_unknown: u64,
 }
 
 impl Correlator {
@@ -119,6 +121,7 @@ impl Correlator {
             hung: HungState::default(),
             on_cpu: HashMap::new(),
             ended: HashMap::new(),
+            stall_ends_unknown: 0,
         }
     }
 
@@ -154,6 +157,11 @@ impl Correlator {
             fd,
             nfds,
         })
+    }
+
+    /// Reported stalls whose end nothing said (outcome `unknown`).
+    pub fn stall_ends_unknown(&self) -> u64 {
+        self.stall_ends_unknown
     }
 
     /// Live workers whose loop's own wait is not known yet.

@@ -433,6 +433,39 @@ fn stall_end_missing_from_kernel_is_inferred_after_two_polls() {
     );
     let out = c.on_samples(&[moved_on], 800 * MS, &mut FakeProc);
     assert_eq!(kinds(&out), ["stall_end"]);
+    // Nothing said how the call ended: not "the process died inside it".
+    assert!(
+        matches!(
+            &out[0],
+            Output::StallEnd {
+                outcome: Outcome::Unknown,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(c.stall_ends_unknown(), 1);
+}
+
+#[test]
+fn a_stall_that_vanished_after_waking_is_not_counted_unknown() {
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let woke = woken(sample(W, "read", 0, 1), 650, WokeBy::Plain);
+    c.on_samples(&[woke], 660 * MS, &mut FakeProc);
+    c.on_samples(&[], 700 * MS, &mut FakeProc);
+    let out = c.on_samples(&[], 800 * MS, &mut FakeProc);
+    assert!(
+        out.iter().all(|o| !matches!(
+            o,
+            Output::StallEnd {
+                outcome: Outcome::Unknown,
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+    assert_eq!(c.stall_ends_unknown(), 0);
 }
 
 fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: u32) -> KernelEvent {
@@ -590,4 +623,63 @@ fn quiet_exits_are_counted_not_kept_and_notable_ones_are_bounded() {
         !sum.workers.iter().any(|w| w.pid == 1000),
         "the oldest were dropped"
     );
+}
+
+/// A request on worker W's socket (inode W * 1000), unanswered 3 s.
+fn hung_sock() -> crate::model::SockSnapshot {
+    crate::model::SockSnapshot {
+        inode: u64::from(W) * 1000,
+        local_port: 8000,
+        peer: "127.0.0.1:41000".into(),
+        has_info: true,
+        last_data_recv_ms: 3000,
+        last_data_sent_ms: 3001,
+        bytes_received: 80,
+        ..Default::default()
+    }
+}
+
+fn hung_ends(out: &[Output]) -> Vec<crate::model::HungOutcome> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::HungRequestEnd { outcome, .. } => Some(*outcome),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_failed_scan_ends_no_hung_request_and_a_vanished_one_is_not_called_answered() {
+    use crate::model::HungOutcome;
+    let mut c = setup();
+    c.set_request_threshold(2000 * MS);
+    let out = c.on_sockets(&[hung_sock()], &[], 5000 * MS, &mut FakeProc);
+    assert_eq!(kinds(&out), ["hung_request"]);
+    // W's namespace could not be scanned: its socket's absence says nothing.
+    let out = c.on_sockets(&[], &[W], 5500 * MS, &mut FakeProc);
+    assert!(out.is_empty(), "{out:?}");
+    // Scanned, and gone with no early close and no acknowledged answer
+    // seen: the ending is not known.
+    let out = c.on_sockets(&[], &[], 6000 * MS, &mut FakeProc);
+    assert_eq!(hung_ends(&out), [HungOutcome::Unknown]);
+    assert!(
+        !verdict(&c.summary(6000 * MS)).text.contains("answered"),
+        "{}",
+        verdict(&c.summary(6000 * MS)).text
+    );
+}
+
+#[test]
+fn a_hung_request_is_answered_when_the_client_acknowledged_bytes() {
+    use crate::model::HungOutcome;
+    let mut c = setup();
+    c.set_request_threshold(2000 * MS);
+    c.on_sockets(&[hung_sock()], &[], 5000 * MS, &mut FakeProc);
+    let answered = crate::model::SockSnapshot {
+        bytes_acked: 150,
+        last_data_sent_ms: 10,
+        ..hung_sock()
+    };
+    let out = c.on_sockets(&[answered], &[], 5500 * MS, &mut FakeProc);
+    assert_eq!(hung_ends(&out), [HungOutcome::Answered]);
 }

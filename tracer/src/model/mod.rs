@@ -255,6 +255,9 @@ pub struct MasterSettings {
     pub keepalive_s: Option<f64>,
     /// --max-requests (0 or absent: workers are never retired).
     pub max_requests: Option<u64>,
+    /// The installed Gunicorn's version, read from the master's
+    /// site-packages; None when not read.
+    pub gunicorn_version: Option<(u32, u32, u32)>,
 }
 
 /// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The

@@ -130,6 +130,9 @@ pub enum Outcome {
     Interrupted,
     /// The process died inside it.
     Exited,
+    /// The call left the kernel's in-flight map and no event said how it
+    /// ended (an event lost, the entry removed): how it ended is not known.
+    Unknown,
     /// The thread woke; whether the call returned is not known (it has run
     /// since without sleeping in another call, or slept again in the same
     /// call with the same arguments, which may be a new call).
@@ -147,6 +150,7 @@ impl Outcome {
             Outcome::Returned => "returned",
             Outcome::Interrupted => "interrupted",
             Outcome::Exited => "exited",
+            Outcome::Unknown => "unknown",
             Outcome::Woke => "woke",
             Outcome::Resumed => "resumed",
             Outcome::Blocked => "blocked",
@@ -481,13 +485,18 @@ pub struct HungRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HungOutcome {
-    /// The worker sent something back.
+    /// The client acknowledged bytes sent after the request (a scan saw
+    /// `bytes_acked` grow).
     Answered,
     /// The client (a proxy that timed out, say) closed its side.
     ClientClosed,
     /// The worker closed it (or died) with nothing sent: an `early_close`
     /// says how.
     Dropped,
+    /// The connection was gone at a scan and nothing said how it ended
+    /// (answered and closed between two scans, or closed by someone else):
+    /// not known.
+    Unknown,
 }
 
 impl HungOutcome {
@@ -496,6 +505,7 @@ impl HungOutcome {
             HungOutcome::Answered => "answered",
             HungOutcome::ClientClosed => "client_closed",
             HungOutcome::Dropped => "dropped",
+            HungOutcome::Unknown => "unknown",
         }
     }
 }
