@@ -683,3 +683,139 @@ fn a_hung_request_is_answered_when_the_client_acknowledged_bytes() {
     let out = c.on_sockets(&[answered], &[], 5500 * MS, &mut FakeProc);
     assert_eq!(hung_ends(&out), [HungOutcome::Answered]);
 }
+
+/// Worker W's connection from 127.0.0.1:40000 closed at `ts_ms` with a
+/// request read and nothing sent (a read found nothing 500 ms before).
+fn dropped_at(ts_ms: u64, ended_by: u32) -> KernelEvent {
+    let KernelEvent::ConnEnd {
+        tgid,
+        tid,
+        fd,
+        mut conn,
+        peer_closed_first,
+        ..
+    } = conn_end(W, 120, 0, ended_by)
+    else {
+        unreachable!()
+    };
+    conn.start_ns = (ts_ms - 1000) * MS;
+    conn.eagain_ns = (ts_ms - 500) * MS;
+    KernelEvent::ConnEnd {
+        ts_ns: ts_ms * MS,
+        tgid,
+        tid,
+        fd: if ended_by == tracer_common::ended::EXIT {
+            -1
+        } else {
+            fd
+        },
+        conn,
+        ended_by,
+        peer_closed_first,
+    }
+}
+
+fn signal(ts_ms: u64, sender: u32, comm: &str, sig: i32) -> KernelEvent {
+    KernelEvent::Signal {
+        ts_ns: ts_ms * MS,
+        target: W,
+        sender,
+        sender_comm: comm.into(),
+        sig,
+    }
+}
+
+fn exited(ts_ms: u64, exit_code: Option<i32>, sig: Option<i32>) -> KernelEvent {
+    KernelEvent::Exit {
+        ts_ns: ts_ms * MS,
+        pid: W,
+        exit_code,
+        signal: sig,
+    }
+}
+
+/// The cause of the one early close in `out`.
+fn close_cause(out: &[Output]) -> crate::model::Cause {
+    let [Output::EarlyClose { close, .. }] = out else {
+        panic!("{out:?}")
+    };
+    close.cause.clone().expect("a cause")
+}
+
+#[test]
+fn a_request_lost_when_the_graceful_timeout_ran_out_names_the_stop() {
+    use tracer_common::ended;
+    // The master's SIGTERM (a shutdown), then the worker closes the request
+    // it still holds 30 s later, itself, before exiting.
+    let mut c = setup();
+    c.on_kernel(signal(1000, MASTER, "gunicorn", 15), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(31_000, ended::CLOSE), &mut FakeProc);
+    let cause = close_cause(&out);
+    assert_eq!(cause.id, "graceful_stop_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("SIGTERM from its master"), "{cause:?}");
+    assert!(cause.cause.contains("30.0s"), "{cause:?}");
+    for wrong in ["WORKER TIMEOUT", "crash", "setdefaulttimeout", "OOM"] {
+        assert!(!cause.cause.contains(wrong), "{wrong}: {cause:?}");
+    }
+    // The master killed it when the graceful timeout ran out; the kernel
+    // closed the request at the exit, after the exit event.
+    let mut c = setup();
+    c.on_kernel(signal(1000, MASTER, "gunicorn", 15), &mut FakeProc);
+    c.on_kernel(signal(31_000, MASTER, "gunicorn", 9), &mut FakeProc);
+    c.on_kernel(exited(31_001, None, Some(9)), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(31_002, ended::EXIT), &mut FakeProc);
+    let cause = close_cause(&out);
+    assert_eq!(cause.id, "graceful_stop_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("SIGKILL"), "{cause:?}");
+    // Counted against the worker, which the summary keeps.
+    let sum = c.summary(32_000 * MS);
+    let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
+    assert_eq!(w.early_closes.dropped_request, 1);
+}
+
+#[test]
+fn a_request_lost_to_a_worker_timeout_names_the_stall() {
+    use tracer_common::ended;
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    c.on_kernel(signal(4500, MASTER, "gunicorn", 6), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(4600, ended::CLOSE), &mut FakeProc);
+    let cause = close_cause(&out);
+    assert_eq!(cause.id, "worker_timeout_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("WORKER TIMEOUT"), "{cause:?}");
+    assert!(cause.cause.contains("read()"), "{cause:?}");
+    assert!(!cause.cause.contains("OOM"), "{cause:?}");
+    // No stall seen before the kill: said so, nothing invented.
+    let mut c = setup();
+    c.on_kernel(signal(4500, MASTER, "gunicorn", 6), &mut FakeProc);
+    let cause = close_cause(&c.on_kernel(dropped_at(4600, ended::CLOSE), &mut FakeProc));
+    assert_eq!(cause.id, "worker_timeout_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("no stall was seen"), "{cause:?}");
+}
+
+#[test]
+fn a_request_lost_to_an_outside_kill_names_the_sender() {
+    use tracer_common::ended;
+    let mut c = setup();
+    c.on_kernel(signal(1000, 4242, "kill", 9), &mut FakeProc);
+    c.on_kernel(exited(1001, None, Some(9)), &mut FakeProc);
+    let cause = close_cause(&c.on_kernel(dropped_at(1002, ended::EXIT), &mut FakeProc));
+    assert_eq!(cause.id, "killed_mid_request", "{cause:?}");
+    assert!(
+        cause.cause.contains("SIGKILL from pid 4242 (kill)"),
+        "{cause:?}"
+    );
+    for wrong in ["WORKER TIMEOUT", "crash", "OOM"] {
+        assert!(!cause.cause.contains(wrong), "{wrong}: {cause:?}");
+    }
+    // An exit nothing explains: the request died with the worker, cause
+    // not seen; no guess among timeouts, OOM kills and crashes.
+    let mut c = setup();
+    c.on_kernel(exited(1001, Some(1), None), &mut FakeProc);
+    let cause = close_cause(&c.on_kernel(dropped_at(1002, ended::EXIT), &mut FakeProc));
+    assert_eq!(cause.id, "worker_died_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("exited with code 1"), "{cause:?}");
+    for wrong in ["WORKER TIMEOUT", "crash", "OOM"] {
+        assert!(!cause.cause.contains(wrong), "{wrong}: {cause:?}");
+    }
+}

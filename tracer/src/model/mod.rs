@@ -11,7 +11,7 @@ pub use event::{
     KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
 };
 pub use report::{
-    BlockedThread, Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause,
+    BlockedThread, Cause, CloseCounts, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause,
     ExitReport, HungOutcome, HungRequest, OomKill, Outcome, Output, Preceded, Sender, Source,
     StallReport, StallState,
 };

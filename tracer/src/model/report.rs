@@ -282,16 +282,41 @@ pub struct EarlyClose {
     pub keepalive_s: Option<f64>,
     /// keepalive_race: from the close to the reset of the client's request.
     pub reset_after_ms: Option<u64>,
-    /// The process's master had already sent it the WORKER TIMEOUT signal:
-    /// the close is part of its dying, whichever path closed the socket.
+    /// What was known at the close of why the process was ending (its
+    /// cause then names it); None while nothing said it was.
     #[serde(skip)]
-    pub while_killed: bool,
-    /// The kernel's OOM killer had chosen the process: the close is part
-    /// of its dying.
-    #[serde(skip)]
-    pub while_oom_killed: bool,
+    pub dying: Option<Dying>,
     pub cause: Option<Cause>,
     pub container: Option<Container>,
+}
+
+/// Why a process was ending when it closed a connection (or the kernel
+/// closed it at the exit): each variant only from what the tracer saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dying {
+    /// The kernel's OOM killer had chosen it.
+    OomKill,
+    /// Gunicorn's WORKER TIMEOUT: the master sent `signal` (SIGABRT, then
+    /// SIGKILL); `stall` is the stall the worker_timeout event blamed, if any.
+    WorkerTimeout {
+        signal: String,
+        stall: Option<Box<StallReport>>,
+    },
+    /// The master asked it to stop (`signal`: SIGTERM, SIGINT or SIGQUIT)
+    /// `after_ms` before the close; `killed`: the master's SIGKILL that
+    /// ends a graceful stop whose --graceful-timeout ran out came too.
+    GracefulStop {
+        signal: String,
+        after_ms: u64,
+        killed: bool,
+    },
+    /// It exited for another reason, as its `worker_exit` says.
+    Exited {
+        why: ExitReport,
+        pid: u32,
+        exit_code: Option<i32>,
+        signal: Option<String>,
+    },
 }
 
 /// Early closes of one process, by kind.
