@@ -383,7 +383,9 @@ fn exited_mid_request(
     let (id, cause, fix): (&'static str, String, &'static str) = match (why.cause, &why.sender) {
         (ExitCause::ExternalSignal, Some(s)) if s.pid == pid => (
             "signalled_itself_mid_request",
-            format!("the worker ended by {sig}, which it raised itself, {lost}"),
+            format!(
+                "the worker ended by {sig} from its own context (a fault the kernel signalled, abort(), or its own kill(); which one was not recorded) {lost}"
+            ),
             "find what in the worker raised the signal (Gunicorn's log, a core dump, faulthandler)",
         ),
         (ExitCause::ExternalSignal | ExitCause::MasterSignal, Some(s)) => (
