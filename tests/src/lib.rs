@@ -518,6 +518,11 @@ impl Gunicorn {
         self.arg("--worker-connections", n)
     }
 
+    /// `--graceful-timeout`: seconds a stopping worker may finish its requests.
+    pub fn graceful_timeout(self, secs: u32) -> Gunicorn {
+        self.arg("--graceful-timeout", secs)
+    }
+
     /// `--keep-alive`: seconds an idle keep-alive connection is kept open.
     pub fn keep_alive(self, secs: u32) -> Gunicorn {
         self.arg("--keep-alive", secs)

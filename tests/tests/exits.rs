@@ -310,3 +310,50 @@ fn a_worker_that_cannot_boot_is_said_to_halt_the_master() {
         "{text}"
     );
 }
+
+#[test]
+fn a_gevent_request_lost_at_the_graceful_timeout_names_the_graceful_stop() {
+    require_root();
+    let g = Gunicorn::new("exits_app:app")
+        .worker_class("gevent")
+        .graceful_timeout(2)
+        .spawn();
+    let master = g.pid();
+    let mut t = Tracer::start(&["--pid", &master.to_string()]);
+    let worker = t
+        .wait_for("the worker", Duration::from_secs(5), |e| {
+            e["event"] == "worker"
+        })
+        .1["pid"]
+        .as_u64()
+        .unwrap() as u32;
+
+    // A request that sleeps (cooperatively) far longer than the graceful
+    // timeout, then a shutdown: the master's SIGTERM to the worker, whose
+    // 2 s run out with the request still in flight.
+    let reply = get_async(g.port, "/slow?s=15", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: kill(2) on the Gunicorn master this test started.
+    unsafe { libc::kill(master as i32, libc::SIGTERM) };
+
+    let (_, lost) = t.wait_for("the lost request", Duration::from_secs(15), |e| {
+        e["event"] == "early_close" && e["pid"] == worker && e["kind"] == "dropped_request"
+    });
+    assert_eq!(lost["bytes_out"], 0, "{lost}");
+    assert_eq!(lost["cause"]["id"], "graceful_stop_mid_request", "{lost}");
+    let cause = lost["cause"]["cause"].as_str().unwrap();
+    assert!(cause.contains("SIGTERM from its master"), "{cause}");
+    assert!(cause.contains("--graceful-timeout"), "{cause}");
+    for wrong in ["WORKER TIMEOUT", "crash", "OOM", "setdefaulttimeout"] {
+        assert!(!cause.contains(wrong), "{wrong}: {cause}");
+    }
+    // The client got nothing.
+    let got = reply.recv().unwrap().unwrap_or_default();
+    assert!(!got.contains("200"), "{got:?}");
+    assert!(t.of_kind("worker_timeout").is_empty(), "{:#?}", t.events);
+    let exit = exit_of(&mut t, worker);
+    assert_eq!(exit["cause"], "master_signal", "{exit}");
+    let summary = t.stop();
+    let text = summary["verdict"]["text"].as_str().unwrap();
+    assert!(text.contains("--graceful-timeout ran out"), "{text}");
+}

@@ -103,7 +103,7 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     assert_eq!(dropped["kind"], "dropped_request", "{dropped}");
     assert_eq!(dropped["bytes_out"], 0, "{dropped}");
     assert_eq!(
-        dropped["cause"]["id"], "worker_died_mid_request",
+        dropped["cause"]["id"], "worker_timeout_mid_request",
         "{dropped}"
     );
 

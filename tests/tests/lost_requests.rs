@@ -329,6 +329,27 @@ fn behind_nginx_every_502_from_a_reused_upstream_connection_is_one_keepalive_rac
     t.stop();
 }
 
+/// GET on a kept-alive connection in a thread (Gunicorn closes it after
+/// its --keep-alive); the receiver gets the status line.
+fn keepalive_get(port: u16, path: &str) -> std::sync::mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let reply = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(40)))?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        })()
+        .unwrap_or_default();
+        let status = reply.lines().next().unwrap_or("").to_string();
+        let _ = tx.send((Instant::now(), status));
+    });
+    rx
+}
+
 /// GET through `port` in a thread; the receiver gets when the response
 /// ended and its status line.
 fn timed_get(port: u16, path: &str) -> std::sync::mpsc::Receiver<(Instant, String)> {
@@ -368,8 +389,10 @@ fn a_request_stuck_in_a_gthread_worker_is_named_before_nginx_gives_up_with_504()
         .clone();
 
     // Straight to Gunicorn: a pool thread blocks 4 s in a pipe read, then
-    // answers. The worker's main thread keeps the heartbeat all along.
-    let direct = timed_get(g.port, "/block?s=4");
+    // answers. The worker's main thread keeps the heartbeat all along. The
+    // connection is kept alive after the answer, so a scan sees the client
+    // acknowledge it: "answered" needs that evidence.
+    let direct = keepalive_get(g.port, "/block?s=4");
     let (_, hung) = t.wait_for("the hung request", Duration::from_secs(5), |e| {
         e["event"] == "hung_request"
     });

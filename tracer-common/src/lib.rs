@@ -138,9 +138,12 @@ pub mod class {
 
 /// `Conn::direction`.
 pub mod direction {
-    /// Accepted from a listener, or not known to be outbound.
+    /// Accepted from a listener: seen being established on a port a
+    /// watched process listens on, or (opened before the tracer attached)
+    /// its local port is one of those.
     pub const INBOUND: u32 = 1;
-    /// Opened by a watched process with connect().
+    /// Opened by a watched process with connect(), or (opened before the
+    /// tracer attached) its local port is none a watched process listens on.
     pub const OUTBOUND: u32 = 2;
 }
 
@@ -238,7 +241,10 @@ pub struct Conn {
     /// 1 when the close threw away data the peer had sent (the kernel then
     /// answers with a RST instead of a FIN).
     pub aborted: u32,
-    pub _pad: u32,
+    /// 1 when a read of the socket's counters failed at the close: the
+    /// byte counts are not known, and nothing may be decided from them
+    /// (counted in [`stat::CONNS_UNREADABLE`]).
+    pub unreadable: u32,
     /// The peer's address, laid out as a sockaddr_in/in6 head.
     pub addr: [u8; 32],
 }
@@ -246,8 +252,9 @@ pub struct Conn {
 impl Conn {
     /// The rule both sides judge a closed connection by: inbound, nothing
     /// was sent back; outbound, a request went out and nothing came back.
+    /// One whose counters could not be read is judged neither way.
     pub const fn ended_badly(&self) -> bool {
-        Conn::ends_badly(self.direction, self.bytes_in, self.bytes_out)
+        self.unreadable == 0 && Conn::ends_badly(self.direction, self.bytes_in, self.bytes_out)
     }
 
     /// [`Conn::ended_badly`] from the three values it depends on.
@@ -412,7 +419,10 @@ pub mod stat {
     /// `INFLIGHT` full: a thread's sleep could not be recorded, so a stall
     /// in it would not be seen.
     pub const INFLIGHT_FULL: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Connections closed whose byte counters could not be read from the
+    /// socket: how they ended is not known.
+    pub const CONNS_UNREADABLE: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Indexes of the kernel's `ERRORS` per-CPU counters: runs of each program

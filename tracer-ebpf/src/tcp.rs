@@ -201,9 +201,13 @@ struct Closed {
 
 /// Bytes each way on a closed connection, as the socket counted them.
 struct Totals {
+    direction: u32,
     bytes_in: u64,
     bytes_out: u64,
     peer_closed_first: bool,
+    /// A read of the socket's counters failed: the byte counts are zeros
+    /// standing for "not known", and nothing is judged from them.
+    unreadable: bool,
 }
 
 impl Closed {
@@ -214,18 +218,37 @@ impl Closed {
         let known = CONNS.get_ptr_mut(self.sk);
         let direction = match known {
             Some(c) => unsafe { (*c).direction },
-            None => direction::INBOUND,
+            // Opened before the tracer attached: an accepted connection's
+            // local port is the listener's, so a port no watched process
+            // listens on was connect()ed by it.
+            None => {
+                let sport: u16 = field(ctx, &CONFIG.tp.set_state_sport)?;
+                if PORTS.get(sport as u32).copied().unwrap_or(0) != 0 {
+                    direction::INBOUND
+                } else {
+                    direction::OUTBOUND
+                }
+            }
         };
         let peer_closed_first = self.old == TCP_CLOSE_WAIT;
-        let received = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_bytes_received)).unwrap_or(0);
+        let received = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_bytes_received));
+        let written = self.bytes_written();
         // bytes_received counts the peer's FIN as one (rcv_nxt moves past
         // it): a health check that connects and closes sent no data.
         let totals = Totals {
-            bytes_in: received.saturating_sub(peer_closed_first as u64),
-            bytes_out: self.bytes_written(),
+            direction,
+            bytes_in: received
+                .unwrap_or(0)
+                .saturating_sub(peer_closed_first as u64),
+            bytes_out: written.unwrap_or(0),
             peer_closed_first,
+            unreadable: received.is_none() || written.is_none(),
         };
-        let sent = if Conn::ends_badly(direction, totals.bytes_in, totals.bytes_out) {
+        let sent = if totals.unreadable {
+            // Sent with its flag: user space decides nothing from it.
+            count(stat::CONNS_UNREADABLE);
+            self.send(ctx, known, &totals)
+        } else if Conn::ends_badly(direction, totals.bytes_in, totals.bytes_out) {
             self.send(ctx, known, &totals)
         } else {
             count(stat::CONNS_OK);
@@ -273,7 +296,7 @@ impl Closed {
                 Some(c) => (*ev).conn = *c,
                 None => {
                     (*ev).conn = Conn {
-                        direction: direction::INBOUND,
+                        direction: t.direction,
                         ..Default::default()
                     }
                 }
@@ -281,6 +304,7 @@ impl Closed {
             let conn = &mut (*ev).conn;
             conn.bytes_in = t.bytes_in;
             conn.bytes_out = t.bytes_out;
+            conn.unreadable = t.unreadable as u32;
             conn.local_port = sport as u32;
             // Closing straight to CLOSE means the kernel threw unread data
             // away and answers with a RST.
@@ -342,15 +366,16 @@ impl Closed {
         ANSWERED.insert(&key, &v, 0).map_err(|e| e as i32)
     }
 
-    /// What the process wrote: what went out once, plus what is still queued.
+    /// What the process wrote: what went out once, plus what is still
+    /// queued; None when a counter could not be read (not "0 bytes").
     #[inline(always)]
-    fn bytes_written(&self) -> u64 {
+    fn bytes_written(&self) -> Option<u64> {
         let k = &CONFIG.kernel;
-        let sent = kread::<u64>(self.sk, cfg(&k.tcp_bytes_sent)).unwrap_or(0);
-        let retrans = kread::<u64>(self.sk, cfg(&k.tcp_bytes_retrans)).unwrap_or(0);
-        let write_seq = kread::<u32>(self.sk, cfg(&k.tcp_write_seq)).unwrap_or(0);
-        let snd_nxt = kread::<u32>(self.sk, cfg(&k.tcp_snd_nxt)).unwrap_or(0);
-        sent.saturating_sub(retrans) + write_seq.wrapping_sub(snd_nxt) as u64
+        let sent = kread::<u64>(self.sk, cfg(&k.tcp_bytes_sent))?;
+        let retrans = kread::<u64>(self.sk, cfg(&k.tcp_bytes_retrans))?;
+        let write_seq = kread::<u32>(self.sk, cfg(&k.tcp_write_seq))?;
+        let snd_nxt = kread::<u32>(self.sk, cfg(&k.tcp_snd_nxt))?;
+        Some(sent.saturating_sub(retrans) + write_seq.wrapping_sub(snd_nxt) as u64)
     }
 }
 

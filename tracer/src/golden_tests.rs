@@ -199,6 +199,7 @@ fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
         MasterSettings {
             keepalive_s: Some(2.0),
             max_requests: Some(5),
+            ..Default::default()
         },
     );
     // 200 closed a keep-alive connection after 2 s idle; the client's next
@@ -368,11 +369,11 @@ fn scripted_run() -> String {
     // Worker W: the seed's pipe read, interrupted then restarted, then killed.
     ev.extend(c.on_samples(&[sample(W, W, "read", 1000, 11, 2)], 1600 * MS, f));
     // Worker W2 holds a request 1.2 s with nothing sent back (threshold 1 s).
-    ev.extend(c.on_sockets(&[hung_sock(TcpState::Established)], 1650 * MS, f));
+    ev.extend(c.on_sockets(&[hung_sock(TcpState::Established)], &[], 1650 * MS, f));
     render(&mut out, std::mem::take(&mut ev));
     summary(&mut out, &c, 1700);
     // The proxy gives up on it.
-    ev.extend(c.on_sockets(&[hung_sock(TcpState::CloseWait)], 2500 * MS, f));
+    ev.extend(c.on_sockets(&[hung_sock(TcpState::CloseWait)], &[], 2500 * MS, f));
     ev.extend(c.on_kernel(
         KernelEvent::Signal {
             ts_ns: 5000 * MS,
@@ -541,7 +542,7 @@ fn stalls_of_every_kind(out: &mut String, f: &mut Fake) {
     ));
     // A helper thread blocked in a read while a client's request waits in
     // the worker (a scan since it blocked); it woke and waits elsewhere now.
-    ev.extend(g.on_sockets(&[fixtures::unanswered(101_001, 600)], 2500 * MS, f));
+    ev.extend(g.on_sockets(&[fixtures::unanswered(101_001, 600)], &[], 2500 * MS, f));
     let helper = sample(W, W + 1, "read", 2000, 5, 1);
     ev.extend(g.on_samples(&[helper], 2600 * MS, f));
     let woke = Sample {

@@ -3,8 +3,13 @@
 use tracer_common::{Conn, direction, ended};
 
 use super::correlator::Correlator;
+use super::correlator::Proc;
+use super::exits::SignalSeen;
 use super::signatures;
-use crate::model::{CloseKind, Direction, EarlyClose, EndedBy, Output, Preceded, Role};
+use crate::model::{
+    CloseKind, Direction, Dying, EarlyClose, EndedBy, MasterSettings, Output, Preceded, Role,
+    signal_name,
+};
 
 /// Formats the head of a sockaddr as the process saw it: `127.0.0.1:5000`,
 /// `[::1]:5000`, `unix`, or None when it is unknown (zeros).
@@ -46,8 +51,9 @@ pub(super) struct ConnFacts<'a> {
     pub master: u32,
     pub role: Role,
     pub conn: &'a Conn,
-    pub while_killed: bool,
-    pub while_oom_killed: bool,
+    pub dying: Option<Dying>,
+    /// The master's settings (--keep-alive, Gunicorn's version).
+    pub settings: MasterSettings,
 }
 
 /// An inbound connection that got nothing back. Who closed first decides
@@ -63,14 +69,18 @@ fn inbound_kind(c: &Conn, peer_closed_first: bool) -> CloseKind {
 }
 
 /// Which early close this is, if any: None when a reply was sent (or,
-/// outbound, one came back), or when nothing was asked of an outbound call.
+/// outbound, one came back), when nothing was asked of an outbound call,
+/// when the server hung up first (the worker cut nothing short), or when
+/// the kernel could not read the counters.
 fn classify(c: &Conn, peer_closed_first: bool) -> Option<(Direction, CloseKind)> {
     if !c.ended_badly() {
         return None;
     }
     match c.direction {
         direction::INBOUND => Some((Direction::Inbound, inbound_kind(c, peer_closed_first))),
-        direction::OUTBOUND => Some((Direction::Outbound, CloseKind::UpstreamCut)),
+        direction::OUTBOUND if !peer_closed_first => {
+            Some((Direction::Outbound, CloseKind::UpstreamCut))
+        }
         _ => None,
     }
 }
@@ -114,19 +124,69 @@ pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
         idle_ms: None,
         keepalive_s: None,
         reset_after_ms: None,
-        while_killed: f.while_killed,
-        while_oom_killed: f.while_oom_killed,
+        dying: f.dying,
         cause: None,
         container: None,
     };
-    ec.cause = signatures::identify_close(&ec);
+    ec.cause = signatures::identify_close_with(&ec, &f.settings);
     Some(ec)
+}
+
+/// Why `p` (pid `pid`) was ending at `ts_ns`, from what was seen: the OOM
+/// killer's choice, Gunicorn's WORKER TIMEOUT, a graceful stop, or its exit.
+fn dying(p: &Proc, pid: u32, ts_ns: u64) -> Option<Dying> {
+    if p.oom.is_some() {
+        return Some(Dying::OomKill);
+    }
+    if p.killed_by_timeout {
+        return Some(Dying::WorkerTimeout {
+            signal: p
+                .timeout_signal
+                .as_ref()
+                .map(|s| signal_name(s.sig))
+                .unwrap_or_else(|| "a signal".into()),
+            stall: p.timeout_stall.clone().map(Box::new),
+        });
+    }
+    if let Some(stop) = &p.stop_signal {
+        let killed = p.exit_signal == Some(9)
+            || p.last_signal
+                .as_ref()
+                .is_some_and(|s: &SignalSeen| s.sig == 9 && s.sender == p.master);
+        return Some(Dying::GracefulStop {
+            signal: signal_name(stop.sig),
+            after_ms: ts_ns.saturating_sub(stop.ts_ns) / 1_000_000,
+            killed,
+        });
+    }
+    let why = p.exit.clone()?;
+    Some(Dying::Exited {
+        why,
+        pid,
+        exit_code: p.exit_code,
+        signal: p.exit_signal.map(signal_name),
+    })
 }
 
 impl Correlator {
     /// A watched process's connection ended badly (the kernel's judgement);
     /// count it and report it.
     pub(super) fn on_conn_end(&mut self, end: &ConnEnd, conn: &Conn) -> Vec<Output> {
+        // The kernel closes an exiting process's sockets after its exit
+        // event: one forgotten as quiet comes back if a close hurt someone.
+        if !self.procs.contains_key(&end.pid)
+            && conn.ended_badly()
+            && let Some(i) = self
+                .exited_recent
+                .iter()
+                .position(|(pid, _)| *pid == end.pid)
+            && let Some((pid, p)) = self.exited_recent.remove(i)
+        {
+            self.procs.insert(pid, p);
+            self.exited_quiet = self.exited_quiet.saturating_sub(1);
+            self.keep_exited(pid);
+        }
+        let settings = self.settings_of(end.pid);
         let Some(p) = self.procs.get_mut(&end.pid) else {
             return Vec::new();
         };
@@ -135,8 +195,8 @@ impl Correlator {
             master: p.master,
             role: p.role,
             conn,
-            while_killed: p.killed_by_timeout,
-            while_oom_killed: p.oom.is_some(),
+            dying: dying(p, end.pid, end.ts_ns),
+            settings,
         };
         let Some(mut close) = early_close(facts) else {
             return Vec::new();
@@ -222,8 +282,8 @@ mod tests {
             master: 1,
             role: Role::Worker,
             conn: c,
-            while_killed: false,
-            while_oom_killed: false,
+            dying: None,
+            settings: MasterSettings::default(),
         }
     }
 
@@ -300,6 +360,34 @@ mod tests {
         );
         assert!(early_close(facts(&conn(direction::OUTBOUND, 10, 80), ended::CLOSE)).is_none());
         assert!(early_close(facts(&conn(direction::OUTBOUND, 0, 0), ended::CLOSE)).is_none());
+    }
+
+    #[test]
+    fn an_upstream_that_hung_up_first_was_not_cut_by_the_worker() {
+        // The server closed before replying, then the worker closed its
+        // side: the worker cut nothing short.
+        let c = conn(direction::OUTBOUND, 0, 80);
+        assert!(early_close(peer_first(&c)).is_none());
+        // The worker closed first with nothing received: a cut.
+        assert_eq!(
+            early_close(facts(&c, ended::CLOSE)).unwrap().kind,
+            CloseKind::UpstreamCut
+        );
+    }
+
+    #[test]
+    fn a_close_whose_counters_could_not_be_read_decides_nothing() {
+        for dir in [direction::INBOUND, direction::OUTBOUND] {
+            let c = Conn {
+                unreadable: 1,
+                ..conn(dir, 0, 0)
+            };
+            assert!(early_close(facts(&c, ended::CLOSE)).is_none());
+            assert!(early_close(facts(&c, ended::EXIT)).is_none());
+            assert!(early_close(peer_first(&c)).is_none());
+        }
+        // The same zeros, read: a judgement.
+        assert!(early_close(facts(&conn(direction::INBOUND, 0, 0), ended::CLOSE)).is_some());
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub(super) struct Proc {
     /// The master asked it to stop (SIGTERM, SIGINT or SIGQUIT): a SIGKILL
     /// that follows is the end of a graceful stop, not a WORKER TIMEOUT.
     pub asked_to_stop: bool,
+    /// That request to stop, the first one.
+    pub stop_signal: Option<SignalSeen>,
+    /// The stall the WORKER TIMEOUT was blamed on, when one was.
+    pub timeout_stall: Option<StallReport>,
     /// The kernel's OOM killer chose it.
     pub oom: Option<OomKill>,
     /// Why it exited, once it has.
@@ -92,6 +96,9 @@ pub struct Correlator {
     /// Exited processes with nothing to report: only counted, so that worker
     /// churn (--max-requests) cannot grow the tracer's memory.
     pub(super) exited_quiet: u64,
+    /// The last few quiet exits, kept a while: the kernel closes an exiting
+    /// process's sockets after its exit event.
+    pub(super) exited_recent: VecDeque<(u32, Proc)>,
     /// Stalls reported and not ended yet, by thread id.
     pub(super) active: HashMap<u32, Active>,
     /// Every exit seen, by cause (the processes themselves may be gone).
@@ -107,6 +114,8 @@ pub struct Correlator {
     pub(super) ended: HashMap<u32, (u32, u64, u64)>,
     /// The latest socket scan, to tie a blocked thread to a request.
     pub(super) requests: RequestScan,
+    /// Reported stalls ended with outcome `unknown` (see `Losses`).
+    pub(super) stall_ends_unknown: u64,
 }
 
 impl Correlator {
@@ -116,6 +125,7 @@ impl Correlator {
             procs: BTreeMap::new(),
             exited_notable: VecDeque::new(),
             exited_quiet: 0,
+            exited_recent: VecDeque::new(),
             active: HashMap::new(),
             exits: BTreeMap::new(),
             request_threshold_ns: 30_000_000_000,
@@ -123,6 +133,7 @@ impl Correlator {
             on_cpu: HashMap::new(),
             ended: HashMap::new(),
             requests: RequestScan::default(),
+            stall_ends_unknown: 0,
         }
     }
 
@@ -158,6 +169,11 @@ impl Correlator {
             fd,
             nfds,
         })
+    }
+
+    /// Reported stalls whose end nothing said (outcome `unknown`).
+    pub fn stall_ends_unknown(&self) -> u64 {
+        self.stall_ends_unknown
     }
 
     /// Live workers whose loop's own wait is not known yet.

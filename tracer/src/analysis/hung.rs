@@ -33,14 +33,16 @@ pub(super) struct HungState {
 }
 
 /// How a reported hang ended, from the socket's state at this scan (None:
-/// still hanging). A connection gone since the last scan was answered,
-/// unless the kernel reported its close as an early close: every close by
-/// a watched process is judged, and only a bad one is sent.
+/// still hanging). Answered only when the client acknowledged more bytes
+/// than when the hang was reported. A connection gone since the last scan
+/// was dropped when the kernel reported its close as an early close;
+/// otherwise how it ended is not known (answered and closed between two
+/// scans, a close event lost, or closed by a process not watched).
 fn outcome(now: Option<&SockSnapshot>, a: &HungActive) -> Option<HungOutcome> {
     match now {
         None if a.dropped => Some(HungOutcome::Dropped),
-        None => Some(HungOutcome::Answered),
-        Some(s) if s.answered_since(a.report.bytes_out) => Some(HungOutcome::Answered),
+        None => Some(HungOutcome::Unknown),
+        Some(s) if s.bytes_acked > a.report.bytes_out => Some(HungOutcome::Answered),
         Some(s) if s.state == TcpState::CloseWait => Some(HungOutcome::ClientClosed),
         Some(_) => None,
     }
@@ -57,15 +59,18 @@ impl Correlator {
     }
 
     /// One scan of the connections on watched ports, at kernel time `now_ns`.
+    /// `unscanned`: processes whose network namespace could not be scanned
+    /// this time; their connections' absence says nothing.
     pub fn on_sockets(
         &mut self,
         socks: &[SockSnapshot],
+        unscanned: &[u32],
         now_ns: u64,
         enr: &mut dyn Enricher,
     ) -> Vec<Output> {
         self.requests.note(socks, now_ns);
         let by_inode: HashMap<u64, &SockSnapshot> = socks.iter().map(|s| (s.inode, s)).collect();
-        let mut out = self.end_hung(&by_inode, now_ns);
+        let mut out = self.end_hung(&by_inode, unscanned, now_ns);
         self.hung.unowned.retain(|i| by_inode.contains_key(i));
         let threshold_ms = self.request_threshold_ms();
         // Inode 0: still in the listen queue, held by no process yet.
@@ -86,12 +91,19 @@ impl Correlator {
         out
     }
 
-    /// Ends the reported hangs whose connection was answered, left, or closed.
-    fn end_hung(&mut self, by_inode: &HashMap<u64, &SockSnapshot>, now_ns: u64) -> Vec<Output> {
+    /// Ends the reported hangs whose connection was answered, left, or
+    /// closed; those of a process whose namespace was not scanned wait.
+    fn end_hung(
+        &mut self,
+        by_inode: &HashMap<u64, &SockSnapshot>,
+        unscanned: &[u32],
+        now_ns: u64,
+    ) -> Vec<Output> {
         let ended: Vec<(u64, HungOutcome)> = self
             .hung
             .active
             .iter()
+            .filter(|(_, a)| !unscanned.contains(&a.report.pid))
             .filter_map(|(i, a)| outcome(by_inode.get(i).copied(), a).map(|o| (*i, o)))
             .collect();
         ended
@@ -268,18 +280,18 @@ mod tests {
             dropped,
         };
         let a = active(false);
-        // Gone, and its close was not an early close: it was answered.
-        assert_eq!(outcome(None, &a), Some(HungOutcome::Answered));
+        // Gone, and its close was not an early close: how it ended is not
+        // known (no scan saw an answer acknowledged).
+        assert_eq!(outcome(None, &a), Some(HungOutcome::Unknown));
         assert_eq!(outcome(None, &active(true)), Some(HungOutcome::Dropped));
         let left = SockSnapshot {
             state: TcpState::CloseWait,
             ..sock(1, 3000, 3001)
         };
         assert_eq!(outcome(Some(&left), &a), Some(HungOutcome::ClientClosed));
-        assert_eq!(
-            outcome(Some(&sock(1, 3000, 10)), &a),
-            Some(HungOutcome::Answered)
-        );
+        // Data went out after the request, but the client has not
+        // acknowledged any of it yet: still hanging, not answered.
+        assert_eq!(outcome(Some(&sock(1, 3000, 10)), &a), None);
         let acked = SockSnapshot {
             bytes_acked: 150,
             ..sock(1, 3000, 3000)

@@ -7,6 +7,8 @@ use crate::model::{Outcome, Output, Role, Source, signal_name};
 
 /// Exited processes with findings kept for the summary, at most.
 pub(super) const MAX_EXITED_KEPT: usize = 256;
+/// Quiet exits kept in case a close of theirs comes after the exit event.
+const MAX_EXITED_RECENT: usize = 64;
 /// How long after a stall ends a kill by the master is still blamed on it.
 const TIMEOUT_BLAME_NS: u64 = 60_000_000_000;
 
@@ -71,17 +73,25 @@ impl Correlator {
             container: p.container.clone(),
         });
         if p.is_notable() {
-            self.exited_notable.push_back(pid);
-            if self.exited_notable.len() > MAX_EXITED_KEPT
-                && let Some(old) = self.exited_notable.pop_front()
-            {
-                self.procs.remove(&old);
-            }
-        } else {
-            self.procs.remove(&pid);
+            self.keep_exited(pid);
+        } else if let Some(p) = self.procs.remove(&pid) {
             self.exited_quiet += 1;
+            self.exited_recent.push_back((pid, p));
+            if self.exited_recent.len() > MAX_EXITED_RECENT {
+                self.exited_recent.pop_front();
+            }
         }
         out
+    }
+
+    /// Keeps an exited process for the summary (the oldest goes past the bound).
+    pub(super) fn keep_exited(&mut self, pid: u32) {
+        self.exited_notable.push_back(pid);
+        if self.exited_notable.len() > MAX_EXITED_KEPT
+            && let Some(old) = self.exited_notable.pop_front()
+        {
+            self.procs.remove(&old);
+        }
     }
 
     /// Remembers who signalled a process (its exit will say), and ties
@@ -97,6 +107,9 @@ impl Correlator {
         let from_master = p.role == Role::Worker && sender == p.master;
         if from_master && matches!(sig, 2 | 3 | 15) {
             p.asked_to_stop = true;
+            if p.stop_signal.is_none() {
+                p.stop_signal = Some(seen.clone());
+            }
         }
         let timeout = from_master && (sig == 6 || (sig == 9 && !p.asked_to_stop));
         if timeout {
@@ -113,6 +126,9 @@ impl Correlator {
         let p = self.procs.get_mut(&target).expect("checked above");
         p.timeouts += 1;
         p.killed_by_timeout = true;
+        if p.timeout_stall.is_none() {
+            p.timeout_stall = stall.clone();
+        }
         vec![Output::WorkerTimeout {
             ts_ns,
             pid: target,

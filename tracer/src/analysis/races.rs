@@ -36,8 +36,7 @@ pub(super) fn race_report(r: &RaceReset, role: Role, keepalive_s: Option<f64>) -
         idle_ms: (c.idle_ns != UNSET).then_some(c.idle_ns / MS),
         keepalive_s,
         reset_after_ms: Some(r.ts_ns.saturating_sub(c.closed_ns) / MS),
-        while_killed: false,
-        while_oom_killed: false,
+        dying: None,
         cause: None,
         container: None,
     }

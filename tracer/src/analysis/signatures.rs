@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 
 use crate::model::{
-    Cause, CloseKind, Direction, EarlyClose, EndedBy, FdKind, StallReport, StallState,
-    no_other_writer,
+    Cause, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause, ExitReport, FdKind,
+    MasterSettings, StallReport, StallState, no_other_writer,
 };
 
 /// One known cause of a stall (`T` = StallReport) or of an early close
@@ -200,32 +200,47 @@ fn timed_out_read(e: &EarlyClose) -> bool {
     e.ended_by != EndedBy::Exit && e.preceded_by.as_ref().is_some_and(|p| p.wait_ms < 60_000)
 }
 
-/// Known causes of a connection closed with nothing sent back.
+/// A request closed by the worker itself, not dying, with nothing sent,
+/// after a read found nothing (EAGAIN) and a wait that is not Gunicorn's
+/// keep-alive timer. Every gevent, gthread and asyncio read finds EAGAIN
+/// first, so the EAGAIN alone says nothing: a default socket timeout
+/// leaked into the connection is the case where the worker gave up on a
+/// request it had begun to read, after a wait no Gunicorn setting makes.
+fn leaked_timeout(e: &EarlyClose) -> bool {
+    e.kind == CloseKind::DroppedRequest
+        && e.direction == Direction::Inbound
+        && e.dying.is_none()
+        && !e.peer_closed_first
+        && e.ended_by != EndedBy::Exit
+        && e.bytes_out == 0
+        && (e.bytes_in > 0 || e.unread_data)
+        && timed_out_read(e)
+}
+
+/// The wait before the close is about Gunicorn's --keep-alive (to its
+/// timer's 1 s tick): its keep-alive timer closed an idle connection that
+/// had not sent a whole request. Gunicorn's default is 2 s.
+fn keepalive_wait(e: &EarlyClose, keepalive_s: Option<f64>) -> bool {
+    let k = (keepalive_s.unwrap_or(2.0) * 1000.0) as u64;
+    e.preceded_by
+        .as_ref()
+        .is_some_and(|p| p.wait_ms + 1_100 >= k && p.wait_ms <= k + 1_100)
+}
+
+/// Known causes of a connection closed with nothing sent back. (A request
+/// lost because its worker was dying is named by `died_mid_request`.)
 pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
     Signature {
         id: "oom_killed_mid_request",
         cause: "the kernel's OOM killer killed the worker with the request in flight: its memory cgroup reached its limit, so the client got nothing",
         fix: "find what the request allocates (a large query result, a file read whole, a leak across requests) and bound it, or raise the container's memory limit; --max-requests recycles workers that grow",
-        matches: |e| e.kind == CloseKind::DroppedRequest && e.while_oom_killed,
-    },
-    Signature {
-        id: "worker_died_mid_request",
-        cause: "the worker died with the request in flight (killed by WORKER TIMEOUT, the OOM killer, or a crash), so the client got nothing",
-        fix: "find why the worker died: a stall reported just before it, or the kernel log for an OOM kill",
-        // First: a dying worker's close can look like a timed-out read.
-        matches: |e| {
-            e.kind == CloseKind::DroppedRequest && (e.ended_by == EndedBy::Exit || e.while_killed)
-        },
+        matches: |e| e.kind == CloseKind::DroppedRequest && e.dying == Some(Dying::OomKill),
     },
     Signature {
         id: "leaked_socket_timeout",
-        cause: "a default socket timeout leaked into the client connection (socket.setdefaulttimeout() called in request code, as old Thrift clients did, under Gunicorn < 19.8 which did not reset accepted sockets): a read timed out and Gunicorn closed the connection with nothing sent",
-        fix: "upgrade Gunicorn to 19.8 or later and Thrift to 0.12 or later, and never call socket.setdefaulttimeout in request code",
-        matches: |e| {
-            e.kind == CloseKind::DroppedRequest
-                && e.direction == Direction::Inbound
-                && timed_out_read(e)
-        },
+        cause: LEAKED_CAUSE,
+        fix: LEAKED_FIX,
+        matches: leaked_timeout,
     },
     Signature {
         id: "keepalive_shorter_than_client",
@@ -241,8 +256,191 @@ pub static CLOSE_SIGNATURES: &[Signature<EarlyClose>] = &[
     },
 ];
 
+const LEAKED_CAUSE: &str = "a socket timeout Gunicorn never set ran out on the client connection (socket.setdefaulttimeout() called in request code, as old Thrift clients did, leaks into sockets accepted meanwhile): a read timed out and the worker closed the connection with nothing sent";
+const LEAKED_FIX: &str = "never call socket.setdefaulttimeout in request code (set timeouts on the client's own sockets), and check that the worker resets accepted sockets to blocking (Gunicorn 19.8 and later do)";
+
+/// The leaked timeout, with the installed Gunicorn's version when it was
+/// read: only a version before 19.8 is said to be part of the cause.
+fn leaked_cause(version: Option<(u32, u32, u32)>) -> Cause {
+    let (cause, fix) = match version {
+        Some(v) if v < (19, 8, 0) => (
+            format!(
+                "{LEAKED_CAUSE}; the installed Gunicorn {}.{}.{} is older than 19.8, which does not reset accepted sockets to blocking",
+                v.0, v.1, v.2
+            ),
+            "upgrade Gunicorn to 19.8 or later (and Thrift to 0.12 or later), and never call socket.setdefaulttimeout in request code".to_string(),
+        ),
+        _ => (LEAKED_CAUSE.to_string(), LEAKED_FIX.to_string()),
+    };
+    Cause {
+        id: "leaked_socket_timeout",
+        cause: Cow::Owned(cause),
+        fix: Cow::Owned(fix),
+    }
+}
+
+/// `5.5s`
+fn secs(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+/// A process name as read from the kernel, control characters replaced.
+fn clean(comm: &str) -> String {
+    comm.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// What the stall a WORKER TIMEOUT was blamed on had done.
+fn stall_words(s: &StallReport) -> String {
+    let at_least = if s.since_attach { "at least " } else { "" };
+    let how_long = format!("{at_least}{}", secs(s.blocked_ms));
+    match s.state {
+        StallState::Blocked => format!(
+            "thread {} had been blocked {how_long} in {}()",
+            s.tid,
+            s.syscall_name()
+        ),
+        StallState::OnCpu => format!("thread {} had kept the CPU {how_long}", s.tid),
+        StallState::Busy => format!(
+            "thread {} had been away from its loop {how_long} (short calls and computation)",
+            s.tid
+        ),
+    }
+}
+
+/// A request lost because its worker was dying, named by what the tracer
+/// saw of the death; None when the worker was not known to be dying and
+/// did not exit with it open.
+fn died_mid_request(e: &EarlyClose) -> Option<Cause> {
+    if e.kind != CloseKind::DroppedRequest {
+        return None;
+    }
+    let owned = |id, cause: String, fix: &'static str| Cause {
+        id,
+        cause: Cow::Owned(cause),
+        fix: Cow::Borrowed(fix),
+    };
+    let lost = "with the request in flight, so the client got nothing";
+    match e.dying.as_ref() {
+        None if e.ended_by == EndedBy::Exit => Some(owned(
+            "worker_died_mid_request",
+            format!("the worker exited {lost}; why it exited was not seen"),
+            "look for the worker's exit in Gunicorn's log and the kernel log",
+        )),
+        None | Some(Dying::OomKill) => None,
+        Some(Dying::WorkerTimeout { signal, stall }) => {
+            let what = match stall {
+                Some(s) => format!("before the kill its {}", stall_words(s)),
+                None => "no stall was seen before the kill (a stall under the threshold each time, or code the tracer cannot see)".into(),
+            };
+            Some(owned(
+                "worker_timeout_mid_request",
+                format!(
+                    "Gunicorn's WORKER TIMEOUT killed the worker ({signal} from its master, its heartbeat older than --timeout) {lost}; {what}"
+                ),
+                "fix what held the worker (the worker_timeout event names the stall), or raise --timeout only for requests known to be long",
+            ))
+        }
+        Some(Dying::GracefulStop {
+            signal,
+            after_ms,
+            killed,
+        }) => {
+            let end = if *killed {
+                "the master's SIGKILL ended it"
+            } else {
+                "the worker closed it as it stopped"
+            };
+            Some(owned(
+                "graceful_stop_mid_request",
+                format!(
+                    "the worker was being stopped ({signal} from its master {} before the close: a reload, a scale-down or a shutdown) and the request was still running when Gunicorn's --graceful-timeout ran out: {end}, {lost}",
+                    secs(*after_ms)
+                ),
+                "raise --graceful-timeout above the longest request (and the orchestrator's grace period, such as terminationGracePeriodSeconds, above it), or make long requests shorter",
+            ))
+        }
+        Some(Dying::Exited {
+            why,
+            pid,
+            exit_code,
+            signal,
+        }) => Some(exited_mid_request(why, *pid, *exit_code, signal.as_deref())),
+    }
+}
+
+/// A request lost to a worker's exit that was neither an OOM kill, a
+/// WORKER TIMEOUT nor a graceful stop: what its exit report says.
+fn exited_mid_request(
+    why: &ExitReport,
+    pid: u32,
+    exit_code: Option<i32>,
+    signal: Option<&str>,
+) -> Cause {
+    let lost = "with the request in flight, so the client got nothing";
+    let sig = why.cause_signal.as_deref().or(signal).unwrap_or("a signal");
+    let (id, cause, fix): (&'static str, String, &'static str) = match (why.cause, &why.sender) {
+        (ExitCause::ExternalSignal, Some(s)) if s.pid == pid => (
+            "signalled_itself_mid_request",
+            format!(
+                "the worker ended by {sig} from its own context (a fault the kernel signalled, abort(), or its own kill(); which one was not recorded) {lost}"
+            ),
+            "find what in the worker raised the signal (Gunicorn's log, a core dump, faulthandler)",
+        ),
+        (ExitCause::ExternalSignal | ExitCause::MasterSignal, Some(s)) => (
+            "killed_mid_request",
+            format!(
+                "the worker was killed by {sig} from pid {} ({}) {lost}",
+                s.pid,
+                clean(&s.comm)
+            ),
+            "find why that process signalled the worker (an operator, a supervisor, a probe)",
+        ),
+        (ExitCause::ExternalSignal, None) => (
+            "killed_mid_request",
+            format!("the worker was killed by {sig} (who sent it was not seen) {lost}"),
+            "look for the worker's exit in Gunicorn's log and the kernel log",
+        ),
+        _ => {
+            let how = match (exit_code, signal) {
+                (Some(c), _) => format!("exited with code {c}"),
+                (None, Some(s)) => format!("was killed by {s}"),
+                (None, None) => "exited".into(),
+            };
+            (
+                "worker_died_mid_request",
+                format!("the worker {how} {lost}"),
+                "look for the worker's exit in Gunicorn's log",
+            )
+        }
+    };
+    Cause {
+        id,
+        cause: Cow::Owned(cause),
+        fix: Cow::Borrowed(fix),
+    }
+}
+
+/// The cause of an early close, with its master's settings (--keep-alive,
+/// and the installed Gunicorn's version when it was read).
+pub fn identify_close_with(e: &EarlyClose, settings: &MasterSettings) -> Option<Cause> {
+    if let Some(c) = first_match(&CLOSE_SIGNATURES[..1], e) {
+        return Some(c);
+    }
+    if let Some(c) = died_mid_request(e) {
+        return Some(c);
+    }
+    match first_match(CLOSE_SIGNATURES, e) {
+        Some(c) if c.id == "leaked_socket_timeout" => (!keepalive_wait(e, settings.keepalive_s))
+            .then(|| leaked_cause(settings.gunicorn_version)),
+        other => other,
+    }
+}
+
+/// [`identify_close_with`] under Gunicorn's defaults, its version unknown.
 pub fn identify_close(e: &EarlyClose) -> Option<Cause> {
-    first_match(CLOSE_SIGNATURES, e)
+    identify_close_with(e, &MasterSettings::default())
 }
 
 pub fn identify(s: &StallReport) -> Option<Cause> {
@@ -468,8 +666,16 @@ mod tests {
             fd: Some(3),
             peer: None,
             local_port: None,
-            bytes_in: 0,
-            bytes_out: 0,
+            bytes_in: if kind == CloseKind::DroppedRequest {
+                80
+            } else {
+                0
+            },
+            bytes_out: if kind == CloseKind::UpstreamCut {
+                80
+            } else {
+                0
+            },
             lifetime_ms: Some(0),
             ended_by,
             peer_closed_first: false,
@@ -483,8 +689,7 @@ mod tests {
             idle_ms: None,
             keepalive_s: None,
             reset_after_ms: None,
-            while_killed: false,
-            while_oom_killed: false,
+            dying: None,
             cause: None,
             container: None,
         }
@@ -508,13 +713,16 @@ mod tests {
         // Closed by the worker's own teardown after Gunicorn's SIGABRT: it
         // died mid-request, even though a read had found nothing before.
         let dying = EarlyClose {
-            while_killed: true,
+            dying: Some(Dying::WorkerTimeout {
+                signal: "SIGABRT".into(),
+                stall: None,
+            }),
             ..close(CloseKind::DroppedRequest, EndedBy::Close, Some(5000))
         };
-        assert_eq!(id(&dying), Some("worker_died_mid_request"));
+        assert_eq!(id(&dying), Some("worker_timeout_mid_request"));
         // Chosen by the OOM killer: its kill, not a timeout, explains it.
         let oom = EarlyClose {
-            while_oom_killed: true,
+            dying: Some(Dying::OomKill),
             ..close(CloseKind::DroppedRequest, EndedBy::Exit, None)
         };
         assert_eq!(id(&oom), Some("oom_killed_mid_request"));
@@ -527,6 +735,77 @@ mod tests {
             id(&close(CloseKind::Idle, EndedBy::Close, Some(2000))),
             None
         );
+    }
+
+    fn leaked(e: &EarlyClose, settings: &MasterSettings) -> Option<Cause> {
+        identify_close_with(e, settings).filter(|c| c.id == "leaked_socket_timeout")
+    }
+
+    #[test]
+    fn a_leaked_socket_timeout_needs_a_drop_by_the_worker_after_a_wait_no_setting_makes() {
+        let unknown = MasterSettings::default();
+        let timed_out = close(CloseKind::DroppedRequest, EndedBy::Close, Some(500));
+        let c = leaked(&timed_out, &unknown).expect("the leak's evidence");
+        // The version was not read: no claim about it, no upgrade advice.
+        assert!(!c.cause.contains("older than 19.8"), "{c:?}");
+        assert!(!c.fix.contains("upgrade Gunicorn"), "{c:?}");
+        // An EAGAIN then the close after about --keep-alive: Gunicorn's
+        // keep-alive timer on a request never completed, not a leak.
+        for (keepalive, wait) in [(None, 2000), (Some(5.0), 5300), (Some(1.0), 1000)] {
+            let ka = MasterSettings {
+                keepalive_s: keepalive,
+                ..Default::default()
+            };
+            let e = close(CloseKind::DroppedRequest, EndedBy::Close, Some(wait));
+            assert_eq!(leaked(&e, &ka), None, "{keepalive:?} {wait}");
+        }
+        // The client closed first; nothing was read; the worker was dying;
+        // the kernel closed it at the exit; no EAGAIN: not a leak.
+        let not = [
+            EarlyClose {
+                peer_closed_first: true,
+                ..timed_out.clone()
+            },
+            EarlyClose {
+                bytes_in: 0,
+                ..timed_out.clone()
+            },
+            EarlyClose {
+                dying: Some(Dying::GracefulStop {
+                    signal: "SIGTERM".into(),
+                    after_ms: 30_000,
+                    killed: false,
+                }),
+                ..timed_out.clone()
+            },
+            close(CloseKind::DroppedRequest, EndedBy::Exit, Some(500)),
+            close(CloseKind::DroppedRequest, EndedBy::Close, None),
+        ];
+        for e in &not {
+            assert_eq!(leaked(e, &unknown), None, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn the_gunicorn_version_is_claimed_only_as_read() {
+        let e = close(CloseKind::DroppedRequest, EndedBy::Close, Some(500));
+        let old = MasterSettings {
+            gunicorn_version: Some((19, 7, 1)),
+            ..Default::default()
+        };
+        let c = leaked(&e, &old).unwrap();
+        assert!(
+            c.cause.contains("Gunicorn 19.7.1 is older than 19.8"),
+            "{c:?}"
+        );
+        assert!(c.fix.contains("upgrade Gunicorn to 19.8"), "{c:?}");
+        let new = MasterSettings {
+            gunicorn_version: Some((23, 0, 0)),
+            ..Default::default()
+        };
+        let c = leaked(&e, &new).unwrap();
+        assert!(!c.cause.contains("older than 19.8"), "{c:?}");
+        assert!(!c.fix.contains("upgrade Gunicorn"), "{c:?}");
     }
 
     #[test]

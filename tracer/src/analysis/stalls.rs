@@ -183,13 +183,17 @@ impl Correlator {
                 .filter(|s| s.seq == a.seq && s.start_ns == a.start_ns && s.in_call());
             let Some(s) = same_call else {
                 // The kernel ended it (its event is on the way) or the
-                // thread is gone; wait one more poll for the event.
+                // thread is gone; wait one more poll for the event. With
+                // no event and no wake seen, how it ended is not known.
                 a.missing_polls += 1;
                 if a.missing_polls >= 2 {
                     let (at, outcome) = match a.woke {
                         Some((at, _)) => (at, Outcome::Woke),
-                        None => (now_ns, Outcome::Exited),
+                        None => (now_ns, Outcome::Unknown),
                     };
+                    if outcome == Outcome::Unknown {
+                        self.stall_ends_unknown += 1;
+                    }
                     out.extend(self.end(tid, at, outcome));
                 }
                 continue;

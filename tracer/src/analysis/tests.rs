@@ -204,6 +204,7 @@ fn a_helper_thread_blocked_in_read_is_a_stall_only_with_a_request_waiting() {
     // request to another worker only, neither.
     c.on_sockets(
         &[fixtures::unanswered(202_001, 5000)],
+        &[],
         1100 * MS,
         &mut FakeProc,
     );
@@ -212,6 +213,7 @@ fn a_helper_thread_blocked_in_read_is_a_stall_only_with_a_request_waiting() {
     // blocked, with nothing sent back: a stall Gunicorn never notices.
     c.on_sockets(
         &[fixtures::unanswered(101_001, 1300)],
+        &[],
         1300 * MS,
         &mut FakeProc,
     );
@@ -245,6 +247,7 @@ fn a_workers_child_waiting_for_work_is_not_stalled() {
     };
     c.on_sockets(
         &[fixtures::unanswered(101_001, 900)],
+        &[],
         1000 * MS,
         &mut FakeProc,
     );
@@ -253,6 +256,7 @@ fn a_workers_child_waiting_for_work_is_not_stalled() {
     // One holding a client's request it has not answered is a stall.
     c.on_sockets(
         &[fixtures::unanswered(300_001, 2000)],
+        &[],
         2000 * MS,
         &mut FakeProc,
     );
@@ -491,6 +495,39 @@ fn stall_end_missing_from_kernel_is_inferred_after_two_polls() {
     );
     let out = c.on_samples(&[moved_on], 800 * MS, &mut FakeProc);
     assert_eq!(kinds(&out), ["stall_end"]);
+    // Nothing said how the call ended: not "the process died inside it".
+    assert!(
+        matches!(
+            &out[0],
+            Output::StallEnd {
+                outcome: Outcome::Unknown,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(c.stall_ends_unknown(), 1);
+}
+
+#[test]
+fn a_stall_that_vanished_after_waking_is_not_counted_unknown() {
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let woke = woken(sample(W, "read", 0, 1), 650, WokeBy::Plain);
+    c.on_samples(&[woke], 660 * MS, &mut FakeProc);
+    c.on_samples(&[], 700 * MS, &mut FakeProc);
+    let out = c.on_samples(&[], 800 * MS, &mut FakeProc);
+    assert!(
+        out.iter().all(|o| !matches!(
+            o,
+            Output::StallEnd {
+                outcome: Outcome::Unknown,
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+    assert_eq!(c.stall_ends_unknown(), 0);
 }
 
 fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: u32) -> KernelEvent {
@@ -648,4 +685,199 @@ fn quiet_exits_are_counted_not_kept_and_notable_ones_are_bounded() {
         !sum.workers.iter().any(|w| w.pid == 1000),
         "the oldest were dropped"
     );
+}
+
+/// A request on worker W's socket (inode W * 1000), unanswered 3 s.
+fn hung_sock() -> crate::model::SockSnapshot {
+    crate::model::SockSnapshot {
+        inode: u64::from(W) * 1000,
+        local_port: 8000,
+        peer: "127.0.0.1:41000".into(),
+        has_info: true,
+        last_data_recv_ms: 3000,
+        last_data_sent_ms: 3001,
+        bytes_received: 80,
+        ..Default::default()
+    }
+}
+
+fn hung_ends(out: &[Output]) -> Vec<crate::model::HungOutcome> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::HungRequestEnd { outcome, .. } => Some(*outcome),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_failed_scan_ends_no_hung_request_and_a_vanished_one_is_not_called_answered() {
+    use crate::model::HungOutcome;
+    let mut c = setup();
+    c.set_request_threshold(2000 * MS);
+    let out = c.on_sockets(&[hung_sock()], &[], 5000 * MS, &mut FakeProc);
+    assert_eq!(kinds(&out), ["hung_request"]);
+    // W's namespace could not be scanned: its socket's absence says nothing.
+    let out = c.on_sockets(&[], &[W], 5500 * MS, &mut FakeProc);
+    assert!(out.is_empty(), "{out:?}");
+    // Scanned, and gone with no early close and no acknowledged answer
+    // seen: the ending is not known.
+    let out = c.on_sockets(&[], &[], 6000 * MS, &mut FakeProc);
+    assert_eq!(hung_ends(&out), [HungOutcome::Unknown]);
+    assert!(
+        !verdict(&c.summary(6000 * MS)).text.contains("answered"),
+        "{}",
+        verdict(&c.summary(6000 * MS)).text
+    );
+}
+
+#[test]
+fn a_hung_request_is_answered_when_the_client_acknowledged_bytes() {
+    use crate::model::HungOutcome;
+    let mut c = setup();
+    c.set_request_threshold(2000 * MS);
+    c.on_sockets(&[hung_sock()], &[], 5000 * MS, &mut FakeProc);
+    let answered = crate::model::SockSnapshot {
+        bytes_acked: 150,
+        last_data_sent_ms: 10,
+        ..hung_sock()
+    };
+    let out = c.on_sockets(&[answered], &[], 5500 * MS, &mut FakeProc);
+    assert_eq!(hung_ends(&out), [HungOutcome::Answered]);
+}
+
+/// Worker W's connection from 127.0.0.1:40000 closed at `ts_ms` with a
+/// request read and nothing sent (a read found nothing 500 ms before).
+fn dropped_at(ts_ms: u64, ended_by: u32) -> KernelEvent {
+    let KernelEvent::ConnEnd {
+        tgid,
+        tid,
+        fd,
+        mut conn,
+        peer_closed_first,
+        ..
+    } = conn_end(W, 120, 0, ended_by)
+    else {
+        unreachable!()
+    };
+    conn.start_ns = (ts_ms - 1000) * MS;
+    conn.eagain_ns = (ts_ms - 500) * MS;
+    KernelEvent::ConnEnd {
+        ts_ns: ts_ms * MS,
+        tgid,
+        tid,
+        fd: if ended_by == tracer_common::ended::EXIT {
+            -1
+        } else {
+            fd
+        },
+        conn,
+        ended_by,
+        peer_closed_first,
+    }
+}
+
+fn signal(ts_ms: u64, sender: u32, comm: &str, sig: i32) -> KernelEvent {
+    KernelEvent::Signal {
+        ts_ns: ts_ms * MS,
+        target: W,
+        sender,
+        sender_comm: comm.into(),
+        sig,
+    }
+}
+
+fn exited(ts_ms: u64, exit_code: Option<i32>, sig: Option<i32>) -> KernelEvent {
+    KernelEvent::Exit {
+        ts_ns: ts_ms * MS,
+        pid: W,
+        exit_code,
+        signal: sig,
+    }
+}
+
+/// The cause of the one early close in `out`.
+fn close_cause(out: &[Output]) -> crate::model::Cause {
+    let [Output::EarlyClose { close, .. }] = out else {
+        panic!("{out:?}")
+    };
+    close.cause.clone().expect("a cause")
+}
+
+#[test]
+fn a_request_lost_when_the_graceful_timeout_ran_out_names_the_stop() {
+    use tracer_common::ended;
+    // The master's SIGTERM (a shutdown), then the worker closes the request
+    // it still holds 30 s later, itself, before exiting.
+    let mut c = setup();
+    c.on_kernel(signal(1000, MASTER, "gunicorn", 15), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(31_000, ended::CLOSE), &mut FakeProc);
+    let cause = close_cause(&out);
+    assert_eq!(cause.id, "graceful_stop_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("SIGTERM from its master"), "{cause:?}");
+    assert!(cause.cause.contains("30.0s"), "{cause:?}");
+    for wrong in ["WORKER TIMEOUT", "crash", "setdefaulttimeout", "OOM"] {
+        assert!(!cause.cause.contains(wrong), "{wrong}: {cause:?}");
+    }
+    // The master killed it when the graceful timeout ran out; the kernel
+    // closed the request at the exit, after the exit event.
+    let mut c = setup();
+    c.on_kernel(signal(1000, MASTER, "gunicorn", 15), &mut FakeProc);
+    c.on_kernel(signal(31_000, MASTER, "gunicorn", 9), &mut FakeProc);
+    c.on_kernel(exited(31_001, None, Some(9)), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(31_002, ended::EXIT), &mut FakeProc);
+    let cause = close_cause(&out);
+    assert_eq!(cause.id, "graceful_stop_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("SIGKILL"), "{cause:?}");
+    // Counted against the worker, which the summary keeps.
+    let sum = c.summary(32_000 * MS);
+    let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
+    assert_eq!(w.early_closes.dropped_request, 1);
+}
+
+#[test]
+fn a_request_lost_to_a_worker_timeout_names_the_stall() {
+    use tracer_common::ended;
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    c.on_kernel(signal(4500, MASTER, "gunicorn", 6), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(4600, ended::CLOSE), &mut FakeProc);
+    let cause = close_cause(&out);
+    assert_eq!(cause.id, "worker_timeout_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("WORKER TIMEOUT"), "{cause:?}");
+    assert!(cause.cause.contains("read()"), "{cause:?}");
+    assert!(!cause.cause.contains("OOM"), "{cause:?}");
+    // No stall seen before the kill: said so, nothing invented.
+    let mut c = setup();
+    c.on_kernel(signal(4500, MASTER, "gunicorn", 6), &mut FakeProc);
+    let cause = close_cause(&c.on_kernel(dropped_at(4600, ended::CLOSE), &mut FakeProc));
+    assert_eq!(cause.id, "worker_timeout_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("no stall was seen"), "{cause:?}");
+}
+
+#[test]
+fn a_request_lost_to_an_outside_kill_names_the_sender() {
+    use tracer_common::ended;
+    let mut c = setup();
+    c.on_kernel(signal(1000, 4242, "kill", 9), &mut FakeProc);
+    c.on_kernel(exited(1001, None, Some(9)), &mut FakeProc);
+    let cause = close_cause(&c.on_kernel(dropped_at(1002, ended::EXIT), &mut FakeProc));
+    assert_eq!(cause.id, "killed_mid_request", "{cause:?}");
+    assert!(
+        cause.cause.contains("SIGKILL from pid 4242 (kill)"),
+        "{cause:?}"
+    );
+    for wrong in ["WORKER TIMEOUT", "crash", "OOM"] {
+        assert!(!cause.cause.contains(wrong), "{wrong}: {cause:?}");
+    }
+    // An exit nothing explains: the request died with the worker, cause
+    // not seen; no guess among timeouts, OOM kills and crashes.
+    let mut c = setup();
+    c.on_kernel(exited(1001, Some(1), None), &mut FakeProc);
+    let cause = close_cause(&c.on_kernel(dropped_at(1002, ended::EXIT), &mut FakeProc));
+    assert_eq!(cause.id, "worker_died_mid_request", "{cause:?}");
+    assert!(cause.cause.contains("exited with code 1"), "{cause:?}");
+    for wrong in ["WORKER TIMEOUT", "crash", "OOM"] {
+        assert!(!cause.cause.contains(wrong), "{wrong}: {cause:?}");
+    }
 }

@@ -144,6 +144,8 @@ fn master_settings(cmd: &[String]) -> MasterSettings {
         // Gunicorn's default keep-alive is 2 s.
         keepalive_s: Some(proc::parse_number_flag(cmd, "--keep-alive").unwrap_or(2.0)),
         max_requests: proc::parse_number_flag(cmd, "--max-requests").map(|n| n as u64),
+        // Read from the master's site-packages by host/ (another change).
+        gunicorn_version: None,
     }
 }
 
@@ -375,6 +377,7 @@ impl Session {
     pub fn losses(&self) -> Losses {
         Losses {
             over_quota: self.over_quota,
+            stall_ends_unknown: self.corr.stall_ends_unknown(),
             ..self.probes.losses()
         }
     }
@@ -577,8 +580,11 @@ impl Session {
             return;
         }
         let pids: Vec<u32> = self.probes.watched.keys().filter_map(|k| k.ok()).collect();
-        let socks = self.sockets.scan(&pids);
-        for o in self.corr.on_sockets(&socks, now, &mut self.enricher) {
+        let (socks, unscanned) = self.sockets.scan(&pids);
+        for o in self
+            .corr
+            .on_sockets(&socks, &unscanned, now, &mut self.enricher)
+        {
             self.emit(&o);
         }
     }

@@ -70,13 +70,21 @@ impl SocketWatch {
     }
 
     /// The connections on watched ports in every network namespace of
-    /// `pids`.
-    pub fn scan(&mut self, pids: &[u32]) -> Vec<SockSnapshot> {
+    /// `pids`, and the pids whose namespace could not be scanned this time
+    /// (a connection of theirs missing from the list says nothing).
+    pub fn scan(&mut self, pids: &[u32]) -> (Vec<SockSnapshot>, Vec<u32>) {
         self.last = Instant::now();
         let mut namespaces: HashMap<String, u32> = HashMap::new();
+        let mut members: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut unscanned = Vec::new();
         for &pid in pids {
-            if let Some(ns) = netns_of(&pid.to_string()) {
-                namespaces.entry(ns).or_insert(pid);
+            match netns_of(&pid.to_string()) {
+                Some(ns) => {
+                    namespaces.entry(ns.clone()).or_insert(pid);
+                    members.entry(ns).or_default().push(pid);
+                }
+                // Gone, or its namespace unreadable: nothing seen of it.
+                None => unscanned.push(pid),
             }
         }
         // A namespace no watched process is in any more (a pod gone).
@@ -84,13 +92,23 @@ impl SocketWatch {
         let ports = self.ports.clone();
         let mut out = Vec::new();
         for (ns, pid) in namespaces {
-            if let Some(d) = self.diag_for(&ns, pid) {
-                match d.dump(&ports) {
-                    Ok(socks) => out.extend(socks),
-                    Err(e) => eprintln!("tracer: warning: socket scan in {ns} failed: {e}"),
-                }
+            let scanned = match self.diag_for(&ns, pid) {
+                Some(d) => match d.dump(&ports) {
+                    Ok(socks) => {
+                        out.extend(socks);
+                        true
+                    }
+                    Err(e) => {
+                        eprintln!("tracer: warning: socket scan in {ns} failed: {e}");
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !scanned {
+                unscanned.extend(members.remove(&ns).unwrap_or_default());
             }
         }
-        out
+        (out, unscanned)
     }
 }

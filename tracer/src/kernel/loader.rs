@@ -588,13 +588,15 @@ impl Probes {
         self.stat(stat::EVENTS_LOST)
     }
 
-    /// The kernel's loss counters (`over_quota` is user space's: zero here).
+    /// The kernel's loss counters (`over_quota` and `stall_ends_unknown` are user space's: zero here).
     pub fn losses(&self) -> Losses {
         Losses {
             events_lost: self.stat(stat::EVENTS_LOST),
             watch_full: self.stat(stat::WATCH_FULL),
             conns_untracked: self.stat(stat::CONNS_UNTRACKED),
             inflight_full: self.stat(stat::INFLIGHT_FULL) + self.seeds_refused,
+            conns_unreadable: self.stat(stat::CONNS_UNREADABLE),
+            stall_ends_unknown: 0,
             over_quota: 0,
         }
     }

@@ -222,10 +222,4 @@ impl SockSnapshot {
             && u64::from(self.last_data_recv_ms) >= threshold_ms
             && (self.bytes_acked == 0 || self.last_data_sent_ms > self.last_data_recv_ms)
     }
-
-    /// Something went out since an earlier look that saw `acked` bytes
-    /// acknowledged, or after the last byte that came in.
-    pub fn answered_since(&self, acked: u64) -> bool {
-        self.bytes_acked > acked || self.last_data_sent_ms < self.last_data_recv_ms
-    }
 }

@@ -11,7 +11,7 @@ pub use event::{
     KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
 };
 pub use report::{
-    BlockedThread, Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause,
+    BlockedThread, Cause, CloseCounts, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause,
     ExitReport, HungOutcome, HungRequest, OomKill, Outcome, Output, Preceded, Sender, Source,
     StallReport, StallState,
 };
@@ -255,6 +255,9 @@ pub struct MasterSettings {
     pub keepalive_s: Option<f64>,
     /// --max-requests (0 or absent: workers are never retired).
     pub max_requests: Option<u64>,
+    /// The installed Gunicorn's version, read from the master's
+    /// site-packages; None when not read.
+    pub gunicorn_version: Option<(u32, u32, u32)>,
 }
 
 /// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The

@@ -145,6 +145,9 @@ pub enum Outcome {
     Interrupted,
     /// The process died inside it.
     Exited,
+    /// The call left the kernel's in-flight map and no event said how it
+    /// ended (an event lost, the entry removed): how it ended is not known.
+    Unknown,
     /// The thread woke; whether the call returned is not known (it has run
     /// since without sleeping in another call, or slept again in the same
     /// call with the same arguments, which may be a new call).
@@ -162,6 +165,7 @@ impl Outcome {
             Outcome::Returned => "returned",
             Outcome::Interrupted => "interrupted",
             Outcome::Exited => "exited",
+            Outcome::Unknown => "unknown",
             Outcome::Woke => "woke",
             Outcome::Resumed => "resumed",
             Outcome::Blocked => "blocked",
@@ -293,16 +297,41 @@ pub struct EarlyClose {
     pub keepalive_s: Option<f64>,
     /// keepalive_race: from the close to the reset of the client's request.
     pub reset_after_ms: Option<u64>,
-    /// The process's master had already sent it the WORKER TIMEOUT signal:
-    /// the close is part of its dying, whichever path closed the socket.
+    /// What was known at the close of why the process was ending (its
+    /// cause then names it); None while nothing said it was.
     #[serde(skip)]
-    pub while_killed: bool,
-    /// The kernel's OOM killer had chosen the process: the close is part
-    /// of its dying.
-    #[serde(skip)]
-    pub while_oom_killed: bool,
+    pub dying: Option<Dying>,
     pub cause: Option<Cause>,
     pub container: Option<Container>,
+}
+
+/// Why a process was ending when it closed a connection (or the kernel
+/// closed it at the exit): each variant only from what the tracer saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dying {
+    /// The kernel's OOM killer had chosen it.
+    OomKill,
+    /// Gunicorn's WORKER TIMEOUT: the master sent `signal` (SIGABRT, then
+    /// SIGKILL); `stall` is the stall the worker_timeout event blamed, if any.
+    WorkerTimeout {
+        signal: String,
+        stall: Option<Box<StallReport>>,
+    },
+    /// The master asked it to stop (`signal`: SIGTERM, SIGINT or SIGQUIT)
+    /// `after_ms` before the close; `killed`: the master's SIGKILL that
+    /// ends a graceful stop whose --graceful-timeout ran out came too.
+    GracefulStop {
+        signal: String,
+        after_ms: u64,
+        killed: bool,
+    },
+    /// It exited for another reason, as its `worker_exit` says.
+    Exited {
+        why: ExitReport,
+        pid: u32,
+        exit_code: Option<i32>,
+        signal: Option<String>,
+    },
 }
 
 /// Early closes of one process, by kind.
@@ -496,13 +525,18 @@ pub struct HungRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HungOutcome {
-    /// The worker sent something back.
+    /// The client acknowledged bytes sent after the request (a scan saw
+    /// `bytes_acked` grow).
     Answered,
     /// The client (a proxy that timed out, say) closed its side.
     ClientClosed,
     /// The worker closed it (or died) with nothing sent: an `early_close`
     /// says how.
     Dropped,
+    /// The connection was gone at a scan and nothing said how it ended
+    /// (answered and closed between two scans, or closed by someone else):
+    /// not known.
+    Unknown,
 }
 
 impl HungOutcome {
@@ -511,6 +545,7 @@ impl HungOutcome {
             HungOutcome::Answered => "answered",
             HungOutcome::ClientClosed => "client_closed",
             HungOutcome::Dropped => "dropped",
+            HungOutcome::Unknown => "unknown",
         }
     }
 }

@@ -149,6 +149,12 @@ pub struct Losses {
     /// Thread sleeps not recorded because the kernel's `INFLIGHT` map was
     /// full: a stall in one would not be seen.
     pub inflight_full: u64,
+    /// Connections closed whose byte counters the kernel could not read:
+    /// whether a request was dropped on one is not known.
+    pub conns_unreadable: u64,
+    /// Reported stalls whose call vanished from the kernel's in-flight map
+    /// with no event saying how it ended (`stall_end` outcome `unknown`).
+    pub stall_ends_unknown: u64,
     /// Forks not followed because their master already had
     /// `--max-watched-per-master` processes watched.
     pub over_quota: u64,

@@ -82,8 +82,11 @@ pub fn exit_words(
             format!("{by} from its master {master} (a reload, scale-down or shutdown)")
         }
         ExitCause::ExternalSignal => match &why.sender {
+            // The kernel signals a fault from the faulting task's own
+            // context, as abort() and kill(getpid()) do: the sender alone
+            // does not tell a crash from the process signalling itself.
             Some(s) if s.pid == pid => format!(
-                "{how}: {sent} raised by the process itself (a crash in native code, or abort())"
+                "{how}: {sent} came from the process's own context (a fault the kernel signalled, abort(), or its own kill(); which one was not recorded)"
             ),
             Some(s) => format!(
                 "{by} from pid {} ({}): not Gunicorn, not the OOM killer",
@@ -153,6 +156,19 @@ mod tests {
             exit_words(7, 1, Some(0), None, &term),
             "exited with code 0 after SIGTERM from its master 1 (a reload, scale-down or shutdown)"
         );
+        // Sent from its own context: a fault, abort() or its own kill();
+        // the kernel's signal code was not recorded, so no crash is claimed.
+        let own = ExitReport {
+            cause_signal: Some("SIGSEGV".into()),
+            sender: Some(Sender {
+                pid: 7,
+                comm: "gunicorn".into(),
+            }),
+            ..why(ExitCause::ExternalSignal)
+        };
+        let w = exit_words(7, 1, None, Some("SIGSEGV"), &own);
+        assert!(!w.contains("a crash in native code, or abort()"), "{w}");
+        assert!(w.contains("which one was not recorded"), "{w}");
         let boot = ExitReport {
             halts_master: true,
             ..why(ExitCause::Exit)

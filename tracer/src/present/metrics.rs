@@ -286,6 +286,16 @@ pub fn render(
             l.inflight_full,
         ),
         (
+            "conns_unreadable",
+            "Closed connections whose byte counters could not be read (how they ended is not known)",
+            l.conns_unreadable,
+        ),
+        (
+            "stall_ends_unknown",
+            "Reported stalls whose call vanished from the kernel's map with no word on how it ended",
+            l.stall_ends_unknown,
+        ),
+        (
             "over_quota",
             "Forked processes not watched because their master had --max-watched-per-master",
             l.over_quota,
@@ -402,6 +412,8 @@ mod tests {
                 watch_full: 4,
                 conns_untracked: 5,
                 inflight_full: 7,
+                conns_unreadable: 8,
+                stall_ends_unknown: 9,
                 over_quota: 6,
             },
             maps: MapOccupancy {
@@ -458,6 +470,14 @@ mod tests {
         assert!(t.contains("gunicorn_tracer_conns_untracked_total 5"), "{t}");
         assert!(t.contains("gunicorn_tracer_over_quota_total 6"), "{t}");
         assert!(t.contains("gunicorn_tracer_inflight_full_total 7"), "{t}");
+        assert!(
+            t.contains("gunicorn_tracer_conns_unreadable_total 8"),
+            "{t}"
+        );
+        assert!(
+            t.contains("gunicorn_tracer_stall_ends_unknown_total 9"),
+            "{t}"
+        );
         assert!(
             t.contains(r#"gunicorn_tracer_map_entries{map="watched"} 3"#),
             "{t}"

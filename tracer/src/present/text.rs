@@ -147,6 +147,7 @@ fn stall_end_line(
             Outcome::Returned => "returned",
             Outcome::Interrupted => "interrupted by a signal",
             Outcome::Exited => "the process died inside it",
+            Outcome::Unknown => "ended; how is not known (the call left the kernel's map unseen)",
             Outcome::Woke => "woke (whether the call returned is not known)",
             Outcome::Resumed => "the loop ran again (its heartbeat is fresh)",
             Outcome::Blocked => "it went on to block in a syscall",
@@ -289,6 +290,8 @@ fn hung_end_line(pid: u32, peer: &str, waited_ms: u64, outcome: HungOutcome) -> 
             HungOutcome::ClientClosed =>
                 "the client closed its side (a proxy that gave up: its 504)",
             HungOutcome::Dropped => "dropped by the worker with nothing sent (see the early close)",
+            HungOutcome::Unknown =>
+                "ended; whether it was answered is not known (the connection was gone at the next scan)",
         }
     )
 }
@@ -483,6 +486,18 @@ pub fn text_summary(s: &SummaryEvent) -> String {
         out.push_str(&format!(
             "WARNING: {} thread sleep(s) could not be recorded (in-flight map full); a stall in one would not be seen\n",
             l.inflight_full
+        ));
+    }
+    if l.conns_unreadable > 0 {
+        out.push_str(&format!(
+            "WARNING: {} closed connection(s) could not be judged (the kernel could not read their byte counters); a request dropped on one would not be seen\n",
+            l.conns_unreadable
+        ));
+    }
+    if l.stall_ends_unknown > 0 {
+        out.push_str(&format!(
+            "WARNING: {} stall(s) ended in a way not known (the call left the kernel's map with no word on how)\n",
+            l.stall_ends_unknown
         ));
     }
     if l.conns_untracked > 0 {
