@@ -165,8 +165,11 @@ fn never_noticed(s: &StallReport) -> Option<String> {
     }
     let class = s
         .worker_class
-        .as_deref()
-        .map(|c| format!("{c} worker: "))
+        .as_ref()
+        .map(|c| match c.source {
+            crate::model::SettingSource::Inferred => format!("{} worker (inferred): ", c.name),
+            _ => format!("{} worker: ", c.name),
+        })
         .unwrap_or_default();
     Some(format!(
         "{class}the main thread keeps the heartbeat, so Gunicorn will never notice; requests on this thread hang until the client or the proxy times out"
