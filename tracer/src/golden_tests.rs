@@ -5,9 +5,9 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    BlockedThread, Container, FdInfo, KernelEvent, LoopWait, Losses, MapOccupancy, MasterSettings,
-    MemoryCgroup, Output, PodSource, RaceReset, Role, Sample, SockSnapshot, Source, TcpState,
-    ThreadCpu, ThreadNow, Wake, WokeBy,
+    BlockedThread, Container, FdInfo, KernelEvent, LoopWait, Losses, MapOccupancy, MasterConfig,
+    MasterSettings, MemoryCgroup, Output, PodSource, RaceReset, Role, Sample, Setting,
+    SettingSource, SockSnapshot, Source, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy, WorkerClass,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -191,16 +191,57 @@ fn signal(ts_ms: u64, target: u32, sender: u32, comm: &str, sig: i32) -> KernelE
     }
 }
 
+/// A master whose settings were read: its class and timeout from a config
+/// file, keep-alive Gunicorn's default, its Gunicorn version read.
+fn read_master() -> MasterConfig {
+    let d = SettingSource::Default;
+    MasterConfig {
+        settings: MasterSettings {
+            timeout: Some(Setting::new(4.0, SettingSource::CommandLine)),
+            keepalive: Some(Setting::new(2.0, d)),
+            graceful_timeout: Some(Setting::new(30.0, d)),
+            max_requests_setting: Some(Setting::new(0, d)),
+            threads: Some(Setting::new(1, d)),
+            worker_connections: Some(Setting::new(1000, d)),
+            workers: Some(Setting::new(2, SettingSource::ConfigFile)),
+            gunicorn_version: Some((23, 0, 0)),
+            ..Default::default()
+        }
+        .with_shortcuts(),
+        worker_class: Some(WorkerClass {
+            name: "sync".into(),
+            source: SettingSource::ConfigFile,
+            evidence: None,
+        }),
+        config_file: Some("/srv/app/gunicorn.conf.py".into()),
+        config_error: None,
+    }
+}
+
+/// A master whose command line, environment and config file set nothing:
+/// Gunicorn's defaults, each marked as assumed.
+fn nothing_set() -> MasterConfig {
+    use crate::host::gunicorn::{ConfigLayer, Layers, resolve};
+    use crate::host::gunicorn_conf::parse_args;
+    resolve(&Layers {
+        cmd: Some(parse_args(&["app:app".to_string()])),
+        env: Some(parse_args(&[])),
+        conf: ConfigLayer::None,
+        web_concurrency: Ok(None),
+    })
+}
+
 /// Every cause of `worker_exit`, one worker each (202 to 206).
 fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
     use tracer_common::{direction, ended};
     c.configure(
         MASTER,
         MasterSettings {
-            keepalive_s: Some(2.0),
-            max_requests: Some(5),
+            keepalive: Some(Setting::new(2.0, SettingSource::CommandLine)),
+            max_requests_setting: Some(Setting::new(5, SettingSource::ConfigFile)),
             ..Default::default()
-        },
+        }
+        .with_shortcuts(),
     );
     // 200 closed a keep-alive connection after 2 s idle; the client's next
     // request came 0.3 s later and was reset.
@@ -297,8 +338,9 @@ fn scripted_run() -> String {
             master: MASTER,
             role: Role::Master,
             app: Some("app:app".into()),
-            timeout_s: Some(4.0),
+            timeout_s: Some(Setting::new(4.0, SettingSource::CommandLine)),
             worker_class: None,
+            settings: Some(read_master()),
             source: Source::Scan,
             container: None,
         },
@@ -310,8 +352,9 @@ fn scripted_run() -> String {
             master: MASTER,
             role: Role::Worker,
             app: Some("app:app".into()),
-            timeout_s: Some(4.0),
+            timeout_s: Some(Setting::new(4.0, SettingSource::CommandLine)),
             worker_class: None,
+            settings: None,
             source: Source::Scan,
             container: None,
         },
@@ -325,6 +368,7 @@ fn scripted_run() -> String {
             app: None,
             timeout_s: None,
             worker_class: None,
+            settings: None,
             source: Source::Scan,
             container: None,
         },
@@ -464,8 +508,9 @@ fn scripted_run() -> String {
             master: MASTER,
             role: Role::Master,
             app: None,
-            timeout_s: Some(30.0),
+            timeout_s: Some(Setting::new(30.0, SettingSource::Default)),
             worker_class: None,
+            settings: Some(nothing_set()),
             source: Source::Exec,
             container: None,
         },
@@ -477,8 +522,9 @@ fn scripted_run() -> String {
             master: MASTER,
             role: Role::Worker,
             app: None,
-            timeout_s: Some(30.0),
+            timeout_s: Some(Setting::new(30.0, SettingSource::Default)),
             worker_class: None,
+            settings: None,
             source: Source::Scan,
             container: None,
         },
@@ -515,8 +561,9 @@ fn stalls_of_every_kind(out: &mut String, f: &mut Fake) {
             master: MASTER,
             role: Role::Worker,
             app: Some("app:app".into()),
-            timeout_s: Some(5.0),
+            timeout_s: Some(Setting::new(5.0, SettingSource::CommandLine)),
             worker_class: Some("gevent".into()),
+            settings: None,
             source: Source::Scan,
             container: None,
         },

@@ -12,7 +12,7 @@ use super::requests::RequestScan;
 use super::stalls::Active;
 use crate::model::{
     CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, KernelEvent, LoopWait,
-    MasterSettings, OomKill, Output, Role, Source, StallReport,
+    MasterConfig, MasterSettings, OomKill, Output, Role, Setting, Source, StallReport, WorkerClass,
 };
 
 /// What the correlator keeps about one process.
@@ -21,9 +21,12 @@ pub(super) struct Proc {
     pub master: u32,
     pub role: Role,
     pub app: Option<String>,
-    pub timeout_s: Option<f64>,
-    /// Gunicorn's worker class, from the master's command line.
-    pub worker_class: Option<String>,
+    /// The master's timeout, with its source; None when not known.
+    pub timeout_s: Option<Setting<f64>>,
+    /// Gunicorn's worker class, named by a setting or inferred from what
+    /// the worker does (`infer_class`); None when not known. Gunicorn's
+    /// default is never put here: it is assumed, not known.
+    pub worker_class: Option<WorkerClass>,
     /// The worker's event loop's own wait, once found.
     pub loop_wait: Option<LoopWait>,
     /// Its heartbeats, for loops that keep the CPU.
@@ -81,8 +84,10 @@ pub struct NewProcess {
     pub master: u32,
     pub role: Role,
     pub app: Option<String>,
-    pub timeout_s: Option<f64>,
-    pub worker_class: Option<String>,
+    pub timeout_s: Option<Setting<f64>>,
+    pub worker_class: Option<WorkerClass>,
+    /// A master's configuration (None for other processes).
+    pub settings: Option<MasterConfig>,
     pub source: Source,
     pub container: Option<Container>,
 }
@@ -137,20 +142,57 @@ impl Correlator {
         }
     }
 
-    /// Records a master's settings, read from its command line.
+    /// Replaces a master's settings.
     pub fn configure(&mut self, master: u32, settings: MasterSettings) {
         if let Some(p) = self.procs.get_mut(&master) {
             p.settings = settings;
         }
     }
 
-    /// The settings of `pid`'s master (defaults when it is not known).
+    /// The settings of `pid`'s master (none known when it is not known).
     pub(super) fn settings_of(&self, pid: u32) -> MasterSettings {
         self.procs
             .get(&pid)
             .and_then(|p| self.procs.get(&p.master))
             .map(|m| m.settings)
             .unwrap_or_default()
+    }
+
+    /// What a worker of a watched master starts with: the master's timeout
+    /// and the class a setting names (None when the master is not watched).
+    pub fn master_defaults(
+        &self,
+        master: u32,
+    ) -> Option<(Option<Setting<f64>>, Option<WorkerClass>)> {
+        self.procs
+            .get(&master)
+            .filter(|m| m.alive && m.role == Role::Master)
+            .map(|m| (m.timeout_s, m.worker_class.clone()))
+    }
+
+    /// No setting names the class of live worker `pid`, and none was
+    /// inferred yet.
+    pub fn class_unknown(&self, pid: u32) -> bool {
+        self.procs
+            .get(&pid)
+            .is_some_and(|p| p.alive && p.role == Role::Worker && p.worker_class.is_none())
+    }
+
+    /// The worker class of `pid` inferred from what it does. A class a
+    /// setting names is kept (an inference never overrides what was read);
+    /// the `worker_class` event says what was inferred, from what.
+    pub fn infer_class(&mut self, ts_ns: u64, pid: u32, class: WorkerClass) -> Option<Output> {
+        let p = self.procs.get_mut(&pid).filter(|p| p.alive)?;
+        if p.worker_class.is_some() {
+            return None;
+        }
+        p.worker_class = Some(class.clone());
+        Some(Output::WorkerClass {
+            ts_ns,
+            pid,
+            master_pid: p.master,
+            class,
+        })
     }
 
     /// The event loop's own wait of worker `pid`, found by user space.
@@ -222,6 +264,7 @@ impl Correlator {
                 worker_class: p.worker_class.clone(),
                 alive: true,
                 container: p.container.clone(),
+                settings: p.settings.as_ref().map(|c| c.settings).unwrap_or_default(),
                 ..Default::default()
             },
         );
@@ -230,7 +273,7 @@ impl Correlator {
                 ts_ns,
                 pid: p.pid,
                 app: p.app,
-                timeout_s: p.timeout_s,
+                settings: Box::new(p.settings.unwrap_or_default()),
                 source: p.source,
                 container: p.container,
             }

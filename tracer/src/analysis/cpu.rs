@@ -173,7 +173,8 @@ impl Correlator {
         if p.beats.saw(beat_ns) {
             p.beats.busy = None;
         }
-        let interval = interval_ms(p.worker_class.as_deref(), p.loop_wait, &p.beats);
+        let class = p.worker_class.as_ref().map(|c| c.name.as_str());
+        let interval = interval_ms(class, p.loop_wait, &p.beats);
         let step = interval.unwrap_or(BUILTIN_INTERVAL_MS);
         let stale_ms = threshold_ms.max(2 * step);
         if age_ms < step {

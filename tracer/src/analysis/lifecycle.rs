@@ -33,6 +33,7 @@ impl Correlator {
             app,
             timeout_s,
             worker_class,
+            settings: None,
             source: Source::Fork,
             container: enr.container(child),
         };

@@ -40,12 +40,16 @@ enum Flavor {
     Sync,
     /// A thread pool behind a poller (gthread).
     Threads,
-    /// The command line did not say; as before, judged like gevent.
+    /// No setting the tracer read names it, and the worker's behaviour did
+    /// not show it: only advice that fits every class is given.
     Unknown,
 }
 
+/// The flavor of the stalled worker's class: named by a setting or
+/// inferred from the worker (never Gunicorn's default assumed).
 fn flavor(s: &StallReport) -> Flavor {
-    match s.worker_class.as_deref() {
+    let class = s.worker_class.as_ref().filter(|c| c.is_known());
+    match class.map(|c| c.name.as_str()) {
         Some("gevent" | "eventlet" | "gevent_wsgi" | "gevent_pywsgi") => Flavor::Gevent,
         Some("uvicorn" | "tornado") => Flavor::Asyncio,
         Some("sync") => Flavor::Sync,
@@ -54,9 +58,10 @@ fn flavor(s: &StallReport) -> Flavor {
     }
 }
 
-/// The stall blocks a greenlet hub (or a loop not known to be anything else).
+/// The stall blocks a greenlet hub: the class is gevent or eventlet (named
+/// or inferred). An unknown class gets none of gevent's advice.
 fn gevent_loop(s: &StallReport) -> bool {
-    s.on_loop_thread() && matches!(flavor(s), Flavor::Gevent | Flavor::Unknown)
+    s.on_loop_thread() && flavor(s) == Flavor::Gevent
 }
 
 fn asyncio_loop(s: &StallReport) -> bool {
@@ -560,12 +565,19 @@ fn waits_on_service(s: &StallReport) -> Option<Cause> {
             ),
             Cow::Borrowed(timeouts),
         ),
-        Flavor::Gevent | Flavor::Unknown => (
+        Flavor::Gevent => (
             format!(
                 "{waiting}: {}; the whole worker waits with it",
                 svc.gevent_client
             ),
             Cow::Borrowed(svc.gevent_fix),
+        ),
+        Flavor::Unknown => (
+            format!(
+                "{waiting}: a slow or unreachable {} server holds the worker's loop thread (the worker class is not known, so neither is how many other requests wait with it)",
+                svc.name
+            ),
+            Cow::Borrowed(timeouts),
         ),
         Flavor::Asyncio => (
             format!(
@@ -592,7 +604,7 @@ fn waits_on_service(s: &StallReport) -> Option<Cause> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{End, Peer, Preceded, Role};
+    use crate::model::{End, Peer, Preceded, Role, SettingSource, WaitFd, WorkerClass};
 
     fn peer(pid: u32, end: End) -> Peer {
         Peer {
@@ -612,8 +624,117 @@ mod tests {
             count,
             peers,
             role: Role::Worker,
+            worker_class: Some("gevent".into()),
             ..Default::default()
         }
+    }
+
+    /// Stalls of a worker's loop thread of every shape a signature names,
+    /// with the class given (None: not known).
+    fn every_loop_stall(class: Option<WorkerClass>) -> Vec<StallReport> {
+        let on_socket = |syscall: &str, peer: &str| StallReport {
+            wait_fds: vec![WaitFd {
+                fd: 7,
+                kind: FdKind::Socket,
+                target: None,
+                peer: Some(peer.into()),
+            }],
+            ..stall(syscall, FdKind::Socket, Some(4096), vec![])
+        };
+        let mut all = vec![
+            stall("recvfrom", FdKind::Socket, Some(4096), vec![]),
+            stall("poll", FdKind::Unknown, None, vec![]),
+            stall("epoll_wait", FdKind::Unknown, None, vec![]),
+            stall("clock_nanosleep", FdKind::Unknown, None, vec![]),
+            stall("futex", FdKind::Unknown, None, vec![]),
+            on_socket("poll", "10.0.0.5:5432"),
+            on_socket("recvfrom", "10.0.0.5:6379"),
+            on_socket("poll", "10.0.0.5:443"),
+        ];
+        for state in [StallState::OnCpu, StallState::Busy] {
+            all.push(StallReport {
+                state,
+                syscall: None,
+                ..stall("", FdKind::Unknown, None, vec![])
+            });
+        }
+        for s in &mut all {
+            s.worker_class = class.clone();
+        }
+        all
+    }
+
+    /// gevent's advice: monkey-patching, cooperative drivers, greenlets.
+    fn gevent_advice(c: &Cause) -> bool {
+        let text = format!("{} {}", c.cause, c.fix).to_lowercase();
+        [
+            "monkey-patch",
+            "gevent",
+            "greenlet",
+            "cooperative",
+            "psycogreen",
+        ]
+        .iter()
+        .any(|w| text.contains(w))
+    }
+
+    #[test]
+    fn only_a_gevent_worker_gets_gevent_advice() {
+        let gevent = |class: Option<WorkerClass>| -> Vec<String> {
+            every_loop_stall(class)
+                .iter()
+                .filter_map(identify)
+                .filter(gevent_advice)
+                .map(|c| c.id.to_string())
+                .collect()
+        };
+        // Said when the class is gevent, named or inferred.
+        assert!(
+            gevent(Some("gevent".into())).len() >= 8,
+            "{:?}",
+            gevent(Some("gevent".into()))
+        );
+        let inferred = WorkerClass {
+            name: "gevent".into(),
+            source: SettingSource::Inferred,
+            evidence: Some("gevent's loop is loaded".into()),
+        };
+        assert!(!gevent(Some(inferred)).is_empty());
+        // Not said when the class is not known, or known not to be gevent,
+        // or only Gunicorn's default assumed.
+        assert_eq!(gevent(None), Vec::<String>::new(), "an unknown class");
+        assert_eq!(gevent(Some("sync".into())), Vec::<String>::new(), "sync");
+        assert_eq!(
+            gevent(Some("gthread".into())),
+            Vec::<String>::new(),
+            "gthread"
+        );
+        let assumed = WorkerClass {
+            name: "gevent".into(),
+            source: SettingSource::Default,
+            evidence: None,
+        };
+        assert_eq!(gevent(Some(assumed)), Vec::<String>::new(), "assumed");
+    }
+
+    #[test]
+    fn an_unknown_class_still_names_the_server_and_the_cpu() {
+        let ids: Vec<&str> = every_loop_stall(None)
+            .iter()
+            .filter_map(identify)
+            .map(|c| c.id)
+            .collect();
+        for id in [
+            "postgresql_wait",
+            "redis_wait",
+            "https_wait",
+            "cpu_bound_request",
+            "busy_request",
+        ] {
+            assert!(ids.contains(&id), "{id} in {ids:?}");
+        }
+        let pg = identify(&every_loop_stall(None)[5]).unwrap();
+        assert!(pg.cause.contains("not known"), "{}", pg.cause);
     }
 
     fn id(s: &StallReport) -> Option<&'static str> {

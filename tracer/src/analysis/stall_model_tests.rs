@@ -6,6 +6,7 @@ use crate::model::{
     Container, FdInfo, FdKind, LoopWait, Outcome, Output, Role, Sample, Source, StallReport,
     StallState, ThreadCpu, ThreadNow, WaitFd, WokeBy,
 };
+use crate::model::{Setting, SettingSource};
 
 use super::fixtures::{MASTER, MS, W};
 
@@ -89,8 +90,9 @@ fn worker(class: Option<&str>) -> Correlator {
             master: MASTER,
             role: Role::Worker,
             app: None,
-            timeout_s: Some(30.0),
+            timeout_s: Some(Setting::new(30.0, SettingSource::CommandLine)),
             worker_class: class.map(Into::into),
+            settings: None,
             source: Source::Scan,
             container: None,
         },

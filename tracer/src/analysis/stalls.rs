@@ -384,7 +384,7 @@ impl Correlator {
 fn is_gthread_pool_wait(p: &Proc, s: &Sample, name: &str, now_ns: u64) -> bool {
     p.role == Role::Worker
         && s.tid == s.tgid
-        && p.worker_class.as_deref() == Some("gthread")
+        && p.worker_class.as_ref().is_some_and(|c| c.name == "gthread")
         && name.starts_with("futex")
         && (p.asked_to_stop || blocked_ns(s, now_ns) < GTHREAD_FUTURES_WAIT_NS)
 }

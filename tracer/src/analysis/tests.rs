@@ -6,6 +6,7 @@ use crate::model::{
     BlockedThread, CloseCounts, CloseKind, Container, FdInfo, FdKind, KernelEvent, MemoryCgroup,
     Outcome, Output, Role, Sample, Source, Wake, WokeBy, WorkerState,
 };
+use crate::model::{Setting, SettingSource};
 use crate::present::verdict;
 
 use super::fixtures::{self, MASTER, MS, W};
@@ -67,8 +68,10 @@ fn scanned(pid: u32, role: Role) -> NewProcess {
         master: MASTER,
         role,
         app: Some("app:app".into()),
-        timeout_s: Some(4.0),
-        worker_class: None,
+        timeout_s: Some(Setting::new(4.0, SettingSource::CommandLine)),
+        // The gevent worker's signatures are what these tests check.
+        worker_class: Some("gevent".into()),
+        settings: None,
         source: Source::Scan,
         container: None,
     }
@@ -123,6 +126,7 @@ fn kinds(out: &[Output]) -> Vec<&'static str> {
             Output::Master { .. } => "master",
             Output::Worker { .. } => "worker",
             Output::Loop { .. } => "loop",
+            Output::WorkerClass { .. } => "worker_class",
             Output::Stall { .. } => "stall",
             Output::StallEnd { .. } => "stall_end",
             Output::WorkerTimeout { .. } => "worker_timeout",

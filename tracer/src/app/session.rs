@@ -14,11 +14,11 @@ use super::sockets::SocketWatch;
 use super::targets::Target;
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::host::waits::{self, Multiplexer};
-use crate::host::{bounded, container, heartbeat, memcg, proc, pystack, threads};
+use crate::host::{bounded, container, gunicorn, heartbeat, memcg, proc, pystack, threads};
 use crate::kernel::Probes;
 use crate::model::{
-    BlockedThread, Container, FdInfo, KernelEvent, Losses, MasterSettings, MemoryCgroup, Output,
-    Role, Sample, Source, ThreadCpu, ThreadNow, WokeBy,
+    BlockedThread, Container, FdInfo, KernelEvent, LoopWait, Losses, MemoryCgroup, Output, Role,
+    Sample, Source, ThreadCpu, ThreadNow, WokeBy,
 };
 use crate::present::{self, metrics};
 
@@ -135,17 +135,6 @@ impl Enricher for ProcEnricher {
                 })
             })
             .collect()
-    }
-}
-
-/// Gunicorn's settings the analysis needs, from a master's command line.
-fn master_settings(cmd: &[String]) -> MasterSettings {
-    MasterSettings {
-        // Gunicorn's default keep-alive is 2 s.
-        keepalive_s: Some(proc::parse_number_flag(cmd, "--keep-alive").unwrap_or(2.0)),
-        max_requests: proc::parse_number_flag(cmd, "--max-requests").map(|n| n as u64),
-        // Read from the master's site-packages by host/ (another change).
-        gunicorn_version: None,
     }
 }
 
@@ -323,21 +312,30 @@ impl Session {
         }
         let gunicorn = matches!(t.role, Role::Master | Role::Worker);
         let cmd = proc::cmdline(t.master);
+        // A master's configuration is read once; its workers found with it
+        // take theirs from the correlator.
+        let inherited = (t.role == Role::Worker)
+            .then(|| self.corr.master_defaults(t.master))
+            .flatten();
+        let config = (gunicorn && inherited.is_none()).then(|| gunicorn::read_config(t.master));
+        let (timeout_s, worker_class) = match (&inherited, &config) {
+            (Some(inherited), _) => inherited.clone(),
+            (None, Some(c)) => (c.settings.timeout, c.known_class()),
+            (None, None) => (None, None),
+        };
         let p = NewProcess {
             pid: t.pid,
             master: t.master,
             role: t.role,
             app: gunicorn.then(|| proc::parse_app(&cmd)).flatten(),
-            timeout_s: gunicorn.then(|| proc::parse_timeout(&cmd).unwrap_or(30.0)),
-            worker_class: gunicorn.then(|| proc::parse_worker_class(&cmd)).flatten(),
+            timeout_s,
+            worker_class,
+            settings: config.filter(|_| t.role == Role::Master),
             source,
             container: container_of(t.pid, &self.enricher.pods_dir),
         };
         if let Some(o) = self.corr.add_process(now, p) {
             self.emit(&o);
-        }
-        if t.role == Role::Master {
-            self.corr.configure(t.pid, master_settings(&cmd));
         }
         Ok(())
     }
@@ -521,6 +519,21 @@ impl Session {
                 if let Some(o) = self.corr.set_loop(now, pid, wait) {
                     self.emit(&o);
                 }
+                self.infer_class(pid, wait);
+            }
+        }
+    }
+
+    /// The class of a worker no setting names, from its loop's wait (and
+    /// what it has loaded), once the loop is found.
+    fn infer_class(&mut self, pid: u32, wait: LoopWait) {
+        if !self.corr.class_unknown(pid) {
+            return;
+        }
+        if let Some(class) = gunicorn::infer_class(pid, wait) {
+            let now = present::monotonic_ns();
+            if let Some(o) = self.corr.infer_class(now, pid, class) {
+                self.emit(&o);
             }
         }
     }

@@ -4,10 +4,13 @@
 //! Depends on `model` only.
 pub mod bounded;
 pub mod container;
+pub mod gunicorn;
+pub mod gunicorn_conf;
 pub mod heartbeat;
 pub mod memcg;
 pub mod proc;
 pub mod pystack;
+pub mod rootfs;
 pub mod sockdiag;
 pub mod threads;
 pub mod waits;

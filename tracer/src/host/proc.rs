@@ -207,43 +207,6 @@ pub fn all_masters() -> Vec<u32> {
         .collect()
 }
 
-/// Gunicorn's worker timeout from the master's command line, in seconds
-/// (`-t N`, `--timeout N`, `--timeout=N`); Gunicorn's default is 30.
-pub fn parse_timeout(cmdline: &[String]) -> Option<f64> {
-    let mut it = cmdline.iter();
-    while let Some(a) = it.next() {
-        let v = if a == "-t" || a == "--timeout" {
-            it.next().map(|s| s.as_str())
-        } else if let Some(v) = a.strip_prefix("--timeout=") {
-            Some(v)
-        } else {
-            a.strip_prefix("-t").filter(|v| !v.is_empty())
-        };
-        if let Some(t) = v.and_then(|v| v.parse::<f64>().ok()) {
-            return Some(t);
-        }
-    }
-    None
-}
-
-/// A numeric long option from a Gunicorn command line: `--name N` or
-/// `--name=N`. (Settings from a config file or GUNICORN_CMD_ARGS are not
-/// seen.)
-pub fn parse_number_flag(cmdline: &[String], name: &str) -> Option<f64> {
-    let mut it = cmdline.iter();
-    while let Some(a) = it.next() {
-        let v = if a == name {
-            it.next().map(|s| s.as_str())
-        } else {
-            a.strip_prefix(name).and_then(|v| v.strip_prefix('='))
-        };
-        if let Some(n) = v.and_then(|v| v.parse::<f64>().ok()) {
-            return Some(n);
-        }
-    }
-    None
-}
-
 /// Bytes of the app argument kept: it becomes a label of every series.
 pub const MAX_APP: usize = 128;
 
@@ -260,42 +223,6 @@ pub fn parse_app(cmdline: &[String]) -> Option<String> {
         end -= 1;
     }
     Some(app[..end].to_string())
-}
-
-/// Gunicorn's worker class from a command line (`-k X`, `--worker-class X`,
-/// `--worker-class=X`), named the short way: `sync`, `gthread`, `gevent`,
-/// `uvicorn` (Uvicorn's worker), or the class path as given.
-pub fn parse_worker_class(cmdline: &[String]) -> Option<String> {
-    let mut it = cmdline.iter();
-    while let Some(a) = it.next() {
-        let v = if a == "-k" || a == "--worker-class" {
-            it.next().map(|s| s.as_str())
-        } else if let Some(v) = a.strip_prefix("--worker-class=") {
-            Some(v)
-        } else {
-            a.strip_prefix("-k").filter(|v| !v.is_empty())
-        };
-        if let Some(v) = v {
-            return Some(short_class(v));
-        }
-    }
-    None
-}
-
-/// `gunicorn.workers.ggevent.GeventWorker` -> `gevent`, and so on.
-fn short_class(v: &str) -> String {
-    let v = v.strip_prefix("egg:gunicorn#").unwrap_or(v);
-    let lower = v.to_ascii_lowercase();
-    let short = match lower.as_str() {
-        _ if lower.contains("uvicorn") => "uvicorn",
-        "gunicorn.workers.sync.syncworker" => "sync",
-        "gunicorn.workers.gthread.threadworker" => "gthread",
-        "gunicorn.workers.ggevent.geventworker" => "gevent",
-        "gunicorn.workers.geventlet.eventletworker" => "eventlet",
-        "gunicorn.workers.gtornado.tornadoworker" => "tornado",
-        _ => v,
-    };
-    short.to_string()
 }
 
 pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
@@ -670,31 +597,7 @@ mod tests {
     }
 
     #[test]
-    fn keep_alive_and_max_requests_from_command_line() {
-        let cmd = v(&["gunicorn", "--keep-alive", "1", "--max-requests=5", "a:b"]);
-        assert_eq!(parse_number_flag(&cmd, "--keep-alive"), Some(1.0));
-        assert_eq!(parse_number_flag(&cmd, "--max-requests"), Some(5.0));
-        assert_eq!(parse_number_flag(&cmd, "--max-requests-jitter"), None);
-        let jitter = v(&["gunicorn", "--max-requests-jitter=3"]);
-        assert_eq!(parse_number_flag(&jitter, "--max-requests"), None);
-    }
-
-    #[test]
-    fn timeout_and_app_from_command_line() {
-        assert_eq!(
-            parse_timeout(&v(&["gunicorn", "-t", "4", "app:app"])),
-            Some(4.0)
-        );
-        assert_eq!(
-            parse_timeout(&v(&["gunicorn", "--timeout=7", "a:b"])),
-            Some(7.0)
-        );
-        assert_eq!(
-            parse_timeout(&v(&["gunicorn", "--timeout", "90"])),
-            Some(90.0)
-        );
-        assert_eq!(parse_timeout(&v(&["gunicorn", "-t5"])), Some(5.0));
-        assert_eq!(parse_timeout(&v(&["gunicorn", "app:app"])), None);
+    fn app_from_command_line() {
         assert_eq!(
             parse_app(&v(&["gunicorn", "-b", "127.0.0.1:8000", "app:app"])),
             Some("app:app".into())
@@ -856,40 +759,5 @@ mod tests {
         let socks = parse_net_tcp(text);
         assert_eq!(socks[0].remote, Some("127.0.0.2:5432".parse().unwrap()));
         assert_eq!(socks[1].remote, None, "a listener has no peer");
-    }
-
-    #[test]
-    fn worker_class_from_command_line() {
-        let class = |args: &[&str]| parse_worker_class(&v(args));
-        assert_eq!(
-            class(&["gunicorn", "-k", "gevent", "a:b"]).as_deref(),
-            Some("gevent")
-        );
-        assert_eq!(
-            class(&["gunicorn", "-kgthread"]).as_deref(),
-            Some("gthread")
-        );
-        assert_eq!(
-            class(&["gunicorn", "--worker-class=uvicorn_worker.UvicornWorker"]).as_deref(),
-            Some("uvicorn")
-        );
-        assert_eq!(
-            class(&[
-                "gunicorn",
-                "--worker-class",
-                "gunicorn.workers.ggevent.GeventWorker"
-            ])
-            .as_deref(),
-            Some("gevent")
-        );
-        assert_eq!(
-            class(&["gunicorn", "-k", "egg:gunicorn#sync"]).as_deref(),
-            Some("sync")
-        );
-        assert_eq!(
-            class(&["gunicorn", "-k", "my.Worker"]).as_deref(),
-            Some("my.Worker")
-        );
-        assert_eq!(class(&["gunicorn", "a:b"]), None);
     }
 }

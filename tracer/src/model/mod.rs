@@ -5,6 +5,7 @@ use serde::Serialize;
 
 mod event;
 mod report;
+mod settings;
 mod summary;
 
 pub use event::{
@@ -14,6 +15,9 @@ pub use report::{
     BlockedThread, Cause, CloseCounts, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause,
     ExitReport, HungOutcome, HungRequest, OomKill, Outcome, Output, Preceded, Sender, Source,
     StallReport, StallState,
+};
+pub use settings::{
+    MasterConfig, MasterSettings, Setting, SettingSource, WorkerClass, version_string,
 };
 pub use summary::{Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary};
 
@@ -245,19 +249,6 @@ pub struct MemoryCgroup {
     pub path: String,
     pub limit_bytes: Option<u64>,
     pub usage_bytes: Option<u64>,
-}
-
-/// What the tracer needs of a Gunicorn master's settings, from its
-/// command line.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MasterSettings {
-    /// --keep-alive (2 when the command line does not say).
-    pub keepalive_s: Option<f64>,
-    /// --max-requests (0 or absent: workers are never retired).
-    pub max_requests: Option<u64>,
-    /// The installed Gunicorn's version, read from the master's
-    /// site-packages; None when not read.
-    pub gunicorn_version: Option<(u32, u32, u32)>,
 }
 
 /// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The

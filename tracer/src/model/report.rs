@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
-use super::{Container, FdKind, Peer, Role, WaitFd};
+use super::{Container, FdKind, MasterConfig, Peer, Role, Setting, WaitFd, WorkerClass};
 
 /// A known cause and its fix, from a signature. Most are fixed sentences;
 /// some name what the stall waits on (a server's address).
@@ -89,11 +89,15 @@ pub struct StallReport {
     /// over, from the first look that found the loop thread away from its
     /// loop while its heartbeat was overdue.
     pub measured_ms: Option<u64>,
-    /// The master's --timeout, when its command line says.
-    pub gunicorn_timeout_s: Option<f64>,
-    /// The worker class (`sync`, `gthread`, `gevent`, `uvicorn`, or the
-    /// class path Gunicorn was given), when the master's command line says.
-    pub worker_class: Option<String>,
+    /// The master's timeout and where it came from (JSON:
+    /// `gunicorn_timeout_s`, `gunicorn_timeout_source`); None when not known.
+    #[serde(flatten, serialize_with = "super::settings::serialize_timeout")]
+    pub gunicorn_timeout_s: Option<Setting<f64>>,
+    /// The worker class, named by a setting or inferred from the worker
+    /// (JSON: `worker_class`, `worker_class_source`,
+    /// `worker_class_evidence`); None when not known.
+    #[serde(flatten, serialize_with = "super::settings::serialize_class")]
+    pub worker_class: Option<WorkerClass>,
     pub cause: Option<Cause>,
     /// Container id, pod and namespace when the process runs in one.
     pub container: Option<Container>,
@@ -293,7 +297,8 @@ pub struct EarlyClose {
     /// keepalive_race: how long the connection had been idle (nothing sent
     /// or received) when the worker closed it, when known.
     pub idle_ms: Option<u64>,
-    /// keepalive_race: the master's --keep-alive.
+    /// keepalive_race: the master's keep-alive when a setting names it
+    /// (None when none was read: Gunicorn's default of 2 s is not claimed).
     pub keepalive_s: Option<f64>,
     /// keepalive_race: from the close to the reset of the client's request.
     pub reset_after_ms: Option<u64>,
@@ -560,7 +565,9 @@ pub enum Output {
         ts_ns: u64,
         pid: u32,
         app: Option<String>,
-        timeout_s: Option<f64>,
+        /// Each setting with its source (`timeout_s`, `timeout_source`...).
+        #[serde(flatten)]
+        settings: Box<MasterConfig>,
         source: Source,
         container: Option<Container>,
     },
@@ -587,6 +594,18 @@ pub enum Output {
         fd: Option<i32>,
         /// select's nfds.
         nfds: Option<u32>,
+    },
+    /// A worker's class inferred from what it does (no setting the tracer
+    /// read names it): from now on its stalls are judged for that class.
+    WorkerClass {
+        #[serde(skip)]
+        ts_ns: u64,
+        pid: u32,
+        master_pid: u32,
+        /// `worker_class`, `worker_class_source` (`inferred`),
+        /// `worker_class_evidence`.
+        #[serde(flatten, serialize_with = "super::settings::serialize_one_class")]
+        class: WorkerClass,
     },
     Stall {
         #[serde(skip)]
@@ -666,6 +685,7 @@ impl Output {
             Output::Master { ts_ns, .. }
             | Output::Worker { ts_ns, .. }
             | Output::Loop { ts_ns, .. }
+            | Output::WorkerClass { ts_ns, .. }
             | Output::Stall { ts_ns, .. }
             | Output::StallEnd { ts_ns, .. }
             | Output::WorkerTimeout { ts_ns, .. }

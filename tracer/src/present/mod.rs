@@ -193,8 +193,11 @@ fn never_noticed(s: &StallReport) -> Option<String> {
     }
     let class = s
         .worker_class
-        .as_deref()
-        .map(|c| format!("{c} worker: "))
+        .as_ref()
+        .map(|c| match c.source {
+            crate::model::SettingSource::Inferred => format!("{} worker (inferred): ", c.name),
+            _ => format!("{} worker: ", c.name),
+        })
         .unwrap_or_default();
     let mut line =
         format!("{class}the main thread keeps the heartbeat, so Gunicorn will never notice");

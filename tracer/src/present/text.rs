@@ -7,8 +7,9 @@ use super::{
     where_without_syscall, which_thread,
 };
 use crate::model::{
-    CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, Outcome, Output, Role,
-    Source, StallReport, StallState,
+    CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, MasterConfig, Outcome,
+    Output, Role, Setting, SettingSource, Source, StallReport, StallState, WorkerClass,
+    version_string,
 };
 
 /// `  likely: ...` and `  fix: ...` under an event line.
@@ -52,9 +53,7 @@ fn stall_details(s: &StallReport) -> String {
     let mut d = format!("{who} {what}");
     if let Some(hb) = s.heartbeat_age_ms {
         d.push_str(&format!("; heartbeat {} old", secs(hb)));
-        if let Some(t) = s.gunicorn_timeout_s {
-            d.push_str(&format!(" (timeout {t}s)"));
-        }
+        d.push_str(&format!(" ({})", timeout_words(s.gunicorn_timeout_s)));
         if s.never_heartbeated == Some(true) {
             d.push_str(", none since it was forked");
         }
@@ -97,19 +96,74 @@ fn opt(a: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
-fn master_line(pid: u32, app: &Option<String>, timeout_s: Option<f64>, source: Source) -> String {
+/// "timeout 7s", "timeout 30s: Gunicorn's default, not read", "timeout
+/// unknown" (a stall's heartbeat note).
+fn timeout_words(t: Option<Setting<f64>>) -> String {
+    match t {
+        None => "timeout unknown".into(),
+        Some(t) if t.source == SettingSource::Default => {
+            format!("timeout {}s: {}", t.value, t.source.words())
+        }
+        Some(t) => format!("timeout {}s", t.value),
+    }
+}
+
+/// "timeout 7s (from the config file)", "keep-alive 2s (Gunicorn's
+/// default, not read)", "timeout unknown".
+fn setting_words<T: std::fmt::Display + Copy>(
+    name: &str,
+    unit: &str,
+    s: Option<Setting<T>>,
+) -> String {
+    match s {
+        Some(s) => format!("{name} {}{unit} ({})", s.value, s.source.words()),
+        None => format!("{name} unknown"),
+    }
+}
+
+/// "sync worker (from the config file)", "sync worker (Gunicorn's default,
+/// not read)", "gthread worker (from the command line: threads 4 > 1 ...)".
+fn class_words(c: &Option<WorkerClass>) -> String {
+    match c {
+        None => "worker class unknown".into(),
+        Some(c) => {
+            let why = c
+                .evidence
+                .as_deref()
+                .map(|e| format!(": {}", sanitize(e)))
+                .unwrap_or_default();
+            format!("{} worker ({}{why})", sanitize(&c.name), c.source.words())
+        }
+    }
+}
+
+fn master_line(pid: u32, app: &Option<String>, m: &MasterConfig, source: Source) -> String {
+    let version = m
+        .settings
+        .gunicorn_version
+        .map(|v| format!("Gunicorn {}", version_string(v)))
+        .unwrap_or_else(|| "Gunicorn version unknown".into());
+    let config = match (&m.config_file, &m.config_error) {
+        (_, Some(e)) => format!("; config file: {}", sanitize(e)),
+        (Some(f), None) => format!("; config file {}", sanitize(f)),
+        (None, None) => String::new(),
+    };
     format!(
-        "watch    gunicorn master {pid}{}{}{}",
+        "watch    gunicorn master {pid}{}{}: {version}, {}, {}, {}{config}",
         opt(app),
-        timeout_s
-            .map(|t| format!(", timeout {t}s"))
-            .unwrap_or_default(),
         if source == Source::Exec {
             ", just started"
         } else {
             ""
-        }
+        },
+        class_words(&m.worker_class),
+        setting_words("timeout", "s", m.settings.timeout),
+        setting_words("keep-alive", "s", m.settings.keepalive),
     )
+}
+
+fn class_line(pid: u32, c: &WorkerClass) -> String {
+    format!("class    worker {pid}: {}", class_words(&Some(c.clone())))
 }
 
 fn process_line(pid: u32, master_pid: u32, role: Role, source: Source) -> String {
@@ -246,8 +300,9 @@ fn race_details(e: &EarlyClose) -> String {
     if let Some(idle) = e.idle_ms {
         d.push_str(&format!("; idle {} before the close", secs(idle)));
     }
-    if let Some(k) = e.keepalive_s {
-        d.push_str(&format!(" (--keep-alive {k}s)"));
+    match e.keepalive_s {
+        Some(k) => d.push_str(&format!(" (keep-alive {k}s)")),
+        None => d.push_str(" (keep-alive setting not read)"),
     }
     let after = e
         .reset_after_ms
@@ -321,10 +376,11 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
         Output::Master {
             pid,
             app,
-            timeout_s,
+            settings,
             source,
             ..
-        } => master_line(*pid, app, *timeout_s, *source),
+        } => master_line(*pid, app, settings, *source),
+        Output::WorkerClass { pid, class, .. } => class_line(*pid, class),
         Output::Worker {
             pid,
             master_pid,
