@@ -234,9 +234,16 @@ impl Correlator {
             return Vec::new();
         }
         // A thread that is not the loop's, or a worker's child, may be
-        // waiting for work: a stall only while a request waits with it.
+        // waiting for work: a stall only while a request waits with it. (A
+        // plain process's children are judged like it: no request is known
+        // there.)
         let p = &self.procs[&s.tgid];
-        let request = if (p.role == Role::Worker && s.tid != s.tgid) || p.role == Role::Child {
+        let workers_child = p.role == Role::Child
+            && self
+                .procs
+                .get(&p.master)
+                .is_none_or(|m| m.role != Role::Plain);
+        let request = if (p.role == Role::Worker && s.tid != s.tgid) || workers_child {
             match self.requests.tied_to(s.tgid, s.start_ns, now_ns, enr) {
                 Some(r) => Some(r),
                 None => return Vec::new(),

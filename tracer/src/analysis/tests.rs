@@ -238,6 +238,31 @@ fn a_helper_thread_blocked_in_read_is_a_stall_only_with_a_request_waiting() {
     );
 }
 
+/// A plain process's child (`--pid` of a process that is not Gunicorn) is
+/// judged like it: no request is known there, a blocked read is a stall.
+#[test]
+fn a_plain_processs_child_blocked_in_read_is_a_stall() {
+    let mut c = Correlator::new(500 * MS);
+    let plain = NewProcess {
+        master: 400,
+        ..scanned(400, Role::Plain)
+    };
+    c.add_process(0, plain);
+    let child = NewProcess {
+        master: 400,
+        ..scanned(401, Role::Child)
+    };
+    c.add_process(0, child);
+    let read = Sample {
+        tgid: 401,
+        ..sample(401, "read", 0, 1)
+    };
+    assert_eq!(
+        kinds(&c.on_samples(&[read], 1000 * MS, &mut FakeProc)),
+        ["stall"]
+    );
+}
+
 /// Issue 18, item 3: an idle `multiprocessing.Pool` child of a worker
 /// reads its task pipe for as long as no task comes: idle, not stalled.
 #[test]
