@@ -297,7 +297,8 @@ fn scripted_run() -> String {
             role: Role::Master,
             app: Some("app:app".into()),
             timeout_s: Some(4.0),
-            worker_class: None,
+            // The seed's class, known: its pipe read can never return.
+            worker_class: Some("gevent".into()),
             source: Source::Scan,
             container: None,
         },
@@ -310,7 +311,7 @@ fn scripted_run() -> String {
             role: Role::Worker,
             app: Some("app:app".into()),
             timeout_s: Some(4.0),
-            worker_class: None,
+            worker_class: Some("gevent".into()),
             source: Source::Scan,
             container: None,
         },

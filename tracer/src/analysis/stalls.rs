@@ -272,6 +272,7 @@ impl Correlator {
             since_attach: s.seeded,
             heartbeat_age_ms: heartbeat,
             never_heartbeated,
+            threads: enr.thread_count(s.tgid),
             cpu_ms: None,
             gunicorn_timeout_s: p.timeout_s.filter(|_| worker),
             worker_class: p.worker_class.clone().filter(|_| worker),

@@ -3,8 +3,9 @@
 use std::cmp::Reverse;
 
 use super::correlator::{Correlator, Proc};
+use super::signatures;
 use crate::model::{
-    ExitCause, ExitReport, Finding, Summary, WorkerState, WorkerSummary, signal_name,
+    ExitCause, ExitReport, Finding, StallReport, Summary, WorkerState, WorkerSummary, signal_name,
 };
 
 fn state(p: &Proc, stalled_now: bool, hanging_now: bool) -> WorkerState {
@@ -129,6 +130,14 @@ fn rank(w: &[WorkerSummary]) -> Vec<Finding> {
         .collect()
 }
 
+/// A stall in progress judged again with its figures of now: a cause
+/// that needs a wait to have lasted (a deadlock since fork) is said only
+/// once it has.
+pub(super) fn rejudged(mut r: StallReport) -> StallReport {
+    r.cause = signatures::identify(&r);
+    r
+}
+
 impl Correlator {
     /// Every process known, at kernel time `now_ns`, and what is wrong.
     pub fn summary(&self, now_ns: u64) -> Summary {
@@ -136,7 +145,7 @@ impl Correlator {
             .procs
             .iter()
             .map(|(&pid, p)| {
-                let current = self.current_stall(pid, now_ns);
+                let current = self.current_stall(pid, now_ns).map(rejudged);
                 let hanging = self.hanging(pid, now_ns);
                 WorkerSummary {
                     pid,
@@ -173,7 +182,7 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CloseCounts, Role, StallReport};
+    use crate::model::{CloseCounts, Role};
 
     fn worker(pid: u32) -> WorkerSummary {
         WorkerSummary {

@@ -154,10 +154,9 @@ fn blocked_pipe_read_reported_once_while_blocked() {
     assert_eq!(report.only_self_can_wake, Some(true));
     assert_eq!(report.blocked_ms, 550);
     assert_eq!(report.heartbeat_age_ms, Some(600));
-    assert_eq!(
-        report.cause.as_ref().unwrap().id,
-        "multiprocessing_queue_gevent"
-    );
+    // The worker class is not known and /proc gave no thread count:
+    // another thread of the process may write the pipe.
+    assert_eq!(report.cause.as_ref().unwrap().id, "self_pipe_wait");
     // Still blocked: no second report.
     assert!(c.on_samples(&[s], 2000 * MS, &mut FakeProc).is_empty());
     let sum = c.summary(3000 * MS);
@@ -169,7 +168,59 @@ fn blocked_pipe_read_reported_once_while_blocked() {
         "{}",
         verdict(&sum).text
     );
-    assert!(verdict(&sum).text.contains("multiprocessing.Queue"));
+    let text = verdict(&sum).text;
+    assert!(
+        !text.contains("never") && text.contains("another of its threads must write it"),
+        "{text}"
+    );
+}
+
+/// The same read in a gevent worker's hub: the writer is a greenlet of the
+/// blocked hub, so it can never return; and in a one-thread process.
+#[test]
+fn a_self_pipe_read_never_returns_with_gevent_known_or_one_thread() {
+    struct OneThread;
+    impl Enricher for OneThread {
+        fn fd_info(&mut self, pid: u32, _fd: i32) -> FdInfo {
+            fixtures::self_pipe(pid)
+        }
+        fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
+            Some(600)
+        }
+        fn comm(&mut self, _pid: u32) -> String {
+            "gunicorn".into()
+        }
+        fn container(&mut self, _pid: u32) -> Option<Container> {
+            None
+        }
+        fn thread_count(&mut self, _pid: u32) -> Option<u32> {
+            Some(1)
+        }
+    }
+    let mut c = Correlator::new(500 * MS);
+    c.add_process(0, scanned(MASTER, Role::Master));
+    c.add_process(
+        0,
+        NewProcess {
+            worker_class: Some("gevent".into()),
+            ..scanned(W, Role::Worker)
+        },
+    );
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let text = verdict(&c.summary(2000 * MS)).text;
+    assert!(
+        text.contains("so it can never return") && text.contains("multiprocessing.Queue"),
+        "{text}"
+    );
+    let mut c = setup();
+    let out = c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut OneThread);
+    let Output::Stall { report, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(report.threads, Some(1));
+    assert_eq!(report.cause.as_ref().unwrap().id, "self_pipe_read");
+    let text = verdict(&c.summary(2000 * MS)).text;
+    assert!(text.contains("so it can never return"), "{text}");
 }
 
 #[test]

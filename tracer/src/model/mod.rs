@@ -12,8 +12,8 @@ pub use event::{
 };
 pub use report::{
     BlockedThread, Cause, CloseCounts, CloseKind, Direction, EarlyClose, EndedBy, ExitCause,
-    ExitReport, HungOutcome, HungRequest, OomKill, Outcome, Output, Preceded, Sender, Source,
-    StallReport, StallState,
+    ExitReport, HungOutcome, HungRequest, NoWriterThread, OomKill, Outcome, Output, Preceded,
+    Sender, Source, StallReport, StallState,
 };
 pub use summary::{Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary};
 

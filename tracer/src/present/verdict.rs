@@ -3,7 +3,9 @@
 use serde::Serialize;
 
 use super::{describe_call, describe_stall, exits, holders, never_noticed, secs, which_thread};
-use crate::model::{Finding, Role, StallReport, Summary, WorkerState, WorkerSummary};
+use crate::model::{
+    Finding, NoWriterThread, Role, StallReport, Summary, WorkerState, WorkerSummary,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -32,7 +34,19 @@ fn name(w: &WorkerSummary) -> String {
 fn why(s: &StallReport) -> String {
     let mut w = String::new();
     if s.only_self_can_wake == Some(true) {
-        w.push_str(", which only the blocked process itself can write to, so it can never return");
+        // A pipe's write end is the process's: any of its threads may write
+        // it, unless none can run (a blocked gevent hub) or there is none.
+        w.push_str(match s.no_other_writer_thread() {
+            Some(NoWriterThread::BlockedHub) => {
+                ", which only the blocked process itself can write to, through a greenlet of its blocked hub, so it can never return"
+            }
+            Some(NoWriterThread::OneThread) => {
+                ", which only the blocked process itself can write to, and it has no other thread to write it, so it can never return"
+            }
+            None => {
+                ", a pipe only this process writes to; another of its threads must write it"
+            }
+        });
     }
     match &s.cause {
         Some(c) => w.push_str(&format!("; likely cause: {}. Fix: {}", c.cause, c.fix)),
