@@ -45,6 +45,9 @@ pub(super) struct Proc {
     pub last_signal: Option<SignalSeen>,
     /// The master's last WORKER TIMEOUT signal (SIGABRT, then SIGKILL).
     pub timeout_signal: Option<SignalSeen>,
+    /// The stall its last WORKER TIMEOUT was blamed on (see
+    /// `lifecycle::timeout_blame`); None when none was seen.
+    pub timeout_stall: Option<StallReport>,
     /// The master asked it to stop (SIGTERM, SIGINT or SIGQUIT): a SIGKILL
     /// that follows is the end of a graceful stop, not a WORKER TIMEOUT.
     pub asked_to_stop: bool,

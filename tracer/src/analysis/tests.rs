@@ -443,12 +443,73 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
     assert!(
         verdict(&sum)
             .text
-            .contains("killed by Gunicorn's WORKER TIMEOUT after blocking 5.5s in read()"),
+            .contains("killed by Gunicorn's WORKER TIMEOUT after blocking 4.5s in read()"),
         "{}",
         verdict(&sum).text
     );
     let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
     assert_eq!(w.state, WorkerState::KilledByTimeout);
+}
+
+fn abort_from_master(ts_ms: u64) -> KernelEvent {
+    KernelEvent::Signal {
+        ts_ns: ts_ms * MS,
+        target: W,
+        sender: MASTER,
+        sender_comm: "gunicorn".into(),
+        sig: 6,
+    }
+}
+
+fn blamed(out: &[Output]) -> Option<&crate::model::StallReport> {
+    match out {
+        [Output::WorkerTimeout { stall, .. }] => stall.as_ref(),
+        _ => panic!("{out:?}"),
+    }
+}
+
+/// A pool thread's stall cannot stop the heartbeat, which the loop thread
+/// keeps: the WORKER TIMEOUT is not blamed on it.
+#[test]
+fn a_worker_timeout_is_not_blamed_on_a_pool_threads_stall() {
+    let mut c = setup();
+    c.on_samples(&[sample(W + 1, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let out = c.on_kernel(abort_from_master(10_000), &mut FakeProc);
+    assert_eq!(blamed(&out), None);
+    let exit = KernelEvent::Exit {
+        ts_ns: 10_100 * MS,
+        pid: W,
+        exit_code: Some(1),
+        signal: None,
+    };
+    c.on_kernel(exit, &mut FakeProc);
+    let text = verdict(&c.summary(11_000 * MS)).text;
+    assert!(
+        text.contains("killed by Gunicorn's WORKER TIMEOUT; no stall of its loop thread was seen in the timeout window"),
+        "{text}"
+    );
+    assert!(!text.contains("WORKER TIMEOUT after"), "{text}");
+}
+
+/// A stall of the loop thread that was over long before the kill (the
+/// timeout is 4 s) did not stop the heartbeat Gunicorn timed out on; one
+/// that ended inside the window may have.
+#[test]
+fn a_worker_timeout_is_blamed_only_on_a_loop_stall_inside_the_timeout_window() {
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    c.on_kernel(woke(W, "read", 11, 0, 1000, Wake::Returning), &mut FakeProc);
+    let out = c.on_kernel(abort_from_master(30_000), &mut FakeProc);
+    assert_eq!(blamed(&out), None);
+    let mut c = setup();
+    c.on_samples(&[sample(W, "read", 20_000, 1)], 20_600 * MS, &mut FakeProc);
+    c.on_kernel(
+        woke(W, "read", 11, 20_000, 27_000, Wake::Returning),
+        &mut FakeProc,
+    );
+    let out = c.on_kernel(abort_from_master(30_000), &mut FakeProc);
+    let s = blamed(&out).expect("ended 3 s before the kill, inside the 4 s window");
+    assert_eq!((s.tid, s.blocked_ms), (W, 7000));
 }
 
 #[test]

@@ -61,6 +61,10 @@ pub struct WorkerSummary {
     pub exit: Option<ExitReport>,
     /// The current stall, or the last one.
     pub stall: Option<StallReport>,
+    /// The stall its last WORKER TIMEOUT was blamed on: one of its loop
+    /// thread in the timeout window; None when none was seen (or no
+    /// timeout).
+    pub timeout_stall: Option<StallReport>,
     pub early_closes: CloseCounts,
     /// The last dropped request or cut upstream call.
     pub last_early_close: Option<EarlyClose>,

@@ -362,6 +362,7 @@ mod tests {
             exit_signal: None,
             exit: None,
             stall: None,
+            timeout_stall: None,
             early_closes: CloseCounts {
                 dropped_request: 3,
                 idle: 4,

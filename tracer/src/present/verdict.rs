@@ -70,7 +70,7 @@ fn stalled(w: &WorkerSummary) -> String {
 }
 
 fn timed_out(w: &WorkerSummary) -> String {
-    match &w.stall {
+    match &w.timeout_stall {
         Some(s) => format!(
             "{} was killed by Gunicorn's WORKER TIMEOUT after {}{}{}",
             name(w),
@@ -79,7 +79,7 @@ fn timed_out(w: &WorkerSummary) -> String {
             why(s)
         ),
         None => format!(
-            "{} was killed by Gunicorn's WORKER TIMEOUT; no blocking syscall was seen (CPU-bound code?)",
+            "{} was killed by Gunicorn's WORKER TIMEOUT; no stall of its loop thread was seen in the timeout window: its cause was not seen",
             name(w)
         ),
     }
