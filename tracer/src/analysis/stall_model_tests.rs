@@ -8,7 +8,12 @@ use crate::model::{
 };
 
 use super::fixtures::{MASTER, MS, W};
-use crate::present::verdict;
+use crate::model::{Losses, Summary};
+
+/// The verdict of a run in which nothing was lost.
+fn verdict(s: &Summary) -> crate::present::Verdict {
+    crate::present::verdict(s, &Losses::default())
+}
 
 /// /proc as a test sets it: fd 7 is a socket to `peer`, the thread is
 /// doing `now`, the loop thread's CPU is `cpu`, the heartbeat `heartbeat`

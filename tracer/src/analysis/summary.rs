@@ -5,7 +5,8 @@ use std::cmp::Reverse;
 use super::correlator::{Correlator, Proc};
 use super::signatures;
 use crate::model::{
-    ExitCause, ExitReport, Finding, StallReport, Summary, WorkerState, WorkerSummary, signal_name,
+    ExitCause, ExitReport, Finding, Role, StallReport, Summary, WorkerState, WorkerSummary,
+    signal_name,
 };
 
 fn state(p: &Proc, stalled_now: bool, hanging_now: bool) -> WorkerState {
@@ -166,6 +167,8 @@ impl Correlator {
                     hung_requests: p.hung_requests,
                     hanging_now: hanging.len() as u32,
                     hung_request: hanging.into_iter().next().or_else(|| p.last_hung.clone()),
+                    loop_found: (p.alive && p.role == Role::Worker)
+                        .then_some(p.loop_wait.is_some()),
                     container: p.container.clone(),
                 }
             })
@@ -183,7 +186,7 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CloseCounts, Role};
+    use crate::model::CloseCounts;
 
     fn worker(pid: u32) -> WorkerSummary {
         WorkerSummary {
@@ -205,6 +208,7 @@ mod tests {
             hung_requests: 0,
             hung_request: None,
             hanging_now: 0,
+            loop_found: None,
             container: None,
         }
     }

@@ -6,7 +6,12 @@ use crate::model::{
     BlockedThread, CloseCounts, CloseKind, Container, FdInfo, FdKind, KernelEvent, MemoryCgroup,
     Outcome, Output, Role, Sample, Source, Wake, WokeBy, WorkerState,
 };
-use crate::present::verdict;
+use crate::model::{LoopWait, Losses, Summary};
+
+/// The verdict of a run in which nothing was lost.
+fn verdict(s: &Summary) -> crate::present::Verdict {
+    crate::present::verdict(s, &Losses::default())
+}
 
 use super::fixtures::{self, MASTER, MS, W};
 
@@ -226,6 +231,8 @@ fn a_self_pipe_read_never_returns_with_gevent_known_or_one_thread() {
 #[test]
 fn idle_event_loop_and_idle_helper_threads_are_not_stalls() {
     let mut c = setup();
+    // The loop's own wait, found: an idle loop is then known idle.
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 11 });
     let idle = sample(W, "epoll_wait", 0, 1);
     let helper_futex = sample(W + 2, "futex", 0, 1);
     let helper_sleep = sample(W + 3, "clock_nanosleep", 0, 1);
@@ -271,6 +278,7 @@ fn unwatched_process_is_ignored() {
 #[test]
 fn returned_stall_ends_with_returned() {
     let mut c = setup();
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
     let s = sample(W, "read", 0, 3);
     c.on_samples(&[s], 600 * MS, &mut FakeProc);
     let end = woke(W, "read", 11, 0, 900, Wake::Returning);
@@ -577,6 +585,10 @@ fn early_closes_are_counted_and_rank_after_stalls() {
     let mut c = setup();
     let fork = forked(102);
     c.on_kernel(fork, &mut FakeProc);
+    // Both loops found: nothing is unseen, so a worker can be healthy.
+    for pid in [W, 102] {
+        c.set_loop(0, pid, LoopWait::Epoll { epfd: 4 });
+    }
     let out = c.on_kernel(
         conn_end(W, 120, 0, tracer_common::ended::CLOSE),
         &mut FakeProc,
@@ -646,6 +658,7 @@ fn early_closes_are_counted_and_rank_after_stalls() {
 #[test]
 fn idle_closes_alone_keep_the_verdict_healthy() {
     let mut c = setup();
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
     c.on_kernel(
         conn_end(W, 0, 0, tracer_common::ended::CLOSE),
         &mut FakeProc,

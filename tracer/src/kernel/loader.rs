@@ -596,6 +596,7 @@ impl Probes {
             conns_untracked: self.stat(stat::CONNS_UNTRACKED),
             inflight_full: self.stat(stat::INFLIGHT_FULL) + self.seeds_refused,
             over_quota: 0,
+            bpf_errors: self.bpf_errors().iter().sum(),
         }
     }
 

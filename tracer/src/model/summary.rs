@@ -76,6 +76,11 @@ pub struct WorkerSummary {
     pub hung_request: Option<HungRequest>,
     /// How many are hanging now.
     pub hanging_now: u32,
+    /// For a live worker: its event loop's own wait was found. Until it is,
+    /// a wait of its main thread in a multiplexer (poll, select, epoll) is
+    /// not judged, so such a stall would not be seen. None for other
+    /// processes and exited ones.
+    pub loop_found: Option<bool>,
     pub container: Option<Container>,
 }
 
@@ -156,4 +161,7 @@ pub struct Losses {
     /// Forks not followed because their master already had
     /// `--max-watched-per-master` processes watched.
     pub over_quota: u64,
+    /// Runs of the kernel programs that failed and were skipped (a read
+    /// refused, a map full): what they would have recorded is missing.
+    pub bpf_errors: u64,
 }

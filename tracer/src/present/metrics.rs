@@ -373,6 +373,7 @@ mod tests {
             hung_requests: 0,
             hung_request: None,
             hanging_now: 0,
+            loop_found: None,
             container: Some(Container {
                 id: "abc".into(),
                 pod: Some("web-1".into()),
@@ -404,6 +405,7 @@ mod tests {
                 conns_untracked: 5,
                 inflight_full: 7,
                 over_quota: 6,
+                bpf_errors: 0,
             },
             maps: MapOccupancy {
                 watched: 3,
