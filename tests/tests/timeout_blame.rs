@@ -25,9 +25,18 @@ fn a_worker_timeout_is_not_blamed_on_a_pool_threads_stall() {
     let _client = get_async(g.port, "/forever", Duration::from_secs(40));
     let (w, tid) = pids.wait_nth(0);
     assert_ne!(w, tid, "a pool thread took the request");
-    t.wait_for("the pool thread's stall", Duration::from_secs(8), |e| {
+    let (_, stall) = t.wait_for("the pool thread's stall", Duration::from_secs(8), |e| {
         e["event"] == "stall" && e["pid"] == w && e["tid"] == tid
     });
+    // The pipe's only writer is this process, whose other threads may
+    // still write it: no "can never return".
+    assert_eq!(stall["only_self_can_wake"], true, "{stall}");
+    assert!(stall["threads"].as_u64().unwrap() >= 2, "{stall}");
+    assert_eq!(stall["cause"]["id"], "self_pipe_wait", "{stall}");
+    assert!(
+        !stall["cause"]["cause"].as_str().unwrap().contains("never"),
+        "{stall}"
+    );
     // The main thread keeps the heartbeat while the pool thread is stuck
     // (Gunicorn would never kill it): stop the whole worker, so that its
     // heartbeat stops for a reason no stall of its loop thread shows.
