@@ -157,7 +157,12 @@ fn an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request() {
     assert_eq!(v["oom_killed_pids"], serde_json::json!([worker]), "{v}");
     assert_eq!(v["killed_pids"], serde_json::json!([]), "{v}");
     let text = v["text"].as_str().unwrap();
-    let first = text.lines().next().unwrap();
+    // After what could not be seen (the replacement's loop, not found yet
+    // when the test stops), the OOM kill is the first finding.
+    let first = text
+        .lines()
+        .find(|l| !l.starts_with("not everything was seen: "))
+        .unwrap();
     assert!(
         first.starts_with(&format!(
             "worker {worker} (master {master}) was killed by the kernel's OOM killer: cgroup limit 160 MiB, usage "
@@ -267,11 +272,16 @@ fn a_worker_retired_by_max_requests_says_so() {
     assert_eq!(exit["max_requests"], 5, "{exit}");
     assert_eq!(exit["exit_code"], 0, "{exit}");
     let summary = t.stop();
+    let v = &summary["verdict"];
+    let text = v["text"].as_str().unwrap();
+    // The replacement may not have reached its loop when the test stops:
+    // then the verdict says so instead of "healthy".
     assert!(
-        summary["verdict"]["text"]
-            .as_str()
-            .unwrap()
-            .starts_with("healthy:"),
+        text.starts_with("healthy:") || text.starts_with("no stall seen, but"),
+        "a retirement is not a finding: {summary}"
+    );
+    assert!(
+        !text.contains(&format!("worker {worker} ")),
         "a retirement is not a finding: {summary}"
     );
 }

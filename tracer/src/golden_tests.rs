@@ -209,7 +209,7 @@ fn read_master() -> MasterConfig {
         }
         .with_shortcuts(),
         worker_class: Some(WorkerClass {
-            name: "sync".into(),
+            name: "gevent".into(),
             source: SettingSource::ConfigFile,
             evidence: None,
         }),
@@ -339,7 +339,8 @@ fn scripted_run() -> String {
             role: Role::Master,
             app: Some("app:app".into()),
             timeout_s: Some(Setting::new(4.0, SettingSource::CommandLine)),
-            worker_class: None,
+            // The seed's class, known: its pipe read can never return.
+            worker_class: Some("gevent".into()),
             settings: Some(read_master()),
             source: Source::Scan,
             container: None,
@@ -353,7 +354,8 @@ fn scripted_run() -> String {
             role: Role::Worker,
             app: Some("app:app".into()),
             timeout_s: Some(Setting::new(4.0, SettingSource::CommandLine)),
-            worker_class: None,
+            // The seed's class, known: its pipe read can never return.
+            worker_class: Some("gevent".into()),
             settings: None,
             source: Source::Scan,
             container: None,

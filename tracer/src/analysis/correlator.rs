@@ -49,13 +49,14 @@ pub(super) struct Proc {
     pub last_signal: Option<SignalSeen>,
     /// The master's last WORKER TIMEOUT signal (SIGABRT, then SIGKILL).
     pub timeout_signal: Option<SignalSeen>,
+    /// The stall its last WORKER TIMEOUT was blamed on (see
+    /// `lifecycle::timeout_blame`); None when none was seen.
+    pub timeout_stall: Option<StallReport>,
     /// The master asked it to stop (SIGTERM, SIGINT or SIGQUIT): a SIGKILL
     /// that follows is the end of a graceful stop, not a WORKER TIMEOUT.
     pub asked_to_stop: bool,
     /// That request to stop, the first one.
     pub stop_signal: Option<SignalSeen>,
-    /// The stall the WORKER TIMEOUT was blamed on, when one was.
-    pub timeout_stall: Option<StallReport>,
     /// The kernel's OOM killer chose it.
     pub oom: Option<OomKill>,
     /// Why it exited, once it has.

@@ -3,16 +3,40 @@
 use super::Enricher;
 use super::correlator::{Correlator, NewProcess};
 use super::exits::{self, Ended, SignalSeen};
-use crate::model::{Outcome, Output, Role, Source, signal_name};
+use super::summary::rejudged;
+use crate::model::{Outcome, Output, Role, Source, StallReport, signal_name};
 
 /// Exited processes with findings kept for the summary, at most.
 pub(super) const MAX_EXITED_KEPT: usize = 256;
 /// Quiet exits kept in case a close of theirs comes after the exit event.
 const MAX_EXITED_RECENT: usize = 64;
-/// How long after a stall ends a kill by the master is still blamed on it.
-const TIMEOUT_BLAME_NS: u64 = 60_000_000_000;
 
 impl Correlator {
+    /// The stall a WORKER TIMEOUT at `ts_ns` is blamed on. Gunicorn kills a
+    /// worker whose heartbeat is older than --timeout, and only the loop
+    /// thread heartbeats: a pool thread's stall cannot stop it. So: a stall
+    /// of the loop thread (a blocked call, or on the CPU, or busy) that
+    /// overlaps the window the heartbeat went stale in, from the kill minus
+    /// --timeout to the kill. One in progress at the kill does; one that
+    /// ended earlier must have ended inside the window, which needs the
+    /// timeout: when it is not known, only a stall in progress is blamed.
+    /// None when no such stall was seen.
+    fn timeout_blame(&self, pid: u32, ts_ns: u64) -> Option<StallReport> {
+        let of_loop = |r: &StallReport| r.tid == pid;
+        if let Some(now) = self.current_stall(pid, ts_ns).filter(of_loop) {
+            return Some(rejudged(now));
+        }
+        let p = self.procs.get(&pid)?;
+        let window_ns = p
+            .timeout_s
+            .map(|t| t.value)
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map(|t| (t * 1e9) as u64)?;
+        let last = p.last_stall.clone().filter(of_loop)?;
+        let ended_ns = last.start_ns + last.blocked_ms * 1_000_000;
+        (ended_ns + window_ns >= ts_ns && last.start_ns <= ts_ns).then_some(last)
+    }
+
     pub(super) fn on_fork(
         &mut self,
         ts_ns: u64,
@@ -120,10 +144,7 @@ impl Correlator {
         if !timeout {
             return Vec::new();
         }
-        let last_stall = p.last_stall.clone();
-        let stall = self
-            .current_stall(target, ts_ns)
-            .or_else(|| last_stall.filter(|s| ts_ns.saturating_sub(s.start_ns) < TIMEOUT_BLAME_NS));
+        let stall = self.timeout_blame(target, ts_ns);
         let p = self.procs.get_mut(&target).expect("checked above");
         p.timeouts += 1;
         p.killed_by_timeout = true;

@@ -83,6 +83,10 @@ pub trait Enricher {
     fn thread_cpu(&mut self, _pid: u32, _tid: u32) -> Option<ThreadCpu> {
         None
     }
+    /// How many threads the process has now.
+    fn thread_count(&mut self, _pid: u32) -> Option<u32> {
+        None
+    }
     /// How long ago the process was forked.
     fn process_age_ms(&mut self, _pid: u32) -> Option<u64> {
         None

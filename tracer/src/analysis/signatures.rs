@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use crate::model::{
     Cause, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause, ExitReport, FdKind,
-    MasterSettings, StallReport, StallState, no_other_writer,
+    MasterSettings, NoWriterThread, StallReport, StallState, no_other_writer,
 };
 
 /// One known cause of a stall (`T` = StallReport) or of an early close
@@ -87,6 +87,12 @@ fn is_futex(s: &StallReport) -> bool {
     s.syscall_name().starts_with("futex")
 }
 
+/// The loop thread waits on a lock and its worker has not heartbeated
+/// since its fork: still booting, or deadlocked.
+fn lock_wait_before_first_heartbeat(s: &StallReport) -> bool {
+    s.on_loop_thread() && is_futex(s) && s.never_heartbeated == Some(true)
+}
+
 fn is_sleep(s: &StallReport) -> bool {
     matches!(s.syscall_name(), "nanosleep" | "clock_nanosleep")
 }
@@ -100,9 +106,15 @@ fn is_multiplexer(s: &StallReport) -> bool {
 static FIRST: &[Signature<StallReport>] = &[
     Signature {
         id: "deadlocked_since_fork",
-        cause: "deadlocked since fork: a lock (logging, or one held by another thread of the master when it forked, e.g. with preload_app) was copied locked into the child",
+        cause: "deadlocked since fork: it has waited on one lock since before its first heartbeat for longer than Gunicorn's --timeout (30 s when not known, 10 s at least), longer than a boot waits; a lock (logging, or one held by another thread of the master when it forked, e.g. with preload_app) was copied locked into the child",
         fix: "start no threads in the master before it forks (with preload_app, start them in a post_fork hook or lazily in the worker), and reset locks a library holds with os.register_at_fork(after_in_child=...)",
-        matches: |s| s.on_loop_thread() && is_futex(s) && s.never_heartbeated == Some(true),
+        matches: |s| lock_wait_before_first_heartbeat(s) && s.outlasts_a_boot(),
+    },
+    Signature {
+        id: "lock_wait_before_first_heartbeat",
+        cause: "waiting on a lock since before its first heartbeat: a slow boot, or a deadlock since fork (a lock copied locked into the child); called a deadlock once the wait outlasts Gunicorn's --timeout",
+        fix: "if it lasts: start no threads in the master before it forks (with preload_app, start them in a post_fork hook or lazily in the worker), and reset locks a library holds with os.register_at_fork(after_in_child=...)",
+        matches: lock_wait_before_first_heartbeat,
     },
     Signature {
         id: "cpu_bound_loop",
@@ -144,8 +156,9 @@ static FIRST: &[Signature<StallReport>] = &[
         id: "multiprocessing_queue_gevent",
         cause: "multiprocessing.Queue.get() in a gevent worker: the queue's feeder thread is a greenlet that cannot run while the hub is blocked, so the 4-byte read on its pipe never returns",
         fix: "use gevent.queue.Queue or queue.Queue, call get(timeout=...), or move the work out of the worker process",
+        // gevent known, not assumed: with real threads the feeder writes.
         matches: |s| {
-            gevent_loop(s)
+            s.no_other_writer_thread() == Some(NoWriterThread::BlockedHub)
                 && s.syscall_name() == "read"
                 && s.count == Some(4)
                 && only_self_writes(s)
@@ -153,8 +166,28 @@ static FIRST: &[Signature<StallReport>] = &[
     },
     Signature {
         id: "self_pipe_read",
-        cause: "a blocking read on a pipe that only this process can write to: it can never return (a threading or multiprocessing primitive used after gevent monkey-patching)",
+        cause: "a blocking read on a pipe that only this process can write to, on the gevent hub's thread: its writer can only be a greenlet of this blocked hub, so it can never return (a threading or multiprocessing primitive used after gevent monkey-patching)",
         fix: "use gevent-aware primitives in request code, or bound the wait with a timeout",
+        matches: |s| {
+            is_read(s)
+                && only_self_writes(s)
+                && s.no_other_writer_thread() == Some(NoWriterThread::BlockedHub)
+        },
+    },
+    Signature {
+        id: "self_pipe_read",
+        cause: "a blocking read on a pipe that only this process can write to, and the process had one thread: no thread is left to write it, so it can never return",
+        fix: "find what was to write the pipe (a producer never started, or one that died), and bound the wait with a timeout",
+        matches: |s| {
+            is_read(s)
+                && only_self_writes(s)
+                && s.no_other_writer_thread() == Some(NoWriterThread::OneThread)
+        },
+    },
+    Signature {
+        id: "self_pipe_wait",
+        cause: "a blocking read on a pipe only this process writes to; another of its threads must write it (a queue or a threading primitive whose producer is one of its threads), and has not",
+        fix: "find the thread that was to write it and why it has not (py-spy dump --pid shows every thread), and bound the wait with a timeout",
         matches: |s| is_read(s) && only_self_writes(s),
     },
 ];
@@ -604,7 +637,7 @@ fn waits_on_service(s: &StallReport) -> Option<Cause> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{End, Peer, Preceded, Role, SettingSource, WaitFd, WorkerClass};
+    use crate::model::{End, Peer, Preceded, Role, Setting, SettingSource, WaitFd, WorkerClass};
 
     fn peer(pid: u32, end: End) -> Peer {
         Peer {
@@ -743,21 +776,132 @@ mod tests {
 
     #[test]
     fn multiprocessing_queue_signature() {
-        let s = stall("read", FdKind::Pipe, Some(4), vec![peer(10, End::Write)]);
+        let mut s = stall("read", FdKind::Pipe, Some(4), vec![peer(10, End::Write)]);
+        s.worker_class = Some("gevent".into());
         assert_eq!(id(&s), Some("multiprocessing_queue_gevent"));
+        // The class not known: its feeder may be a real thread, which can
+        // write; the claim needs gevent.
+        let mut unknown = s.clone();
+        unknown.worker_class = None;
+        assert_ne!(id(&unknown), Some("multiprocessing_queue_gevent"));
         // Another process could write: not this bug.
-        let s = stall(
+        let mut s = stall(
             "read",
             FdKind::Pipe,
             Some(4),
             vec![peer(10, End::Write), peer(11, End::Write)],
         );
+        s.worker_class = Some("gevent".into());
         assert_eq!(id(&s), None);
+    }
+
+    fn cause(s: &StallReport) -> String {
+        identify(s)
+            .map(|c| c.cause.into_owned())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_self_pipe_read_never_returns_only_when_no_other_thread_can_write_it() {
+        let pipe = || {
+            stall(
+                "read",
+                FdKind::Pipe,
+                Some(65536),
+                vec![peer(10, End::Write)],
+            )
+        };
+        // A sync worker whose thread count is not known: another OS thread
+        // of the process may hold the write end and write it.
+        let mut sync = pipe();
+        sync.worker_class = Some("sync".into());
+        assert!(!cause(&sync).contains("never"), "{}", cause(&sync));
+        assert!(
+            cause(&sync).contains(
+                "a pipe only this process writes to; another of its threads must write it"
+            ),
+            "{}",
+            cause(&sync)
+        );
+        // A pool thread of a gthread worker, even with gevent-like reads.
+        let mut pool = pipe();
+        pool.worker_class = Some("gthread".into());
+        pool.tid = 11;
+        assert!(!cause(&pool).contains("never"), "{}", cause(&pool));
+        // The class unknown and 4 bytes asked: no "never" either.
+        let mut unknown = stall("read", FdKind::Pipe, Some(4), vec![peer(10, End::Write)]);
+        unknown.worker_class = None;
+        assert!(!cause(&unknown).contains("never"), "{}", cause(&unknown));
+        // gevent, on the hub's thread: the writer is a greenlet of the
+        // blocked hub.
+        let mut gevent = pipe();
+        gevent.worker_class = Some("gevent".into());
+        assert_eq!(id(&gevent), Some("self_pipe_read"));
+        assert!(
+            cause(&gevent).contains("can never return"),
+            "{}",
+            cause(&gevent)
+        );
+        // A gevent worker's other OS thread: other threads may write.
+        let mut gevent_pool = gevent.clone();
+        gevent_pool.tid = 11;
+        assert!(
+            !cause(&gevent_pool).contains("never"),
+            "{}",
+            cause(&gevent_pool)
+        );
+        // One thread in the whole process: nothing else can write it.
+        let mut alone = sync.clone();
+        alone.threads = Some(1);
+        assert_eq!(id(&alone), Some("self_pipe_read"));
+        assert!(
+            cause(&alone).contains("can never return"),
+            "{}",
+            cause(&alone)
+        );
+        let mut two = sync.clone();
+        two.threads = Some(2);
+        assert!(!cause(&two).contains("never"), "{}", cause(&two));
+    }
+
+    #[test]
+    fn a_futex_before_the_first_heartbeat_is_a_deadlock_only_once_it_outlasts_a_boot() {
+        let mut s = stall("futex", FdKind::Unknown, None, vec![]);
+        s.never_heartbeated = Some(true);
+        s.gunicorn_timeout_s = Some(Setting::new(30.0, SettingSource::CommandLine));
+        // Reported at the threshold: a slow boot waits on locks too.
+        s.blocked_ms = 500;
+        assert_ne!(id(&s), Some("deadlocked_since_fork"));
+        assert!(!cause(&s).contains("deadlocked"), "{}", cause(&s));
+        assert!(
+            cause(&s).contains("waiting on a lock since before its first heartbeat"),
+            "{}",
+            cause(&s)
+        );
+        // Still waiting past Gunicorn's --timeout: no boot is allowed that.
+        s.blocked_ms = 31_000;
+        assert_eq!(id(&s), Some("deadlocked_since_fork"));
+        // --timeout unknown: ten seconds are not evidence enough...
+        s.gunicorn_timeout_s = None;
+        s.blocked_ms = 10_000;
+        assert_ne!(id(&s), Some("deadlocked_since_fork"));
+        // ...past Gunicorn's default of 30 s they are.
+        s.blocked_ms = 30_000;
+        assert_eq!(id(&s), Some("deadlocked_since_fork"));
+        // A short --timeout still leaves a boot its ten seconds.
+        s.gunicorn_timeout_s = Some(Setting::new(2.0, SettingSource::CommandLine));
+        s.blocked_ms = 3_000;
+        assert_ne!(id(&s), Some("deadlocked_since_fork"));
+        // A worker that heartbeated is not in its boot.
+        s.blocked_ms = 60_000;
+        s.never_heartbeated = Some(false);
+        assert_ne!(id(&s), Some("deadlocked_since_fork"));
     }
 
     #[test]
     fn generic_self_pipe_signature() {
-        let s = stall("read", FdKind::Pipe, Some(65536), vec![peer(10, End::Both)]);
+        let mut s = stall("read", FdKind::Pipe, Some(65536), vec![peer(10, End::Both)]);
+        s.threads = Some(1);
         assert_eq!(id(&s), Some("self_pipe_read"));
         // No writer at all: the read would return EOF, so this is not it.
         let s = stall("read", FdKind::Pipe, Some(65536), vec![]);

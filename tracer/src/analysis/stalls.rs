@@ -301,6 +301,7 @@ impl Correlator {
             since_attach: s.seeded,
             heartbeat_age_ms: heartbeat,
             never_heartbeated,
+            threads: enr.thread_count(s.tgid),
             cpu_ms: None,
             sleeps: None,
             measured_ms: None,

@@ -3,8 +3,10 @@
 use std::cmp::Reverse;
 
 use super::correlator::{Correlator, Proc};
+use super::signatures;
 use crate::model::{
-    ExitCause, ExitReport, Finding, Summary, WorkerState, WorkerSummary, signal_name,
+    ExitCause, ExitReport, Finding, Role, StallReport, Summary, WorkerState, WorkerSummary,
+    signal_name,
 };
 
 fn state(p: &Proc, stalled_now: bool, hanging_now: bool) -> WorkerState {
@@ -129,6 +131,14 @@ fn rank(w: &[WorkerSummary]) -> Vec<Finding> {
         .collect()
 }
 
+/// A stall in progress judged again with its figures of now: a cause
+/// that needs a wait to have lasted (a deadlock since fork) is said only
+/// once it has.
+pub(super) fn rejudged(mut r: StallReport) -> StallReport {
+    r.cause = signatures::identify(&r);
+    r
+}
+
 impl Correlator {
     /// Every process known, at kernel time `now_ns`, and what is wrong.
     pub fn summary(&self, now_ns: u64) -> Summary {
@@ -136,7 +146,7 @@ impl Correlator {
             .procs
             .iter()
             .map(|(&pid, p)| {
-                let current = self.current_stall(pid, now_ns);
+                let current = self.current_stall(pid, now_ns).map(rejudged);
                 let hanging = self.hanging(pid, now_ns);
                 WorkerSummary {
                     pid,
@@ -150,12 +160,15 @@ impl Correlator {
                     exit_signal: p.exit_signal.map(signal_name),
                     exit: p.exit.clone(),
                     stall: current.or_else(|| p.last_stall.clone()),
+                    timeout_stall: p.timeout_stall.clone(),
                     early_closes: p.closes,
                     last_early_close: p.last_drop.clone(),
                     last_keepalive_race: p.last_race.clone(),
                     hung_requests: p.hung_requests,
                     hanging_now: hanging.len() as u32,
                     hung_request: hanging.into_iter().next().or_else(|| p.last_hung.clone()),
+                    loop_found: (p.alive && p.role == Role::Worker)
+                        .then_some(p.loop_wait.is_some()),
                     container: p.container.clone(),
                 }
             })
@@ -173,7 +186,7 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CloseCounts, Role, StallReport};
+    use crate::model::CloseCounts;
 
     fn worker(pid: u32) -> WorkerSummary {
         WorkerSummary {
@@ -188,12 +201,14 @@ mod tests {
             exit_signal: None,
             exit: None,
             stall: None,
+            timeout_stall: None,
             early_closes: CloseCounts::default(),
             last_early_close: None,
             last_keepalive_race: None,
             hung_requests: 0,
             hung_request: None,
             hanging_now: 0,
+            loop_found: None,
             container: None,
         }
     }

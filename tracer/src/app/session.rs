@@ -100,6 +100,9 @@ impl Enricher for ProcEnricher {
     fn process_age_ms(&mut self, pid: u32) -> Option<u64> {
         threads::process_age_ms(pid)
     }
+    fn thread_count(&mut self, pid: u32) -> Option<u32> {
+        threads::thread_count(pid)
+    }
     fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
         memcg::of_process(pid)
     }

@@ -125,9 +125,33 @@ pub fn process_age_ms(pid: u32) -> Option<u64> {
     Some(now_ms.saturating_sub(start_ticks * 1000 / clock_ticks()))
 }
 
+/// num_threads (field 20) of /proc/PID/stat. The comm before it may hold
+/// any bytes, ')' and spaces included: fields are counted after the last ')'.
+pub fn parse_stat_threads(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(17)?.parse().ok()
+}
+
+/// How many threads a process has now (a stat file is a few hundred
+/// bytes; read no more than a page).
+pub fn thread_count(pid: u32) -> Option<u32> {
+    let bytes = super::proc::read_capped(&proc_path(&[&pid.to_string(), "stat"]), 4096)?;
+    parse_stat_threads(&String::from_utf8_lossy(&bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_count_from_stat_whatever_the_comm() {
+        let stat = "4242 (a) b) 3 4) S 1 4242 4242 0 -1 4194560 1000 0 0 0 12 3 0 0 20 0 7 0 123456 1000000 500 18446744073709551615";
+        assert_eq!(parse_stat_threads(stat), Some(7));
+        assert_eq!(parse_stat_threads("4242 (x) S 1"), None);
+        assert_eq!(parse_stat_threads("no paren"), None);
+        // This test's own process: at least this thread.
+        assert!(thread_count(std::process::id()).is_some_and(|n| n >= 1));
+    }
 
     #[test]
     fn syscall_file_forms() {

@@ -598,6 +598,7 @@ impl Probes {
             conns_unreadable: self.stat(stat::CONNS_UNREADABLE),
             stall_ends_unknown: 0,
             over_quota: 0,
+            bpf_errors: self.bpf_errors().iter().sum(),
         }
     }
 

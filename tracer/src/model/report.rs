@@ -41,6 +41,12 @@ impl StallState {
     }
 }
 
+/// Gunicorn's --timeout when the command line does not set it.
+const GUNICORN_DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// A boot may wait on a lock (a thread it started, a connection pool) a
+/// few seconds; never called a deadlock before this.
+const BOOT_LOCK_GRACE_MS: u64 = 10_000;
+
 /// Facts about one stall; also the body of the `stall` event.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StallReport {
@@ -79,6 +85,11 @@ pub struct StallReport {
     /// For a worker: true when it has not touched its heartbeat since it
     /// was forked (it never reached its loop).
     pub never_heartbeated: Option<bool>,
+    /// The process's thread count when the stall was reported (from
+    /// /proc); None when not read. A pipe only this process writes to can
+    /// still be written by another of its threads: with one thread, none is
+    /// left to write it.
+    pub threads: Option<u32>,
     /// On the CPU or busy: CPU time the thread used over `measured_ms`.
     pub cpu_ms: Option<u64>,
     /// On the CPU or busy: how often the thread went to sleep (its
@@ -136,6 +147,57 @@ impl StallReport {
     pub fn on_loop_thread(&self) -> bool {
         self.role == Role::Worker && self.tid == self.pid
     }
+
+    /// A wait that began before the worker's first heartbeat and has lasted
+    /// longer than a boot waits on one lock: past Gunicorn's --timeout
+    /// (what it gives a request), 30 s when the timeout is not known, and
+    /// 10 s at least.
+    pub fn outlasts_a_boot(&self) -> bool {
+        self.never_heartbeated == Some(true) && self.blocked_ms >= self.boot_wait_limit_ms()
+    }
+
+    /// How long a wait since before the first heartbeat may last in a boot.
+    pub fn boot_wait_limit_ms(&self) -> u64 {
+        self.gunicorn_timeout_s
+            .map(|t| t.value)
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map(|t| (t * 1000.0) as u64)
+            .unwrap_or(GUNICORN_DEFAULT_TIMEOUT_MS)
+            .max(BOOT_LOCK_GRACE_MS)
+    }
+
+    /// A worker class whose threads are greenlets on one hub (gevent,
+    /// eventlet), as the master's settings say.
+    pub fn is_green(&self) -> bool {
+        matches!(
+            self.worker_class.as_ref().map(|c| c.name.as_str()),
+            Some("gevent" | "eventlet" | "gevent_wsgi" | "gevent_pywsgi")
+        )
+    }
+
+    /// Why no other thread of the process can run to write a pipe only it
+    /// writes to, when that is known: a pipe's write end belongs to the
+    /// process, and any of its OS threads can write it.
+    pub fn no_other_writer_thread(&self) -> Option<NoWriterThread> {
+        if self.on_loop_thread() && self.is_green() {
+            Some(NoWriterThread::BlockedHub)
+        } else if self.threads == Some(1) {
+            Some(NoWriterThread::OneThread)
+        } else {
+            None
+        }
+    }
+}
+
+/// The evidence that a thread blocked on a pipe only its process writes to
+/// has no other thread to write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoWriterThread {
+    /// A gevent (or eventlet) worker's hub thread: the writer would be a
+    /// greenlet of the blocked hub (monkey-patched threads are greenlets).
+    BlockedHub,
+    /// The process had one thread when the stall was reported.
+    OneThread,
 }
 
 /// How a reported stall ended: only what is known.

@@ -61,6 +61,10 @@ pub struct WorkerSummary {
     pub exit: Option<ExitReport>,
     /// The current stall, or the last one.
     pub stall: Option<StallReport>,
+    /// The stall its last WORKER TIMEOUT was blamed on: one of its loop
+    /// thread in the timeout window; None when none was seen (or no
+    /// timeout).
+    pub timeout_stall: Option<StallReport>,
     pub early_closes: CloseCounts,
     /// The last dropped request or cut upstream call.
     pub last_early_close: Option<EarlyClose>,
@@ -72,6 +76,11 @@ pub struct WorkerSummary {
     pub hung_request: Option<HungRequest>,
     /// How many are hanging now.
     pub hanging_now: u32,
+    /// For a live worker: its event loop's own wait was found. Until it is,
+    /// a wait of its main thread in a multiplexer (poll, select, epoll) is
+    /// not judged, so such a stall would not be seen. None for other
+    /// processes and exited ones.
+    pub loop_found: Option<bool>,
     pub container: Option<Container>,
 }
 
@@ -158,4 +167,7 @@ pub struct Losses {
     /// Forks not followed because their master already had
     /// `--max-watched-per-master` processes watched.
     pub over_quota: u64,
+    /// Runs of the kernel programs that failed and were skipped (a read
+    /// refused, a map full): what they would have recorded is missing.
+    pub bpf_errors: u64,
 }

@@ -64,7 +64,7 @@ impl<'a> SummaryEvent<'a> {
             losses,
             maps,
             workers: &summary.workers,
-            verdict: verdict(summary),
+            verdict: verdict(summary, &losses),
             exited_quiet: summary.exited_quiet,
             exits: &summary.exits,
         }

@@ -372,6 +372,7 @@ mod tests {
             exit_signal: None,
             exit: None,
             stall: None,
+            timeout_stall: None,
             early_closes: CloseCounts {
                 dropped_request: 3,
                 idle: 4,
@@ -382,6 +383,7 @@ mod tests {
             hung_requests: 0,
             hung_request: None,
             hanging_now: 0,
+            loop_found: None,
             container: Some(Container {
                 id: "abc".into(),
                 pod: Some("web-1".into()),
@@ -415,6 +417,7 @@ mod tests {
                 conns_unreadable: 8,
                 stall_ends_unknown: 9,
                 over_quota: 6,
+                bpf_errors: 0,
             },
             maps: MapOccupancy {
                 watched: 3,

@@ -187,8 +187,15 @@ fn never_noticed(s: &StallReport) -> Option<String> {
         return request;
     }
     if s.tid == s.pid {
-        return (s.never_heartbeated == Some(true)).then(|| {
-            "it never heartbeated, so Gunicorn will never kill it (Gunicorn 22 and later compare the untouched heartbeat file's wall-clock mtime with their monotonic clock): it hangs until restarted".to_string()
+        if s.never_heartbeated != Some(true) {
+            return None;
+        }
+        let head = "it has not heartbeated since its fork, so Gunicorn 22 and later will not kill it (they compare the untouched heartbeat file's wall-clock mtime with their monotonic clock)";
+        // Hanging for good is said only once the wait has outlasted a boot.
+        return Some(if s.outlasts_a_boot() {
+            format!("{head}: it hangs until restarted")
+        } else {
+            format!("{head} while it waits")
         });
     }
     let class = s

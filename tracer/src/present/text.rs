@@ -230,7 +230,9 @@ fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallRep
                 sanitize(&which_thread(s)),
                 sanitize(&describe_stall(s, "blocked"))
             ))
-            .unwrap_or_else(|| ": no blocking syscall seen".into())
+            .unwrap_or_else(
+                || ": no stall of its loop thread was seen in the timeout window".into()
+            )
     )
 }
 

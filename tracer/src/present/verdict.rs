@@ -5,7 +5,9 @@ use serde::Serialize;
 use super::{
     at_least, describe_call, describe_stall, exits, holders, never_noticed, secs, which_thread,
 };
-use crate::model::{Finding, Role, StallReport, Summary, WorkerState, WorkerSummary};
+use crate::model::{
+    Finding, Losses, NoWriterThread, Role, StallReport, Summary, WorkerState, WorkerSummary,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -34,7 +36,19 @@ fn name(w: &WorkerSummary) -> String {
 fn why(s: &StallReport) -> String {
     let mut w = String::new();
     if s.only_self_can_wake == Some(true) {
-        w.push_str(", which only the blocked process itself can write to, so it can never return");
+        // A pipe's write end is the process's: any of its threads may write
+        // it, unless none can run (a blocked gevent hub) or there is none.
+        w.push_str(match s.no_other_writer_thread() {
+            Some(NoWriterThread::BlockedHub) => {
+                ", which only the blocked process itself can write to, through a greenlet of its blocked hub, so it can never return"
+            }
+            Some(NoWriterThread::OneThread) => {
+                ", which only the blocked process itself can write to, and it has no other thread to write it, so it can never return"
+            }
+            None => {
+                ", a pipe only this process writes to; another of its threads must write it"
+            }
+        });
     }
     match &s.cause {
         Some(c) => w.push_str(&format!("; likely cause: {}. Fix: {}", c.cause, c.fix)),
@@ -58,7 +72,7 @@ fn stalled(w: &WorkerSummary) -> String {
 }
 
 fn timed_out(w: &WorkerSummary) -> String {
-    match &w.stall {
+    match &w.timeout_stall {
         Some(s) => format!(
             "{} was killed by Gunicorn's WORKER TIMEOUT after {}{}{}",
             name(w),
@@ -67,7 +81,7 @@ fn timed_out(w: &WorkerSummary) -> String {
             why(s)
         ),
         None => format!(
-            "{} was killed by Gunicorn's WORKER TIMEOUT; no blocking syscall was seen (CPU-bound code?)",
+            "{} was killed by Gunicorn's WORKER TIMEOUT; no stall of its loop thread was seen in the timeout window: its cause was not seen",
             name(w)
         ),
     }
@@ -202,10 +216,67 @@ fn racing(w: &WorkerSummary) -> String {
     line
 }
 
+/// What the tracer could not see, in words ("12 kernel event(s) were
+/// lost", "worker 7's event loop was not found"); empty when it saw all.
+fn unseen(s: &Summary, l: &Losses) -> Vec<String> {
+    let mut out = Vec::new();
+    if l.events_lost > 0 {
+        out.push(format!("{} kernel event(s) were lost", l.events_lost));
+    }
+    if l.inflight_full > 0 {
+        out.push(format!(
+            "{} thread sleep(s) were not recorded (in-flight map full)",
+            l.inflight_full
+        ));
+    }
+    if l.watch_full + l.over_quota > 0 {
+        out.push(format!(
+            "{} forked process(es) were not watched",
+            l.watch_full + l.over_quota
+        ));
+    }
+    if l.conns_untracked > 0 {
+        out.push(format!(
+            "{} connection(s) were not tracked from their start",
+            l.conns_untracked
+        ));
+    }
+    if l.bpf_errors > 0 {
+        out.push(format!(
+            "{} run(s) of the kernel programs failed",
+            l.bpf_errors
+        ));
+    }
+    // Until a worker's loop is found its main thread's waits in poll,
+    // select or epoll are not judged.
+    let loopless: Vec<String> = s
+        .workers
+        .iter()
+        .filter(|w| w.loop_found == Some(false))
+        .map(|w| w.pid.to_string())
+        .collect();
+    match loopless.as_slice() {
+        [] => {}
+        [one] => out.push(format!("worker {one}'s event loop was not found")),
+        many => out.push(format!(
+            "the event loops of workers {} were not found",
+            many.join(", ")
+        )),
+    }
+    out
+}
+
 /// With nothing wrong: say what was watched, or the stalls that are over.
-fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
+/// "healthy" only when nothing was lost and every loop was found.
+fn all_clear(s: &Summary, healthy: usize, unseen: &[String]) -> Vec<String> {
     let past: Vec<&WorkerSummary> = s.workers.iter().filter(|w| w.stalls > 0).collect();
     if past.is_empty() {
+        if !unseen.is_empty() {
+            return vec![format!(
+                "no stall seen, but {}: a stall or a dropped request may have been missed ({healthy} worker(s) watched)",
+                unseen.join(", ")
+            )];
+        }
         return vec![format!(
             "healthy: {healthy} worker(s) watched, no syscall blocked an event loop for {}ms or more, no request dropped",
             s.threshold_ms
@@ -233,7 +304,7 @@ fn all_clear(s: &Summary, healthy: usize) -> Vec<String> {
 }
 
 /// Words the summary's findings, most harmful first.
-pub fn verdict(s: &Summary) -> Verdict {
+pub fn verdict(s: &Summary, losses: &Losses) -> Verdict {
     let mut v = Verdict {
         stalled_pids: Vec::new(),
         killed_pids: Vec::new(),
@@ -272,11 +343,139 @@ pub fn verdict(s: &Summary) -> Verdict {
         .map(|(_, w)| w)
         .map(|w| w.pid.to_string())
         .collect();
+    let unseen = unseen(s, losses);
     if lines.is_empty() {
-        lines = all_clear(s, healthy.len());
+        lines = all_clear(s, healthy.len(), &unseen);
     } else if !healthy.is_empty() {
-        lines.push(format!("healthy: worker(s) {}", healthy.join(", ")));
+        let word = if unseen.is_empty() {
+            "healthy"
+        } else {
+            "nothing seen wrong with"
+        };
+        lines.push(format!("{word}: worker(s) {}", healthy.join(", ")));
+    }
+    // What could not be seen comes first, unless it is the only line.
+    if !unseen.is_empty() && !lines[0].starts_with("no stall seen, but") {
+        lines.insert(
+            0,
+            format!(
+                "not everything was seen: {}: a stall or a dropped request may have been missed",
+                unseen.join(", ")
+            ),
+        );
     }
     v.text = lines.join("\n");
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CloseCounts, Losses};
+
+    fn worker(pid: u32, loop_found: Option<bool>) -> WorkerSummary {
+        WorkerSummary {
+            pid,
+            master_pid: 1,
+            role: Role::Worker,
+            app: None,
+            state: WorkerState::Healthy,
+            stalls: 0,
+            timeouts: 0,
+            exit_code: None,
+            exit_signal: None,
+            exit: None,
+            stall: None,
+            timeout_stall: None,
+            early_closes: CloseCounts::default(),
+            last_early_close: None,
+            last_keepalive_race: None,
+            hung_requests: 0,
+            hung_request: None,
+            hanging_now: 0,
+            loop_found,
+            container: None,
+        }
+    }
+
+    fn summary(workers: Vec<WorkerSummary>) -> Summary {
+        Summary {
+            workers,
+            exited_quiet: 0,
+            findings: Vec::new(),
+            threshold_ms: 500,
+            exits: Default::default(),
+        }
+    }
+
+    #[test]
+    fn healthy_only_when_nothing_was_lost_and_every_loop_was_found() {
+        let all_seen = summary(vec![worker(7, Some(true)), worker(8, Some(true))]);
+        let text = verdict(&all_seen, &Losses::default()).text;
+        assert!(text.starts_with("healthy: 2 worker(s) watched"), "{text}");
+        // Events lost: the same run is not called healthy, and what could
+        // not be seen comes first.
+        let lost = Losses {
+            events_lost: 12,
+            ..Default::default()
+        };
+        let text = verdict(&all_seen, &lost).text;
+        assert!(!text.contains("healthy"), "{text}");
+        assert!(
+            text.starts_with("no stall seen, but 12 kernel event(s) were lost"),
+            "{text}"
+        );
+        assert!(
+            text.contains("a stall or a dropped request may have been missed"),
+            "{text}"
+        );
+        // A worker whose loop was never found: a stall of its loop in a
+        // multiplexer would not be seen.
+        let no_loop = summary(vec![worker(7, Some(false)), worker(8, Some(true))]);
+        let text = verdict(&no_loop, &Losses::default()).text;
+        assert!(!text.contains("healthy"), "{text}");
+        assert!(
+            text.contains("worker 7's event loop was not found"),
+            "{text}"
+        );
+        // Full maps and failed kernel programs are blind spots too.
+        for l in [
+            Losses {
+                inflight_full: 2,
+                ..Default::default()
+            },
+            Losses {
+                watch_full: 1,
+                ..Default::default()
+            },
+            Losses {
+                bpf_errors: 3,
+                ..Default::default()
+            },
+        ] {
+            let text = verdict(&all_seen, &l).text;
+            assert!(text.starts_with("no stall seen, but"), "{l:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn what_could_not_be_seen_comes_before_past_stalls_and_healthy_lists() {
+        let mut past = worker(7, Some(true));
+        past.stalls = 1;
+        past.stall = Some(StallReport {
+            pid: 7,
+            tid: 7,
+            syscall: Some("read".into()),
+            blocked_ms: 700,
+            ..Default::default()
+        });
+        let s = summary(vec![past, worker(8, Some(false))]);
+        let text = verdict(&s, &Losses::default()).text;
+        let first = text.lines().next().unwrap();
+        assert!(
+            first.contains("worker 8's event loop was not found"),
+            "{text}"
+        );
+        assert!(text.contains("no worker is stalled now"), "{text}");
+    }
 }
