@@ -203,6 +203,9 @@ impl Correlator {
         };
         close.container = p.container.clone();
         p.closes.count(close.kind);
+        if close.kind == CloseKind::DroppedRequest && close.dying.is_some() {
+            p.closes.lost_at_exit += 1;
+        }
         if matches!(
             close.kind,
             CloseKind::DroppedRequest | CloseKind::UpstreamCut

@@ -91,7 +91,11 @@ fn rank(w: &[WorkerSummary]) -> Vec<Finding> {
         (
             pick(
                 w,
-                |x| x.early_closes.harmful() > 0,
+                |x| {
+                    x.early_closes
+                        .harmful_beyond_exit(x.death_tells_lost_requests())
+                        > 0
+                },
                 |x| x.early_closes.dropped_request,
             ),
             Finding::Dropping,

@@ -1038,3 +1038,56 @@ fn a_request_lost_to_an_outside_kill_names_the_sender() {
         assert!(!cause.cause.contains(wrong), "{wrong}: {cause:?}");
     }
 }
+
+/// Issue 18, item 6: one story per incident. The request a worker lost
+/// when Gunicorn's WORKER TIMEOUT killed it is told with the kill, not as a
+/// drop of its own; a drop by a live worker stays a drop.
+#[test]
+fn requests_lost_with_a_killed_worker_are_told_with_its_death() {
+    let mut c = setup();
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+    let abrt = KernelEvent::Signal {
+        ts_ns: 1900 * MS,
+        target: W,
+        sender: MASTER,
+        sender_comm: "gunicorn".into(),
+        sig: 6,
+    };
+    c.on_kernel(abrt, &mut FakeProc);
+    let exit = KernelEvent::Exit {
+        ts_ns: 1950 * MS,
+        pid: W,
+        exit_code: None,
+        signal: Some(6),
+    };
+    c.on_kernel(exit, &mut FakeProc);
+    c.on_kernel(
+        conn_end(W, 92, 0, tracer_common::ended::EXIT),
+        &mut FakeProc,
+    );
+    let sum = c.summary(3000 * MS);
+    let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
+    assert_eq!(
+        (w.early_closes.dropped_request, w.early_closes.lost_at_exit),
+        (1, 1)
+    );
+    let text = verdict(&sum).text;
+    assert!(
+        text.contains("WORKER TIMEOUT")
+            && text.contains("1 request(s) in flight were lost with it")
+            && text.contains("(last from 127.0.0.1:40000)"),
+        "{text}"
+    );
+    assert!(!text.contains("dropped 1 request"), "one story: {text}");
+    // A live worker's drop is not a death's.
+    let mut c = setup();
+    c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+    c.on_kernel(
+        conn_end(W, 92, 0, tracer_common::ended::CLOSE),
+        &mut FakeProc,
+    );
+    let text = verdict(&c.summary(3000 * MS)).text;
+    assert!(text.contains("dropped 1 request"), "{text}");
+    assert!(!text.contains("lost with it"), "{text}");
+}

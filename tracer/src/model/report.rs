@@ -405,6 +405,9 @@ pub enum Dying {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CloseCounts {
     pub dropped_request: u32,
+    /// Of `dropped_request`: lost because the worker died (or was stopped)
+    /// with them in flight; their cause names the death.
+    pub lost_at_exit: u32,
     pub idle: u32,
     pub upstream_cut: u32,
     pub probe: u32,
@@ -416,6 +419,14 @@ impl CloseCounts {
     /// Closes that hurt someone: dropped requests and cut upstream calls.
     pub fn harmful(&self) -> u32 {
         self.dropped_request + self.upstream_cut
+    }
+
+    /// Dropped requests and cut upstream calls that the worker's own
+    /// death does not explain (`folded`: whether the requests lost at its
+    /// exit are told with the death instead).
+    pub fn harmful_beyond_exit(&self, folded: bool) -> u32 {
+        let lost = if folded { self.lost_at_exit } else { 0 };
+        self.harmful().saturating_sub(lost)
     }
 
     pub fn count(&mut self, kind: CloseKind) {

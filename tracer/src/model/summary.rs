@@ -84,6 +84,19 @@ pub struct WorkerSummary {
     pub container: Option<Container>,
 }
 
+impl WorkerSummary {
+    /// Its death is a finding of its own (a WORKER TIMEOUT, the OOM
+    /// killer, a kill from outside): the requests it lost with it are told
+    /// there, one story, rather than as drops of their own.
+    pub fn death_tells_lost_requests(&self) -> bool {
+        self.timeouts > 0
+            || self.exit.as_ref().is_some_and(|e| {
+                e.cause == crate::model::ExitCause::OomKill
+                    || (e.cause == crate::model::ExitCause::ExternalSignal && e.is_finding())
+            })
+    }
+}
+
 /// One thing wrong, naming the process (an index into `Summary::workers`).
 /// Findings come ranked by harm (see `analysis::summary`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

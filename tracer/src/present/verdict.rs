@@ -72,7 +72,7 @@ fn stalled(w: &WorkerSummary) -> String {
 }
 
 fn timed_out(w: &WorkerSummary) -> String {
-    match &w.timeout_stall {
+    let line = match &w.timeout_stall {
         Some(s) => format!(
             "{} was killed by Gunicorn's WORKER TIMEOUT after {}{}{}",
             name(w),
@@ -84,16 +84,40 @@ fn timed_out(w: &WorkerSummary) -> String {
             "{} was killed by Gunicorn's WORKER TIMEOUT; no stall of its loop thread was seen in the timeout window: its cause was not seen",
             name(w)
         ),
+    };
+    line + &lost_with_it(w)
+}
+
+/// The requests a worker lost when it died, told with its death (one
+/// story): "; 2 request(s) in flight were lost with it (last from ...)".
+fn lost_with_it(w: &WorkerSummary) -> String {
+    let n = w.early_closes.lost_at_exit;
+    if n == 0 || !w.death_tells_lost_requests() {
+        return String::new();
     }
+    let last = w
+        .last_early_close
+        .as_ref()
+        .filter(|e| e.dying.is_some())
+        .and_then(|e| e.peer.as_deref())
+        .map(|p| format!(" (last from {p})"))
+        .unwrap_or_default();
+    format!("; {n} request(s) in flight were lost with it, their clients got nothing{last}")
 }
 
 fn dropping(w: &WorkerSummary) -> String {
     let c = &w.early_closes;
+    // Those lost at its death are told with the death.
+    let folded = w.death_tells_lost_requests();
+    let dropped = if folded {
+        c.dropped_request.saturating_sub(c.lost_at_exit)
+    } else {
+        c.dropped_request
+    };
     let mut what = Vec::new();
-    if c.dropped_request > 0 {
+    if dropped > 0 {
         what.push(format!(
-            "dropped {} request(s) (closed the client's connection with nothing sent back)",
-            c.dropped_request
+            "dropped {dropped} request(s) (closed the client's connection with nothing sent back)"
         ));
     }
     if c.upstream_cut > 0 {
@@ -103,7 +127,11 @@ fn dropping(w: &WorkerSummary) -> String {
         ));
     }
     let mut line = format!("{} {}", name(w), what.join(" and "));
-    if let Some(e) = &w.last_early_close {
+    let last = w
+        .last_early_close
+        .as_ref()
+        .filter(|e| !(folded && e.dying.is_some()));
+    if let Some(e) = last {
         line.push_str(&format!(
             "; last: {} {}",
             e.direction.as_str(),
@@ -140,7 +168,7 @@ fn exit_of(w: &WorkerSummary) -> String {
 /// "worker 7 (master 1) was killed by the kernel's OOM killer: ...", or
 /// by whatever killed it, with the last stall it had, if any.
 fn killed(w: &WorkerSummary) -> String {
-    let mut line = format!("{} was {}", name(w), exit_of(w));
+    let mut line = format!("{} was {}{}", name(w), exit_of(w), lost_with_it(w));
     if let Some(st) = w.stall.as_ref().filter(|_| w.stalls > 0) {
         line.push_str(&format!(
             "; it had stalled {} time(s), last for {}{} in {}",
