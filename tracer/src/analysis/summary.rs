@@ -193,28 +193,7 @@ mod tests {
     use crate::model::CloseCounts;
 
     fn worker(pid: u32) -> WorkerSummary {
-        WorkerSummary {
-            pid,
-            master_pid: 1,
-            role: Role::Worker,
-            app: None,
-            state: WorkerState::Healthy,
-            stalls: 0,
-            timeouts: 0,
-            exit_code: None,
-            exit_signal: None,
-            exit: None,
-            stall: None,
-            timeout_stall: None,
-            early_closes: CloseCounts::default(),
-            last_early_close: None,
-            last_keepalive_race: None,
-            hung_requests: 0,
-            hung_request: None,
-            hanging_now: 0,
-            loop_found: None,
-            container: None,
-        }
+        WorkerSummary::quiet(pid)
     }
 
     fn exited(pid: u32, why: ExitReport) -> WorkerSummary {

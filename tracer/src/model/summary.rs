@@ -184,3 +184,32 @@ pub struct Losses {
     /// refused, a map full): what they would have recorded is missing.
     pub bpf_errors: u64,
 }
+
+/// A live, healthy worker with nothing seen, for tests to vary.
+#[cfg(test)]
+impl WorkerSummary {
+    pub fn quiet(pid: u32) -> WorkerSummary {
+        WorkerSummary {
+            pid,
+            master_pid: 1,
+            role: Role::Worker,
+            app: None,
+            state: WorkerState::Healthy,
+            stalls: 0,
+            timeouts: 0,
+            exit_code: None,
+            exit_signal: None,
+            exit: None,
+            stall: None,
+            timeout_stall: None,
+            early_closes: CloseCounts::default(),
+            last_early_close: None,
+            last_keepalive_race: None,
+            hung_requests: 0,
+            hung_request: None,
+            hanging_now: 0,
+            loop_found: None,
+            container: None,
+        }
+    }
+}

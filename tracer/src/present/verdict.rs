@@ -399,30 +399,12 @@ pub fn verdict(s: &Summary, losses: &Losses) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CloseCounts, Losses};
+    use crate::model::Losses;
 
     fn worker(pid: u32, loop_found: Option<bool>) -> WorkerSummary {
         WorkerSummary {
-            pid,
-            master_pid: 1,
-            role: Role::Worker,
-            app: None,
-            state: WorkerState::Healthy,
-            stalls: 0,
-            timeouts: 0,
-            exit_code: None,
-            exit_signal: None,
-            exit: None,
-            stall: None,
-            timeout_stall: None,
-            early_closes: CloseCounts::default(),
-            last_early_close: None,
-            last_keepalive_race: None,
-            hung_requests: 0,
-            hung_request: None,
-            hanging_now: 0,
             loop_found,
-            container: None,
+            ..WorkerSummary::quiet(pid)
         }
     }
 
