@@ -12,6 +12,9 @@
     /chatty    for `secs`, one 50 ms database wait after another on host:port
                (as /db, each timing out): no single call is long, and the
                loop never runs in between
+    /hold      open a connection to 127.0.0.1:port, exchange a message,
+               and keep it (an upstream connection pooled across requests)
+    /release   close the connections /hold opened
     /pool      run one task in the worker's ProcessPoolExecutor (made on
                first use) and answer: its child then waits for the next
                task in read() on the call queue's pipe, idle
@@ -86,6 +89,7 @@ def query_database(host, port, secs):
 
 
 POOL = None
+HELD = []
 
 
 def run_in_pool():
@@ -127,6 +131,16 @@ def app(environ, start_response):
             query_database(q.get("host", "127.0.0.1"), int(q["port"]), 0.05)
             n += 1
         body = b"queried %d times\n" % n
+    elif path == "/hold":
+        c = socket.create_connection(("127.0.0.1", int(q["port"])))
+        c.sendall(b"ping\n")
+        c.recv(64)
+        HELD.append(c)
+        body = b"held %d\n" % len(HELD)
+    elif path == "/release":
+        while HELD:
+            HELD.pop().close()
+        body = b"released\n"
     elif path == "/pool":
         body = b"pool child %d\n" % run_in_pool()
     elif path == "/spin":

@@ -15,6 +15,9 @@ Server modes, for every accepted connection:
     silent [HOST:PORT]
               keep every connection open and never answer: a database
               that does not reply (on HOST:PORT, e.g. 127.0.0.2:5432)
+    late      answer the client's first message, wait until it closes,
+              then send more anyway (an upstream that still talks on a
+              pooled connection its client has closed)
 """
 import os
 import socket
@@ -48,6 +51,15 @@ def serve(mode, go=None):
     while True:
         c, _ = s.accept()
         if mode == "silent":
+            held.append(c)
+            continue
+        if mode == "late":
+            c.recv(1024)
+            c.sendall(b"pong\n")
+            while c.recv(1024):
+                pass
+            time.sleep(0.1)
+            c.sendall(b"too late\n")
             held.append(c)
             continue
         if mode == "idle":

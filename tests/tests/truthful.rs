@@ -170,3 +170,33 @@ fn a_gthread_worker_at_worker_connections_is_not_a_loop_stall() {
     assert!(main.is_empty(), "the main thread never stalled: {main:?}");
     t.stop();
 }
+
+/// Item 7: a connection the worker opened to an upstream before the attach
+/// was taken for a client's (inbound by default): closed after being idle,
+/// and answered by the upstream afterwards, it was called a keep-alive race
+/// ("the client or load balancer sent its next request..."). Its direction
+/// comes from the listening ports now.
+#[test]
+fn an_upstream_connection_opened_before_the_attach_is_no_keepalive_race() {
+    require_root();
+    let (_upstream, port) = tcp_server(&["late"]);
+    let g = Gunicorn::new("stall_app:app").worker_class("sync").spawn();
+    let held = get(g.port, &format!("/hold?port={port}"));
+    assert!(held.contains("held 1"), "{held}");
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker" && e["role"] == "worker"
+    });
+    // Idle past Gunicorn's keep-alive, as a race's connection would be.
+    std::thread::sleep(Duration::from_millis(2500));
+    let released = get(g.port, "/release");
+    assert!(released.contains("released"), "{released}");
+    t.collect_for(Duration::from_secs(2));
+    let races: Vec<_> = t
+        .of_kind("early_close")
+        .into_iter()
+        .filter(|e| e["kind"] == "keepalive_race")
+        .collect();
+    assert!(races.is_empty(), "no client lost a request: {races:?}");
+    t.stop();
+}
