@@ -5,14 +5,10 @@
 //! them in its environment and service-account file. Parsers are pure and
 //! tested on real layouts; the readers are best effort and bounded.
 //!
-//! Files inside the container are opened with openat2(RESOLVE_IN_ROOT |
-//! RESOLVE_NO_MAGICLINKS) relative to /proc/PID/root, so no symlink the
-//! container holds can lead outside it; non-blocking, regular files only,
-//! and at most `MAX_FILE` bytes are read.
-use std::ffi::CString;
+//! Files inside the container are read through `host::rootfs` (never out
+//! of its root, never a device, FIFO or pseudo-filesystem file, capped at
+//! `MAX_FILE` bytes).
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::model::{Container, PodSource};
@@ -142,49 +138,6 @@ pub fn parse_environ(environ: &[u8]) -> (Option<String>, Option<String>) {
     )
 }
 
-/// Opens `rel` inside the root of process `pid`: symlinks resolve within
-/// that root (RESOLVE_IN_ROOT), never through /proc magic links; a FIFO
-/// cannot block the open (O_NONBLOCK); only a regular file is read, and at
-/// most `cap` bytes of it.
-pub fn read_in_root(pid: u32, rel: &str, cap: usize) -> Result<Vec<u8>, String> {
-    let root = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(format!("/proc/{pid}/root"))
-        .map_err(|e| format!("/proc/{pid}/root: {e}"))?;
-    let path = CString::new(rel.trim_start_matches('/')).map_err(|_| "NUL in path".to_string())?;
-    // SAFETY: open_how is plain integers; all-zero is valid (and required
-    // for any field this code does not set).
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 with a valid dirfd, NUL-terminated path and an
-    // open_how of the size passed; the fd it returns is ours to own.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(format!("{rel}: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a new descriptor no one else owns.
-    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    let meta = file.metadata().map_err(|e| format!("{rel}: {e}"))?;
-    if !meta.file_type().is_file() {
-        return Err(format!("{rel} is not a regular file"));
-    }
-    let mut out = Vec::with_capacity(cap.min(meta.len() as usize));
-    file.take(cap as u64)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("{rel}: {e}"))?;
-    Ok(out)
-}
-
 /// The first `cap` bytes of a /proc file.
 fn read_proc(path: &str, cap: u64) -> Option<Vec<u8>> {
     let mut out = Vec::new();
@@ -198,13 +151,13 @@ fn read_proc(path: &str, cap: u64) -> Option<Vec<u8>> {
 
 /// The namespace a pod's service-account file claims.
 fn namespace_file(pid: u32) -> Option<String> {
-    let b = read_in_root(
+    let f = super::rootfs::read_in_root(
         pid,
-        "var/run/secrets/kubernetes.io/serviceaccount/namespace",
+        "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
         MAX_FILE,
     )
     .ok()?;
-    let ns = String::from_utf8(b).ok()?.trim().to_string();
+    let ns = String::from_utf8(f.bytes).ok()?.trim().to_string();
     is_dns_label(&ns).then_some(ns)
 }
 
@@ -263,6 +216,7 @@ pub fn pods_dir(arg: Option<PathBuf>) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::CString;
 
     const ID: &str = "9f5fd6e12a0b4c1b8b1e5c0c9d2a7e3f4b6a8c0d2e4f6a8b0c2d4e6f8a0b2c4d";
 
@@ -408,17 +362,58 @@ mod tests {
         assert_eq!(parse_environ(evil), (None, None));
     }
 
+    /// Issue 20, item 3: the service-account namespace file was opened,
+    /// and only then checked: a device node there ran its driver's open (a
+    /// `c 10 130` node arms /dev/watchdog). It is never opened now.
     #[test]
-    fn reads_inside_a_process_root_only_regular_files() {
-        // Our own root is the host's: a regular file reads, capped.
-        let me = std::process::id();
-        let b = read_in_root(me, "/proc/self/exe", 10);
-        assert!(b.is_err(), "a magic link is refused: {b:?}");
-        let b = read_in_root(me, "etc/hostname", 3).or_else(|_| read_in_root(me, "etc/passwd", 3));
-        assert!(b.unwrap().len() <= 3);
-        let e = read_in_root(me, "dev/zero", 10).unwrap_err();
-        assert!(e.contains("not a regular file"), "{e}");
-        let e = read_in_root(me, "tmp", 10).unwrap_err();
-        assert!(e.contains("not a regular file"), "{e}");
+    fn a_device_node_as_the_namespace_file_is_never_opened() {
+        let d = std::env::temp_dir().join(format!("tracer-sa-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let dir = d.join("var/run/secrets/kubernetes.io/serviceaccount");
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = CString::new(dir.join("namespace").to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path; /dev/null's numbers (1, 3).
+        if unsafe { libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) } != 0 {
+            eprintln!("skipped: mknod needs CAP_MKNOD");
+            return;
+        }
+        // SAFETY: plain syscalls on fds this test owns.
+        let ino = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(ino >= 0);
+        assert!(unsafe { libc::inotify_add_watch(ino, node.as_ptr(), libc::IN_OPEN) } >= 0);
+        let root = CString::new(d.to_str().unwrap()).unwrap();
+        // SAFETY: the child calls only async-signal-safe functions (chroot,
+        // pause, _exit) until it is killed.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            unsafe {
+                if libc::chroot(root.as_ptr()) != 0 {
+                    libc::_exit(1);
+                }
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        assert!(child > 0);
+        let t = std::time::Instant::now();
+        while std::fs::read_link(format!("/proc/{child}/root")).map_or(true, |r| r != d)
+            && t.elapsed() < std::time::Duration::from_secs(2)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let ns = namespace_file(child as u32);
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading our own inotify fd into a buffer we own.
+        let opened = unsafe { libc::read(ino, buf.as_mut_ptr().cast(), buf.len()) } > 0;
+        // SAFETY: our own child and fd.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+            libc::close(ino);
+        }
+        let _ = std::fs::remove_dir_all(&d);
+        assert_eq!(ns, None);
+        assert!(!opened, "the device node was opened");
     }
 }

@@ -1,8 +1,10 @@
 //! Files of a traced process, read through its own root: never followed
 //! out of it (openat2 RESOLVE_IN_ROOT, no magic links), only when they are
-//! regular files (the type is checked on an O_PATH descriptor before the
-//! file is opened for reading: a device or a FIFO is never opened), capped
-//! in size, and on a helper thread with a deadline (a hung mount).
+//! regular files of an ordinary filesystem (type and filesystem are checked
+//! on an O_PATH descriptor before the file is opened for reading: a device,
+//! a FIFO, or a file of /proc, /sys, debugfs or tracefs is never opened),
+//! capped in size, and on a helper thread with a deadline (a hung mount).
+//! Every file the tracer reads on a target's behalf goes through here.
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,6 +28,30 @@ pub struct RootFile {
 pub enum RootError {
     Missing,
     Other(String),
+}
+
+/// Filesystems whose "regular files" are kernel interfaces: reading one
+/// can consume or change kernel state (/proc/kmsg eats the kernel log).
+/// The magic numbers of statfs(2).
+const PSEUDO_FILESYSTEMS: &[i64] = &[
+    0x9fa0,      // proc
+    0x6265_6572, // sysfs
+    0x6462_6720, // debugfs
+    0x7472_6163, // tracefs
+    0x7363_6673, // securityfs
+    0xcafe_4a11, // bpf
+    0x6265_6570, // configfs
+    0xde5e_81e4, // efivarfs
+    0x6165_676c, // pstore
+    0x2741_44f7, // cgroup (v1)
+    0x6367_7270, // cgroup2
+];
+
+fn fstatfs_type(fd: i32) -> Option<i64> {
+    // SAFETY: an all-zero statfs is valid to write into; fd is open (an
+    // O_PATH descriptor is enough for fstatfs).
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstatfs(fd, &mut st) } == 0).then_some(st.f_type as i64)
 }
 
 fn fstat(fd: i32) -> Option<libc::stat> {
@@ -82,6 +108,11 @@ fn read_in_root_now(pid: u32, path: &str, cap: usize) -> Result<RootFile, RootEr
     let st = fstat(opath.as_raw_fd()).ok_or_else(|| other(format!("{path}: fstat failed")))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(other(format!("{path} is not a regular file")));
+    }
+    match fstatfs_type(opath.as_raw_fd()) {
+        Some(t) if !PSEUDO_FILESYSTEMS.contains(&t) => {}
+        Some(_) => return Err(other(format!("{path} is on a pseudo filesystem"))),
+        None => return Err(other(format!("{path}: fstatfs failed"))),
     }
     if st.st_size as u64 > cap as u64 {
         return Err(other(format!("{path} is larger than {} KiB", cap / 1024)));
@@ -151,6 +182,44 @@ mod tests {
         assert!(read_in_root(me, &p("fifo.py"), MAX_CONFIG).is_err());
         assert!(t.elapsed() < Duration::from_millis(400));
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn magic_links_and_directories_are_refused() {
+        let me = std::process::id();
+        let got = read_in_root(me, "/proc/self/exe", 10);
+        assert!(got.is_err(), "a magic link: {got:?}");
+        let got = read_in_root(me, "/dev/zero", 10);
+        assert!(
+            matches!(&got, Err(RootError::Other(e)) if e.contains("not a regular file")),
+            "{got:?}"
+        );
+        let got = read_in_root(me, "/tmp", 10);
+        assert!(
+            matches!(&got, Err(RootError::Other(e)) if e.contains("not a regular file")),
+            "{got:?}"
+        );
+    }
+
+    /// Issue 20, item 3: a regular-looking file of a pseudo filesystem
+    /// (a symlink in a container's root to its /proc/kmsg eats the host's
+    /// kernel log when read) is refused before it is opened.
+    #[test]
+    fn files_of_pseudo_filesystems_are_refused() {
+        let me = std::process::id();
+        for path in [
+            "/proc/self/status",
+            "/sys/kernel/mm/transparent_hugepage/enabled",
+        ] {
+            if !std::path::Path::new(path).exists() {
+                continue;
+            }
+            let got = read_in_root(me, path, MAX_CONFIG);
+            assert!(
+                matches!(&got, Err(RootError::Other(e)) if e.contains("pseudo")),
+                "{path}: {got:?}"
+            );
+        }
     }
 
     #[test]
