@@ -93,7 +93,9 @@ fn labels(w: &WorkerSummary) -> WorkerLabels {
     WorkerLabels {
         master_pid: w.master_pid.to_string(),
         worker_pid: w.pid.to_string(),
-        app: w.app.clone().unwrap_or_default(),
+        // The app argument is the traced process's: no control or hidden
+        // characters in a label (ESC, CR, TAB, bidi overrides).
+        app: w.app.as_deref().map(super::sanitize).unwrap_or_default(),
         namespace: c.and_then(|c| c.namespace.clone()).unwrap_or_default(),
         pod: c.and_then(|c| c.pod.clone()).unwrap_or_default(),
         container: c.map(|c| c.id.clone()).unwrap_or_default(),
@@ -541,6 +543,17 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    /// Issue 20, item 14: the app label kept ESC, CR, TAB and bidi
+    /// overrides from the traced process's command line.
+    #[test]
+    fn the_app_label_carries_no_control_or_hidden_characters() {
+        let w = WorkerSummary {
+            app: Some("app\x1b[2J\r\t\u{202E}:app".into()),
+            ..worker(7, WorkerState::Healthy)
+        };
+        assert_eq!(labels(&w).app, "app?[2J???:app");
     }
 
     #[test]

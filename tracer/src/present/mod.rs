@@ -24,12 +24,31 @@ pub enum Format {
     Json,
 }
 
-/// Replaces control characters (ESC, CR, newlines, C1 controls) so that data
-/// from traced processes cannot move the cursor or rewrite the screen.
+/// Replaces control characters (ESC, CR, newlines, C1 controls), and the
+/// invisible characters that reorder or hide text (bidi overrides and
+/// isolates, zero-width characters, line and paragraph separators), so that
+/// data from traced processes can neither move the cursor nor make a line
+/// read as something it is not (U+202E turns "exe.gnp" into "png.exe").
 pub fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if is_hidden(c) { '?' } else { c })
         .collect()
+}
+
+/// A control character, or a Unicode format character that changes how
+/// the text around it is shown without being seen itself.
+fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
 }
 
 /// `1.5s`
@@ -212,4 +231,22 @@ fn never_noticed(s: &StallReport) -> Option<String> {
         line.push_str(&format!("; {r}"));
     }
     Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    /// Issue 20, item 14: bidi overrides and isolates, zero-width and line
+    /// separator characters went through into the text view.
+    #[test]
+    fn hidden_characters_are_replaced_and_ordinary_text_kept() {
+        let evil = "app\u{202E}exe.gnp\u{2066}x\u{2069}\u{200B}\u{2028}\u{2029}\x1b[2J\r\t";
+        let out = sanitize(evil);
+        assert_eq!(out, "app?exe.gnp?x?????[2J??");
+        assert_eq!(
+            sanitize("café: wsgi:app — ünïcode 名前"),
+            "café: wsgi:app — ünïcode 名前"
+        );
+    }
 }
