@@ -20,4 +20,4 @@ COPY --from=build /tracer /usr/local/bin/tracer
 COPY --from=pyspy /usr/local/bin/py-spy /usr/local/bin/py-spy
 USER 0
 ENTRYPOINT ["/usr/local/bin/tracer"]
-CMD ["watch", "--format=json", "--metrics-addr=0.0.0.0:9464", "--health-addr=127.0.0.1:9465", "--pods-dir=/var/log/pods"]
+CMD ["watch", "--format=json", "--metrics-addr=127.0.0.1:9464", "--health-addr=127.0.0.1:9465", "--pods-dir=/var/log/pods"]

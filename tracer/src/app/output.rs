@@ -1,9 +1,9 @@
 //! The `--output` file. The tracer runs as root and the file holds stacks,
 //! paths, peers and pod names, often in a shared directory such as /tmp:
 //! it is opened without following a symlink planted at its path, only as
-//! a regular file of our own, created with mode 0600, appended to and
-//! never truncated; past `--output-max-size` it is renamed to `FILE.1` and
-//! started anew.
+//! a regular file of our own, with mode 0600 (an existing one is made so),
+//! appended to and never truncated; past `--output-max-size` it is renamed
+//! to `FILE.1` and started anew, as a file that must not exist yet.
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -19,11 +19,15 @@ pub struct OutputFile {
 }
 
 /// Opens `path` for appending: no symlink, no FIFO or device, no file of
-/// another user or with other names (hard links).
-fn open_append(path: &Path) -> Result<File> {
+/// another user or with other names (hard links); a file that was there
+/// keeps no access for others (mode 0600, as a new one gets). `fresh`: the
+/// file must not exist yet (after a rotation moved it away, a file at the
+/// path is someone else's).
+fn open_append(path: &Path, fresh: bool) -> Result<File> {
     let file = std::fs::OpenOptions::new()
         .append(true)
-        .create(true)
+        .create(!fresh)
+        .create_new(fresh)
         .mode(0o600)
         // O_NONBLOCK: a FIFO planted at the path fails (ENXIO) instead of
         // blocking the open; it means nothing for a regular file.
@@ -54,12 +58,17 @@ fn open_append(path: &Path) -> Result<File> {
             path.display()
         );
     }
+    if m.mode() & 0o077 != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making --output {} private (0600)", path.display()))?;
+    }
     Ok(file)
 }
 
 impl OutputFile {
     pub fn open(path: &Path, max_size: u64) -> Result<OutputFile> {
-        let file = open_append(path)?;
+        let file = open_append(path, false)?;
         let size = file.metadata()?.len();
         Ok(OutputFile {
             path: path.to_path_buf(),
@@ -89,7 +98,7 @@ impl OutputFile {
         old.push(".1");
         std::fs::rename(&self.path, &old)
             .with_context(|| format!("rotating {}", self.path.display()))?;
-        self.file = open_append(&self.path)?;
+        self.file = open_append(&self.path, true)?;
         self.size = 0;
         Ok(())
     }
@@ -121,6 +130,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 20, item 14: an existing --output file kept its old mode, so
+    /// a 0644 file left others reading stacks, peers and pod names.
+    #[test]
+    fn an_existing_output_file_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("mode");
+        let p = d.join("out.jsonl");
+        std::fs::write(&p, "old\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut f = OutputFile::open(&p, 1 << 20).unwrap();
+        f.write_line("new").unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "old\nnew\n");
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("tracer-out-{tag}-{}", std::process::id()));
