@@ -33,6 +33,12 @@ const PREFIXES: [(&str, &str); 5] = [
 
 /// Container id, runtime and pod uid from the text of /proc/PID/cgroup, for
 /// cgroup v1 and v2 and the systemd and cgroupfs drivers.
+///
+/// Read from the root down: a container may create cgroups below its own
+/// (cgroup v2 delegation), so anything under the first container id is its
+/// own doing. Under a pod's cgroup the container is the first id below it;
+/// a second pod segment makes the pod unknown (a process claiming another
+/// pod's uid), and the container stays the first one found.
 pub fn parse_cgroup(text: &str) -> Option<Container> {
     for line in text.lines() {
         // hierarchy-id:controllers:path
@@ -40,36 +46,63 @@ pub fn parse_cgroup(text: &str) -> Option<Container> {
             continue;
         };
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        for (i, seg) in segs.iter().enumerate().rev() {
-            let name = seg.strip_suffix(".scope").unwrap_or(seg);
-            if name.contains("conmon") {
-                continue; // CRI-O's monitor process, not the container
-            }
-            let (id, runtime) = match PREFIXES.iter().find(|(p, _)| name.starts_with(p)) {
-                Some((p, rt)) => (&name[p.len()..], Some(*rt)),
-                None => (name, None),
-            };
-            if !is_id(id) {
-                continue;
-            }
-            let ancestors = &segs[..i];
-            let runtime = runtime.or_else(|| {
-                ancestors.iter().find_map(|a| match *a {
-                    "docker" => Some("docker"),
-                    "machine.slice" => Some("podman"),
-                    _ => None,
-                })
-            });
-            let pod_uid = ancestors.iter().rev().find_map(|a| pod_uid(a));
-            return Some(Container {
-                id: id.to_string(),
-                runtime,
-                pod_uid,
-                ..Default::default()
-            });
-        }
+        let pods: Vec<usize> = (0..segs.len())
+            .filter(|&i| pod_uid(segs[i]).is_some())
+            .collect();
+        let below = pods.first().map_or(0, |&p| p + 1);
+        let found = segs
+            .iter()
+            .enumerate()
+            .skip(below)
+            .find_map(|(i, seg)| container_id(seg).map(|c| (i, c)));
+        // Outside Kubernetes no pod name is claimed: the deepest id is the
+        // container (as nested runtimes name it).
+        let found = match (found, pods.is_empty()) {
+            (Some(f), false) => Some(f),
+            (_, true) => segs
+                .iter()
+                .enumerate()
+                .rev()
+                .find_map(|(i, seg)| container_id(seg).map(|c| (i, c))),
+            (None, false) => None,
+        };
+        let Some((i, (id, runtime))) = found else {
+            continue;
+        };
+        let ancestors = &segs[..i];
+        let runtime = runtime.or_else(|| {
+            ancestors.iter().find_map(|a| match *a {
+                "docker" => Some("docker"),
+                "machine.slice" => Some("podman"),
+                _ => None,
+            })
+        });
+        let pod_uid = match pods.as_slice() {
+            [one] => pod_uid(segs[*one]),
+            _ => None,
+        };
+        return Some(Container {
+            id: id.to_string(),
+            runtime,
+            pod_uid,
+            ..Default::default()
+        });
     }
     None
+}
+
+/// A container's id (and its runtime, when the name says) from one cgroup
+/// directory name.
+fn container_id(seg: &str) -> Option<(&str, Option<&'static str>)> {
+    let name = seg.strip_suffix(".scope").unwrap_or(seg);
+    if name.contains("conmon") {
+        return None; // CRI-O's monitor process, not the container
+    }
+    let (id, runtime) = match PREFIXES.iter().find(|(p, _)| name.starts_with(p)) {
+        Some((p, rt)) => (&name[p.len()..], Some(*rt)),
+        None => (name, None),
+    };
+    is_id(id).then_some((id, runtime))
 }
 
 /// `pod<uid>` (cgroupfs) or `kubepods-burstable-pod<uid_with_underscores>.slice`.
@@ -269,6 +302,24 @@ mod tests {
             (c.id.as_str(), c.runtime, c.pod_uid),
             (ID, Some("docker"), None)
         );
+    }
+
+    /// Issue 20, item 14: a container that creates cgroups below its own
+    /// could claim another pod: the deepest id and the nearest pod above it
+    /// were taken.
+    #[test]
+    fn cgroups_a_container_made_below_its_own_claim_nothing() {
+        const FAKE: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+        let a = "0d2c3b5e-1f2a-4b6c-8d9e-0a1b2c3d4e5f";
+        let b = "99999999-8888-7777-6666-555555555555";
+        let t = format!("0::/kubepods/besteffort/pod{a}/{ID}/pod{b}/{FAKE}\n");
+        let c = parse_cgroup(&t).unwrap();
+        assert_eq!(c.id, ID, "the first container below the pod");
+        assert_eq!(c.pod_uid, None, "two pod segments: which pod is unknown");
+        // One pod segment, fake ids below the container: the real one.
+        let t = format!("0::/kubepods/besteffort/pod{a}/{ID}/{FAKE}\n");
+        let c = parse_cgroup(&t).unwrap();
+        assert_eq!((c.id.as_str(), c.pod_uid.as_deref()), (ID, Some(a)));
     }
 
     #[test]
