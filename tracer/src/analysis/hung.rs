@@ -158,6 +158,12 @@ impl Correlator {
             threshold_ms,
             stall,
             blocked_threads: enr.blocked_threads(pid),
+            worker_timeout: p.killed_by_timeout,
+            timeout_stall: p
+                .timeout_stall
+                .clone()
+                .filter(|_| p.killed_by_timeout)
+                .map(Box::new),
             container: p.container.clone(),
             inode: s.inode,
         };
@@ -273,6 +279,8 @@ mod tests {
                 threshold_ms: 2000,
                 stall: None,
                 blocked_threads: vec![],
+                worker_timeout: false,
+                timeout_stall: None,
                 container: None,
                 inode: 1,
             },

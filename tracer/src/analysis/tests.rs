@@ -1091,3 +1091,45 @@ fn requests_lost_with_a_killed_worker_are_told_with_its_death() {
     assert!(text.contains("dropped 1 request"), "{text}");
     assert!(!text.contains("lost with it"), "{text}");
 }
+
+/// A request found hung just after Gunicorn's WORKER TIMEOUT signal (its
+/// stall already ended by the SIGABRT) said "no thread was seen blocked on
+/// an fd (a greenlet or a lock?)": the worker is being killed, and the
+/// stall the timeout was blamed on is named.
+#[test]
+fn a_request_hung_in_a_worker_being_killed_names_the_kill() {
+    let hung_text = |abrt: bool| {
+        let mut c = setup();
+        c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
+        c.set_request_threshold(1000 * MS);
+        c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
+        if abrt {
+            let sig = KernelEvent::Signal {
+                ts_ns: 1900 * MS,
+                target: W,
+                sender: MASTER,
+                sender_comm: "gunicorn".into(),
+                sig: 6,
+            };
+            c.on_kernel(sig, &mut FakeProc);
+        }
+        let out = c.on_sockets(
+            &[fixtures::unanswered(101_001, 1500)],
+            &[],
+            2000 * MS,
+            &mut FakeProc,
+        );
+        let hung = out
+            .iter()
+            .find(|o| matches!(o, Output::HungRequest { .. }))
+            .expect("a hung request");
+        crate::present::text_line(hung, &crate::present::Clock::now())
+    };
+    let killed = hung_text(true);
+    assert!(
+        killed.contains("being killed by Gunicorn's WORKER TIMEOUT") && killed.contains("read()"),
+        "{killed}"
+    );
+    let alive = hung_text(false);
+    assert!(!alive.contains("WORKER TIMEOUT"), "{alive}");
+}

@@ -594,6 +594,11 @@ pub struct HungRequest {
     pub stall: Option<StallReport>,
     /// The worker's threads blocked on an fd, from /proc.
     pub blocked_threads: Vec<BlockedThread>,
+    /// The worker's master had already sent it Gunicorn's WORKER TIMEOUT
+    /// signal: the worker is being killed, with the stall the timeout was
+    /// blamed on (null when none was seen).
+    pub worker_timeout: bool,
+    pub timeout_stall: Option<Box<StallReport>>,
     pub container: Option<Container>,
     #[serde(skip)]
     pub inode: u64,

@@ -60,6 +60,16 @@ fn secs(ms: u64) -> String {
 /// threads blocked on an fd ("thread 12 [gunicorn] blocked in read() on fd
 /// 11 (pipe:[1234])"), else nothing seen.
 fn holders(h: &crate::model::HungRequest) -> String {
+    if h.worker_timeout {
+        return match &h.timeout_stall {
+            Some(s) => format!(
+                "its worker is being killed by Gunicorn's WORKER TIMEOUT, blamed on {}{}",
+                which_thread(s),
+                describe_stall(s, "blocking")
+            ),
+            None => "its worker is being killed by Gunicorn's WORKER TIMEOUT (no stall of its loop thread was seen)".into(),
+        };
+    }
     if let Some(s) = &h.stall {
         return format!(
             "the worker is stalled {} in {}",
