@@ -4,6 +4,7 @@
 //! the kernel; `finish` prints the summary.
 pub mod cli;
 pub mod logging;
+mod loop_search;
 pub mod metrics_server;
 pub mod output;
 mod session;
@@ -181,6 +182,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         last_heartbeats: Instant::now(),
         last_loop_search: Instant::now(),
         loop_search_every: args.loop_search_every,
+        loop_search: Default::default(),
         listeners: Default::default(),
         py_stack: args.wants_py_stack().then(|| args.py_spy.clone()),
         pending: Default::default(),

@@ -177,6 +177,8 @@ pub struct Session {
     pub last_loop_search: Instant,
     /// --loop-search-every (hidden; 1 s).
     pub loop_search_every: Duration,
+    /// Which workers without a known loop are searched each round.
+    pub loop_search: super::loop_search::LoopSearch,
     /// Listening fds of each watched process with any: a master's are its
     /// workers' (inherited at the fork).
     pub listeners: HashMap<u32, Vec<i32>>,
@@ -511,7 +513,8 @@ impl Session {
             .iter()
             .filter_map(|n| syscalls::number(n))
             .collect();
-        for pid in self.corr.workers_without_loop() {
+        let due = self.loop_search.due(&self.corr.workers_without_loop());
+        for pid in due {
             let master = self.probes.master_of(pid).unwrap_or(pid);
             let Some(listeners) = self.listeners.get(&master).or(self.listeners.get(&pid)) else {
                 continue;

@@ -15,6 +15,16 @@ const MAX_FDS: usize = 64;
 const MAX_NFDS: u64 = 1024;
 /// Fds of a worker looked at for its loop's epoll fd.
 const FD_SCAN: usize = 1024;
+/// Epoll fds of a worker whose interest lists are read, per search.
+const MAX_EPOLLS: usize = 4;
+/// Bytes of an epoll's fdinfo read (about 200 registered fds; the first 64
+/// are all that is parsed).
+const FDINFO_CAP: u64 = 16 * 1024;
+/// A worker whose fd table is larger than this is not searched: the kernel
+/// renders an epoll's whole interest list (78 bytes an fd) into memory
+/// charged to the reader before it returns a byte, so 1M registered fds
+/// would cost the tracer about 78 MB per read, whatever it reads of it.
+pub const MAX_FD_TABLE: u64 = 65_536;
 
 /// How a multiplexer names the fds it waits on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +48,36 @@ pub fn parse_epoll_fdinfo(text: &str) -> Vec<i32> {
 }
 
 pub fn epoll_targets(pid: u32, epfd: i32) -> Vec<i32> {
+    use std::io::Read;
     let path = format!("/proc/{pid}/fdinfo/{epfd}");
-    fs::read_to_string(path)
-        .map(|t| parse_epoll_fdinfo(&t))
-        .unwrap_or_default()
+    let mut buf = Vec::new();
+    let read = fs::File::open(path).and_then(|f| f.take(FDINFO_CAP).read_to_end(&mut buf));
+    if read.is_err() {
+        return Vec::new();
+    }
+    // A cut last line is dropped with the rest past the cap.
+    let text = String::from_utf8_lossy(&buf);
+    let whole = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    parse_epoll_fdinfo(whole)
+}
+
+/// The size of a process's fd table (`FDSize` in its status file): an
+/// upper bound of the fds it has open.
+pub fn fd_table_size(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_fd_table_size(&status)
+}
+
+fn parse_fd_table_size(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `len` bytes at `addr` in `pid`'s memory.
@@ -151,12 +187,16 @@ fn epoll_fds(pid: u32) -> Vec<i32> {
 /// interest list holds one (gevent, gthread, asyncio); else the select its
 /// main thread sleeps in over all of them (the sync worker), when it is
 /// asleep there now. `select_nrs` are select's syscall numbers here.
+///
+/// A worker with an fd table past `MAX_FD_TABLE` is not searched (see
+/// there), and at most `MAX_EPOLLS` interest lists are read per search.
 pub fn find_loop(pid: u32, listeners: &[i32], select_nrs: &[i64]) -> Option<LoopWait> {
-    if listeners.is_empty() {
+    if listeners.is_empty() || fd_table_size(pid).is_none_or(|n| n > MAX_FD_TABLE) {
         return None;
     }
     let epoll = epoll_fds(pid)
         .into_iter()
+        .take(MAX_EPOLLS)
         .find(|&ep| epoll_targets(pid, ep).iter().any(|t| listeners.contains(t)));
     if let Some(epfd) = epoll {
         return Some(LoopWait::Epoll { epfd });
@@ -190,6 +230,45 @@ mod tests {
         let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\ntfd:        5 events:       19 data:                5  pos:0 ino:7b3 sdev:8\ntfd:        9 events:       19 data:                9  pos:0 ino:7c1 sdev:8\n";
         assert_eq!(parse_epoll_fdinfo(text), vec![5, 9]);
         assert!(parse_epoll_fdinfo("pos:\t0\n").is_empty());
+    }
+
+    #[test]
+    fn fd_table_size_from_status() {
+        let status = "Name:\tgunicorn\nFDSize:\t1048576\nGroups:\t\n";
+        assert_eq!(parse_fd_table_size(status), Some(1_048_576));
+        assert_eq!(parse_fd_table_size("Name:\tx\n"), None);
+        assert!(fd_table_size(std::process::id()).unwrap() >= 64);
+    }
+
+    /// Issue 20, item 2: an epoll's fdinfo was read whole, at a size the
+    /// target sets. Only its first `FDINFO_CAP` bytes are read now, and a
+    /// worker with a huge fd table is not searched at all.
+    #[test]
+    fn a_big_interest_list_is_read_only_up_to_the_cap() {
+        // SAFETY: plain syscalls on fds this test creates and closes.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(ep >= 0);
+        let mut fds = Vec::new();
+        for _ in 0..1000 {
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: fd as u64,
+            };
+            assert_eq!(
+                unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) },
+                0
+            );
+            fds.push(fd);
+        }
+        let got = epoll_targets(std::process::id(), ep);
+        assert_eq!(got.len(), MAX_FDS, "the first {MAX_FDS} only");
+        assert!(got.iter().all(|fd| fds.contains(fd)), "{got:?}");
+        for fd in fds {
+            unsafe { libc::close(fd) };
+        }
+        unsafe { libc::close(ep) };
     }
 
     #[test]
