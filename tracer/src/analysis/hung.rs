@@ -12,6 +12,10 @@ use super::correlator::Correlator;
 use crate::model::{HungOutcome, HungRequest, Output, Role, SockSnapshot, TcpState};
 
 const MS: u64 = 1_000_000;
+/// Threads named in a hung request, at most (the rest are counted).
+const MAX_THREADS_LISTED: usize = 32;
+/// New hung requests whose owner is looked up per socket scan, at most.
+const MAX_LOOKUPS_PER_SCAN: usize = 8;
 
 /// A hung request that was reported and has not ended.
 #[derive(Debug, Clone)]
@@ -77,10 +81,15 @@ impl Correlator {
         let unanswered = socks
             .iter()
             .filter(|s| s.inode != 0 && s.unanswered_for(threshold_ms));
-        for s in unanswered {
-            if self.hung.active.contains_key(&s.inode) || self.hung.unowned.contains(&s.inode) {
-                continue;
-            }
+        // Each lookup walks fd tables the workers size: a few per scan, the
+        // rest at the next (they stay unanswered meanwhile).
+        let new = unanswered
+            .filter(|s| {
+                !self.hung.active.contains_key(&s.inode) && !self.hung.unowned.contains(&s.inode)
+            })
+            .take(MAX_LOOKUPS_PER_SCAN)
+            .collect::<Vec<_>>();
+        for s in new {
             match self.new_hung(s, now_ns, enr) {
                 Some(o) => out.push(o),
                 None => {
@@ -143,6 +152,9 @@ impl Correlator {
         let (pid, fd) = enr.socket_owner(s.inode, &workers)?;
         let stall = self.current_stall(pid, now_ns);
         let threshold_ms = self.request_threshold_ms();
+        let mut listed = enr.blocked_threads(pid);
+        let omitted = listed.len().saturating_sub(MAX_THREADS_LISTED) as u64;
+        listed.truncate(MAX_THREADS_LISTED);
         let p = self.procs.get_mut(&pid)?;
         let report = HungRequest {
             pid,
@@ -157,7 +169,8 @@ impl Correlator {
             unread_bytes: s.unread_bytes,
             threshold_ms,
             stall,
-            blocked_threads: enr.blocked_threads(pid),
+            blocked_threads: listed,
+            blocked_threads_omitted: omitted,
             worker_timeout: p.killed_by_timeout,
             timeout_stall: p
                 .timeout_stall
@@ -279,6 +292,7 @@ mod tests {
                 threshold_ms: 2000,
                 stall: None,
                 blocked_threads: vec![],
+                blocked_threads_omitted: 0,
                 worker_timeout: false,
                 timeout_stall: None,
                 container: None,

@@ -1133,3 +1133,55 @@ fn a_request_hung_in_a_worker_being_killed_names_the_kill() {
     let alive = hung_text(false);
     assert!(!alive.contains("WORKER TIMEOUT"), "{alive}");
 }
+
+/// Issue 20, item 5: a hung request listed every blocked thread of its
+/// worker, and each new unanswered socket was looked up at once.
+#[test]
+fn hung_requests_list_32_threads_and_look_up_8_sockets_a_scan() {
+    struct ManyThreads;
+    impl Enricher for ManyThreads {
+        fn fd_info(&mut self, pid: u32, _fd: i32) -> FdInfo {
+            fixtures::self_pipe(pid)
+        }
+        fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
+            Some(100)
+        }
+        fn comm(&mut self, _pid: u32) -> String {
+            "gunicorn".into()
+        }
+        fn container(&mut self, _pid: u32) -> Option<Container> {
+            None
+        }
+        fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
+            fixtures::owner_by_inode(inode, pids)
+        }
+        fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
+            (0..40)
+                .flat_map(|i| fixtures::pipe_reader(pid + i))
+                .collect()
+        }
+    }
+    let mut c = setup();
+    c.set_request_threshold(1000 * MS);
+    let socks: Vec<_> = (0..20)
+        .map(|i| fixtures::unanswered(101_000 + i, 1500))
+        .collect();
+    let out = c.on_sockets(&socks, &[], 2000 * MS, &mut ManyThreads);
+    let hung: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::HungRequest { hung, .. } => Some(hung),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hung.len(), 8, "8 looked up this scan");
+    assert_eq!(hung[0].blocked_threads.len(), 32);
+    assert_eq!(hung[0].blocked_threads_omitted, 8);
+    let line = crate::present::text_line(&out[0], &crate::present::Clock::now());
+    assert!(line.contains("and 8 more"), "{line}");
+    // The rest at the next scans.
+    let out = c.on_sockets(&socks, &[], 2500 * MS, &mut ManyThreads);
+    assert_eq!(out.len(), 8);
+    let out = c.on_sockets(&socks, &[], 3000 * MS, &mut ManyThreads);
+    assert_eq!(out.len(), 4);
+}

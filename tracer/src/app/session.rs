@@ -117,9 +117,12 @@ impl Enricher for ProcEnricher {
         .ok()
         .flatten()
     }
+    /// Of the first `MAX_THREADS_EXAMINED` threads: a process sizes its
+    /// thread count, and each costs a read of /proc.
     fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
         proc::threads(pid)
             .into_iter()
+            .take(MAX_THREADS_EXAMINED)
             .filter_map(|tid| {
                 let (nr, args) = threads::thread_syscall(pid, tid)?;
                 let name = syscalls::name(nr).into_owned();
@@ -152,6 +155,8 @@ fn with_stack(o: Output, r: Result<String, String>) -> Output {
     Output::Stall { ts_ns, report }
 }
 
+/// Threads of a process whose syscall is read for a hung request, at most.
+const MAX_THREADS_EXAMINED: usize = 1024;
 /// How long an EXIT event is held: the kernel closes the process's sockets
 /// within microseconds of it; this leaves room for a busy machine.
 const EXIT_HOLD_NS: u64 = 20_000_000;

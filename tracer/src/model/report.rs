@@ -592,8 +592,10 @@ pub struct HungRequest {
     pub threshold_ms: u64,
     /// The worker's stall in progress, when one was reported.
     pub stall: Option<StallReport>,
-    /// The worker's threads blocked on an fd, from /proc.
+    /// The worker's threads blocked on an fd, from /proc (32 at most).
     pub blocked_threads: Vec<BlockedThread>,
+    /// Blocked threads found beyond those listed.
+    pub blocked_threads_omitted: u64,
     /// The worker's master had already sent it Gunicorn's WORKER TIMEOUT
     /// signal: the worker is being killed, with the stall the timeout was
     /// blamed on (null when none was seen).

@@ -95,7 +95,11 @@ fn holders(h: &crate::model::HungRequest) -> String {
             )
         })
         .collect();
-    threads.join(", ")
+    let more = match h.blocked_threads_omitted {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    threads.join(", ") + &more
 }
 
 /// "pipe:[1234]", "socket:[99] to 10.0.3.7:5432"
