@@ -14,8 +14,14 @@ use tracer_common::{ConnEnd, Event, KeepaliveRace, kind, wake};
 
 use crate::model::{KernelEvent, RaceReset, Role, Wake};
 
-/// Batches of events queued for the session, at most.
-const QUEUE: usize = 4096;
+/// Events in one batch, at most.
+const MAX_BATCH: usize = 1024;
+/// Batches queued for the session, at most: while the session is slow, the
+/// intake thread waits, the ring buffer fills and the kernel drops events
+/// and counts them (`events_lost`), instead of the tracer's memory growing
+/// (64 x 1,024 events is a few megabytes; 4,096 batches of any size was
+/// up to gigabytes).
+const QUEUE: usize = 64;
 
 /// The intake thread: stop it with [`Intake::stop`], which drains what is
 /// left in the ring buffer first.
@@ -62,12 +68,13 @@ fn run(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<KernelEvent>>, stop: Arc
     let fd = ring.as_raw_fd();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            batch.extend(decode(&item));
-        }
-        if !batch.is_empty() && tx.blocking_send(batch).is_err() {
-            return;
+        let mut more = true;
+        while more {
+            let mut batch = Vec::new();
+            more = fill(&mut batch, || ring.next().map(|item| decode(&item)));
+            if !batch.is_empty() && tx.blocking_send(batch).is_err() {
+                return;
+            }
         }
         if stopping || tx.is_closed() {
             return;
@@ -80,6 +87,21 @@ fn run(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<KernelEvent>>, stop: Arc
         // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
         unsafe { libc::poll(&mut pfd, 1, 100) };
     }
+}
+
+/// Fills `batch` from `next` (None: the ring is empty) up to `MAX_BATCH`
+/// events; true when it stopped full, with more perhaps waiting.
+fn fill(
+    batch: &mut Vec<KernelEvent>,
+    mut next: impl FnMut() -> Option<Option<KernelEvent>>,
+) -> bool {
+    while batch.len() < MAX_BATCH {
+        match next() {
+            Some(ev) => batch.extend(ev),
+            None => return false,
+        }
+    }
+    true
 }
 
 /// Decodes one ring buffer record. Returns None for a record of the wrong
@@ -193,6 +215,37 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 20, item 9: the queue was bounded in batches of any size (up
+    /// to about 2.8 GB while the session was slow).
+    #[test]
+    fn batches_are_capped_and_the_queue_is_bounded_in_events() {
+        let exit = KernelEvent::Exit {
+            ts_ns: 1,
+            pid: 7,
+            exit_code: Some(0),
+            signal: None,
+        };
+        let mut left = 5000;
+        let mut next = || {
+            (left > 0).then(|| {
+                left -= 1;
+                Some(exit.clone())
+            })
+        };
+        let mut sizes = Vec::new();
+        loop {
+            let mut batch = Vec::new();
+            let more = fill(&mut batch, &mut next);
+            sizes.push(batch.len());
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(sizes, [1024, 1024, 1024, 1024, 904]);
+        let bound = QUEUE * MAX_BATCH * std::mem::size_of::<KernelEvent>();
+        assert!(bound <= 32 << 20, "the queue holds {bound} bytes at most");
+    }
 
     fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) with no implicit padding.
