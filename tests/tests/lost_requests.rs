@@ -50,7 +50,9 @@ fn health_checks_and_client_aborts_are_counted_never_blamed_on_a_worker() {
         Duration::from_millis(200),
     );
 
-    t.wait_count("probes", probes.len(), Duration::from_secs(5), |e| {
+    // Benign closes are reported at most once a second per worker, the
+    // rest counted (issue 20, item 11): the first of each worker shows.
+    t.wait_for("a probe", Duration::from_secs(5), |e| {
         e["event"] == "early_close" && e["kind"] == "probe"
     });
     let (_, abort) = t.wait_for("the half request", Duration::from_secs(5), |e| {
@@ -64,17 +66,26 @@ fn health_checks_and_client_aborts_are_counted_never_blamed_on_a_worker() {
     assert!(get(port, "/slow?s=1").ends_with("slow\n"));
     t.collect_for(Duration::from_millis(1500));
 
-    for p in &probes {
-        let e = t
-            .of_kind("early_close")
-            .into_iter()
-            .find(|e| e["peer"] == format!("127.0.0.1:{p}"))
-            .unwrap_or_else(|| panic!("no event for probe {p}: {:#?}", t.events));
+    let reported: Vec<&Value> = t
+        .of_kind("early_close")
+        .into_iter()
+        .filter(|e| probes.iter().any(|p| e["peer"] == format!("127.0.0.1:{p}")))
+        .collect();
+    assert!(!reported.is_empty(), "{:#?}", t.events);
+    for e in &reported {
         assert_eq!(e["kind"], "probe", "{e}");
         assert_eq!(e["bytes_in"], 0, "the FIN is not a byte: {e}");
         assert_eq!(e["peer_closed_first"], true, "{e}");
         assert_eq!(e["cause"], Value::Null, "{e}");
     }
+    let told: u64 = reported
+        .iter()
+        .map(|e| 1 + e["suppressed"].as_u64().unwrap())
+        .sum();
+    assert!(
+        reported.len() < probes.len() && told <= probes.len() as u64,
+        "one line a second per worker, the rest counted: {reported:#?}"
+    );
     assert!(
         t.of_kind("early_close")
             .iter()

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::Enricher;
-use super::closes::ConnEnd;
+use super::closes::{BenignCloses, ConnEnd};
 use super::cpu::Beats;
 use super::exits::SignalSeen;
 use super::hung::HungState;
@@ -39,6 +39,8 @@ pub(super) struct Proc {
     pub exit_signal: Option<i32>,
     pub last_stall: Option<StallReport>,
     pub closes: CloseCounts,
+    /// Benign closes reported at most once a second per kind.
+    pub benign_closes: BenignCloses,
     pub last_drop: Option<EarlyClose>,
     /// The last request lost to a keep-alive race on a connection it closed.
     pub last_race: Option<EarlyClose>,

@@ -26,6 +26,7 @@ pub(super) fn race_report(r: &RaceReset, role: Role, keepalive_s: Option<f64>) -
         local_port: u16::try_from(c.local_port).ok().filter(|p| *p != 0),
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
+        suppressed: 0,
         lifetime_ms: (c.start_ns != 0 && c.start_ns <= c.closed_ns)
             .then(|| (c.closed_ns - c.start_ns) / MS),
         ended_by: ended_by(c.ended_by),

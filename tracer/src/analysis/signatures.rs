@@ -941,6 +941,7 @@ mod tests {
             } else {
                 0
             },
+            suppressed: 0,
             lifetime_ms: Some(0),
             ended_by,
             peer_closed_first: false,

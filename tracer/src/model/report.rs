@@ -346,6 +346,10 @@ pub struct EarlyClose {
     pub local_port: Option<u16>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// For the benign kinds (`idle`, `probe`, `client_abort`), at most one
+    /// a second is reported per process and kind: how many of this kind
+    /// were counted and not reported since the last one reported.
+    pub suppressed: u64,
     /// From the connect, or the connection being established, to the close;
     /// None when the tracer did not see the start (opened before it attached).
     pub lifetime_ms: Option<u64>,
