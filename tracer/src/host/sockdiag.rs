@@ -152,9 +152,23 @@ pub fn parse_diag_msg(m: &[u8]) -> Option<SockSnapshot> {
     Some(s)
 }
 
+/// Sockets kept from one dump, at most: past that the rest are read (to
+/// end the dump) and not kept.
+const MAX_SOCKS: usize = 65_536;
+
+/// The reply a dump waits for: its sequence number and the port id the
+/// kernel gave our socket. Messages that carry others (left over from an
+/// earlier dump, or sent by a process that guessed our port id) are
+/// skipped.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    seq: u32,
+    port_id: u32,
+}
+
 /// The messages of one netlink reply buffer; Err at an error message,
 /// Ok(true) once the dump is done.
-fn parse_reply(buf: &[u8], out: &mut Vec<SockSnapshot>) -> io::Result<bool> {
+fn parse_reply(buf: &[u8], want: Expect, out: &mut Vec<SockSnapshot>) -> io::Result<bool> {
     let mut at = 0;
     while at + NLMSG_HDR <= buf.len() {
         let len = u32_at(buf, at).unwrap_or(0) as usize;
@@ -162,13 +176,21 @@ fn parse_reply(buf: &[u8], out: &mut Vec<SockSnapshot>) -> io::Result<bool> {
         if len < NLMSG_HDR || at + len > buf.len() {
             break;
         }
+        let seq = u32_at(buf, at + 8).unwrap_or(0);
+        let port_id = u32_at(buf, at + 12).unwrap_or(0);
+        if seq != want.seq || port_id != want.port_id {
+            at += (len + 3) & !3;
+            continue;
+        }
         match kind {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
                 let errno = u32_at(buf, at + NLMSG_HDR).unwrap_or(0) as i32;
                 return Err(io::Error::from_raw_os_error(-errno));
             }
-            SOCK_DIAG_BY_FAMILY => out.extend(parse_diag_msg(&buf[at + NLMSG_HDR..at + len])),
+            SOCK_DIAG_BY_FAMILY if out.len() < MAX_SOCKS => {
+                out.extend(parse_diag_msg(&buf[at + NLMSG_HDR..at + len]))
+            }
             _ => {}
         }
         at += (len + 3) & !3;
@@ -240,7 +262,7 @@ impl Diag {
             for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
                 self.seq = self.seq.wrapping_add(1);
                 self.send(&request(family, chunk, self.seq))?;
-                self.receive(&mut out)?;
+                self.receive(self.seq, &mut out)?;
             }
         }
         Ok(out)
@@ -267,16 +289,59 @@ impl Diag {
         Ok(())
     }
 
-    fn receive(&self, out: &mut Vec<SockSnapshot>) -> io::Result<()> {
+    /// The port id the kernel bound this socket to (at its first send).
+    fn port_id(&self) -> io::Result<u32> {
+        // SAFETY: a zeroed sockaddr_nl is valid to fill; len is its size.
+        let mut me: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+        let r = unsafe {
+            libc::getsockname(
+                self.fd.as_raw_fd(),
+                (&mut me as *mut libc::sockaddr_nl).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(me.nl_pid)
+    }
+
+    /// Reads the reply to request `seq`: only datagrams the kernel sent
+    /// (sender port id 0), only messages for this request and socket.
+    fn receive(&self, seq: u32, out: &mut Vec<SockSnapshot>) -> io::Result<()> {
+        let want = Expect {
+            seq,
+            port_id: self.port_id()?,
+        };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: buf is valid for its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            // SAFETY: a zeroed sockaddr_nl is valid to fill.
+            let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+            // SAFETY: buf and from are valid for the lengths given.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_nl).cast(),
+                    &mut len,
+                )
+            };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if n == 0 || parse_reply(&buf[..n as usize], out)? {
+            if n == 0 {
+                return Ok(());
+            }
+            // A process on the host (or in the namespace) may send to our
+            // port id: only the kernel's replies are read.
+            if from.nl_pid != 0 {
+                continue;
+            }
+            if parse_reply(&buf[..n as usize], want, out)? {
                 return Ok(());
             }
         }
@@ -324,6 +389,96 @@ mod tests {
         assert_eq!((s.last_data_sent_ms, s.last_data_recv_ms), (9000, 3000));
         assert_eq!((s.bytes_received, s.bytes_acked, s.has_info), (80, 0, true));
         assert_eq!(s.state, TcpState::Established);
+    }
+
+    /// A netlink header: length, type, flags, seq, port id.
+    fn header(len: usize, kind: u16, seq: u32, port_id: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&port_id.to_ne_bytes());
+        m
+    }
+
+    fn diag_msg(seq: u32, port_id: u32, inode: u32) -> Vec<u8> {
+        let mut body = vec![0u8; DIAG_MSG];
+        body[0] = libc::AF_INET as u8;
+        body[1] = TCP_ESTABLISHED;
+        body[4..6].copy_from_slice(&8000u16.to_be_bytes());
+        body[68..72].copy_from_slice(&inode.to_ne_bytes());
+        let mut m = header(NLMSG_HDR + body.len(), SOCK_DIAG_BY_FAMILY, seq, port_id);
+        m.extend_from_slice(&body);
+        m
+    }
+
+    /// Issue 20, item 6: a reply's messages were taken whatever their
+    /// sequence number and port id.
+    #[test]
+    fn only_messages_of_this_request_and_socket_are_read() {
+        let want = Expect {
+            seq: 7,
+            port_id: 4242,
+        };
+        let mut buf = diag_msg(6, 4242, 1); // an earlier dump's
+        buf.extend(diag_msg(7, 999, 2)); // another socket's
+        buf.extend(diag_msg(7, 4242, 3)); // ours
+        buf.extend(header(NLMSG_HDR, NLMSG_DONE, 6, 4242)); // not our end
+        let mut out = Vec::new();
+        assert!(!parse_reply(&buf, want, &mut out).unwrap());
+        assert_eq!(out.iter().map(|s| s.inode).collect::<Vec<_>>(), [3]);
+        let done = header(NLMSG_HDR, NLMSG_DONE, 7, 4242);
+        assert!(parse_reply(&done, want, &mut out).unwrap());
+    }
+
+    /// Issue 20, item 6: another process that sends our socket a forged
+    /// reply (right sequence number and port id) is not believed: only the
+    /// kernel's datagrams are read.
+    #[test]
+    fn a_forged_reply_from_another_socket_is_dropped() {
+        let mut d = Diag::open().expect("NETLINK_SOCK_DIAG");
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        // A first dump binds the socket's port id.
+        d.dump(&BTreeSet::from([port])).unwrap();
+        let me = d.port_id().unwrap();
+        // SAFETY: plain socket(2) and sendto(2) on a socket this test owns.
+        let forger = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        assert!(forger >= 0);
+        let next = d.seq.wrapping_add(1);
+        let mut forged = diag_msg(next, me, 777);
+        forged.extend(header(NLMSG_HDR, NLMSG_DONE, next, me));
+        // SAFETY: a zeroed sockaddr_nl addressed to our port id.
+        let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        to.nl_family = libc::AF_NETLINK as u16;
+        to.nl_pid = me;
+        let sent = unsafe {
+            libc::sendto(
+                forger,
+                forged.as_ptr().cast(),
+                forged.len(),
+                0,
+                (&to as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        let found = d.dump(&BTreeSet::from([port])).unwrap();
+        unsafe { libc::close(forger) };
+        if sent < 0 {
+            eprintln!("skipped: this kernel refused the forged datagram");
+            return;
+        }
+        assert!(
+            found.iter().all(|s| s.inode != 777),
+            "the forged socket was believed: {found:?}"
+        );
     }
 
     #[test]
