@@ -44,11 +44,19 @@ use crate::model::{BlockedThread, Container, FdInfo, MemoryCgroup, ThreadCpu, Th
 /// open, and a worker's heartbeat a few times a second. The defaults say
 /// "not known", for fakes that do not need them.
 pub trait Enricher {
-    fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo;
-    fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64>;
-    fn comm(&mut self, pid: u32) -> String;
+    fn fd_info(&mut self, _pid: u32, _fd: i32) -> FdInfo {
+        FdInfo::unknown()
+    }
+    fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
+        None
+    }
+    fn comm(&mut self, _pid: u32) -> String {
+        String::new()
+    }
     /// The container and pod of a process, if it runs in one.
-    fn container(&mut self, pid: u32) -> Option<Container>;
+    fn container(&mut self, _pid: u32) -> Option<Container> {
+        None
+    }
     /// The memory cgroup whose limit applies to a process, with its usage
     /// (read when the OOM killer chose it).
     fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {

@@ -1140,18 +1140,6 @@ fn a_request_hung_in_a_worker_being_killed_names_the_kill() {
 fn hung_requests_list_32_threads_and_look_up_8_sockets_a_scan() {
     struct ManyThreads;
     impl Enricher for ManyThreads {
-        fn fd_info(&mut self, pid: u32, _fd: i32) -> FdInfo {
-            fixtures::self_pipe(pid)
-        }
-        fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
-            Some(100)
-        }
-        fn comm(&mut self, _pid: u32) -> String {
-            "gunicorn".into()
-        }
-        fn container(&mut self, _pid: u32) -> Option<Container> {
-            None
-        }
         fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
             fixtures::owner_by_inode(inode, pids)
         }

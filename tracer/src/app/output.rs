@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn an_existing_output_file_is_made_private() {
         use std::os::unix::fs::PermissionsExt;
-        let d = dir("mode");
+        let d = dir("private");
         let p = d.join("out.jsonl");
         std::fs::write(&p, "old\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();

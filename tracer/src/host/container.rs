@@ -432,37 +432,14 @@ mod tests {
         let ino = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         assert!(ino >= 0);
         assert!(unsafe { libc::inotify_add_watch(ino, node.as_ptr(), libc::IN_OPEN) } >= 0);
-        let root = CString::new(d.to_str().unwrap()).unwrap();
-        // SAFETY: the child calls only async-signal-safe functions (chroot,
-        // pause, _exit) until it is killed.
-        let child = unsafe { libc::fork() };
-        if child == 0 {
-            unsafe {
-                if libc::chroot(root.as_ptr()) != 0 {
-                    libc::_exit(1);
-                }
-                loop {
-                    libc::pause();
-                }
-            }
-        }
-        assert!(child > 0);
-        let t = std::time::Instant::now();
-        while std::fs::read_link(format!("/proc/{child}/root")).map_or(true, |r| r != d)
-            && t.elapsed() < std::time::Duration::from_secs(2)
-        {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let ns = namespace_file(child as u32);
+        let child = super::super::chrooted::Chrooted::spawn(&d);
+        let ns = namespace_file(child.pid);
         let mut buf = [0u8; 4096];
         // SAFETY: reading our own inotify fd into a buffer we own.
         let opened = unsafe { libc::read(ino, buf.as_mut_ptr().cast(), buf.len()) } > 0;
-        // SAFETY: our own child and fd.
-        unsafe {
-            libc::kill(child, libc::SIGKILL);
-            libc::waitpid(child, std::ptr::null_mut(), 0);
-            libc::close(ino);
-        }
+        drop(child);
+        // SAFETY: our own fd.
+        unsafe { libc::close(ino) };
         let _ = std::fs::remove_dir_all(&d);
         assert_eq!(ns, None);
         assert!(!opened, "the device node was opened");

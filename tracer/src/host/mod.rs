@@ -3,6 +3,8 @@
 //! Everything read here is written by a process that may be hostile.
 //! Depends on `model` only.
 pub mod bounded;
+#[cfg(test)]
+pub(crate) mod chrooted;
 pub mod container;
 pub mod gunicorn;
 pub mod gunicorn_conf;

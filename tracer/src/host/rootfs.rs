@@ -260,40 +260,14 @@ mod tests {
         std::os::unix::fs::symlink("/etc/hostname", d.join("abs.py")).unwrap();
         std::os::unix::fs::symlink("../../../../../etc/hostname", d.join("rel.py")).unwrap();
         std::os::unix::fs::symlink("/inside.py", d.join("ok.py")).unwrap();
-        let dir = CString::new(d.to_str().unwrap()).unwrap();
-        // SAFETY: the child calls only async-signal-safe functions (chroot,
-        // pause, _exit) before it is killed.
-        let child = unsafe { libc::fork() };
-        if child == 0 {
-            unsafe {
-                if libc::chroot(dir.as_ptr()) != 0 {
-                    libc::_exit(1);
-                }
-                loop {
-                    libc::pause();
-                }
-            }
-        }
-        assert!(child > 0);
-        let pid = child as u32;
-        // Wait for the chroot to show.
-        let root = format!("/proc/{pid}/root");
-        let t = std::time::Instant::now();
-        while std::fs::read_link(&root).map(|r| r != d).unwrap_or(true)
-            && t.elapsed() < Duration::from_secs(2)
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let child = super::super::chrooted::Chrooted::spawn(&d);
+        let pid = child.pid;
         let inside = read_in_root(pid, "/inside.py", MAX_CONFIG).map(|f| f.bytes);
         let abs = read_in_root(pid, "/abs.py", MAX_CONFIG).map(|f| f.bytes);
         let rel = read_in_root(pid, "/rel.py", MAX_CONFIG).map(|f| f.bytes);
         let ok = read_in_root(pid, "/ok.py", MAX_CONFIG).map(|f| f.bytes);
         let dotdot = read_in_root(pid, "/../../etc/hostname", MAX_CONFIG).map(|f| f.bytes);
-        // SAFETY: our own child.
-        unsafe {
-            libc::kill(child, libc::SIGKILL);
-            libc::waitpid(child, std::ptr::null_mut(), 0);
-        }
+        drop(child);
         let _ = std::fs::remove_dir_all(&d);
         assert_eq!(inside.unwrap(), b"timeout = 1\n");
         assert_eq!(ok.unwrap(), b"timeout = 1\n", "a symlink inside the root");

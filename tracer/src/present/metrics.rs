@@ -363,35 +363,22 @@ mod tests {
 
     fn worker(pid: u32, state: WorkerState) -> WorkerSummary {
         WorkerSummary {
-            pid,
-            master_pid: 1,
-            role: Role::Worker,
             app: Some("app:app".into()),
             state,
             stalls: 2,
             timeouts: 1,
-            exit_code: None,
-            exit_signal: None,
-            exit: None,
-            stall: None,
-            timeout_stall: None,
             early_closes: CloseCounts {
                 dropped_request: 3,
                 idle: 4,
                 ..Default::default()
             },
-            last_early_close: None,
-            last_keepalive_race: None,
-            hung_requests: 0,
-            hung_request: None,
-            hanging_now: 0,
-            loop_found: None,
             container: Some(Container {
                 id: "abc".into(),
                 pod: Some("web-1".into()),
                 namespace: Some("shop".into()),
                 ..Default::default()
             }),
+            ..WorkerSummary::quiet(pid)
         }
     }
 
