@@ -150,6 +150,25 @@ fn read_histograms(rows: &[(WorkerLabels, ReadHist)]) -> String {
     out
 }
 
+/// Live workers with per-worker series, at most: each adds about 20
+/// series, and a node of fake workers (8,000 made the text 70-90 MB,
+/// rendered every second) must not make /metrics the tracer's cost.
+const MAX_WORKER_SERIES: usize = 1000;
+
+/// The live workers given per-worker series (those with something to show
+/// first, then by pid), and how many were left out.
+fn listed_workers(summary: &Summary) -> (Vec<&WorkerSummary>, usize) {
+    let mut live: Vec<&WorkerSummary> = summary
+        .workers
+        .iter()
+        .filter(|w| w.role != Role::Master && w.state.is_alive())
+        .collect();
+    live.sort_by_key(|w| (w.state == WorkerState::Healthy && w.stalls == 0, w.pid));
+    let unlisted = live.len().saturating_sub(MAX_WORKER_SERIES);
+    live.truncate(MAX_WORKER_SERIES);
+    (live, unlisted)
+}
+
 /// Renders the metrics text. `heartbeat_ms` reads a live worker's
 /// heartbeat age and `read_hist` its kernel read histogram (from /proc and
 /// the BPF map in production, stubs in tests).
@@ -211,11 +230,8 @@ pub fn render(
         durations.0.clone(),
     );
     let mut hist_rows = Vec::new();
-    for w in summary
-        .workers
-        .iter()
-        .filter(|w| w.role != Role::Master && w.state.is_alive())
-    {
+    let (listed, unlisted) = listed_workers(summary);
+    for w in listed {
         let l = labels(w);
         if let Some(h) = read_hist(w.pid) {
             hist_rows.push((l.clone(), h));
@@ -243,6 +259,13 @@ pub fn render(
             closes.get_or_create(&kl).inc_by(n as u64);
         }
     }
+    let unlisted_gauge = Gauge::<i64>::default();
+    unlisted_gauge.set(unlisted as i64);
+    reg.register(
+        "workers_unlisted",
+        "Live workers given no per-worker series: past the cap of 1000, those without a finding are left out (the summary still has them)",
+        unlisted_gauge,
+    );
     let received = Counter::<u64>::default();
     received.inc_by(me.events_received);
     let counter = |n: u64| {
@@ -564,5 +587,39 @@ mod tests {
         assert!(t.contains(r#"worker_pid="7""#));
         assert!(!t.contains(r#"worker_pid="8""#), "{t}");
         assert!(!t.contains(r#"worker_pid="9""#), "{t}");
+    }
+
+    /// Issue 20, item 10: every watched worker got its series, so 8,000
+    /// fake workers made a 70-90 MB text rendered every second.
+    #[test]
+    fn per_worker_series_are_capped_findings_first_and_the_rest_counted() {
+        let mut workers: Vec<WorkerSummary> = (0..1500)
+            .map(|pid| worker(10_000 + pid, WorkerState::Healthy))
+            .map(|w| WorkerSummary { stalls: 0, ..w })
+            .collect();
+        workers.push(WorkerSummary {
+            stalls: 1,
+            ..worker(99_999, WorkerState::Stalled)
+        });
+        let t = render(
+            &summary(workers),
+            &mut |_| None,
+            &mut |_| None,
+            &StallDurations::default(),
+            &SelfStats::default(),
+        );
+        let listed = t
+            .lines()
+            .filter(|l| l.starts_with("gunicorn_tracer_worker_stalled{"))
+            .count();
+        assert_eq!(listed, MAX_WORKER_SERIES);
+        assert!(
+            t.contains("gunicorn_tracer_workers_unlisted 501"),
+            "counted"
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_worker_stalled{master_pid="1",worker_pid="99999""#),
+            "the stalled worker is listed"
+        );
     }
 }
