@@ -301,8 +301,9 @@ impl Session {
         let found = proc::listening_fds(pid);
         for (_, port) in &found {
             self.probes.add_port(*port);
-            self.sockets.add_port(*port);
         }
+        let ports: Vec<u16> = found.iter().map(|(_, port)| *port).collect();
+        self.sockets.add_ports(pid, &ports);
         if !found.is_empty() {
             self.listeners
                 .insert(pid, found.into_iter().map(|(fd, _)| fd).collect());
@@ -386,6 +387,7 @@ impl Session {
         Losses {
             over_quota: self.over_quota,
             stall_ends_unknown: self.corr.stall_ends_unknown(),
+            ports_unscanned: self.sockets.ports_unscanned,
             ..self.probes.losses()
         }
     }

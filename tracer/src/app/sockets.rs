@@ -8,10 +8,19 @@ use std::time::{Duration, Instant};
 use crate::host::sockdiag::Diag;
 use crate::model::SockSnapshot;
 
+/// Ports scanned per network namespace, at most: a pod chooses how many
+/// ports it listens on, and each costs the scan a filter entry.
+const MAX_PORTS_PER_NS: usize = 64;
+
 pub struct SocketWatch {
     every: Duration,
     last: Instant,
-    ports: BTreeSet<u16>,
+    /// The listening ports of each process that has some, by pid: a
+    /// namespace's scan asks for its own watched processes' ports only,
+    /// and a process's ports leave with it.
+    ports: HashMap<u32, Vec<u16>>,
+    /// Ports past `MAX_PORTS_PER_NS` of a namespace at the last scan.
+    pub ports_unscanned: u64,
     /// By namespace (`net:[4026531840]`); None once it failed.
     diags: HashMap<String, Option<Diag>>,
     own_ns: Option<String>,
@@ -32,14 +41,18 @@ impl SocketWatch {
         SocketWatch {
             every,
             last: Instant::now(),
-            ports: BTreeSet::new(),
+            ports: HashMap::new(),
+            ports_unscanned: 0,
             diags: HashMap::new(),
             own_ns: netns_of("self"),
         }
     }
 
-    pub fn add_port(&mut self, port: u16) {
-        self.ports.insert(port);
+    /// `pid` listens on `ports`.
+    pub fn add_ports(&mut self, pid: u32, ports: &[u16]) {
+        if !ports.is_empty() {
+            self.ports.insert(pid, ports.to_vec());
+        }
     }
 
     /// A socket for the namespace `ns` that `pid` is in, made once.
@@ -69,6 +82,33 @@ impl SocketWatch {
         self.last.elapsed() >= self.every && !self.ports.is_empty()
     }
 
+    /// The ports to ask about in each namespace: those its watched
+    /// processes listen on, the lowest `MAX_PORTS_PER_NS`; the rest are
+    /// counted in `ports_unscanned`.
+    fn ports_by_ns(
+        &mut self,
+        members: &HashMap<String, Vec<u32>>,
+    ) -> HashMap<String, BTreeSet<u16>> {
+        let live: std::collections::HashSet<u32> = members.values().flatten().copied().collect();
+        self.ports.retain(|pid, _| live.contains(pid));
+        self.ports_unscanned = 0;
+        let mut out = HashMap::new();
+        for (ns, pids) in members {
+            let mut set: BTreeSet<u16> = pids
+                .iter()
+                .filter_map(|p| self.ports.get(p))
+                .flatten()
+                .copied()
+                .collect();
+            if set.len() > MAX_PORTS_PER_NS {
+                self.ports_unscanned += (set.len() - MAX_PORTS_PER_NS) as u64;
+                set = set.into_iter().take(MAX_PORTS_PER_NS).collect();
+            }
+            out.insert(ns.clone(), set);
+        }
+        out
+    }
+
     /// The connections on watched ports in every network namespace of
     /// `pids`, and the pids whose namespace could not be scanned this time
     /// (a connection of theirs missing from the list says nothing).
@@ -89,9 +129,13 @@ impl SocketWatch {
         }
         // A namespace no watched process is in any more (a pod gone).
         self.diags.retain(|ns, _| namespaces.contains_key(ns));
-        let ports = self.ports.clone();
+        let mut ports = self.ports_by_ns(&members);
         let mut out = Vec::new();
         for (ns, pid) in namespaces {
+            let ports = ports.remove(&ns).unwrap_or_default();
+            if ports.is_empty() {
+                continue;
+            }
             let scanned = match self.diag_for(&ns, pid) {
                 Some(d) => match d.dump(&ports) {
                     Ok(socks) => {
@@ -110,5 +154,32 @@ impl SocketWatch {
             }
         }
         (out, unscanned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 20, item 7: one set of ports, only growing, was asked about in
+    /// every namespace. Each namespace's scan asks for its own processes'
+    /// ports now, 64 at most (the rest counted), and a process's ports
+    /// leave with it.
+    #[test]
+    fn each_namespace_is_asked_about_its_own_ports_capped() {
+        let mut w = SocketWatch::new(Duration::from_secs(30));
+        w.add_ports(10, &[8000]);
+        w.add_ports(20, &(9000..9100).collect::<Vec<u16>>());
+        w.add_ports(30, &[7000]);
+        let members = HashMap::from([
+            ("net:[1]".to_string(), vec![10]),
+            ("net:[2]".to_string(), vec![20, 21]),
+        ]);
+        let by_ns = w.ports_by_ns(&members);
+        assert_eq!(by_ns["net:[1]"], BTreeSet::from([8000]));
+        assert_eq!(by_ns["net:[2]"].len(), MAX_PORTS_PER_NS);
+        assert!(!by_ns["net:[2]"].contains(&8000));
+        assert_eq!(w.ports_unscanned, 100 - MAX_PORTS_PER_NS as u64);
+        assert!(!w.ports.contains_key(&30), "pid 30 is no longer watched");
     }
 }

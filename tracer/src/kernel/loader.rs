@@ -588,7 +588,8 @@ impl Probes {
         self.stat(stat::EVENTS_LOST)
     }
 
-    /// The kernel's loss counters (`over_quota` and `stall_ends_unknown` are user space's: zero here).
+    /// The kernel's loss counters (`over_quota`, `stall_ends_unknown` and
+    /// `ports_unscanned` are user space's: zero here).
     pub fn losses(&self) -> Losses {
         Losses {
             events_lost: self.stat(stat::EVENTS_LOST),
@@ -597,6 +598,7 @@ impl Probes {
             inflight_full: self.stat(stat::INFLIGHT_FULL) + self.seeds_refused,
             conns_unreadable: self.stat(stat::CONNS_UNREADABLE),
             stall_ends_unknown: 0,
+            ports_unscanned: 0,
             over_quota: 0,
             bpf_errors: self.bpf_errors().iter().sum(),
         }

@@ -177,6 +177,9 @@ pub struct Losses {
     /// Reported stalls whose call vanished from the kernel's in-flight map
     /// with no event saying how it ended (`stall_end` outcome `unknown`).
     pub stall_ends_unknown: u64,
+    /// Listening ports past the 64 scanned per network namespace at the
+    /// last socket scan: a request hung on one is not seen.
+    pub ports_unscanned: u64,
     /// Forks not followed because their master already had
     /// `--max-watched-per-master` processes watched.
     pub over_quota: u64,

@@ -321,6 +321,11 @@ pub fn render(
             l.stall_ends_unknown,
         ),
         (
+            "ports_unscanned",
+            "Listening ports past the 64 scanned per network namespace (a request hung on one is not seen)",
+            l.ports_unscanned,
+        ),
+        (
             "over_quota",
             "Forked processes not watched because their master had --max-watched-per-master",
             l.over_quota,
@@ -428,6 +433,7 @@ mod tests {
                 inflight_full: 7,
                 conns_unreadable: 8,
                 stall_ends_unknown: 9,
+                ports_unscanned: 2,
                 over_quota: 6,
                 bpf_errors: 0,
             },
@@ -490,7 +496,8 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("gunicorn_tracer_stall_ends_unknown_total 9"),
+            t.contains("gunicorn_tracer_stall_ends_unknown_total 9")
+                && t.contains("gunicorn_tracer_ports_unscanned_total 2"),
             "{t}"
         );
         assert!(

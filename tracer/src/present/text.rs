@@ -558,6 +558,12 @@ pub fn text_summary(s: &SummaryEvent) -> String {
             l.stall_ends_unknown
         ));
     }
+    if l.ports_unscanned > 0 {
+        out.push_str(&format!(
+            "WARNING: {} listening port(s) past the 64 scanned per network namespace; a request hung on one would not be seen\n",
+            l.ports_unscanned
+        ));
+    }
     if l.conns_untracked > 0 {
         out.push_str(&format!(
             "WARNING: {} connection start(s) could not be recorded (the connection map refused them); their lifetimes are unknown\n",

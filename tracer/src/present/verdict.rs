@@ -275,6 +275,18 @@ fn unseen(s: &Summary, l: &Losses) -> Vec<String> {
             l.bpf_errors
         ));
     }
+    if l.conns_unreadable > 0 {
+        out.push(format!(
+            "{} closed connection(s) could not be judged",
+            l.conns_unreadable
+        ));
+    }
+    if l.ports_unscanned > 0 {
+        out.push(format!(
+            "{} listening port(s) were not scanned for hung requests",
+            l.ports_unscanned
+        ));
+    }
     // Until a worker's loop is found its main thread's waits in poll,
     // select or epoll are not judged.
     let loopless: Vec<String> = s
@@ -487,5 +499,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("no worker is stalled now"), "{text}");
+    }
+
+    /// Losses added since: closes that could not be judged and ports not
+    /// scanned keep the verdict from saying healthy too.
+    #[test]
+    fn unjudged_closes_and_unscanned_ports_are_said_before_healthy() {
+        let s = summary(vec![worker(7, Some(true))]);
+        for l in [
+            Losses {
+                conns_unreadable: 2,
+                ..Default::default()
+            },
+            Losses {
+                ports_unscanned: 3,
+                ..Default::default()
+            },
+        ] {
+            let text = verdict(&s, &l).text;
+            assert!(!text.starts_with("healthy"), "{text}");
+            assert!(
+                text.contains("could not be judged") || text.contains("not scanned"),
+                "{text}"
+            );
+        }
+        assert!(verdict(&s, &Losses::default()).text.starts_with("healthy"));
     }
 }
