@@ -6,6 +6,11 @@
 //! known yet: never per syscall.
 use std::fs;
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::bounded::{Missed, Pool};
 use super::threads;
 use crate::model::LoopWait;
 
@@ -80,11 +85,38 @@ fn parse_fd_table_size(status: &str) -> Option<u64> {
         .ok()
 }
 
-/// `len` bytes at `addr` in `pid`'s memory.
+/// Reads of target memory run here, apart from the /proc helpers: a page
+/// the target backs with FUSE or userfaultfd can hold a read forever.
+static MEMORY_POOL: Pool = Pool::new(2);
+/// How long one read of target memory may take.
+const MEMORY_DEADLINE: Duration = Duration::from_millis(200);
+/// Processes one of whose memory reads never returned: never read again
+/// (a second stuck read would only take another helper).
+static QUARANTINED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn quarantined(pid: u32) -> bool {
+    QUARANTINED.lock().is_ok_and(|q| q.contains(&pid))
+}
+
+/// `len` bytes at `addr` in `pid`'s memory, read on a helper thread with a
+/// deadline; a process whose read missed it is not read again.
 fn read_memory(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
-    if addr == 0 || len == 0 {
+    if addr == 0 || len == 0 || quarantined(pid) {
         return None;
     }
+    match MEMORY_POOL.call(MEMORY_DEADLINE, move || read_memory_now(pid, addr, len)) {
+        Ok(bytes) => bytes,
+        Err(Missed::TimedOut) => {
+            if let Ok(mut q) = QUARANTINED.lock() {
+                q.insert(pid);
+            }
+            None
+        }
+        Err(Missed::Busy) => None,
+    }
+}
+
+fn read_memory_now(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let local = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -298,5 +330,96 @@ mod tests {
         let got = read_memory(std::process::id(), data.as_ptr() as u64, 8);
         assert_eq!(got.as_deref(), Some(&data[..]));
         assert_eq!(read_memory(std::process::id(), 0, 8), None);
+    }
+
+    /// Issue 20, item 12: a page the target registered with userfaultfd
+    /// (or backs with FUSE) and never fills held process_vm_readv, on the
+    /// session thread, forever. The read gives up at its deadline now, and
+    /// the process is not read again.
+    #[test]
+    fn a_page_that_never_faults_in_cannot_hold_the_tracer() {
+        #[repr(C)]
+        struct Api {
+            api: u64,
+            features: u64,
+            ioctls: u64,
+        }
+        #[repr(C)]
+        struct Register {
+            start: u64,
+            len: u64,
+            mode: u64,
+            ioctls: u64,
+        }
+        const UFFDIO_API: u64 = 0xc018_aa3f;
+        const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+        let mut p = [0i32; 2];
+        // SAFETY: a pipe into an array of two fds.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: the child makes raw syscalls only, then pauses until
+        // killed.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            unsafe {
+                let uffd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) as i32;
+                let mut api = Api {
+                    api: 0xaa,
+                    features: 0,
+                    ioctls: 0,
+                };
+                let page = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                let mut reg = Register {
+                    start: page as u64,
+                    len: 4096,
+                    mode: 1,
+                    ioctls: 0,
+                };
+                let addr: u64 = if uffd >= 0
+                    && libc::ioctl(uffd, UFFDIO_API as _, &mut api) == 0
+                    && libc::ioctl(uffd, UFFDIO_REGISTER as _, &mut reg) == 0
+                {
+                    page as u64
+                } else {
+                    0
+                };
+                libc::write(p[1], (&addr as *const u64).cast(), 8);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        let mut addr = 0u64;
+        // SAFETY: reading 8 bytes into a u64 we own.
+        unsafe { libc::read(p[0], (&mut addr as *mut u64).cast(), 8) };
+        let kill = || unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        };
+        if addr == 0 {
+            kill();
+            eprintln!("skipped: userfaultfd is not available here");
+            return;
+        }
+        let t = std::time::Instant::now();
+        let got = read_memory(child as u32, addr, 8);
+        let took = t.elapsed();
+        let again = read_memory(child as u32, addr, 8);
+        let quarantined_now = quarantined(child as u32);
+        // Killing the target releases the helper stuck in its page.
+        kill();
+        assert_eq!(got, None);
+        assert!(
+            took < Duration::from_secs(1),
+            "gave up at its deadline: {took:?}"
+        );
+        assert_eq!(again, None);
+        assert!(quarantined_now, "not read again");
     }
 }
