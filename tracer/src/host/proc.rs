@@ -445,43 +445,68 @@ fn parse_net_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// Parses /proc/PID/net/tcp or tcp6 (`sl local_address rem_address st ...
-/// inode`), and udp alike; lines that do not parse are skipped.
+/// One line of /proc/PID/net/tcp or tcp6 (`sl local_address rem_address
+/// st ... inode`), and udp alike; None when it does not parse.
+fn parse_net_line(line: &str) -> Option<TcpSocket> {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    let port = cols.get(1)?.rsplit(':').next()?;
+    let remote = cols.get(2).and_then(|r| parse_net_addr(r));
+    Some(TcpSocket {
+        inode: cols.get(9)?.parse().ok()?,
+        local_port: u16::from_str_radix(port, 16).ok()?,
+        // st 0A is TCP_LISTEN.
+        listening: *cols.get(3)? == "0A",
+        remote: remote.filter(|r| r.port() != 0),
+    })
+}
+
+/// Parses a whole /proc/PID/net/tcp text; lines that do not parse are
+/// skipped.
 pub fn parse_net_tcp(text: &str) -> Vec<TcpSocket> {
-    text.lines()
+    text.lines().skip(1).filter_map(parse_net_line).collect()
+}
+
+/// Lines of a /proc/PID/net table read, at most: a namespace holds as many
+/// sockets as its processes open (262k TIME_WAIT sockets make tcp about
+/// 39 MB), so the table is streamed, never held whole, and cut here.
+const MAX_NET_LINES: usize = 1 << 20;
+
+/// Streams the data lines of /proc/PID/net/`file` to `f` until it returns
+/// true (found) or the table ends; returns whether it did.
+fn scan_net_table(pid: u32, file: &str, mut f: impl FnMut(&str) -> bool) -> bool {
+    use std::io::BufRead;
+    let Ok(file) = fs::File::open(proc_path(&[&pid.to_string(), "net", file])) else {
+        return false;
+    };
+    std::io::BufReader::new(file)
+        .lines()
         .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let port = cols.get(1)?.rsplit(':').next()?;
-            let remote = cols.get(2).and_then(|r| parse_net_addr(r));
-            Some(TcpSocket {
-                inode: cols.get(9)?.parse().ok()?,
-                local_port: u16::from_str_radix(port, 16).ok()?,
-                // st 0A is TCP_LISTEN.
-                listening: *cols.get(3)? == "0A",
-                remote: remote.filter(|r| r.port() != 0),
-            })
-        })
-        .collect()
+        .take(MAX_NET_LINES)
+        .map_while(Result::ok)
+        .any(|l| f(&l))
 }
 
 /// The other end of socket fd `fd` of `pid`: `10.0.3.7:5432`, `[::1]:80`,
-/// or `unix`; None for a listening or unconnected socket.
+/// or `unix`; None for a listening or unconnected socket. The tables are
+/// streamed and read only up to the socket's line.
 pub fn socket_peer(pid: u32, fd: i32) -> Option<String> {
     let inode = socket_inode(&fd_target(pid, fd)?)?;
+    let mut peer = None;
     for f in ["tcp", "tcp6", "udp", "udp6"] {
-        let Ok(text) = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])) else {
-            continue;
-        };
-        if let Some(s) = parse_net_tcp(&text).into_iter().find(|s| s.inode == inode) {
-            return s.remote.map(|r| r.to_string());
+        let found = scan_net_table(pid, f, |l| match parse_net_line(l) {
+            Some(s) if s.inode == inode => {
+                peer = Some(s.remote.map(|r| r.to_string()));
+                true
+            }
+            _ => false,
+        });
+        if found {
+            return peer.flatten();
         }
     }
-    let unix = fs::read_to_string(proc_path(&[&pid.to_string(), "net", "unix"])).ok()?;
-    let listed = unix
-        .lines()
-        .skip(1)
-        .any(|l| l.split_whitespace().nth(6).and_then(|i| i.parse().ok()) == Some(inode));
+    let listed = scan_net_table(pid, "unix", |l| {
+        l.split_whitespace().nth(6).and_then(|i| i.parse().ok()) == Some(inode)
+    });
     listed.then(|| "unix".to_string())
 }
 
@@ -498,12 +523,13 @@ fn socket_inode(target: &str) -> Option<u64> {
 pub fn listening_fds(pid: u32) -> Vec<(i32, u16)> {
     let mut listen_inodes = std::collections::HashMap::new();
     for f in ["tcp", "tcp6"] {
-        let Ok(text) = fs::read_to_string(proc_path(&[&pid.to_string(), "net", f])) else {
-            continue;
-        };
-        for s in parse_net_tcp(&text).into_iter().filter(|s| s.listening) {
-            listen_inodes.insert(s.inode, s.local_port);
-        }
+        scan_net_table(pid, f, |l| {
+            // Listening sockets are few; connections are skipped unkept.
+            if let Some(s) = parse_net_line(l).filter(|s| s.listening) {
+                listen_inodes.insert(s.inode, s.local_port);
+            }
+            false
+        });
     }
     if listen_inodes.is_empty() {
         return Vec::new();
@@ -759,5 +785,31 @@ mod tests {
         let socks = parse_net_tcp(text);
         assert_eq!(socks[0].remote, Some("127.0.0.2:5432".parse().unwrap()));
         assert_eq!(socks[1].remote, None, "a listener has no peer");
+    }
+
+    /// Issue 20, item 4: /proc/PID/net/tcp was read whole (39 MB with 262k
+    /// TIME_WAIT sockets). It is streamed now, up to the socket sought.
+    #[test]
+    fn peers_and_listeners_come_from_streamed_tables() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let me = std::process::id();
+        use std::os::fd::AsRawFd;
+        assert_eq!(
+            socket_peer(me, c.as_raw_fd()),
+            Some(format!("127.0.0.1:{port}"))
+        );
+        assert!(
+            listening_fds(me).contains(&(l.as_raw_fd(), port)),
+            "{:?}",
+            listening_fds(me)
+        );
+        let mut lines = 0;
+        assert!(!scan_net_table(me, "tcp", |_| {
+            lines += 1;
+            false
+        }));
+        assert!(lines >= 2 && lines <= MAX_NET_LINES);
     }
 }
