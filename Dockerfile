@@ -10,14 +10,10 @@ COPY . .
 # xtask installs llvm-22-dev and bpf-linker when missing, then builds.
 RUN cargo xtask build && cp target/release/tracer /tracer
 
-# py-spy, for `tracer watch --py-stack` (a static binary from its wheel).
-FROM python:3.11-slim-bookworm AS pyspy
-RUN pip install --no-cache-dir py-spy==0.4.3
-
-# Runtime: nothing but the binary, py-spy and their libc.
+# Runtime: nothing but the binary and its libc. Python stacks are read by
+# the tracer itself (the py-spy crate, linked in): no py-spy binary.
 FROM debian:bookworm-slim
 COPY --from=build /tracer /usr/local/bin/tracer
-COPY --from=pyspy /usr/local/bin/py-spy /usr/local/bin/py-spy
 USER 0
 ENTRYPOINT ["/usr/local/bin/tracer"]
 CMD ["watch", "--format=json", "--metrics-addr=127.0.0.1:9464", "--health-addr=127.0.0.1:9465", "--pods-dir=/var/log/pods"]

@@ -110,6 +110,21 @@ impl Tracer {
         Tracer::start_command(cmd)
     }
 
+    /// Like `start`, with a PATH of system directories that hold no
+    /// py-spy (checked): the tracer reads Python stacks itself.
+    pub fn start_without_py_spy(args: &[&str]) -> Tracer {
+        let path = "/usr/sbin:/usr/bin:/sbin:/bin";
+        for d in std::env::split_paths(path) {
+            assert!(!d.join("py-spy").exists(), "{} has a py-spy", d.display());
+        }
+        let mut cmd = Command::new(tracer_bin());
+        cmd.arg("watch")
+            .args(["--format", "json"])
+            .args(args)
+            .env("PATH", path);
+        Tracer::start_command(cmd)
+    }
+
     /// Like `start`, for a command line the caller wrote (JSON output, such
     /// as the DaemonSet's arguments, or the tracer run through setpriv).
     pub fn start_command(mut cmd: Command) -> Tracer {
@@ -938,4 +953,32 @@ pub fn slow_upload(port: u16, gap: Duration) -> String {
             .to_string())
     };
     run().unwrap_or_default()
+}
+
+/// The frames of a stall's `py_stack` (innermost first), as
+/// "function (file:line)"; panics, showing the stall, when it has none.
+pub fn py_frames(stall: &Value) -> Vec<String> {
+    stall["py_stack"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no py_stack: {stall}"))
+        .iter()
+        .map(|f| {
+            format!(
+                "{} ({}:{})",
+                f["function"].as_str().unwrap(),
+                f["file"].as_str().unwrap(),
+                f["line"]
+            )
+        })
+        .collect()
+}
+
+/// Whether a stall's stack has a frame of `function` in a file whose name
+/// ends with `file`.
+pub fn has_frame(stall: &Value, function: &str, file: &str) -> bool {
+    stall["py_stack"].as_array().is_some_and(|fs| {
+        fs.iter().any(|f| {
+            f["function"] == function && f["file"].as_str().is_some_and(|p| p.ends_with(file))
+        })
+    })
 }

@@ -34,19 +34,6 @@ fn stalls_of(t: &Tracer, pid: u32) -> Vec<Value> {
         .collect()
 }
 
-/// The tracer with py-spy from the test virtualenv on its PATH (where the
-/// tracer looks for it).
-fn tracer_with_py_spy(args: &[&str]) -> Tracer {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs = vec![venv().join("bin")];
-    dirs.extend(std::env::split_paths(&path));
-    let mut cmd = Command::new(tracer_bin());
-    cmd.args(["watch", "--format", "json", "--py-stack"])
-        .args(args)
-        .env("PATH", std::env::join_paths(dirs).unwrap());
-    Tracer::start_command(cmd)
-}
-
 fn the_worker(t: &mut Tracer) -> u32 {
     let (_, w) = t.wait_for("the worker", Duration::from_secs(5), |e| {
         e["event"] == "worker"
@@ -65,14 +52,14 @@ fn py_stack_on_a_ten_second_block_gives_one_stall_and_the_worker_stays_stalled()
     let mport = free_port();
     let maddr = format!("127.0.0.1:{mport}");
     let master = g.pid().to_string();
-    let mut t = tracer_with_py_spy(&["--pid", &master, "--metrics-addr", &maddr]);
+    let mut t = Tracer::start_without_py_spy(&["--pid", &master, "--metrics-addr", &maddr]);
     let _client = get_async(g.port, "/pipe?secs=10", Duration::from_secs(30));
     let (w, _) = pids.wait_nth(0);
     let started = Instant::now();
     let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| {
         e["event"] == "stall" && e["pid"] == w
     });
-    assert!(stall["py_stack"].is_string(), "{stall}");
+    assert!(has_frame(&stall, "pipe_read", "stall_app.py"), "{stall}");
     let label = format!("worker_pid=\"{w}\"");
     let mut scrapes = Vec::new();
     let end = loop {
@@ -104,6 +91,57 @@ fn py_stack_on_a_ten_second_block_gives_one_stall_and_the_worker_stays_stalled()
     assert_eq!(end["outcome"], "returned", "{end}");
     t.collect_for(Duration::from_millis(500));
     assert_eq!(stalls_of(&t, w).len(), 1, "{:?}", stalls_of(&t, w));
+    t.stop();
+}
+
+/// Issue 19: with no flag and no py-spy anywhere on its PATH, a gevent
+/// worker stalled in a pipe read carries its stack, innermost first: the
+/// app's function that read, under the request handler; and the tracer
+/// executes no program.
+#[test]
+fn a_gevent_stall_carries_the_python_stack_read_by_the_tracer_itself() {
+    require_root();
+    let pids = StallPids::new("ownstack");
+    let g = gevent(&pids, 60);
+    let mut t = Tracer::start_without_py_spy(&["--pid", &g.pid().to_string()]);
+    let _client = get_async(g.port, "/pipe?secs=3", Duration::from_secs(30));
+    let (w, _) = pids.wait_nth(0);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    let frames = py_frames(&stall);
+    assert!(
+        frames[0].starts_with("pipe_read (") && frames[0].contains("stall_app.py:"),
+        "{frames:?}"
+    );
+    assert!(has_frame(&stall, "app", "stall_app.py"), "{frames:?}");
+    assert_eq!(stall.get("py_stack_error"), None, "{stall}");
+    assert!(
+        stall["py_stack"][0]["line"].as_u64().unwrap() > 0,
+        "{stall}"
+    );
+    t.stop();
+    assert!(
+        !t.stderr_lines.iter().any(|l| l.contains("py-spy")),
+        "nothing is said about py-spy without the old flags: {:?}",
+        t.stderr_lines
+    );
+}
+
+/// --no-py-stack: no stack and no error (nothing is said about stacks).
+#[test]
+fn no_py_stack_turns_stacks_off() {
+    require_root();
+    let pids = StallPids::new("nostack");
+    let g = gevent(&pids, 60);
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--no-py-stack"]);
+    let _client = get_async(g.port, "/pipe?secs=2", Duration::from_secs(30));
+    let (w, _) = pids.wait_nth(0);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    assert_eq!(stall.get("py_stack"), None, "{stall}");
+    assert_eq!(stall.get("py_stack_error"), None, "{stall}");
     t.stop();
 }
 
@@ -193,7 +231,7 @@ fn a_greenlet_that_keeps_the_cpu_is_a_stall_before_worker_timeout() {
     require_root();
     let pids = StallPids::new("spin");
     let mut g = gevent(&pids, 6);
-    let mut t = tracer_with_py_spy(&["--pid", &g.pid().to_string()]);
+    let mut t = Tracer::start_without_py_spy(&["--pid", &g.pid().to_string()]);
     let w = the_worker(&mut t);
     let _client = get_async(g.port, "/spin?secs=30", Duration::from_secs(30));
     pids.wait_nth(0);
@@ -208,8 +246,11 @@ fn a_greenlet_that_keeps_the_cpu_is_a_stall_before_worker_timeout() {
     );
     assert!(stall["cpu_ms"].as_u64().unwrap() >= 500, "{stall}");
     assert_eq!(stall["cause"]["id"], "cpu_bound_loop", "{stall}");
-    let stack = stall["py_stack"].as_str().unwrap_or_default();
-    assert!(stack.contains("spin (stall_app.py"), "{stall}");
+    assert!(
+        has_frame(&stall, "spin", "stall_app.py"),
+        "{:?}",
+        py_frames(&stall)
+    );
     let kill = g.wait_line(
         &format!("WORKER TIMEOUT (pid:{w})"),
         Duration::from_secs(15),

@@ -312,7 +312,9 @@ impl Correlator {
             request_peer: request.as_ref().map(|r| r.peer.clone()),
             request_waiting_ms: request.map(|r| r.waiting_ms),
             py_stack: None,
+            py_stack_omitted: None,
             py_stack_error: None,
+            py_threads: None,
             start_ns: s.start_ns,
         };
         report.cause = signatures::identify(&report);

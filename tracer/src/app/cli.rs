@@ -67,14 +67,19 @@ pub struct WatchArgs {
     #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = crate::app::output::parse_size)]
     pub output_max_size: u64,
 
-    /// Attach the stalled worker's Python stack (py-spy dump) to each stall.
-    #[arg(long)]
-    pub py_stack: bool,
+    /// Python stacks are read by the tracer itself, for every stall, by
+    /// default; `--py-stack all-threads` adds every thread's stack. A bare
+    /// --py-stack (once needed) is accepted and changes nothing.
+    #[arg(long, value_enum, value_name = "WHICH", num_args = 0..=1, default_missing_value = "stalled")]
+    pub py_stack: Option<PyStack>,
 
-    /// The py-spy to run for --py-stack (implies it). Without it, py-spy is
-    /// looked up on the tracer's own PATH. Either way it must be owned by
-    /// root and writable by nobody else, like every directory above it.
-    #[arg(long, value_name = "PATH")]
+    /// Do not read Python stacks.
+    #[arg(long, conflicts_with = "py_stack")]
+    pub no_py_stack: bool,
+
+    /// Accepted for existing command lines and ignored: no external program
+    /// is run; the tracer reads Python stacks itself.
+    #[arg(long, value_name = "PATH", hide = true)]
     pub py_spy: Option<PathBuf>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
@@ -115,10 +120,36 @@ pub struct WatchArgs {
     pub health_addr: Option<std::net::SocketAddr>,
 }
 
+/// Whose Python stacks a stall carries.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PyStack {
+    /// The stalled thread's (the default).
+    Stalled,
+    /// The stalled thread's, then every other thread's.
+    AllThreads,
+}
+
 impl WatchArgs {
-    /// --py-stack, or a --py-spy that implies it.
-    pub fn wants_py_stack(&self) -> bool {
-        self.py_stack || self.py_spy.is_some()
+    /// Which stacks to read; None with --no-py-stack.
+    pub fn py_stack(&self) -> Option<PyStack> {
+        (!self.no_py_stack).then(|| self.py_stack.unwrap_or(PyStack::Stalled))
+    }
+
+    /// What the tracer says on stderr about flags that once ran py-spy.
+    pub fn py_stack_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.py_stack == Some(PyStack::Stalled) {
+            notes.push(
+                "--py-stack is no longer needed: the tracer reads Python stacks itself, for every stall (--no-py-stack turns it off)".to_string(),
+            );
+        }
+        if let Some(p) = &self.py_spy {
+            notes.push(format!(
+                "--py-spy {} is ignored: no external program is run; the tracer reads Python stacks itself",
+                p.display()
+            ));
+        }
+        notes
     }
 }
 
@@ -219,7 +250,8 @@ mod tests {
             "9465",
         ])
         .unwrap();
-        assert!(w.wants_py_stack(), "--py-spy implies --py-stack");
+        assert_eq!(w.py_stack(), Some(PyStack::Stalled));
+        assert!(w.py_stack_notes()[0].contains("--py-spy /usr/bin/py-spy is ignored"));
         assert_eq!(w.output_max_size, 10 << 20);
         assert_eq!(w.max_watched_per_master, 64);
         assert_eq!(w.health_addr.unwrap().to_string(), "127.0.0.1:9465");
@@ -250,6 +282,27 @@ mod tests {
         );
         let e = watch(&["--request-threshold", "100ms"]).unwrap_err();
         assert!(e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn python_stacks_are_on_by_default_and_old_flags_are_accepted_with_a_note() {
+        let d = watch(&[]).unwrap();
+        assert_eq!(d.py_stack(), Some(PyStack::Stalled));
+        assert!(
+            d.py_stack_notes().is_empty(),
+            "nothing said without the old flags"
+        );
+        let w = watch(&["--py-stack", "--pid", "12"]).unwrap();
+        assert_eq!(w.py_stack(), Some(PyStack::Stalled));
+        assert_eq!(w.pids, vec![12]);
+        let n = w.py_stack_notes();
+        assert_eq!(n.len(), 1);
+        assert!(n[0].contains("reads Python stacks itself"), "{n:?}");
+        let w = watch(&["--py-stack", "all-threads"]).unwrap();
+        assert_eq!(w.py_stack(), Some(PyStack::AllThreads));
+        assert!(w.py_stack_notes().is_empty());
+        assert_eq!(watch(&["--no-py-stack"]).unwrap().py_stack(), None);
+        assert!(watch(&["--no-py-stack", "--py-stack"]).is_err());
     }
 
     #[test]

@@ -91,12 +91,8 @@ struct Prepared {
 /// Every check that can fail on bad input, before anything is loaded.
 async fn prepare(args: &WatchArgs) -> Result<Prepared> {
     check_privileges()?;
-    if args.wants_py_stack()
-        && let Err(e) = pystack::locate(args.py_spy.as_deref())
-    {
-        eprintln!(
-            "tracer: warning: --py-stack: {e}; stalls will be reported without Python stacks"
-        );
+    for note in args.py_stack_notes() {
+        eprintln!("tracer: note: {note}");
     }
     // Bind first: a port in use fails before anything is loaded.
     let metrics = match args.metrics_addr {
@@ -184,7 +180,13 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         loop_search_every: args.loop_search_every,
         loop_search: Default::default(),
         listeners: Default::default(),
-        py_stack: args.wants_py_stack().then(|| args.py_spy.clone()),
+        stacks: match args.py_stack() {
+            Some(_) => {
+                Some(pystack::StackReader::start().context("starting the Python stack reader")?)
+            }
+            None => None,
+        },
+        all_threads: args.py_stack() == Some(cli::PyStack::AllThreads),
         pending: Default::default(),
         durations: Default::default(),
         metrics: None,

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -144,12 +144,16 @@ impl Enricher for ProcEnricher {
     }
 }
 
-fn with_stack(o: Output, r: Result<String, String>) -> Output {
+fn with_stack(o: Output, r: Result<pystack::Captured, String>) -> Output {
     let Output::Stall { ts_ns, mut report } = o else {
         return o;
     };
     match r {
-        Ok(stack) => report.py_stack = Some(stack),
+        Ok(c) => {
+            report.py_stack = Some(c.frames);
+            report.py_stack_omitted = Some(c.omitted).filter(|n| *n > 0);
+            report.py_threads = c.others;
+        }
         Err(e) => report.py_stack_error = Some(e),
     }
     Output::Stall { ts_ns, report }
@@ -187,9 +191,11 @@ pub struct Session {
     /// Listening fds of each watched process with any: a master's are its
     /// workers' (inherited at the fork).
     pub listeners: HashMap<u32, Vec<i32>>,
-    /// With --py-stack: the `--py-spy` path, if given (else PATH is searched).
-    pub py_stack: Option<Option<PathBuf>>,
-    /// Output waiting for a py-spy dump ahead of it, in order.
+    /// Reads stalled threads' Python stacks (None with --no-py-stack).
+    pub stacks: Option<pystack::StackReader>,
+    /// --py-stack all-threads: every thread's stack, not only the stalled one's.
+    pub all_threads: bool,
+    /// Output waiting for a Python stack ahead of it, in order.
     pub pending: VecDeque<Pending>,
     pub durations: metrics::StallDurations,
     /// When the metrics text was last rendered (None: no metrics server).
@@ -204,14 +210,11 @@ pub struct Session {
     pub sockets: SocketWatch,
 }
 
-/// How long a py-spy dump may take before the stall goes out without it.
-const PY_SPY_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Output held back behind a stall whose Python stack is being dumped, so
-/// that events keep their order while py-spy runs off the event loop.
+/// Output held back behind a stall whose Python stack is being read, so
+/// that events keep their order while the reader works off the event loop.
 pub enum Pending {
     Ready(Output),
-    Stack(Output, Receiver<Result<String, String>>),
+    Stack(Output, Receiver<Result<pystack::Captured, String>>, Instant),
 }
 
 impl Session {
@@ -224,9 +227,11 @@ impl Session {
         {
             self.durations.observe(*fd_kind, *blocked_ms);
         }
-        if let (Some(explicit), Output::Stall { report, .. }) = (&self.py_stack, o) {
-            let rx = pystack::dump_async(explicit.clone(), report.pid, PY_SPY_DEADLINE);
-            self.pending.push_back(Pending::Stack(o.clone(), rx));
+        if let (Some(reader), Output::Stall { report, .. }) = (&self.stacks, o) {
+            let deadline = Instant::now() + pystack::CAPTURE_DEADLINE;
+            let rx = reader.capture(report.pid, report.tid, self.all_threads, deadline);
+            self.pending
+                .push_back(Pending::Stack(o.clone(), rx, deadline));
             return;
         }
         if self.pending.is_empty() {
@@ -236,26 +241,37 @@ impl Session {
         }
     }
 
-    /// Writes the held output whose stacks have arrived, in order; with
-    /// `wait`, waits for every dump (each ends by its deadline).
+    /// Writes the held output whose stacks have arrived (or whose deadline
+    /// passed), in order; with `wait`, waits for each until its deadline.
     pub fn flush_pending(&mut self, wait: bool) {
         while let Some(front) = self.pending.pop_front() {
             let o = match front {
                 Pending::Ready(o) => o,
-                Pending::Stack(o, rx) => {
+                Pending::Stack(o, rx, deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
                     let r = if wait {
-                        rx.recv().map_err(|_| TryRecvError::Disconnected)
+                        rx.recv_timeout(left).map_err(|e| match e {
+                            RecvTimeoutError::Timeout => TryRecvError::Empty,
+                            RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
+                        })
                     } else {
                         rx.try_recv()
                     };
                     match r {
-                        Err(TryRecvError::Empty) => {
-                            self.pending.push_front(Pending::Stack(o, rx));
+                        Err(TryRecvError::Empty) if !left.is_zero() && !wait => {
+                            self.pending.push_front(Pending::Stack(o, rx, deadline));
                             return;
                         }
+                        Err(TryRecvError::Empty) => with_stack(
+                            o,
+                            Err(format!(
+                                "the Python stack was not read within {}ms",
+                                pystack::CAPTURE_DEADLINE.as_millis()
+                            )),
+                        ),
                         Ok(r) => with_stack(o, r),
                         Err(TryRecvError::Disconnected) => {
-                            with_stack(o, Err("py-spy dump was lost".into()))
+                            with_stack(o, Err("the stack reader stopped".into()))
                         }
                     }
                 }
@@ -315,6 +331,9 @@ impl Session {
     pub fn watch_process(&mut self, t: &Target, source: Source, now: u64) -> Result<()> {
         self.probes.watch(t.pid, t.master, t.role)?;
         self.add_listeners(t.pid);
+        if let (Some(reader), Role::Worker) = (&self.stacks, t.role) {
+            reader.open(t.pid);
+        }
         for tid in proc::threads(t.pid) {
             if let Some((nr, args)) = threads::thread_syscall(t.pid, tid) {
                 self.probes
@@ -418,10 +437,16 @@ impl Session {
             // A master found at its exec binds its sockets later, but always
             // before it forks a worker.
             KernelEvent::Fork {
+                child,
                 master,
                 role: Role::Worker,
                 ..
-            } => self.add_listeners(master),
+            } => {
+                self.add_listeners(master);
+                if let Some(reader) = &self.stacks {
+                    reader.open(child);
+                }
+            }
             // The kernel closes an exiting process's sockets just after this
             // event; hold it so those closes are reported first, while the
             // process is still known and still in WATCHED.
@@ -454,6 +479,9 @@ impl Session {
                 self.emit(&o);
             }
             self.probes.forget(pid);
+            if let Some(reader) = &self.stacks {
+                reader.forget(pid);
+            }
         }
     }
 

@@ -1,244 +1,496 @@
-//! `--py-stack`: the Python stack of a stalled process, from `py-spy dump`.
+//! Python stacks read by the tracer itself, with the `py-spy` crate as a
+//! library: no program is executed.
 //!
-//! The tracer runs as root next to processes it does not trust, so the
-//! program it runs must not be one a traced process can choose: py-spy is
-//! taken only from `--py-spy PATH` or the tracer's own PATH, and only when
-//! the file and every directory above it are owned by root and writable by
-//! nobody else. It runs off the event loop, with `--nonblocking` (memory is
-//! read without stopping the process: a ptrace attach would wake a thread
-//! asleep in `read()`), its output drained while it runs, killed at a
-//! deadline, and killed with the tracer (PR_SET_PDEATHSIG).
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+//! py-spy's defaults ptrace-seize every thread of the target (which wakes a
+//! thread asleep in `read()`); here it only reads memory with
+//! `process_vm_readv` (`NonBlocking`). A blocked thread's frames cannot
+//! change while it is blocked, so its stack is read exactly. Setting a
+//! reader up (`PythonSpy::new`: the memory map, the interpreter's symbols)
+//! costs milliseconds, so it is done once per process, on the reader's own
+//! threads; the session only sends requests and polls for answers.
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Output kept from py-spy; the rest is read and discarded so it never
-/// blocks on a full pipe.
-const MAX_OUTPUT: usize = 1 << 20;
+use py_spy::config::{Config, LineNo, LockingStrategy};
+use py_spy::{PythonSpy, StackTrace};
 
-/// Why a candidate py-spy is not run, or None when it may be.
-///
-/// `meta` is (owner uid, mode) of the file and of each directory above it,
-/// file first, as the path resolves (symlinks followed).
-pub fn refusal(path: &Path, file: (u32, u32), dirs: &[(PathBuf, u32, u32)]) -> Option<String> {
-    let (uid, mode) = file;
-    if mode & libc::S_IFMT != libc::S_IFREG {
-        return Some(format!("{} is not a regular file", path.display()));
+use crate::model::{PyFrame, PyThread};
+
+/// Frames kept per thread, innermost first (the outer rest is counted).
+pub const MAX_FRAMES: usize = 64;
+/// Other threads kept with --py-stack all-threads.
+pub const MAX_THREADS: usize = 32;
+/// Threads reading stacks: a slow set-up delays at most one of them.
+const READERS: usize = 2;
+/// Longest error text kept from py-spy (its messages name addresses and
+/// files; a hostile target can make them long).
+const MAX_ERROR: usize = 300;
+
+/// The stalled thread's stack, and the others' when asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Captured {
+    pub frames: Vec<PyFrame>,
+    pub omitted: u64,
+    /// With all threads: every other Python thread (at most MAX_THREADS).
+    pub others: Option<Vec<PyThread>>,
+}
+
+enum Job {
+    /// Set the reader of a process up ahead of its first stall.
+    Open(u32),
+    Capture {
+        pid: u32,
+        tid: u32,
+        all: bool,
+        deadline: Instant,
+        reply: Sender<Result<Captured, String>>,
+    },
+}
+
+/// A process's reader; None until set up (or after set-up failed: it is
+/// tried again at a capture).
+type Slot = Arc<Mutex<Option<PythonSpy>>>;
+
+/// Reads Python stacks on `READERS` threads of its own.
+pub struct StackReader {
+    jobs: Sender<Job>,
+    spies: Arc<Mutex<HashMap<u32, Slot>>>,
+}
+
+/// py-spy's settings: memory reads only, no native frames, and nothing
+/// that stats or opens a path the target names (its code's file names are
+/// reported as they are, never looked up).
+fn config() -> Config {
+    Config {
+        blocking: LockingStrategy::NonBlocking,
+        native: false,
+        include_idle: true,
+        collect_thread_names: false,
+        full_filenames: true,
+        dump_locals: 0,
+        lineno: LineNo::LastInstruction,
+        ..Config::default()
     }
-    if uid != 0 {
-        return Some(format!(
-            "{} is owned by uid {uid}, not root: the tracer runs only a py-spy that only root can change",
-            path.display()
-        ));
-    }
-    if mode & 0o022 != 0 {
-        return Some(format!(
-            "{} is writable by group or others (mode {:o}): the tracer runs only a py-spy that only root can change",
-            path.display(),
-            mode & 0o7777
-        ));
-    }
-    // A sticky directory (/tmp) lets others add entries but not rename or
-    // remove root's, and the entry below it is checked in turn.
-    for (dir, uid, mode) in dirs {
-        if *uid != 0 || (mode & 0o022 != 0 && mode & libc::S_ISVTX == 0) {
-            return Some(format!(
-                "{} is in {}, which someone other than root can change (owner uid {uid}, mode {:o})",
-                path.display(),
-                dir.display(),
-                mode & 0o7777
-            ));
+}
+
+fn bounded_error(what: &str, e: &anyhow::Error) -> String {
+    let mut s = format!("{what}: {e:#}");
+    if s.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !s.is_char_boundary(end) {
+            end -= 1;
         }
+        s.truncate(end);
+        s.push_str("...");
     }
-    None
+    s
 }
 
-/// Resolves `path` and checks it is safe to run as root.
-pub fn check(path: &Path) -> Result<PathBuf, String> {
-    let real = std::fs::canonicalize(path)
-        .map_err(|e| format!("cannot use py-spy at {}: {e}", path.display()))?;
-    let meta = std::fs::metadata(&real)
-        .map_err(|e| format!("cannot use py-spy at {}: {e}", real.display()))?;
-    let mut dirs = Vec::new();
-    for dir in real.ancestors().skip(1) {
-        let m =
-            std::fs::metadata(dir).map_err(|e| format!("cannot check {}: {e}", dir.display()))?;
-        dirs.push((dir.to_path_buf(), m.uid(), m.mode()));
-    }
-    match refusal(&real, (meta.uid(), meta.mode()), &dirs) {
-        Some(why) => Err(format!("refused to run py-spy: {why}")),
-        None => Ok(real),
-    }
-}
-
-/// The py-spy to run: `explicit` (`--py-spy`), else the first `py-spy` on
-/// the tracer's own PATH. Never a directory a traced process names.
-pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
-    if let Some(p) = explicit {
-        return check(p);
-    }
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|d| d.is_absolute())
-        .map(|d| d.join("py-spy"))
-        .find(|p| p.is_file());
-    match found {
-        Some(p) => check(&p),
-        None => Err(
-            "py-spy is not installed; put it on the tracer's PATH or give --py-spy PATH (pip install py-spy) to get Python stacks"
-                .to_string(),
-        ),
-    }
-}
-
-/// Starts `py-spy dump --nonblocking --pid PID` in its own process group,
-/// killed if the thread that started it (and so the tracer) dies.
-fn spawn(bin: &Path, pid: u32) -> Result<Child, String> {
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    let mut cmd = Command::new(bin);
-    cmd.args(["dump", "--nonblocking", "--pid", &pid.to_string()])
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The tracer died before prctl took effect: do not run orphaned.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
-        .map_err(|e| format!("cannot run {}: {e}", bin.display()))
-}
-
-/// Reads a pipe to its end on a thread, keeping the first `MAX_OUTPUT` bytes.
-fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut buf = [0u8; 16384];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = MAX_OUTPUT.saturating_sub(kept.len());
-                    kept.extend_from_slice(&buf[..n.min(room)]);
-                }
-            }
-        }
-        kept
+fn open(pid: u32) -> Result<PythonSpy, String> {
+    PythonSpy::new(pid as py_spy::Pid, &config()).map_err(|e| {
+        bounded_error(
+            &format!("cannot read the Python interpreter of process {pid}"),
+            &e,
+        )
     })
 }
 
-/// Runs py-spy on `pid` and waits for it, at most `deadline`. Blocks: call
-/// it off the event loop (see [`dump_async`]).
-pub fn dump(bin: &Path, pid: u32, deadline: Duration) -> Result<String, String> {
-    let mut child = spawn(bin, pid)?;
-    let out = drain(child.stdout.take().expect("piped"));
-    let err = drain(child.stderr.take().expect("piped"));
-    let end = Instant::now() + deadline;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
-            _ => break None,
+impl StackReader {
+    pub fn start() -> std::io::Result<StackReader> {
+        let (jobs, rx) = channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let spies: Arc<Mutex<HashMap<u32, Slot>>> = Default::default();
+        for i in 0..READERS {
+            let rx = rx.clone();
+            let spies = spies.clone();
+            std::thread::Builder::new()
+                .name(format!("pystack-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => run(job, &spies),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
         }
-    };
-    if status.is_none() {
-        // SAFETY: kill(2) on the process group py-spy leads.
-        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-        let _ = child.wait();
+        Ok(StackReader { jobs, spies })
     }
-    let (out, err) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    );
-    match status {
-        None => Err(format!("py-spy dump did not finish within {deadline:?}")),
-        Some(s) if !s.success() => Err(format!(
-            "py-spy dump failed: {}",
-            String::from_utf8_lossy(&err)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-        )),
-        Some(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+
+    /// Sets `pid`'s reader up now, off the session's thread.
+    pub fn open(&self, pid: u32) {
+        let _ = self.jobs.send(Job::Open(pid));
+    }
+
+    /// Drops `pid`'s reader (the process ended; its pid may come back).
+    pub fn forget(&self, pid: u32) {
+        if let Ok(mut m) = self.spies.lock() {
+            m.remove(&pid);
+        }
+    }
+
+    /// Asks for thread `tid`'s stack; the answer arrives on the receiver.
+    /// The caller gives up at `deadline`; a capture not started by then is
+    /// not started.
+    pub fn capture(
+        &self,
+        pid: u32,
+        tid: u32,
+        all: bool,
+        deadline: Instant,
+    ) -> Receiver<Result<Captured, String>> {
+        let (reply, rx) = channel();
+        let _ = self.jobs.send(Job::Capture {
+            pid,
+            tid,
+            all,
+            deadline,
+            reply,
+        });
+        rx
     }
 }
 
-/// [`dump`] on a thread of its own; the answer arrives on the receiver by
-/// the deadline. py-spy is re-checked first: the file may have changed.
-pub fn dump_async(
-    explicit: Option<PathBuf>,
+fn slot(spies: &Mutex<HashMap<u32, Slot>>, pid: u32) -> Option<Slot> {
+    let mut m = spies.lock().ok()?;
+    Some(m.entry(pid).or_default().clone())
+}
+
+fn run(job: Job, spies: &Mutex<HashMap<u32, Slot>>) {
+    match job {
+        Job::Open(pid) => {
+            let Some(slot) = slot(spies, pid) else { return };
+            // Busy: a capture is setting it up already.
+            let Ok(mut s) = slot.try_lock() else { return };
+            if s.is_none() {
+                *s = open(pid).ok();
+            }
+        }
+        Job::Capture {
+            pid,
+            tid,
+            all,
+            deadline,
+            reply,
+        } => {
+            let r = if Instant::now() >= deadline {
+                Err(format!(
+                    "the Python stack was not read: the stack reader was busy past the {}ms deadline",
+                    CAPTURE_DEADLINE.as_millis()
+                ))
+            } else {
+                capture(spies, pid, tid, all)
+            };
+            let _ = reply.send(r);
+        }
+    }
+}
+
+/// How long the session waits for a stack before reporting without it.
+pub const CAPTURE_DEADLINE: Duration = Duration::from_secs(2);
+
+fn capture(
+    spies: &Mutex<HashMap<u32, Slot>>,
     pid: u32,
-    deadline: Duration,
-) -> Receiver<Result<String, String>> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        let r = locate(explicit.as_deref()).and_then(|bin| dump(&bin, pid, deadline));
-        let _ = tx.send(r);
+    tid: u32,
+    all: bool,
+) -> Result<Captured, String> {
+    let slot = slot(spies, pid).ok_or("the stack reader's state is lost")?;
+    // One read of a process at a time: a second waits for none.
+    let mut s = slot.try_lock().map_err(|_| {
+        format!("the Python stack was not read: a read of process {pid} was still running")
+    })?;
+    if s.is_none() {
+        *s = Some(open(pid)?);
+    }
+    let spy = s.as_mut().expect("set above");
+    let traces = match spy.get_stack_traces() {
+        Ok(t) => t,
+        Err(e) => {
+            // The layout may have changed (an exec): set up anew next time.
+            *s = None;
+            return Err(bounded_error(
+                &format!("reading the Python stacks of process {pid} failed"),
+                &e,
+            ));
+        }
+    };
+    let tids = os_tids(spy, &traces);
+    pick(pid, tid, all, &traces, &tids)
+}
+
+/// Each trace's OS thread id. Python 3.11+ records it; 3.9 and 3.10 keep
+/// only the pthread handle (the Python thread id), so the tid is read from
+/// glibc's `struct pthread` there (x86_64 only), and kept only when it is
+/// one of the process's threads and no other Python thread claims it.
+fn os_tids(spy: &PythonSpy, traces: &[StackTrace]) -> Vec<Option<u32>> {
+    let tasks: Vec<u32> = match spy.process.threads() {
+        Ok(ts) => ts
+            .iter()
+            .filter_map(|t| t.id().ok())
+            .map(|t| t as u32)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let read = |handle: u64| pthread_tid(spy, handle);
+    map_tids(traces, &tasks, read)
+}
+
+#[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
+fn pthread_tid(spy: &PythonSpy, handle: u64) -> Option<u32> {
+    use remoteprocess::ProcessMemory;
+    /// Offset of `tid` in glibc's `struct pthread` on x86_64.
+    const PTHREAD_TID: u64 = 0x2d0;
+    let tid: i32 = spy
+        .process
+        .copy_struct(handle.checked_add(PTHREAD_TID)? as usize)
+        .ok()?;
+    u32::try_from(tid).ok()
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_env = "gnu")))]
+fn pthread_tid(_: &PythonSpy, _: u64) -> Option<u32> {
+    None
+}
+
+/// The OS thread id of each trace: the recorded one, else `read` from its
+/// Python thread id, kept only if it is in `tasks` and unique.
+fn map_tids(
+    traces: &[StackTrace],
+    tasks: &[u32],
+    read: impl Fn(u64) -> Option<u32>,
+) -> Vec<Option<u32>> {
+    let found: Vec<Option<u32>> = traces
+        .iter()
+        .map(|t| match t.os_thread_id {
+            Some(id) => u32::try_from(id).ok(),
+            None => read(t.thread_id).filter(|tid| tasks.contains(tid)),
+        })
+        .collect();
+    found
+        .iter()
+        .map(|t| t.filter(|t| found.iter().filter(|o| **o == Some(*t)).count() == 1))
+        .collect()
+}
+
+fn frames_of(t: &StackTrace) -> (Vec<PyFrame>, u64) {
+    let frames: Vec<PyFrame> = t
+        .frames
+        .iter()
+        .take(MAX_FRAMES)
+        .map(|f| PyFrame {
+            function: f.name.clone(),
+            file: f.filename.clone(),
+            line: u32::try_from(f.line).ok().filter(|l| *l > 0),
+        })
+        .collect();
+    (frames, t.frames.len().saturating_sub(MAX_FRAMES) as u64)
+}
+
+/// The stack of OS thread `tid` among `traces` (`tids[i]` is trace i's
+/// OS thread), and the others' with `all`.
+fn pick(
+    pid: u32,
+    tid: u32,
+    all: bool,
+    traces: &[StackTrace],
+    tids: &[Option<u32>],
+) -> Result<Captured, String> {
+    let Some(i) = tids.iter().position(|t| *t == Some(tid)) else {
+        let unknown = tids.iter().filter(|t| t.is_none()).count();
+        return Err(if unknown > 0 {
+            format!(
+                "thread {tid}'s Python stack is not known: {unknown} of the {} Python threads of process {pid} have no known OS thread id (Python before 3.11 does not record it, and it could not be read from the thread's pthread)",
+                traces.len()
+            )
+        } else {
+            format!(
+                "thread {tid} runs no Python code: it is not one of the {} Python threads of process {pid}",
+                traces.len()
+            )
+        });
+    };
+    let (frames, omitted) = frames_of(&traces[i]);
+    let others = all.then(|| {
+        traces
+            .iter()
+            .zip(tids)
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .take(MAX_THREADS)
+            .map(|(_, (t, tid))| {
+                let (frames, omitted) = frames_of(t);
+                PyThread {
+                    tid: *tid,
+                    frames,
+                    omitted,
+                }
+            })
+            .collect()
     });
-    rx
+    Ok(Captured {
+        frames,
+        omitted,
+        others,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const REG: u32 = libc::S_IFREG;
-    const DIR: u32 = libc::S_IFDIR;
-
-    fn root_dirs() -> Vec<(PathBuf, u32, u32)> {
-        vec![
-            ("/usr/bin".into(), 0, DIR | 0o755),
-            ("/usr".into(), 0, DIR | 0o755),
-        ]
+    fn trace(thread_id: u64, os: Option<u64>, depth: usize) -> StackTrace {
+        StackTrace {
+            pid: 1,
+            thread_id,
+            thread_name: None,
+            os_thread_id: os,
+            active: true,
+            owns_gil: false,
+            frames: (0..depth)
+                .map(|i| py_spy::Frame {
+                    name: format!("f{i}"),
+                    filename: "/srv/app.py".into(),
+                    module: None,
+                    short_filename: None,
+                    line: i as i32,
+                    locals: None,
+                    is_entry: false,
+                    is_shim_entry: false,
+                })
+                .collect(),
+            process_info: None,
+        }
     }
 
     #[test]
-    fn only_a_root_owned_file_in_root_owned_directories_is_run() {
-        let p = Path::new("/usr/bin/py-spy");
-        assert_eq!(refusal(p, (0, REG | 0o755), &root_dirs()), None);
-        let e = refusal(p, (1000, REG | 0o755), &root_dirs()).unwrap();
-        assert!(e.contains("owned by uid 1000"), "{e}");
-        let e = refusal(p, (0, REG | 0o775), &root_dirs()).unwrap();
-        assert!(e.contains("writable by group or others"), "{e}");
-        let e = refusal(p, (0, REG | 0o757), &root_dirs()).unwrap();
-        assert!(e.contains("mode 757"), "{e}");
-        let e = refusal(p, (0, DIR | 0o755), &root_dirs()).unwrap();
-        assert!(e.contains("not a regular file"), "{e}");
-        let mut dirs = root_dirs();
-        dirs[0] = ("/tmp/x".into(), 1000, DIR | 0o755);
-        let e = refusal(Path::new("/tmp/x/py-spy"), (0, REG | 0o755), &dirs).unwrap();
-        assert!(e.contains("in /tmp/x"), "{e}");
-        dirs[0] = ("/tmp".into(), 0, DIR | 0o777);
-        assert!(refusal(Path::new("/tmp/py-spy"), (0, REG | 0o755), &dirs).is_some());
-        dirs[0] = ("/tmp".into(), 0, DIR | 0o1777);
+    fn the_stalled_thread_is_picked_by_os_thread_id_and_bounded() {
+        let traces = [trace(7, Some(100), 3), trace(8, Some(101), 200)];
+        let tids = map_tids(&traces, &[], |_| None);
+        let c = pick(100, 101, false, &traces, &tids).unwrap();
+        assert_eq!(c.frames.len(), MAX_FRAMES);
+        assert_eq!(c.omitted, 200 - MAX_FRAMES as u64);
+        assert_eq!(c.frames[0].function, "f0", "innermost first");
+        assert_eq!(c.frames[0].line, None, "line 0 is unknown");
+        assert_eq!(c.frames[1].line, Some(1));
+        assert_eq!(c.others, None);
+        let c = pick(100, 100, true, &traces, &tids).unwrap();
+        assert_eq!(c.frames.len(), 3);
+        let others = c.others.unwrap();
+        assert_eq!(others.len(), 1);
+        assert_eq!(others[0].tid, Some(101));
+    }
+
+    #[test]
+    fn all_threads_are_capped() {
+        let traces: Vec<_> = (0..100).map(|i| trace(i, Some(1000 + i), 1)).collect();
+        let tids = map_tids(&traces, &[], |_| None);
+        let c = pick(1000, 1000, true, &traces, &tids).unwrap();
+        assert_eq!(c.others.unwrap().len(), MAX_THREADS);
+    }
+
+    #[test]
+    fn a_thread_without_python_is_said_so_and_an_unmapped_one_is_unknown() {
+        let traces = [trace(7, Some(100), 3)];
+        let tids = map_tids(&traces, &[], |_| None);
+        let e = pick(100, 102, false, &traces, &tids).unwrap_err();
+        assert!(e.contains("thread 102 runs no Python code"), "{e}");
+        // 3.10: no recorded id, and its pthread gave none.
+        let traces = [trace(7, None, 3)];
+        let tids = map_tids(&traces, &[100], |_| None);
+        let e = pick(100, 100, false, &traces, &tids).unwrap_err();
+        assert!(e.contains("not known"), "{e}");
+        assert!(!e.contains("runs no Python code"), "{e}");
+    }
+
+    #[test]
+    fn before_3_11_the_tid_read_from_the_pthread_is_kept_only_if_it_is_a_unique_thread_of_the_process()
+     {
+        let traces = [trace(0x7f00, None, 1), trace(0x7f10, None, 1)];
+        let read = |h: u64| Some(if h == 0x7f00 { 100 } else { 101 });
         assert_eq!(
-            refusal(Path::new("/tmp/py-spy"), (0, REG | 0o755), &dirs),
-            None,
-            "root's entry in a sticky directory cannot be replaced by others"
+            map_tids(&traces, &[100, 101], read),
+            vec![Some(100), Some(101)]
         );
+        // 101 is not a thread of the process: not trusted.
+        assert_eq!(map_tids(&traces, &[100], read), vec![Some(100), None]);
+        // Both claim 100: neither is trusted.
+        assert_eq!(map_tids(&traces, &[100], |_| Some(100)), vec![None, None]);
     }
 
     #[test]
-    fn a_missing_explicit_py_spy_is_named() {
-        let e = locate(Some(Path::new("/nonexistent/py-spy"))).unwrap_err();
-        assert!(e.contains("/nonexistent/py-spy"), "{e}");
+    fn long_errors_are_cut() {
+        let e = anyhow::anyhow!("x".repeat(5000));
+        let s = bounded_error("reading failed", &e);
+        assert!(s.len() <= MAX_ERROR + 3, "{}", s.len());
+        assert!(s.starts_with("reading failed: x"));
+    }
+
+    /// Real interpreters (not the tracer): each Python thread's stack is
+    /// found under the OS thread id it reports itself, on every CPython
+    /// given in PYSTACK_PYTHONS (default: /usr/bin/python3), and prints
+    /// what set-up and a capture cost. Run with `--ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn real_pythons_map_every_thread_to_its_os_thread_id() {
+        use std::io::{BufRead, BufReader};
+        let pythons = std::env::var("PYSTACK_PYTHONS").unwrap_or("/usr/bin/python3".into());
+        let script = "import os, sys, threading\n\
+            def block(r):\n    os.read(r, 1)\n\
+            pipes = [os.pipe() for _ in range(3)]\n\
+            for r, w in pipes[1:]:\n    threading.Thread(target=block, args=(r,), daemon=True).start()\n\
+            import time; time.sleep(0.2)\n\
+            print(sys.version.split()[0], *[t.native_id for t in threading.enumerate()], flush=True)\n\
+            block(pipes[0][0])\n";
+        for py in pythons.split(',') {
+            let mut child = std::process::Command::new(py)
+                .args(["-c", script])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let mut words = line.split_whitespace();
+            let version = words.next().unwrap().to_string();
+            let mut native: Vec<u32> = words.map(|w| w.parse().unwrap()).collect();
+            native.sort();
+            let pid = child.id();
+            let t0 = Instant::now();
+            let mut spy = open(pid).unwrap();
+            let setup = t0.elapsed();
+            let mut times = Vec::new();
+            let mut tids = Vec::new();
+            let mut traces = Vec::new();
+            for _ in 0..20 {
+                let t0 = Instant::now();
+                traces = spy.get_stack_traces().unwrap();
+                tids = os_tids(&spy, &traces);
+                times.push(t0.elapsed());
+            }
+            times.sort();
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut got: Vec<u32> = tids.iter().map(|t| t.unwrap()).collect();
+            got.sort();
+            assert_eq!(got, native, "python {version}");
+            for (t, tid) in traces.iter().zip(&tids) {
+                let c = pick(pid, tid.unwrap(), false, &traces, &tids).unwrap();
+                assert_eq!(c.frames[0].function, "block", "python {version}: {t:?}");
+            }
+            println!(
+                "python {version}: set-up {setup:?}, capture of {} threads median {:?} max {:?}",
+                traces.len(),
+                times[times.len() / 2],
+                times[times.len() - 1]
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 mod event;
+mod pystack;
 mod report;
 mod settings;
 mod summary;
@@ -11,6 +12,7 @@ mod summary;
 pub use event::{
     KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
 };
+pub use pystack::{PyFrame, PyThread};
 pub use report::{
     BlockedThread, Cause, CloseCounts, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause,
     ExitReport, HungOutcome, HungRequest, NoWriterThread, OomKill, Outcome, Output, Preceded,

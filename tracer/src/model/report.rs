@@ -4,7 +4,9 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
-use super::{Container, FdKind, MasterConfig, Peer, Role, Setting, WaitFd, WorkerClass};
+use super::{
+    Container, FdKind, MasterConfig, Peer, PyFrame, PyThread, Role, Setting, WaitFd, WorkerClass,
+};
 
 /// A known cause and its fix, from a signature. Most are fixed sentences;
 /// some name what the stall waits on (a server's address).
@@ -120,14 +122,23 @@ pub struct StallReport {
     pub request_peer: Option<String>,
     /// How long that client had waited with nothing sent back.
     pub request_waiting_ms: Option<u64>,
-    /// With --py-stack: the Python stack of the stalled process (py-spy
-    /// dump). Under gevent the blocked greenlet is the one running, so this
-    /// names the application line that blocked the hub.
+    /// The stalled thread's Python stack, innermost frame first, read
+    /// from the worker's memory when the stall was reported. Absent with
+    /// --no-py-stack, or when it could not be read (`py_stack_error` then
+    /// says why). Under gevent the blocked greenlet is the one running, so
+    /// this names the application line that blocked the hub.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub py_stack: Option<String>,
-    /// With --py-stack: why there is no stack (py-spy missing, or failed).
+    pub py_stack: Option<Vec<PyFrame>>,
+    /// Outer frames of `py_stack` left out past the cap (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub py_stack_omitted: Option<u64>,
+    /// Why there is no `py_stack` (absent when there is one, or with
+    /// --no-py-stack).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub py_stack_error: Option<String>,
+    /// With --py-stack all-threads: every other Python thread's stack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub py_threads: Option<Vec<PyThread>>,
     #[serde(skip)]
     pub start_ns: u64,
 }

@@ -8,6 +8,7 @@ mod clock;
 mod exits;
 mod json;
 pub mod metrics;
+mod pystack;
 mod text;
 mod verdict;
 

@@ -79,13 +79,8 @@ fn stall_details(s: &StallReport) -> String {
     if let Some(c) = &s.cause {
         d.push_str(&cause_lines(c));
     }
-    if let Some(stack) = &s.py_stack {
-        d.push_str(&format!("\n{:>23}python stack (py-spy dump):", ""));
-        for line in stack.lines().filter(|l| !l.trim().is_empty()) {
-            d.push_str(&format!("\n{:>25}{}", "", sanitize(line)));
-        }
-    } else if let Some(e) = &s.py_stack_error {
-        d.push_str(&format!("\n{:>23}python stack: {}", "", sanitize(e)));
+    for line in super::pystack::stall_lines(s) {
+        d.push_str(&format!("\n{:>23}{line}", ""));
     }
     d
 }
