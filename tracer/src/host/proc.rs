@@ -810,6 +810,6 @@ mod tests {
             lines += 1;
             false
         }));
-        assert!(lines >= 2 && lines <= MAX_NET_LINES);
+        assert!((2..=MAX_NET_LINES).contains(&lines));
     }
 }
