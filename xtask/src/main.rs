@@ -121,9 +121,11 @@ fn test(filter: Option<String>) -> Result<()> {
             ("bpftool", "bpftool"),
             ("nft", "nftables"),
             ("wrk", "wrk"),
+            ("promtool", "prometheus"),
         ],
-        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks)",
+        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks; promtool and prometheus for the alert rules and the dashboard's queries)",
     )?;
+    let helm = setup::helm()?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();
     unit.current_dir(root()).args([
@@ -147,7 +149,8 @@ fn test(filter: Option<String>) -> Result<()> {
         .args(["test", "--release", "-p", "tests", "--"])
         .arg("--test-threads=1")
         .env("TRACER_BIN", &bin)
-        .env("TRACER_VENV", &venv);
+        .env("TRACER_VENV", &venv)
+        .env("HELM_BIN", &helm);
     if let Some(f) = &filter {
         it.arg(f);
     }
