@@ -5,6 +5,7 @@
 mod bench;
 mod bpfstats;
 mod demo;
+mod render;
 mod setup;
 mod soak;
 
@@ -53,6 +54,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Render deploy/kubernetes/ from the Helm chart, and refresh the chart's
+    /// copies of the alert rules and the dashboard.
+    RenderDeploy,
     #[command(name = "__pipe-loop", hide = true)]
     PipeLoop {
         pairs: u64,
@@ -199,6 +203,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
         Cmd::Test { filter } => test(filter),
+        Cmd::RenderDeploy => render::render_deploy(),
         Cmd::Bench {
             quick,
             only,
