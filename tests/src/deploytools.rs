@@ -139,3 +139,41 @@ pub fn metric_names_in(text: &str) -> Vec<String> {
     out.dedup();
     out
 }
+
+/// A dashboard query with its variables as Grafana substitutes them when
+/// every variable is on "All" (and `timeout`, `tracer_namespace` at their
+/// defaults), `$__rate_interval` as `rate_interval`.
+pub fn substituted(expr: &str, rate_interval: &str) -> String {
+    expr.replace("$__rate_interval", rate_interval)
+        .replace("$namespace", ".*")
+        .replace("$pod", ".*")
+        .replace("$app", ".*")
+        .replace("$fd_kind", ".*")
+        .replace("$timeout", "30")
+        .replace("$tracer_namespace", "gunicorn-tracer")
+}
+
+/// The dashboard's queries: (panel title, expression).
+pub fn dashboard_queries() -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(workspace_root().join("deploy/grafana/gunicorn-tracer.json"))
+            .unwrap();
+    let d: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut out = Vec::new();
+    let mut panels: Vec<Value> = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        panels.push(p.clone());
+        if let Some(inner) = p["panels"].as_array() {
+            panels.extend(inner.iter().cloned());
+        }
+    }
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        for t in p["targets"].as_array().unwrap() {
+            out.push((
+                p["title"].as_str().unwrap().to_string(),
+                t["expr"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    out
+}

@@ -25,17 +25,6 @@ fn panels(d: &Value) -> Vec<Value> {
     out
 }
 
-/// Each query with its variables as Grafana substitutes them on "All".
-fn substituted(expr: &str) -> String {
-    expr.replace("$__rate_interval", "1m")
-        .replace("$namespace", ".*")
-        .replace("$pod", ".*")
-        .replace("$app", ".*")
-        .replace("$fd_kind", ".*")
-        .replace("$timeout", "30")
-        .replace("$tracer_namespace", "gunicorn-tracer")
-}
-
 fn queries(d: &Value) -> Vec<(String, String)> {
     panels(d)
         .iter()
@@ -196,7 +185,7 @@ fn promtool_parses(exprs: &[(String, String)]) -> (bool, String) {
     let rules: Vec<Value> = exprs
         .iter()
         .enumerate()
-        .map(|(i, (_, e))| serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": substituted(e)}))
+        .map(|(i, (_, e))| serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": substituted(e, "1m")}))
         .collect();
     let file = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
     let path = std::env::temp_dir().join(format!(
