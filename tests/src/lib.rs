@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+pub mod deploytools;
+
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

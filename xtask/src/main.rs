@@ -5,6 +5,7 @@
 mod bench;
 mod bpfstats;
 mod demo;
+mod render;
 mod setup;
 mod soak;
 
@@ -53,6 +54,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Render deploy/kubernetes/ from the Helm chart, and refresh the chart's
+    /// copies of the alert rules and the dashboard.
+    RenderDeploy,
     #[command(name = "__pipe-loop", hide = true)]
     PipeLoop {
         pairs: u64,
@@ -121,9 +125,11 @@ fn test(filter: Option<String>) -> Result<()> {
             ("bpftool", "bpftool"),
             ("nft", "nftables"),
             ("wrk", "wrk"),
+            ("promtool", "prometheus"),
         ],
-        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks)",
+        "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks; promtool and prometheus for the alert rules and the dashboard's queries)",
     )?;
+    let helm = setup::helm()?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();
     unit.current_dir(root()).args([
@@ -147,7 +153,8 @@ fn test(filter: Option<String>) -> Result<()> {
         .args(["test", "--release", "-p", "tests", "--"])
         .arg("--test-threads=1")
         .env("TRACER_BIN", &bin)
-        .env("TRACER_VENV", &venv);
+        .env("TRACER_VENV", &venv)
+        .env("HELM_BIN", &helm);
     if let Some(f) = &filter {
         it.arg(f);
     }
@@ -196,6 +203,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
         Cmd::Test { filter } => test(filter),
+        Cmd::RenderDeploy => render::render_deploy(),
         Cmd::Bench {
             quick,
             only,

