@@ -31,6 +31,10 @@ pub mod syscalls;
 #[cfg(test)]
 pub(crate) mod fixtures;
 #[cfg(test)]
+mod request_tests;
+#[cfg(test)]
+mod signature_tests;
+#[cfg(test)]
 mod stall_model_tests;
 #[cfg(test)]
 mod tests;
