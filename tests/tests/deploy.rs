@@ -390,8 +390,10 @@ fn service_and_podmonitor_select_the_daemonset_pods() {
 #[test]
 fn dockerfile_builds_in_stages_and_runs_the_tracer() {
     let d = std::fs::read_to_string(workspace_root().join("Dockerfile")).unwrap();
+    // A build stage and a runtime stage (py-spy's stage is gone: the
+    // tracer reads stacks itself).
     assert!(
-        d.matches("\nFROM ").count() + usize::from(d.starts_with("FROM ")) >= 3,
+        d.matches("\nFROM ").count() + usize::from(d.starts_with("FROM ")) >= 2,
         "multi-stage"
     );
     assert!(
