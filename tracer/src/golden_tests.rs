@@ -78,7 +78,7 @@ impl Enricher for Fake {
             pod_source: Some(PodSource::LogDir),
         })
     }
-    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+    fn memory_cgroup(&mut self, _pid: u32, _cgroups: Option<&str>) -> Option<MemoryCgroup> {
         Some(fixtures::full_cgroup())
     }
     fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {
@@ -287,6 +287,7 @@ fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
         trigger: 202,
         oom_score_adj: 0,
         rss_kb: 389_120,
+        cgroups: None,
     };
     ev.extend(c.on_kernel(oom, f));
     let drop = conn_end(

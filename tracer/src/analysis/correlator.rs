@@ -327,8 +327,9 @@ impl Correlator {
                 pid,
                 oom_score_adj,
                 rss_kb,
+                cgroups,
                 ..
-            } => self.on_oom_kill(pid, oom_score_adj, rss_kb, enr),
+            } => self.on_oom_kill(pid, oom_score_adj, rss_kb, cgroups.as_deref(), enr),
             KernelEvent::SleepEnd { .. } => self.on_sleep_end(&ev, enr),
             KernelEvent::Exec { .. } => Vec::new(),
             KernelEvent::ConnEnd {

@@ -121,12 +121,15 @@ impl Correlator {
         pid: u32,
         oom_score_adj: i64,
         rss_kb: u64,
+        cgroups: Option<&str>,
         enr: &mut dyn Enricher,
     ) -> Vec<Output> {
         let Some(master) = self.procs.get(&pid).map(|p| p.master) else {
             return Vec::new();
         };
-        let cgroup = enr.memory_cgroup(pid).or_else(|| enr.memory_cgroup(master));
+        let cgroup = enr
+            .memory_cgroup(pid, cgroups)
+            .or_else(|| enr.memory_cgroup(master, None));
         let oom = OomKill {
             oom_score_adj,
             rss_bytes: (rss_kb > 0).then_some(rss_kb * 1024),

@@ -63,7 +63,9 @@ pub trait Enricher {
     }
     /// The memory cgroup whose limit applies to a process, with its usage
     /// (read when the OOM killer chose it).
-    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+    /// `cgroups`: the process's /proc/PID/cgroup as read earlier (an OOM
+    /// victim's, as its event arrived), else it is read now.
+    fn memory_cgroup(&mut self, _pid: u32, _cgroups: Option<&str>) -> Option<MemoryCgroup> {
         None
     }
     /// Which of `pids` holds the socket with this inode, and as which fd

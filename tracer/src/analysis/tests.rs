@@ -34,7 +34,7 @@ impl Enricher for FakeProc {
     fn container(&mut self, _pid: u32) -> Option<Container> {
         None
     }
-    fn memory_cgroup(&mut self, _pid: u32) -> Option<MemoryCgroup> {
+    fn memory_cgroup(&mut self, _pid: u32, _cgroups: Option<&str>) -> Option<MemoryCgroup> {
         Some(fixtures::full_cgroup())
     }
     fn socket_owner(&mut self, inode: u64, pids: &[u32]) -> Option<(u32, i32)> {

@@ -103,8 +103,11 @@ impl Enricher for ProcEnricher {
     fn thread_count(&mut self, pid: u32) -> Option<u32> {
         threads::thread_count(pid)
     }
-    fn memory_cgroup(&mut self, pid: u32) -> Option<MemoryCgroup> {
-        memcg::of_process(pid)
+    fn memory_cgroup(&mut self, pid: u32, cgroups: Option<&str>) -> Option<MemoryCgroup> {
+        match cgroups {
+            Some(text) => memcg::of_cgroups(text),
+            None => memcg::of_process(pid),
+        }
     }
     /// Walks the candidates' fd tables, which their owners size: on a
     /// helper thread, so a huge one delays only this answer.

@@ -153,10 +153,14 @@ pub fn nearest_limited(h: &Hierarchy, path: &str) -> Option<MemoryCgroup> {
 /// The memory cgroup whose limit applies to `pid`, with its usage; None
 /// when the process is gone or no memory hierarchy is readable.
 pub fn of_process(pid: u32) -> Option<MemoryCgroup> {
-    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    of_cgroups(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
+}
+
+/// The memory cgroup a /proc/PID/cgroup text names, with its limit.
+pub fn of_cgroups(cgroups: &str) -> Option<MemoryCgroup> {
     let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
     parse_mountinfo(&mounts).iter().find_map(|h| {
-        let path = parse_cgroup_path(&cgroups, h.version)?;
+        let path = parse_cgroup_path(cgroups, h.version)?;
         nearest_limited(h, &path)
     })
 }

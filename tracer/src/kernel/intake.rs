@@ -1,7 +1,8 @@
 //! Event intake: a thread of its own that empties the ring buffer as soon
 //! as it has data and decodes the records into [`KernelEvent`]s for the
-//! session. It never reads /proc, so however long the session's /proc
-//! work takes, the ring buffer keeps being drained (up to the queue's
+//! session. It reads nothing of /proc but an OOM victim's cgroup file
+//! (kernel-generated, 4 KiB at most, no lock the victim holds), so however
+//! long the session's /proc work takes, the ring buffer keeps being drained (up to the queue's
 //! bound; past it the kernel drops, and counts, as before).
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -72,6 +73,7 @@ fn run(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<KernelEvent>>, stop: Arc
         while more {
             let mut batch = Vec::new();
             more = fill(&mut batch, || ring.next().map(|item| decode(&item)));
+            batch.iter_mut().for_each(victims_cgroups);
             if !batch.is_empty() && tx.blocking_send(batch).is_err() {
                 return;
             }
@@ -86,6 +88,19 @@ fn run(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<KernelEvent>>, stop: Arc
         };
         // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
         unsafe { libc::poll(&mut pfd, 1, 100) };
+    }
+}
+
+/// An OOM victim's cgroups, read at once (rare events; a kernel-generated
+/// file of 4 KiB at most, with no lock its process can hold): by the time
+/// the session looks, the dying victim may have been moved to the root.
+fn victims_cgroups(ev: &mut KernelEvent) {
+    use std::io::Read;
+    if let KernelEvent::OomKill { pid, cgroups, .. } = ev {
+        let mut text = String::new();
+        let read = std::fs::File::open(format!("/proc/{pid}/cgroup"))
+            .and_then(|f| f.take(4096).read_to_string(&mut text));
+        *cgroups = read.ok().map(|_| text);
     }
 }
 
@@ -188,6 +203,7 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             trigger: e.aux_pid,
             oom_score_adj: e.nr,
             rss_kb: e.arg0,
+            cgroups: None,
         },
         kind::SLEEP_END => KernelEvent::SleepEnd {
             ts_ns: e.ts_ns,
@@ -215,6 +231,30 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An OOM victim's cgroups are read as its event is taken in: read
+    /// later (the session may lag), a dying task shows the root cgroup,
+    /// and its limit was lost (a test failed so under load).
+    #[test]
+    fn an_oom_victims_cgroups_are_read_as_the_event_arrives() {
+        let me = std::process::id();
+        let mut ev = KernelEvent::OomKill {
+            ts_ns: 0,
+            pid: me,
+            trigger: me,
+            oom_score_adj: 0,
+            rss_kb: 0,
+            cgroups: None,
+        };
+        victims_cgroups(&mut ev);
+        let KernelEvent::OomKill { cgroups, .. } = ev else {
+            unreachable!()
+        };
+        assert_eq!(
+            cgroups.as_deref(),
+            std::fs::read_to_string("/proc/self/cgroup").ok().as_deref()
+        );
+    }
 
     /// Issue 20, item 9: the queue was bounded in batches of any size (up
     /// to about 2.8 GB while the session was slow).
@@ -355,7 +395,8 @@ mod tests {
                 pid: 7,
                 trigger: 8,
                 oom_score_adj: -500,
-                rss_kb: 409_600
+                rss_kb: 409_600,
+                cgroups: None,
             })
         );
     }

@@ -33,6 +33,10 @@ pub enum KernelEvent {
         oom_score_adj: i64,
         /// Resident memory in kB at the kill; 0 when the kernel does not say.
         rss_kb: u64,
+        /// The victim's /proc/PID/cgroup, read by the intake thread as the
+        /// event arrived: an exiting task is moved to the root cgroup, so a
+        /// read by the session a few ms later may already say root.
+        cgroups: Option<String>,
     },
     /// A syscall a thread slept in for at least the threshold is over, as
     /// the kernel judged it when it next saw the thread (see
