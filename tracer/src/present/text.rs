@@ -535,35 +535,31 @@ pub fn text_summary(s: &SummaryEvent) -> String {
             l.over_quota
         ));
     }
-    if l.inflight_full > 0 {
-        out.push_str(&format!(
-            "WARNING: {} thread sleep(s) could not be recorded (in-flight map full); a stall in one would not be seen\n",
-            l.inflight_full
-        ));
-    }
-    if l.conns_unreadable > 0 {
-        out.push_str(&format!(
-            "WARNING: {} closed connection(s) could not be judged (the kernel could not read their byte counters); a request dropped on one would not be seen\n",
-            l.conns_unreadable
-        ));
-    }
-    if l.stall_ends_unknown > 0 {
-        out.push_str(&format!(
-            "WARNING: {} stall(s) ended in a way not known (the call left the kernel's map with no word on how)\n",
-            l.stall_ends_unknown
-        ));
-    }
-    if l.ports_unscanned > 0 {
-        out.push_str(&format!(
-            "WARNING: {} listening port(s) past the 64 scanned per network namespace; a request hung on one would not be seen\n",
-            l.ports_unscanned
-        ));
-    }
-    if l.conns_untracked > 0 {
-        out.push_str(&format!(
-            "WARNING: {} connection start(s) could not be recorded (the connection map refused them); their lifetimes are unknown\n",
-            l.conns_untracked
-        ));
+    // Each count with what it means it did not see.
+    let counted: [(u64, &str); 5] = [
+        (
+            l.inflight_full,
+            "thread sleep(s) could not be recorded (in-flight map full); a stall in one would not be seen",
+        ),
+        (
+            l.conns_unreadable,
+            "closed connection(s) could not be judged (the kernel could not read their byte counters); a request dropped on one would not be seen",
+        ),
+        (
+            l.stall_ends_unknown,
+            "stall(s) ended in a way not known (the call left the kernel's map with no word on how)",
+        ),
+        (
+            l.ports_unscanned,
+            "listening port(s) past the 64 scanned per network namespace; a request hung on one would not be seen",
+        ),
+        (
+            l.conns_untracked,
+            "connection start(s) could not be recorded (the connection map refused them); their lifetimes are unknown",
+        ),
+    ];
+    for (n, what) in counted.into_iter().filter(|(n, _)| *n > 0) {
+        out.push_str(&format!("WARNING: {n} {what}\n"));
     }
     out
 }
