@@ -46,9 +46,14 @@ pub fn run(args: WatchArgs) -> Result<()> {
 }
 
 async fn run_async(args: WatchArgs) -> Result<()> {
+    // Before anything is attached: a Ctrl-C or SIGTERM while the targets
+    // are being watched (reading a master's settings, its workers) is held
+    // and ends the run with its summary, instead of killing the tracer
+    // without one.
+    let stop = Stop::install()?;
     let prepared = prepare(&args).await?;
     let (mut st, mut events, start) = attach(&args, prepared)?;
-    run_loop(&args, &mut st, &mut events).await?;
+    run_loop(&args, &mut st, &mut events, stop).await?;
     finish(&mut st, &mut events, start).await;
     Ok(())
 }
@@ -273,14 +278,36 @@ fn watch_target(st: &mut Session, t: &Target, start: u64) -> Result<()> {
 
 /// Until Ctrl-C, SIGTERM or --duration: drain the ring buffer when it has
 /// data, and poll the in-flight map on a tick.
-async fn run_loop(args: &WatchArgs, st: &mut Session, events: &mut Events) -> Result<()> {
+/// The signals that end a run, installed at its start.
+struct Stop {
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn install() -> Result<Stop> {
+        Ok(Stop {
+            sigterm: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            sigint: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+}
+
+async fn run_loop(
+    args: &WatchArgs,
+    st: &mut Session,
+    events: &mut Events,
+    stop: Stop,
+) -> Result<()> {
     // Poll the in-flight map often enough to report a stall well within
     // 150ms of crossing the threshold, but never busier than every 10ms.
     let period = (args.threshold / 5).clamp(Duration::from_millis(10), Duration::from_millis(100));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let Stop {
+        mut sigterm,
+        mut sigint,
+    } = stop;
     let deadline = args.duration.map(|d| Instant::now() + d);
     let sleep_until = async {
         match deadline {
