@@ -696,10 +696,12 @@ fn a_thread_flood_past_the_in_flight_map_is_counted_and_the_stall_already_seen_s
         t.of_kind("stall_end")
     );
     let s = t.stop();
-    // 2 slots held before (the read, the waiting thread): every other
-    // sleeper found the map full at least once.
+    // Slots held before the flood: the read, and the flooding thread's
+    // (seeded at the attach), which frees when that thread exits, possibly
+    // before the last sleeper came: every other sleeper found the map full
+    // at least once (26 or 25 of 40; 25 seen in a CI run).
     let full = s["inflight_full"].as_u64().unwrap();
-    assert!(full >= (n - cap + 2) as u64, "{full} refusals: {s}");
+    assert!(full > (n - cap) as u64, "{full} refusals: {s}");
     assert!(s["maps"]["inflight"].as_u64().unwrap() <= cap as u64, "{s}");
     let w = s["workers"]
         .as_array()
