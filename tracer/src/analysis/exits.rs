@@ -127,9 +127,13 @@ impl Correlator {
         let Some(master) = self.procs.get(&pid).map(|p| p.master) else {
             return Vec::new();
         };
+        // A dying task is moved to the root cgroup: a victim read there
+        // may have been in any cgroup (or none, in a global OOM). Its
+        // limit is then not known, not the host's.
         let cgroup = enr
             .memory_cgroup(pid, cgroups)
-            .or_else(|| enr.memory_cgroup(master, None));
+            .or_else(|| enr.memory_cgroup(master, None))
+            .filter(|c| c.path != "/");
         let oom = OomKill {
             oom_score_adj,
             rss_bytes: (rss_kb > 0).then_some(rss_kb * 1024),
