@@ -196,12 +196,6 @@ fn a_self_pipe_read_never_returns_with_gevent_known_or_one_thread() {
         fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
             Some(600)
         }
-        fn comm(&mut self, _pid: u32) -> String {
-            "gunicorn".into()
-        }
-        fn container(&mut self, _pid: u32) -> Option<Container> {
-            None
-        }
         fn thread_count(&mut self, _pid: u32) -> Option<u32> {
             Some(1)
         }
