@@ -170,8 +170,20 @@ fn five_py_spy_dumps_from_outside_during_one_stall_still_give_one_stall() {
     let (_, end) = t.wait_for("stall_end", Duration::from_secs(15), |e| {
         e["event"] == "stall_end" && e["pid"] == w
     });
-    assert_eq!(end["outcome"], "returned", "{end}");
-    assert!(end["blocked_ms"].as_u64().unwrap() >= 7500, "{end}");
+    // On a failure, everything said of the worker: a split shows where.
+    let said = |t: &Tracer| -> Vec<String> {
+        t.events
+            .iter()
+            .filter(|(_, e)| e["pid"] == w)
+            .map(|(_, e)| e.to_string())
+            .collect()
+    };
+    assert_eq!(end["outcome"], "returned", "{end}\n{:#?}", said(&t));
+    assert!(
+        end["blocked_ms"].as_u64().unwrap() >= 7500,
+        "{end}\n{:#?}",
+        said(&t)
+    );
     t.collect_for(Duration::from_millis(500));
     assert_eq!(stalls_of(&t, w).len(), 1, "{:?}", stalls_of(&t, w));
     t.stop();

@@ -83,6 +83,21 @@ pub mod woke_by {
 /// How long after a signal or a stop woke a thread its call may resume and
 /// still count as the same call (both sides use it).
 pub const RESTART_WINDOW_NS: u64 = 200_000_000;
+/// The same after a tracer's stop (py-spy, gdb attaching): longer, because
+/// a stopped thread resumes through its tracer's detach and then competes
+/// for a CPU with that tracer; on a loaded 2-core VM that took more than
+/// 200 ms and split one blocked call in two. The call a stopped thread
+/// wakes in is the one it was stopped in: only a restart follows.
+pub const STOP_RESUME_WINDOW_NS: u64 = 1_000_000_000;
+
+/// How long a call woken this way (`woke_by` value) may take to resume.
+pub const fn resume_window_ns(woke_by: u32) -> u64 {
+    if woke_by == woke_by::STOP {
+        STOP_RESUME_WINDOW_NS
+    } else {
+        RESTART_WINDOW_NS
+    }
+}
 
 /// Signals that end or restart a Gunicorn worker: the only ones the kernel
 /// reports. SIGCHLD, SIGWINCH and the like are frequent and say nothing

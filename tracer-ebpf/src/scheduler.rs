@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use tracer_common::{
-    Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, RESTART_WINDOW_NS, class, fdkind, kind, program,
-    role, signal, stat, wake, woke_by,
+    Event, HIST_BUCKETS, Inflight, MAX_SYSCALL_NR, STOP_RESUME_WINDOW_NS, class, fdkind, kind,
+    program, resume_window_ns, role, signal, stat, wake, woke_by,
 };
 
 use crate::config::{CONFIG, cfg};
@@ -200,10 +200,12 @@ fn stop_in_call(prev: Task, call: &Call, syscall_stop: bool, now: u64) -> bool {
         return false;
     };
     let e = unsafe { &mut *e };
+    // The stop comes in the woken call's own way out; a loaded machine
+    // may delay it past a signal's window, hence the stop's.
     if !is_open(e)
         || e.nr != call.nr
         || e.arg0 != call.arg0
-        || now.saturating_sub(e.woke_ns) >= RESTART_WINDOW_NS
+        || now.saturating_sub(e.woke_ns) >= STOP_RESUME_WINDOW_NS
     {
         return false;
     }
@@ -244,7 +246,7 @@ fn record_sleep(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
     if is_open(e) {
         let same = e.nr == call.nr && e.arg0 == call.arg0;
         let restartable = e.woke_by == woke_by::SIGNAL || e.woke_by == woke_by::STOP;
-        if same && restartable && now.saturating_sub(e.woke_ns) < RESTART_WINDOW_NS {
+        if same && restartable && now.saturating_sub(e.woke_ns) < resume_window_ns(e.woke_by) {
             e.active = 1;
             e.woke_ns = 0;
             e.woke_by = woke_by::RESUMED;

@@ -185,6 +185,24 @@ fn a_tracer_stop_inside_the_call_keeps_one_stall_and_its_clock() {
     assert_eq!(sum.workers[0].stall.as_ref().unwrap().blocked_ms, 9000);
 }
 
+/// On a loaded machine a thread py-spy detached from may wait past a
+/// signal's 200 ms for a CPU before it is back in its read: still the same
+/// call (CI saw one stall split in two so). Past the stop's window it is
+/// judged interrupted.
+#[test]
+fn a_stopped_thread_slow_to_resume_keeps_its_stall() {
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    let s = asleep(W, "read", 11, 0);
+    assert_eq!(stalls(&c.on_samples(&[s], 600 * MS, f)).len(), 1);
+    let detached = woken(s, 1000, WokeBy::Stop);
+    for now in [1300, 1600, 1900] {
+        let out = c.on_samples(&[detached], now * MS, f);
+        assert!(out.is_empty(), "at {now}: {out:?}");
+    }
+    let out = c.on_samples(&[detached], 2100 * MS, f);
+    assert_eq!(ends(&out), [(1000, Outcome::Interrupted)], "{out:?}");
+}
+
 #[test]
 fn a_plain_wake_is_judged_from_where_the_thread_is_now() {
     let f = &mut Scripted::default();

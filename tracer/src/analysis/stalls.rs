@@ -6,7 +6,7 @@
 //! slept since, the call is judged here from /proc.
 use std::collections::HashMap;
 
-use tracer_common::RESTART_WINDOW_NS;
+use tracer_common::{RESTART_WINDOW_NS, STOP_RESUME_WINDOW_NS};
 
 use super::Enricher;
 use super::correlator::{Correlator, Proc};
@@ -439,10 +439,16 @@ fn judge_open(
     now_ns: u64,
     now: impl FnOnce() -> ThreadNow,
 ) -> Option<Outcome> {
-    let waited = now_ns.saturating_sub(s.woke_ns) >= RESTART_WINDOW_NS;
+    let since_wake = now_ns.saturating_sub(s.woke_ns);
     if s.woke_by.may_resume() {
-        return waited.then_some(Outcome::Interrupted);
+        let window = if s.woke_by == WokeBy::Stop {
+            STOP_RESUME_WINDOW_NS
+        } else {
+            RESTART_WINDOW_NS
+        };
+        return (since_wake >= window).then_some(Outcome::Interrupted);
     }
+    let waited = since_wake >= RESTART_WINDOW_NS;
     match now() {
         ThreadNow::InSyscall { nr: n, arg0: a } if (n, a) == (nr, arg0) => None,
         ThreadNow::InSyscall { .. } | ThreadNow::OutsideSyscall | ThreadNow::Gone => {
