@@ -141,15 +141,13 @@ pub fn metric_names_in(text: &str) -> Vec<String> {
 }
 
 /// A dashboard query with its variables as Grafana substitutes them when
-/// every variable is on "All" (and `timeout`, `tracer_namespace` at their
-/// defaults), `$__rate_interval` as `rate_interval`.
+/// every variable is on "All" (and `tracer_namespace` at its default), `$__rate_interval` as `rate_interval`.
 pub fn substituted(expr: &str, rate_interval: &str) -> String {
     expr.replace("$__rate_interval", rate_interval)
         .replace("$namespace", ".*")
         .replace("$pod", ".*")
         .replace("$app", ".*")
         .replace("$fd_kind", ".*")
-        .replace("$timeout", "30")
         .replace("$tracer_namespace", "gunicorn-tracer")
 }
 

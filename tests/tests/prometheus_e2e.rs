@@ -136,7 +136,7 @@ const CADVISOR_PANELS: &[&str] = &["Tracer memory (RSS)", "Tracer CPU"];
 fn prometheus_scrapes_a_worker_timeout_the_dashboard_shows_it_and_the_alerts_fire() {
     require_root();
     let pids = HangPids::new("prometheus");
-    // --timeout 25: the stall alert's 15 s threshold is crossed first.
+    // --timeout 25: the stall alert fires at 12.5 s, before the kill.
     let g = Gunicorn::new("hang_app:app")
         .worker_class("gevent")
         .workers(2)
@@ -193,6 +193,16 @@ fn prometheus_scrapes_a_worker_timeout_the_dashboard_shows_it_and_the_alerts_fir
     skipped.dedup();
     eprintln!("not queried (cAdvisor metrics, no kubelet here): {skipped:?}");
     assert_eq!(skipped, CADVISOR_PANELS);
+    // What it is stalled in, and its timeout as read.
+    let info = prom.query(&format!("gunicorn_tracer_worker_stall_info{{{w}}}"));
+    assert_eq!(info[0]["metric"]["syscall"], "read", "{info:?}");
+    assert_eq!(info[0]["metric"]["fd_kind"], "pipe", "{info:?}");
+    let timeout = prom.query(&format!("gunicorn_tracer_worker_timeout_seconds{{{w}}}"));
+    assert_eq!(
+        timeout[0]["metric"]["source"], "command_line",
+        "{timeout:?}"
+    );
+    assert_eq!(timeout[0]["value"][1], "25", "{timeout:?}");
     // The stalled-workers table names the victim.
     let table = prom.query("gunicorn_tracer_worker_blocked_seconds > 0");
     assert!(
@@ -220,8 +230,11 @@ fn prometheus_scrapes_a_worker_timeout_the_dashboard_shows_it_and_the_alerts_fir
         desc.contains(&format!("Worker {victim} (master {master}")),
         "{desc}"
     );
+    // --timeout 25 on the command line: half of it, not the 15 s default.
+    assert_eq!(alert["labels"]["threshold"], "half_timeout", "{alert}");
+    assert!(desc.contains("past half its 25 s --timeout"), "{desc}");
     let blocked: f64 = alert["value"].as_str().unwrap().parse().unwrap();
-    assert!(blocked >= 15.0, "{alert}");
+    assert!(blocked >= 12.5, "{alert}");
     // Only the stalled worker: the healthy one raises nothing.
     let stalled = prom.alerts("GunicornWorkerStalled");
     assert_eq!(stalled.len(), 1, "{stalled:?}");

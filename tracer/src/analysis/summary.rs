@@ -174,6 +174,7 @@ impl Correlator {
                     loop_found: (p.alive && p.role == Role::Worker)
                         .then_some(p.loop_wait.is_some()),
                     container: p.container.clone(),
+                    timeout: p.timeout_s,
                 }
             })
             .collect();

@@ -25,6 +25,17 @@ pub enum SettingSource {
 }
 
 impl SettingSource {
+    /// As in JSON (`x_source`) and the metrics' `source` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettingSource::CommandLine => "command_line",
+            SettingSource::Environment => "environment",
+            SettingSource::ConfigFile => "config_file",
+            SettingSource::Inferred => "inferred",
+            SettingSource::Default => "default",
+        }
+    }
+
     /// Words for the text view: "from the config file", "Gunicorn's
     /// default, not read".
     pub fn words(self) -> &'static str {

@@ -5,7 +5,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 use super::{
-    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, Role, StallReport,
+    CloseCounts, Container, EarlyClose, ExitCause, ExitReport, HungRequest, Role, Setting,
+    StallReport,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -82,6 +83,10 @@ pub struct WorkerSummary {
     /// processes and exited ones.
     pub loop_found: Option<bool>,
     pub container: Option<Container>,
+    /// Its master's --timeout, when the tracer knows it (and from where):
+    /// for the metrics. JSON gives it once per master, in `settings`.
+    #[serde(skip)]
+    pub timeout: Option<Setting<f64>>,
 }
 
 impl WorkerSummary {
@@ -213,6 +218,7 @@ impl WorkerSummary {
             hanging_now: 0,
             loop_found: None,
             container: None,
+            timeout: None,
         }
     }
 }

@@ -32,6 +32,26 @@ struct KindLabels {
     kind: String,
 }
 
+/// A worker's --timeout, with where it came from (`default`: every place
+/// Gunicorn reads it was read and none sets it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabels {
+    #[prometheus(flatten)]
+    worker: WorkerLabels,
+    source: String,
+}
+
+/// What a stalled worker is stalled in: `syscall` and `fd_kind` are empty
+/// for a loop on the CPU.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StallLabels {
+    #[prometheus(flatten)]
+    worker: WorkerLabels,
+    state: String,
+    syscall: String,
+    fd_kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FdKindLabels {
     fd_kind: String,
@@ -188,6 +208,8 @@ pub fn render(
     let closes = Family::<KindLabels, Counter>::default();
     let hung = Family::<WorkerLabels, Counter>::default();
     let hanging = Family::<WorkerLabels, Gauge>::default();
+    let timeout = Family::<TimeoutLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let stall_info = Family::<StallLabels, Gauge>::default();
     reg.register(
         "worker_heartbeat_age_seconds",
         "Time since the worker's last Gunicorn heartbeat",
@@ -202,6 +224,16 @@ pub fn render(
         "worker_blocked_seconds",
         "How long the current stall has lasted (0 when not stalled)",
         blocked.clone(),
+    );
+    reg.register(
+        "worker_stall_info",
+        "1 for a stalled worker, labelled with what it is stalled in (state, syscall, fd_kind); no series when it is not stalled",
+        stall_info.clone(),
+    );
+    reg.register(
+        "worker_timeout_seconds",
+        "The worker's Gunicorn --timeout and where it came from (source); no series when the tracer could not read it",
+        timeout.clone(),
     );
     reg.register("worker_stalls", "Stalls seen", stalls.clone());
     reg.register(
@@ -247,6 +279,25 @@ pub fn render(
             0
         };
         blocked.get_or_create(&l).set(b as f64 / 1000.0);
+        if let Some(st) = w.stall.as_ref().filter(|_| now_stalled) {
+            let on_fd = st.syscall.is_some();
+            stall_info
+                .get_or_create(&StallLabels {
+                    worker: l.clone(),
+                    state: st.state.as_str().to_string(),
+                    syscall: st.syscall_name().to_string(),
+                    fd_kind: if on_fd { st.fd_kind.as_str() } else { "" }.to_string(),
+                })
+                .set(1);
+        }
+        if let Some(t) = w.timeout {
+            timeout
+                .get_or_create(&TimeoutLabels {
+                    worker: l.clone(),
+                    source: t.source.as_str().to_string(),
+                })
+                .set(t.value);
+        }
         stalls.get_or_create(&l).inc_by(w.stalls as u64);
         timeouts.get_or_create(&l).inc_by(w.timeouts as u64);
         hung.get_or_create(&l).inc_by(w.hung_requests as u64);
@@ -594,6 +645,59 @@ mod tests {
         assert!(t.contains(r#"worker_pid="7""#));
         assert!(!t.contains(r#"worker_pid="8""#), "{t}");
         assert!(!t.contains(r#"worker_pid="9""#), "{t}");
+    }
+
+    /// A stalled worker's series name what it is stalled in, and its
+    /// --timeout with where it came from, so an alert can compare the two;
+    /// a healthy worker has no stall series, and an unread timeout none.
+    #[test]
+    fn stall_info_and_timeout_are_said_only_when_known() {
+        use crate::model::{Setting, SettingSource, StallReport, StallState};
+        let stalled = WorkerSummary {
+            stall: Some(StallReport {
+                state: StallState::Blocked,
+                syscall: Some("read".into()),
+                fd_kind: FdKind::Pipe,
+                blocked_ms: 16_000,
+                ..Default::default()
+            }),
+            timeout: Some(Setting::new(30.0, SettingSource::Default)),
+            ..worker(7, WorkerState::Stalled)
+        };
+        let on_cpu = WorkerSummary {
+            stall: Some(StallReport {
+                state: StallState::OnCpu,
+                blocked_ms: 2_000,
+                ..Default::default()
+            }),
+            timeout: Some(Setting::new(8.0, SettingSource::CommandLine)),
+            ..worker(8, WorkerState::Stalled)
+        };
+        // Healthy now, with its last stall kept: no stall series.
+        let healthy = WorkerSummary {
+            stall: stalled.stall.clone(),
+            ..worker(9, WorkerState::Healthy)
+        };
+        let t = render(
+            &summary(vec![stalled, on_cpu, healthy]),
+            &mut |_| None,
+            &mut |_| None,
+            &StallDurations::default(),
+            &SelfStats::default(),
+        );
+        let l = r#"app="app:app",namespace="shop",pod="web-1",container="abc""#;
+        assert!(t.contains(&format!(r#"gunicorn_tracer_worker_stall_info{{master_pid="1",worker_pid="7",{l},state="blocked",syscall="read",fd_kind="pipe"}} 1"#)), "{t}");
+        assert!(t.contains(&format!(r#"gunicorn_tracer_worker_stall_info{{master_pid="1",worker_pid="8",{l},state="on_cpu",syscall="",fd_kind=""}} 1"#)), "{t}");
+        assert!(
+            !t.contains(r#"gunicorn_tracer_worker_stall_info{master_pid="1",worker_pid="9""#),
+            "{t}"
+        );
+        assert!(t.contains(&format!(r#"gunicorn_tracer_worker_timeout_seconds{{master_pid="1",worker_pid="7",{l},source="default"}} 30"#)), "{t}");
+        assert!(t.contains(&format!(r#"gunicorn_tracer_worker_timeout_seconds{{master_pid="1",worker_pid="8",{l},source="command_line"}} 8"#)), "{t}");
+        assert!(
+            !t.contains(r#"gunicorn_tracer_worker_timeout_seconds{master_pid="1",worker_pid="9""#),
+            "not read: no series: {t}"
+        );
     }
 
     /// Issue 20, item 10: every watched worker got its series, so 8,000
