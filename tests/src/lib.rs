@@ -223,7 +223,7 @@ impl Tracer {
         if let Some(found) = self.events.iter().find(|(_, v)| pred(v)) {
             return Ok(found.clone());
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + slow(timeout);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             self.take(self.stdout.recv_timeout(left)?);
@@ -242,6 +242,7 @@ impl Tracer {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Vec<Value> {
+        let timeout = slow(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let found: Vec<Value> = self
@@ -267,7 +268,7 @@ impl Tracer {
 
     /// Collects events for `d` without expecting anything.
     pub fn collect_for(&mut self, d: Duration) {
-        let deadline = Instant::now() + d;
+        let deadline = Instant::now() + slow(d);
         while let Ok(line) = self
             .stdout
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -285,6 +286,7 @@ impl Tracer {
         timeout: Duration,
         mut done: impl FnMut(&Tracer) -> bool,
     ) {
+        let timeout = slow(timeout);
         let deadline = Instant::now() + timeout;
         while !done(self) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -400,6 +402,7 @@ impl Proc {
 
     /// Waits until `n` lines of the output contain `needle`; returns the n-th.
     pub fn wait_count(&mut self, needle: &str, n: usize, timeout: Duration) -> Line {
+        let timeout = slow(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self
@@ -431,7 +434,7 @@ impl Proc {
     /// Collects the output for `d`; returns the lines containing `needle`
     /// (seen before or during that time).
     pub fn lines_within(&mut self, needle: &str, d: Duration) -> Vec<Line> {
-        let deadline = Instant::now() + d;
+        let deadline = Instant::now() + slow(d);
         let rx = self
             .output
             .as_ref()
@@ -808,7 +811,7 @@ pub fn get_async(port: u16, path: &str, timeout: Duration) -> Receiver<std::io::
     std::thread::spawn(move || {
         let r = (|| {
             let mut s = TcpStream::connect(("127.0.0.1", port))?;
-            s.set_read_timeout(Some(timeout))?;
+            s.set_read_timeout(Some(slow(timeout)))?;
             write!(
                 s,
                 "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -830,8 +833,27 @@ pub fn get(port: u16, path: &str) -> String {
         .unwrap_or_else(|e| panic!("GET {path} on port {port}: {e}"))
 }
 
+/// How much slower than this machine the tests run: `TRACER_TEST_SLOWDOWN`
+/// (a factor, 1 when unset). A kernel under emulation (`cargo xtask test
+/// --kernel`) runs everything 3-5x slower; every wait and window of these
+/// helpers is stretched by it, so a test waits for its event rather than
+/// failing on a clock.
+pub fn slowdown() -> f64 {
+    std::env::var("TRACER_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|f| *f >= 1.0 && *f <= 100.0)
+        .unwrap_or(1.0)
+}
+
+/// `d` stretched by the slowdown.
+pub fn slow(d: Duration) -> Duration {
+    d.mul_f64(slowdown())
+}
+
 /// Polls `f` until it returns Some, or panics after `timeout`.
 pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let timeout = slow(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

@@ -5,6 +5,7 @@
 mod bench;
 mod bpfstats;
 mod demo;
+mod kernels;
 mod render;
 mod setup;
 mod soak;
@@ -35,6 +36,10 @@ enum Cmd {
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
+        /// Instead of the host's suite, run the end-to-end scenarios on these
+        /// Debian kernels under QEMU (6.1, 6.12; comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        kernel: Vec<String>,
     },
     /// Measure the tracer's cost against the floor, bpftrace and strace (ratios, medians).
     Bench {
@@ -113,6 +118,23 @@ fn build() -> Result<PathBuf> {
     let bin = root().join("target/release/tracer");
     eprintln!("    {}", bin.display());
     Ok(bin)
+}
+
+/// The end-to-end scenarios on other kernels (see kernels.rs).
+fn test_kernels(kernels: &[String], filter: Option<String>) -> Result<()> {
+    setup::require_root("cargo xtask test --kernel")?;
+    let bin = build()?;
+    let venv = setup::venv()?;
+    let failures = kernels::run_matrix(kernels, &bin, &venv, filter.as_deref())?;
+    if !failures.is_empty() {
+        eprintln!("failed:");
+        for f in &failures {
+            eprintln!("    {f}");
+        }
+        bail!("{} failure(s) on {}", failures.len(), kernels.join(", "));
+    }
+    step(&format!("every scenario passed on {}", kernels.join(", ")));
+    Ok(())
 }
 
 fn test(filter: Option<String>) -> Result<()> {
@@ -202,7 +224,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
-        Cmd::Test { filter } => test(filter),
+        Cmd::Test { filter, kernel } if !kernel.is_empty() => test_kernels(&kernel, filter),
+        Cmd::Test { filter, .. } => test(filter),
         Cmd::RenderDeploy => render::render_deploy(),
         Cmd::Bench {
             quick,
