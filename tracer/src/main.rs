@@ -4,8 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracer::app::{self, cli, logging};
+use tracer::host::pystack_helper;
 
 fn main() -> ExitCode {
+    // The stack helper the tracer starts (re-executing this binary): no
+    // command line of the user's, so not parsed as one.
+    if std::env::args_os().nth(1).as_deref() == Some(pystack_helper::HELPER_ARG.as_ref()) {
+        return pystack_helper::main();
+    }
     logging::init_logging();
     let cli = cli::Cli::parse();
     let result = match cli.command {

@@ -1,5 +1,5 @@
 //! The host as /proc shows it: processes, fds, heartbeats, containers, and
-//! py-spy for Python stacks; memory cgroups and socket diagnostics.
+//! Python stacks (read by a helper process); memory cgroups and socket diagnostics.
 //! Everything read here is written by a process that may be hostile.
 //! Depends on `model` only.
 pub mod bounded;
@@ -12,6 +12,8 @@ pub mod heartbeat;
 pub mod memcg;
 pub mod proc;
 pub mod pystack;
+pub mod pystack_helper;
+pub mod pystack_proto;
 pub mod rootfs;
 pub mod sockdiag;
 pub mod threads;

@@ -1,32 +1,44 @@
-//! Python stacks read by the tracer itself, with the `py-spy` crate as a
-//! library: no program is executed.
+//! Python stacks, read for the tracer by a helper process it starts and
+//! owns (host/pystack_helper.rs): the `py-spy` crate as a library, no
+//! program of anyone else's executed.
 //!
-//! py-spy's defaults ptrace-seize every thread of the target (which wakes a
-//! thread asleep in `read()`); here it only reads memory with
-//! `process_vm_readv` (`NonBlocking`). A blocked thread's frames cannot
-//! change while it is blocked, so its stack is read exactly. Setting a
-//! reader up (`PythonSpy::new`: the memory map, the interpreter's symbols)
-//! costs milliseconds, so it is done once per process, on the reader's own
-//! threads; the session only sends requests and polls for answers.
-use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+//! The target controls its memory and its files, so the reading is done
+//! out of the tracer's process, by a helper with no privilege but
+//! CAP_SYS_PTRACE, and the tracer bounds it from outside: one request at a
+//! time (so at most one read of a process at a time), a deadline per
+//! request after which the helper is killed and replaced and the process
+//! it was reading is not read again, a rate per master, and answers
+//! checked against every bound (pystack_proto). py-spy only reads memory
+//! with `process_vm_readv` (`NonBlocking`): a blocked thread's frames
+//! cannot change while it is blocked, so its stack is read exactly.
+//! Setting a reader up (`PythonSpy::new`) costs milliseconds, so it is
+//! done once per process, when the worker is found; the session only
+//! sends requests and polls for answers.
+use std::collections::{HashMap, VecDeque};
+use std::io::BufReader;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
-use py_spy::config::{Config, LineNo, LockingStrategy};
-use py_spy::{PythonSpy, StackTrace};
-
+use super::pystack_helper::HELPER_ARG;
+use super::pystack_proto::{self as proto, Reply, Request};
 use crate::model::{PyFrame, PyThread};
 
 /// Frames kept per thread, innermost first (the outer rest is counted).
 pub const MAX_FRAMES: usize = 64;
 /// Other threads kept with --py-stack all-threads.
 pub const MAX_THREADS: usize = 32;
-/// Threads reading stacks: a slow set-up delays at most one of them.
-const READERS: usize = 2;
-/// Longest error text kept from py-spy (its messages name addresses and
-/// files; a hostile target can make them long).
-const MAX_ERROR: usize = 300;
+/// How long the session waits for a stack before reporting without it.
+pub const CAPTURE_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a reader's set-up ahead of a stall may take.
+const OPEN_DEADLINE: Duration = Duration::from_secs(1);
+/// Set-ups waiting at most; past it a worker is set up at its first stall.
+const MAX_QUEUED_OPENS: usize = 256;
+/// Stacks read per master: a burst of this many, then RATE_PER_SEC.
+const RATE_BURST: f64 = 10.0;
+const RATE_PER_SEC: f64 = 5.0;
+/// Processes remembered as having stalled the helper (dropped at exit).
+const MAX_QUARANTINED: usize = 4096;
 
 /// The stalled thread's stack, and the others' when asked.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,8 +50,8 @@ pub struct Captured {
 }
 
 enum Job {
-    /// Set the reader of a process up ahead of its first stall.
     Open(u32),
+    Forget(u32),
     Capture {
         pid: u32,
         tid: u32,
@@ -49,78 +61,36 @@ enum Job {
     },
 }
 
-/// A process's reader; None until set up (or after set-up failed: it is
-/// tried again at a capture).
-type Slot = Arc<Mutex<Option<PythonSpy>>>;
-
-/// Reads Python stacks on `READERS` threads of its own.
+/// Sends requests to the stack helper from a thread of its own.
 pub struct StackReader {
     jobs: Sender<Job>,
-    spies: Arc<Mutex<HashMap<u32, Slot>>>,
-}
-
-/// py-spy's settings: memory reads only, no native frames, and nothing
-/// that stats or opens a path the target names (its code's file names are
-/// reported as they are, never looked up).
-fn config() -> Config {
-    Config {
-        blocking: LockingStrategy::NonBlocking,
-        native: false,
-        include_idle: true,
-        collect_thread_names: false,
-        full_filenames: true,
-        dump_locals: 0,
-        lineno: LineNo::LastInstruction,
-        ..Config::default()
-    }
-}
-
-fn bounded_error(what: &str, e: &anyhow::Error) -> String {
-    let mut s = format!("{what}: {e:#}");
-    if s.len() > MAX_ERROR {
-        let mut end = MAX_ERROR;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push_str("...");
-    }
-    s
-}
-
-fn open(pid: u32) -> Result<PythonSpy, String> {
-    PythonSpy::new(pid as py_spy::Pid, &config()).map_err(|e| {
-        bounded_error(
-            &format!("cannot read the Python interpreter of process {pid}"),
-            &e,
-        )
-    })
 }
 
 impl StackReader {
+    /// Starts the helper from the tracer's own binary.
     pub fn start() -> std::io::Result<StackReader> {
+        StackReader::start_program("/proc/self/exe".into())
+    }
+
+    /// Starts the helper from `program` (the tracer's binary), with a
+    /// first helper now so that a helper that cannot start is said at once.
+    pub(crate) fn start_program(program: std::path::PathBuf) -> std::io::Result<StackReader> {
+        let first = Helper::spawn(&program)?;
         let (jobs, rx) = channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let spies: Arc<Mutex<HashMap<u32, Slot>>> = Default::default();
-        for i in 0..READERS {
-            let rx = rx.clone();
-            let spies = spies.clone();
-            std::thread::Builder::new()
-                .name(format!("pystack-{i}"))
-                .spawn(move || {
-                    loop {
-                        let job = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => run(job, &spies),
-                            Err(_) => return,
-                        }
-                    }
-                })?;
-        }
-        Ok(StackReader { jobs, spies })
+        std::thread::Builder::new()
+            .name("pystack".into())
+            .spawn(move || {
+                let mut m = Manager {
+                    program,
+                    helper: Some(first),
+                    captures: VecDeque::new(),
+                    setups: VecDeque::new(),
+                    quarantined: HashMap::new(),
+                    rates: HashMap::new(),
+                };
+                m.run(rx)
+            })?;
+        Ok(StackReader { jobs })
     }
 
     /// Sets `pid`'s reader up now, off the session's thread.
@@ -130,14 +100,12 @@ impl StackReader {
 
     /// Drops `pid`'s reader (the process ended; its pid may come back).
     pub fn forget(&self, pid: u32) {
-        if let Ok(mut m) = self.spies.lock() {
-            m.remove(&pid);
-        }
+        let _ = self.jobs.send(Job::Forget(pid));
     }
 
     /// Asks for thread `tid`'s stack; the answer arrives on the receiver.
     /// The caller gives up at `deadline`; a capture not started by then is
-    /// not started.
+    /// not started, and one still running then is stopped.
     pub fn capture(
         &self,
         pid: u32,
@@ -157,340 +125,245 @@ impl StackReader {
     }
 }
 
-fn slot(spies: &Mutex<HashMap<u32, Slot>>, pid: u32) -> Option<Slot> {
-    let mut m = spies.lock().ok()?;
-    Some(m.entry(pid).or_default().clone())
+/// A running helper: its stdin for requests, its answers from a thread
+/// that reads its stdout.
+struct Helper {
+    child: Child,
+    stdin: ChildStdin,
+    answers: Receiver<std::io::Result<Vec<u8>>>,
 }
 
-fn run(job: Job, spies: &Mutex<HashMap<u32, Slot>>) {
-    match job {
-        Job::Open(pid) => {
-            let Some(slot) = slot(spies, pid) else { return };
-            // Busy: a capture is setting it up already.
-            let Ok(mut s) = slot.try_lock() else { return };
-            if s.is_none() {
-                *s = open(pid).ok();
+enum CallError {
+    /// No answer by the deadline (the helper is then killed).
+    Late,
+    /// The helper ended, or its output was out of step or bounds.
+    Gone(String),
+    /// The request could not be written: it was not read by the helper.
+    NotSent,
+}
+
+impl Helper {
+    fn spawn(program: &std::path::Path) -> std::io::Result<Helper> {
+        let mut child = Command::new(program)
+            .arg(HELPER_ARG)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, answers) = channel();
+        std::thread::Builder::new()
+            .name("pystack-out".into())
+            .spawn(move || {
+                let mut r = BufReader::new(stdout);
+                loop {
+                    let a = proto::read_frame(&mut r, proto::MAX_REPLY);
+                    let end = a.is_err();
+                    if tx.send(a).is_err() || end {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Helper {
+            child,
+            stdin,
+            answers,
+        })
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn call(&mut self, req: Request, deadline: Instant) -> Result<Reply, CallError> {
+        let bytes = serde_json::to_vec(&req).map_err(|e| CallError::Gone(e.to_string()))?;
+        proto::write_frame(&mut self.stdin, &bytes).map_err(|_| CallError::NotSent)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.answers.recv_timeout(left) {
+            Ok(Ok(frame)) => serde_json::from_slice(&frame)
+                .map_err(|e| CallError::Gone(format!("its answer is not understood: {e}"))),
+            Ok(Err(e)) => Err(CallError::Gone(proto::cut(e.to_string(), 200))),
+            Err(RecvTimeoutError::Timeout) => Err(CallError::Late),
+            Err(RecvTimeoutError::Disconnected) => Err(CallError::Gone("it ended".into())),
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        // Our own child, by its handle: killed and reaped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A token bucket.
+struct Rate {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Manager {
+    program: std::path::PathBuf,
+    helper: Option<Helper>,
+    captures: VecDeque<Job>,
+    /// Opens and forgets, in order.
+    setups: VecDeque<Job>,
+    /// Processes whose read outlived its deadline, with what was said.
+    quarantined: HashMap<u32, String>,
+    rates: HashMap<u32, Rate>,
+}
+
+impl Manager {
+    fn run(&mut self, rx: Receiver<Job>) {
+        loop {
+            if self.captures.is_empty() && self.setups.is_empty() {
+                match rx.recv() {
+                    Ok(j) => self.queue(j),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(j) = rx.try_recv() {
+                self.queue(j);
+            }
+            // A stall waits; a set-up ahead of one can wait more.
+            if let Some(Job::Capture {
+                pid,
+                tid,
+                all,
+                deadline,
+                reply,
+            }) = self.captures.pop_front()
+            {
+                // The process's exit, told before the stall, comes first.
+                if let Some(i) = self
+                    .setups
+                    .iter()
+                    .position(|j| matches!(j, Job::Forget(p) if *p == pid))
+                {
+                    self.setups.remove(i);
+                    self.forget(pid);
+                }
+                let r = self.capture(pid, tid, all, deadline);
+                let _ = reply.send(r);
+            } else if let Some(j) = self.setups.pop_front() {
+                match j {
+                    Job::Open(pid) if !self.quarantined.contains_key(&pid) => {
+                        let _ = self.call(Request::Open { pid }, Instant::now() + OPEN_DEADLINE);
+                    }
+                    Job::Forget(pid) => self.forget(pid),
+                    _ => {}
+                }
             }
         }
-        Job::Capture {
-            pid,
-            tid,
-            all,
-            deadline,
-            reply,
-        } => {
-            let r = if Instant::now() >= deadline {
-                Err(format!(
-                    "the Python stack was not read: the stack reader was busy past the {}ms deadline",
-                    CAPTURE_DEADLINE.as_millis()
-                ))
-            } else {
-                capture(spies, pid, tid, all)
-            };
-            let _ = reply.send(r);
+    }
+
+    fn queue(&mut self, j: Job) {
+        match j {
+            Job::Capture { .. } => self.captures.push_back(j),
+            Job::Open(_) if self.setups.len() >= MAX_QUEUED_OPENS => {}
+            j => self.setups.push_back(j),
         }
     }
-}
 
-/// How long the session waits for a stack before reporting without it.
-pub const CAPTURE_DEADLINE: Duration = Duration::from_secs(2);
-
-fn capture(
-    spies: &Mutex<HashMap<u32, Slot>>,
-    pid: u32,
-    tid: u32,
-    all: bool,
-) -> Result<Captured, String> {
-    let slot = slot(spies, pid).ok_or("the stack reader's state is lost")?;
-    // One read of a process at a time: a second waits for none.
-    let mut s = slot.try_lock().map_err(|_| {
-        format!("the Python stack was not read: a read of process {pid} was still running")
-    })?;
-    if s.is_none() {
-        *s = Some(open(pid)?);
+    fn forget(&mut self, pid: u32) {
+        self.quarantined.remove(&pid);
+        if self.helper.is_some() {
+            let _ = self.call(Request::Forget { pid }, Instant::now() + OPEN_DEADLINE);
+        }
     }
-    let spy = s.as_mut().expect("set above");
-    let traces = match spy.get_stack_traces() {
-        Ok(t) => t,
-        Err(e) => {
-            // The layout may have changed (an exec): set up anew next time.
-            *s = None;
-            return Err(bounded_error(
-                &format!("reading the Python stacks of process {pid} failed"),
-                &e,
+
+    /// Whether master `m`'s workers may have one more stack read now.
+    fn allowed(&mut self, m: u32) -> bool {
+        let now = Instant::now();
+        if self.rates.len() > 4096 {
+            self.rates
+                .retain(|_, r| now.duration_since(r.at) < Duration::from_secs(10));
+        }
+        let r = self.rates.entry(m).or_insert(Rate {
+            tokens: RATE_BURST,
+            at: now,
+        });
+        r.tokens =
+            (r.tokens + now.duration_since(r.at).as_secs_f64() * RATE_PER_SEC).min(RATE_BURST);
+        r.at = now;
+        if r.tokens >= 1.0 {
+            r.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn capture(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        all: bool,
+        deadline: Instant,
+    ) -> Result<Captured, String> {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the Python stack was not read: the stack reader was busy past the {}ms deadline",
+                CAPTURE_DEADLINE.as_millis()
             ));
         }
-    };
-    let tids = os_tids(spy, &traces);
-    pick(pid, tid, all, &traces, &tids)
-}
+        if let Some(why) = self.quarantined.get(&pid) {
+            return Err(why.clone());
+        }
+        let master = super::proc::ppid(pid).unwrap_or(pid);
+        if !self.allowed(master) {
+            return Err(format!(
+                "the Python stack was not read: the workers of master {master} asked for more than {RATE_PER_SEC} stacks a second (after a burst of {RATE_BURST})"
+            ));
+        }
+        proto::from_reply(self.call(Request::Capture { pid, tid, all }, deadline)?)
+    }
 
-/// Each trace's OS thread id. Python 3.11+ records it; 3.9 and 3.10 keep
-/// only the pthread handle (the Python thread id), so the tid is read from
-/// glibc's `struct pthread` there (x86_64 only), and kept only when it is
-/// one of the process's threads and no other Python thread claims it.
-fn os_tids(spy: &PythonSpy, traces: &[StackTrace]) -> Vec<Option<u32>> {
-    let tasks: Vec<u32> = match spy.process.threads() {
-        Ok(ts) => ts
-            .iter()
-            .filter_map(|t| t.id().ok())
-            .map(|t| t as u32)
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    let read = |handle: u64| pthread_tid(spy, handle);
-    map_tids(traces, &tasks, read)
-}
-
-#[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
-fn pthread_tid(spy: &PythonSpy, handle: u64) -> Option<u32> {
-    use remoteprocess::ProcessMemory;
-    /// Offset of `tid` in glibc's `struct pthread` on x86_64.
-    const PTHREAD_TID: u64 = 0x2d0;
-    let tid: i32 = spy
-        .process
-        .copy_struct(handle.checked_add(PTHREAD_TID)? as usize)
-        .ok()?;
-    u32::try_from(tid).ok()
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_env = "gnu")))]
-fn pthread_tid(_: &PythonSpy, _: u64) -> Option<u32> {
-    None
-}
-
-/// The OS thread id of each trace: the recorded one, else `read` from its
-/// Python thread id, kept only if it is in `tasks` and unique.
-fn map_tids(
-    traces: &[StackTrace],
-    tasks: &[u32],
-    read: impl Fn(u64) -> Option<u32>,
-) -> Vec<Option<u32>> {
-    let found: Vec<Option<u32>> = traces
-        .iter()
-        .map(|t| match t.os_thread_id {
-            Some(id) => u32::try_from(id).ok(),
-            None => read(t.thread_id).filter(|tid| tasks.contains(tid)),
-        })
-        .collect();
-    found
-        .iter()
-        .map(|t| t.filter(|t| found.iter().filter(|o| **o == Some(*t)).count() == 1))
-        .collect()
-}
-
-fn frames_of(t: &StackTrace) -> (Vec<PyFrame>, u64) {
-    let frames: Vec<PyFrame> = t
-        .frames
-        .iter()
-        .take(MAX_FRAMES)
-        .map(|f| PyFrame {
-            function: f.name.clone(),
-            file: f.filename.clone(),
-            line: u32::try_from(f.line).ok().filter(|l| *l > 0),
-        })
-        .collect();
-    (frames, t.frames.len().saturating_sub(MAX_FRAMES) as u64)
-}
-
-/// The stack of OS thread `tid` among `traces` (`tids[i]` is trace i's
-/// OS thread), and the others' with `all`.
-fn pick(
-    pid: u32,
-    tid: u32,
-    all: bool,
-    traces: &[StackTrace],
-    tids: &[Option<u32>],
-) -> Result<Captured, String> {
-    let Some(i) = tids.iter().position(|t| *t == Some(tid)) else {
-        let unknown = tids.iter().filter(|t| t.is_none()).count();
-        return Err(if unknown > 0 {
-            format!(
-                "thread {tid}'s Python stack is not known: {unknown} of the {} Python threads of process {pid} have no known OS thread id (Python before 3.11 does not record it, and it could not be read from the thread's pthread)",
-                traces.len()
-            )
-        } else {
-            format!(
-                "thread {tid} runs no Python code: it is not one of the {} Python threads of process {pid}",
-                traces.len()
-            )
-        });
-    };
-    let (frames, omitted) = frames_of(&traces[i]);
-    let others = all.then(|| {
-        traces
-            .iter()
-            .zip(tids)
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .take(MAX_THREADS)
-            .map(|(_, (t, tid))| {
-                let (frames, omitted) = frames_of(t);
-                PyThread {
-                    tid: *tid,
-                    frames,
-                    omitted,
+    /// Sends `req` to the helper (started anew if it is not running) and
+    /// waits for its answer until `deadline`. A helper late past it is
+    /// killed, and the process it was reading is not read again.
+    fn call(&mut self, req: Request, deadline: Instant) -> Result<Reply, String> {
+        for _ in 0..2 {
+            if self.helper.as_mut().is_none_or(|h| h.exited()) {
+                self.helper = None;
+                self.helper =
+                    Some(Helper::spawn(&self.program).map_err(|e| {
+                        format!("the Python stack helper could not be started: {e}")
+                    })?);
+            }
+            let h = self.helper.as_mut().expect("started above");
+            match h.call(req, deadline) {
+                Ok(r) => return Ok(r),
+                // Not delivered: a new helper gets it.
+                Err(CallError::NotSent) => self.helper = None,
+                Err(CallError::Gone(why)) => {
+                    self.helper = None;
+                    return Err(format!(
+                        "the Python stack helper stopped while reading ({why}); it is restarted"
+                    ));
                 }
-            })
-            .collect()
-    });
-    Ok(Captured {
-        frames,
-        omitted,
-        others,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn trace(thread_id: u64, os: Option<u64>, depth: usize) -> StackTrace {
-        StackTrace {
-            pid: 1,
-            thread_id,
-            thread_name: None,
-            os_thread_id: os,
-            active: true,
-            owns_gil: false,
-            frames: (0..depth)
-                .map(|i| py_spy::Frame {
-                    name: format!("f{i}"),
-                    filename: "/srv/app.py".into(),
-                    module: None,
-                    short_filename: None,
-                    line: i as i32,
-                    locals: None,
-                    is_entry: false,
-                    is_shim_entry: false,
-                })
-                .collect(),
-            process_info: None,
-        }
-    }
-
-    #[test]
-    fn the_stalled_thread_is_picked_by_os_thread_id_and_bounded() {
-        let traces = [trace(7, Some(100), 3), trace(8, Some(101), 200)];
-        let tids = map_tids(&traces, &[], |_| None);
-        let c = pick(100, 101, false, &traces, &tids).unwrap();
-        assert_eq!(c.frames.len(), MAX_FRAMES);
-        assert_eq!(c.omitted, 200 - MAX_FRAMES as u64);
-        assert_eq!(c.frames[0].function, "f0", "innermost first");
-        assert_eq!(c.frames[0].line, None, "line 0 is unknown");
-        assert_eq!(c.frames[1].line, Some(1));
-        assert_eq!(c.others, None);
-        let c = pick(100, 100, true, &traces, &tids).unwrap();
-        assert_eq!(c.frames.len(), 3);
-        let others = c.others.unwrap();
-        assert_eq!(others.len(), 1);
-        assert_eq!(others[0].tid, Some(101));
-    }
-
-    #[test]
-    fn all_threads_are_capped() {
-        let traces: Vec<_> = (0..100).map(|i| trace(i, Some(1000 + i), 1)).collect();
-        let tids = map_tids(&traces, &[], |_| None);
-        let c = pick(1000, 1000, true, &traces, &tids).unwrap();
-        assert_eq!(c.others.unwrap().len(), MAX_THREADS);
-    }
-
-    #[test]
-    fn a_thread_without_python_is_said_so_and_an_unmapped_one_is_unknown() {
-        let traces = [trace(7, Some(100), 3)];
-        let tids = map_tids(&traces, &[], |_| None);
-        let e = pick(100, 102, false, &traces, &tids).unwrap_err();
-        assert!(e.contains("thread 102 runs no Python code"), "{e}");
-        // 3.10: no recorded id, and its pthread gave none.
-        let traces = [trace(7, None, 3)];
-        let tids = map_tids(&traces, &[100], |_| None);
-        let e = pick(100, 100, false, &traces, &tids).unwrap_err();
-        assert!(e.contains("not known"), "{e}");
-        assert!(!e.contains("runs no Python code"), "{e}");
-    }
-
-    #[test]
-    fn before_3_11_the_tid_read_from_the_pthread_is_kept_only_if_it_is_a_unique_thread_of_the_process()
-     {
-        let traces = [trace(0x7f00, None, 1), trace(0x7f10, None, 1)];
-        let read = |h: u64| Some(if h == 0x7f00 { 100 } else { 101 });
-        assert_eq!(
-            map_tids(&traces, &[100, 101], read),
-            vec![Some(100), Some(101)]
-        );
-        // 101 is not a thread of the process: not trusted.
-        assert_eq!(map_tids(&traces, &[100], read), vec![Some(100), None]);
-        // Both claim 100: neither is trusted.
-        assert_eq!(map_tids(&traces, &[100], |_| Some(100)), vec![None, None]);
-    }
-
-    #[test]
-    fn long_errors_are_cut() {
-        let e = anyhow::anyhow!("x".repeat(5000));
-        let s = bounded_error("reading failed", &e);
-        assert!(s.len() <= MAX_ERROR + 3, "{}", s.len());
-        assert!(s.starts_with("reading failed: x"));
-    }
-
-    /// Real interpreters (not the tracer): each Python thread's stack is
-    /// found under the OS thread id it reports itself, on every CPython
-    /// given in PYSTACK_PYTHONS (default: /usr/bin/python3), and prints
-    /// what set-up and a capture cost. Run with `--ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn real_pythons_map_every_thread_to_its_os_thread_id() {
-        use std::io::{BufRead, BufReader};
-        let pythons = std::env::var("PYSTACK_PYTHONS").unwrap_or("/usr/bin/python3".into());
-        let script = "import os, sys, threading\n\
-            def block(r):\n    os.read(r, 1)\n\
-            pipes = [os.pipe() for _ in range(3)]\n\
-            for r, w in pipes[1:]:\n    threading.Thread(target=block, args=(r,), daemon=True).start()\n\
-            import time; time.sleep(0.2)\n\
-            print(sys.version.split()[0], *[t.native_id for t in threading.enumerate()], flush=True)\n\
-            block(pipes[0][0])\n";
-        for py in pythons.split(',') {
-            let mut child = std::process::Command::new(py)
-                .args(["-c", script])
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            let mut words = line.split_whitespace();
-            let version = words.next().unwrap().to_string();
-            let mut native: Vec<u32> = words.map(|w| w.parse().unwrap()).collect();
-            native.sort();
-            let pid = child.id();
-            let t0 = Instant::now();
-            let mut spy = open(pid).unwrap();
-            let setup = t0.elapsed();
-            let mut times = Vec::new();
-            let mut tids = Vec::new();
-            let mut traces = Vec::new();
-            for _ in 0..20 {
-                let t0 = Instant::now();
-                traces = spy.get_stack_traces().unwrap();
-                tids = os_tids(&spy, &traces);
-                times.push(t0.elapsed());
+                Err(CallError::Late) => {
+                    self.helper = None;
+                    let (pid, what) = match req {
+                        Request::Open { pid } => (pid, "setting up the stack reader of"),
+                        Request::Capture { pid, .. } | Request::Forget { pid } => {
+                            (pid, "reading the Python stack of")
+                        }
+                    };
+                    let why = format!(
+                        "the Python stack of process {pid} is not read: {what} it outlived its deadline once, so the helper was stopped and restarted, and this process is not read again"
+                    );
+                    if self.quarantined.len() < MAX_QUARANTINED {
+                        self.quarantined.insert(pid, why.clone());
+                    }
+                    return Err(why);
+                }
             }
-            times.sort();
-            let _ = child.kill();
-            let _ = child.wait();
-            let mut got: Vec<u32> = tids.iter().map(|t| t.unwrap()).collect();
-            got.sort();
-            assert_eq!(got, native, "python {version}");
-            for (t, tid) in traces.iter().zip(&tids) {
-                let c = pick(pid, tid.unwrap(), false, &traces, &tids).unwrap();
-                assert_eq!(c.frames[0].function, "block", "python {version}: {t:?}");
-            }
-            println!(
-                "python {version}: set-up {setup:?}, capture of {} threads median {:?} max {:?}",
-                traces.len(),
-                times[times.len() / 2],
-                times[times.len() - 1]
-            );
         }
+        Err("the Python stack helper could not be sent the request".into())
     }
 }

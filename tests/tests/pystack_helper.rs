@@ -1,0 +1,250 @@
+//! Issue 19 item 5: Python stacks are read by a helper process the tracer
+//! starts and owns, with no privilege but CAP_SYS_PTRACE, so a target that
+//! controls its memory map and its files cannot make the reader open a
+//! FIFO (and hang) or a file outside its root, and a reader that dies is
+//! replaced. Real Gunicorn, the real tracer, real BPF, as root.
+use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tests::*;
+
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("tracer-pystack-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(d)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Counts opens of the files it watches (inotify IN_OPEN): an open with
+/// O_PATH (which runs no driver and reads nothing) is not one.
+struct OpenWatch(i32);
+
+impl OpenWatch {
+    fn new(paths: &[&PathBuf]) -> OpenWatch {
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        for p in paths {
+            let c = CString::new(p.to_str().unwrap()).unwrap();
+            let wd = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_OPEN) };
+            assert!(wd >= 0, "watching {}", p.display());
+        }
+        OpenWatch(fd)
+    }
+
+    /// Open events so far.
+    fn opens(&self) -> usize {
+        let mut buf = [0u8; 4096];
+        let mut n = 0;
+        loop {
+            let r = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+            if r <= 0 {
+                return n;
+            }
+            // Each event is a 16-byte header plus its (here empty) name.
+            let mut off = 0usize;
+            while off + 16 <= r as usize {
+                let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap());
+                n += 1;
+                off += 16 + len as usize;
+            }
+        }
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// The tracer's child that reads stacks (its command line names the hidden
+/// subcommand), once there is one.
+fn helper_of(tracer: u32) -> u32 {
+    eventually("the stack helper", Duration::from_secs(10), || {
+        let tasks = std::fs::read_dir(format!("/proc/{tracer}/task")).ok()?;
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .find(|c| {
+                std::fs::read(format!("/proc/{c}/cmdline"))
+                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("__pystack-helper"))
+            })
+    })
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {s}"))
+        .trim()
+        .to_string()
+}
+
+fn gevent_stalls(
+    pids: &StallPids,
+    workers: usize,
+    conf: Option<(&str, &PathBuf, &PathBuf)>,
+) -> GunicornProc {
+    let mut g = Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .workers(workers)
+        .timeout(60)
+        .env("STALL_PID_FILE", pids.path());
+    if let Some((file, dir, target)) = conf {
+        g = g
+            .config(file)
+            .env("HOSTILE_LIB_DIR", dir)
+            .env("HOSTILE_LIB_TARGET", target);
+    }
+    g.spawn()
+}
+
+fn stall_of(t: &mut Tracer, pid: u32) -> Value {
+    t.wait_for("stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == pid
+    })
+    .1
+}
+
+/// The map of every worker of two masters names a deleted
+/// "libpython3.11.so" whose path holds a planted symlink: to a FIFO nobody
+/// writes to (whose open would block for good), and to a host file. Their
+/// stalls say why no stack was read, briefly; neither file is opened; and
+/// a third master's stall, after them, still carries its stack.
+#[test]
+fn a_deleted_library_symlinked_to_a_fifo_or_a_host_file_is_not_opened_and_stacks_still_come() {
+    require_root();
+    let s = Scratch::new("hostile");
+    let fifo = s.path("fifo");
+    let c = CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+    let secret = s.path("host-secret");
+    std::fs::write(&secret, "not the target's to hand out\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let watch = OpenWatch::new(&[&fifo, &secret]);
+
+    let (fp, hp, np) = (
+        StallPids::new("hostile-fifo"),
+        StallPids::new("hostile-file"),
+        StallPids::new("hostile-none"),
+    );
+    // Two workers on the FIFO: an in-process reader with two threads that
+    // opens the path as each worker is found is left with none.
+    let gf = gevent_stalls(&fp, 2, Some(("hostile_lib_conf.py", &s.path("f"), &fifo)));
+    let gh = gevent_stalls(&hp, 1, Some(("hostile_lib_conf.py", &s.path("h"), &secret)));
+    let gn = gevent_stalls(&np, 1, None);
+    let (a, b, n) = (
+        gf.pid().to_string(),
+        gh.pid().to_string(),
+        gn.pid().to_string(),
+    );
+    let mut t = Tracer::start_without_py_spy(&["--pid", &a, "--pid", &b, "--pid", &n]);
+    // Each worker found (and its reader set up) before the stalls.
+    t.wait_count("workers", 4, Duration::from_secs(10), |e| {
+        e["event"] == "worker"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    let _c1 = get_async(gf.port, "/pipe?secs=3", Duration::from_secs(30));
+    let (wf, _) = fp.wait_nth(0);
+    let _c2 = get_async(gh.port, "/pipe?secs=3", Duration::from_secs(30));
+    let (wh, _) = hp.wait_nth(0);
+    for w in [wf, wh] {
+        let stall = stall_of(&mut t, w);
+        assert_eq!(stall.get("py_stack"), None, "{stall}");
+        let e = stall["py_stack_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{stall}"));
+        assert!(e.contains("deleted"), "{e}");
+        assert!(e.len() <= 400, "bounded: {e}");
+    }
+
+    let _c3 = get_async(gn.port, "/pipe?secs=3", Duration::from_secs(30));
+    let (wn, _) = np.wait_nth(0);
+    let stall = stall_of(&mut t, wn);
+    assert!(has_frame(&stall, "pipe_read", "stall_app.py"), "{stall}");
+    assert_eq!(stall.get("py_stack_error"), None, "{stall}");
+
+    assert_eq!(watch.opens(), 0, "the FIFO or the host file was opened");
+    assert!(alive(t.pid()));
+    t.stop();
+}
+
+/// The helper runs as nobody, with CAP_SYS_PTRACE alone effective (bit
+/// 19), CAP_DAC_READ_SEARCH (bit 2) only permitted (raised while a reader
+/// is set up), no new privileges, an address-space limit of 256 MiB and
+/// no processes.
+#[test]
+fn the_stack_helper_runs_as_nobody_with_only_cap_sys_ptrace_effective() {
+    require_root();
+    let t = Tracer::start_without_py_spy(&[]);
+    let h = helper_of(t.pid());
+    assert_eq!(status_field(h, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(h, "Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(h, "Groups"), "");
+    assert_eq!(status_field(h, "CapEff"), "0000000000080000");
+    for caps in ["CapPrm", "CapBnd"] {
+        assert_eq!(status_field(h, caps), "0000000000080004", "{caps}");
+    }
+    assert_eq!(status_field(h, "CapInh"), "0000000000000000");
+    assert_eq!(status_field(h, "CapAmb"), "0000000000000000");
+    assert_eq!(status_field(h, "NoNewPrivs"), "1");
+    let limits = std::fs::read_to_string(format!("/proc/{h}/limits")).unwrap();
+    let limit = |name: &str| {
+        let l = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        l[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        limit("Max address space"),
+        "268435456 268435456",
+        "{limits}"
+    );
+    assert_eq!(limit("Max processes"), "0 0", "{limits}");
+}
+
+/// Killing the helper: a new one is started, and a stall after that
+/// carries its stack.
+#[test]
+fn a_killed_stack_helper_is_restarted_and_later_stalls_still_get_stacks() {
+    require_root();
+    let pids = StallPids::new("helperkill");
+    let g = gevent_stalls(&pids, 1, None);
+    let mut t = Tracer::start_without_py_spy(&["--pid", &g.pid().to_string()]);
+    let first = helper_of(t.pid());
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    let _client = get_async(g.port, "/pipe?secs=3", Duration::from_secs(30));
+    let (w, _) = pids.wait_nth(0);
+    let stall = stall_of(&mut t, w);
+    assert!(has_frame(&stall, "pipe_read", "stall_app.py"), "{stall}");
+    let second = helper_of(t.pid());
+    assert_ne!(first, second);
+    assert!(alive(t.pid()));
+    t.stop();
+}
