@@ -7,14 +7,26 @@ use super::{
     where_without_syscall, which_thread,
 };
 use crate::model::{
-    CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, MasterConfig, Outcome,
-    Output, Role, Setting, SettingSource, Source, StallReport, StallState, WorkerClass,
+    Basis, CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, MasterConfig,
+    Outcome, Output, Role, Setting, SettingSource, Source, StallReport, StallState, WorkerClass,
     version_string,
 };
 
-/// `  likely: ...` and `  fix: ...` under an event line.
+/// `  likely: ...` (inferred from the wait) or `  cause: ...` (a frame of
+/// the stack names it) and `  fix: ...` under an event line. A cause may
+/// quote the traced process's frames: sanitized.
 fn cause_lines(c: &crate::model::Cause) -> String {
-    format!("\n{:>23}likely: {}\n{:>23}fix: {}", "", c.cause, "", c.fix)
+    let label = match &c.evidence {
+        Some(e) if e.basis == Basis::Frame => "cause, from the stack",
+        _ => "likely",
+    };
+    format!(
+        "\n{:>23}{label}: {}\n{:>23}fix: {}",
+        "",
+        sanitize(&c.cause),
+        "",
+        sanitize(&c.fix)
+    )
 }
 
 fn stall_details(s: &StallReport) -> String {
@@ -216,7 +228,7 @@ fn loop_line(pid: u32, wait: &str, fd: Option<i32>, nfds: Option<u32>) -> String
 }
 
 fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallReport>) -> String {
-    format!(
+    let mut l = format!(
         "TIMEOUT  master {master_pid} sent {signal} to worker {pid} (Gunicorn WORKER TIMEOUT){}",
         stall
             .as_ref()
@@ -228,7 +240,12 @@ fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallRep
             .unwrap_or_else(
                 || ": no stall of its loop thread was seen in the timeout window".into()
             )
-    )
+    );
+    // The stalled thread's stack, as under its STALL line.
+    for line in stall.iter().flat_map(super::pystack::stall_lines) {
+        l.push_str(&format!("\n{:>23}{line}", ""));
+    }
+    l
 }
 
 fn early_close_line(e: &EarlyClose) -> String {
