@@ -747,3 +747,125 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{End, FdKind, Peer, PyFrame, Role};
+
+    fn frame(function: &str, file: &str, line: u32) -> PyFrame {
+        PyFrame {
+            function: function.into(),
+            file: file.into(),
+            line: Some(line),
+        }
+    }
+
+    /// The seed's hang as the correlator reports it, before its stack.
+    fn hang(start_ns: u64) -> StallReport {
+        let mut s = StallReport {
+            pid: 7,
+            tid: 7,
+            role: Role::Worker,
+            syscall: Some("read".into()),
+            fd_kind: FdKind::Pipe,
+            count: Some(4),
+            peers: vec![Peer {
+                pid: 7,
+                comm: "gunicorn".into(),
+                fd: 12,
+                end: End::Write,
+            }],
+            worker_class: Some("gevent".into()),
+            start_ns,
+            ..Default::default()
+        };
+        s.cause = signatures::identify(&s);
+        s
+    }
+
+    fn captured() -> pystack::Captured {
+        pystack::Captured {
+            frames: vec![
+                frame(
+                    "Queue.get",
+                    "/usr/lib/python3.11/multiprocessing/queues.py",
+                    103,
+                ),
+                frame("enqueue_and_wait", "/srv/hang_app.py", 22),
+            ],
+            omitted: 0,
+            others: None,
+        }
+    }
+
+    fn timeout(stall: StallReport) -> Output {
+        Output::WorkerTimeout {
+            ts_ns: 1,
+            pid: 7,
+            master_pid: 1,
+            signal: "SIGABRT".into(),
+            stall: Some(stall),
+            container: None,
+        }
+    }
+
+    fn timeout_stall(o: Output) -> StallReport {
+        match o {
+            Output::WorkerTimeout { stall: Some(s), .. } => s,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stack_attached_later_judges_the_cause_again_from_its_frame() {
+        let before = hang(5);
+        let basis = |s: &StallReport| s.cause.as_ref().unwrap().evidence.clone().unwrap().basis;
+        assert_eq!(basis(&before), crate::model::Basis::Inferred);
+        let Output::Stall { report, .. } = with_stack(
+            Output::Stall {
+                ts_ns: 1,
+                report: before.clone(),
+            },
+            Ok(captured()),
+        ) else {
+            panic!()
+        };
+        assert_eq!(basis(&report), crate::model::Basis::Frame);
+        assert!(report.cause.unwrap().cause.contains("in Queue.get"));
+        // A stack that could not be read leaves the inferred cause.
+        let Output::Stall { report, .. } = with_stack(
+            Output::Stall {
+                ts_ns: 1,
+                report: before,
+            },
+            Err("gone".into()),
+        ) else {
+            panic!()
+        };
+        assert_eq!(basis(&report), crate::model::Basis::Inferred);
+        assert_eq!(report.py_stack_error.as_deref(), Some("gone"));
+    }
+
+    #[test]
+    fn a_worker_timeout_carries_the_stack_of_the_stall_it_blames_and_no_other() {
+        let mut kept = StallStacks::default();
+        let mut seen = hang(5);
+        attach_stack(&mut seen, Ok(captured()));
+        kept.keep(&seen);
+        // The correlator's copy of the stall (no stack), judged at the kill.
+        let s = timeout_stall(kept.attach(timeout(hang(5))));
+        assert_eq!(s.py_stack, Some(captured().frames));
+        let e = s.cause.unwrap().evidence.unwrap();
+        assert_eq!(e.frame.unwrap().function, "Queue.get");
+        // Another stall of the same thread (a later call) has no stack kept:
+        // said, not borrowed from the earlier one.
+        let s = timeout_stall(kept.attach(timeout(hang(9))));
+        assert_eq!(s.py_stack, None);
+        assert!(s.py_stack_error.unwrap().contains("no stack was read"));
+        // Forgotten with its process.
+        kept.forget(7);
+        let s = timeout_stall(kept.attach(timeout(hang(5))));
+        assert_eq!(s.py_stack, None);
+    }
+}

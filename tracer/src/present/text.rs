@@ -696,6 +696,75 @@ mod tests {
     }
 
     #[test]
+    fn the_timeout_line_prints_its_stalls_stack_and_a_cause_says_its_basis() {
+        let frames = vec![
+            crate::model::PyFrame {
+                function: "Queue.get".into(),
+                file: "/usr/lib/python3.11/multiprocessing/queues.py".into(),
+                line: Some(103),
+            },
+            crate::model::PyFrame {
+                function: "enqueue_and_wait\x1b[2J".into(),
+                file: "/srv/hang_app.py".into(),
+                line: Some(22),
+            },
+        ];
+        let mut s = StallReport {
+            worker_class: Some("gevent".into()),
+            ..report()
+        };
+        let kill = |s: &StallReport| {
+            text_line(
+                &Output::WorkerTimeout {
+                    ts_ns: 0,
+                    pid: 7,
+                    master_pid: 1,
+                    signal: "SIGABRT".into(),
+                    stall: Some(s.clone()),
+                    container: None,
+                },
+                &Clock::fixed(0),
+            )
+        };
+        // No stack read (--no-py-stack): no python line.
+        assert!(!kill(&s).contains("python"), "{}", kill(&s));
+        s.py_stack = Some(frames);
+        let t = kill(&s);
+        assert!(
+            t.contains(
+                "python: in multiprocessing/queues.py:103 in Queue.get, called from the app at:"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("/srv/hang_app.py:22 in enqueue_and_wait?[2J"),
+            "{t}"
+        );
+        // A cause from a frame is labelled so; an inferred one is "likely".
+        s.cause = crate::analysis::signatures::identify(&s);
+        let stall = |s: &StallReport| {
+            text_line(
+                &Output::Stall {
+                    ts_ns: 0,
+                    report: s.clone(),
+                },
+                &Clock::fixed(0),
+            )
+        };
+        let t = stall(&s);
+        assert!(t.contains("cause, from the stack: multiprocessing.Queue.get() at multiprocessing/queues.py:103 in Queue.get"), "{t}");
+        assert!(!t.contains('\x1b'), "frames are sanitized: {t:?}");
+        s.py_stack = None;
+        s.cause = crate::analysis::signatures::identify(&s);
+        let t = stall(&s);
+        assert!(
+            t.contains("likely: multiprocessing.Queue.get() in a gevent worker"),
+            "{t}"
+        );
+        assert!(!t.contains("from the stack"), "{t}");
+    }
+
+    #[test]
     fn process_lines_say_how_each_was_found() {
         let c = Clock::fixed(0);
         let line = |pid, master_pid, role, source| {
