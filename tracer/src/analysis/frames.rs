@@ -352,7 +352,7 @@ fn caller_of_c(s: &StallReport, at: &str) -> Option<(&'static str, String, Cow<'
         return Some((
             "thread_lock_wait",
             format!(
-                "waiting on a lock (threading.Lock.acquire, RLock, or a lock inside a C extension) called at {at}: another thread holds it"
+                "waiting on a lock (threading.Lock.acquire, RLock, or a lock inside a C extension) called at {at}: another thread holds it, or has not signalled"
             ),
             fix,
         ));
