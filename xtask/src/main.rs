@@ -151,6 +151,7 @@ fn test(filter: Option<String>) -> Result<()> {
         ],
         "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks; promtool and prometheus for the alert rules and the dashboard's queries)",
     )?;
+    setup::postgresql()?;
     let helm = setup::helm()?;
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();

@@ -17,6 +17,7 @@ const PY_PACKAGES: &[&str] = &[
     "kubernetes-validate==1.37.0",
     "uvicorn==0.54.0",
     "uvicorn-worker==0.4.0",
+    "psycopg2-binary==2.9.13",
 ];
 
 fn is_root() -> bool {
@@ -139,11 +140,12 @@ pub fn toolchain() -> Result<()> {
 }
 
 /// The Python virtualenv under target/ with pinned Gunicorn, gevent and
-/// Uvicorn's worker (the worker classes the tests run).
+/// Uvicorn's worker (the worker classes the tests run), and psycopg2 (the
+/// driver whose wait on a real PostgreSQL a test names).
 pub fn venv() -> Result<PathBuf> {
     let dir = root().join("target/venv");
     let py = dir.join("bin/python");
-    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') and m.version('py-spy') == '0.4.3' and m.version('kubernetes-validate') == '1.37.0' and m.version('uvicorn') == '0.54.0' and m.version('uvicorn-worker') == '0.4.0' else 1)";
+    let check = "import importlib.metadata as m, sys; sys.exit(0 if m.version('gunicorn') == '27.0.1' and m.version('gevent') == '26.9.0' and m.version('packaging') and m.version('py-spy') == '0.4.3' and m.version('kubernetes-validate') == '1.37.0' and m.version('uvicorn') == '0.54.0' and m.version('uvicorn-worker') == '0.4.0' and m.version('psycopg2-binary') == '2.9.13' else 1)";
     if output_ok(Command::new(&py).args(["-c", check])).is_some() {
         return Ok(dir);
     }
@@ -160,6 +162,21 @@ pub fn venv() -> Result<PathBuf> {
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(PY_PACKAGES))?;
     Ok(dir)
+}
+
+/// Debian's PostgreSQL 15 server (its initdb and pg_ctl, which are not on
+/// PATH): a test starts a throwaway cluster of its own on a free port and
+/// names a psycopg2 query's wait on it.
+pub const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub fn postgresql() -> Result<()> {
+    if Path::new(POSTGRES_BIN).join("initdb").exists() {
+        return Ok(());
+    }
+    apt_install(
+        &["postgresql"],
+        "the psycopg2 end-to-end test (a throwaway PostgreSQL 15 cluster)",
+    )
 }
 
 /// helm v3: Debian has no package. The npm package

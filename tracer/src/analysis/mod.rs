@@ -19,6 +19,7 @@ mod closes;
 mod correlator;
 mod cpu;
 mod exits;
+pub mod frames;
 mod hung;
 mod lifecycle;
 mod races;
@@ -30,6 +31,8 @@ pub mod syscalls;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+#[cfg(test)]
+mod frame_signature_tests;
 #[cfg(test)]
 mod request_tests;
 #[cfg(test)]

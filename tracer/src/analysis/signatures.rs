@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 
 use crate::model::{
-    Cause, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause, ExitReport, FdKind,
-    MasterSettings, NoWriterThread, StallReport, StallState, no_other_writer,
+    Cause, CauseEvidence, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause, ExitReport,
+    FdKind, MasterSettings, NoWriterThread, StallReport, StallState, no_other_writer,
 };
 
 /// One known cause of a stall (`T` = StallReport) or of an early close
@@ -18,20 +18,24 @@ pub struct Signature<T> {
 }
 
 /// The first signature that matches: lists go from specific to general.
-fn first_match<T>(signatures: &[Signature<T>], x: &T) -> Option<Cause> {
+fn first_match<'a, T: 'a>(
+    signatures: impl IntoIterator<Item = &'a Signature<T>>,
+    x: &T,
+) -> Option<Cause> {
     signatures
-        .iter()
+        .into_iter()
         .find(|sig| (sig.matches)(x))
         .map(|sig| Cause {
             id: sig.id,
             cause: Cow::Borrowed(sig.cause),
             fix: Cow::Borrowed(sig.fix),
+            evidence: None,
         })
 }
 
 /// How a worker class runs requests: what a blocked loop thread means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flavor {
+pub(super) enum Flavor {
     /// gevent or eventlet: greenlets on one hub.
     Gevent,
     /// An asyncio loop (Uvicorn's worker).
@@ -47,7 +51,7 @@ enum Flavor {
 
 /// The flavor of the stalled worker's class: named by a setting or
 /// inferred from the worker (never Gunicorn's default assumed).
-fn flavor(s: &StallReport) -> Flavor {
+pub(super) fn flavor(s: &StallReport) -> Flavor {
     let class = s.worker_class.as_ref().filter(|c| c.is_known());
     match class.map(|c| c.name.as_str()) {
         Some("gevent" | "eventlet" | "gevent_wsgi" | "gevent_pywsgi") => Flavor::Gevent,
@@ -314,6 +318,7 @@ fn leaked_cause(version: Option<(u32, u32, u32)>) -> Cause {
         id: "leaked_socket_timeout",
         cause: Cow::Owned(cause),
         fix: Cow::Owned(fix),
+        evidence: None,
     }
 }
 
@@ -358,6 +363,7 @@ fn died_mid_request(e: &EarlyClose) -> Option<Cause> {
         id,
         cause: Cow::Owned(cause),
         fix: Cow::Borrowed(fix),
+        evidence: None,
     };
     let lost = "with the request in flight, so the client got nothing";
     match e.dying.as_ref() {
@@ -457,6 +463,7 @@ fn exited_mid_request(
         id,
         cause: Cow::Owned(cause),
         fix: Cow::Borrowed(fix),
+        evidence: None,
     }
 }
 
@@ -481,10 +488,36 @@ pub fn identify_close(e: &EarlyClose) -> Option<Cause> {
     identify_close_with(e, &MasterSettings::default())
 }
 
+/// The cause of a stall from all its report holds. A wait on one lock
+/// since before the first heartbeat is judged by its timing first; then a
+/// frame of the stalled thread's Python stack, when one names a known
+/// library (it wins over a port or an fd's shape); then the kernel's
+/// evidence alone, said as inferred. Called again when the stack arrives
+/// after the stall was reported.
 pub fn identify(s: &StallReport) -> Option<Cause> {
-    first_match(FIRST, s)
+    let (boot, rest) = FIRST.split_at(2);
+    if let Some(c) = first_match(boot, s) {
+        return Some(inferred(c));
+    }
+    if let Some(c) = super::frames::identify(s) {
+        return Some(c);
+    }
+    // A 4-byte pipe read is multiprocessing.Queue.get() only by its shape:
+    // with the Python code around it known, only its frame says so.
+    let guess = |sig: &&Signature<StallReport>| {
+        !(sig.id == "multiprocessing_queue_gevent" && super::frames::stack_known(s))
+    };
+    first_match(rest.iter().filter(guess), s)
         .or_else(|| waits_on_service(s))
         .or_else(|| first_match(SIGNATURES, s))
+        .map(inferred)
+}
+
+fn inferred(c: Cause) -> Cause {
+    Cause {
+        evidence: Some(CauseEvidence::inferred()),
+        ..c
+    }
 }
 
 /// A well-known server port, what blocks on it, and the fixes.
@@ -631,5 +664,6 @@ fn waits_on_service(s: &StallReport) -> Option<Cause> {
         id: svc.id,
         cause: Cow::Owned(cause),
         fix,
+        evidence: None,
     })
 }

@@ -12,13 +12,13 @@ use super::metrics_server::Shared;
 use super::sink::Sink;
 use super::sockets::SocketWatch;
 use super::targets::Target;
-use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
+use crate::analysis::{Correlator, Enricher, NewProcess, signatures, syscalls};
 use crate::host::waits::{self, Multiplexer};
 use crate::host::{bounded, container, gunicorn, heartbeat, memcg, proc, pystack, threads};
 use crate::kernel::Probes;
 use crate::model::{
     BlockedThread, Container, FdInfo, KernelEvent, LoopWait, Losses, MemoryCgroup, Output, Role,
-    Sample, Source, ThreadCpu, ThreadNow, WokeBy,
+    Sample, Source, StallReport, ThreadCpu, ThreadNow, WokeBy,
 };
 use crate::present::{self, metrics};
 
@@ -147,10 +147,9 @@ impl Enricher for ProcEnricher {
     }
 }
 
-fn with_stack(o: Output, r: Result<pystack::Captured, String>) -> Output {
-    let Output::Stall { ts_ns, mut report } = o else {
-        return o;
-    };
+/// Attaches a stall's Python stack (or why it was not read) to its report,
+/// and judges its cause again: a frame of the stack names it when it can.
+fn attach_stack(report: &mut StallReport, r: Result<pystack::Captured, String>) {
     match r {
         Ok(c) => {
             report.py_stack = Some(c.frames);
@@ -159,7 +158,92 @@ fn with_stack(o: Output, r: Result<pystack::Captured, String>) -> Output {
         }
         Err(e) => report.py_stack_error = Some(e),
     }
+    report.cause = signatures::identify(report);
+}
+
+fn with_stack(o: Output, r: Result<pystack::Captured, String>) -> Output {
+    let Output::Stall { ts_ns, mut report } = o else {
+        return o;
+    };
+    attach_stack(&mut report, r);
     Output::Stall { ts_ns, report }
+}
+
+/// The stacks attached to the latest stalls, kept for the worker_timeout
+/// that blames one of them (its stack is the stall's, read while the thread
+/// was blocked: one read at the kill would find the signal's handler).
+#[derive(Default)]
+pub struct StallStacks(VecDeque<StallStack>);
+
+struct StallStack {
+    pid: u32,
+    tid: u32,
+    start_ns: u64,
+    stack: Result<pystack::Captured, String>,
+}
+
+/// Stall stacks kept, at most: a timeout blames a stall of the last
+/// --timeout seconds.
+const STALL_STACKS_KEPT: usize = 256;
+
+impl StallStacks {
+    fn keep(&mut self, s: &StallReport) {
+        let stack = match (&s.py_stack, &s.py_stack_error) {
+            (Some(frames), _) => Ok(pystack::Captured {
+                frames: frames.clone(),
+                omitted: s.py_stack_omitted.unwrap_or(0),
+                others: s.py_threads.clone(),
+            }),
+            (None, Some(e)) => Err(e.clone()),
+            (None, None) => return,
+        };
+        self.0
+            .retain(|k| (k.tid, k.start_ns) != (s.tid, s.start_ns));
+        if self.0.len() >= STALL_STACKS_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(StallStack {
+            pid: s.pid,
+            tid: s.tid,
+            start_ns: s.start_ns,
+            stack,
+        });
+    }
+
+    /// The stack of the stall a worker_timeout blames, attached to it.
+    fn attach(&self, o: Output) -> Output {
+        let Output::WorkerTimeout {
+            stall: Some(mut report),
+            ts_ns,
+            pid,
+            master_pid,
+            signal,
+            container,
+        } = o
+        else {
+            return o;
+        };
+        let r = self
+            .0
+            .iter()
+            .rev()
+            .find(|k| (k.tid, k.start_ns) == (report.tid, report.start_ns))
+            .map(|k| k.stack.clone())
+            .unwrap_or_else(|| Err("no stack was read for this stall while it was blocked".into()));
+        attach_stack(&mut report, r);
+        Output::WorkerTimeout {
+            ts_ns,
+            pid,
+            master_pid,
+            signal,
+            stall: Some(report),
+            container,
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.0.retain(|k| k.pid != pid);
+    }
 }
 
 /// Threads of a process whose syscall is read for a hung request, at most.
@@ -200,6 +284,8 @@ pub struct Session {
     pub all_threads: bool,
     /// Output waiting for a Python stack ahead of it, in order.
     pub pending: VecDeque<Pending>,
+    /// Stacks of recent stalls, for the worker_timeout that blames one.
+    pub stall_stacks: StallStacks,
     pub durations: metrics::StallDurations,
     /// When the metrics text was last rendered (None: no metrics server).
     pub metrics: Option<Instant>,
@@ -238,10 +324,24 @@ impl Session {
             return;
         }
         if self.pending.is_empty() {
-            self.sink.event(o);
+            self.write(o.clone());
         } else {
             self.pending.push_back(Pending::Ready(o.clone()));
         }
+    }
+
+    /// Writes an event whose stack is settled: a stall's is kept, a
+    /// worker_timeout gets its stall's (with --no-py-stack, neither).
+    fn write(&mut self, o: Output) {
+        let o = match (&self.stacks, &o) {
+            (None, _) => o,
+            (Some(_), Output::Stall { report, .. }) => {
+                self.stall_stacks.keep(report);
+                o
+            }
+            (Some(_), _) => self.stall_stacks.attach(o),
+        };
+        self.sink.event(&o);
     }
 
     /// Writes the held output whose stacks have arrived (or whose deadline
@@ -279,7 +379,7 @@ impl Session {
                     }
                 }
             };
-            self.sink.event(&o);
+            self.write(o);
         }
     }
 
@@ -485,6 +585,7 @@ impl Session {
             if let Some(reader) = &self.stacks {
                 reader.forget(pid);
             }
+            self.stall_stacks.forget(pid);
         }
     }
 
@@ -644,5 +745,127 @@ impl Session {
         {
             self.emit(&o);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{End, FdKind, Peer, PyFrame, Role};
+
+    fn frame(function: &str, file: &str, line: u32) -> PyFrame {
+        PyFrame {
+            function: function.into(),
+            file: file.into(),
+            line: Some(line),
+        }
+    }
+
+    /// The seed's hang as the correlator reports it, before its stack.
+    fn hang(start_ns: u64) -> StallReport {
+        let mut s = StallReport {
+            pid: 7,
+            tid: 7,
+            role: Role::Worker,
+            syscall: Some("read".into()),
+            fd_kind: FdKind::Pipe,
+            count: Some(4),
+            peers: vec![Peer {
+                pid: 7,
+                comm: "gunicorn".into(),
+                fd: 12,
+                end: End::Write,
+            }],
+            worker_class: Some("gevent".into()),
+            start_ns,
+            ..Default::default()
+        };
+        s.cause = signatures::identify(&s);
+        s
+    }
+
+    fn captured() -> pystack::Captured {
+        pystack::Captured {
+            frames: vec![
+                frame(
+                    "Queue.get",
+                    "/usr/lib/python3.11/multiprocessing/queues.py",
+                    103,
+                ),
+                frame("enqueue_and_wait", "/srv/hang_app.py", 22),
+            ],
+            omitted: 0,
+            others: None,
+        }
+    }
+
+    fn timeout(stall: StallReport) -> Output {
+        Output::WorkerTimeout {
+            ts_ns: 1,
+            pid: 7,
+            master_pid: 1,
+            signal: "SIGABRT".into(),
+            stall: Some(stall),
+            container: None,
+        }
+    }
+
+    fn timeout_stall(o: Output) -> StallReport {
+        match o {
+            Output::WorkerTimeout { stall: Some(s), .. } => s,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stack_attached_later_judges_the_cause_again_from_its_frame() {
+        let before = hang(5);
+        let basis = |s: &StallReport| s.cause.as_ref().unwrap().evidence.clone().unwrap().basis;
+        assert_eq!(basis(&before), crate::model::Basis::Inferred);
+        let Output::Stall { report, .. } = with_stack(
+            Output::Stall {
+                ts_ns: 1,
+                report: before.clone(),
+            },
+            Ok(captured()),
+        ) else {
+            panic!()
+        };
+        assert_eq!(basis(&report), crate::model::Basis::Frame);
+        assert!(report.cause.unwrap().cause.contains("in Queue.get"));
+        // A stack that could not be read leaves the inferred cause.
+        let Output::Stall { report, .. } = with_stack(
+            Output::Stall {
+                ts_ns: 1,
+                report: before,
+            },
+            Err("gone".into()),
+        ) else {
+            panic!()
+        };
+        assert_eq!(basis(&report), crate::model::Basis::Inferred);
+        assert_eq!(report.py_stack_error.as_deref(), Some("gone"));
+    }
+
+    #[test]
+    fn a_worker_timeout_carries_the_stack_of_the_stall_it_blames_and_no_other() {
+        let mut kept = StallStacks::default();
+        let mut seen = hang(5);
+        attach_stack(&mut seen, Ok(captured()));
+        kept.keep(&seen);
+        // The correlator's copy of the stall (no stack), judged at the kill.
+        let s = timeout_stall(kept.attach(timeout(hang(5))));
+        assert_eq!(s.py_stack, Some(captured().frames));
+        let e = s.cause.unwrap().evidence.unwrap();
+        assert_eq!(e.frame.unwrap().function, "Queue.get");
+        // Another stall of the same thread (a later call) has no stack kept:
+        // said, not borrowed from the earlier one.
+        let s = timeout_stall(kept.attach(timeout(hang(9))));
+        assert_eq!(s.py_stack, None);
+        assert!(s.py_stack_error.unwrap().contains("no stack was read"));
+        // Forgotten with its process.
+        kept.forget(7);
+        let s = timeout_stall(kept.attach(timeout(hang(5))));
+        assert_eq!(s.py_stack, None);
     }
 }

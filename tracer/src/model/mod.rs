@@ -14,9 +14,9 @@ pub use event::{
 };
 pub use pystack::{PyFrame, PyThread};
 pub use report::{
-    BlockedThread, Cause, CloseCounts, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause,
-    ExitReport, HungOutcome, HungRequest, NoWriterThread, OomKill, Outcome, Output, Preceded,
-    Sender, Source, StallReport, StallState,
+    Basis, BlockedThread, Cause, CauseEvidence, CitedFrame, CloseCounts, CloseKind, Direction,
+    Dying, EarlyClose, EndedBy, ExitCause, ExitReport, HungOutcome, HungRequest, NoWriterThread,
+    OomKill, Outcome, Output, Preceded, Sender, Source, StallReport, StallState,
 };
 pub use settings::{
     MasterConfig, MasterSettings, Setting, SettingSource, WorkerClass, version_string,

@@ -15,6 +15,54 @@ pub struct Cause {
     pub id: &'static str,
     pub cause: Cow<'static, str>,
     pub fix: Cow<'static, str>,
+    /// What a stall's cause rests on (JSON: `basis`, `frame`,
+    /// `called_from`); None for the causes of other events.
+    #[serde(flatten)]
+    pub evidence: Option<CauseEvidence>,
+}
+
+/// The evidence a stall's cause rests on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CauseEvidence {
+    pub basis: Basis,
+    /// The frame of the stalled thread's stack that names the cause (None
+    /// when inferred).
+    pub frame: Option<CitedFrame>,
+    /// The application's own frame that called into it, the innermost
+    /// outside libraries (None when inferred, or none is the app's).
+    pub called_from: Option<CitedFrame>,
+}
+
+impl CauseEvidence {
+    pub fn inferred() -> CauseEvidence {
+        CauseEvidence {
+            basis: Basis::Inferred,
+            frame: None,
+            called_from: None,
+        }
+    }
+}
+
+/// Where a stall's cause comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// A frame of the stalled thread's Python stack (`frame` cites it).
+    Frame,
+    /// From the syscall, its fd, the peer's port, the byte count, the
+    /// worker's class and state: no frame of the stack named it (none was
+    /// read, or none of a known library is on it).
+    Inferred,
+}
+
+/// One frame of `py_stack`, cited by a cause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CitedFrame {
+    /// Its position in `py_stack` (0: the innermost).
+    pub index: usize,
+    pub function: String,
+    pub file: String,
+    pub line: Option<u32>,
 }
 
 /// What a stalled thread is doing.

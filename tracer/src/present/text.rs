@@ -7,14 +7,26 @@ use super::{
     where_without_syscall, which_thread,
 };
 use crate::model::{
-    CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, MasterConfig, Outcome,
-    Output, Role, Setting, SettingSource, Source, StallReport, StallState, WorkerClass,
+    Basis, CloseKind, Direction, EarlyClose, ExitReport, HungOutcome, HungRequest, MasterConfig,
+    Outcome, Output, Role, Setting, SettingSource, Source, StallReport, StallState, WorkerClass,
     version_string,
 };
 
-/// `  likely: ...` and `  fix: ...` under an event line.
+/// `  likely: ...` (inferred from the wait) or `  cause: ...` (a frame of
+/// the stack names it) and `  fix: ...` under an event line. A cause may
+/// quote the traced process's frames: sanitized.
 fn cause_lines(c: &crate::model::Cause) -> String {
-    format!("\n{:>23}likely: {}\n{:>23}fix: {}", "", c.cause, "", c.fix)
+    let label = match &c.evidence {
+        Some(e) if e.basis == Basis::Frame => "cause, from the stack",
+        _ => "likely",
+    };
+    format!(
+        "\n{:>23}{label}: {}\n{:>23}fix: {}",
+        "",
+        sanitize(&c.cause),
+        "",
+        sanitize(&c.fix)
+    )
 }
 
 fn stall_details(s: &StallReport) -> String {
@@ -216,7 +228,7 @@ fn loop_line(pid: u32, wait: &str, fd: Option<i32>, nfds: Option<u32>) -> String
 }
 
 fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallReport>) -> String {
-    format!(
+    let mut l = format!(
         "TIMEOUT  master {master_pid} sent {signal} to worker {pid} (Gunicorn WORKER TIMEOUT){}",
         stall
             .as_ref()
@@ -228,7 +240,12 @@ fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallRep
             .unwrap_or_else(
                 || ": no stall of its loop thread was seen in the timeout window".into()
             )
-    )
+    );
+    // The stalled thread's stack, as under its STALL line.
+    for line in stall.iter().flat_map(super::pystack::stall_lines) {
+        l.push_str(&format!("\n{:>23}{line}", ""));
+    }
+    l
 }
 
 fn early_close_line(e: &EarlyClose) -> String {
@@ -676,6 +693,75 @@ mod tests {
             sanitize("a\x1b]0;title\x07b\r\nc\u{9b}"),
             "a?]0;title?b??c?"
         );
+    }
+
+    #[test]
+    fn the_timeout_line_prints_its_stalls_stack_and_a_cause_says_its_basis() {
+        let frames = vec![
+            crate::model::PyFrame {
+                function: "Queue.get".into(),
+                file: "/usr/lib/python3.11/multiprocessing/queues.py".into(),
+                line: Some(103),
+            },
+            crate::model::PyFrame {
+                function: "enqueue_and_wait\x1b[2J".into(),
+                file: "/srv/hang_app.py".into(),
+                line: Some(22),
+            },
+        ];
+        let mut s = StallReport {
+            worker_class: Some("gevent".into()),
+            ..report()
+        };
+        let kill = |s: &StallReport| {
+            text_line(
+                &Output::WorkerTimeout {
+                    ts_ns: 0,
+                    pid: 7,
+                    master_pid: 1,
+                    signal: "SIGABRT".into(),
+                    stall: Some(s.clone()),
+                    container: None,
+                },
+                &Clock::fixed(0),
+            )
+        };
+        // No stack read (--no-py-stack): no python line.
+        assert!(!kill(&s).contains("python"), "{}", kill(&s));
+        s.py_stack = Some(frames);
+        let t = kill(&s);
+        assert!(
+            t.contains(
+                "python: in multiprocessing/queues.py:103 in Queue.get, called from the app at:"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("/srv/hang_app.py:22 in enqueue_and_wait?[2J"),
+            "{t}"
+        );
+        // A cause from a frame is labelled so; an inferred one is "likely".
+        s.cause = crate::analysis::signatures::identify(&s);
+        let stall = |s: &StallReport| {
+            text_line(
+                &Output::Stall {
+                    ts_ns: 0,
+                    report: s.clone(),
+                },
+                &Clock::fixed(0),
+            )
+        };
+        let t = stall(&s);
+        assert!(t.contains("cause, from the stack: multiprocessing.Queue.get() at multiprocessing/queues.py:103 in Queue.get"), "{t}");
+        assert!(!t.contains('\x1b'), "frames are sanitized: {t:?}");
+        s.py_stack = None;
+        s.cause = crate::analysis::signatures::identify(&s);
+        let t = stall(&s);
+        assert!(
+            t.contains("likely: multiprocessing.Queue.get() in a gevent worker"),
+            "{t}"
+        );
+        assert!(!t.contains("from the stack"), "{t}");
     }
 
     #[test]

@@ -3,10 +3,11 @@
 use serde::Serialize;
 
 use super::{
-    at_least, describe_call, describe_stall, exits, holders, never_noticed, secs, which_thread,
+    at_least, describe_call, describe_stall, exits, holders, never_noticed, sanitize, secs,
+    which_thread,
 };
 use crate::model::{
-    Finding, Losses, NoWriterThread, Role, StallReport, Summary, WorkerState, WorkerSummary,
+    Basis, Finding, Losses, NoWriterThread, Role, StallReport, Summary, WorkerState, WorkerSummary,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,7 +52,15 @@ fn why(s: &StallReport) -> String {
         });
     }
     match &s.cause {
-        Some(c) => w.push_str(&format!("; likely cause: {}. Fix: {}", c.cause, c.fix)),
+        Some(c) => w.push_str(&format!(
+            "; {}: {}. Fix: {}",
+            match &c.evidence {
+                Some(e) if e.basis == Basis::Frame => "cause, from its stack",
+                _ => "likely cause",
+            },
+            sanitize(&c.cause),
+            sanitize(&c.fix)
+        )),
         None => w.push_str("; cause: unknown"),
     }
     if let Some(n) = never_noticed(s) {
