@@ -15,8 +15,8 @@ pub use event::{
 pub use pystack::{PyFrame, PyThread};
 pub use report::{
     BlockedThread, Cause, CloseCounts, CloseKind, Direction, Dying, EarlyClose, EndedBy, ExitCause,
-    ExitReport, HungOutcome, HungRequest, NoWriterThread, OomKill, Outcome, Output, Preceded,
-    Sender, Source, StallReport, StallState,
+    ExitReport, HungOutcome, HungRequest, NoWriterThread, OnCpuEvidence, OomKill, Outcome, Output,
+    Preceded, Sender, Source, StallReport, StallState,
 };
 pub use settings::{
     MasterConfig, MasterSettings, Setting, SettingSource, WorkerClass, version_string,
