@@ -252,11 +252,11 @@ fn a_greenlet_that_keeps_the_cpu_is_a_stall_before_worker_timeout() {
     });
     assert_eq!(stall["state"], "on_cpu", "{stall}");
     assert_eq!(stall["syscall"], Value::Null, "{stall}");
-    assert!(
-        stall["heartbeat_age_ms"].as_u64().unwrap() >= 2000,
-        "{stall}"
-    );
-    assert!(stall["cpu_ms"].as_u64().unwrap() >= 500, "{stall}");
+    // Named from two stack samples (issue 19 item 4), before the heartbeat
+    // is two intervals old; its age is said as it was then.
+    assert_eq!(stall["on_cpu_evidence"], "stack_samples", "{stall}");
+    assert!(stall["heartbeat_age_ms"].as_u64().is_some(), "{stall}");
+    assert!(stall["cpu_ms"].as_u64().unwrap() >= 250, "{stall}");
     assert_eq!(stall["cause"]["id"], "cpu_bound_loop", "{stall}");
     assert!(
         has_frame(&stall, "spin", "stall_app.py"),
@@ -272,9 +272,10 @@ fn a_greenlet_that_keeps_the_cpu_is_a_stall_before_worker_timeout() {
         e["event"] == "stall_end" && e["pid"] == w
     });
     assert_eq!(end["state"], "on_cpu", "{end}");
-    // SIGABRT's handler ends the greenlet (the loop runs again) or the worker.
+    // SIGABRT's handler ends the greenlet (the loop runs again, or its
+    // thread sleeps) or the worker.
     assert!(
-        end["outcome"] == "exited" || end["outcome"] == "resumed",
+        end["outcome"] == "exited" || end["outcome"] == "resumed" || end["outcome"] == "slept",
         "{end}"
     );
     t.stop();

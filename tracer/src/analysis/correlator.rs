@@ -116,6 +116,8 @@ pub struct Correlator {
     pub(super) hung: HungState,
     /// Loop threads reported on the CPU and not ended yet, by pid.
     pub(super) on_cpu: HashMap<u32, StallReport>,
+    /// Each worker's loop thread's current run without a sleep (`spin`).
+    pub(super) spins: HashMap<u32, Option<super::spin::Run>>,
     /// The last call of each thread whose stall ended, (pid, seq, start):
     /// the kernel may still hold it open, and it must not be reported
     /// again. Dropped with the process.
@@ -139,6 +141,7 @@ impl Correlator {
             request_threshold_ns: 30_000_000_000,
             hung: HungState::default(),
             on_cpu: HashMap::new(),
+            spins: HashMap::new(),
             ended: HashMap::new(),
             requests: RequestScan::default(),
             stall_ends_unknown: 0,

@@ -12,7 +12,8 @@ use super::signatures;
 use super::stalls::{current_figures, stall_end};
 use super::syscalls;
 use crate::model::{
-    FdKind, LoopWait, Outcome, Output, Role, StallReport, StallState, ThreadCpu, ThreadNow,
+    FdKind, LoopWait, OnCpuEvidence, Outcome, Output, Role, StallReport, StallState, ThreadCpu,
+    ThreadNow,
 };
 
 const MS: u64 = 1_000_000;
@@ -50,6 +51,12 @@ struct Busy {
 }
 
 impl Beats {
+    /// Restarts the busy count: the loop thread was seen asleep by another
+    /// rule (`spin`), so what it does from now on is a new episode.
+    pub(super) fn restart(&mut self) {
+        self.busy = None;
+    }
+
     /// How old the last heartbeat seen is at `now_ns`.
     pub(super) fn age_ms(&self, now_ns: u64) -> Option<u64> {
         self.last_ns.map(|last| now_ns.saturating_sub(last) / MS)
@@ -250,6 +257,7 @@ impl Correlator {
             cpu_ms: Some(measured.cpu_ms),
             sleeps: Some(measured.sleeps),
             measured_ms: Some(measured.ms),
+            on_cpu_evidence: (state == StallState::OnCpu).then_some(OnCpuEvidence::Heartbeat),
             gunicorn_timeout_s: p.timeout_s,
             worker_class: p.worker_class.clone(),
             container: p.container.clone(),

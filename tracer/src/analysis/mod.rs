@@ -8,6 +8,8 @@
 //! - `stalls`: blocked syscalls, from first report to their end;
 //! - `cpu`: loops that keep the CPU: a worker's heartbeat stops while its
 //!   loop thread runs;
+//! - `spin`: loops that keep the CPU, from two stack samples in the same
+//!   request handler while the loop thread never sleeps;
 //! - `closes`: connections that ended badly;
 //! - `races`: requests lost to keep-alive races;
 //! - `hung`: requests unanswered while their worker lives;
@@ -25,6 +27,7 @@ mod lifecycle;
 mod races;
 mod requests;
 pub mod signatures;
+mod spin;
 mod stalls;
 mod summary;
 pub mod syscalls;
@@ -44,6 +47,7 @@ mod tests;
 
 pub use closes::format_sockaddr;
 pub use correlator::{Correlator, NewProcess};
+pub use spin::StackSample;
 
 use crate::model::{BlockedThread, Container, FdInfo, MemoryCgroup, ThreadCpu, ThreadNow};
 
@@ -99,6 +103,12 @@ pub trait Enricher {
     }
     fn thread_cpu(&mut self, _pid: u32, _tid: u32) -> Option<ThreadCpu> {
         None
+    }
+    /// `thread_cpu` of a thread running now (state R); None when it is
+    /// asleep or cannot be read. Looked up for every worker's loop thread
+    /// a few times a second: an asleep thread costs one read of its stat.
+    fn running_thread_cpu(&mut self, pid: u32, tid: u32) -> Option<ThreadCpu> {
+        self.thread_cpu(pid, tid).filter(|c| c.on_cpu)
     }
     /// How many threads the process has now.
     fn thread_count(&mut self, _pid: u32) -> Option<u32> {

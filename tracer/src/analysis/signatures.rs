@@ -123,13 +123,13 @@ static FIRST: &[Signature<StallReport>] = &[
     Signature {
         id: "cpu_bound_loop",
         cause: "the event loop's thread has kept the CPU without yielding (a CPU-bound request: a long loop, a big regex or JSON document, a C extension holding the GIL): no other greenlet runs meanwhile, the heartbeat included",
-        fix: "move CPU-heavy work out of the worker (a process pool or a task queue), or yield in long loops (gevent.sleep(0)); with --py-stack the stack names the line",
+        fix: "move CPU-heavy work out of the worker (a process pool or a task queue), or yield in long loops (gevent.sleep(0)); the stack (py_stack), when it could be read, names the line",
         matches: |s| s.state == StallState::OnCpu && gevent_loop(s),
     },
     Signature {
         id: "cpu_bound_coroutine",
         cause: "the asyncio loop's thread has kept the CPU without awaiting (CPU-bound code in an async handler): no other request is served meanwhile, and the heartbeat stops",
-        fix: "run CPU-heavy work in a process pool (loop.run_in_executor with a ProcessPoolExecutor) or a task queue; with --py-stack the stack names the line",
+        fix: "run CPU-heavy work in a process pool (loop.run_in_executor with a ProcessPoolExecutor) or a task queue; the stack (py_stack), when it could be read, names the line",
         matches: |s| s.state == StallState::OnCpu && asyncio_loop(s),
     },
     Signature {
@@ -141,7 +141,7 @@ static FIRST: &[Signature<StallReport>] = &[
     Signature {
         id: "busy_loop",
         cause: "the event loop's thread has not gone back to its loop since its heartbeat was due, though no single call lasted the threshold: many short blocking calls (an unpatched client queried in a loop) or computation between short waits; no other greenlet runs meanwhile, the heartbeat included",
-        fix: "make the calls cooperative (monkey-patch the client before importing it, or use a gevent-aware driver), batch them, or move the work out of the worker; with --py-stack the stack names the line",
+        fix: "make the calls cooperative (monkey-patch the client before importing it, or use a gevent-aware driver), batch them, or move the work out of the worker; the stack (py_stack), when it could be read, names the line",
         matches: |s| s.state == StallState::Busy && gevent_loop(s),
     },
     Signature {

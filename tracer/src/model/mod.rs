@@ -16,7 +16,7 @@ pub use pystack::{PyFrame, PyThread};
 pub use report::{
     Basis, BlockedThread, Cause, CauseEvidence, CitedFrame, CloseCounts, CloseKind, Direction,
     Dying, EarlyClose, EndedBy, ExitCause, ExitReport, HungOutcome, HungRequest, NoWriterThread,
-    OomKill, Outcome, Output, Preceded, Sender, Source, StallReport, StallState,
+    OnCpuEvidence, OomKill, Outcome, Output, Preceded, Sender, Source, StallReport, StallState,
 };
 pub use settings::{
     MasterConfig, MasterSettings, Setting, SettingSource, WorkerClass, version_string,

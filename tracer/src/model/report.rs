@@ -81,6 +81,19 @@ pub enum StallState {
     Busy,
 }
 
+/// What showed a loop thread on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCpuEvidence {
+    /// It did not sleep (no voluntary context switch) over the window, and
+    /// two stacks read some time apart were inside the same request
+    /// handler's frame.
+    StackSamples,
+    /// Its heartbeat was two intervals old while it did not sleep (its
+    /// stack was not read, or could not be).
+    Heartbeat,
+}
+
 impl StallState {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -150,6 +163,16 @@ pub struct StallReport {
     /// over, from the first look that found the loop thread away from its
     /// loop while its heartbeat was overdue.
     pub measured_ms: Option<u64>,
+    /// On the CPU: what showed it (None for the other states).
+    pub on_cpu_evidence: Option<OnCpuEvidence>,
+    /// With `stack_samples`: when each of the two stacks was asked for, in
+    /// ms after the window `measured_ms` counts from (each was read within
+    /// the reader's latency after that).
+    pub samples_ms: Option<Vec<u64>>,
+    /// With `stack_samples`: the application frame both stacks were inside
+    /// (the outermost frame of the application called from library code:
+    /// the request handler), as the second stack has it.
+    pub handler: Option<PyFrame>,
     /// The master's timeout and where it came from (JSON:
     /// `gunicorn_timeout_s`, `gunicorn_timeout_source`); None when not known.
     #[serde(flatten, serialize_with = "super::settings::serialize_timeout")]
@@ -282,6 +305,9 @@ pub enum Outcome {
     /// On the CPU or busy: the thread went on to block in a syscall,
     /// reported as its own stall.
     Blocked,
+    /// On the CPU, named from stack samples: the thread slept (a voluntary
+    /// context switch), so it no longer keeps the CPU.
+    Slept,
 }
 
 impl Outcome {
@@ -294,6 +320,7 @@ impl Outcome {
             Outcome::Woke => "woke",
             Outcome::Resumed => "resumed",
             Outcome::Blocked => "blocked",
+            Outcome::Slept => "slept",
         }
     }
 }

@@ -150,7 +150,7 @@ fn fd_list(fds: &[WaitFd]) -> String {
 }
 
 /// "blocked 2.0s in read() on fd 11 (pipe:[1234])", "on the CPU 2.5s
-/// without a syscall (2.4s of CPU)", "busy 3.0s away from its loop, in
+/// without sleeping (2.4s of CPU)", "busy 3.0s away from its loop, in
 /// calls each under the threshold (0.4s of CPU)"
 fn describe_stall(s: &StallReport, blocked: &str) -> String {
     let measured = |what: String| match s.measured_ms {
@@ -168,7 +168,20 @@ fn describe_stall(s: &StallReport, blocked: &str) -> String {
             secs(s.blocked_ms),
             describe_call(s)
         ),
-        StallState::OnCpu => format!("on the CPU {} without a syscall{cpu}", secs(s.blocked_ms)),
+        // The kernel counted no sleep: whether it made syscalls that did
+        // not sleep is not known.
+        StallState::OnCpu => match (&s.samples_ms, &s.handler) {
+            (Some(at), Some(h)) if at.len() == 2 => format!(
+                "on the CPU at least {} without sleeping{cpu}; two stacks read {} apart were both inside {}() ({}:{})",
+                secs(s.blocked_ms),
+                secs(at[1].saturating_sub(at[0])),
+                // Read from the target's memory: may hold anything.
+                sanitize(&h.function),
+                sanitize(h.short_file()),
+                h.line.map_or("?".to_string(), |l| l.to_string())
+            ),
+            _ => format!("on the CPU {} without sleeping{cpu}", secs(s.blocked_ms)),
+        },
         StallState::Busy => {
             let what = match (s.sleeps, s.cpu_ms) {
                 (Some(n), Some(c)) => measured(format!("{n} sleeps, {} of CPU", secs(c))),
@@ -250,7 +263,40 @@ fn never_noticed(s: &StallReport) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::sanitize;
+    use super::{describe_stall, sanitize};
+    use crate::model::{OnCpuEvidence, PyFrame, StallReport, StallState};
+
+    /// The stack samples are said only when the report holds them; the
+    /// heartbeat rule's report says no stack decided it by saying none.
+    #[test]
+    fn on_the_cpu_says_the_two_stacks_only_when_it_holds_them() {
+        let mut s = StallReport {
+            state: StallState::OnCpu,
+            blocked_ms: 600,
+            cpu_ms: Some(550),
+            measured_ms: Some(600),
+            on_cpu_evidence: Some(OnCpuEvidence::StackSamples),
+            samples_ms: Some(vec![250, 500]),
+            handler: Some(PyFrame {
+                function: "app\u{202E}".into(),
+                file: "/srv/app.py".into(),
+                line: Some(40),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            describe_stall(&s, "blocked"),
+            "on the CPU at least 0.6s without sleeping (0.6s of CPU in the last 0.6s); two stacks read 0.2s apart were both inside app?() (/srv/app.py:40)"
+        );
+        s.on_cpu_evidence = Some(OnCpuEvidence::Heartbeat);
+        s.samples_ms = None;
+        s.handler = None;
+        let words = describe_stall(&s, "blocked");
+        assert_eq!(
+            words,
+            "on the CPU 0.6s without sleeping (0.6s of CPU in the last 0.6s)"
+        );
+    }
 
     /// Issue 20, item 14: bidi overrides and isolates, zero-width and line
     /// separator characters went through into the text view.

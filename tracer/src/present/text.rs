@@ -212,6 +212,7 @@ fn stall_end_line(
             Outcome::Woke => "woke (whether the call returned is not known)",
             Outcome::Resumed => "the loop ran again (its heartbeat is fresh)",
             Outcome::Blocked => "it went on to block in a syscall",
+            Outcome::Slept => "it slept (it left the CPU)",
         },
     )
 }

@@ -1,0 +1,217 @@
+//! End to end, issue 19 item 4: a loop thread that keeps the CPU without
+//! sleeping is sampled twice; when both stacks are inside the same request
+//! handler it is a CPU stall, named about the threshold (500 ms) after it
+//! began, for every worker class, well before Gunicorn's WORKER TIMEOUT and
+//! before the heartbeat rule could see it (Uvicorn beats every timeout/2).
+//! A loop busy serving many short requests is not one.
+use std::time::{Duration, Instant};
+
+use tests::*;
+
+/// A CPU stall of the worker that took `path`, named within `within` of the
+/// request reaching the app; returns it with how long that took.
+fn cpu_stall(
+    g: &mut GunicornProc,
+    t: &mut Tracer,
+    pids: &StallPids,
+    path: &str,
+    within: Duration,
+) -> (Value, Duration, Instant) {
+    let _client = get_async(g.port, path, Duration::from_secs(40));
+    let (w, _) = pids.wait_nth(0);
+    let noted = Instant::now();
+    let (at, stall) = t.wait_for("a CPU stall", within, |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    (stall, at.saturating_duration_since(noted), at)
+}
+
+/// What the stack samples hold: on the CPU, no syscall, both samples inside
+/// the app's handler `handler`, the CPU time and the window measured.
+fn assert_sampled(stall: &Value, handler: &str, file: &str) {
+    assert_eq!(stall["state"], "on_cpu", "{stall}");
+    assert_eq!(stall["syscall"], Value::Null, "{stall}");
+    assert_eq!(stall["on_cpu_evidence"], "stack_samples", "{stall}");
+    assert_eq!(stall["handler"]["function"], handler, "{stall}");
+    assert!(
+        stall["handler"]["file"].as_str().unwrap().ends_with(file),
+        "{stall}"
+    );
+    assert!(has_frame(stall, "spin", file), "{:?}", py_frames(stall));
+    let samples = stall["samples_ms"].as_array().expect("two sample times");
+    assert_eq!(samples.len(), 2, "{stall}");
+    let (a, b) = (samples[0].as_u64().unwrap(), samples[1].as_u64().unwrap());
+    let window = stall["measured_ms"].as_u64().unwrap();
+    assert!(a < b && b <= window, "samples inside the window: {stall}");
+    assert_eq!(stall["sleeps"], 0, "{stall}");
+    // It had CPU time over the window (how much depends on what else runs
+    // on the machine's 2 cores), never more than the window holds.
+    let cpu = stall["cpu_ms"].as_u64().unwrap();
+    assert!(cpu > 0 && cpu <= window + 20, "{stall}");
+    assert!(stall["blocked_ms"].as_u64().unwrap() >= 500, "{stall}");
+}
+
+/// A CPU-bound `async def` handler under Uvicorn's worker (-t 8: it beats
+/// every 4 s, so two heartbeat intervals are the whole timeout).
+#[test]
+fn a_cpu_bound_async_handler_under_uvicorn_is_on_the_cpu_with_its_stack_before_worker_timeout() {
+    require_root();
+    let pids = StallPids::new("uvicorn-spin");
+    let mut g = Gunicorn::new("asgi_app:app")
+        .worker_class("uvicorn_worker.UvicornWorker")
+        .timeout(8)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    let (stall, took, at) = cpu_stall(
+        &mut g,
+        &mut t,
+        &pids,
+        "/spin?secs=30",
+        Duration::from_secs(4),
+    );
+    assert_sampled(&stall, "app", "asgi_app.py");
+    assert_eq!(stall["cause"]["id"], "cpu_bound_coroutine", "{stall}");
+    assert!(
+        took < Duration::from_secs(3),
+        "named {took:?} after it began"
+    );
+    let w = stall["pid"].as_u64().unwrap();
+    let kill = g.wait_line(
+        &format!("WORKER TIMEOUT (pid:{w})"),
+        Duration::from_secs(15),
+    );
+    assert!(at < kill.at, "named before Gunicorn's WORKER TIMEOUT");
+    t.stop();
+}
+
+#[test]
+fn a_cpu_bound_sync_handler_is_on_the_cpu_with_its_stack_at_the_threshold() {
+    require_root();
+    let pids = StallPids::new("sync-spin");
+    let mut g = Gunicorn::new("stall_app:app")
+        .worker_class("sync")
+        .timeout(8)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    let (stall, took, at) = cpu_stall(
+        &mut g,
+        &mut t,
+        &pids,
+        "/spin?secs=30",
+        Duration::from_secs(4),
+    );
+    assert_sampled(&stall, "app", "stall_app.py");
+    assert!(
+        took < Duration::from_secs(2),
+        "named {took:?} after it began"
+    );
+    let w = stall["pid"].as_u64().unwrap();
+    let kill = g.wait_line(
+        &format!("WORKER TIMEOUT (pid:{w})"),
+        Duration::from_secs(15),
+    );
+    assert!(at < kill.at, "named before Gunicorn's WORKER TIMEOUT");
+    t.stop();
+}
+
+#[test]
+fn a_greenlet_that_never_yields_is_on_the_cpu_with_its_stack_at_the_threshold() {
+    require_root();
+    let pids = StallPids::new("gevent-spin");
+    let mut g = Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .timeout(8)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    let (stall, took, at) = cpu_stall(
+        &mut g,
+        &mut t,
+        &pids,
+        "/spin?secs=30",
+        Duration::from_secs(4),
+    );
+    assert_sampled(&stall, "app", "stall_app.py");
+    assert_eq!(stall["cause"]["id"], "cpu_bound_loop", "{stall}");
+    assert!(
+        took < Duration::from_secs(2),
+        "named {took:?} after it began"
+    );
+    let w = stall["pid"].as_u64().unwrap();
+    let kill = g.wait_line(
+        &format!("WORKER TIMEOUT (pid:{w})"),
+        Duration::from_secs(15),
+    );
+    assert!(at < kill.at, "named before Gunicorn's WORKER TIMEOUT");
+    t.stop();
+}
+
+/// Without stacks the heartbeat rule alone names it, and says so.
+#[test]
+fn without_stacks_a_cpu_stall_is_named_by_the_heartbeat_rule_and_says_so() {
+    require_root();
+    let pids = StallPids::new("gevent-spin-nostack");
+    let mut g = Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .timeout(8)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--no-py-stack"]);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    let (stall, _, _) = cpu_stall(
+        &mut g,
+        &mut t,
+        &pids,
+        "/spin?secs=30",
+        Duration::from_secs(6),
+    );
+    assert_eq!(stall["state"], "on_cpu", "{stall}");
+    assert_eq!(stall["on_cpu_evidence"], "heartbeat", "{stall}");
+    assert_eq!(stall["samples_ms"], Value::Null, "{stall}");
+    assert_eq!(stall["handler"], Value::Null, "{stall}");
+    assert!(
+        stall["heartbeat_age_ms"].as_u64().unwrap() >= 2000,
+        "{stall}"
+    );
+    t.stop();
+}
+
+/// Loops kept busy by wrk (many short requests) are sampled or not, but
+/// their stacks change: no CPU stall, for each class.
+#[test]
+fn loops_busy_serving_many_short_requests_are_not_cpu_stalls() {
+    require_root();
+    for (app, class) in [
+        ("asgi_app:app", "uvicorn_worker.UvicornWorker"),
+        ("stall_app:app", "gevent"),
+        ("stall_app:app", "sync"),
+    ] {
+        let g = Gunicorn::new(app).worker_class(class).timeout(8).spawn();
+        let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+        t.wait_for("the worker", Duration::from_secs(5), |e| {
+            e["event"] == "worker"
+        });
+        let served = wrk(g.port, "/", 16, 5);
+        assert!(served > 100, "{class}: wrk got {served} responses");
+        t.collect_for(Duration::from_secs(1));
+        assert!(
+            t.of_kind("stall").is_empty(),
+            "{class}: no stall under load ({served} requests): {:?}",
+            t.of_kind("stall")
+        );
+        t.stop();
+    }
+}
