@@ -128,8 +128,16 @@ fn uvicorn_worker() {
         stall["syscall"].as_str().unwrap().contains("sleep"),
         "{stall}"
     );
-    assert_eq!(
-        stall["cause"]["id"], "blocking_call_in_async_handler",
+    // The stack names the sleep's caller (time.sleep has no Python frame
+    // of its own); the fix is the async one.
+    assert_eq!(stall["cause"]["id"], "time_sleep", "{stall}");
+    assert_eq!(stall["cause"]["basis"], "frame", "{stall}");
+    assert_eq!(stall["cause"]["frame"]["function"], "app", "{stall}");
+    assert!(
+        stall["cause"]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("asyncio.sleep"),
         "{stall}"
     );
     t.stop();
