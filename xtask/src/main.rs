@@ -31,7 +31,9 @@ enum Cmd {
     Setup,
     /// Build the tracer; the binary lands at target/release/tracer.
     Build,
-    /// Run every test: unit tests, then the integration and end-to-end tests as root.
+    /// Run every test: unit tests, then each end-to-end test file as root (all
+    /// of them even when one fails), then the benchmark smoke test; lists
+    /// every failure at the end.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -130,6 +132,16 @@ fn test(filter: Option<String>) -> Result<()> {
         "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks; promtool and prometheus for the alert rules and the dashboard's queries)",
     )?;
     let helm = setup::helm()?;
+    // Every step runs even when an earlier one fails, so one failing file
+    // cannot hide the results of the files after it; the failures are
+    // listed together at the end.
+    let mut failed: Vec<String> = Vec::new();
+    let mut record = |what: String, r: Result<()>| {
+        if let Err(e) = r {
+            eprintln!("\x1b[1;31m==> FAILED: {what}\x1b[0m ({e:#})");
+            failed.push(what);
+        }
+    };
     step("unit tests (pure logic: parsers, correlator, output)");
     let mut unit = cargo();
     unit.current_dir(root()).args([
@@ -144,37 +156,75 @@ fn test(filter: Option<String>) -> Result<()> {
     if let Some(f) = &filter {
         unit.args(["--", f]);
     }
-    run(&mut unit)?;
-    step(
-        "integration and end-to-end tests (real BPF programs, real Gunicorn + gevent; one at a time)",
-    );
-    let mut it = cargo();
-    it.current_dir(root())
-        .args(["test", "--release", "-p", "tests", "--"])
-        .arg("--test-threads=1")
-        .env("TRACER_BIN", &bin)
-        .env("TRACER_VENV", &venv)
-        .env("HELM_BIN", &helm);
-    if let Some(f) = &filter {
-        it.arg(f);
+    record("unit tests".into(), run(&mut unit));
+    // The tests crate's own unit tests (its helpers), then each
+    // end-to-end file as its own cargo run.
+    let files = e2e_test_files()?;
+    step(&format!(
+        "integration and end-to-end tests (real BPF programs, real Gunicorn + gevent; one at a time): {} files",
+        files.len()
+    ));
+    let e2e = |target: &[&str]| {
+        let mut it = cargo();
+        it.current_dir(root())
+            .args(["test", "--release", "-p", "tests"])
+            .args(target)
+            .args(["--", "--test-threads=1"])
+            .env("TRACER_BIN", &bin)
+            .env("TRACER_VENV", &venv)
+            .env("HELM_BIN", &helm);
+        if let Some(f) = &filter {
+            it.arg(f);
+        }
+        run(&mut it)
+    };
+    record("tests crate (lib)".into(), e2e(&["--lib"]));
+    for name in &files {
+        step(&format!("end-to-end: tests/tests/{name}.rs"));
+        record(format!("tests/tests/{name}.rs"), e2e(&["--test", name]));
     }
-    run(&mut it)?;
     step(
         "benchmark smoke test (a tiny `cargo xtask bench`: it must run, its timings are not judged)",
     );
-    setup::tools(
+    let smoke = setup::tools(
         &[
             ("wrk", "wrk"),
             ("bpftrace", "bpftrace"),
             ("strace", "strace"),
         ],
         "the benchmark smoke test",
-    )?;
-    run(cargo()
-        .current_dir(root())
-        .args(["xtask", "bench", "--quick"]))?;
+    )
+    .and_then(|_| {
+        run(cargo()
+            .current_dir(root())
+            .args(["xtask", "bench", "--quick"]))
+    });
+    record("benchmark smoke test".into(), smoke);
+    if !failed.is_empty() {
+        eprintln!("\x1b[1;31m==> {} step(s) failed:\x1b[0m", failed.len());
+        for f in &failed {
+            eprintln!("    {f}");
+        }
+        bail!("{} of {} test steps failed", failed.len(), files.len() + 3);
+    }
     step("all tests passed");
     Ok(())
+}
+
+/// The end-to-end test files (tests/tests/NAME.rs), by name, sorted.
+fn e2e_test_files() -> Result<Vec<String>> {
+    let dir = root().join("tests/tests");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs")
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+        {
+            names.push(stem.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn bench(quick: bool, only: &[bench::Part], variants: &[bench::Variant]) -> Result<()> {
