@@ -132,38 +132,29 @@ fn test(filter: Option<String>) -> Result<()> {
         "the end-to-end tests (nginx in front of Gunicorn; bpftool to check the unload; nft to hold back a FIN for the keep-alive race; wrk for the healthy-under-load checks; promtool and prometheus for the alert rules and the dashboard's queries)",
     )?;
     let helm = setup::helm()?;
-    // Every step runs even when an earlier one fails, so one failing file
-    // cannot hide the results of the files after it; the failures are
-    // listed together at the end.
-    let mut failed: Vec<String> = Vec::new();
-    let mut record = |what: String, r: Result<()>| {
-        if let Err(e) = r {
-            eprintln!("\x1b[1;31m==> FAILED: {what}\x1b[0m ({e:#})");
-            failed.push(what);
-        }
-    };
-    step("unit tests (pure logic: parsers, correlator, output)");
-    let mut unit = cargo();
-    unit.current_dir(root()).args([
-        "test",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "tests",
-        "--exclude",
-        "tracer-ebpf",
-    ]);
-    if let Some(f) = &filter {
-        unit.args(["--", f]);
-    }
-    record("unit tests".into(), run(&mut unit));
-    // The tests crate's own unit tests (its helpers), then each
-    // end-to-end file as its own cargo run.
-    let files = e2e_test_files()?;
-    step(&format!(
-        "integration and end-to-end tests (real BPF programs, real Gunicorn + gevent; one at a time): {} files",
-        files.len()
-    ));
+    let mut steps = Steps::default();
+    steps.run(
+        "unit tests (pure logic: parsers, correlator, output)",
+        || {
+            let mut unit = cargo();
+            unit.current_dir(root()).args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "tests",
+                "--exclude",
+                "tracer-ebpf",
+            ]);
+            if let Some(f) = &filter {
+                unit.args(["--", f]);
+            }
+            run(&mut unit)
+        },
+    );
+    // The integration and end-to-end tests (real BPF programs, real
+    // Gunicorn + gevent; one at a time): the tests crate's own unit tests,
+    // then each file as its own cargo run.
     let e2e = |target: &[&str]| {
         let mut it = cargo();
         it.current_dir(root())
@@ -178,37 +169,73 @@ fn test(filter: Option<String>) -> Result<()> {
         }
         run(&mut it)
     };
-    record("tests crate (lib)".into(), e2e(&["--lib"]));
-    for name in &files {
-        step(&format!("end-to-end: tests/tests/{name}.rs"));
-        record(format!("tests/tests/{name}.rs"), e2e(&["--test", name]));
+    steps.run("tests crate helpers (tests/src)", || e2e(&["--lib"]));
+    for name in e2e_test_files()? {
+        steps.run(format!("end-to-end: tests/tests/{name}.rs"), || {
+            e2e(&["--test", &name])
+        });
     }
-    step(
+    steps.run(
         "benchmark smoke test (a tiny `cargo xtask bench`: it must run, its timings are not judged)",
+        || {
+            setup::tools(
+                &[
+                    ("wrk", "wrk"),
+                    ("bpftrace", "bpftrace"),
+                    ("strace", "strace"),
+                ],
+                "the benchmark smoke test",
+            )?;
+            run(cargo()
+                .current_dir(root())
+                .args(["xtask", "bench", "--quick"]))
+        },
     );
-    let smoke = setup::tools(
-        &[
-            ("wrk", "wrk"),
-            ("bpftrace", "bpftrace"),
-            ("strace", "strace"),
-        ],
-        "the benchmark smoke test",
-    )
-    .and_then(|_| {
-        run(cargo()
-            .current_dir(root())
-            .args(["xtask", "bench", "--quick"]))
-    });
-    record("benchmark smoke test".into(), smoke);
-    if !failed.is_empty() {
-        eprintln!("\x1b[1;31m==> {} step(s) failed:\x1b[0m", failed.len());
-        for f in &failed {
-            eprintln!("    {f}");
-        }
-        bail!("{} of {} test steps failed", failed.len(), files.len() + 3);
-    }
+    steps.verdict()?;
     step("all tests passed");
     Ok(())
+}
+
+/// Test steps run one after another. A failing step is recorded and the
+/// next one runs anyway, so one failing file cannot hide the results of
+/// the files after it; the failures are listed together at the end.
+#[derive(Default)]
+struct Steps {
+    ran: usize,
+    failed: Vec<String>,
+}
+
+impl Steps {
+    fn run(&mut self, what: impl Into<String>, f: impl FnOnce() -> Result<()>) {
+        let what = what.into();
+        step(&what);
+        self.ran += 1;
+        if let Err(e) = f() {
+            eprintln!("\x1b[1;31m==> FAILED: {what}\x1b[0m ({e:#})");
+            self.failed.push(what);
+        }
+    }
+
+    /// Ok when every step passed; else lists the failed ones and fails.
+    fn verdict(self) -> Result<()> {
+        if self.failed.is_empty() {
+            return Ok(());
+        }
+        eprintln!(
+            "\x1b[1;31m==> {} of {} test steps failed:\x1b[0m",
+            self.failed.len(),
+            self.ran
+        );
+        for f in &self.failed {
+            eprintln!("    {f}");
+        }
+        bail!(
+            "{} of {} test steps failed: {}",
+            self.failed.len(),
+            self.ran,
+            self.failed.join("; ")
+        );
+    }
 }
 
 /// The end-to-end test files (tests/tests/NAME.rs), by name, sorted.
@@ -297,5 +324,44 @@ fn main() -> ExitCode {
             eprintln!("xtask: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_step_does_not_stop_the_ones_after_it() {
+        let mut steps = Steps::default();
+        let mut after = false;
+        steps.run("first", || Ok(()));
+        steps.run("second", || bail!("off by 2"));
+        steps.run("third", || {
+            after = true;
+            Ok(())
+        });
+        steps.run("fourth", || bail!("also"));
+        assert!(after, "the step after a failure ran");
+        assert_eq!(steps.failed, ["second", "fourth"]);
+        let e = steps.verdict().unwrap_err().to_string();
+        assert_eq!(e, "2 of 4 test steps failed: second; fourth");
+    }
+
+    #[test]
+    fn all_steps_passing_is_a_pass() {
+        let mut steps = Steps::default();
+        steps.run("only", || Ok(()));
+        assert!(steps.verdict().is_ok());
+    }
+
+    #[test]
+    fn every_e2e_file_is_found() {
+        let files = e2e_test_files().unwrap();
+        assert!(files.iter().any(|f| f == "exits"), "{files:?}");
+        assert!(files.iter().all(|f| !f.ends_with(".rs")), "{files:?}");
+        let mut sorted = files.clone();
+        sorted.sort();
+        assert_eq!(files, sorted);
     }
 }
