@@ -6,6 +6,9 @@ GET /slow?s=N    sleeps N seconds (default 1), then answers
 GET /alloc?mb=N  allocates and touches N MiB, holds them 0.5 s, answers:
                  in a memory cgroup with a smaller limit the kernel's OOM
                  killer kills the worker mid-request
+GET /stuck?s=N   blocks SIGABRT in the worker (as some C extensions do),
+                 then sleeps N seconds (default 30): Gunicorn's WORKER
+                 TIMEOUT sends SIGABRT, which stays pending, then SIGKILL
 GET /block?s=N   the request thread blocks in os.read() on a pipe that a
                  timer thread writes to after N seconds (default 8), then
                  answers: under -k gthread the main thread keeps the
@@ -15,6 +18,7 @@ If PID_FILE is set, /alloc and /block append the worker's pid to it before
 they start, so a test knows which worker took the request.
 """
 import os
+import signal
 import threading
 import time
 from urllib.parse import parse_qs
@@ -59,6 +63,11 @@ def app(environ, start_response):
     elif path == "/alloc":
         note_pid()
         body = f"allocated {allocate(arg(environ, 'mb', 64))} MiB\n".encode()
+    elif path == "/stuck":
+        note_pid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGABRT})
+        time.sleep(arg(environ, "s", 30.0))
+        body = b"unstuck\n"
     elif path == "/block":
         note_pid()
         block_on_pipe(arg(environ, "s", 8.0))

@@ -468,12 +468,118 @@ impl Drop for Proc {
     }
 }
 
-/// A free TCP port on loopback (bound then released).
+/// The kernel's range of ports for outgoing connections (autobind).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// A pseudo-random port below the kernel's ephemeral range (or above it
+/// when the range starts low): a port there is never handed to an outgoing
+/// connection, so the clients, nginx's upstream connections and wrk of
+/// other tests cannot take it in the gap before its server binds.
+fn candidate_port(attempt: u32) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    h.write_u32(std::process::id());
+    let r = h.finish();
+    let (lo, hi) = ephemeral_range();
+    if lo > 12000 {
+        10000 + (r % u64::from(lo - 10000)) as u16
+    } else {
+        hi.saturating_add(1) + (r % u64::from(65535 - hi.max(lo))) as u16
+    }
+}
+
+/// A TCP socket bound (never listening) to 127.0.0.1:`port` with
+/// SO_REUSEADDR and SO_REUSEPORT, or None if the port is taken.
+fn reserve(port: u16) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        (rc == 0).then_some(fd)
+    }
+}
+
+/// A loopback port held for a server that binds it with SO_REUSEPORT
+/// (Gunicorn's --reuse-port, nginx's `listen ... reuseport`): the held
+/// socket is bound but never listens, so it reserves the port against
+/// every other bind and takes no connection; the server binds beside it.
+/// Dropping it releases the port.
+pub struct ReservedPort {
+    pub port: u16,
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl ReservedPort {
+    pub fn new() -> ReservedPort {
+        for attempt in 0..1000 {
+            let port = candidate_port(attempt);
+            // Free for a plain bind too (no one else's SO_REUSEPORT
+            // socket there), then held.
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            if let Some(fd) = reserve(port) {
+                return ReservedPort { port, _fd: fd };
+            }
+        }
+        panic!("no free loopback port outside the ephemeral range in 1000 tries");
+    }
+}
+
+impl Default for ReservedPort {
+    fn default() -> Self {
+        ReservedPort::new()
+    }
+}
+
+/// A free TCP port on loopback for a server the test cannot hand a held
+/// port to (the tracer's metrics port): bound then released, but outside
+/// the kernel's ephemeral range, so no outgoing connection takes it in the
+/// gap before the server binds; only another explicit bind could.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port")
+    for attempt in 0..1000 {
+        let port = candidate_port(attempt);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port outside the ephemeral range in 1000 tries");
 }
 
 /// Gunicorn from the test virtualenv, serving an app of tests/apps on a
@@ -482,6 +588,8 @@ pub fn free_port() -> u16 {
 pub struct Gunicorn {
     app: String,
     port: u16,
+    /// Held until the Gunicorn value is dropped (Gunicorn binds beside it).
+    _held: std::sync::Arc<ReservedPort>,
     workers: usize,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -489,9 +597,11 @@ pub struct Gunicorn {
 
 impl Gunicorn {
     pub fn new(app: &str) -> Gunicorn {
+        let held = ReservedPort::new();
         Gunicorn {
             app: app.to_string(),
-            port: free_port(),
+            port: held.port,
+            _held: std::sync::Arc::new(held),
             workers: 1,
             args: Vec::new(),
             env: Vec::new(),
@@ -561,7 +671,10 @@ impl Gunicorn {
     /// The command line, for callers that handle the output themselves.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(venv().join("bin/gunicorn"));
+        // --reuse-port: Gunicorn binds beside the socket that holds the
+        // port for it (ReservedPort), so no one can take it before.
         cmd.args(&self.args)
+            .arg("--reuse-port")
             .args(["-w", &self.workers.to_string()])
             .args(["-b", &format!("127.0.0.1:{}", self.port), &self.app])
             .current_dir(apps_dir())
@@ -873,6 +986,8 @@ pub struct Nginx {
     pub port: u16,
     pub dir: PathBuf,
     proc: Option<Proc>,
+    /// The port, held until nginx is gone (it listens beside it).
+    _held: ReservedPort,
 }
 
 /// What a test changes in nginx's proxying; the default is `Nginx::start`'s.
@@ -892,7 +1007,8 @@ impl Nginx {
     }
 
     pub fn start_with(upstream_port: u16, c: &NginxConf) -> Nginx {
-        let port = free_port();
+        let held = ReservedPort::new();
+        let port = held.port;
         let dir = std::env::temp_dir().join(format!("tracer-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
@@ -913,7 +1029,7 @@ impl Nginx {
              http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                upstream gunicorn {{ server 127.0.0.1:{upstream_port};{keepalive} }}\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+               server {{\n    listen 127.0.0.1:{port} reuseport;\n    location / {{\n\
                  proxy_pass http://gunicorn;\n      proxy_next_upstream off;\n\
                  proxy_request_buffering off;\n      proxy_http_version 1.1;\n{location}    }}\n  }}\n}}\n"
         );
@@ -938,6 +1054,7 @@ impl Nginx {
             port,
             dir,
             proc: Some(p),
+            _held: held,
         }
     }
 

@@ -380,3 +380,70 @@ fn a_gevent_request_lost_at_the_graceful_timeout_names_the_graceful_stop() {
     let text = summary["verdict"]["text"].as_str().unwrap();
     assert!(text.contains("--graceful-timeout ran out"), "{text}");
 }
+
+/// Starts a one-worker sync Gunicorn with a 2 s timeout, the tracer on it,
+/// and a request to `path` that keeps the worker from heartbeating; returns
+/// the worker's exit and every worker_timeout of it.
+fn timed_out(path: &str) -> (Value, Vec<Value>, Value) {
+    let g = Gunicorn::new("exits_app:app").timeout(2).spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let (_, w) = t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    let worker = w["pid"].as_u64().unwrap() as u32;
+    let _reply = get_async(g.port, path, Duration::from_secs(30));
+    let exit = exit_of(&mut t, worker);
+    // Whatever else the master does comes within its next ticks.
+    t.wait_for("the replacement", Duration::from_secs(10), |e| {
+        e["event"] == "worker" && e["source"] == "fork"
+    });
+    let summary = t.stop();
+    let timeouts = t
+        .of_kind("worker_timeout")
+        .into_iter()
+        .filter(|e| e["pid"] == worker)
+        .cloned()
+        .collect();
+    (exit, timeouts, summary)
+}
+
+#[test]
+fn a_worker_timeout_escalated_to_sigkill_is_one_timeout() {
+    require_root();
+    // The worker blocks SIGABRT: Gunicorn's SIGABRT stays pending and the
+    // master sends SIGKILL on a later tick. One WORKER TIMEOUT.
+    let (exit, timeouts, summary) = timed_out("/stuck?s=30");
+    assert_eq!(timeouts.len(), 1, "one timeout, one event: {timeouts:#?}");
+    let e = &timeouts[0];
+    assert_eq!(e["signal"], "SIGABRT", "{e}");
+    assert_eq!(e["escalated_to"], "SIGKILL", "{e}");
+    let after = e["escalated_after_ms"]
+        .as_u64()
+        .expect("escalated_after_ms");
+    assert!((500..=5000).contains(&after), "Gunicorn's next tick: {e}");
+    assert_eq!(exit["cause"], "worker_timeout", "{exit}");
+    assert_eq!(exit["signal"], "SIGKILL", "{exit}");
+    let w = summary["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"] == exit["pid"])
+        .expect("the worker in the summary");
+    assert_eq!(w["timeouts"], 1, "{w}");
+    assert_eq!(summary["exits"]["worker_timeout"], 1, "{summary}");
+}
+
+#[test]
+fn a_plain_worker_timeout_is_one_event_not_escalated() {
+    require_root();
+    // The worker takes Gunicorn's SIGABRT and exits: no SIGKILL follows.
+    let (exit, timeouts, summary) = timed_out("/slow?s=30");
+    assert_eq!(timeouts.len(), 1, "{timeouts:#?}");
+    let e = &timeouts[0];
+    assert_eq!(e["signal"], "SIGABRT", "{e}");
+    assert!(e["escalated_to"].is_null(), "{e}");
+    assert!(e["escalated_after_ms"].is_null(), "{e}");
+    assert_eq!(exit["cause"], "worker_timeout", "{exit}");
+    assert_eq!(exit["cause_signal"], "SIGABRT", "{exit}");
+    assert_eq!(summary["exits"]["worker_timeout"], 1, "{summary}");
+}

@@ -329,10 +329,17 @@ fn overload_loses_events_visibly_never_blocks_and_recovers() {
         lost > 0,
         "{sent} connections in 4 s must overflow a frozen ring buffer (reported {reported})"
     );
-    assert_eq!(
-        reported + lost,
-        sent + markers,
-        "every connection is either reported or counted as lost"
+    // The loss count is of every record the full ring buffer refused, of
+    // any kind (the server's own waits too, more of them when the host is
+    // loaded), so it bounds the lost connections from above: every
+    // connection is reported or within the count, and none is told twice.
+    assert!(
+        reported + lost >= sent + markers,
+        "every connection is either reported or counted as lost: {reported} reported + {lost} lost < {sent} sent + {markers} markers"
+    );
+    assert!(
+        reported <= sent + markers,
+        "{reported} early closes reported for {sent} + {markers} connections"
     );
 }
 

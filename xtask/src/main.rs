@@ -32,7 +32,9 @@ enum Cmd {
     Setup,
     /// Build the tracer; the binary lands at target/release/tracer.
     Build,
-    /// Run every test: unit tests, then the integration and end-to-end tests as root.
+    /// Run every test: unit tests, then each end-to-end test file as root (all
+    /// of them even when one fails), then the benchmark smoke test; lists
+    /// every failure at the end.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -153,51 +155,126 @@ fn test(filter: Option<String>) -> Result<()> {
     )?;
     setup::postgresql()?;
     let helm = setup::helm()?;
-    step("unit tests (pure logic: parsers, correlator, output)");
-    let mut unit = cargo();
-    unit.current_dir(root()).args([
-        "test",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "tests",
-        "--exclude",
-        "tracer-ebpf",
-    ]);
-    if let Some(f) = &filter {
-        unit.args(["--", f]);
-    }
-    run(&mut unit)?;
-    step(
-        "integration and end-to-end tests (real BPF programs, real Gunicorn + gevent; one at a time)",
+    let mut steps = Steps::default();
+    steps.run(
+        "unit tests (pure logic: parsers, correlator, output)",
+        || {
+            let mut unit = cargo();
+            unit.current_dir(root()).args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "tests",
+                "--exclude",
+                "tracer-ebpf",
+            ]);
+            if let Some(f) = &filter {
+                unit.args(["--", f]);
+            }
+            run(&mut unit)
+        },
     );
-    let mut it = cargo();
-    it.current_dir(root())
-        .args(["test", "--release", "-p", "tests", "--"])
-        .arg("--test-threads=1")
-        .env("TRACER_BIN", &bin)
-        .env("TRACER_VENV", &venv)
-        .env("HELM_BIN", &helm);
-    if let Some(f) = &filter {
-        it.arg(f);
+    // The integration and end-to-end tests (real BPF programs, real
+    // Gunicorn + gevent; one at a time): the tests crate's own unit tests,
+    // then each file as its own cargo run.
+    let e2e = |target: &[&str]| {
+        let mut it = cargo();
+        it.current_dir(root())
+            .args(["test", "--release", "-p", "tests"])
+            .args(target)
+            .args(["--", "--test-threads=1"])
+            .env("TRACER_BIN", &bin)
+            .env("TRACER_VENV", &venv)
+            .env("HELM_BIN", &helm);
+        if let Some(f) = &filter {
+            it.arg(f);
+        }
+        run(&mut it)
+    };
+    steps.run("tests crate helpers (tests/src)", || e2e(&["--lib"]));
+    for name in e2e_test_files()? {
+        steps.run(format!("end-to-end: tests/tests/{name}.rs"), || {
+            e2e(&["--test", &name])
+        });
     }
-    run(&mut it)?;
-    step(
+    steps.run(
         "benchmark smoke test (a tiny `cargo xtask bench`: it must run, its timings are not judged)",
+        || {
+            setup::tools(
+                &[
+                    ("wrk", "wrk"),
+                    ("bpftrace", "bpftrace"),
+                    ("strace", "strace"),
+                ],
+                "the benchmark smoke test",
+            )?;
+            run(cargo()
+                .current_dir(root())
+                .args(["xtask", "bench", "--quick"]))
+        },
     );
-    setup::tools(
-        &[
-            ("wrk", "wrk"),
-            ("bpftrace", "bpftrace"),
-            ("strace", "strace"),
-        ],
-        "the benchmark smoke test",
-    )?;
-    run(cargo()
-        .current_dir(root())
-        .args(["xtask", "bench", "--quick"]))?;
+    steps.verdict()?;
     step("all tests passed");
     Ok(())
+}
+
+/// Test steps run one after another. A failing step is recorded and the
+/// next one runs anyway, so one failing file cannot hide the results of
+/// the files after it; the failures are listed together at the end.
+#[derive(Default)]
+struct Steps {
+    ran: usize,
+    failed: Vec<String>,
+}
+
+impl Steps {
+    fn run(&mut self, what: impl Into<String>, f: impl FnOnce() -> Result<()>) {
+        let what = what.into();
+        step(&what);
+        self.ran += 1;
+        if let Err(e) = f() {
+            eprintln!("\x1b[1;31m==> FAILED: {what}\x1b[0m ({e:#})");
+            self.failed.push(what);
+        }
+    }
+
+    /// Ok when every step passed; else lists the failed ones and fails.
+    fn verdict(self) -> Result<()> {
+        if self.failed.is_empty() {
+            return Ok(());
+        }
+        eprintln!(
+            "\x1b[1;31m==> {} of {} test steps failed:\x1b[0m",
+            self.failed.len(),
+            self.ran
+        );
+        for f in &self.failed {
+            eprintln!("    {f}");
+        }
+        bail!(
+            "{} of {} test steps failed: {}",
+            self.failed.len(),
+            self.ran,
+            self.failed.join("; ")
+        );
+    }
+}
+
+/// The end-to-end test files (tests/tests/NAME.rs), by name, sorted.
+fn e2e_test_files() -> Result<Vec<String>> {
+    let dir = root().join("tests/tests");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs")
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+        {
+            names.push(stem.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn bench(quick: bool, only: &[bench::Part], variants: &[bench::Variant]) -> Result<()> {
@@ -271,5 +348,44 @@ fn main() -> ExitCode {
             eprintln!("xtask: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_step_does_not_stop_the_ones_after_it() {
+        let mut steps = Steps::default();
+        let mut after = false;
+        steps.run("first", || Ok(()));
+        steps.run("second", || bail!("off by 2"));
+        steps.run("third", || {
+            after = true;
+            Ok(())
+        });
+        steps.run("fourth", || bail!("also"));
+        assert!(after, "the step after a failure ran");
+        assert_eq!(steps.failed, ["second", "fourth"]);
+        let e = steps.verdict().unwrap_err().to_string();
+        assert_eq!(e, "2 of 4 test steps failed: second; fourth");
+    }
+
+    #[test]
+    fn all_steps_passing_is_a_pass() {
+        let mut steps = Steps::default();
+        steps.run("only", || Ok(()));
+        assert!(steps.verdict().is_ok());
+    }
+
+    #[test]
+    fn every_e2e_file_is_found() {
+        let files = e2e_test_files().unwrap();
+        assert!(files.iter().any(|f| f == "exits"), "{files:?}");
+        assert!(files.iter().all(|f| !f.ends_with(".rs")), "{files:?}");
+        let mut sorted = files.clone();
+        sorted.sort();
+        assert_eq!(files, sorted);
     }
 }

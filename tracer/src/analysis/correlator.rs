@@ -51,6 +51,10 @@ pub(super) struct Proc {
     pub last_signal: Option<SignalSeen>,
     /// The master's last WORKER TIMEOUT signal (SIGABRT, then SIGKILL).
     pub timeout_signal: Option<SignalSeen>,
+    /// A WORKER TIMEOUT begun with SIGABRT and not told yet: it is told
+    /// once the worker exits, or with the SIGKILL Gunicorn sends on a later
+    /// tick when it did not (one timeout, one event).
+    pub pending_timeout: Option<PendingTimeout>,
     /// The stall its last WORKER TIMEOUT was blamed on (see
     /// `lifecycle::timeout_blame`); None when none was seen.
     pub timeout_stall: Option<StallReport>,
@@ -66,6 +70,15 @@ pub(super) struct Proc {
     /// Requests it held past --request-threshold without an answer.
     pub hung_requests: u32,
     pub last_hung: Option<HungRequest>,
+}
+
+/// A WORKER TIMEOUT's first signal, held until it is known whether the
+/// master had to escalate to SIGKILL.
+#[derive(Debug, Clone)]
+pub(super) struct PendingTimeout {
+    pub ts_ns: u64,
+    pub signal: String,
+    pub stall: Option<StallReport>,
 }
 
 impl Proc {

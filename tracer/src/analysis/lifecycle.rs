@@ -1,7 +1,7 @@
 //! Processes coming and going: forks, exits, and the master's signals that
 //! are Gunicorn's WORKER TIMEOUT.
 use super::Enricher;
-use super::correlator::{Correlator, NewProcess};
+use super::correlator::{Correlator, NewProcess, PendingTimeout, Proc};
 use super::exits::{self, Ended, SignalSeen};
 use super::summary::rejudged;
 use crate::model::{Outcome, Output, Role, Source, StallReport, signal_name};
@@ -71,7 +71,16 @@ impl Correlator {
         exit_code: Option<i32>,
         signal: Option<i32>,
     ) -> Vec<Output> {
-        let mut out = self.end_stalls_of(pid, ts_ns, Outcome::Exited);
+        // A WORKER TIMEOUT held for its escalation is told first: the
+        // worker ended without the SIGKILL (or its SIGKILL ends it now).
+        let mut out: Vec<Output> = self
+            .procs
+            .get_mut(&pid)
+            .and_then(|p| Some((p.pending_timeout.take()?, &*p)))
+            .map(|(first, p)| timeout_output(pid, p, first, None))
+            .into_iter()
+            .collect();
+        out.extend(self.end_stalls_of(pid, ts_ns, Outcome::Exited));
         let settings = self.settings_of(pid);
         let Some(p) = self.procs.get_mut(&pid) else {
             return out;
@@ -136,13 +145,20 @@ impl Correlator {
                 p.stop_signal = Some(seen.clone());
             }
         }
-        let timeout = from_master && (sig == 6 || (sig == 9 && !p.asked_to_stop));
+        let timeout = from_master && (sig == SIGABRT || (sig == SIGKILL && !p.asked_to_stop));
+        // Gunicorn's SIGKILL on a later tick, to a worker its SIGABRT did
+        // not end: the same WORKER TIMEOUT, escalated.
+        let escalated = timeout && sig == SIGKILL && p.pending_timeout.is_some();
         if timeout {
             p.timeout_signal = Some(seen.clone());
         }
         p.last_signal = Some(seen);
         if !timeout {
             return Vec::new();
+        }
+        if escalated {
+            let first = p.pending_timeout.take().expect("checked above");
+            return vec![timeout_output(target, p, first, Some((sig, ts_ns)))];
         }
         let stall = self.timeout_blame(target, ts_ns);
         let p = self.procs.get_mut(&target).expect("checked above");
@@ -151,13 +167,51 @@ impl Correlator {
         if p.timeout_stall.is_none() {
             p.timeout_stall = stall.clone();
         }
-        vec![Output::WorkerTimeout {
+        let first = PendingTimeout {
             ts_ns,
-            pid: target,
-            master_pid: p.master,
             signal: signal_name(sig),
             stall,
-            container: p.container.clone(),
-        }]
+        };
+        if sig == SIGABRT {
+            // Told at the exit, or with the SIGKILL that may follow.
+            p.pending_timeout = Some(first);
+            return Vec::new();
+        }
+        vec![timeout_output(target, p, first, None)]
+    }
+
+    /// WORKER TIMEOUTs still held (their workers neither exited nor were
+    /// killed before the run ended): told now, not escalated so far.
+    pub fn flush_timeouts(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        for (pid, p) in self.procs.iter_mut() {
+            if let Some(first) = p.pending_timeout.take() {
+                out.push(timeout_output(*pid, p, first, None));
+            }
+        }
+        out
+    }
+}
+
+const SIGABRT: i32 = 6;
+const SIGKILL: i32 = 9;
+
+/// The one worker_timeout event of a WORKER TIMEOUT: its first signal, and
+/// the SIGKILL it was escalated to (with when), if one followed.
+fn timeout_output(
+    pid: u32,
+    p: &Proc,
+    first: PendingTimeout,
+    escalation: Option<(i32, u64)>,
+) -> Output {
+    Output::WorkerTimeout {
+        ts_ns: first.ts_ns,
+        pid,
+        master_pid: p.master,
+        signal: first.signal,
+        escalated_to: escalation.map(|(sig, _)| signal_name(sig)),
+        escalated_after_ms: escalation.map(|(_, at)| at.saturating_sub(first.ts_ns) / 1_000_000),
+        stall: first.stall,
+        container: p.container.clone(),
     }
 }

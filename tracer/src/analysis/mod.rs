@@ -44,6 +44,8 @@ mod signature_tests;
 mod stall_model_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod timeout_tests;
 
 pub use closes::format_sockaddr;
 pub use correlator::{Correlator, NewProcess};

@@ -391,27 +391,8 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         sender_comm: "gunicorn".into(),
         sig: 6,
     };
-    let out = c.on_kernel(abrt, &mut FakeProc);
-    let [
-        Output::WorkerTimeout {
-            pid: W,
-            master_pid: MASTER,
-            signal,
-            stall: Some(s),
-            ..
-        },
-    ] = &out[..]
-    else {
-        panic!("{out:?}")
-    };
-    assert_eq!(signal, "SIGABRT");
-    assert_eq!(
-        (s.syscall_name(), s.fd, s.blocked_ms),
-        ("read", Some(11), 4500)
-    );
-    // Issue 18 item 2: every figure is current at the kill, not the first
-    // report's (the heartbeat was 600 ms old at 600 ms, and never moved).
-    assert_eq!(s.heartbeat_age_ms, Some(4500));
+    // Held until it is known whether the master escalates to SIGKILL.
+    assert!(c.on_kernel(abrt, &mut FakeProc).is_empty());
     // A signal from someone else is not a Gunicorn timeout.
     let other = KernelEvent::Signal {
         ts_ns: 4600 * MS,
@@ -428,8 +409,28 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
         signal: Some(9),
     };
     let out = c.on_kernel(exit, &mut FakeProc);
-    assert_eq!(kinds(&out), ["stall_end", "worker_exit"]);
-    assert!(matches!(&out[1], Output::WorkerExit { signal: Some(s), .. } if s == "SIGKILL"));
+    assert_eq!(kinds(&out), ["worker_timeout", "stall_end", "worker_exit"]);
+    let Output::WorkerTimeout {
+        pid: W,
+        master_pid: MASTER,
+        signal,
+        escalated_to: None,
+        escalated_after_ms: None,
+        stall: Some(s),
+        ..
+    } = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(signal, "SIGABRT");
+    assert_eq!(
+        (s.syscall_name(), s.fd, s.blocked_ms),
+        ("read", Some(11), 4500)
+    );
+    // Issue 18 item 2: every figure is current at the kill, not the first
+    // report's (the heartbeat was 600 ms old at 600 ms, and never moved).
+    assert_eq!(s.heartbeat_age_ms, Some(4500));
+    assert!(matches!(&out[2], Output::WorkerExit { signal: Some(s), .. } if s == "SIGKILL"));
     let sum = c.summary(6000 * MS);
     assert_eq!(verdict(&sum).killed_pids, vec![W]);
     assert!(
@@ -445,7 +446,7 @@ fn master_kill_is_tied_to_the_stall_then_exit_ends_it() {
     assert_eq!((st.blocked_ms, st.heartbeat_age_ms), (5500, Some(5500)));
 }
 
-fn abort_from_master(ts_ms: u64) -> KernelEvent {
+pub(super) fn abort_from_master(ts_ms: u64) -> KernelEvent {
     KernelEvent::Signal {
         ts_ns: ts_ms * MS,
         target: W,
@@ -462,13 +463,21 @@ fn blamed(out: &[Output]) -> Option<&crate::model::StallReport> {
     }
 }
 
+/// The master's SIGABRT at `ts_ms`, then the end of the run: the timeout
+/// it begins, as told then.
+fn timed_out_at(c: &mut Correlator, ts_ms: u64) -> Vec<Output> {
+    let held = c.on_kernel(abort_from_master(ts_ms), &mut FakeProc);
+    assert!(held.is_empty(), "{held:?}");
+    c.flush_timeouts()
+}
+
 /// A pool thread's stall cannot stop the heartbeat, which the loop thread
 /// keeps: the WORKER TIMEOUT is not blamed on it.
 #[test]
 fn a_worker_timeout_is_not_blamed_on_a_pool_threads_stall() {
     let mut c = setup();
     c.on_samples(&[sample(W + 1, "read", 0, 1)], 600 * MS, &mut FakeProc);
-    let out = c.on_kernel(abort_from_master(10_000), &mut FakeProc);
+    let out = timed_out_at(&mut c, 10_000);
     assert_eq!(blamed(&out), None);
     let exit = KernelEvent::Exit {
         ts_ns: 10_100 * MS,
@@ -493,7 +502,7 @@ fn a_worker_timeout_is_blamed_only_on_a_loop_stall_inside_the_timeout_window() {
     let mut c = setup();
     c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
     c.on_kernel(woke(W, "read", 11, 0, 1000, Wake::Returning), &mut FakeProc);
-    let out = c.on_kernel(abort_from_master(30_000), &mut FakeProc);
+    let out = timed_out_at(&mut c, 30_000);
     assert_eq!(blamed(&out), None);
     let mut c = setup();
     c.on_samples(&[sample(W, "read", 20_000, 1)], 20_600 * MS, &mut FakeProc);
@@ -501,7 +510,7 @@ fn a_worker_timeout_is_blamed_only_on_a_loop_stall_inside_the_timeout_window() {
         woke(W, "read", 11, 20_000, 27_000, Wake::Returning),
         &mut FakeProc,
     );
-    let out = c.on_kernel(abort_from_master(30_000), &mut FakeProc);
+    let out = timed_out_at(&mut c, 30_000);
     let s = blamed(&out).expect("ended 3 s before the kill, inside the 4 s window");
     assert_eq!((s.tid, s.blocked_ms), (W, 7000));
 }

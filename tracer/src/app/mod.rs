@@ -3,6 +3,7 @@
 //! `attach` loads the probes and watches the targets; `run_loop` reacts to
 //! the kernel; `finish` prints the summary.
 pub mod cli;
+mod ending;
 pub mod logging;
 mod loop_search;
 pub mod metrics_server;
@@ -36,13 +37,19 @@ use targets::Target;
 /// the runtime's one worker thread, so a slow /proc read in the session
 /// never delays /healthz; kernel events arrive from the intake thread.
 pub fn run(args: WatchArgs) -> Result<()> {
+    ending::install()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run_async(args))
+    let r = rt.block_on(run_async(args));
+    ending::arm();
+    // A blocking task stuck in a /proc read must not keep the process:
+    // dropping the runtime would wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    r
 }
 
 async fn run_async(args: WatchArgs) -> Result<()> {
@@ -53,8 +60,12 @@ async fn run_async(args: WatchArgs) -> Result<()> {
     let stop = Stop::install()?;
     let prepared = prepare(&args).await?;
     let (mut st, mut events, start) = attach(&args, prepared)?;
-    run_loop(&args, &mut st, &mut events, stop).await?;
+    let ran = run_loop(&args, &mut st, &mut events, stop).await;
+    // From here the process has ending::GRACE to finish and exit.
+    ending::arm();
+    ran?;
     finish(&mut st, &mut events, start).await;
+    ending::summary_written();
     Ok(())
 }
 
@@ -95,6 +106,9 @@ struct Prepared {
 
 /// Every check that can fail on bad input, before anything is loaded.
 async fn prepare(args: &WatchArgs) -> Result<Prepared> {
+    // A kernel that cannot run the programs is refused first, in one
+    // line, before any target is read or announced.
+    kernel::support::check()?;
     check_privileges()?;
     for note in args.py_stack_notes() {
         eprintln!("tracer: note: {note}");
@@ -347,7 +361,12 @@ async fn finish(st: &mut Session, events: &mut Events, start: u64) {
     events.intake.join();
     st.poll();
     st.flush_exits(true);
-    st.flush_pending(true);
+    for o in st.corr.flush_timeouts() {
+        st.emit(&o);
+    }
+    // Stacks still being read get at most this long: the whole ending
+    // must fit in ending::GRACE.
+    st.flush_pending(Some(std::time::Instant::now() + Duration::from_millis(700)));
     let now = present::monotonic_ns();
     let summary = st.corr.summary(now);
     let ev = SummaryEvent::new(

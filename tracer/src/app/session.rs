@@ -221,6 +221,8 @@ impl StallStacks {
             pid,
             master_pid,
             signal,
+            escalated_to,
+            escalated_after_ms,
             container,
         } = o
         else {
@@ -239,6 +241,8 @@ impl StallStacks {
             pid,
             master_pid,
             signal,
+            escalated_to,
+            escalated_after_ms,
             stall: Some(report),
             container,
         }
@@ -362,26 +366,35 @@ impl Session {
     }
 
     /// Writes the held output whose stacks have arrived (or whose deadline
-    /// passed), in order; with `wait`, waits for each until its deadline.
-    pub fn flush_pending(&mut self, wait: bool) {
+    /// passed), in order; with `stop_by` (the run is ending), waits for
+    /// each until its deadline but not past `stop_by`, so that the tracer
+    /// ends in time (see `ending`).
+    pub fn flush_pending(&mut self, stop_by: Option<Instant>) {
         while let Some(front) = self.pending.pop_front() {
             let o = match front {
                 Pending::Ready(o) => o,
                 Pending::Stack(o, rx, deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let r = if wait {
-                        rx.recv_timeout(left).map_err(|e| match e {
-                            RecvTimeoutError::Timeout => TryRecvError::Empty,
-                            RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
-                        })
-                    } else {
-                        rx.try_recv()
+                    let r = match stop_by {
+                        Some(by) => rx
+                            .recv_timeout(
+                                by.min(deadline).saturating_duration_since(Instant::now()),
+                            )
+                            .map_err(|e| match e {
+                                RecvTimeoutError::Timeout => TryRecvError::Empty,
+                                RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
+                            }),
+                        None => rx.try_recv(),
                     };
+                    let expired = Instant::now() >= deadline;
                     match r {
-                        Err(TryRecvError::Empty) if !left.is_zero() && !wait => {
+                        Err(TryRecvError::Empty) if !expired && stop_by.is_none() => {
                             self.pending.push_front(Pending::Stack(o, rx, deadline));
                             return;
                         }
+                        Err(TryRecvError::Empty) if !expired => with_stack(
+                            o,
+                            Err("the Python stack was not read before the tracer stopped".into()),
+                        ),
                         Err(TryRecvError::Empty) => with_stack(
                             o,
                             Err(format!(
@@ -612,7 +625,7 @@ impl Session {
         for ev in batch {
             self.handle(ev);
         }
-        self.flush_pending(false);
+        self.flush_pending(None);
     }
 
     /// Processes still in WATCHED, or followed by the correlator, that no
@@ -796,7 +809,7 @@ impl Session {
             self.emit(&o);
         }
         self.scan_sockets(now);
-        self.flush_pending(false);
+        self.flush_pending(None);
     }
 
     /// Hung requests: the connections on watched ports, when a scan is due.
@@ -872,6 +885,8 @@ mod tests {
             pid: 7,
             master_pid: 1,
             signal: "SIGABRT".into(),
+            escalated_to: None,
+            escalated_after_ms: None,
             stall: Some(stall),
             container: None,
         }

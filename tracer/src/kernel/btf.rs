@@ -107,6 +107,28 @@ impl Btf {
         self.find(id, member.as_bytes(), 0, 0).map(|bits| bits / 8)
     }
 
+    /// Whether `enum name` (ENUM or ENUM64) has a member called `member`;
+    /// None when this BTF has no such enum. The kernel's own enums list
+    /// what it offers: `enum bpf_func_id` its BPF helpers,
+    /// `bpf_prog_type` its program types, `bpf_map_type` its map types.
+    pub fn enum_has(&self, name: &str, member: &str) -> Option<bool> {
+        let (at, info) = (1..=self.type_offsets.len() as u32).find_map(|id| {
+            let (at, name_off, info) = self.header(id)?;
+            let kind = (info >> 24) & 0x1f;
+            ((kind == KIND_ENUM || kind == KIND_ENUM64) && self.name(name_off) == name.as_bytes())
+                .then_some((at, info))
+        })?;
+        let stride = if (info >> 24) & 0x1f == KIND_ENUM64 {
+            12
+        } else {
+            8
+        };
+        Some((0..(info & 0xffff) as usize).any(|i| {
+            self.u32(at + 12 + stride * i, 0)
+                .is_some_and(|off| self.name(off) == member.as_bytes())
+        }))
+    }
+
     fn find(&self, id: u32, member: &[u8], base_bits: u64, depth: u32) -> Option<u64> {
         let (at, _, info) = self.header(id)?;
         let kind = (info >> 24) & 0x1f;
@@ -141,7 +163,7 @@ mod tests {
     /// { long x; union { int y; struct inner in; }; char z; } (the union is
     /// anonymous), plus an INT type that must be skipped correctly.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0a\0b\0inner\0outer\0x\0y\0in\0z\0".to_vec();
+        let strings = b"\0int\0a\0b\0inner\0outer\0x\0y\0in\0z\0bpf_func_id\0BPF_FUNC_unspec\0BPF_FUNC_map_lookup_elem\0".to_vec();
         let s = |name: &str| -> u32 {
             let pos = strings
                 .windows(name.len() + 2)
@@ -185,6 +207,17 @@ mod tests {
             push(ty);
             push(off);
         }
+        // 5: enum bpf_func_id { BPF_FUNC_unspec, BPF_FUNC_map_lookup_elem }
+        push(s("bpf_func_id"));
+        push((KIND_ENUM << 24) | 2);
+        push(4);
+        for (i, n) in ["BPF_FUNC_unspec", "BPF_FUNC_map_lookup_elem"]
+            .iter()
+            .enumerate()
+        {
+            push(s(n));
+            push(i as u32);
+        }
         let mut b = Vec::new();
         b.extend_from_slice(&MAGIC.to_le_bytes());
         b.push(1); // version
@@ -212,6 +245,22 @@ mod tests {
         );
         assert_eq!(btf.member_offset("outer", "nope"), None);
         assert_eq!(btf.member_offset("missing", "x"), None);
+    }
+
+    #[test]
+    fn finds_enum_members() {
+        let btf = Btf::parse(blob()).unwrap();
+        assert_eq!(
+            btf.enum_has("bpf_func_id", "BPF_FUNC_map_lookup_elem"),
+            Some(true)
+        );
+        assert_eq!(
+            btf.enum_has("bpf_func_id", "BPF_FUNC_task_pt_regs"),
+            Some(false)
+        );
+        assert_eq!(btf.enum_has("bpf_prog_type", "BPF_PROG_TYPE_TRACING"), None);
+        // Members of a struct are not an enum's.
+        assert_eq!(btf.enum_has("inner", "a"), None);
     }
 
     #[test]

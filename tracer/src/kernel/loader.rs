@@ -123,20 +123,50 @@ fn explain(e: impl std::fmt::Display + std::fmt::Debug, what: &str) -> anyhow::E
         );
     }
     if debug.contains("verifier") || debug.contains("Verifier") {
-        // The tail of the verifier log names the instruction it refused.
-        let tail: Vec<&str> = debug.lines().rev().take(12).collect();
+        // One line: the verifier's last complaint. Its whole log only
+        // with RUST_LOG=debug.
+        if std::env::var("RUST_LOG").is_ok_and(|v| v.contains("debug") || v.contains("trace")) {
+            eprintln!("tracer: debug: {what}: verifier log:\n{text}");
+        }
+        let said = text
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| {
+                !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time")
+            })
+            .unwrap_or("");
         return anyhow!(
-            "{what}: the kernel's verifier rejected the program; please report this with the kernel version ({}). Log tail:\n{}",
+            "{what}: the kernel's verifier rejected the program; please report this with the kernel version ({}); it said: {said} (RUST_LOG=debug shows its whole log)",
             kernel_release(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
     anyhow!("{what}: {text}")
 }
 
 /// The helper a verifier log says the kernel does not know, as in
-/// "unknown func bpf_task_pt_regs#175".
+/// "unknown func bpf_task_pt_regs#175", or, on a kernel older than the
+/// helper (which then has no name for it), "invalid func unknown#175".
 fn missing_helper(log: &str) -> Option<String> {
+    if let Some(at) = log.find("invalid func unknown#") {
+        let digits: String = log[at + "invalid func unknown#".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        // The helpers the programs call that are newest (5.11, 5.15).
+        let name = match digits.as_str() {
+            "158" => "bpf_get_current_task_btf",
+            "175" => "bpf_task_pt_regs",
+            _ => "",
+        };
+        if !digits.is_empty() {
+            return Some(if name.is_empty() {
+                format!("#{digits}")
+            } else {
+                format!("{name}#{digits}")
+            });
+        }
+    }
     let rest = &log[log.find("unknown func ")? + "unknown func ".len()..];
     let name: String = rest
         .chars()
@@ -658,9 +688,10 @@ mod tests {
         let e = explain(log, "loading program inet_sock_set_state").to_string();
         assert!(e.contains("verifier rejected the program"), "{e}");
         assert!(
-            e.contains("invalid mem access"),
-            "the log's relevant part: {e}"
+            e.contains("it said: 1: R1 invalid mem access 'scalar'"),
+            "the log's relevant line: {e}"
         );
+        assert!(!e.contains('\n'), "one line, no dump: {e}");
         assert!(e.contains(&kernel_release()), "{e}");
     }
 
@@ -674,6 +705,27 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    /// Issue 23 item 3: 5.10 has no name for a newer helper; its verifier
+    /// says "invalid func unknown#175", and that too is the friendly line.
+    #[test]
+    fn a_helper_the_kernel_has_no_name_for_is_told_as_missing() {
+        let log = "the BPF_PROG_LOAD syscall failed. Verifier output: 0: (85) call unknown#175\ninvalid func unknown#175\nprocessed 9 insns";
+        let e = explain(log, "loading program sched_switch").to_string();
+        assert!(
+            e.contains("lacks the BPF helper bpf_task_pt_regs#175")
+                && e.contains("Linux 5.15 or later"),
+            "{e}"
+        );
+        assert!(
+            !e.contains('\n') && !e.contains("verifier"),
+            "one line, no dump: {e}"
+        );
+        // Another rejection is not told as a missing helper.
+        let log = "Verifier output: 1: R1 invalid mem access 'scalar'\nprocessed 2 insns";
+        let e = explain(log, "loading program x").to_string();
+        assert!(!e.contains("lacks the BPF helper"), "{e}");
     }
 
     /// The offsets that were hard-coded from the x86_64 ABI before they

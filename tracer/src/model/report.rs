@@ -806,7 +806,14 @@ pub enum Output {
         ts_ns: u64,
         pid: u32,
         master_pid: u32,
+        /// The timeout's first signal (SIGABRT; SIGKILL when the tracer
+        /// saw no SIGABRT before it).
         signal: String,
+        /// SIGKILL when the worker did not exit on SIGABRT and the master
+        /// sent it on a later tick; None when no such SIGKILL was seen
+        /// before the worker exited or the run ended.
+        escalated_to: Option<String>,
+        escalated_after_ms: Option<u64>,
         stall: Option<StallReport>,
         container: Option<Container>,
     },

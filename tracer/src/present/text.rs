@@ -228,9 +228,25 @@ fn loop_line(pid: u32, wait: &str, fd: Option<i32>, nfds: Option<u32>) -> String
     )
 }
 
-fn timeout_line(pid: u32, master_pid: u32, signal: &str, stall: &Option<StallReport>) -> String {
+fn timeout_line(
+    (pid, master_pid): (u32, u32),
+    signal: &str,
+    escalated: Option<(&str, u64)>,
+    stall: &Option<StallReport>,
+) -> String {
+    // Only said when the SIGKILL was seen: the worker did not end on the
+    // first signal, so the master sent it on a later tick.
+    let then = escalated
+        .map(|(sig, ms)| {
+            format!(
+                ", then {} {} later (it did not exit on {signal})",
+                sanitize(sig),
+                secs(ms)
+            )
+        })
+        .unwrap_or_default();
     let mut l = format!(
-        "TIMEOUT  master {master_pid} sent {signal} to worker {pid} (Gunicorn WORKER TIMEOUT){}",
+        "TIMEOUT  master {master_pid} sent {signal}{then} to worker {pid} (Gunicorn WORKER TIMEOUT){}",
         stall
             .as_ref()
             .map(|s| format!(
@@ -431,9 +447,16 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             pid,
             master_pid,
             signal,
+            escalated_to,
+            escalated_after_ms,
             stall,
             ..
-        } => timeout_line(*pid, *master_pid, signal, stall),
+        } => timeout_line(
+            (*pid, *master_pid),
+            signal,
+            escalated_to.as_deref().zip(*escalated_after_ms),
+            stall,
+        ),
         Output::EarlyClose { close, .. } => early_close_line(close),
         Output::HungRequest { hung, .. } => hung_line(hung),
         Output::HungRequestEnd {
@@ -721,6 +744,8 @@ mod tests {
                     pid: 7,
                     master_pid: 1,
                     signal: "SIGABRT".into(),
+                    escalated_to: None,
+                    escalated_after_ms: None,
                     stall: Some(s.clone()),
                     container: None,
                 },
