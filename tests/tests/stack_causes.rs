@@ -285,4 +285,15 @@ fn the_text_view_prints_the_stack_under_the_stall_and_the_timeout() {
     assert!(timeout.contains("Gunicorn WORKER TIMEOUT"), "{text}");
     assert!(timeout.contains("in Queue.get"), "{text}");
     assert!(timeout.contains("in enqueue_and_wait"), "{text}");
+    // The verdict at the end names the same frame, not the guess from a
+    // 4-byte pipe read made before the stack came.
+    let verdict: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("cause, from its stack: multiprocessing.Queue.get()"))
+        .collect();
+    assert!(!verdict.is_empty(), "{text}");
+    assert!(
+        !text.contains("likely cause: multiprocessing.Queue.get()"),
+        "no verdict keeps the guess: {text}"
+    );
 }

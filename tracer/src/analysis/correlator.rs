@@ -232,6 +232,36 @@ impl Correlator {
         })
     }
 
+    /// The Python stack read for a stall already reported (matched by its
+    /// thread and start), with the cause judged from it: kept with the
+    /// stall wherever the correlator holds it, so the summary, the verdict
+    /// and a later worker_timeout cite the same frame as the stall event.
+    pub fn stack_read(&mut self, read: &StallReport) {
+        let same = |r: &StallReport| (r.tid, r.start_ns) == (read.tid, read.start_ns);
+        let copy = |r: &mut StallReport| {
+            if same(r) {
+                r.py_stack.clone_from(&read.py_stack);
+                r.py_stack_omitted = read.py_stack_omitted;
+                r.py_stack_error.clone_from(&read.py_stack_error);
+                r.cause.clone_from(&read.cause);
+            }
+        };
+        if let Some(a) = self.active.get_mut(&read.tid) {
+            copy(&mut a.report);
+        }
+        if let Some(r) = self.on_cpu.get_mut(&read.pid) {
+            copy(r);
+        }
+        if let Some(p) = self.procs.get_mut(&read.pid) {
+            for r in [p.last_stall.as_mut(), p.timeout_stall.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                copy(r);
+            }
+        }
+    }
+
     /// Reported stalls whose end nothing said (outcome `unknown`).
     pub fn stall_ends_unknown(&self) -> u64 {
         self.stall_ends_unknown

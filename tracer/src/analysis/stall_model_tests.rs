@@ -536,3 +536,62 @@ fn gthreads_main_thread_waiting_on_its_futures_is_not_a_loop_stall() {
     let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
     assert_eq!(stalls(&c.on_samples(&[futex], 1000 * MS, f)).len(), 1);
 }
+
+/// The stack read after a stall was reported is kept with it: the summary
+/// (and so the verdict) cites the same frame as the stall event, not the
+/// guess made before the stack came. Without a stack it stays the guess.
+#[test]
+fn the_summary_cites_the_frame_of_a_stack_read_after_the_report() {
+    use crate::model::{Basis, PyFrame};
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    let s = Sample {
+        arg2: 4,
+        ..asleep(W, "read", 11, 0)
+    };
+    let out = c.on_samples(&[s], 600 * MS, f);
+    let mut report = stalls(&out)[0].clone();
+    let before = c.summary(700 * MS).workers[0].stall.clone().unwrap();
+    assert_ne!(
+        before
+            .cause
+            .as_ref()
+            .and_then(|c| c.evidence.as_ref())
+            .map(|e| e.basis),
+        Some(Basis::Frame),
+        "{before:?}"
+    );
+    report.py_stack = Some(vec![
+        PyFrame {
+            function: "Queue.get".into(),
+            file: "/usr/lib/python3.11/multiprocessing/queues.py".into(),
+            line: Some(103),
+        },
+        PyFrame {
+            function: "enqueue_and_wait".into(),
+            file: "/srv/app/hang_app.py".into(),
+            line: Some(21),
+        },
+    ]);
+    report.cause = super::signatures::identify(&report);
+    assert_eq!(
+        report
+            .cause
+            .as_ref()
+            .unwrap()
+            .evidence
+            .as_ref()
+            .unwrap()
+            .basis,
+        Basis::Frame
+    );
+    c.stack_read(&report);
+    let after = c.summary(800 * MS).workers[0].stall.clone().unwrap();
+    let cause = after.cause.unwrap();
+    assert_eq!(
+        cause.evidence.as_ref().unwrap().basis,
+        Basis::Frame,
+        "{cause:?}"
+    );
+    assert_eq!(cause.id, report.cause.unwrap().id);
+    assert_eq!(after.py_stack.unwrap().len(), 2);
+}

@@ -358,6 +358,7 @@ impl Session {
             (None, _) => o,
             (Some(_), Output::Stall { report, .. }) => {
                 self.stall_stacks.keep(report);
+                self.corr.stack_read(report);
                 o
             }
             (Some(_), _) => self.stall_stacks.attach(o),
