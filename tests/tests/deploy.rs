@@ -91,7 +91,10 @@ fn daemonset_has_what_the_tracer_needs_and_no_more() {
     caps.sort();
     // No SYS_RESOURCE: BPF memory is charged to the memory cgroup since
     // Linux 5.11, and the tracer needs 5.15.
-    assert_eq!(caps, ["BPF", "DAC_READ_SEARCH", "PERFMON", "SYS_PTRACE"]);
+    assert_eq!(
+        caps,
+        ["BPF", "DAC_READ_SEARCH", "PERFMON", "SETGID", "SETUID", "SYS_PTRACE"]
+    );
     assert_eq!(
         pod["securityContext"]["seccompProfile"]["type"],
         "RuntimeDefault"
@@ -213,6 +216,8 @@ fn args_on_port(c: &Value, port: u16, health: u16) -> Vec<String> {
 fn cap_number(name: &str) -> u32 {
     match name {
         "DAC_READ_SEARCH" => 2,
+        "SETGID" => 6,
+        "SETUID" => 7,
         "SYS_PTRACE" => 19,
         "SYS_RESOURCE" => 24,
         "PERFMON" => 38,

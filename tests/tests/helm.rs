@@ -245,7 +245,14 @@ fn the_security_settings_do_not_move_with_the_values() {
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(
         sc["capabilities"]["add"],
-        serde_json::json!(["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"])
+        serde_json::json!([
+            "BPF",
+            "PERFMON",
+            "SYS_PTRACE",
+            "DAC_READ_SEARCH",
+            "SETUID",
+            "SETGID"
+        ])
     );
     for docs in [&d, &a] {
         let pod = &kind(docs, "DaemonSet")["spec"]["template"]["spec"];

@@ -6,6 +6,7 @@
 use std::ffi::CString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use tests::*;
@@ -247,4 +248,49 @@ fn a_killed_stack_helper_is_restarted_and_later_stalls_still_get_stacks() {
     assert_ne!(first, second);
     assert!(alive(t.pid()));
     t.stop();
+}
+
+/// The DaemonSet's capabilities (deploy/kubernetes/daemonset.yaml), as
+/// setpriv names them: uid 0 without the rest of root's.
+const DAEMONSET_CAPS: &str = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search,+setuid,+setgid";
+
+/// The tracer as the DaemonSet runs it: uid 0 with only its capabilities.
+fn tracer_with_caps(caps: &str) -> Tracer {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--inh-caps={caps}"),
+        &format!("--ambient-caps={caps}"),
+        &format!("--bounding-set={caps}"),
+    ])
+    .arg(tracer_bin())
+    .args(["watch", "--format", "json"])
+    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    Tracer::start_command(cmd)
+}
+
+/// In the DaemonSet's pod the tracer is uid 0 with a few capabilities: its
+/// SETUID and SETGID are there so the helper still becomes nobody. Without
+/// them the helper stays uid 0 (with CAP_SYS_PTRACE alone) and says so.
+#[test]
+fn with_the_daemonsets_capabilities_the_helper_becomes_nobody() {
+    require_root();
+    let t = tracer_with_caps(DAEMONSET_CAPS);
+    let h = helper_of(t.pid());
+    assert_eq!(status_field(h, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(h, "Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(h, "CapEff"), "0000000000080000");
+    drop(t);
+    let mut t = tracer_with_caps("-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search");
+    let h = helper_of(t.pid());
+    assert_eq!(status_field(h, "Uid"), "0\t0\t0\t0");
+    assert_eq!(status_field(h, "CapEff"), "0000000000080000");
+    t.collect_for(Duration::from_millis(300));
+    t.stop();
+    assert!(
+        t.stderr_lines
+            .iter()
+            .any(|l| l.contains("Python stack helper")),
+        "{:?}",
+        t.stderr_lines
+    );
 }
