@@ -93,7 +93,14 @@ fn daemonset_has_what_the_tracer_needs_and_no_more() {
     // Linux 5.11, and the tracer needs 5.15.
     assert_eq!(
         caps,
-        ["BPF", "DAC_READ_SEARCH", "PERFMON", "SETGID", "SETUID", "SYS_PTRACE"]
+        [
+            "BPF",
+            "DAC_READ_SEARCH",
+            "PERFMON",
+            "SETGID",
+            "SETUID",
+            "SYS_PTRACE"
+        ]
     );
     assert_eq!(
         pod["securityContext"]["seccompProfile"]["type"],

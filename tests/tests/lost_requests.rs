@@ -177,6 +177,11 @@ fn a_request_sent_on_a_connection_gunicorn_closed_as_idle_is_a_keepalive_race() 
     let g = keepalive_gunicorn();
     let port = g.port;
     let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    let (_, start) = t.wait_for("start", Duration::from_secs(1), |e| e["event"] == "start");
+    assert_eq!(
+        start["features_missing"]["keepalive_race"], false,
+        "this kernel shows them: {start}"
+    );
     let worker = t
         .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
         .1["pid"]
@@ -250,6 +255,49 @@ fn a_request_sent_on_a_connection_gunicorn_closed_as_idle_is_a_keepalive_race() 
         )),
         "{text}"
     );
+}
+
+/// Without a usable tcp:tcp_send_reset (Linux 6.1's, here by not attaching
+/// it) the races cannot be seen: the start event, the summary, the metric
+/// and the verdict say so, and the run is never called healthy.
+#[test]
+fn a_kernel_that_cannot_show_keepalive_races_says_so() {
+    require_root();
+    let g = keepalive_gunicorn();
+    let port = g.port;
+    let mport = free_port();
+    let mut t = Tracer::start(&[
+        "--pid",
+        &g.pid().to_string(),
+        "--without-tracepoint",
+        "tcp_send_reset",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let (_, start) = t.wait_for("start", Duration::from_secs(1), |e| e["event"] == "start");
+    assert_eq!(start["features_missing"]["keepalive_race"], true, "{start}");
+    assert_eq!(start["features_missing"]["oom_kill"], false, "{start}");
+    t.wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker");
+    let (_, answered) = reuse_after(port, Duration::from_millis(2500));
+    assert!(!answered, "the request was lost");
+    let metrics = eventually("metrics", Duration::from_secs(5), || {
+        let m = get(mport, "/metrics");
+        m.contains("feature_available").then_some(m)
+    });
+    assert!(
+        metrics.contains(r#"gunicorn_tracer_feature_available{feature="keepalive_race"} 0"#),
+        "{metrics}"
+    );
+    t.collect_for(Duration::from_millis(500));
+    assert!(races(&t).is_empty(), "{:#?}", races(&t));
+    let summary = t.stop();
+    assert_eq!(summary["features_missing"]["keepalive_race"], true);
+    let text = summary["verdict"]["text"].as_str().unwrap();
+    assert!(
+        text.contains("requests lost to keep-alive races cannot be seen on this kernel"),
+        "{text}"
+    );
+    assert!(!text.contains("healthy"), "{text}");
 }
 
 /// An nftables rule, removed when dropped, that drops the FINs a port

@@ -114,6 +114,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value = "32768", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
     pub inflight_capacity: u32,
 
+    /// An optional tracepoint not to attach, as if this kernel had no
+    /// usable one (`tcp_send_reset`, `mark_victim`): what it shows is then
+    /// said to be missing. Hidden: tests use it to see that said.
+    #[arg(long, value_name = "NAME", hide = true, value_parser = ["tcp_send_reset", "mark_victim"])]
+    pub without_tracepoint: Vec<String>,
+
     /// Serve /healthz alone on this loopback address, for a liveness probe
     /// (`tracer health`) that a flood of metrics clients cannot starve.
     #[arg(long, value_name = "ADDR", value_parser = parse_loopback)]

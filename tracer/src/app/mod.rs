@@ -160,6 +160,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         threshold_ns,
         watch_capacity: args.watch_capacity,
         inflight_capacity: args.inflight_capacity,
+        without_tracepoints: args.without_tracepoint.clone(),
     };
     let mut probes = kernel::load(&p.tracefs, &opts, &syscall_table()?)?;
     // Loading parsed the kernel's BTF (twice: aya and us), megabytes freed
@@ -249,6 +250,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
             request_threshold_ms: args.request_threshold.as_millis() as u64,
             discover: st.discover,
             pids: p.targets.iter().map(|t| t.pid).collect(),
+            features_missing: st.probes.losses().features_missing,
         },
         start,
     );

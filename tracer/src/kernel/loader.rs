@@ -15,7 +15,7 @@ use tracer_common::{
 use super::btf::Btf;
 use super::tracefs::Format;
 use super::watched_tgids::{self, WatchedTgids};
-use crate::model::{LoopWait, Losses, MapOccupancy, Role};
+use crate::model::{FeaturesMissing, LoopWait, Losses, MapOccupancy, Role};
 
 /// Map update flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -36,6 +36,8 @@ pub struct Probes {
     pub events: Option<RingBuf<MapData>>,
     /// Seeds `INFLIGHT` refused, full: added to the kernel's count.
     seeds_refused: u64,
+    /// What this kernel's tracepoints do not let the programs see.
+    features_missing: FeaturesMissing,
 }
 
 /// The errno of a failed map syscall.
@@ -372,17 +374,33 @@ fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, u32)]) -> Result<()> {
 
 /// Loads and attaches the optional classic programs this kernel has the
 /// tracepoints of (`tp` says which offsets were found).
-fn attach_optional(ebpf: &mut Ebpf, tracefs: &Path, tp: &TracepointOffsets) -> Result<()> {
+/// Returns what is missing for want of one. `skip` names tracepoints not
+/// to attach even when usable (`--without-tracepoint`).
+fn attach_optional(
+    ebpf: &mut Ebpf,
+    tracefs: &Path,
+    tp: &TracepointOffsets,
+    skip: &[String],
+    missing: &mut FeaturesMissing,
+) -> Result<()> {
     for (prog, category, name, without) in OPTIONAL_PROGRAMS {
         let usable = match prog {
             "mark_victim" => tp.victim_pid != UNSET,
             "tcp_send_reset" => tp.reset_saddr != UNSET && tp.reset_daddr != UNSET,
             _ => Format::read(tracefs, category, name).is_ok(),
         };
-        if !usable {
-            eprintln!(
-                "tracer: note: this kernel has no usable {category}:{name} tracepoint; {without}"
-            );
+        let skipped = skip.iter().any(|s| s == name);
+        if !usable || skipped {
+            let why = if skipped {
+                "not attached (--without-tracepoint)"
+            } else {
+                "this kernel has no usable"
+            };
+            eprintln!("tracer: note: {why} {category}:{name} tracepoint; {without}");
+            match prog {
+                "mark_victim" => missing.oom_kill = true,
+                _ => missing.keepalive_race = true,
+            }
             continue;
         }
         attach_tracepoint(ebpf, prog, category, name)?;
@@ -466,6 +484,7 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
         ports,
         events,
         seeds_refused: 0,
+        features_missing: FeaturesMissing::default(),
     })
 }
 
@@ -476,6 +495,8 @@ pub struct LoadOptions {
     pub watch_capacity: u32,
     /// Threads `INFLIGHT` holds at most (its default is the object's 32,768).
     pub inflight_capacity: u32,
+    /// Optional tracepoints not to attach (`--without-tracepoint`).
+    pub without_tracepoints: Vec<String>,
 }
 
 /// Loads and attaches every program, configured for this kernel.
@@ -490,8 +511,20 @@ pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Pr
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     attach_all(&mut ebpf, with_recv, &btf)?;
     drop(btf);
-    attach_optional(&mut ebpf, tracefs, &config.tp)?;
-    take_maps(ebpf)
+    let mut missing = FeaturesMissing {
+        preceded_by: !with_recv,
+        ..Default::default()
+    };
+    attach_optional(
+        &mut ebpf,
+        tracefs,
+        &config.tp,
+        &opts.without_tracepoints,
+        &mut missing,
+    )?;
+    let mut probes = take_maps(ebpf)?;
+    probes.features_missing = missing;
+    Ok(probes)
 }
 
 impl Probes {
@@ -631,6 +664,7 @@ impl Probes {
             ports_unscanned: 0,
             over_quota: 0,
             bpf_errors: self.bpf_errors().iter().sum(),
+            features_missing: self.features_missing,
         }
     }
 

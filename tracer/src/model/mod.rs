@@ -21,7 +21,9 @@ pub use report::{
 pub use settings::{
     MasterConfig, MasterSettings, Setting, SettingSource, WorkerClass, version_string,
 };
-pub use summary::{Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary};
+pub use summary::{
+    FeaturesMissing, Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary,
+};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

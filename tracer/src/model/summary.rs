@@ -164,9 +164,38 @@ pub struct MapOccupancy {
     pub conns: usize,
 }
 
+/// What this kernel does not let the tracer see, decided when its programs
+/// were attached: each true is a kind of finding (or a field) never
+/// reported on this host, said rather than left silent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FeaturesMissing {
+    /// No usable `oom:mark_victim`: an OOM kill is told as a plain SIGKILL.
+    pub oom_kill: bool,
+    /// No usable `tcp:tcp_send_reset` (Linux 6.1's record, which also never
+    /// fires for the reset a keep-alive race gets): requests lost to
+    /// keep-alive races are not seen.
+    pub keepalive_race: bool,
+    /// No `sock:sock_recv_length` (before Linux 6.3): `early_close`'s
+    /// `preceded_by` is always null.
+    pub preceded_by: bool,
+}
+
+impl FeaturesMissing {
+    /// (feature, missing) for each, in a fixed order: the metric's labels.
+    pub fn each(&self) -> [(&'static str, bool); 3] {
+        [
+            ("oom_kill", self.oom_kill),
+            ("keepalive_race", self.keepalive_race),
+            ("preceded_by", self.preceded_by),
+        ]
+    }
+}
+
 /// What the tracer could not see, counted since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Losses {
+    /// What this kernel does not show at all (JSON: `features_missing`).
+    pub features_missing: FeaturesMissing,
     /// Kernel events dropped because the ring buffer was full.
     pub events_lost: u64,
     /// Forks not followed because the kernel's `WATCHED` map was full.

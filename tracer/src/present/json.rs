@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::verdict::{Verdict, verdict};
-use crate::model::{ExitCause, Losses, MapOccupancy, Summary, WorkerSummary};
+use crate::model::{ExitCause, FeaturesMissing, Losses, MapOccupancy, Summary, WorkerSummary};
 
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
@@ -34,6 +34,8 @@ pub struct StartEvent {
     /// true when no --pid was given: every Gunicorn master is watched.
     pub discover: bool,
     pub pids: Vec<u32>,
+    /// What this kernel does not let the tracer see at all.
+    pub features_missing: FeaturesMissing,
 }
 
 /// The closing summary, with the verdict worded.

@@ -58,6 +58,11 @@ struct FdKindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    feature: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -324,6 +329,19 @@ pub fn render(
         c.inc_by(n);
         c
     };
+    let features = Family::<FeatureLabels, Gauge>::default();
+    for (feature, missing) in me.losses.features_missing.each() {
+        features
+            .get_or_create(&FeatureLabels {
+                feature: feature.into(),
+            })
+            .set(i64::from(!missing));
+    }
+    reg.register(
+        "feature_available",
+        "1 when this kernel lets the tracer see the feature (oom_kill, keepalive_race, preceded_by), 0 when it cannot: such findings are never reported here",
+        features,
+    );
     let maps = Family::<MapLabels, Gauge>::default();
     for (m, n) in [
         ("watched", me.maps.watched),
@@ -487,6 +505,7 @@ mod tests {
                 ports_unscanned: 2,
                 over_quota: 6,
                 bpf_errors: 0,
+                features_missing: Default::default(),
             },
             maps: MapOccupancy {
                 watched: 3,
@@ -697,6 +716,41 @@ mod tests {
         assert!(
             !t.contains(r#"gunicorn_tracer_worker_timeout_seconds{master_pid="1",worker_pid="9""#),
             "not read: no series: {t}"
+        );
+    }
+
+    /// Each feature the kernel may lack is a series: 1 seen, 0 not.
+    #[test]
+    fn feature_availability_is_said_for_each_feature() {
+        use crate::model::FeaturesMissing;
+        let me = SelfStats {
+            losses: Losses {
+                features_missing: FeaturesMissing {
+                    keepalive_race: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = render(
+            &summary(vec![]),
+            &mut |_| None,
+            &mut |_| None,
+            &StallDurations::default(),
+            &me,
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_feature_available{feature="keepalive_race"} 0"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_feature_available{feature="oom_kill"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"gunicorn_tracer_feature_available{feature="preceded_by"} 1"#),
+            "{t}"
         );
     }
 

@@ -257,6 +257,13 @@ fn racing(w: &WorkerSummary) -> String {
 /// lost", "worker 7's event loop was not found"); empty when it saw all.
 fn unseen(s: &Summary, l: &Losses) -> Vec<String> {
     let mut out = Vec::new();
+    // A lost request it cannot see at all keeps "no request dropped" away.
+    if l.features_missing.keepalive_race {
+        out.push(
+            "requests lost to keep-alive races cannot be seen on this kernel (no usable tcp:tcp_send_reset)"
+                .to_string(),
+        );
+    }
     if l.events_lost > 0 {
         out.push(format!("{} kernel event(s) were lost", l.events_lost));
     }
@@ -437,6 +444,39 @@ mod tests {
             threshold_ms: 500,
             exits: Default::default(),
         }
+    }
+
+    /// On a kernel that cannot show keep-alive races (6.1's
+    /// tcp_send_reset), "no request dropped" is not said; the missing
+    /// `preceded_by` field or OOM names change no verdict.
+    #[test]
+    fn a_kernel_blind_to_keepalive_races_is_never_called_healthy() {
+        use crate::model::FeaturesMissing;
+        let all_seen = summary(vec![worker(7, Some(true))]);
+        let blind = Losses {
+            features_missing: FeaturesMissing {
+                keepalive_race: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = verdict(&all_seen, &blind).text;
+        assert!(!text.contains("healthy"), "{text}");
+        assert!(
+            text.contains("requests lost to keep-alive races cannot be seen on this kernel"),
+            "{text}"
+        );
+        let older = Losses {
+            features_missing: FeaturesMissing {
+                preceded_by: true,
+                oom_kill: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = verdict(&all_seen, &older).text;
+        assert!(text.starts_with("healthy: 1 worker(s) watched"), "{text}");
+        assert!(!text.contains("keep-alive"), "{text}");
     }
 
     #[test]
