@@ -572,6 +572,19 @@ impl Default for ReservedPort {
 /// port to (the tracer's metrics port): bound then released, but outside
 /// the kernel's ephemeral range, so no outgoing connection takes it in the
 /// gap before the server binds; only another explicit bind could.
+/// Whether some socket listens on TCP `port` (IPv4, from /proc/net/tcp).
+pub fn is_listening(port: u16) -> bool {
+    let hex = format!(":{port:04X} ");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(hex.trim_end()) && f[3] == "0A"
+        })
+}
+
 pub fn free_port() -> u16 {
     for attempt in 0..1000 {
         let port = candidate_port(attempt);
@@ -691,6 +704,23 @@ impl Gunicorn {
         let mut proc = Proc::spawn_captured(&mut self.command());
         proc.wait_line("Listening at", Duration::from_secs(30));
         proc.wait_count("Booting worker", self.workers, Duration::from_secs(30));
+        // Listening, not only announced: a test's first request must not
+        // race the master (CI once saw one refused right after the boot).
+        // Read from /proc, not by connecting: a tracer already attached
+        // would count a connection.
+        let port = self.port;
+        let deadline = Instant::now() + slow(Duration::from_secs(10));
+        while !is_listening(port) {
+            if Instant::now() > deadline {
+                let out = proc.lines_within("", Duration::from_millis(100));
+                let text: Vec<&str> = out.iter().map(|l| l.text.as_str()).collect();
+                panic!(
+                    "Gunicorn announced port {port} but does not accept on it; its output:\n{}",
+                    text.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         GunicornProc {
             proc,
             port: self.port,

@@ -276,9 +276,11 @@ fn the_text_view_prints_the_stack_under_the_stall_and_the_timeout() {
     );
     assert!(stall.contains("hang_app.py:"), "{text}");
     assert!(stall.contains("in enqueue_and_wait"), "{text}");
+    // The TIMEOUT line itself (a DROPPED line's advice names the timeout
+    // too, and it may come first).
     let timeout = text
         .split("\n")
-        .skip_while(|l| !l.contains("TIMEOUT"))
+        .skip_while(|l| !l.contains(" TIMEOUT  master"))
         .take(6)
         .collect::<Vec<_>>()
         .join("\n");
