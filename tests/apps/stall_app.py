@@ -23,6 +23,7 @@ If STALL_PID_FILE is set, a stall endpoint first appends "pid tid" to it,
 so a test knows which worker, and which thread, took the request.
 """
 import os
+import sys
 import socket
 import threading
 import time
@@ -104,6 +105,28 @@ def run_in_pool():
     return POOL.submit(os.getpid).result()
 
 
+def deep(depth, secs):
+    # A frame chain `depth` deep (for the stack reader's bounds), then the
+    # same pipe read as /pipe at its bottom.
+    if depth <= 0:
+        return pipe_read(secs)
+    return deep(depth - 1, secs)
+
+
+def park_threads(n, secs):
+    # n real threads parked in a lock (sync workers: threading is not
+    # patched there), then the pipe read on the worker's own thread.
+    gate = threading.Lock()
+    gate.acquire()
+    threads = [threading.Thread(target=gate.acquire, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        return pipe_read(secs)
+    finally:
+        gate.release()
+
+
 def spin(secs):
     end = time.time() + secs
     n = 0
@@ -143,6 +166,11 @@ def app(environ, start_response):
         body = b"released\n"
     elif path == "/pool":
         body = b"pool child %d\n" % run_in_pool()
+    elif path == "/deep":
+        sys.setrecursionlimit(20000)
+        body = b"read %r\n" % deep(int(q["depth"]), secs)
+    elif path == "/threads":
+        body = b"read %r\n" % park_threads(int(q["n"]), secs)
     elif path == "/spin":
         body = b"spun %d\n" % spin(secs)
     else:
