@@ -120,7 +120,11 @@ fn a_gevent_stall_carries_the_python_stack_read_by_the_tracer_itself() {
         stall["py_stack"][0]["line"].as_u64().unwrap() > 0,
         "{stall}"
     );
-    t.stop();
+    let summary = t.stop();
+    // What reading it cost is in the summary.
+    let cost = &summary["py_stack_cost"];
+    assert!(cost["captures"].as_u64().unwrap() >= 1, "{cost}");
+    assert!(cost["capture_ms_median"].as_f64().unwrap() > 0.0, "{cost}");
     assert!(
         !t.stderr_lines.iter().any(|l| l.contains("py-spy")),
         "nothing is said about py-spy without the old flags: {:?}",
@@ -142,7 +146,8 @@ fn no_py_stack_turns_stacks_off() {
     });
     assert_eq!(stall.get("py_stack"), None, "{stall}");
     assert_eq!(stall.get("py_stack_error"), None, "{stall}");
-    t.stop();
+    let summary = t.stop();
+    assert_eq!(summary.get("py_stack_cost"), None, "{summary}");
 }
 
 /// Defect 1 from outside: py-spy dump (without --nonblocking) stops the

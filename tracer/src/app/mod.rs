@@ -371,11 +371,12 @@ async fn finish(st: &mut Session, events: &mut Events, start: u64) {
     st.flush_pending(Some(std::time::Instant::now() + Duration::from_millis(700)));
     let now = present::monotonic_ns();
     let summary = st.corr.summary(now);
-    let ev = SummaryEvent::new(
+    let mut ev = SummaryEvent::new(
         &summary,
         now.saturating_sub(start) / 1_000_000,
         st.losses(),
         st.probes.occupancy(),
     );
+    ev.py_stack_cost = st.stacks.as_ref().map(|s| s.costs());
     st.sink.summary(&ev, now);
 }

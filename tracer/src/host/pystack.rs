@@ -18,11 +18,12 @@ use std::collections::{HashMap, VecDeque};
 use std::io::BufReader;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::pystack_helper::HELPER_ARG;
 use super::pystack_proto::{self as proto, Reply, Request};
-use crate::model::{PyFrame, PyThread};
+use crate::model::{PyFrame, PyStackCost, PyThread};
 
 /// Frames kept per thread, innermost first (the outer rest is counted).
 pub const MAX_FRAMES: usize = 64;
@@ -64,6 +65,45 @@ enum Job {
 /// Sends requests to the stack helper from a thread of its own.
 pub struct StackReader {
     jobs: Sender<Job>,
+    costs: Arc<Mutex<Costs>>,
+}
+
+/// How long the helper took, as the manager timed each answered request
+/// (the pipe's round trip included): for the summary and the benchmark.
+#[derive(Default)]
+struct Costs {
+    setup_ms: Samples,
+    capture_ms: Samples,
+}
+
+/// The last `MAX_SAMPLES` durations, and how many there were in all.
+#[derive(Default)]
+struct Samples {
+    all: u64,
+    last: VecDeque<f64>,
+}
+
+const MAX_SAMPLES: usize = 4096;
+
+impl Samples {
+    fn add(&mut self, ms: f64) {
+        self.all += 1;
+        if self.last.len() >= MAX_SAMPLES {
+            self.last.pop_front();
+        }
+        self.last.push_back(ms);
+    }
+
+    /// (count, median, 99th percentile) of the kept durations.
+    fn figures(&self) -> (u64, Option<f64>, Option<f64>) {
+        let mut v: Vec<f64> = self.last.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+        };
+        (self.all, at(0.5), at(0.99))
+    }
 }
 
 impl StackReader {
@@ -77,10 +117,13 @@ impl StackReader {
     pub(crate) fn start_program(program: std::path::PathBuf) -> std::io::Result<StackReader> {
         let first = Helper::spawn(&program)?;
         let (jobs, rx) = channel::<Job>();
+        let costs = Arc::new(Mutex::new(Costs::default()));
+        let worker_costs = Arc::clone(&costs);
         std::thread::Builder::new()
             .name("pystack".into())
             .spawn(move || {
                 let mut m = Manager {
+                    costs: worker_costs,
                     program,
                     helper: Some(first),
                     captures: VecDeque::new(),
@@ -90,7 +133,23 @@ impl StackReader {
                 };
                 m.run(rx)
             })?;
-        Ok(StackReader { jobs })
+        Ok(StackReader { jobs, costs })
+    }
+
+    /// What reading stacks has cost so far (median and 99th percentile of
+    /// the last 4,096 of each).
+    pub fn costs(&self) -> PyStackCost {
+        let c = self.costs.lock().unwrap_or_else(|e| e.into_inner());
+        let (setups, setup_ms_median, setup_ms_p99) = c.setup_ms.figures();
+        let (captures, capture_ms_median, capture_ms_p99) = c.capture_ms.figures();
+        PyStackCost {
+            setups,
+            setup_ms_median,
+            setup_ms_p99,
+            captures,
+            capture_ms_median,
+            capture_ms_p99,
+        }
     }
 
     /// Sets `pid`'s reader up now, off the session's thread.
@@ -207,6 +266,7 @@ struct Rate {
 }
 
 struct Manager {
+    costs: Arc<Mutex<Costs>>,
     program: std::path::PathBuf,
     helper: Option<Helper>,
     captures: VecDeque<Job>,
@@ -252,7 +312,13 @@ impl Manager {
             } else if let Some(j) = self.setups.pop_front() {
                 match j {
                     Job::Open(pid) if !self.quarantined.contains_key(&pid) => {
-                        let _ = self.call(Request::Open { pid }, Instant::now() + OPEN_DEADLINE);
+                        let began = Instant::now();
+                        if self
+                            .call(Request::Open { pid }, began + OPEN_DEADLINE)
+                            .is_ok()
+                        {
+                            self.cost(|c| &mut c.setup_ms, began);
+                        }
                     }
                     Job::Forget(pid) => self.forget(pid),
                     _ => {}
@@ -320,7 +386,19 @@ impl Manager {
                 "the Python stack was not read: the workers of master {master} asked for more than {RATE_PER_SEC} stacks a second (after a burst of {RATE_BURST})"
             ));
         }
-        proto::from_reply(self.call(Request::Capture { pid, tid, all }, deadline)?)
+        let began = Instant::now();
+        let r = proto::from_reply(self.call(Request::Capture { pid, tid, all }, deadline)?);
+        if r.is_ok() {
+            self.cost(|c| &mut c.capture_ms, began);
+        }
+        r
+    }
+
+    /// Records how long since `began` a request took.
+    fn cost(&self, which: impl Fn(&mut Costs) -> &mut Samples, began: Instant) {
+        let ms = began.elapsed().as_secs_f64() * 1000.0;
+        let mut c = self.costs.lock().unwrap_or_else(|e| e.into_inner());
+        which(&mut c).add(ms);
     }
 
     /// Sends `req` to the helper (started anew if it is not running) and
@@ -365,5 +443,26 @@ impl Manager {
             }
         }
         Err("the Python stack helper could not be sent the request".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_figures_are_the_median_and_99th_percentile_of_the_kept() {
+        let mut s = Samples::default();
+        assert_eq!(s.figures(), (0, None, None));
+        for ms in 1..=100 {
+            s.add(ms as f64);
+        }
+        assert_eq!(s.figures(), (100, Some(51.0), Some(99.0)));
+        for _ in 0..MAX_SAMPLES {
+            s.add(7.0);
+        }
+        let (n, median, p99) = s.figures();
+        assert_eq!(n, 100 + MAX_SAMPLES as u64, "all are counted");
+        assert_eq!((median, p99), (Some(7.0), Some(7.0)), "the last are kept");
     }
 }

@@ -12,7 +12,7 @@ mod summary;
 pub use event::{
     KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
 };
-pub use pystack::{PyFrame, PyThread};
+pub use pystack::{PyFrame, PyStackCost, PyThread};
 pub use report::{
     Basis, BlockedThread, Cause, CauseEvidence, CitedFrame, CloseCounts, CloseKind, Direction,
     Dying, EarlyClose, EndedBy, ExitCause, ExitReport, HungOutcome, HungRequest, NoWriterThread,

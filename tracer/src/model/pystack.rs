@@ -127,3 +127,16 @@ mod tests {
         );
     }
 }
+
+/// What reading Python stacks cost in this run: the helper's set-up of a
+/// process's reader and its stack reads, each timed by the tracer around
+/// the request (the pipe's round trip included). In the summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PyStackCost {
+    pub setups: u64,
+    pub setup_ms_median: Option<f64>,
+    pub setup_ms_p99: Option<f64>,
+    pub captures: u64,
+    pub capture_ms_median: Option<f64>,
+    pub capture_ms_p99: Option<f64>,
+}

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::verdict::{Verdict, verdict};
-use crate::model::{ExitCause, FeaturesMissing, Losses, MapOccupancy, Summary, WorkerSummary};
+use crate::model::{
+    ExitCause, FeaturesMissing, Losses, MapOccupancy, PyStackCost, Summary, WorkerSummary,
+};
 
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
@@ -52,6 +54,9 @@ pub struct SummaryEvent<'a> {
     pub exited_quiet: u64,
     /// Every exit seen, by cause (`worker_exit.cause`).
     pub exits: &'a BTreeMap<ExitCause, u64>,
+    /// What reading Python stacks cost (absent with --no-py-stack).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub py_stack_cost: Option<PyStackCost>,
 }
 
 impl<'a> SummaryEvent<'a> {
@@ -69,6 +74,7 @@ impl<'a> SummaryEvent<'a> {
             verdict: verdict(summary, &losses),
             exited_quiet: summary.exited_quiet,
             exits: &summary.exits,
+            py_stack_cost: None,
         }
     }
 }
