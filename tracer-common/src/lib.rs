@@ -684,7 +684,7 @@ mod tests {
             size_of::<KeepaliveRace>(),
             2 * 4 + 8 + size_of::<AnsweredClose>()
         );
-        assert_eq!(size_of::<KernelOffsets>(), 28 * 8);
+        assert_eq!(size_of::<KernelOffsets>(), 31 * 8);
         assert_eq!(
             size_of::<Config>(),
             3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()
