@@ -454,7 +454,10 @@ pub mod program {
     pub const MARK_VICTIM: u32 = 7;
     pub const TCP_SEND_RESET: u32 = 8;
     pub const SIGNAL_DELIVER: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// The kprobe on tcp_v4_send_reset/tcp_v6_send_reset that stands in
+    /// for tcp:tcp_send_reset where that tracepoint misses the reset.
+    pub const TCP_RST_KPROBE: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Indexed by the ids above: the programs' own names.
     pub const NAMES: [&str; COUNT as usize] = [
         "sched_switch",
@@ -467,6 +470,7 @@ pub mod program {
         "mark_victim",
         "tcp_send_reset",
         "signal_deliver",
+        "tcp_rst_kprobe",
     ];
 }
 
@@ -553,6 +557,12 @@ pub struct KernelOffsets {
     pub pt_regs_arg2: u64,
     /// Where a syscall's return value is, once it has one.
     pub pt_regs_ret: u64,
+    // struct sk_buff: where a received segment's IP and TCP headers are
+    // (head + network_header, head + transport_header). [`UNSET`] where
+    // BTF lacks them: then the reset kprobe is not attached.
+    pub skb_head: u64,
+    pub skb_network_header: u64,
+    pub skb_transport_header: u64,
 }
 
 /// The programs' configuration: the `CONFIG` global of the BPF object,
@@ -630,6 +640,9 @@ impl Config {
             pt_regs_arg1: UNSET,
             pt_regs_arg2: UNSET,
             pt_regs_ret: UNSET,
+            skb_head: UNSET,
+            skb_network_header: UNSET,
+            skb_transport_header: UNSET,
         },
     };
 }
@@ -671,7 +684,7 @@ mod tests {
             size_of::<KeepaliveRace>(),
             2 * 4 + 8 + size_of::<AnsweredClose>()
         );
-        assert_eq!(size_of::<KernelOffsets>(), 28 * 8);
+        assert_eq!(size_of::<KernelOffsets>(), 31 * 8);
         assert_eq!(
             size_of::<Config>(),
             3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()

@@ -6,8 +6,8 @@
 //! to a keep-alive race.
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{kprobe, raw_tracepoint, tracepoint},
+    programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
     AnsweredClose, Conn, ConnEnd, ConnKey, KeepaliveRace, UNSET, Watched, direction, ended, kind,
@@ -33,6 +33,9 @@ const KEPT_IDLE_NS: u64 = 100_000_000;
 /// struct sock.sk_shutdown: this side will send no more. Set by close and
 /// shutdown before the state change, never by a RST from the peer.
 const SEND_SHUTDOWN: u8 = 2;
+
+/// struct tcphdr's RST bit, in its flags byte.
+const TCP_FLAG_RST: u8 = 0x04;
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
@@ -453,14 +456,73 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     else {
         return Ok(());
     };
-    let key = ConnKey {
+    reset_sent(&ConnKey {
         local,
         peer,
         local_port,
         peer_port,
-    };
-    let Some(closed) = ANSWERED.get_ptr(&key) else {
+    });
+    Ok(())
+}
+
+/// The kernel resets a segment, where tcp:tcp_send_reset misses it: before
+/// Linux 6.10 that tracepoint fires only for a full socket, never for the
+/// TIME_WAIT one (or none) a late request meets. Attached (by the loader,
+/// only there) to tcp_v4_send_reset and tcp_v6_send_reset, whose second
+/// argument is the segment being answered.
+#[kprobe]
+pub fn tcp_rst_kprobe(ctx: ProbeContext) -> u32 {
+    finish(program::TCP_RST_KPROBE, try_tcp_rst_kprobe(&ctx));
+    0
+}
+
+/// The four-tuple comes from the segment's own headers, not from `sk`: sk
+/// is NULL when no socket is left (an orphan past tcp_fin_timeout), and a
+/// TIME_WAIT socket is a smaller struct than the one whose offsets BTF
+/// gives; the headers are there in every case, as the kernel reads them to
+/// build the reset.
+fn try_tcp_rst_kprobe(ctx: &ProbeContext) -> Result<(), i32> {
+    let k = &CONFIG.kernel;
+    let skb: u64 = ctx.arg(1).ok_or(-1)?;
+    let head = kread::<u64>(skb, cfg(&k.skb_head)).ok_or(-1)?;
+    let ip = head + kread::<u16>(skb, cfg(&k.skb_network_header)).ok_or(-1)? as u64;
+    let tcp = head + kread::<u16>(skb, cfg(&k.skb_transport_header)).ok_or(-1)? as u64;
+    // struct tcphdr: the ports, then the flags in byte 13.
+    let th = kread::<[u8; 14]>(tcp, 0).ok_or(-1)?;
+    // The kernel never answers a reset with one (it returns first).
+    if th[13] & TCP_FLAG_RST != 0 {
         return Ok(());
+    }
+    // The segment came from the peer: its source is the peer.
+    let mut key = ConnKey {
+        peer_port: u16::from_be_bytes([th[0], th[1]]),
+        local_port: u16::from_be_bytes([th[2], th[3]]),
+        ..Default::default()
+    };
+    match kread::<u8>(ip, 0).ok_or(-1)? >> 4 {
+        4 => {
+            // struct iphdr: saddr at 12, daddr at 16.
+            let a = kread::<[u8; 8]>(ip, 12).ok_or(-1)?;
+            key.peer = v4_mapped([a[0], a[1], a[2], a[3]]);
+            key.local = v4_mapped([a[4], a[5], a[6], a[7]]);
+        }
+        6 => {
+            // struct ipv6hdr: saddr at 8, daddr at 24.
+            key.peer = kread::<[u8; 16]>(ip, 8).ok_or(-1)?;
+            key.local = kread::<[u8; 16]>(ip, 24).ok_or(-1)?;
+        }
+        _ => return Ok(()),
+    }
+    reset_sent(&key);
+    Ok(())
+}
+
+/// A reset the host sends on connection `key`: if a watched process had
+/// closed it after answering, the request it answers was lost.
+#[inline(always)]
+fn reset_sent(key: &ConnKey) {
+    let Some(closed) = ANSWERED.get_ptr(key) else {
+        return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     if now.saturating_sub(unsafe { (*closed).closed_ns }) < ANSWERED_FOR_NS {
@@ -480,6 +542,5 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         }
     }
     // One lost request per connection: the reset ends it.
-    let _ = ANSWERED.remove(&key);
-    Ok(())
+    let _ = ANSWERED.remove(key);
 }

@@ -116,7 +116,8 @@ pub struct WatchArgs {
 
     /// An optional tracepoint not to attach, as if this kernel had no
     /// usable one (`tcp_send_reset`, `mark_victim`): what it shows is then
-    /// said to be missing. Hidden: tests use it to see that said.
+    /// said to be missing (`tcp_send_reset` takes its kprobe stand-in with
+    /// it). Hidden: tests use it to see that said.
     #[arg(long, value_name = "NAME", hide = true, value_parser = ["tcp_send_reset", "mark_victim"])]
     pub without_tracepoint: Vec<String>,
 

@@ -9,6 +9,7 @@ const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -129,6 +130,16 @@ impl Btf {
         }))
     }
 
+    /// Whether this BTF has a function called `name` (a FUNC entry: the
+    /// kernel has it as a function of its own, not only inlined).
+    pub fn has_func(&self, name: &str) -> bool {
+        (1..=self.type_offsets.len() as u32).any(|id| {
+            self.header(id).is_some_and(|(_, name_off, info)| {
+                (info >> 24) & 0x1f == KIND_FUNC && self.name(name_off) == name.as_bytes()
+            })
+        })
+    }
+
     fn find(&self, id: u32, member: &[u8], base_bits: u64, depth: u32) -> Option<u64> {
         let (at, _, info) = self.header(id)?;
         let kind = (info >> 24) & 0x1f;
@@ -163,7 +174,7 @@ mod tests {
     /// { long x; union { int y; struct inner in; }; char z; } (the union is
     /// anonymous), plus an INT type that must be skipped correctly.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0a\0b\0inner\0outer\0x\0y\0in\0z\0bpf_func_id\0BPF_FUNC_unspec\0BPF_FUNC_map_lookup_elem\0".to_vec();
+        let strings = b"\0int\0a\0b\0inner\0outer\0x\0y\0in\0z\0bpf_func_id\0BPF_FUNC_unspec\0BPF_FUNC_map_lookup_elem\0tcp_v4_send_reset\0".to_vec();
         let s = |name: &str| -> u32 {
             let pos = strings
                 .windows(name.len() + 2)
@@ -218,6 +229,13 @@ mod tests {
             push(s(n));
             push(i as u32);
         }
+        // 6: void (*)(void), then 7: FUNC tcp_v4_send_reset of that type.
+        push(0);
+        push(KIND_FUNC_PROTO << 24);
+        push(0);
+        push(s("tcp_v4_send_reset"));
+        push(KIND_FUNC << 24);
+        push(6);
         let mut b = Vec::new();
         b.extend_from_slice(&MAGIC.to_le_bytes());
         b.push(1); // version
@@ -261,6 +279,18 @@ mod tests {
         assert_eq!(btf.enum_has("bpf_prog_type", "BPF_PROG_TYPE_TRACING"), None);
         // Members of a struct are not an enum's.
         assert_eq!(btf.enum_has("inner", "a"), None);
+    }
+
+    #[test]
+    fn finds_functions_and_only_functions() {
+        let btf = Btf::parse(blob()).unwrap();
+        assert!(btf.has_func("tcp_v4_send_reset"));
+        assert!(!btf.has_func("tcp_v6_send_reset"));
+        // A struct is not a function; neither is an enum member.
+        assert!(!btf.has_func("inner"));
+        assert!(!btf.has_func("BPF_FUNC_unspec"));
+        // The types after the function still parse (its header has no tail).
+        assert_eq!(btf.member_offset("outer", "z"), Some(16));
     }
 
     #[test]
@@ -312,5 +342,10 @@ mod tests {
         for m in ["bytes_received", "bytes_sent", "write_seq", "snd_nxt"] {
             assert!(inside("tcp_sock", m) >= icsk, "tcp_sock.{m}");
         }
+        // What the reset kprobe reads a segment's headers with.
+        for m in ["head", "network_header", "transport_header"] {
+            inside("sk_buff", m);
+        }
+        assert!(btf.has_func("tcp_v4_send_reset") && !btf.has_func("sk_buff"));
     }
 }

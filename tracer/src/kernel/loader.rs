@@ -13,6 +13,7 @@ use tracer_common::{
 };
 
 use super::btf::Btf;
+use super::reset;
 use super::tracefs::Format;
 use super::watched_tgids::{self, WatchedTgids};
 use crate::model::{FeaturesMissing, LoopWait, Losses, MapOccupancy, Role};
@@ -68,21 +69,14 @@ const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
 
 /// Classic tracepoints attached when the kernel has them, as (program,
 /// category, name): without one, what it explains is not seen (said once
-/// on stderr), and everything else works.
-const OPTIONAL_PROGRAMS: [(&str, &str, &str, &str); 2] = [
-    (
-        "mark_victim",
-        "oom",
-        "mark_victim",
-        "OOM kills will be reported as a plain SIGKILL",
-    ),
-    (
-        "tcp_send_reset",
-        "tcp",
-        "tcp_send_reset",
-        "requests lost to keep-alive races will not be seen",
-    ),
-];
+/// on stderr), and everything else works. (tcp:tcp_send_reset, which has a
+/// stand-in, is reset.rs's.)
+const OPTIONAL_PROGRAMS: [(&str, &str, &str, &str); 1] = [(
+    "mark_victim",
+    "oom",
+    "mark_victim",
+    "OOM kills will be reported as a plain SIGKILL",
+)];
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones to
 /// the memory cgroup. The tracer needs 5.15, so this is only for a kernel
@@ -110,7 +104,7 @@ fn charges_memlock(release: &str) -> bool {
 }
 
 /// Turns a load error into one line that says what to do.
-fn explain(e: impl std::fmt::Display + std::fmt::Debug, what: &str) -> anyhow::Error {
+pub(super) fn explain(e: impl std::fmt::Display + std::fmt::Debug, what: &str) -> anyhow::Error {
     let text = format!("{e:#}");
     let debug = format!("{e:?}");
     if debug.contains("EPERM") || text.contains("Operation not permitted") {
@@ -257,6 +251,14 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         pt_regs_arg1: regs(2)?,
         pt_regs_arg2: regs(3)?,
         pt_regs_ret: regs(4)?,
+        // Only the reset kprobe reads them, and it is optional.
+        skb_head: btf.member_offset("sk_buff", "head").unwrap_or(UNSET),
+        skb_network_header: btf
+            .member_offset("sk_buff", "network_header")
+            .unwrap_or(UNSET),
+        skb_transport_header: btf
+            .member_offset("sk_buff", "transport_header")
+            .unwrap_or(UNSET),
     })
 }
 
@@ -322,21 +324,31 @@ pub struct SyscallTable {
     pub shutdown: i64,
 }
 
-/// The programs' whole configuration, from this kernel.
-fn config(tracefs: &Path, threshold_ns: u64, sys: &SyscallTable) -> Result<Config> {
+/// The programs' whole configuration, from this kernel, and which of the
+/// reset functions its BTF has (read while it is parsed: see `reset`).
+fn config(
+    tracefs: &Path,
+    threshold_ns: u64,
+    sys: &SyscallTable,
+) -> Result<(Config, Vec<&'static str>)> {
     let tp = tracepoint_offsets(tracefs)?;
     let btf = Btf::from_sys_fs().ok_or_else(|| {
         anyhow!(
             "this kernel has no BTF at /sys/kernel/btf/vmlinux: the tracer needs it (CONFIG_DEBUG_INFO_BTF=y, the default on Debian, Ubuntu, RHEL and their kin) to read task and socket fields"
         )
     })?;
-    Ok(Config {
+    let config = Config {
         threshold_ns,
         nr_close: sys.close as u64,
         nr_shutdown: sys.shutdown as u64,
         tp,
         kernel: kernel_offsets(&btf)?,
-    })
+    };
+    let functions = reset::FUNCTIONS
+        .into_iter()
+        .filter(|f| btf.has_func(f))
+        .collect();
+    Ok((config, functions))
 }
 
 /// The embedded BPF object, loaded (not yet attached) with `config`.
@@ -379,14 +391,24 @@ fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, u32)]) -> Result<()> {
 fn attach_optional(
     ebpf: &mut Ebpf,
     tracefs: &Path,
-    tp: &TracepointOffsets,
+    config: &Config,
+    reset_functions: Vec<&'static str>,
     skip: &[String],
     missing: &mut FeaturesMissing,
 ) -> Result<()> {
+    let (tp, k) = (&config.tp, &config.kernel);
+    let offer = reset::Offer {
+        tracepoint: tp.reset_saddr != UNSET && tp.reset_daddr != UNSET,
+        skipped: skip.iter().any(|s| s == "tcp_send_reset"),
+        functions: reset_functions,
+        skb_offsets: [k.skb_head, k.skb_network_header, k.skb_transport_header]
+            .iter()
+            .all(|o| *o != UNSET),
+    };
+    missing.keepalive_race = !reset::attach(ebpf, &offer)?;
     for (prog, category, name, without) in OPTIONAL_PROGRAMS {
         let usable = match prog {
             "mark_victim" => tp.victim_pid != UNSET,
-            "tcp_send_reset" => tp.reset_saddr != UNSET && tp.reset_daddr != UNSET,
             _ => Format::read(tracefs, category, name).is_ok(),
         };
         let skipped = skip.iter().any(|s| s == name);
@@ -397,10 +419,7 @@ fn attach_optional(
                 "this kernel has no usable"
             };
             eprintln!("tracer: note: {why} {category}:{name} tracepoint; {without}");
-            match prog {
-                "mark_victim" => missing.oom_kill = true,
-                _ => missing.keepalive_race = true,
-            }
+            missing.oom_kill = true;
             continue;
         }
         attach_tracepoint(ebpf, prog, category, name)?;
@@ -409,7 +428,12 @@ fn attach_optional(
 }
 
 /// Loads classic tracepoint program `prog` and attaches it to `category:name`.
-fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
+pub(super) fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    category: &str,
+    name: &str,
+) -> Result<()> {
     let p: &mut TracePoint = ebpf
         .program_mut(prog)
         .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
@@ -502,7 +526,7 @@ pub struct LoadOptions {
 /// Loads and attaches every program, configured for this kernel.
 pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Probes> {
     raise_memlock();
-    let config = config(tracefs, opts.threshold_ns, sys)?;
+    let (config, reset_functions) = config(tracefs, opts.threshold_ns, sys)?;
     let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
     let mut ebpf = open_object(&config, opts)?;
     fill_classes(&mut ebpf, &sys.classes)?;
@@ -518,7 +542,8 @@ pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Pr
     attach_optional(
         &mut ebpf,
         tracefs,
-        &config.tp,
+        &config,
+        reset_functions,
         &opts.without_tracepoints,
         &mut missing,
     )?;

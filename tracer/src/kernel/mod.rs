@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod intake;
 mod loader;
+mod reset;
 pub mod support;
 pub mod tracefs;
 mod watched_tgids;

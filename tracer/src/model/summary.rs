@@ -171,9 +171,11 @@ pub struct MapOccupancy {
 pub struct FeaturesMissing {
     /// No usable `oom:mark_victim`: an OOM kill is told as a plain SIGKILL.
     pub oom_kill: bool,
-    /// No usable `tcp:tcp_send_reset` (Linux 6.1's record, which also never
-    /// fires for the reset a keep-alive race gets): requests lost to
-    /// keep-alive races are not seen.
+    /// Neither a usable `tcp:tcp_send_reset` nor a kprobe on
+    /// `tcp_v4_send_reset` to stand in for it (Linux 6.1's tracepoint has
+    /// an older record and never fires for the reset a keep-alive race
+    /// gets; the kprobe sees it): requests lost to keep-alive races are not
+    /// seen.
     pub keepalive_race: bool,
     /// No `sock:sock_recv_length` (before Linux 6.3): `early_close`'s
     /// `preceded_by` is always null.

@@ -260,7 +260,7 @@ fn unseen(s: &Summary, l: &Losses) -> Vec<String> {
     // A lost request it cannot see at all keeps "no request dropped" away.
     if l.features_missing.keepalive_race {
         out.push(
-            "requests lost to keep-alive races cannot be seen on this kernel (no usable tcp:tcp_send_reset)"
+            "requests lost to keep-alive races cannot be seen on this kernel (no usable tcp:tcp_send_reset, and no kprobe on tcp_v4_send_reset)"
                 .to_string(),
         );
     }
