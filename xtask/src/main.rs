@@ -117,7 +117,11 @@ fn build() -> Result<PathBuf> {
     run(cargo()
         .current_dir(root())
         .args(["build", "--release", "-p", "tracer"]))?;
-    let bin = root().join("target/release/tracer");
+    // Where cargo put it: CARGO_TARGET_DIR when set (a worktree's own).
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let bin = target.join("release/tracer");
     eprintln!("    {}", bin.display());
     Ok(bin)
 }
