@@ -338,11 +338,13 @@ fn the_container_args_run_the_real_tracer_and_its_probes_answer() {
 }
 
 /// The stalls a 2-second run of a tracer with `caps` reports about a pipe
-/// read that a process of another user (nobody) was already blocked in.
+/// read that a process of another user (uid 4242: not nobody, which the
+/// tracer itself becomes once its programs are attached) was already
+/// blocked in.
 fn stalls_of_another_user_with(caps: &[String]) -> Vec<Value> {
     let blocked = Proc::spawn(Command::new("setpriv").args([
-        "--reuid=65534",
-        "--regid=65534",
+        "--reuid=4242",
+        "--regid=4242",
         "--clear-groups",
         "/usr/bin/python3",
         "-c",
