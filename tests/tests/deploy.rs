@@ -29,7 +29,10 @@ fn load(file: &str) -> Vec<Value> {
 
 #[test]
 fn manifests_validate_against_the_kubernetes_schema() {
-    for version in ["1.28.0", "1.33.0"] {
+    // The plain manifests set securityContext.appArmorProfile, which
+    // Kubernetes has from 1.30 (older clusters: the chart, which renders
+    // the annotation for them; helm.rs).
+    for version in ["1.30.0", "1.33.0"] {
         let out = Command::new(venv().join("bin/kubernetes-validate"))
             .args(["--strict", "-k", version])
             .args([
@@ -106,8 +109,21 @@ fn daemonset_has_what_the_tracer_needs_and_no_more() {
         pod["securityContext"]["seccompProfile"]["type"],
         "RuntimeDefault"
     );
-    let apparmor = &ds["spec"]["template"]["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/tracer"];
-    assert_eq!(apparmor, "unconfined", "chosen, with the reason beside it");
+    // The field, not the annotation deprecated since Kubernetes 1.30 (the
+    // chart renders the annotation only for older clusters).
+    assert_eq!(
+        sc["appArmorProfile"]["type"], "Unconfined",
+        "chosen, with the reason beside it"
+    );
+    assert!(
+        ds["spec"]["template"]["metadata"]
+            .get("annotations")
+            .is_none(),
+        "no deprecated AppArmor annotation: {ds}"
+    );
+    // Started as root to load BPF; the tracer itself then runs as 65534
+    // (tests/tests/privdrop.rs), so runAsNonRoot cannot be true.
+    assert_eq!(sc["runAsUser"], 0);
     assert!(
         pod.get("priorityClassName").is_none(),
         "an optional tool must not pre-empt workloads"
@@ -322,11 +338,13 @@ fn the_container_args_run_the_real_tracer_and_its_probes_answer() {
 }
 
 /// The stalls a 2-second run of a tracer with `caps` reports about a pipe
-/// read that a process of another user (nobody) was already blocked in.
+/// read that a process of another user (uid 4242: not nobody, which the
+/// tracer itself becomes once its programs are attached) was already
+/// blocked in.
 fn stalls_of_another_user_with(caps: &[String]) -> Vec<Value> {
     let blocked = Proc::spawn(Command::new("setpriv").args([
-        "--reuid=65534",
-        "--regid=65534",
+        "--reuid=4242",
+        "--regid=4242",
         "--clear-groups",
         "/usr/bin/python3",
         "-c",

@@ -419,7 +419,11 @@ fn two_thousand_idle_metrics_connections_and_emfile_neither_spin_nor_blind() {
     raise_nofile(8192);
     let port = free_port();
     let p = Proc::python(FORK_ON_USR1);
+    // --keep-root: the test lowers the tracer's fd limit with prlimit,
+    // which takes the same uid or CAP_SYS_RESOURCE (that this sandbox
+    // lacks), and the tracer otherwise becomes uid 65534 (privdrop.rs).
     let mut t = Tracer::start(&[
+        "--keep-root",
         "--pid",
         &p.pid().to_string(),
         "--threshold",

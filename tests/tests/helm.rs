@@ -171,9 +171,23 @@ fn validate(docs: &[Value], version: &str) {
 #[test]
 fn rendered_objects_validate_against_kubernetes_1_28_and_1_33() {
     for values in [&[][..], ALL_ON] {
-        let docs = render(values);
         for version in ["1.28.0", "1.33.0"] {
+            let mut args = values.to_vec();
+            args.extend_from_slice(&["--kube-version", version]);
+            let docs = render(&args);
             validate(&docs, version);
+            // AppArmor: the securityContext field where Kubernetes has it
+            // (1.30+), the deprecated annotation only before.
+            let ds = kind(&docs, "DaemonSet");
+            let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+            let annotation = &ds["spec"]["template"]["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/tracer"];
+            if version == "1.28.0" {
+                assert_eq!(annotation, "unconfined", "{ds}");
+                assert!(sc.get("appArmorProfile").is_none(), "{ds}");
+            } else {
+                assert_eq!(sc["appArmorProfile"]["type"], "Unconfined", "{ds}");
+                assert!(annotation.is_null(), "{ds}");
+            }
         }
     }
 }

@@ -67,6 +67,14 @@ pub struct WatchArgs {
     #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = crate::app::output::parse_size)]
     pub output_max_size: u64,
 
+    /// Keep running as root. By default a tracer started as root becomes
+    /// uid/gid 65534 once its programs are attached, keeping only
+    /// CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (and CAP_BPF where the
+    /// kernel needs it for map reads); with this flag it stays root (it
+    /// then also sees hung requests in other network namespaces).
+    #[arg(long)]
+    pub keep_root: bool,
+
     /// Python stacks are read by the tracer itself, for every stall, by
     /// default; `--py-stack all-threads` adds every thread's stack. A bare
     /// --py-stack (once needed) is accepted and changes nothing.

@@ -177,6 +177,9 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
     let (intake, rx) =
         Intake::start(rb).map_err(|e| anyhow!("starting the event intake thread: {e}"))?;
     let events = Events { intake, rx };
+    // Everything that needs root is done: programs loaded and attached,
+    // listeners bound, the output file open, tracefs mounted.
+    give_up_root(args.keep_root)?;
     let mut st = Session {
         probes,
         corr: Correlator::new(threshold_ns),
@@ -259,6 +262,50 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         eprintln!("tracer: no Gunicorn master is running yet; waiting for one to start");
     }
     Ok((st, events, start))
+}
+
+/// Runs on as uid/gid 65534 with only what is still needed (see
+/// host::privileges), unless `keep_root` or the tracer is not root; says
+/// on stderr, in one line, what it runs as.
+fn give_up_root(keep_root: bool) -> Result<()> {
+    use crate::host::privileges;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        eprintln!(
+            "tracer: note: runs as uid {uid}, as started, with {}",
+            privileges::get().map_or("unknown capabilities".into(), |c| privileges::names(
+                c.effective & (privileges::PROC_READING | (1 << privileges::CAP_BPF))
+            ) + " among its capabilities")
+        );
+        return Ok(());
+    }
+    if keep_root {
+        eprintln!("tracer: note: runs as uid 0 (--keep-root): code execution in it would be root");
+        return Ok(());
+    }
+    if let Err(why) = privileges::can_drop() {
+        eprintln!(
+            "tracer: warning: runs as uid 0: {why}, which the switch to uid 65534 needs (--keep-root says it is meant)"
+        );
+        return Ok(());
+    }
+    let mut keep = privileges::PROC_READING;
+    if privileges::map_commands_need_cap_bpf() {
+        keep |= 1 << privileges::CAP_BPF;
+    }
+    let d = privileges::drop_to_nobody(keep)
+        .context("switching to uid 65534 (some threads may have switched: not going on)")?;
+    eprintln!(
+        "tracer: note: runs as uid 65534 from here on, with {}{}; --keep-root keeps uid 0 (and hung requests in other network namespaces)",
+        privileges::names(d.kept),
+        if d.bounding_cleared {
+            ""
+        } else {
+            " (no CAP_SETPCAP to clear the bounding set; no-new-privileges is set)"
+        }
+    );
+    Ok(())
 }
 
 /// The syscall numbers the kernel programs need, from our table.

@@ -10,6 +10,7 @@ pub mod gunicorn;
 pub mod gunicorn_conf;
 pub mod heartbeat;
 pub mod memcg;
+pub mod privileges;
 pub mod proc;
 pub mod pystack;
 pub mod pystack_helper;

@@ -21,6 +21,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::privileges;
 use super::pystack_helper::HELPER_ARG;
 use super::pystack_proto::{self as proto, Reply, Request};
 use crate::model::{PyFrame, PyStackCost, PyThread};
@@ -203,7 +204,17 @@ enum CallError {
 
 impl Helper {
     fn spawn(program: &std::path::Path) -> std::io::Result<Helper> {
-        let mut child = Command::new(program)
+        let mut cmd = Command::new(program);
+        // A tracer no longer root (host::privileges) passes the helper the
+        // capabilities it reads with; exec by a non-root process keeps
+        // only ambient ones.
+        // SAFETY: pass_to_exec is async-signal-safe (system calls only).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                privileges::pass_to_exec(privileges::PROC_READING)
+            });
+        }
+        let mut child = cmd
             .arg(HELPER_ARG)
             .env_clear()
             .current_dir("/")

@@ -1,0 +1,202 @@
+//! Issue 20 item 13: started as root, the tracer loads and attaches its
+//! BPF programs, binds its listeners and opens its output file, then runs
+//! as uid/gid 65534 with only the capabilities it still needs, on every
+//! thread, so code execution in it is not node root. It still names a
+//! stall with its pipe peers, heartbeat age and Python stack, and its
+//! stack helper is restarted after the drop. `--keep-root` keeps uid 0.
+//! Real Gunicorn, the real tracer, real BPF, as root.
+use std::process::Command;
+use std::time::Duration;
+
+use tests::*;
+
+/// CAP_DAC_READ_SEARCH (2) and CAP_SYS_PTRACE (19): reading other users'
+/// /proc/PID/fd, fdinfo, environ and root, and restarting the stack
+/// helper with CAP_SYS_PTRACE.
+const PROC_READING: u64 = (1 << 2) | (1 << 19);
+/// CAP_BPF (39): map reads, on kernels whose bpf() refuses every command
+/// to a process without it while kernel.unprivileged_bpf_disabled is set.
+const CAP_BPF: u64 = 1 << 39;
+
+fn status_field(pid: u32, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {s}"))
+        .trim()
+        .to_string()
+}
+
+fn task_field(pid: u32, tid: &str, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {s}"))
+        .trim()
+        .to_string()
+}
+
+fn hex(s: &str) -> u64 {
+    u64::from_str_radix(s, 16).unwrap()
+}
+
+/// The tracer's child that reads stacks, once there is one.
+fn helper_of(tracer: u32) -> u32 {
+    eventually("the stack helper", Duration::from_secs(10), || {
+        let tasks = std::fs::read_dir(format!("/proc/{tracer}/task")).ok()?;
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .find(|c| {
+                std::fs::read(format!("/proc/{c}/cmdline"))
+                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("__pystack-helper"))
+            })
+    })
+}
+
+/// The BPF bpf() check of this kernel: whether a map command on a bad fd
+/// is refused for want of a capability (EPERM) rather than for the fd.
+/// Probed here as a process without CAP_BPF and CAP_SYS_ADMIN.
+fn map_commands_need_cap_bpf() -> bool {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "/usr/bin/python3",
+            "-c",
+            // bpf(BPF_MAP_LOOKUP_ELEM=1, attr{map_fd=-1}, 32): the errno.
+            "import ctypes,os\nl=ctypes.CDLL(None,use_errno=True)\nb=(ctypes.c_char*32)()\nb[0:4]=b'\\xff\\xff\\xff\\xff'\nr=l.syscall(321,1,b,32)\nprint(ctypes.get_errno())",
+        ])
+        .output()
+        .unwrap();
+    let errno: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    errno == libc::EPERM
+}
+
+/// Every thread of the tracer: uid and gid 65534 (real, effective, saved,
+/// filesystem), no groups, exactly `caps` effective and permitted, none
+/// inheritable or ambient, no new privileges.
+fn assert_every_thread_is_nobody_with(pid: u32, caps: u64) {
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(tasks.len() > 1, "the tracer has threads: {tasks:?}");
+    for tid in &tasks {
+        let f = |n| task_field(pid, tid, n);
+        assert_eq!(f("Uid"), "65534\t65534\t65534\t65534", "thread {tid}");
+        assert_eq!(f("Gid"), "65534\t65534\t65534\t65534", "thread {tid}");
+        assert_eq!(f("Groups"), "", "thread {tid}");
+        assert_eq!(hex(&f("CapEff")), caps, "thread {tid}: CapEff");
+        assert_eq!(hex(&f("CapPrm")), caps, "thread {tid}: CapPrm");
+        assert_eq!(hex(&f("CapInh")), 0, "thread {tid}: CapInh");
+        assert_eq!(hex(&f("CapAmb")), 0, "thread {tid}: CapAmb");
+        assert_eq!(f("NoNewPrivs"), "1", "thread {tid}");
+    }
+}
+
+fn gevent_pipe_stalls(pids: &StallPids) -> GunicornProc {
+    Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .timeout(60)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn()
+}
+
+/// Started as root: once `start` is out, every thread runs as nobody with
+/// only CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH (and CAP_BPF where this
+/// kernel's bpf() needs it for map reads), and a gevent worker's stall on
+/// a pipe is still named with its peers, heartbeat age and Python stack;
+/// stderr says what the tracer runs as.
+#[test]
+fn started_as_root_the_tracer_runs_as_nobody_and_still_names_a_stall_fully() {
+    require_root();
+    let pids = StallPids::new("privdrop");
+    let g = gevent_pipe_stalls(&pids);
+    let mut t =
+        Tracer::start_without_py_spy(&["--pid", &g.pid().to_string(), "--threshold", "300ms"]);
+    let want = PROC_READING
+        | if map_commands_need_cap_bpf() {
+            CAP_BPF
+        } else {
+            0
+        };
+    assert_every_thread_is_nobody_with(t.pid(), want);
+    let _client = get_async(g.port, "/pipe?secs=4", Duration::from_secs(30));
+    let (w, _) = pids.wait_nth(0);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    assert_eq!(stall["fd_kind"], "pipe", "{stall}");
+    assert!(
+        !stall["peers"].as_array().unwrap().is_empty(),
+        "pipe peers are read: {stall}"
+    );
+    assert!(
+        stall["heartbeat_age_ms"].as_u64().is_some(),
+        "heartbeat age is read: {stall}"
+    );
+    assert!(has_frame(&stall, "pipe_read", "stall_app.py"), "{stall}");
+    // Threads started after the drop (the /proc pool's) are nobody too.
+    assert_every_thread_is_nobody_with(t.pid(), want);
+    t.stop();
+    assert!(
+        t.stderr_lines
+            .iter()
+            .any(|l| l.contains("runs as uid 65534") && l.contains("--keep-root")),
+        "{:?}",
+        t.stderr_lines
+    );
+}
+
+/// The stack helper killed after the drop is restarted by a tracer that
+/// is no longer root: it still runs as nobody with CAP_SYS_PTRACE alone
+/// effective, and a later stall still carries its stack.
+#[test]
+fn after_the_drop_a_killed_stack_helper_is_restarted_with_its_capability_and_reads_stacks() {
+    require_root();
+    let pids = StallPids::new("privdrop-helper");
+    let g = gevent_pipe_stalls(&pids);
+    let mut t = Tracer::start_without_py_spy(&["--pid", &g.pid().to_string()]);
+    assert_eq!(status_field(t.pid(), "Uid"), "65534\t65534\t65534\t65534");
+    let first = helper_of(t.pid());
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    let _client = get_async(g.port, "/pipe?secs=3", Duration::from_secs(30));
+    let (w, _) = pids.wait_nth(0);
+    let (_, stall) = t.wait_for("stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    assert!(has_frame(&stall, "pipe_read", "stall_app.py"), "{stall}");
+    let second = helper_of(t.pid());
+    assert_ne!(first, second);
+    assert_eq!(status_field(second, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(second, "CapEff"), "0000000000080000");
+    assert_eq!(hex(&status_field(second, "CapAmb")), 0);
+    assert!(alive(t.pid()));
+    t.stop();
+}
+
+/// `--keep-root`: the tracer stays uid 0 with root's capabilities, and
+/// says so.
+#[test]
+fn with_keep_root_the_tracer_stays_root_and_says_so() {
+    require_root();
+    let mut t = Tracer::start(&["--keep-root"]);
+    assert_eq!(status_field(t.pid(), "Uid"), "0\t0\t0\t0");
+    assert_ne!(hex(&status_field(t.pid(), "CapEff")) & (1 << 21), 0);
+    t.stop();
+    assert!(
+        t.stderr_lines
+            .iter()
+            .any(|l| l.contains("runs as uid 0") && l.contains("--keep-root")),
+        "{:?}",
+        t.stderr_lines
+    );
+}
