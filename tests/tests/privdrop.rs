@@ -200,3 +200,46 @@ fn with_keep_root_the_tracer_stays_root_and_says_so() {
         t.stderr_lines
     );
 }
+
+/// A Gunicorn in a network namespace of its own, as in a container on the
+/// host: after the drop the tracer cannot enter it (setns takes
+/// CAP_SYS_ADMIN) to scan for hung requests. Its ports are counted as
+/// unscanned and the run is never called healthy; with --keep-root they
+/// are scanned.
+#[test]
+fn a_network_namespace_it_cannot_enter_is_counted_as_unscanned() {
+    require_root();
+    let port = free_port();
+    let gunicorn = venv().join("bin/gunicorn");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "--", "sh", "-c"])
+        .arg(format!(
+            "ip link set lo up && exec {} -w 1 -b 127.0.0.1:{port} stall_app:app",
+            gunicorn.display()
+        ))
+        .current_dir(apps_dir())
+        .env("PYTHONUNBUFFERED", "1");
+    let mut g = Proc::spawn_captured(&mut cmd);
+    g.wait_line("Booting worker", Duration::from_secs(30));
+    let master = g.pid().to_string();
+    let summary_with = |extra: &[&str]| {
+        let mut args = vec!["--pid", master.as_str(), "--request-threshold", "1s"];
+        args.extend_from_slice(extra);
+        let mut t = Tracer::start(&args);
+        t.collect_for(Duration::from_secs(3));
+        t.stop()
+    };
+    let dropped = summary_with(&[]);
+    assert!(
+        dropped["ports_unscanned"].as_u64().unwrap() >= 1,
+        "{dropped}"
+    );
+    let text = dropped["verdict"]["text"].as_str().unwrap();
+    assert!(
+        text.contains("listening port(s) were not scanned for hung requests"),
+        "{text}"
+    );
+    assert!(!text.contains("healthy"), "{text}");
+    let root = summary_with(&["--keep-root"]);
+    assert_eq!(root["ports_unscanned"], 0, "{root}");
+}

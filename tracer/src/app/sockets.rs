@@ -1,7 +1,8 @@
 //! The periodic scan of connections on watched ports, for hung requests:
 //! one NETLINK_SOCK_DIAG socket per network namespace the watched
 //! processes live in. A namespace the tracer cannot enter (setns needs
-//! CAP_SYS_ADMIN) is said once on stderr and skipped.
+//! CAP_SYS_ADMIN) is said once on stderr, skipped, and its ports counted
+//! in `ports_unscanned`.
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
@@ -150,6 +151,9 @@ impl SocketWatch {
                 None => false,
             };
             if !scanned {
+                // Its ports go unscanned: counted, so no verdict calls the
+                // run clear of hung requests there.
+                self.ports_unscanned += ports.len() as u64;
                 unscanned.extend(members.remove(&ns).unwrap_or_default());
             }
         }
