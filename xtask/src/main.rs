@@ -6,6 +6,7 @@ mod bench;
 mod bpfstats;
 mod demo;
 mod kernels;
+mod pythons;
 mod render;
 mod setup;
 mod soak;
@@ -42,6 +43,11 @@ enum Cmd {
         /// Debian kernels under QEMU (6.1, 6.12; comma-separated).
         #[arg(long, value_delimiter = ',')]
         kernel: Vec<String>,
+        /// Instead of the host's suite, run the stack end-to-end tests (every
+        /// worker class) on each CPython 3.9-3.13 of the machine's pyenv, and
+        /// say which versions and tests were skipped and why.
+        #[arg(long, conflicts_with = "kernel")]
+        pythons: bool,
     },
     /// Measure the tracer's cost against the floor, bpftrace and strace (ratios, medians).
     Bench {
@@ -117,9 +123,9 @@ fn build() -> Result<PathBuf> {
     run(cargo()
         .current_dir(root())
         .args(["build", "--release", "-p", "tracer"]))?;
-    // Where cargo put it: CARGO_TARGET_DIR when set (a worktree's own).
+    // Where cargo put it: CARGO_TARGET_DIR when set (relative to the root).
     let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
+        .map(|d| root().join(d))
         .unwrap_or_else(|| root().join("target"));
     let bin = target.join("release/tracer");
     eprintln!("    {}", bin.display());
@@ -306,7 +312,14 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Setup => setup::toolchain().and_then(|_| setup::venv().map(|_| ())),
         Cmd::Build => build().map(|_| ()),
-        Cmd::Test { filter, kernel } if !kernel.is_empty() => test_kernels(&kernel, filter),
+        Cmd::Test { filter, kernel, .. } if !kernel.is_empty() => test_kernels(&kernel, filter),
+        Cmd::Test {
+            filter,
+            pythons: true,
+            ..
+        } => setup::require_root("cargo xtask test --pythons")
+            .and_then(|_| build())
+            .and_then(|bin| pythons::run(&bin, filter.as_deref())),
         Cmd::Test { filter, .. } => test(filter),
         Cmd::RenderDeploy => render::render_deploy(),
         Cmd::Bench {

@@ -9,7 +9,7 @@ use crate::{root, run, step};
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Pinned: the versions the tests and the README were checked against.
-const PY_PACKAGES: &[&str] = &[
+pub const PY_PACKAGES: &[&str] = &[
     "gunicorn==27.0.1",
     "gevent==26.9.0",
     "packaging",

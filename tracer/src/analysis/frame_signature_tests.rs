@@ -372,6 +372,39 @@ fn a_sleep_cites_its_caller_and_a_library_frame_does_not_make_it_that_library() 
     assert!(is_inferred(&c));
 }
 
+/// Python before 3.11 sleeps in `select(0, NULL, NULL, NULL, &t)` (glibc:
+/// pselect6 with no fd), not clock_nanosleep: a select with no fd is the
+/// sleep; a select with fds (the sync worker's own wait, a client's) is not.
+#[test]
+fn a_select_with_no_fd_is_the_sleep_of_python_before_3_11() {
+    for call in ["select", "pselect6"] {
+        let s = StallReport {
+            nfds: Some(0),
+            worker_class: Some(WorkerClass::from("uvicorn")),
+            ..stacked(blocked(Some("uvicorn"), call, FdKind::Unknown), app_tail())
+        };
+        let c = cause(&s);
+        assert_eq!(c.id, "time_sleep", "{call}");
+        cites(&c, 0, "fetch");
+        assert!(c.fix.contains("asyncio.sleep"), "{}", c.fix);
+        // Under gevent, with no stack: the unpatched sleep, inferred.
+        let s = StallReport {
+            nfds: Some(0),
+            ..blocked(Some("gevent"), call, FdKind::Unknown)
+        };
+        assert_eq!(id(&s), Some("unpatched_sleep"), "{call}");
+        // A select on fds is no sleep, with or without a stack.
+        let s = StallReport {
+            nfds: Some(8),
+            ..stacked(blocked(Some("sync"), call, FdKind::Unknown), app_tail())
+        };
+        assert_ne!(id(&s), Some("time_sleep"), "{call}");
+        // nfds not known: not a sleep.
+        let s = stacked(blocked(Some("sync"), call, FdKind::Unknown), app_tail());
+        assert_ne!(id(&s), Some("time_sleep"), "{call}");
+    }
+}
+
 #[test]
 fn a_grpc_frame_names_a_wait_in_its_c_core() {
     let stack = with_tail(vec![fr(

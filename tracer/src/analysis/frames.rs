@@ -51,7 +51,7 @@ fn is_futex(s: &StallReport) -> bool {
 }
 
 fn is_sleep(s: &StallReport) -> bool {
-    s.state == StallState::Blocked && matches!(s.syscall_name(), "nanosleep" | "clock_nanosleep")
+    s.is_sleep()
 }
 
 /// The socket peer the call waits on, when one was read.

@@ -98,7 +98,7 @@ fn lock_wait_before_first_heartbeat(s: &StallReport) -> bool {
 }
 
 fn is_sleep(s: &StallReport) -> bool {
-    matches!(s.syscall_name(), "nanosleep" | "clock_nanosleep")
+    s.is_sleep()
 }
 
 fn is_multiplexer(s: &StallReport) -> bool {
@@ -202,7 +202,7 @@ pub static SIGNATURES: &[Signature<StallReport>] = &[
         id: "wait_outside_loop",
         cause: "the event loop's thread waits outside the loop: a C library (a database driver, an RPC client) or a socket created before monkey-patching, which gevent does not make cooperative, polls its own sockets and blocks the hub",
         fix: "make the client cooperative (monkey-patch before importing it, or use a gevent-aware driver), or run the call in gevent's threadpool",
-        matches: |s| gevent_loop(s) && is_multiplexer(s),
+        matches: |s| gevent_loop(s) && is_multiplexer(s) && !is_sleep(s),
     },
     Signature {
         id: "uncooperative_socket_read",

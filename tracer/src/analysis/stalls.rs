@@ -280,6 +280,10 @@ impl Correlator {
             .zip(worker.then(|| enr.process_age_ms(s.tgid)).flatten())
             .map(|(hb, age)| hb + FORK_TOLERANCE_MS >= age);
         let thread_name = enr.thread_name(s.tgid, s.tid);
+        // A select on no fd is a sleep (CPython before 3.11's time.sleep).
+        let nfds = syscalls::SELECTS
+            .contains(&name.as_str())
+            .then_some(s.arg0 as u32);
         let mut report = StallReport {
             pid: s.tgid,
             tid: s.tid,
@@ -297,6 +301,7 @@ impl Correlator {
             peers: info.peers,
             peers_omitted: info.peers_omitted,
             wait_fds,
+            nfds,
             blocked_ms: blocked_ns(s, now_ns) / 1_000_000,
             since_attach: s.seeded,
             heartbeat_age_ms: heartbeat,

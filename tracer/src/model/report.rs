@@ -140,6 +140,10 @@ pub struct StallReport {
     /// The fds the call waits on: a multiplexer's set, or the one fd of a
     /// read, recv, connect... with the peer address of sockets.
     pub wait_fds: Vec<WaitFd>,
+    /// select/pselect6's nfds (absent for other calls): 0 waits on no fd,
+    /// a sleep (CPython before 3.11 implements time.sleep so).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nfds: Option<u32>,
     pub blocked_ms: u64,
     /// The syscall was already in progress when the tracer attached, so
     /// `blocked_ms` is a lower bound.
@@ -223,6 +227,17 @@ impl StallReport {
     /// The syscall's name; empty when the thread is on the CPU.
     pub fn syscall_name(&self) -> &str {
         self.syscall.as_deref().unwrap_or("")
+    }
+
+    /// Blocked in a sleep: nanosleep or clock_nanosleep, or a select on no
+    /// fd at all (CPython before 3.11 sleeps in `select(0, ...)`).
+    pub fn is_sleep(&self) -> bool {
+        self.state == StallState::Blocked
+            && match self.syscall_name() {
+                "nanosleep" | "clock_nanosleep" => true,
+                "select" | "pselect6" => self.nfds == Some(0),
+                _ => false,
+            }
     }
 
     /// The thread runs the worker's event loop (its main thread).
