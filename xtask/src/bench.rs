@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tests::{GoFile, Gunicorn, Proc, Tracer, Value};
+use tests::{GoFile, Gunicorn, Proc, StallPids, Tracer, Value};
 
 use crate::{bpfstats, root, step};
 
@@ -25,6 +25,9 @@ struct Sizes {
     wrk_secs: u64,
     load_secs: u64,
     latency_trials: usize,
+    /// Gunicorn workers watched while stacks are read, and stalls made.
+    stack_workers: usize,
+    stack_stalls: usize,
 }
 
 impl Sizes {
@@ -39,6 +42,8 @@ impl Sizes {
                 wrk_secs: 1,
                 load_secs: 1,
                 latency_trials: 1,
+                stack_workers: 4,
+                stack_stalls: 4,
             }
         } else {
             Sizes {
@@ -50,6 +55,8 @@ impl Sizes {
                 wrk_secs: 5,
                 load_secs: 5,
                 latency_trials: 5,
+                stack_workers: 64,
+                stack_stalls: 120,
             }
         }
     }
@@ -620,6 +627,7 @@ pub enum Part {
     Throughput,
     EarlyClose,
     Latency,
+    Stacks,
 }
 
 type Report = serde_json::Map<String, Value>;
@@ -654,6 +662,9 @@ pub fn run(quick: bool, only: &[Part], variants: &[Variant]) -> Result<()> {
     }
     if want(Part::Latency) {
         detection_latency(&s, &mut report)?;
+    }
+    if want(Part::Stacks) {
+        stack_cost(&s, &mut report)?;
     }
     // A partial run must not overwrite the full table the README quotes.
     let name = if only.is_empty() {
@@ -1035,4 +1046,91 @@ fn cpu_detection_latency(s: &Sizes, report: &mut Report) -> Result<()> {
         lat_med.into(),
     );
     Ok(())
+}
+
+/// Python stacks: what setting up a worker's reader and reading a stalled
+/// thread's stack cost (median and p99, as the tracer timed each request
+/// to its helper: its summary's `py_stack_cost`), and the memory of the
+/// tracer and of its stack helper with every worker of a 64-worker gevent
+/// Gunicorn watched.
+fn stack_cost(s: &Sizes, report: &mut Report) -> Result<()> {
+    step(&format!(
+        "Python stacks: {} gevent workers watched, {} stalls read",
+        s.stack_workers, s.stack_stalls
+    ));
+    let pids = StallPids::new("bench-stacks");
+    let g = Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .workers(s.stack_workers)
+        .timeout(60)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_count("workers", s.stack_workers, Duration::from_secs(60), |e| {
+        e["event"] == "worker"
+    });
+    // Each worker's reader is set up when it is found, off the loop.
+    t.collect_for(Duration::from_secs(3));
+    let tracer_rss_kb = proc_status_kb(t.pid(), "VmRSS:");
+    let helper_rss_kb = children_of(t.pid())
+        .into_iter()
+        .map(|c| proc_status_kb(c, "VmRSS:"))
+        .sum::<u64>();
+    // Stalls in rounds of five, under the helper's rate limit of five
+    // stacks a second per master: each reads one stack.
+    let mut left = s.stack_stalls;
+    while left > 0 {
+        let n = left.min(5).min(s.stack_workers);
+        let clients: Vec<_> = (0..n)
+            .map(|_| tests::get_async(g.port, "/pipe?secs=1", Duration::from_secs(30)))
+            .collect();
+        for c in clients {
+            let _ = c.recv();
+        }
+        left -= n;
+    }
+    t.collect_for(Duration::from_secs(1));
+    let summary = t.stop();
+    let cost = summary["py_stack_cost"].clone();
+    let ms = |k: &str| cost[k].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "  set-up {:.2} ms median, {:.2} ms p99 ({} set-ups); capture {:.3} ms median, {:.3} ms p99 ({} captures); tracer RSS {} MiB, helper {} MiB with {} workers",
+        ms("setup_ms_median"),
+        ms("setup_ms_p99"),
+        cost["setups"],
+        ms("capture_ms_median"),
+        ms("capture_ms_p99"),
+        cost["captures"],
+        tracer_rss_kb / 1024,
+        helper_rss_kb / 1024,
+        s.stack_workers
+    );
+    report.insert(
+        "py_stacks".into(),
+        serde_json::json!({
+            "workers": s.stack_workers,
+            "cost": cost,
+            "tracer_rss_kb": tracer_rss_kb,
+            "helper_rss_kb": helper_rss_kb,
+        }),
+    );
+    Ok(())
+}
+
+/// The processes whose parent is `pid` (the tracer's stack helper).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = &st[st.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
