@@ -774,7 +774,7 @@ impl HangPids {
 
     /// The worker that took the `n`-th /hang request (from 0), once it has.
     pub fn wait_nth(&self, n: usize) -> u32 {
-        eventually("hang pid", Duration::from_secs(5), || {
+        eventually("hang pid", Duration::from_secs(15), || {
             self.all().get(n).copied()
         })
     }
