@@ -243,3 +243,63 @@ fn a_network_namespace_it_cannot_enter_is_counted_as_unscanned() {
     let root = summary_with(&["--keep-root"]);
     assert_eq!(root["ports_unscanned"], 0, "{root}");
 }
+
+/// `--output` in a directory only root may write (as /var/log is): after
+/// the drop to nobody a rotation cannot rename there, so it moves the
+/// lines into the FILE.1 opened before the drop. Both files keep their
+/// lines and the run keeps the file (it used to go on without it).
+#[test]
+fn output_rotation_works_after_the_drop_in_a_directory_only_root_writes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root();
+    let dir = std::env::temp_dir().join(format!("tracer-privdrop-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("tracer.jsonl");
+    let blocked = Proc::python("import os\nr, w = os.pipe()\nos.read(r, 1)\n");
+    let mut t = Tracer::start(&[
+        "--pid",
+        &blocked.pid().to_string(),
+        "--threshold",
+        "200ms",
+        "--output",
+        out.to_str().unwrap(),
+        "--output-max-size",
+        "2K",
+    ]);
+    assert_every_thread_is_nobody_with(t.pid(), {
+        PROC_READING
+            | if map_commands_need_cap_bpf() {
+                CAP_BPF
+            } else {
+                0
+            }
+    });
+    t.wait_for("stall", Duration::from_secs(10), |e| e["event"] == "stall");
+    let s = t.stop();
+    assert!(
+        !t.stderr_lines.iter().any(|l| l.contains("--output")),
+        "{:?}",
+        t.stderr_lines
+    );
+    let now = std::fs::read_to_string(&out).unwrap();
+    let old = std::fs::read_to_string(dir.join("tracer.jsonl.1")).unwrap();
+    // FILE.1 exists from the start, empty: lines in it came by a rotation.
+    assert!(!old.is_empty(), "no rotation into FILE.1");
+    for l in old.lines().chain(now.lines()) {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["event"].is_string(), "{l}");
+    }
+    assert!(now.len() <= 2048 || now.lines().count() == 1, "{now}");
+    let last = now
+        .lines()
+        .last()
+        .expect("the file goes on after a rotation");
+    assert!(last.starts_with("{\"event\":\"summary\""), "{last}");
+    assert_eq!(s["event"], "summary");
+    for f in [&out, &dir.join("tracer.jsonl.1")] {
+        assert_eq!(std::fs::metadata(f).unwrap().mode() & 0o777, 0o600);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -57,13 +57,13 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
 
-    /// Also write the JSON lines to this file: appended to (never
-    /// truncated), created with mode 0600, never through a symlink.
+    /// Also write the JSON lines to this file: appended to (what it held is
+    /// kept), created with mode 0600 like FILE.1, never through a symlink.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// Past this size the --output file is renamed to FILE.1 (replacing an
-    /// older one) and started anew (100M, 1G, or bytes).
+    /// Past this size the --output file's lines replace FILE.1's and it is
+    /// started anew (100M, 1G, or bytes).
     #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = crate::app::output::parse_size)]
     pub output_max_size: u64,
 

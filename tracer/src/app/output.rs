@@ -2,11 +2,16 @@
 //! paths, peers and pod names, often in a shared directory such as /tmp:
 //! it is opened without following a symlink planted at its path, only as
 //! a regular file of our own, with mode 0600 (an existing one is made so),
-//! appended to and never truncated; past `--output-max-size` it is renamed
-//! to `FILE.1` and started anew, as a file that must not exist yet.
+//! and appended to. Past `--output-max-size` its lines move to `FILE.1`.
+//!
+//! Both files are opened at start, before the tracer gives up root: a
+//! rotation by rename needs write access to the directory, which uid
+//! 65534 does not have in /var/log or in a sticky /tmp beside root's file.
+//! So a rotation copies FILE into the `FILE.1` it holds open and empties
+//! FILE, touching no directory.
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -14,20 +19,22 @@ use anyhow::{Context, Result, bail};
 pub struct OutputFile {
     path: PathBuf,
     file: File,
+    /// `FILE.1`, where a rotation moves the lines.
+    old: File,
     size: u64,
     max_size: u64,
 }
 
-/// Opens `path` for appending: no symlink, no FIFO or device, no file of
-/// another user or with other names (hard links); a file that was there
-/// keeps no access for others (mode 0600, as a new one gets). `fresh`: the
-/// file must not exist yet (after a rotation moved it away, a file at the
-/// path is someone else's).
-fn open_append(path: &Path, fresh: bool) -> Result<File> {
+/// Opens `path` read-write, appending or not: no symlink, no FIFO or
+/// device, no file of another user or with other names (hard links); a
+/// file that was there keeps no access for others (mode 0600, as a new
+/// one gets).
+fn open_private(path: &Path, append: bool) -> Result<File> {
     let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(!fresh)
-        .create_new(fresh)
+        .read(true)
+        .write(true)
+        .append(append)
+        .create(true)
         .mode(0o600)
         // O_NONBLOCK: a FIFO planted at the path fails (ENXIO) instead of
         // blocking the open; it means nothing for a regular file.
@@ -68,11 +75,15 @@ fn open_append(path: &Path, fresh: bool) -> Result<File> {
 
 impl OutputFile {
     pub fn open(path: &Path, max_size: u64) -> Result<OutputFile> {
-        let file = open_append(path, false)?;
+        let file = open_private(path, true)?;
+        let mut old = path.to_path_buf().into_os_string();
+        old.push(".1");
+        let old = open_private(Path::new(&old), false)?;
         let size = file.metadata()?.len();
         Ok(OutputFile {
             path: path.to_path_buf(),
             file,
+            old,
             size,
             max_size,
         })
@@ -82,7 +93,8 @@ impl OutputFile {
     pub fn write_line(&mut self, line: &str) -> Result<()> {
         let len = line.len() as u64 + 1;
         if self.size > 0 && self.size + len > self.max_size {
-            self.rotate()?;
+            self.rotate()
+                .with_context(|| format!("rotating {}", self.path.display()))?;
         }
         let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line.as_bytes());
@@ -92,13 +104,22 @@ impl OutputFile {
         Ok(())
     }
 
-    /// FILE -> FILE.1 (replacing an older one), then a new FILE.
+    /// FILE's lines replace FILE.1's, then FILE is emptied (appends go on
+    /// at its start).
     fn rotate(&mut self) -> Result<()> {
-        let mut old = self.path.clone().into_os_string();
-        old.push(".1");
-        std::fs::rename(&self.path, &old)
-            .with_context(|| format!("rotating {}", self.path.display()))?;
-        self.file = open_append(&self.path, true)?;
+        self.old.set_len(0)?;
+        self.old.seek(SeekFrom::Start(0))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        loop {
+            let n = self.file.read_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            self.old.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        self.file.set_len(0)?;
         self.size = 0;
         Ok(())
     }
