@@ -717,3 +717,107 @@ fn a_thread_flood_past_the_in_flight_map_is_counted_and_the_stall_already_seen_s
     assert_eq!(w["stall"]["tid"], pid, "{w}");
     assert!(w["stall"]["blocked_ms"].as_u64().unwrap() >= 3000, "{w}");
 }
+
+/// Holds 19,000 fds (dups of /dev/null) and sleeps: a process the
+/// pipe-holder search has to walk through, fd by fd.
+const FD_HOARDER: &str = "import os, resource, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+n = os.open('/dev/null', os.O_RDONLY)
+fds = [os.dup(n) for _ in range(19000)]
+print('ready', flush=True)
+time.sleep(600)
+";
+
+/// Sixteen threads that each read their own pipe, woken every 300 ms: a
+/// new stall on a pipe every ~20 ms, each one a holder search over the
+/// host.
+const REBLOCKER: &str = "import os, resource, threading, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+pipes = [os.pipe() for _ in range(16)]
+n = os.open('/dev/null', os.O_RDONLY)
+fds = [os.dup(n) for _ in range(19000)]
+def reader(r):
+    while True:
+        os.read(r, 1)
+for r, w in pipes:
+    threading.Thread(target=reader, args=(r,), daemon=True).start()
+print('ready', flush=True)
+while True:
+    time.sleep(0.3)
+    for r, w in pipes:
+        os.write(w, b'x')
+";
+
+/// Reads its stdin (the test's pipe), then, once a line comes, a pipe only
+/// it can write: a stall that starts when the test says.
+const VICTIM: &str = "import os, sys
+sys.stdin.readline()
+r, w = os.pipe()
+print('blocking', flush=True)
+os.read(r, 1)
+";
+
+fn health(addr: &str) -> bool {
+    Command::new(tracer_bin())
+        .args(["health", "--addr", addr])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Issue 20 item 1: a process whose threads keep re-blocking on pipes while
+/// the host holds many fds must not starve the session. Another process's
+/// stall is still reported within a second of its threshold, /healthz
+/// stays up, and the searches skipped for the budget are counted.
+#[test]
+fn a_pod_reblocking_on_pipes_does_not_starve_another_stall_or_health() {
+    require_root();
+    let mut hoarders: Vec<Proc> = (0..3).map(|_| Proc::python_captured(FD_HOARDER)).collect();
+    for h in &mut hoarders {
+        h.wait_count("ready", 1, Duration::from_secs(20));
+    }
+    let mut flood = Proc::python_captured(REBLOCKER);
+    flood.wait_count("ready", 1, Duration::from_secs(20));
+    let mut victim = Proc::spawn_captured(
+        Command::new(python())
+            .args(["-c", VICTIM])
+            .stdin(std::process::Stdio::piped()),
+    );
+    let haddr = format!("127.0.0.1:{}", free_port());
+    let mut t = Tracer::start(&[
+        "--pid",
+        &flood.pid().to_string(),
+        "--pid",
+        &victim.pid().to_string(),
+        "--threshold",
+        "200ms",
+        "--health-addr",
+        &haddr,
+    ]);
+    // The flood runs: its stalls are reported.
+    t.wait_count("the flood's stalls", 16, Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == flood.pid()
+    });
+    assert!(health(&haddr), "/healthz during the flood");
+    // Three seconds in, the victim blocks.
+    t.collect_for(Duration::from_secs(3));
+    assert!(health(&haddr), "/healthz during the flood");
+    let vpid = victim.pid();
+    std::io::Write::write_all(victim.child.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let blocked = victim.wait_count("blocking", 1, Duration::from_secs(5)).at;
+    let (at, stall) = t.wait_for("the victim's stall", Duration::from_secs(30), |e| {
+        e["event"] == "stall" && e["pid"] == vpid && e["fd"] != 0
+    });
+    let late = at.saturating_duration_since(blocked);
+    assert!(
+        late <= slow(Duration::from_millis(1200)),
+        "the victim's stall came {late:?} after it blocked (threshold 200 ms): {stall}"
+    );
+    assert_eq!(stall["fd_kind"], "pipe", "{stall}");
+    assert!(health(&haddr), "/healthz during the flood");
+    let s = t.stop();
+    assert!(
+        s["holders_unsearched"].as_u64().unwrap() > 0,
+        "the flood spent the search budget: {s}"
+    );
+}

@@ -139,6 +139,11 @@ pub struct Correlator {
     pub(super) requests: RequestScan,
     /// Reported stalls ended with outcome `unknown` (see `Losses`).
     pub(super) stall_ends_unknown: u64,
+    /// New stalls reported since the last poll, per master (see
+    /// `stalls::MAX_NEW_STALLS_PER_POLL`).
+    pub(super) new_stalls: HashMap<u32, u32>,
+    /// Stalls over before their turn came (see `Losses`).
+    pub(super) stalls_held_back: u64,
 }
 
 impl Correlator {
@@ -158,6 +163,8 @@ impl Correlator {
             ended: HashMap::new(),
             requests: RequestScan::default(),
             stall_ends_unknown: 0,
+            new_stalls: HashMap::new(),
+            stalls_held_back: 0,
         }
     }
 
@@ -265,6 +272,12 @@ impl Correlator {
     /// Reported stalls whose end nothing said (outcome `unknown`).
     pub fn stall_ends_unknown(&self) -> u64 {
         self.stall_ends_unknown
+    }
+
+    /// Stalls of a flooding master that were over before their turn to be
+    /// reported came (see `Losses::stalls_held_back`).
+    pub fn stalls_held_back(&self) -> u64 {
+        self.stalls_held_back
     }
 
     /// Live workers whose loop's own wait is not known yet.

@@ -595,3 +595,84 @@ fn the_summary_cites_the_frame_of_a_stack_read_after_the_report() {
     assert_eq!(cause.id, report.cause.unwrap().id);
     assert_eq!(after.py_stack.unwrap().len(), 2);
 }
+
+/// A plain process (its own master) with `pid`.
+fn plain(c: &mut Correlator, pid: u32) {
+    c.add_process(
+        0,
+        NewProcess {
+            pid,
+            master: pid,
+            role: Role::Plain,
+            app: None,
+            timeout_s: None,
+            worker_class: None,
+            settings: None,
+            source: Source::Scan,
+            container: None,
+        },
+    );
+}
+
+fn asleep_in(tgid: u32, tid: u32, start_ms: u64) -> Sample {
+    Sample {
+        tgid,
+        ..asleep(tid, "read", 11, start_ms)
+    }
+}
+
+/// Issue 20 item 1: a process whose threads all block at once has its
+/// stalls reported a share per poll, and another process's stall and a
+/// worker's loop thread are reported at once all the same.
+#[test]
+fn a_flood_of_new_stalls_is_reported_a_share_per_poll_and_never_holds_back_another() {
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    let (flood, other) = (500, 600);
+    plain(&mut c, flood);
+    plain(&mut c, other);
+    let mut samples: Vec<Sample> = (0..20).map(|i| asleep_in(flood, flood + i, 0)).collect();
+    samples.push(asleep_in(other, other, 0));
+    samples.push(asleep(W, "read", 11, 0));
+    let first = c.on_samples(&samples, 600 * MS, f);
+    let pids: Vec<u32> = stalls(&first).iter().map(|r| r.pid).collect();
+    let of = |p: u32| pids.iter().filter(|&&x| x == p).count();
+    assert_eq!(of(flood) as u32, super::stalls::MAX_NEW_STALLS_PER_POLL);
+    assert_eq!((of(other), of(W)), (1, 1), "{pids:?}");
+    // The rest come at the next polls, none lost.
+    let second = c.on_samples(&samples, 700 * MS, f);
+    let third = c.on_samples(&samples, 800 * MS, f);
+    assert_eq!(stalls(&second).len(), 8);
+    assert_eq!(stalls(&third).len(), 20 - 16);
+    assert_eq!(c.stalls_held_back(), 0);
+}
+
+#[test]
+fn a_stall_of_a_flood_over_before_its_turn_is_counted_not_reported() {
+    use crate::model::{KernelEvent, Wake};
+    let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+    let flood = 500;
+    plain(&mut c, flood);
+    let n = super::stalls::MAX_NEW_STALLS_PER_POLL;
+    let samples: Vec<Sample> = (0..n).map(|i| asleep_in(flood, flood + i, 0)).collect();
+    assert_eq!(
+        stalls(&c.on_samples(&samples, 600 * MS, f)).len(),
+        n as usize
+    );
+    // One more came and went before the next poll: its share is spent.
+    let ended = |tid: u32, ts_ms: u64| KernelEvent::SleepEnd {
+        ts_ns: ts_ms * MS,
+        tgid: flood,
+        tid,
+        nr: syscalls::number("read").unwrap(),
+        start_ns: 0,
+        wake: Wake::Returning,
+        arg0: 11,
+        arg2: 1,
+        seeded: false,
+    };
+    assert!(stalls(&c.on_kernel(ended(flood + 100, 650), f)).is_empty());
+    assert_eq!(c.stalls_held_back(), 1);
+    // After the next poll the share is back.
+    c.on_samples(&samples, 700 * MS, f);
+    assert_eq!(stalls(&c.on_kernel(ended(flood + 101, 750), f)).len(), 1);
+}

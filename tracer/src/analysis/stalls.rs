@@ -22,9 +22,20 @@ use crate::model::{
 const GTHREAD_FUTURES_WAIT_NS: u64 = 1_500_000_000;
 /// A multiplexer's fds named in a stall, at most.
 const MAX_WAIT_FDS: usize = 16;
+/// New stalls reported per master between two polls of the in-flight map,
+/// at most, other than a worker's loop thread (always reported at once):
+/// each report costs /proc lookups on the session's thread, and a process
+/// whose threads keep blocking must not hold back every other one's. The
+/// rest wait for the next poll; one that ends before its turn is counted.
+pub(super) const MAX_NEW_STALLS_PER_POLL: u32 = 8;
 /// A worker that heartbeated within this long of its fork may still be
 /// taken for one that never did (/proc's start time has 10 ms ticks).
 const FORK_TOLERANCE_MS: u64 = 20;
+
+/// A stall not reported yet because its master had its share of new
+/// reports (`MAX_NEW_STALLS_PER_POLL`).
+#[derive(Debug)]
+pub(super) struct HeldBack;
 
 /// A stall that was reported and has not ended yet.
 #[derive(Debug, Clone)]
@@ -138,7 +149,10 @@ impl Correlator {
             woke_ns: ts_ns,
             woke_by: WokeBy::Plain,
         };
-        let mut out = self.new_stall(&s, ts_ns, enr);
+        let Ok(mut out) = self.new_stall(&s, ts_ns, enr) else {
+            self.stalls_held_back += 1;
+            return Vec::new();
+        };
         if !out.is_empty() {
             out.extend(self.end(tid, ts_ns, outcome_of(wake)));
         }
@@ -153,6 +167,7 @@ impl Correlator {
         enr: &mut dyn Enricher,
     ) -> Vec<Output> {
         let mut out = self.follow_active(samples, now_ns, enr);
+        self.new_stalls.clear();
         for s in samples {
             if !s.in_call()
                 || blocked_ns(s, now_ns) < self.threshold_ns
@@ -161,7 +176,8 @@ impl Correlator {
             {
                 continue;
             }
-            out.extend(self.new_stall(s, now_ns, enr));
+            // Held back: still in the map at the next poll, it is seen then.
+            out.extend(self.new_stall(s, now_ns, enr).unwrap_or_default());
         }
         out
     }
@@ -213,25 +229,26 @@ impl Correlator {
     }
 
     /// Reports a call past the threshold if it is a stall for its thread;
-    /// nothing otherwise.
+    /// nothing otherwise. `Err(HeldBack)`: it is one, and its master has
+    /// had its share of new reports since the last poll.
     pub(super) fn new_stall(
         &mut self,
         s: &Sample,
         now_ns: u64,
         enr: &mut dyn Enricher,
-    ) -> Vec<Output> {
+    ) -> Result<Vec<Output>, HeldBack> {
         let Some(p) = self.procs.get(&s.tgid).filter(|p| p.alive) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let name = syscalls::name(s.nr).into_owned();
         let loop_wait = p.loop_wait.map(|l| l.is(&name, s.arg0));
         if !syscalls::is_stall(p.role, s.tid == s.tgid, s.nr, loop_wait)
             || is_gthread_pool_wait(p, s, &name, now_ns)
         {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         if loop_wait == Some(false) && self.is_loops_own_epoll(s, &name, enr) {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         // A thread that is not the loop's, or a worker's child, may be
         // waiting for work: a stall only while a request waits with it. (A
@@ -246,12 +263,20 @@ impl Correlator {
         let request = if (p.role == Role::Worker && s.tid != s.tgid) || workers_child {
             match self.requests.tied_to(s.tgid, s.start_ns, now_ns, enr) {
                 Some(r) => Some(r),
-                None => return Vec::new(),
+                None => return Ok(Vec::new()),
             }
         } else {
             None
         };
         let p = &self.procs[&s.tgid];
+        let loop_thread = p.role == Role::Worker && s.tid == s.tgid;
+        if !loop_thread {
+            let n = self.new_stalls.entry(p.master).or_default();
+            if *n >= MAX_NEW_STALLS_PER_POLL {
+                return Err(HeldBack);
+            }
+            *n += 1;
+        }
         let fd = syscalls::takes_fd(&name).then_some(s.arg0 as i32);
         let info = fd
             .map(|fd| enr.fd_info(s.tgid, fd))
@@ -353,7 +378,7 @@ impl Correlator {
             ts_ns: now_ns,
             report,
         });
-        out
+        Ok(out)
     }
 
     /// An epoll wait of the loop thread on another epoll fd that watches

@@ -13,6 +13,7 @@ use super::sink::Sink;
 use super::sockets::SocketWatch;
 use super::targets::Target;
 use crate::analysis::{Correlator, Enricher, NewProcess, StackSample, signatures, syscalls};
+use crate::host::holders::HolderSearch;
 use crate::host::waits::{self, Multiplexer};
 use crate::host::{bounded, container, gunicorn, heartbeat, memcg, proc, pystack, threads};
 use crate::kernel::Probes;
@@ -30,6 +31,7 @@ const PROC_DEADLINE: Duration = Duration::from_millis(500);
 pub struct ProcEnricher {
     pub heartbeats: heartbeat::Heartbeats,
     pub pods_dir: Arc<PathBuf>,
+    holders: HolderSearch,
 }
 
 impl ProcEnricher {
@@ -37,7 +39,13 @@ impl ProcEnricher {
         ProcEnricher {
             heartbeats: Default::default(),
             pods_dir: Arc::new(pods_dir),
+            holders: HolderSearch::new(Instant::now()),
         }
+    }
+
+    /// Pipe-holder searches skipped because their budget was spent.
+    pub fn holders_unsearched(&self) -> u64 {
+        self.holders.skipped()
     }
 }
 
@@ -63,11 +71,26 @@ fn multiplexer(name: &str) -> Option<Multiplexer> {
 }
 
 impl Enricher for ProcEnricher {
+    /// The holder search is paced (see `host::holders`): a process that
+    /// keeps blocking on pipes cannot make the session walk the host's fds
+    /// for each of its stalls.
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
-        bounded::call(proc::HOLDERS_BUDGET + PROC_DEADLINE, move || {
-            proc::fd_info(pid, fd)
-        })
-        .unwrap_or_else(|_| FdInfo::unknown())
+        let what = bounded::call(PROC_DEADLINE, move || proc::fd_target_kind(pid, fd));
+        let Ok(Some((target, kind))) = what else {
+            return FdInfo::unknown();
+        };
+        if !kind.is_pipe_like() {
+            return proc::with_holders(kind, target, None);
+        }
+        let search = |budget: Duration| {
+            let t = target.clone();
+            bounded::call(budget + PROC_DEADLINE, move || {
+                proc::holders(&t, (pid, fd), budget)
+            })
+            .unwrap_or_default()
+        };
+        let found = self.holders.find(Instant::now(), pid, fd, &target, search);
+        proc::with_holders(kind, target, found)
     }
     fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64> {
         // A readlink and a statx without sync: neither waits on the file.
@@ -541,6 +564,8 @@ impl Session {
             over_quota: self.over_quota,
             stall_ends_unknown: self.corr.stall_ends_unknown(),
             ports_unscanned: self.sockets.ports_unscanned,
+            holders_unsearched: self.enricher.holders_unsearched(),
+            stalls_held_back: self.corr.stalls_held_back(),
             ..self.probes.losses()
         }
     }

@@ -9,6 +9,7 @@ pub mod container;
 pub mod gunicorn;
 pub mod gunicorn_conf;
 pub mod heartbeat;
+pub mod holders;
 pub mod memcg;
 pub mod privileges;
 pub mod proc;

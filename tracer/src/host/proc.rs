@@ -307,7 +307,7 @@ fn fd_links(pid: u32) -> (Vec<(i32, String)>, bool) {
 }
 
 /// The holders of a pipe found on the host: at most `MAX_PEERS` listed.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Holders {
     pub peers: Vec<Peer>,
     /// Holders found beyond `MAX_PEERS`.
@@ -335,15 +335,15 @@ impl Holders {
 
 /// Every fd on the host, other than `skip`, whose link target is `target`.
 /// Costly on a big host, so only called for a reported stall on a pipe,
-/// and bounded: `MAX_FDS_SCANNED` fds per process, `HOLDERS_BUDGET` in all.
-pub fn holders(target: &str, skip: (u32, i32)) -> Holders {
+/// and bounded: `MAX_FDS_SCANNED` fds per process, `budget` in all.
+pub fn holders(target: &str, skip: (u32, i32), budget: Duration) -> Holders {
     let start = Instant::now();
     let mut h = Holders {
         complete: true,
         ..Default::default()
     };
     for pid in all_pids() {
-        if start.elapsed() > HOLDERS_BUDGET {
+        if start.elapsed() > budget {
             h.complete = false;
             break;
         }
@@ -392,25 +392,41 @@ fn fd_mode(pid: u32, fd: i32) -> Option<u32> {
     statx_fd(pid, fd, libc::STATX_TYPE).map(|s| s.stx_mode as u32)
 }
 
-pub fn fd_info(pid: u32, fd: i32) -> FdInfo {
-    let Some(target) = fd_target(pid, fd) else {
-        return FdInfo::unknown();
-    };
+/// What an fd is: its link text and kind, without its holders.
+pub fn fd_target_kind(pid: u32, fd: i32) -> Option<(String, FdKind)> {
+    let target = fd_target(pid, fd)?;
     // Pipes, sockets and anonymous inodes say what they are in the link.
     let mode = target.starts_with('/').then(|| fd_mode(pid, fd)).flatten();
     let kind = classify_target(&target, mode);
-    let (peers, peers_omitted, complete) = if kind.is_pipe_like() {
-        let h = holders(&target, (pid, fd));
-        (h.peers, h.omitted, h.complete)
-    } else {
-        (Vec::new(), 0, true)
+    Some((target, kind))
+}
+
+/// An fd's kind, target and, for a pipe, its holders searched for up to
+/// `HOLDERS_BUDGET`.
+pub fn fd_info(pid: u32, fd: i32) -> FdInfo {
+    let Some((target, kind)) = fd_target_kind(pid, fd) else {
+        return FdInfo::unknown();
+    };
+    let h = kind
+        .is_pipe_like()
+        .then(|| holders(&target, (pid, fd), HOLDERS_BUDGET));
+    with_holders(kind, target, h)
+}
+
+/// An fd's facts with the holders found; `None`: they were not searched
+/// (the search is not complete, so no claim rests on it).
+pub fn with_holders(kind: FdKind, target: String, h: Option<Holders>) -> FdInfo {
+    let (peers, peers_omitted, peers_complete) = match h {
+        Some(h) => (h.peers, h.omitted, h.complete),
+        None if kind.is_pipe_like() => (Vec::new(), 0, false),
+        None => (Vec::new(), 0, true),
     };
     FdInfo {
         kind,
         target: Some(target),
         peers,
         peers_omitted,
-        peers_complete: complete,
+        peers_complete,
     }
 }
 

@@ -676,8 +676,9 @@ impl Probes {
         self.stat(stat::EVENTS_LOST)
     }
 
-    /// The kernel's loss counters (`over_quota`, `stall_ends_unknown` and
-    /// `ports_unscanned` are user space's: zero here).
+    /// The kernel's loss counters (`over_quota`, `stall_ends_unknown`,
+    /// `ports_unscanned`, `stalls_held_back` and `holders_unsearched` are
+    /// user space's: zero here).
     pub fn losses(&self) -> Losses {
         Losses {
             events_lost: self.stat(stat::EVENTS_LOST),
@@ -687,6 +688,8 @@ impl Probes {
             conns_unreadable: self.stat(stat::CONNS_UNREADABLE),
             stall_ends_unknown: 0,
             ports_unscanned: 0,
+            stalls_held_back: 0,
+            holders_unsearched: 0,
             over_quota: 0,
             bpf_errors: self.bpf_errors().iter().sum(),
             features_missing: self.features_missing,

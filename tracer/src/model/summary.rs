@@ -216,6 +216,14 @@ pub struct Losses {
     /// Listening ports past the 64 scanned per network namespace at the
     /// last socket scan: a request hung on one is not seen.
     pub ports_unscanned: u64,
+    /// Stalls not reported: their master had more new stalls between two
+    /// polls than the session reports at once (8, other than its workers'
+    /// loop threads), and they were over before their turn came.
+    pub stalls_held_back: u64,
+    /// Stalls on a pipe reported without the pipe's holders: the search's
+    /// time budget was spent (a flood of such stalls), so who could write
+    /// to it is not known for them.
+    pub holders_unsearched: u64,
     /// Forks not followed because their master already had
     /// `--max-watched-per-master` processes watched.
     pub over_quota: u64,

@@ -395,6 +395,16 @@ pub fn render(
             l.ports_unscanned,
         ),
         (
+            "stalls_held_back",
+            "Stalls not reported: their master had more new stalls at once than are reported per poll, and they ended before their turn",
+            l.stalls_held_back,
+        ),
+        (
+            "holders_unsearched",
+            "Stalls on a pipe reported without a search for the pipe's holders (the search's time budget was spent)",
+            l.holders_unsearched,
+        ),
+        (
             "over_quota",
             "Forked processes not watched because their master had --max-watched-per-master",
             l.over_quota,
@@ -503,6 +513,8 @@ mod tests {
                 conns_unreadable: 8,
                 stall_ends_unknown: 9,
                 ports_unscanned: 2,
+                stalls_held_back: 3,
+                holders_unsearched: 11,
                 over_quota: 6,
                 bpf_errors: 0,
                 features_missing: Default::default(),
@@ -567,6 +579,8 @@ mod tests {
         );
         assert!(
             t.contains("gunicorn_tracer_stall_ends_unknown_total 9")
+                && t.contains("gunicorn_tracer_stalls_held_back_total 3")
+                && t.contains("gunicorn_tracer_holders_unsearched_total 11")
                 && t.contains("gunicorn_tracer_ports_unscanned_total 2"),
             "{t}"
         );

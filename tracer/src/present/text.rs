@@ -577,7 +577,7 @@ pub fn text_summary(s: &SummaryEvent) -> String {
         ));
     }
     // Each count with what it means it did not see.
-    let counted: [(u64, &str); 5] = [
+    let counted: [(u64, &str); 7] = [
         (
             l.inflight_full,
             "thread sleep(s) could not be recorded (in-flight map full); a stall in one would not be seen",
@@ -597,6 +597,14 @@ pub fn text_summary(s: &SummaryEvent) -> String {
         (
             l.conns_untracked,
             "connection start(s) could not be recorded (the connection map refused them); their lifetimes are unknown",
+        ),
+        (
+            l.stalls_held_back,
+            "stall(s) were not reported: their master had more new stalls at once than are reported per poll, and they ended before their turn",
+        ),
+        (
+            l.holders_unsearched,
+            "stall(s) on a pipe were reported without searching the pipe's holders (the search's time budget was spent); who could write to it is unknown for them",
         ),
     ];
     for (n, what) in counted.into_iter().filter(|(n, _)| *n > 0) {

@@ -279,6 +279,12 @@ fn unseen(s: &Summary, l: &Losses) -> Vec<String> {
             l.watch_full + l.over_quota
         ));
     }
+    if l.stalls_held_back > 0 {
+        out.push(format!(
+            "{} stall(s) of a flooding process went unreported",
+            l.stalls_held_back
+        ));
+    }
     if l.conns_untracked > 0 {
         out.push(format!(
             "{} connection(s) were not tracked from their start",
@@ -532,10 +538,22 @@ mod tests {
                 ports_unscanned: 3,
                 ..Default::default()
             },
+            // Stalls of a flood over before their turn to be reported.
+            Losses {
+                stalls_held_back: 1,
+                ..Default::default()
+            },
         ] {
             let text = verdict(&all_seen, &l).text;
             assert!(text.starts_with("no stall seen, but"), "{l:?}: {text}");
         }
+        // Holders not searched hide no stall: the stall itself was said.
+        let l = Losses {
+            holders_unsearched: 4,
+            ..Default::default()
+        };
+        let text = verdict(&all_seen, &l).text;
+        assert!(!text.starts_with("no stall seen, but"), "{text}");
     }
 
     #[test]
