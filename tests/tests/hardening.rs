@@ -748,10 +748,12 @@ while True:
         os.write(w, b'x')
 ";
 
-/// Reads its stdin (the test's pipe), then, once a line comes, a pipe only
-/// it can write: a stall that starts when the test says.
-const VICTIM: &str = "import os, sys
-sys.stdin.readline()
+/// Waits for SIGUSR1, then reads a pipe only it can write: a stall that
+/// starts when the test says.
+const VICTIM: &str = "import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+print('ready', flush=True)
+signal.sigwait([signal.SIGUSR1])
 r, w = os.pipe()
 print('blocking', flush=True)
 os.read(r, 1)
@@ -778,11 +780,8 @@ fn a_pod_reblocking_on_pipes_does_not_starve_another_stall_or_health() {
     }
     let mut flood = Proc::python_captured(REBLOCKER);
     flood.wait_count("ready", 1, Duration::from_secs(20));
-    let mut victim = Proc::spawn_captured(
-        Command::new(python())
-            .args(["-c", VICTIM])
-            .stdin(std::process::Stdio::piped()),
-    );
+    let mut victim = Proc::python_captured(VICTIM);
+    victim.wait_count("ready", 1, Duration::from_secs(20));
     let haddr = format!("127.0.0.1:{}", free_port());
     let mut t = Tracer::start(&[
         "--pid",
@@ -803,12 +802,19 @@ fn a_pod_reblocking_on_pipes_does_not_starve_another_stall_or_health() {
     t.collect_for(Duration::from_secs(3));
     assert!(health(&haddr), "/healthz during the flood");
     let vpid = victim.pid();
-    std::io::Write::write_all(victim.child.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(vpid as i32, libc::SIGUSR1) };
     let blocked = victim.wait_count("blocking", 1, Duration::from_secs(5)).at;
     let (at, stall) = t.wait_for("the victim's stall", Duration::from_secs(30), |e| {
-        e["event"] == "stall" && e["pid"] == vpid && e["fd"] != 0
+        e["event"] == "stall" && e["pid"] == vpid && e["syscall"] == "read"
     });
     let late = at.saturating_duration_since(blocked);
+    let flood_stalls = t
+        .of_kind("stall")
+        .iter()
+        .filter(|e| e["pid"] == flood.pid())
+        .count();
+    eprintln!("victim reported {late:?} after blocking; {flood_stalls} stalls of the flood");
     assert!(
         late <= slow(Duration::from_millis(1200)),
         "the victim's stall came {late:?} after it blocked (threshold 200 ms): {stall}"
