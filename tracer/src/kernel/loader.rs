@@ -556,7 +556,7 @@ impl Probes {
     pub fn watch(&mut self, pid: u32, master: u32, role: Role) -> Result<()> {
         let w = Watched {
             master,
-            role: role.to_kernel(),
+            role: super::decode::role_to_kernel(role),
             ..Default::default()
         };
         self.watched.insert(pid, w, 0).with_context(|| {

@@ -10,7 +10,8 @@ mod settings;
 mod summary;
 
 pub use event::{
-    KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
+    AnsweredClose, ClosedConn, KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu,
+    ThreadNow, Wake, WokeBy,
 };
 pub use pystack::{PyFrame, PyStackCost, PyThread};
 pub use report::{
@@ -39,24 +40,6 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn from_kernel(v: u32) -> Role {
-        match v {
-            tracer_common::role::MASTER => Role::Master,
-            tracer_common::role::WORKER => Role::Worker,
-            tracer_common::role::CHILD => Role::Child,
-            _ => Role::Plain,
-        }
-    }
-
-    pub fn to_kernel(self) -> u32 {
-        match self {
-            Role::Master => tracer_common::role::MASTER,
-            Role::Worker => tracer_common::role::WORKER,
-            Role::Child => tracer_common::role::CHILD,
-            Role::Plain => tracer_common::role::PLAIN,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Master => "master",
