@@ -2,11 +2,11 @@
 //! Pure: the kernel counts bytes per connection; this decides what it means.
 use super::correlator::Correlator;
 use super::correlator::Proc;
-use super::exits::SignalSeen;
+use super::exits::{SignalSeen, signal_name};
 use super::signatures;
 use crate::model::{
     CloseKind, ClosedConn, Direction, Dying, EarlyClose, EndedBy, MasterSettings, Output, Preceded,
-    Role, signal_name,
+    Role,
 };
 
 /// How the kernel saw a connection end (a `KernelEvent::ConnEnd`).

@@ -237,12 +237,3 @@ pub struct MemoryCgroup {
     pub limit_bytes: Option<u64>,
     pub usage_bytes: Option<u64>,
 }
-
-/// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The
-/// names are tracer-common's, the list the kernel side forwards.
-pub fn signal_name(sig: i32) -> String {
-    match tracer_common::signal::name(sig) {
-        Some(n) => n.to_string(),
-        None => format!("SIG{sig}"),
-    }
-}
