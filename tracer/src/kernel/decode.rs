@@ -1,10 +1,13 @@
-//! From the kernel's `#[repr(C)]` records (tracer-common) to model types.
+//! From the kernel's `#[repr(C)]` records (tracer-common) to model types,
+//! and the few model values the kernel is given back in its encoding.
 //! Every sentinel (0 for "not seen", `UNSET`), flag word and raw socket
 //! address is read here, once, so nothing past `kernel` depends on the
 //! layout the BPF programs share with user space.
 use tracer_common as tc;
 
-use crate::model::{AnsweredClose, ClosedConn, Direction, EndedBy, Role, Sample, WokeBy};
+use crate::model::{
+    AnsweredClose, ClosedConn, Direction, EndedBy, Role, Sample, SyscallClass, WokeBy,
+};
 
 /// A process's role as the kernel's `Watched` entry encodes it.
 pub fn role(v: u32) -> Role {
@@ -24,6 +27,23 @@ pub fn role_to_kernel(role: Role) -> u32 {
         Role::Child => tc::role::CHILD,
         Role::Plain => tc::role::PLAIN,
     }
+}
+
+/// A syscall's class bits for the kernel's `SYSCALL_CLASS` table.
+pub fn class_bits(c: SyscallClass) -> u32 {
+    let mut bits = tc::class::MAYBE;
+    for (set, bit) in [
+        (c.wait, tc::class::WAIT),
+        (c.read, tc::class::READ),
+        (c.epoll, tc::class::EPOLL),
+        (c.select, tc::class::SELECT),
+        (c.poll, tc::class::POLL),
+    ] {
+        if set {
+            bits |= bit;
+        }
+    }
+    bits
 }
 
 /// How a thread last woke in a call (an `Inflight::woke_by` value).
@@ -302,6 +322,35 @@ mod tests {
         assert_eq!(ended_by(tc::ended::SHUTDOWN), EndedBy::Shutdown);
         assert_eq!(ended_by(tc::ended::EXIT), EndedBy::Exit);
         assert_eq!(ended_by(0), EndedBy::Close);
+    }
+
+    #[test]
+    fn syscall_classes_become_the_kernels_bits() {
+        let none = SyscallClass::default();
+        assert_eq!(class_bits(none), tc::class::MAYBE);
+        let epoll = SyscallClass {
+            wait: true,
+            epoll: true,
+            ..none
+        };
+        assert_eq!(class_bits(epoll), tc::class::WAIT | tc::class::EPOLL);
+        let all = SyscallClass {
+            wait: true,
+            read: true,
+            epoll: true,
+            select: true,
+            poll: true,
+        };
+        assert_eq!(
+            class_bits(all),
+            tc::class::WAIT
+                | tc::class::READ
+                | tc::class::EPOLL
+                | tc::class::SELECT
+                | tc::class::POLL
+        );
+        let read = SyscallClass { read: true, ..none };
+        assert_eq!(class_bits(read), tc::class::READ);
     }
 
     #[test]

@@ -50,6 +50,26 @@ impl Role {
     }
 }
 
+/// How the kernel is to treat a syscall a thread sleeps in, by user
+/// space's lists (`analysis::syscalls::class_table`). All false, the
+/// default, means "may block on something it does not own", so a syscall
+/// the table does not know is never missed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyscallClass {
+    /// A multiplexer or a signal wait (epoll_wait, poll, select, pause,
+    /// ...): idle, unless it is a Gunicorn worker's loop thread waiting
+    /// outside its event loop's own wait.
+    pub wait: bool,
+    /// Reads from fd arg0 (read, recvfrom, ...): goes into the read histogram.
+    pub read: bool,
+    /// An epoll wait: arg0 is the epoll fd.
+    pub epoll: bool,
+    /// select/pselect6: arg0 is nfds, arg1 the read set.
+    pub select: bool,
+    /// poll/ppoll: arg0 is the pollfd array, arg1 its length.
+    pub poll: bool,
+}
+
 /// What an fd is, from its /proc link target and file mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
