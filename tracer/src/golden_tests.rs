@@ -5,9 +5,10 @@
 //! change, regenerate with `GOLDEN_UPDATE=1 cargo test -p tracer golden`.
 use crate::analysis::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    BlockedThread, Container, FdInfo, KernelEvent, LoopWait, Losses, MapOccupancy, MasterConfig,
-    MasterSettings, MemoryCgroup, Output, PodSource, RaceReset, Role, Sample, Setting,
-    SettingSource, SockSnapshot, Source, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy, WorkerClass,
+    AnsweredClose, BlockedThread, ClosedConn, Container, Direction, EndedBy, FdInfo, KernelEvent,
+    LoopWait, Losses, MapOccupancy, MasterConfig, MasterSettings, MemoryCgroup, Output, PodSource,
+    RaceReset, Role, Sample, Setting, SettingSource, SockSnapshot, Source, TcpState, ThreadCpu,
+    ThreadNow, Wake, WokeBy, WorkerClass,
 };
 use crate::present::{self, Clock, SummaryEvent};
 
@@ -106,30 +107,26 @@ fn sample(tgid: u32, tid: u32, name: &str, start_ms: u64, fd: u64, seq: u64) -> 
 }
 
 fn conn(
-    dir: u32,
+    direction: Direction,
     bytes_in: u64,
     bytes_out: u64,
     eagain_ms: u64,
-    aborted: u32,
-) -> tracer_common::Conn {
-    let mut addr = [0u8; 32];
-    addr[..2].copy_from_slice(&2u16.to_ne_bytes());
-    addr[2..4].copy_from_slice(&40000u16.to_be_bytes());
-    addr[4..8].copy_from_slice(&[127, 0, 0, 1]);
-    tracer_common::Conn {
-        start_ns: 1000 * MS,
+    aborted: bool,
+) -> ClosedConn {
+    ClosedConn {
+        start_ns: Some(1000 * MS),
         bytes_in,
         bytes_out,
-        eagain_ns: eagain_ms * MS,
-        direction: dir,
-        local_port: 8000,
-        addr,
+        eagain_ns: (eagain_ms != 0).then_some(eagain_ms * MS),
+        direction,
+        local_port: Some(8000),
         aborted,
-        ..Default::default()
+        unreadable: false,
+        peer: Some("127.0.0.1:40000".into()),
     }
 }
 
-fn conn_end(ts_ms: u64, pid: u32, c: tracer_common::Conn, ended_by: u32) -> KernelEvent {
+fn conn_end(ts_ms: u64, pid: u32, c: ClosedConn, ended_by: EndedBy) -> KernelEvent {
     KernelEvent::ConnEnd {
         ts_ns: ts_ms * MS,
         tgid: pid,
@@ -233,7 +230,6 @@ fn nothing_set() -> MasterConfig {
 
 /// Every cause of `worker_exit`, one worker each (202 to 206).
 fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
-    use tracer_common::{direction, ended};
     c.configure(
         MASTER,
         MasterSettings {
@@ -245,26 +241,22 @@ fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
     );
     // 200 closed a keep-alive connection after 2 s idle; the client's next
     // request came 0.3 s later and was reset.
-    let mut addr = [0u8; 32];
-    addr[..2].copy_from_slice(&2u16.to_ne_bytes());
-    addr[2..4].copy_from_slice(&41000u16.to_be_bytes());
-    addr[4..8].copy_from_slice(&[10, 0, 0, 7]);
     let race = RaceReset {
         ts_ns: 5350 * MS,
-        close: tracer_common::AnsweredClose {
+        close: AnsweredClose {
             closed_ns: 5050 * MS,
-            idle_ns: 2000 * MS,
-            start_ns: 1000 * MS,
+            idle_ns: Some(2000 * MS),
+            start_ns: Some(1000 * MS),
             bytes_in: 160,
             bytes_out: 400,
             tgid: W2,
             tid: W2,
             master: MASTER,
             fd: 12,
-            ended_by: ended::CLOSE,
-            local_port: 8000,
-            addr,
-            ..Default::default()
+            ended_by: EndedBy::Close,
+            aborted: false,
+            local_port: Some(8000),
+            peer: Some("10.0.0.7:41000".into()),
         },
     };
     ev.extend(c.on_kernel(KernelEvent::KeepaliveRace(race), f));
@@ -293,8 +285,8 @@ fn exits(c: &mut Correlator, f: &mut Fake, ev: &mut Vec<Output>) {
     let drop = conn_end(
         5510,
         202,
-        conn(direction::INBOUND, 80, 0, 0, 0),
-        ended::EXIT,
+        conn(Direction::Inbound, 80, 0, 0, false),
+        EndedBy::Exit,
     );
     ev.extend(c.on_kernel(drop, f));
     ev.extend(c.on_kernel(exit_event(5510, 202, None, Some(9)), f));
@@ -326,7 +318,6 @@ fn hung_sock(state: TcpState) -> SockSnapshot {
 }
 
 fn scripted_run() -> String {
-    use tracer_common::{direction, ended};
     let mut out = String::new();
     let mut c = Correlator::new(500 * MS);
     c.set_request_threshold(1000 * MS);
@@ -437,26 +428,36 @@ fn scripted_run() -> String {
         conn_end(
             2000,
             W2,
-            conn(direction::INBOUND, 92, 0, 1500, 0),
-            ended::CLOSE,
+            conn(Direction::Inbound, 92, 0, 1500, false),
+            EndedBy::Close,
         ),
         f,
     ));
     ev.extend(c.on_kernel(
-        conn_end(2100, W2, conn(direction::INBOUND, 0, 0, 0, 0), ended::CLOSE),
+        conn_end(
+            2100,
+            W2,
+            conn(Direction::Inbound, 0, 0, 0, false),
+            EndedBy::Close,
+        ),
         f,
     ));
     ev.extend(c.on_kernel(
         conn_end(
             2200,
             W2,
-            conn(direction::OUTBOUND, 0, 50, 1700, 0),
-            ended::SHUTDOWN,
+            conn(Direction::Outbound, 0, 50, 1700, false),
+            EndedBy::Shutdown,
         ),
         f,
     ));
     ev.extend(c.on_kernel(
-        conn_end(2300, W2, conn(direction::INBOUND, 0, 0, 0, 1), ended::CLOSE),
+        conn_end(
+            2300,
+            W2,
+            conn(Direction::Inbound, 0, 0, 0, true),
+            EndedBy::Close,
+        ),
         f,
     ));
     // A TCP health check and a client that left before the answer: both
@@ -465,8 +466,8 @@ fn scripted_run() -> String {
         let mut e = conn_end(
             2400,
             W2,
-            conn(direction::INBOUND, bytes_in, 0, 0, 0),
-            ended::SHUTDOWN,
+            conn(Direction::Inbound, bytes_in, 0, 0, false),
+            EndedBy::Shutdown,
         );
         if let KernelEvent::ConnEnd {
             peer_closed_first, ..
@@ -477,7 +478,12 @@ fn scripted_run() -> String {
         ev.extend(c.on_kernel(e, f));
     }
     ev.extend(c.on_kernel(
-        conn_end(5100, W, conn(direction::INBOUND, 80, 0, 0, 0), ended::EXIT),
+        conn_end(
+            5100,
+            W,
+            conn(Direction::Inbound, 80, 0, 0, false),
+            EndedBy::Exit,
+        ),
         f,
     ));
     ev.extend(c.on_kernel(

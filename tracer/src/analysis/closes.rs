@@ -1,37 +1,13 @@
 //! Connections that end badly: classification and the `early_close` report.
 //! Pure: the kernel counts bytes per connection; this decides what it means.
-use tracer_common::{Conn, direction, ended};
-
 use super::correlator::Correlator;
 use super::correlator::Proc;
-use super::exits::SignalSeen;
+use super::exits::{SignalSeen, signal_name};
 use super::signatures;
 use crate::model::{
-    CloseKind, Direction, Dying, EarlyClose, EndedBy, MasterSettings, Output, Preceded, Role,
-    signal_name,
+    CloseKind, ClosedConn, Direction, Dying, EarlyClose, EndedBy, MasterSettings, Output, Preceded,
+    Role,
 };
-
-/// Formats the head of a sockaddr as the process saw it: `127.0.0.1:5000`,
-/// `[::1]:5000`, `unix`, or None when it is unknown (zeros).
-pub fn format_sockaddr(a: &[u8; 32]) -> Option<String> {
-    let family = u16::from_ne_bytes([a[0], a[1]]);
-    let port = u16::from_be_bytes([a[2], a[3]]);
-    match family {
-        2 => Some(format!("{}.{}.{}.{}:{port}", a[4], a[5], a[6], a[7])),
-        10 => {
-            let mut b = [0u8; 16];
-            b.copy_from_slice(&a[8..24]);
-            let ip = std::net::Ipv6Addr::from(b);
-            // Dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d.
-            match ip.to_ipv4_mapped() {
-                Some(v4) => Some(format!("{v4}:{port}")),
-                None => Some(format!("[{ip}]:{port}")),
-            }
-        }
-        1 => Some("unix".to_string()),
-        _ => None,
-    }
-}
 
 /// How the kernel saw a connection end (a `KernelEvent::ConnEnd`).
 #[derive(Debug, Clone, Copy)]
@@ -40,8 +16,7 @@ pub(super) struct ConnEnd {
     pub pid: u32,
     pub tid: u32,
     pub fd: i32,
-    /// One of `tracer_common::ended`.
-    pub ended_by: u32,
+    pub ended_by: EndedBy,
     pub peer_closed_first: bool,
 }
 
@@ -50,7 +25,7 @@ pub(super) struct ConnFacts<'a> {
     pub end: ConnEnd,
     pub master: u32,
     pub role: Role,
-    pub conn: &'a Conn,
+    pub conn: &'a ClosedConn,
     pub dying: Option<Dying>,
     /// The master's settings (--keep-alive, Gunicorn's version).
     pub settings: MasterSettings,
@@ -59,8 +34,8 @@ pub(super) struct ConnFacts<'a> {
 /// An inbound connection that got nothing back. Who closed first decides
 /// whose doing it was: a client that left (with or without a request) is
 /// counted, a worker that closed on a request it had read is a drop.
-fn inbound_kind(c: &Conn, peer_closed_first: bool) -> CloseKind {
-    match (peer_closed_first, c.bytes_in > 0 || c.aborted != 0) {
+fn inbound_kind(c: &ClosedConn, peer_closed_first: bool) -> CloseKind {
+    match (peer_closed_first, c.bytes_in > 0 || c.aborted) {
         (true, false) => CloseKind::Probe,
         (true, true) => CloseKind::ClientAbort,
         (false, true) => CloseKind::DroppedRequest,
@@ -72,24 +47,16 @@ fn inbound_kind(c: &Conn, peer_closed_first: bool) -> CloseKind {
 /// outbound, one came back), when nothing was asked of an outbound call,
 /// when the server hung up first (the worker cut nothing short), or when
 /// the kernel could not read the counters.
-fn classify(c: &Conn, peer_closed_first: bool) -> Option<(Direction, CloseKind)> {
+fn classify(c: &ClosedConn, peer_closed_first: bool) -> Option<(Direction, CloseKind)> {
     if !c.ended_badly() {
         return None;
     }
     match c.direction {
-        direction::INBOUND => Some((Direction::Inbound, inbound_kind(c, peer_closed_first))),
-        direction::OUTBOUND if !peer_closed_first => {
+        Direction::Inbound => Some((Direction::Inbound, inbound_kind(c, peer_closed_first))),
+        Direction::Outbound if !peer_closed_first => {
             Some((Direction::Outbound, CloseKind::UpstreamCut))
         }
-        _ => None,
-    }
-}
-
-pub(super) fn ended_by(v: u32) -> EndedBy {
-    match v {
-        ended::SHUTDOWN => EndedBy::Shutdown,
-        ended::EXIT => EndedBy::Exit,
-        _ => EndedBy::Close,
+        Direction::Outbound => None,
     }
 }
 
@@ -98,11 +65,14 @@ pub(super) fn ended_by(v: u32) -> EndedBy {
 pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
     let (c, end) = (f.conn, f.end);
     let (direction, kind) = classify(c, end.peer_closed_first)?;
-    let preceded_by = (c.eagain_ns != 0 && c.eagain_ns <= end.ts_ns).then(|| Preceded {
-        syscall: "recv",
-        ret: "EAGAIN",
-        wait_ms: (end.ts_ns - c.eagain_ns) / 1_000_000,
-    });
+    let preceded_by = c
+        .eagain_ns
+        .filter(|ns| *ns <= end.ts_ns)
+        .map(|ns| Preceded {
+            syscall: "recv",
+            ret: "EAGAIN",
+            wait_ms: (end.ts_ns - ns) / 1_000_000,
+        });
     let mut ec = EarlyClose {
         direction,
         pid: end.pid,
@@ -110,17 +80,19 @@ pub(super) fn early_close(f: ConnFacts) -> Option<EarlyClose> {
         master_pid: f.master,
         role: f.role,
         fd: (end.fd >= 0).then_some(end.fd),
-        peer: format_sockaddr(&c.addr),
-        local_port: u16::try_from(c.local_port).ok().filter(|p| *p != 0),
+        peer: c.peer.clone(),
+        local_port: c.local_port,
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
         suppressed: 0,
-        lifetime_ms: (c.start_ns != 0 && c.start_ns <= end.ts_ns)
-            .then(|| (end.ts_ns - c.start_ns) / 1_000_000),
-        ended_by: ended_by(end.ended_by),
+        lifetime_ms: c
+            .start_ns
+            .filter(|ns| *ns <= end.ts_ns)
+            .map(|ns| (end.ts_ns - ns) / 1_000_000),
+        ended_by: end.ended_by,
         peer_closed_first: end.peer_closed_first,
         kind,
-        unread_data: c.aborted != 0,
+        unread_data: c.aborted,
         preceded_by,
         idle_ms: None,
         keepalive_s: None,
@@ -172,7 +144,7 @@ fn dying(p: &Proc, pid: u32, ts_ns: u64) -> Option<Dying> {
 impl Correlator {
     /// A watched process's connection ended badly (the kernel's judgement);
     /// count it and report it.
-    pub(super) fn on_conn_end(&mut self, end: &ConnEnd, conn: &Conn) -> Vec<Output> {
+    pub(super) fn on_conn_end(&mut self, end: &ConnEnd, conn: &ClosedConn) -> Vec<Output> {
         // The kernel closes an exiting process's sockets after its exit
         // event: one forgotten as quiet comes back if a close hurt someone.
         if !self.procs.contains_key(&end.pid)
@@ -273,55 +245,21 @@ impl Throttle {
 mod tests {
     use super::*;
 
-    fn v4(ip: [u8; 4], port: u16) -> [u8; 32] {
-        let mut a = [0u8; 32];
-        a[..2].copy_from_slice(&2u16.to_ne_bytes());
-        a[2..4].copy_from_slice(&port.to_be_bytes());
-        a[4..8].copy_from_slice(&ip);
-        a
-    }
-
-    fn v6(ip: std::net::Ipv6Addr, port: u16) -> [u8; 32] {
-        let mut a = [0u8; 32];
-        a[..2].copy_from_slice(&10u16.to_ne_bytes());
-        a[2..4].copy_from_slice(&port.to_be_bytes());
-        a[8..24].copy_from_slice(&ip.octets());
-        a
-    }
-
-    #[test]
-    fn formats_peer_addresses() {
-        assert_eq!(
-            format_sockaddr(&v4([127, 0, 0, 1], 53122)).unwrap(),
-            "127.0.0.1:53122"
-        );
-        assert_eq!(
-            format_sockaddr(&v6("::1".parse().unwrap(), 80)).unwrap(),
-            "[::1]:80"
-        );
-        assert_eq!(
-            format_sockaddr(&v6("::ffff:10.1.2.3".parse().unwrap(), 443)).unwrap(),
-            "10.1.2.3:443"
-        );
-        let mut unix = [0u8; 32];
-        unix[..2].copy_from_slice(&1u16.to_ne_bytes());
-        assert_eq!(format_sockaddr(&unix).unwrap(), "unix");
-        assert_eq!(format_sockaddr(&[0u8; 32]), None);
-    }
-
-    fn conn(dir: u32, bytes_in: u64, bytes_out: u64) -> Conn {
-        Conn {
-            start_ns: 1_000_000_000,
+    fn conn(direction: Direction, bytes_in: u64, bytes_out: u64) -> ClosedConn {
+        ClosedConn {
+            start_ns: Some(1_000_000_000),
             bytes_in,
             bytes_out,
-            direction: dir,
-            local_port: 8000,
-            addr: v4([127, 0, 0, 1], 40000),
-            ..Default::default()
+            eagain_ns: None,
+            direction,
+            local_port: Some(8000),
+            aborted: false,
+            unreadable: false,
+            peer: Some("127.0.0.1:40000".into()),
         }
     }
 
-    fn facts(c: &Conn, ended_by: u32) -> ConnFacts<'_> {
+    fn facts(c: &ClosedConn, ended_by: EndedBy) -> ConnFacts<'_> {
         ConnFacts {
             end: ConnEnd {
                 ts_ns: 1_500_000_000,
@@ -339,8 +277,8 @@ mod tests {
         }
     }
 
-    fn peer_first(c: &Conn) -> ConnFacts<'_> {
-        let mut f = facts(c, ended::SHUTDOWN);
+    fn peer_first(c: &ClosedConn) -> ConnFacts<'_> {
+        let mut f = facts(c, EndedBy::Shutdown);
         f.end.peer_closed_first = true;
         f
     }
@@ -348,29 +286,29 @@ mod tests {
     #[test]
     fn a_client_that_closed_first_is_counted_not_dropped() {
         // Connect and close: a health check, whatever the worker does next.
-        let probe = conn(direction::INBOUND, 0, 0);
+        let probe = conn(Direction::Inbound, 0, 0);
         let e = early_close(peer_first(&probe)).unwrap();
         assert_eq!((e.kind, e.peer_closed_first), (CloseKind::Probe, true));
         assert_eq!(e.cause, None);
         // A request, then gone before the answer (nginx's 499).
-        let left = conn(direction::INBOUND, 21, 0);
+        let left = conn(Direction::Inbound, 21, 0);
         assert_eq!(
             early_close(peer_first(&left)).unwrap().kind,
             CloseKind::ClientAbort
         );
         // The same bytes with the worker closing first: its drop.
         assert_eq!(
-            early_close(facts(&left, ended::CLOSE)).unwrap().kind,
+            early_close(facts(&left, EndedBy::Close)).unwrap().kind,
             CloseKind::DroppedRequest
         );
         // Answered, whoever closed first: nothing to say.
-        assert!(early_close(peer_first(&conn(direction::INBOUND, 21, 40))).is_none());
+        assert!(early_close(peer_first(&conn(Direction::Inbound, 21, 40))).is_none());
     }
 
     #[test]
     fn inbound_kinds() {
-        let c = conn(direction::INBOUND, 120, 0);
-        let e = early_close(facts(&c, ended::CLOSE)).unwrap();
+        let c = conn(Direction::Inbound, 120, 0);
+        let e = early_close(facts(&c, EndedBy::Close)).unwrap();
         assert_eq!(e.kind, CloseKind::DroppedRequest);
         assert_eq!(
             (e.direction, e.ended_by, e.lifetime_ms, e.fd),
@@ -378,76 +316,81 @@ mod tests {
         );
         assert_eq!(e.peer.as_deref(), Some("127.0.0.1:40000"));
         assert_eq!(e.local_port, Some(8000));
-        let idle = conn(direction::INBOUND, 0, 0);
+        let idle = conn(Direction::Inbound, 0, 0);
         assert_eq!(
-            early_close(facts(&idle, ended::CLOSE)).unwrap().kind,
+            early_close(facts(&idle, EndedBy::Close)).unwrap().kind,
             CloseKind::Idle
         );
         // Nothing read, but the kernel reset the connection because a request
         // was waiting unread: dropped, not idle.
-        let aborted = Conn { aborted: 1, ..idle };
-        let e = early_close(facts(&aborted, ended::CLOSE)).unwrap();
+        let aborted = ClosedConn {
+            aborted: true,
+            ..idle.clone()
+        };
+        let e = early_close(facts(&aborted, EndedBy::Close)).unwrap();
         assert_eq!(e.kind, CloseKind::DroppedRequest);
         assert!(e.unread_data);
         // Opened before the tracer attached: no lifetime rather than a wrong one.
-        let old = Conn {
-            start_ns: 0,
+        let old = ClosedConn {
+            start_ns: None,
             ..idle
         };
         assert_eq!(
-            early_close(facts(&old, ended::CLOSE)).unwrap().lifetime_ms,
+            early_close(facts(&old, EndedBy::Close))
+                .unwrap()
+                .lifetime_ms,
             None
         );
         // Answered: not an early close.
-        assert!(early_close(facts(&conn(direction::INBOUND, 120, 300), ended::CLOSE)).is_none());
+        assert!(early_close(facts(&conn(Direction::Inbound, 120, 300), EndedBy::Close)).is_none());
     }
 
     #[test]
     fn outbound_cut_and_exit() {
-        let c = conn(direction::OUTBOUND, 0, 80);
-        let e = early_close(facts(&c, ended::EXIT)).unwrap();
+        let c = conn(Direction::Outbound, 0, 80);
+        let e = early_close(facts(&c, EndedBy::Exit)).unwrap();
         assert_eq!(
             (e.kind, e.direction, e.ended_by),
             (CloseKind::UpstreamCut, Direction::Outbound, EndedBy::Exit)
         );
-        assert!(early_close(facts(&conn(direction::OUTBOUND, 10, 80), ended::CLOSE)).is_none());
-        assert!(early_close(facts(&conn(direction::OUTBOUND, 0, 0), ended::CLOSE)).is_none());
+        assert!(early_close(facts(&conn(Direction::Outbound, 10, 80), EndedBy::Close)).is_none());
+        assert!(early_close(facts(&conn(Direction::Outbound, 0, 0), EndedBy::Close)).is_none());
     }
 
     #[test]
     fn an_upstream_that_hung_up_first_was_not_cut_by_the_worker() {
         // The server closed before replying, then the worker closed its
         // side: the worker cut nothing short.
-        let c = conn(direction::OUTBOUND, 0, 80);
+        let c = conn(Direction::Outbound, 0, 80);
         assert!(early_close(peer_first(&c)).is_none());
         // The worker closed first with nothing received: a cut.
         assert_eq!(
-            early_close(facts(&c, ended::CLOSE)).unwrap().kind,
+            early_close(facts(&c, EndedBy::Close)).unwrap().kind,
             CloseKind::UpstreamCut
         );
     }
 
     #[test]
     fn a_close_whose_counters_could_not_be_read_decides_nothing() {
-        for dir in [direction::INBOUND, direction::OUTBOUND] {
-            let c = Conn {
-                unreadable: 1,
+        for dir in [Direction::Inbound, Direction::Outbound] {
+            let c = ClosedConn {
+                unreadable: true,
                 ..conn(dir, 0, 0)
             };
-            assert!(early_close(facts(&c, ended::CLOSE)).is_none());
-            assert!(early_close(facts(&c, ended::EXIT)).is_none());
+            assert!(early_close(facts(&c, EndedBy::Close)).is_none());
+            assert!(early_close(facts(&c, EndedBy::Exit)).is_none());
             assert!(early_close(peer_first(&c)).is_none());
         }
         // The same zeros, read: a judgement.
-        assert!(early_close(facts(&conn(direction::INBOUND, 0, 0), ended::CLOSE)).is_some());
+        assert!(early_close(facts(&conn(Direction::Inbound, 0, 0), EndedBy::Close)).is_some());
     }
 
     #[test]
     fn eagain_then_wait_is_reported_and_named() {
-        let mut c = conn(direction::INBOUND, 0, 0);
-        c.eagain_ns = 1_000_100_000;
-        c.aborted = 1;
-        let e = early_close(facts(&c, ended::CLOSE)).unwrap();
+        let mut c = conn(Direction::Inbound, 0, 0);
+        c.eagain_ns = Some(1_000_100_000);
+        c.aborted = true;
+        let e = early_close(facts(&c, EndedBy::Close)).unwrap();
         let p = e.preceded_by.as_ref().unwrap();
         assert_eq!((p.syscall, p.ret, p.wait_ms), ("recv", "EAGAIN", 499));
         assert_eq!(e.cause.unwrap().id, "leaked_socket_timeout");

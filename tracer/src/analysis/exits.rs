@@ -4,9 +4,17 @@
 //! the kernel knows which it was.
 use super::Enricher;
 use super::correlator::{Correlator, Proc};
-use crate::model::{
-    ExitCause, ExitReport, MasterSettings, OomKill, Output, Role, Sender, signal_name,
-};
+use crate::model::{ExitCause, ExitReport, MasterSettings, OomKill, Output, Role, Sender};
+
+/// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The
+/// names are tracer-common's: the list of signals the kernel side forwards
+/// is the list of those named, so one table serves both.
+pub(crate) fn signal_name(sig: i32) -> String {
+    match tracer_common::signal::name(sig) {
+        Some(n) => n.to_string(),
+        None => format!("SIG{sig}"),
+    }
+}
 
 /// A reported signal sent to a watched process.
 #[derive(Debug, Clone, PartialEq, Eq)]

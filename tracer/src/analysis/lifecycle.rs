@@ -2,9 +2,10 @@
 //! are Gunicorn's WORKER TIMEOUT.
 use super::Enricher;
 use super::correlator::{Correlator, NewProcess, PendingTimeout, Proc};
+use super::exits::signal_name;
 use super::exits::{self, Ended, SignalSeen};
 use super::summary::rejudged;
-use crate::model::{Outcome, Output, Role, Source, StallReport, signal_name};
+use crate::model::{Outcome, Output, Role, Source, StallReport};
 
 /// Exited processes with findings kept for the summary, at most.
 pub(super) const MAX_EXITED_KEPT: usize = 256;

@@ -47,7 +47,6 @@ mod tests;
 #[cfg(test)]
 mod timeout_tests;
 
-pub use closes::format_sockaddr;
 pub use correlator::{Correlator, NewProcess};
 pub use spin::StackSample;
 

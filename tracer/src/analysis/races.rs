@@ -3,11 +3,8 @@
 //! sent its next request on it anyway, and the kernel answered with a
 //! reset. The proxy returns 502; Gunicorn never saw the request. The fix is
 //! configuration: --keep-alive above the balancer's idle timeout.
-use tracer_common::{AnsweredClose, UNSET};
-
-use super::closes::{ended_by, format_sockaddr};
 use super::correlator::Correlator;
-use crate::model::{CloseKind, Direction, EarlyClose, Output, RaceReset, Role};
+use crate::model::{AnsweredClose, CloseKind, Direction, EarlyClose, Output, RaceReset, Role};
 
 const MS: u64 = 1_000_000;
 
@@ -22,19 +19,21 @@ pub(super) fn race_report(r: &RaceReset, role: Role, keepalive_s: Option<f64>) -
         master_pid: c.master,
         role,
         fd: (c.fd >= 0).then_some(c.fd),
-        peer: format_sockaddr(&c.addr),
-        local_port: u16::try_from(c.local_port).ok().filter(|p| *p != 0),
+        peer: c.peer.clone(),
+        local_port: c.local_port,
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
         suppressed: 0,
-        lifetime_ms: (c.start_ns != 0 && c.start_ns <= c.closed_ns)
-            .then(|| (c.closed_ns - c.start_ns) / MS),
-        ended_by: ended_by(c.ended_by),
+        lifetime_ms: c
+            .start_ns
+            .filter(|ns| *ns <= c.closed_ns)
+            .map(|ns| (c.closed_ns - ns) / MS),
+        ended_by: c.ended_by,
         peer_closed_first: false,
         kind: CloseKind::KeepaliveRace,
-        unread_data: c.aborted != 0,
+        unread_data: c.aborted,
         preceded_by: None,
-        idle_ms: (c.idle_ns != UNSET).then_some(c.idle_ns / MS),
+        idle_ms: c.idle_ns.map(|ns| ns / MS),
         keepalive_s,
         reset_after_ms: Some(r.ts_ns.saturating_sub(c.closed_ns) / MS),
         dying: None,
@@ -70,36 +69,32 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::EndedBy;
 
-    fn reset(idle_ns: u64, aborted: u32) -> RaceReset {
-        let mut addr = [0u8; 32];
-        addr[..2].copy_from_slice(&2u16.to_ne_bytes());
-        addr[2..4].copy_from_slice(&41000u16.to_be_bytes());
-        addr[4..8].copy_from_slice(&[10, 0, 0, 7]);
+    fn reset(idle_ns: Option<u64>, aborted: bool) -> RaceReset {
         RaceReset {
             ts_ns: 3_500 * MS,
             close: AnsweredClose {
                 closed_ns: 2_000 * MS,
                 idle_ns,
-                start_ns: 500 * MS,
+                start_ns: Some(500 * MS),
                 bytes_in: 80,
                 bytes_out: 200,
                 tgid: 7,
                 tid: 7,
                 master: 1,
                 fd: 9,
-                ended_by: tracer_common::ended::CLOSE,
+                ended_by: EndedBy::Close,
                 aborted,
-                local_port: 8000,
-                _pad: 0,
-                addr,
+                local_port: Some(8000),
+                peer: Some("10.0.0.7:41000".into()),
             },
         }
     }
 
     #[test]
     fn a_race_names_the_closer_the_peer_and_the_timing() {
-        let e = race_report(&reset(1_000 * MS, 0), Role::Worker, Some(1.0));
+        let e = race_report(&reset(Some(1_000 * MS), false), Role::Worker, Some(1.0));
         assert_eq!(e.kind, CloseKind::KeepaliveRace);
         assert_eq!((e.pid, e.master_pid, e.fd), (7, 1, Some(9)));
         assert_eq!(e.peer.as_deref(), Some("10.0.0.7:41000"));
@@ -110,7 +105,7 @@ mod tests {
         );
         assert!(!e.unread_data);
         // Idle time unknown; the request already queued at the close.
-        let e = race_report(&reset(UNSET, 1), Role::Worker, None);
+        let e = race_report(&reset(None, true), Role::Worker, None);
         assert_eq!((e.idle_ms, e.unread_data), (None, true));
     }
 }

@@ -5,7 +5,7 @@
 use super::tests::{FakeProc, conn_end, kinds, sample, scanned, setup, verdict};
 use super::{Correlator, NewProcess};
 use super::{Enricher, fixtures};
-use crate::model::{BlockedThread, KernelEvent, LoopWait, Output, Role, Sample};
+use crate::model::{BlockedThread, EndedBy, KernelEvent, LoopWait, Output, Role, Sample};
 
 use super::fixtures::{MASTER, MS, W};
 
@@ -134,10 +134,7 @@ fn requests_lost_with_a_killed_worker_are_told_with_its_death() {
         signal: Some(6),
     };
     c.on_kernel(exit, &mut FakeProc);
-    c.on_kernel(
-        conn_end(W, 92, 0, tracer_common::ended::EXIT),
-        &mut FakeProc,
-    );
+    c.on_kernel(conn_end(W, 92, 0, EndedBy::Exit), &mut FakeProc);
     let sum = c.summary(3000 * MS);
     let w = sum.workers.iter().find(|w| w.pid == W).unwrap();
     assert_eq!(
@@ -155,10 +152,7 @@ fn requests_lost_with_a_killed_worker_are_told_with_its_death() {
     // A live worker's drop is not a death's.
     let mut c = setup();
     c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
-    c.on_kernel(
-        conn_end(W, 92, 0, tracer_common::ended::CLOSE),
-        &mut FakeProc,
-    );
+    c.on_kernel(conn_end(W, 92, 0, EndedBy::Close), &mut FakeProc);
     let text = verdict(&c.summary(3000 * MS)).text;
     assert!(text.contains("dropped 1 request"), "{text}");
     assert!(!text.contains("lost with it"), "{text}");

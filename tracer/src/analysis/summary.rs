@@ -3,10 +3,10 @@
 use std::cmp::Reverse;
 
 use super::correlator::{Correlator, Proc};
+use super::exits::signal_name;
 use super::signatures;
 use crate::model::{
     ExitCause, ExitReport, Finding, Role, StallReport, Summary, WorkerState, WorkerSummary,
-    signal_name,
 };
 
 fn state(p: &Proc, stalled_now: bool, hanging_now: bool) -> WorkerState {

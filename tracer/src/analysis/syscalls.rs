@@ -3,7 +3,7 @@ use std::borrow::Cow;
 
 use syscalls::Sysno;
 
-use crate::model::Role;
+use crate::model::{Role, SyscallClass};
 
 /// The host architecture's name for a syscall number; unknown numbers print
 /// as `syscall_N`.
@@ -95,23 +95,28 @@ pub fn is_multiplexer(name: &str) -> bool {
     EPOLL_WAITS.contains(&name) || SELECTS.contains(&name) || POLLS.contains(&name)
 }
 
-/// The kernel's class table: (syscall number, class bits) for every
-/// syscall that is not the default [`class::MAYBE`].
-pub fn class_table() -> Vec<(i64, u32)> {
-    use tracer_common::class;
-    let groups: [(&[&str], u32); 5] = [
-        (ALWAYS_WAIT, class::WAIT),
-        (READS, class::READ),
-        (EPOLL_WAITS, class::EPOLL),
-        (SELECTS, class::SELECT),
-        (POLLS, class::POLL),
+/// The kernel's class table: (syscall number, class) for every syscall
+/// that is not the default (may block on something it does not own).
+pub fn class_table() -> Vec<(i64, SyscallClass)> {
+    /// Sets one class in a syscall's.
+    type Mark = fn(&mut SyscallClass);
+    let groups: [(&[&str], Mark); 5] = [
+        (ALWAYS_WAIT, |c| c.wait = true),
+        (READS, |c| c.read = true),
+        (EPOLL_WAITS, |c| c.epoll = true),
+        (SELECTS, |c| c.select = true),
+        (POLLS, |c| c.poll = true),
     ];
-    let mut out: Vec<(i64, u32)> = Vec::new();
-    for (names, bits) in groups {
+    let mut out: Vec<(i64, SyscallClass)> = Vec::new();
+    for (names, set) in groups {
         for n in names.iter().filter_map(|n| number(n)) {
             match out.iter_mut().find(|(nr, _)| *nr == n) {
-                Some((_, b)) => *b |= bits,
-                None => out.push((n, bits)),
+                Some((_, c)) => set(c),
+                None => {
+                    let mut c = SyscallClass::default();
+                    set(&mut c);
+                    out.push((n, c));
+                }
             }
         }
     }
@@ -180,21 +185,33 @@ mod tests {
 
     #[test]
     fn class_table_marks_waits_and_io() {
-        use tracer_common::class;
         let t = class_table();
         let get = |n: &str| {
             t.iter()
                 .find(|(nr, _)| *nr == number(n).unwrap())
-                .map(|(_, b)| *b)
+                .map(|(_, c)| *c)
         };
+        let none = SyscallClass::default();
+        let wait = SyscallClass { wait: true, ..none };
+        let read = SyscallClass { read: true, ..none };
         assert_eq!(
             get("epoll_wait").or(get("epoll_pwait")),
-            Some(class::WAIT | class::EPOLL)
+            Some(SyscallClass {
+                epoll: true,
+                ..wait
+            })
         );
-        assert_eq!(get("pselect6"), Some(class::WAIT | class::SELECT));
-        assert_eq!(get("ppoll"), Some(class::WAIT | class::POLL));
-        assert_eq!(get("read"), Some(class::READ));
-        assert_eq!(get("recvfrom"), Some(class::READ));
+        assert_eq!(
+            get("pselect6"),
+            Some(SyscallClass {
+                select: true,
+                ..wait
+            })
+        );
+        assert_eq!(get("ppoll"), Some(SyscallClass { poll: true, ..wait }));
+        assert_eq!(get("pause"), Some(wait));
+        assert_eq!(get("read"), Some(read));
+        assert_eq!(get("recvfrom"), Some(read));
         assert_eq!(get("sendto"), None);
         assert_eq!(get("futex"), None, "futex stays MAYBE");
     }

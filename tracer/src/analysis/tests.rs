@@ -3,8 +3,9 @@
 use super::lifecycle::MAX_EXITED_KEPT;
 use super::{Correlator, Enricher, NewProcess, syscalls};
 use crate::model::{
-    BlockedThread, CloseCounts, CloseKind, Container, FdInfo, FdKind, KernelEvent, MemoryCgroup,
-    Outcome, Output, Role, Sample, Source, Wake, WokeBy, WorkerState,
+    BlockedThread, CloseCounts, CloseKind, ClosedConn, Container, Direction, EndedBy, FdInfo,
+    FdKind, KernelEvent, MemoryCgroup, Outcome, Output, Role, Sample, Source, Wake, WokeBy,
+    WorkerState,
 };
 use crate::model::{LoopWait, Losses, Setting, SettingSource, Summary};
 
@@ -583,25 +584,22 @@ fn a_stall_that_vanished_after_waking_is_not_counted_unknown() {
     assert_eq!(c.stall_ends_unknown(), 0);
 }
 
-pub(super) fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: u32) -> KernelEvent {
-    let mut addr = [0u8; 32];
-    addr[..2].copy_from_slice(&2u16.to_ne_bytes());
-    addr[2..4].copy_from_slice(&40000u16.to_be_bytes());
-    addr[4..8].copy_from_slice(&[127, 0, 0, 1]);
+pub(super) fn conn_end(pid: u32, bytes_in: u64, bytes_out: u64, ended_by: EndedBy) -> KernelEvent {
     KernelEvent::ConnEnd {
         ts_ns: 2000 * MS,
         tgid: pid,
         tid: pid,
         fd: 11,
-        conn: tracer_common::Conn {
-            start_ns: 1000 * MS,
+        conn: ClosedConn {
+            start_ns: Some(1000 * MS),
             bytes_in,
             bytes_out,
-            eagain_ns: 1500 * MS,
-            direction: tracer_common::direction::INBOUND,
-            local_port: 8000,
-            addr,
-            ..Default::default()
+            eagain_ns: Some(1500 * MS),
+            direction: Direction::Inbound,
+            local_port: Some(8000),
+            aborted: false,
+            unreadable: false,
+            peer: Some("127.0.0.1:40000".into()),
         },
         ended_by,
         peer_closed_first: false,
@@ -617,10 +615,7 @@ fn early_closes_are_counted_and_rank_after_stalls() {
     for pid in [W, 102] {
         c.set_loop(0, pid, LoopWait::Epoll { epfd: 4 });
     }
-    let out = c.on_kernel(
-        conn_end(W, 120, 0, tracer_common::ended::CLOSE),
-        &mut FakeProc,
-    );
+    let out = c.on_kernel(conn_end(W, 120, 0, EndedBy::Close), &mut FakeProc);
     let [Output::EarlyClose { close, .. }] = &out[..] else {
         panic!("{out:?}")
     };
@@ -628,25 +623,16 @@ fn early_closes_are_counted_and_rank_after_stalls() {
     assert_eq!(close.peer.as_deref(), Some("127.0.0.1:40000"));
     assert_eq!(close.local_port, Some(8000));
     assert_eq!(close.cause.as_ref().unwrap().id, "leaked_socket_timeout");
-    c.on_kernel(
-        conn_end(W, 0, 0, tracer_common::ended::CLOSE),
-        &mut FakeProc,
-    );
+    c.on_kernel(conn_end(W, 0, 0, EndedBy::Close), &mut FakeProc);
     // A connection that got a reply is not reported at all.
     assert!(
-        c.on_kernel(
-            conn_end(W, 120, 300, tracer_common::ended::CLOSE),
-            &mut FakeProc
-        )
-        .is_empty()
+        c.on_kernel(conn_end(W, 120, 300, EndedBy::Close), &mut FakeProc)
+            .is_empty()
     );
     // An unknown process's connection is ignored.
     assert!(
-        c.on_kernel(
-            conn_end(999, 120, 0, tracer_common::ended::CLOSE),
-            &mut FakeProc
-        )
-        .is_empty()
+        c.on_kernel(conn_end(999, 120, 0, EndedBy::Close), &mut FakeProc)
+            .is_empty()
     );
 
     let sum = c.summary(3000 * MS);
@@ -687,10 +673,7 @@ fn early_closes_are_counted_and_rank_after_stalls() {
 fn idle_closes_alone_keep_the_verdict_healthy() {
     let mut c = setup();
     c.set_loop(0, W, LoopWait::Epoll { epfd: 4 });
-    c.on_kernel(
-        conn_end(W, 0, 0, tracer_common::ended::CLOSE),
-        &mut FakeProc,
-    );
+    c.on_kernel(conn_end(W, 0, 0, EndedBy::Close), &mut FakeProc);
     let sum = c.summary(3000 * MS);
     assert!(
         verdict(&sum).text.starts_with("healthy"),
@@ -708,10 +691,7 @@ fn quiet_exits_are_counted_not_kept_and_notable_ones_are_bounded() {
         c.on_kernel(fork, &mut FakeProc);
         if pid % 2 == 0 {
             // Something to report: a dropped request.
-            c.on_kernel(
-                conn_end(pid, 10, 0, tracer_common::ended::CLOSE),
-                &mut FakeProc,
-            );
+            c.on_kernel(conn_end(pid, 10, 0, EndedBy::Close), &mut FakeProc);
         }
         c.on_kernel(
             KernelEvent::Exit {
@@ -747,7 +727,7 @@ fn quiet_exits_are_counted_not_kept_and_notable_ones_are_bounded() {
 
 /// Worker W's connection from 127.0.0.1:40000 closed at `ts_ms` with a
 /// request read and nothing sent (a read found nothing 500 ms before).
-fn dropped_at(ts_ms: u64, ended_by: u32) -> KernelEvent {
+fn dropped_at(ts_ms: u64, ended_by: EndedBy) -> KernelEvent {
     let KernelEvent::ConnEnd {
         tgid,
         tid,
@@ -759,17 +739,13 @@ fn dropped_at(ts_ms: u64, ended_by: u32) -> KernelEvent {
     else {
         unreachable!()
     };
-    conn.start_ns = (ts_ms - 1000) * MS;
-    conn.eagain_ns = (ts_ms - 500) * MS;
+    conn.start_ns = Some((ts_ms - 1000) * MS);
+    conn.eagain_ns = Some((ts_ms - 500) * MS);
     KernelEvent::ConnEnd {
         ts_ns: ts_ms * MS,
         tgid,
         tid,
-        fd: if ended_by == tracer_common::ended::EXIT {
-            -1
-        } else {
-            fd
-        },
+        fd: if ended_by == EndedBy::Exit { -1 } else { fd },
         conn,
         ended_by,
         peer_closed_first,
@@ -805,12 +781,11 @@ fn close_cause(out: &[Output]) -> crate::model::Cause {
 
 #[test]
 fn a_request_lost_when_the_graceful_timeout_ran_out_names_the_stop() {
-    use tracer_common::ended;
     // The master's SIGTERM (a shutdown), then the worker closes the request
     // it still holds 30 s later, itself, before exiting.
     let mut c = setup();
     c.on_kernel(signal(1000, MASTER, "gunicorn", 15), &mut FakeProc);
-    let out = c.on_kernel(dropped_at(31_000, ended::CLOSE), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(31_000, EndedBy::Close), &mut FakeProc);
     let cause = close_cause(&out);
     assert_eq!(cause.id, "graceful_stop_mid_request", "{cause:?}");
     assert!(cause.cause.contains("SIGTERM from its master"), "{cause:?}");
@@ -824,7 +799,7 @@ fn a_request_lost_when_the_graceful_timeout_ran_out_names_the_stop() {
     c.on_kernel(signal(1000, MASTER, "gunicorn", 15), &mut FakeProc);
     c.on_kernel(signal(31_000, MASTER, "gunicorn", 9), &mut FakeProc);
     c.on_kernel(exited(31_001, None, Some(9)), &mut FakeProc);
-    let out = c.on_kernel(dropped_at(31_002, ended::EXIT), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(31_002, EndedBy::Exit), &mut FakeProc);
     let cause = close_cause(&out);
     assert_eq!(cause.id, "graceful_stop_mid_request", "{cause:?}");
     assert!(cause.cause.contains("SIGKILL"), "{cause:?}");
@@ -836,11 +811,10 @@ fn a_request_lost_when_the_graceful_timeout_ran_out_names_the_stop() {
 
 #[test]
 fn a_request_lost_to_a_worker_timeout_names_the_stall() {
-    use tracer_common::ended;
     let mut c = setup();
     c.on_samples(&[sample(W, "read", 0, 1)], 600 * MS, &mut FakeProc);
     c.on_kernel(signal(4500, MASTER, "gunicorn", 6), &mut FakeProc);
-    let out = c.on_kernel(dropped_at(4600, ended::CLOSE), &mut FakeProc);
+    let out = c.on_kernel(dropped_at(4600, EndedBy::Close), &mut FakeProc);
     let cause = close_cause(&out);
     assert_eq!(cause.id, "worker_timeout_mid_request", "{cause:?}");
     assert!(cause.cause.contains("WORKER TIMEOUT"), "{cause:?}");
@@ -849,18 +823,17 @@ fn a_request_lost_to_a_worker_timeout_names_the_stall() {
     // No stall seen before the kill: said so, nothing invented.
     let mut c = setup();
     c.on_kernel(signal(4500, MASTER, "gunicorn", 6), &mut FakeProc);
-    let cause = close_cause(&c.on_kernel(dropped_at(4600, ended::CLOSE), &mut FakeProc));
+    let cause = close_cause(&c.on_kernel(dropped_at(4600, EndedBy::Close), &mut FakeProc));
     assert_eq!(cause.id, "worker_timeout_mid_request", "{cause:?}");
     assert!(cause.cause.contains("no stall was seen"), "{cause:?}");
 }
 
 #[test]
 fn a_request_lost_to_an_outside_kill_names_the_sender() {
-    use tracer_common::ended;
     let mut c = setup();
     c.on_kernel(signal(1000, 4242, "kill", 9), &mut FakeProc);
     c.on_kernel(exited(1001, None, Some(9)), &mut FakeProc);
-    let cause = close_cause(&c.on_kernel(dropped_at(1002, ended::EXIT), &mut FakeProc));
+    let cause = close_cause(&c.on_kernel(dropped_at(1002, EndedBy::Exit), &mut FakeProc));
     assert_eq!(cause.id, "killed_mid_request", "{cause:?}");
     assert!(
         cause.cause.contains("SIGKILL from pid 4242 (kill)"),
@@ -873,7 +846,7 @@ fn a_request_lost_to_an_outside_kill_names_the_sender() {
     // not seen; no guess among timeouts, OOM kills and crashes.
     let mut c = setup();
     c.on_kernel(exited(1001, Some(1), None), &mut FakeProc);
-    let cause = close_cause(&c.on_kernel(dropped_at(1002, ended::EXIT), &mut FakeProc));
+    let cause = close_cause(&c.on_kernel(dropped_at(1002, EndedBy::Exit), &mut FakeProc));
     assert_eq!(cause.id, "worker_died_mid_request", "{cause:?}");
     assert!(cause.cause.contains("exited with code 1"), "{cause:?}");
     for wrong in ["WORKER TIMEOUT", "crash", "OOM"] {

@@ -16,10 +16,10 @@ use crate::analysis::{Correlator, Enricher, NewProcess, StackSample, signatures,
 use crate::host::holders::HolderSearch;
 use crate::host::waits::{self, Multiplexer};
 use crate::host::{bounded, container, gunicorn, heartbeat, memcg, proc, pystack, threads};
-use crate::kernel::Probes;
+use crate::kernel::{Probes, decode};
 use crate::model::{
     BlockedThread, Container, FdInfo, KernelEvent, LoopWait, Losses, MemoryCgroup, Output, Role,
-    Sample, Source, StallReport, ThreadCpu, ThreadNow, WokeBy,
+    Sample, Source, StallReport, ThreadCpu, ThreadNow,
 };
 use crate::present::{self, metrics};
 
@@ -817,19 +817,7 @@ impl Session {
         }
         let samples: Vec<Sample> = entries
             .into_iter()
-            .map(|(tid, e)| Sample {
-                tid,
-                tgid: e.tgid,
-                nr: e.nr as i64,
-                start_ns: e.start_ns,
-                arg0: e.arg0,
-                arg2: e.arg2,
-                seq: e.seq,
-                active: e.active != 0,
-                seeded: e.seeded != 0,
-                woke_ns: e.woke_ns,
-                woke_by: WokeBy::from_kernel(e.woke_by),
-            })
+            .map(|(tid, e)| decode::sample(tid, &e))
             .collect();
         for o in self.corr.on_samples(&samples, now, &mut self.enricher) {
             self.emit(&o);

@@ -13,7 +13,8 @@ use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
 use tracer_common::{ConnEnd, Event, KeepaliveRace, kind, wake};
 
-use crate::model::{KernelEvent, RaceReset, Role, Wake};
+use super::decode::{answered_close, closed_conn, ended_by, role};
+use crate::model::{KernelEvent, RaceReset, Wake};
 
 /// Events in one batch, at most.
 const MAX_BATCH: usize = 1024;
@@ -119,8 +120,10 @@ fn fill(
     true
 }
 
-/// Decodes one ring buffer record. Returns None for a record of the wrong
-/// size or an unknown kind (a newer BPF object, say) rather than guessing.
+/// Decodes one ring buffer record into model types (see [`super::decode`]).
+/// Returns None for a record of the wrong size, an unknown kind or an
+/// unknown connection direction (a newer BPF object, say) rather than
+/// guessing.
 pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     let k = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     if k == kind::KEEPALIVE_RACE {
@@ -131,7 +134,7 @@ pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
         let r: KeepaliveRace = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         return Some(KernelEvent::KeepaliveRace(RaceReset {
             ts_ns: r.ts_ns,
-            close: r.close,
+            close: answered_close(&r.close),
         }));
     }
     if k == kind::CONN_END {
@@ -145,8 +148,8 @@ pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
             tgid: c.tgid,
             tid: c.tid,
             fd: c.fd,
-            conn: c.conn,
-            ended_by: c.ended_by,
+            conn: closed_conn(&c.conn)?,
+            ended_by: ended_by(c.ended_by),
             peer_closed_first: c.peer_closed_first != 0,
         });
     }
@@ -172,7 +175,7 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
             ts_ns: e.ts_ns,
             parent: e.tgid,
             child: e.aux_pid,
-            role: Role::from_kernel(e.nr as u32),
+            role: role(e.nr as u32),
             master: e.aux as u32,
         },
         kind::EXIT => {
@@ -231,6 +234,7 @@ pub fn from_event(e: &Event) -> Option<KernelEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{EndedBy, Role};
 
     /// An OOM victim's cgroups are read as its event is taken in: read
     /// later (the session may lag), a dying task shows the root cgroup,
@@ -421,6 +425,7 @@ mod tests {
             ts_ns: 77,
             conn: tracer_common::Conn {
                 bytes_in: 120,
+                direction: tracer_common::direction::INBOUND,
                 ..Default::default()
             },
             ended_by: tracer_common::ended::SHUTDOWN,
@@ -445,7 +450,7 @@ mod tests {
             panic!("not decoded")
         };
         assert_eq!(conn.bytes_in, 120);
-        assert_eq!(ended_by, tracer_common::ended::SHUTDOWN);
+        assert_eq!(ended_by, EndedBy::Shutdown);
         assert!(matches!(
             decode(b),
             Some(KernelEvent::ConnEnd {
@@ -454,6 +459,17 @@ mod tests {
             })
         ));
         assert!(decode(&b[..40]).is_none(), "truncated record");
+        // A direction the kernel never sends: dropped, not guessed.
+        let mut odd = c;
+        odd.conn.direction = 0;
+        // SAFETY: as above.
+        let b = unsafe {
+            std::slice::from_raw_parts(
+                (&odd as *const ConnEnd).cast::<u8>(),
+                std::mem::size_of::<ConnEnd>(),
+            )
+        };
+        assert!(decode(b).is_none());
     }
 
     #[test]
@@ -479,7 +495,7 @@ mod tests {
             decode(b),
             Some(KernelEvent::KeepaliveRace(RaceReset {
                 ts_ns: 99,
-                close: r.close
+                close: answered_close(&r.close)
             }))
         );
         assert!(decode(&b[..40]).is_none(), "truncated record");

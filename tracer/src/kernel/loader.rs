@@ -16,7 +16,7 @@ use super::btf::Btf;
 use super::reset;
 use super::tracefs::Format;
 use super::watched_tgids::{self, WatchedTgids};
-use crate::model::{FeaturesMissing, LoopWait, Losses, MapOccupancy, Role};
+use crate::model::{FeaturesMissing, LoopWait, Losses, MapOccupancy, Role, SyscallClass};
 
 /// Map update flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -318,8 +318,8 @@ fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
 /// The syscall numbers the kernel side needs, from user space's table
 /// (`analysis::syscalls`), so that this room carries no table of its own.
 pub struct SyscallTable {
-    /// (number, class bits) of every syscall that may block.
-    pub classes: Vec<(i64, u32)>,
+    /// (number, class) of every syscall that is not the default.
+    pub classes: Vec<(i64, SyscallClass)>,
     pub close: i64,
     pub shutdown: i64,
 }
@@ -370,14 +370,14 @@ fn open_object(config: &Config, opts: &LoadOptions) -> Result<Ebpf> {
 }
 
 /// Fills the syscall class table: it must be full before sched_switch runs.
-fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, u32)]) -> Result<()> {
+fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, SyscallClass)]) -> Result<()> {
     let mut map: Array<_, u32> = Array::try_from(
         ebpf.map_mut("SYSCALL_CLASS")
             .ok_or_else(|| anyhow!("BPF object has no SYSCALL_CLASS map"))?,
     )?;
-    for &(nr, bits) in classes {
+    for &(nr, class) in classes {
         if (nr as u32) < MAX_SYSCALL_NR {
-            map.set(nr as u32, bits, 0)
+            map.set(nr as u32, super::decode::class_bits(class), 0)
                 .context("filling the syscall class table")?;
         }
     }
@@ -556,7 +556,7 @@ impl Probes {
     pub fn watch(&mut self, pid: u32, master: u32, role: Role) -> Result<()> {
         let w = Watched {
             master,
-            role: role.to_kernel(),
+            role: super::decode::role_to_kernel(role),
             ..Default::default()
         };
         self.watched.insert(pid, w, 0).with_context(|| {

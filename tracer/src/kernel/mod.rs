@@ -2,6 +2,7 @@
 //! looks like), loading and attaching the BPF programs, and decoding what
 //! they send. Depends on `model` only.
 pub mod btf;
+pub mod decode;
 pub mod intake;
 mod loader;
 mod reset;

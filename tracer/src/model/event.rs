@@ -1,5 +1,6 @@
-//! What the kernel tells user space, decoded (see `kernel::intake`).
-use super::Role;
+//! What the kernel tells user space, decoded (see `kernel::intake` and
+//! `kernel::decode`): plain values, no kernel layout or sentinels.
+use super::{Direction, EndedBy, Role};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum KernelEvent {
@@ -39,8 +40,8 @@ pub enum KernelEvent {
         cgroups: Option<String>,
     },
     /// A syscall a thread slept in for at least the threshold is over, as
-    /// the kernel judged it when it next saw the thread (see
-    /// `tracer_common::Inflight`); `ts_ns` is its last wake-up.
+    /// the kernel judged it when it next saw the thread (see [`Sample`]);
+    /// `ts_ns` is its last wake-up.
     SleepEnd {
         ts_ns: u64,
         tgid: u32,
@@ -57,14 +58,15 @@ pub enum KernelEvent {
         pid: u32,
     },
     /// A connection that ended with nothing sent back (or, outbound, nothing
-    /// received). `ended_by` is one of `tracer_common::ended`.
+    /// received).
     ConnEnd {
         ts_ns: u64,
         tgid: u32,
         tid: u32,
+        /// The fd passed to close/shutdown; -1 when the process exited.
         fd: i32,
-        conn: tracer_common::Conn,
-        ended_by: u32,
+        conn: ClosedConn,
+        ended_by: EndedBy,
         /// The peer closed first (its FIN is not in `conn.bytes_in`).
         peer_closed_first: bool,
     },
@@ -72,11 +74,81 @@ pub enum KernelEvent {
 }
 
 /// The kernel reset the client's request on a connection a watched
-/// process had closed after answering (see `tracer_common::AnsweredClose`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// process had closed after answering (see [`AnsweredClose`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaceReset {
+    /// When the kernel sent the reset.
     pub ts_ns: u64,
-    pub close: tracer_common::AnsweredClose,
+    pub close: AnsweredClose,
+}
+
+/// A TCP connection of a watched process that has closed, with what the
+/// kernel counted on it (the byte counts come from the socket at the
+/// close, so one opened before the tracer attached is counted right).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedConn {
+    /// When it started: connect() by a watched process, or established on
+    /// a port one listens on; None when the tracer never saw its start.
+    pub start_ns: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Last time a receive returned EAGAIN; None when none was seen.
+    pub eagain_ns: Option<u64>,
+    pub direction: Direction,
+    /// Local TCP port; None when not known.
+    pub local_port: Option<u16>,
+    /// The close threw away data the peer had sent (the kernel then
+    /// answers with a RST instead of a FIN).
+    pub aborted: bool,
+    /// A read of the socket's counters failed at the close: the byte
+    /// counts are not known, and nothing may be decided from them.
+    pub unreadable: bool,
+    /// The other end as the process saw it: `127.0.0.1:5000`,
+    /// `[::1]:5000` or `unix`; None when not known.
+    pub peer: Option<String>,
+}
+
+impl ClosedConn {
+    /// The rule the kernel also judges a closed connection by: inbound,
+    /// nothing was sent back; outbound, a request went out and nothing came
+    /// back. One whose counters could not be read is judged neither way.
+    /// (`kernel::decode`'s tests hold the two rules equal.)
+    pub fn ended_badly(&self) -> bool {
+        !self.unreadable
+            && match self.direction {
+                Direction::Inbound => self.bytes_out == 0,
+                Direction::Outbound => self.bytes_out > 0 && self.bytes_in == 0,
+            }
+    }
+}
+
+/// An inbound connection a watched process closed first after it had
+/// answered on it (an idle keep-alive connection closed by Gunicorn's
+/// timer, typically), as the kernel remembered it: if the client sends its
+/// next request on it anyway, the kernel answers with a reset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnsweredClose {
+    pub closed_ns: u64,
+    /// How long nothing had been sent or received before the close; None
+    /// when not known.
+    pub idle_ns: Option<u64>,
+    /// When the connection started; None when not seen.
+    pub start_ns: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub master: u32,
+    /// The fd passed to close/shutdown; -1 when the process exited.
+    pub fd: i32,
+    pub ended_by: EndedBy,
+    /// The close itself threw away unread data (the next request had
+    /// already arrived): the reset follows at once.
+    pub aborted: bool,
+    /// Local TCP port; None when not known.
+    pub local_port: Option<u16>,
+    /// The client, as in [`ClosedConn::peer`].
+    pub peer: Option<String>,
 }
 
 /// How a syscall ended, as far as the kernel could tell.
@@ -110,17 +182,6 @@ pub enum WokeBy {
 }
 
 impl WokeBy {
-    pub fn from_kernel(v: u32) -> WokeBy {
-        use tracer_common::woke_by;
-        match v {
-            woke_by::PLAIN => WokeBy::Plain,
-            woke_by::SIGNAL => WokeBy::Signal,
-            woke_by::STOP => WokeBy::Stop,
-            woke_by::RESUMED => WokeBy::Resumed,
-            _ => WokeBy::None,
-        }
-    }
-
     /// A signal or a stop: the call may still resume.
     pub fn may_resume(self) -> bool {
         matches!(self, WokeBy::Signal | WokeBy::Stop)

@@ -10,7 +10,8 @@ mod settings;
 mod summary;
 
 pub use event::{
-    KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu, ThreadNow, Wake, WokeBy,
+    AnsweredClose, ClosedConn, KernelEvent, RaceReset, Sample, SockSnapshot, TcpState, ThreadCpu,
+    ThreadNow, Wake, WokeBy,
 };
 pub use pystack::{PyFrame, PyStackCost, PyThread};
 pub use report::{
@@ -39,24 +40,6 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn from_kernel(v: u32) -> Role {
-        match v {
-            tracer_common::role::MASTER => Role::Master,
-            tracer_common::role::WORKER => Role::Worker,
-            tracer_common::role::CHILD => Role::Child,
-            _ => Role::Plain,
-        }
-    }
-
-    pub fn to_kernel(self) -> u32 {
-        match self {
-            Role::Master => tracer_common::role::MASTER,
-            Role::Worker => tracer_common::role::WORKER,
-            Role::Child => tracer_common::role::CHILD,
-            Role::Plain => tracer_common::role::PLAIN,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Master => "master",
@@ -65,6 +48,26 @@ impl Role {
             Role::Child => "child",
         }
     }
+}
+
+/// How the kernel is to treat a syscall a thread sleeps in, by user
+/// space's lists (`analysis::syscalls::class_table`). All false, the
+/// default, means "may block on something it does not own", so a syscall
+/// the table does not know is never missed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyscallClass {
+    /// A multiplexer or a signal wait (epoll_wait, poll, select, pause,
+    /// ...): idle, unless it is a Gunicorn worker's loop thread waiting
+    /// outside its event loop's own wait.
+    pub wait: bool,
+    /// Reads from fd arg0 (read, recvfrom, ...): goes into the read histogram.
+    pub read: bool,
+    /// An epoll wait: arg0 is the epoll fd.
+    pub epoll: bool,
+    /// select/pselect6: arg0 is nfds, arg1 the read set.
+    pub select: bool,
+    /// poll/ppoll: arg0 is the pollfd array, arg1 its length.
+    pub poll: bool,
 }
 
 /// What an fd is, from its /proc link target and file mode.
@@ -253,13 +256,4 @@ pub struct MemoryCgroup {
     pub path: String,
     pub limit_bytes: Option<u64>,
     pub usage_bytes: Option<u64>,
-}
-
-/// `SIGKILL` for 9; `SIG<n>` for signals without a well-known name. The
-/// names are tracer-common's, the list the kernel side forwards.
-pub fn signal_name(sig: i32) -> String {
-    match tracer_common::signal::name(sig) {
-        Some(n) => n.to_string(),
-        None => format!("SIG{sig}"),
-    }
 }
