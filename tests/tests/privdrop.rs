@@ -244,6 +244,40 @@ fn a_network_namespace_it_cannot_enter_is_counted_as_unscanned() {
     assert_eq!(root["ports_unscanned"], 0, "{root}");
 }
 
+/// A network namespace created with a user namespace of its own (rootless
+/// containers, `unshare -Urn`) is the process's to configure: the tracer
+/// never enters it, even as root, and counts its ports as unscanned
+/// (issue 20 item 6).
+#[test]
+fn a_network_namespace_of_another_user_namespace_is_never_entered() {
+    require_root();
+    let port = free_port();
+    let gunicorn = venv().join("bin/gunicorn");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "--net", "--", "sh", "-c"])
+        .arg(format!(
+            "ip link set lo up && exec {} -w 1 -b 127.0.0.1:{port} stall_app:app",
+            gunicorn.display()
+        ))
+        .current_dir(apps_dir())
+        .env("PYTHONUNBUFFERED", "1");
+    let mut g = Proc::spawn_captured(&mut cmd);
+    g.wait_line("Booting worker", Duration::from_secs(30));
+    let master = g.pid().to_string();
+    let mut t = Tracer::start(&[
+        "--pid",
+        master.as_str(),
+        "--request-threshold",
+        "1s",
+        "--keep-root",
+    ]);
+    t.collect_for(Duration::from_secs(3));
+    let s = t.stop();
+    assert!(s["ports_unscanned"].as_u64().unwrap() >= 1, "{s}");
+    let text = s["verdict"]["text"].as_str().unwrap();
+    assert!(!text.contains("healthy"), "{text}");
+}
+
 /// `--output` in a directory only root may write (as /var/log is): after
 /// the drop to nobody a rotation cannot rename there, so it moves the
 /// lines into the FILE.1 opened before the drop. Both files keep their

@@ -198,6 +198,24 @@ fn parse_reply(buf: &[u8], want: Expect, out: &mut Vec<SockSnapshot>) -> io::Res
     Ok(false)
 }
 
+/// Whether namespace `ns` is owned by the user namespace the tracer runs
+/// in (ioctl NS_GET_USERNS, compared by device and inode).
+fn owned_by_my_user_namespace(ns: &std::fs::File) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    // NS_GET_USERNS: _IO(0xb7, 0x1).
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    // SAFETY: an ioctl without argument on an fd we hold; the returned fd
+    // is owned at once.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let owner = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }).metadata()?;
+    let mine = std::fs::metadata("/proc/self/ns/user")?;
+    Ok(owner.dev() == mine.dev() && owner.ino() == mine.ino())
+}
+
 /// A NETLINK_SOCK_DIAG socket, bound to the network namespace it was
 /// created in.
 pub struct Diag {
@@ -239,9 +257,19 @@ impl Diag {
     }
 
     /// A socket in the network namespace of `pid`, created on a thread
-    /// that enters it (the tracer itself stays where it is).
+    /// that enters it (the tracer itself stays where it is). Only a
+    /// namespace owned by the tracer's own user namespace is entered: one
+    /// a process created with a user namespace of its own (rootless
+    /// containers, `unshare -Urn`) is that process's to configure, and is
+    /// refused like one the tracer may not enter.
     pub fn open_in_netns_of(pid: u32) -> io::Result<Diag> {
         let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        if !owned_by_my_user_namespace(&ns)? {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the network namespace of process {pid} belongs to another user namespace"),
+            ));
+        }
         std::thread::spawn(move || {
             // SAFETY: setns on this thread only, with an fd we hold.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -351,6 +379,12 @@ impl Diag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tracers_own_network_namespace_is_owned_by_its_user_namespace() {
+        let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        assert!(owned_by_my_user_namespace(&ns).unwrap());
+    }
 
     #[test]
     fn the_port_filter_keeps_a_match_and_drops_the_rest() {
