@@ -778,6 +778,39 @@ impl HangPids {
             self.all().get(n).copied()
         })
     }
+
+    /// Like `wait_nth`, for a request sent with `get_async` to `server`:
+    /// when the request ends first, or the wait runs out, the failure
+    /// says what the client got and what the server logged.
+    pub fn wait_nth_of(
+        &self,
+        n: usize,
+        client: &Receiver<std::io::Result<String>>,
+        server: &mut Proc,
+    ) -> u32 {
+        let deadline = Instant::now() + slow(Duration::from_secs(15));
+        let mut answer = None;
+        while Instant::now() < deadline {
+            if let Some(&pid) = self.all().get(n) {
+                return pid;
+            }
+            if answer.is_none()
+                && let Ok(r) = client.try_recv()
+            {
+                answer = Some(r);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log: Vec<String> = server
+            .lines_within("", Duration::ZERO)
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        panic!(
+            "no worker said it took /hang request {n} within 15 s; the client got {answer:?}; the server logged:\n{}",
+            log.join("\n")
+        );
+    }
 }
 
 impl Drop for HangPids {

@@ -36,8 +36,8 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
         "{found:?}"
     );
 
-    let _client = get_async(port, "/hang", Duration::from_secs(20));
-    let victim = pids.wait_nth(0);
+    let client = get_async(port, "/hang", Duration::from_secs(20));
+    let victim = pids.wait_nth_of(0, &client, &mut g);
 
     let (stall_at, stall) = t.wait_for("stall", Duration::from_secs(4), |e| e["event"] == "stall");
     assert_eq!(

@@ -53,8 +53,18 @@ fn a_frame_chain_past_the_readers_limit_is_a_clear_error() {
     let pids = StallPids::new("deeper");
     let g = gunicorn("gevent", &pids);
     let mut t = Tracer::start_without_py_spy(&["--pid", &g.pid().to_string()]);
+    // The worker's reader is set up first, as it is when a worker is
+    // found: a stall with its stack proves it. (py-spy cannot find the
+    // interpreter of a process already past its depth limit, so a set-up
+    // that comes after the deep call gives that error instead.)
+    let _shallow = get_async(g.port, "/deep?depth=3&secs=1", Duration::from_secs(30));
+    let first = stall_of(&mut t, &pids);
+    assert!(first["py_stack"].is_array(), "{first}");
     let _client = get_async(g.port, "/deep?depth=6000&secs=3", Duration::from_secs(30));
-    let stall = stall_of(&mut t, &pids);
+    let (w, _) = pids.wait_nth(1);
+    let (_, stall) = t.wait_for("the deep stall", Duration::from_secs(10), |e| {
+        e["event"] == "stall" && e["pid"] == w && e["py_stack"].is_null()
+    });
     assert_eq!(stall["syscall"], "read", "{stall}");
     assert_eq!(stall["fd_kind"], "pipe", "{stall}");
     assert_eq!(stall.get("py_stack"), None, "{stall}");
