@@ -14,7 +14,7 @@ GET /block?s=N   the request thread blocks in os.read() on a pipe that a
                  answers: under -k gthread the main thread keeps the
                  heartbeat, so Gunicorn never kills the worker
 
-If PID_FILE is set, /alloc and /block append the worker's pid to it before
+If PID_FILE is set, /slow, /alloc, /stuck and /block append the worker's pid to it before
 they start, so a test knows which worker took the request.
 """
 import os
@@ -58,6 +58,7 @@ def app(environ, start_response):
     if path == "/pid":
         body = f"{os.getpid()}\n".encode()
     elif path == "/slow":
+        note_pid()
         time.sleep(arg(environ, "s", 1.0))
         body = b"slow\n"
     elif path == "/alloc":

@@ -806,8 +806,26 @@ impl HangPids {
             .into_iter()
             .map(|l| l.text)
             .collect();
+        let workers: Vec<String> = std::fs::read_to_string(format!(
+            "/proc/{}/task/{}/children",
+            server.pid(),
+            server.pid()
+        ))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|w| {
+            let state = std::fs::read_to_string(format!("/proc/{w}/stat")).unwrap_or_default();
+            let wchan = std::fs::read_to_string(format!("/proc/{w}/wchan")).unwrap_or_default();
+            let syscall = std::fs::read_to_string(format!("/proc/{w}/syscall")).unwrap_or_default();
+            format!(
+                "{w}: state {} wchan {wchan} syscall {}",
+                state.split_whitespace().nth(2).unwrap_or("?"),
+                syscall.trim()
+            )
+        })
+        .collect();
         panic!(
-            "no worker said it took /hang request {n} within 15 s; the client got {answer:?}; the server logged:\n{}",
+            "no worker said it took /hang request {n} within 15 s; the client got {answer:?}; workers now: {workers:?}; the server logged:\n{}",
             log.join("\n")
         );
     }

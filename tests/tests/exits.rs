@@ -337,9 +337,11 @@ fn a_worker_that_cannot_boot_is_said_to_halt_the_master() {
 #[test]
 fn a_gevent_request_lost_at_the_graceful_timeout_names_the_graceful_stop() {
     require_root();
+    let pids = HangPids::new("graceful");
     let g = Gunicorn::new("exits_app:app")
         .worker_class("gevent")
         .graceful_timeout(2)
+        .env("PID_FILE", pids.path())
         .spawn();
     let master = g.pid();
     let mut t = Tracer::start(&["--pid", &master.to_string()]);
@@ -354,8 +356,10 @@ fn a_gevent_request_lost_at_the_graceful_timeout_names_the_graceful_stop() {
     // A request that sleeps (cooperatively) far longer than the graceful
     // timeout, then a shutdown: the master's SIGTERM to the worker, whose
     // 2 s run out with the request still in flight.
+    // Once the worker has the request (on a slow machine a fixed wait
+    // could send the SIGTERM while it still sat in the listen queue).
     let reply = get_async(g.port, "/slow?s=15", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(pids.wait_nth(0), worker);
     // SAFETY: kill(2) on the Gunicorn master this test started.
     unsafe { libc::kill(master as i32, libc::SIGTERM) };
 

@@ -119,7 +119,7 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     let mut clients = Vec::new();
     for attempt in 1..=3 {
         clients.push(get_async(port, "/hang", Duration::from_secs(20)));
-        let taken = pids.wait_nth(attempt);
+        let taken = pids.wait_nth_of(attempt, clients.last().unwrap(), &mut g);
         let (_, s) = t.wait_for("stall of the next hang", Duration::from_secs(4), |e| {
             e["event"] == "stall" && e["pid"] == taken
         });
