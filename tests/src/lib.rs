@@ -498,7 +498,7 @@ fn candidate_port(attempt: u32) -> u16 {
 }
 
 /// A TCP socket bound (never listening) to 127.0.0.1:`port` with
-/// SO_REUSEADDR and SO_REUSEPORT, or None if the port is taken.
+/// SO_REUSEADDR, or None if the port is taken.
 fn reserve(port: u16) -> Option<std::os::fd::OwnedFd> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: plain socket calls on a descriptor we own.
@@ -509,7 +509,7 @@ fn reserve(port: u16) -> Option<std::os::fd::OwnedFd> {
         }
         let fd = OwnedFd::from_raw_fd(fd);
         let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+        for opt in [libc::SO_REUSEADDR] {
             libc::setsockopt(
                 std::os::fd::AsRawFd::as_raw_fd(&fd),
                 libc::SOL_SOCKET,
@@ -535,11 +535,18 @@ fn reserve(port: u16) -> Option<std::os::fd::OwnedFd> {
     }
 }
 
-/// A loopback port held for a server that binds it with SO_REUSEPORT
-/// (Gunicorn's --reuse-port, nginx's `listen ... reuseport`): the held
-/// socket is bound but never listens, so it reserves the port against
-/// every other bind and takes no connection; the server binds beside it.
-/// Dropping it releases the port.
+/// A loopback port held for a server that binds it with SO_REUSEADDR (as
+/// Gunicorn and nginx always do): Linux lets sockets that all set it share
+/// a port as long as none of them listens but one, so the held socket,
+/// bound and never listening, keeps every other server off the port (a
+/// plain bind, or a second listener) and takes no connection, and the
+/// server binds and listens beside it. Dropping it releases the port.
+///
+/// Not SO_REUSEPORT: with Gunicorn's --reuse-port (which that needed) each
+/// worker listens on a socket of its own, and the kernel hashes a new
+/// connection to one of them; a request hashed to a worker that a test has
+/// blocked waits there until that worker dies, and is reset, while another
+/// worker sits idle (CI saw a test's request lost that way).
 pub struct ReservedPort {
     pub port: u16,
     _fd: std::os::fd::OwnedFd,
@@ -549,8 +556,7 @@ impl ReservedPort {
     pub fn new() -> ReservedPort {
         for attempt in 0..1000 {
             let port = candidate_port(attempt);
-            // Free for a plain bind too (no one else's SO_REUSEPORT
-            // socket there), then held.
+            // Free for a plain bind (no one's socket there), then held.
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 continue;
             }
@@ -684,10 +690,9 @@ impl Gunicorn {
     /// The command line, for callers that handle the output themselves.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(venv().join("bin/gunicorn"));
-        // --reuse-port: Gunicorn binds beside the socket that holds the
-        // port for it (ReservedPort), so no one can take it before.
+        // Gunicorn binds beside the socket that holds the port for it
+        // (ReservedPort, SO_REUSEADDR), so no one can take it before.
         cmd.args(&self.args)
-            .arg("--reuse-port")
             .args(["-w", &self.workers.to_string()])
             .args(["-b", &format!("127.0.0.1:{}", self.port), &self.app])
             .current_dir(apps_dir())
@@ -1110,7 +1115,7 @@ impl Nginx {
              http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                upstream gunicorn {{ server 127.0.0.1:{upstream_port};{keepalive} }}\n\
-               server {{\n    listen 127.0.0.1:{port} reuseport;\n    location / {{\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
                  proxy_pass http://gunicorn;\n      proxy_next_upstream off;\n\
                  proxy_request_buffering off;\n      proxy_http_version 1.1;\n{location}    }}\n  }}\n}}\n"
         );
