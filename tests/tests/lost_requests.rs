@@ -540,3 +540,35 @@ fn a_request_stuck_in_a_gthread_worker_is_named_before_nginx_gives_up_with_504()
         t.events
     );
 }
+
+/// Gunicorn's --reuse-port: the master listens on nothing and each worker
+/// on a socket of its own. A request stuck in a worker is still named, on
+/// the worker's own listening port.
+#[test]
+fn with_reuse_port_a_request_stuck_in_a_worker_is_still_named() {
+    require_root();
+    let g = Gunicorn::new("exits_app:app")
+        .worker_class("gthread")
+        .threads(4)
+        .workers(1)
+        .reuse_port()
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--request-threshold", "2s"]);
+    let worker = t
+        .wait_for("worker", Duration::from_secs(5), |e| e["event"] == "worker")
+        .1["pid"]
+        .clone();
+    let direct = keepalive_get(g.port, "/block?s=4");
+    let (_, hung) = t.wait_for("the hung request", Duration::from_secs(5), |e| {
+        e["event"] == "hung_request"
+    });
+    assert_eq!(hung["pid"], worker, "{hung}");
+    assert_eq!(hung["local_port"], g.port, "{hung}");
+    assert_eq!(hung["bytes_out"], 0, "{hung}");
+    let (_, end) = t.wait_for("its end", Duration::from_secs(8), |e| {
+        e["event"] == "hung_request_end"
+    });
+    assert_eq!(end["outcome"], "answered", "{end}");
+    assert!(direct.recv().unwrap().1.contains("200"));
+    t.stop();
+}
