@@ -509,15 +509,13 @@ fn reserve(port: u16) -> Option<std::os::fd::OwnedFd> {
         }
         let fd = OwnedFd::from_raw_fd(fd);
         let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEADDR] {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                libc::SOL_SOCKET,
-                opt,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: port.to_be(),
@@ -635,6 +633,13 @@ impl Gunicorn {
     /// `-k`: `gevent`, or a class of tests/apps such as `old_worker.OldGeventWorker`.
     pub fn worker_class(self, class: &str) -> Gunicorn {
         self.arg("-k", class)
+    }
+
+    /// Gunicorn's --reuse-port: each worker then listens on a socket of
+    /// its own (Gunicorn 27), the master on none.
+    pub fn reuse_port(mut self) -> Gunicorn {
+        self.args.push("--reuse-port".to_string());
+        self
     }
 
     pub fn workers(mut self, n: usize) -> Gunicorn {
@@ -1207,5 +1212,32 @@ pub fn has_frame(stall: &Value, function: &str, file: &str) -> bool {
         fs.iter().any(|f| {
             f["function"] == function && f["file"].as_str().is_some_and(|p| p.ends_with(file))
         })
+    })
+}
+
+/// The tracer's child that reads Python stacks, once it has dropped its
+/// privileges: its resource limits are the last step of the drop (its
+/// cmdline shows before; a test that read its credentials then saw
+/// root's), and only it may open no more than 64 files.
+pub fn stack_helper_of(tracer: u32) -> u32 {
+    eventually("the stack helper", Duration::from_secs(10), || {
+        let tasks = std::fs::read_dir(format!("/proc/{tracer}/task")).ok()?;
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .find(|c| {
+                let helper = std::fs::read(format!("/proc/{c}/cmdline"))
+                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("__pystack-helper"));
+                let dropped = std::fs::read_to_string(format!("/proc/{c}/limits")).is_ok_and(|s| {
+                    s.lines().any(|l| {
+                        l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("64")
+                    })
+                });
+                helper && dropped
+            })
     })
 }

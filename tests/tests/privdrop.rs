@@ -40,24 +40,6 @@ fn hex(s: &str) -> u64 {
     u64::from_str_radix(s, 16).unwrap()
 }
 
-/// The tracer's child that reads stacks, once there is one.
-fn helper_of(tracer: u32) -> u32 {
-    eventually("the stack helper", Duration::from_secs(10), || {
-        let tasks = std::fs::read_dir(format!("/proc/{tracer}/task")).ok()?;
-        tasks
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
-            .flat_map(|c| {
-                c.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .find(|c| {
-                std::fs::read(format!("/proc/{c}/cmdline"))
-                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("__pystack-helper"))
-            })
-    })
-}
-
 /// The BPF bpf() check of this kernel: whether a map command on a bad fd
 /// is refused for want of a capability (EPERM) rather than for the fd.
 /// Probed here as a process without CAP_BPF and CAP_SYS_ADMIN.
@@ -166,7 +148,7 @@ fn after_the_drop_a_killed_stack_helper_is_restarted_with_its_capability_and_rea
     let g = gevent_pipe_stalls(&pids);
     let mut t = Tracer::start_without_py_spy(&["--pid", &g.pid().to_string()]);
     assert_eq!(status_field(t.pid(), "Uid"), "65534\t65534\t65534\t65534");
-    let first = helper_of(t.pid());
+    let first = stack_helper_of(t.pid());
     assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
     let _client = get_async(g.port, "/pipe?secs=3", Duration::from_secs(30));
     let (w, _) = pids.wait_nth(0);
@@ -174,7 +156,7 @@ fn after_the_drop_a_killed_stack_helper_is_restarted_with_its_capability_and_rea
         e["event"] == "stall" && e["pid"] == w
     });
     assert!(has_frame(&stall, "pipe_read", "stall_app.py"), "{stall}");
-    let second = helper_of(t.pid());
+    let second = stack_helper_of(t.pid());
     assert_ne!(first, second);
     assert_eq!(status_field(second, "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(second, "CapEff"), "0000000000080000");

@@ -76,25 +76,6 @@ impl Drop for OpenWatch {
     }
 }
 
-/// The tracer's child that reads stacks (its command line names the hidden
-/// subcommand), once there is one.
-fn helper_of(tracer: u32) -> u32 {
-    eventually("the stack helper", Duration::from_secs(10), || {
-        let tasks = std::fs::read_dir(format!("/proc/{tracer}/task")).ok()?;
-        tasks
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
-            .flat_map(|c| {
-                c.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .find(|c| {
-                std::fs::read(format!("/proc/{c}/cmdline"))
-                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("__pystack-helper"))
-            })
-    })
-}
-
 fn status_field(pid: u32, name: &str) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -202,7 +183,7 @@ fn a_deleted_library_symlinked_to_a_fifo_or_a_host_file_is_not_opened_and_stacks
 fn the_stack_helper_runs_as_nobody_with_only_cap_sys_ptrace_effective() {
     require_root();
     let t = Tracer::start_without_py_spy(&[]);
-    let h = helper_of(t.pid());
+    let h = stack_helper_of(t.pid());
     assert_eq!(status_field(h, "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(h, "Gid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(h, "Groups"), "");
@@ -238,13 +219,13 @@ fn a_killed_stack_helper_is_restarted_and_later_stalls_still_get_stacks() {
     let pids = StallPids::new("helperkill");
     let g = gevent_stalls(&pids, 1, None);
     let mut t = Tracer::start_without_py_spy(&["--pid", &g.pid().to_string()]);
-    let first = helper_of(t.pid());
+    let first = stack_helper_of(t.pid());
     assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
     let _client = get_async(g.port, "/pipe?secs=3", Duration::from_secs(30));
     let (w, _) = pids.wait_nth(0);
     let stall = stall_of(&mut t, w);
     assert!(has_frame(&stall, "pipe_read", "stall_app.py"), "{stall}");
-    let second = helper_of(t.pid());
+    let second = stack_helper_of(t.pid());
     assert_ne!(first, second);
     assert!(alive(t.pid()));
     t.stop();
@@ -275,13 +256,13 @@ fn tracer_with_caps(caps: &str) -> Tracer {
 fn with_the_daemonsets_capabilities_the_helper_becomes_nobody() {
     require_root();
     let t = tracer_with_caps(DAEMONSET_CAPS);
-    let h = helper_of(t.pid());
+    let h = stack_helper_of(t.pid());
     assert_eq!(status_field(h, "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(h, "Gid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(h, "CapEff"), "0000000000080000");
     drop(t);
     let mut t = tracer_with_caps("-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search");
-    let h = helper_of(t.pid());
+    let h = stack_helper_of(t.pid());
     assert_eq!(status_field(h, "Uid"), "0\t0\t0\t0");
     assert_eq!(status_field(h, "CapEff"), "0000000000080000");
     t.collect_for(Duration::from_millis(300));
