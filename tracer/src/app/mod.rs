@@ -4,6 +4,7 @@
 //! the kernel; `finish` prints the summary.
 pub mod cli;
 mod ending;
+mod enricher;
 pub mod logging;
 mod loop_search;
 pub mod metrics_server;
