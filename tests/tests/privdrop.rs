@@ -191,18 +191,7 @@ fn with_keep_root_the_tracer_stays_root_and_says_so() {
 #[test]
 fn a_network_namespace_it_cannot_enter_is_counted_as_unscanned() {
     require_root();
-    let port = free_port();
-    let gunicorn = venv().join("bin/gunicorn");
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--net", "--", "sh", "-c"])
-        .arg(format!(
-            "ip link set lo up && exec {} -w 1 -b 127.0.0.1:{port} stall_app:app",
-            gunicorn.display()
-        ))
-        .current_dir(apps_dir())
-        .env("PYTHONUNBUFFERED", "1");
-    let mut g = Proc::spawn_captured(&mut cmd);
-    g.wait_line("Booting worker", Duration::from_secs(30));
+    let g = gunicorn_in_a_netns_of_its_own(&["--net"]);
     let master = g.pid().to_string();
     let summary_with = |extra: &[&str]| {
         let mut args = vec!["--pid", master.as_str(), "--request-threshold", "1s"];
@@ -226,17 +215,14 @@ fn a_network_namespace_it_cannot_enter_is_counted_as_unscanned() {
     assert_eq!(root["ports_unscanned"], 0, "{root}");
 }
 
-/// A network namespace created with a user namespace of its own (rootless
-/// containers, `unshare -Urn`) is the process's to configure: the tracer
-/// never enters it, even as root, and counts its ports as unscanned
-/// (issue 20 item 6).
-#[test]
-fn a_network_namespace_of_another_user_namespace_is_never_entered() {
-    require_root();
+/// A one-worker Gunicorn started by `unshare ARGS` (a network namespace of
+/// its own, with its loopback up), once its worker boots.
+fn gunicorn_in_a_netns_of_its_own(unshare: &[&str]) -> Proc {
     let port = free_port();
     let gunicorn = venv().join("bin/gunicorn");
     let mut cmd = Command::new("unshare");
-    cmd.args(["--user", "--map-root-user", "--net", "--", "sh", "-c"])
+    cmd.args(unshare)
+        .args(["--", "sh", "-c"])
         .arg(format!(
             "ip link set lo up && exec {} -w 1 -b 127.0.0.1:{port} stall_app:app",
             gunicorn.display()
@@ -245,6 +231,17 @@ fn a_network_namespace_of_another_user_namespace_is_never_entered() {
         .env("PYTHONUNBUFFERED", "1");
     let mut g = Proc::spawn_captured(&mut cmd);
     g.wait_line("Booting worker", Duration::from_secs(30));
+    g
+}
+
+/// A network namespace created with a user namespace of its own (rootless
+/// containers, `unshare -Urn`) is the process's to configure: the tracer
+/// never enters it, even as root, and counts its ports as unscanned
+/// (issue 20 item 6).
+#[test]
+fn a_network_namespace_of_another_user_namespace_is_never_entered() {
+    require_root();
+    let g = gunicorn_in_a_netns_of_its_own(&["--user", "--map-root-user", "--net"]);
     let master = g.pid().to_string();
     let mut t = Tracer::start(&[
         "--pid",
