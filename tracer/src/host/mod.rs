@@ -17,6 +17,7 @@ pub mod pystack;
 pub mod pystack_helper;
 pub mod pystack_proto;
 pub mod rootfs;
+pub mod sandbox;
 pub mod sockdiag;
 pub mod threads;
 pub mod waits;

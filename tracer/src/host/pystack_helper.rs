@@ -6,26 +6,25 @@
 //! The target controls its memory and its files, and py-spy follows the
 //! library path the target's memory map names through /proc/PID/root. So
 //! the helper keeps nothing it does not need: it runs as uid and gid 65534
-//! with no groups, keeps CAP_SYS_PTRACE (process_vm_readv and
-//! /proc/PID/maps of other users' processes need PTRACE_MODE_ATTACH)
-//! effective, and CAP_DAC_READ_SEARCH permitted, raised only while a
-//! reader is set up (see CAP_DAC_READ_SEARCH), sets
-//! no-new-privileges, and cannot use more than 256 MiB of address space,
-//! start a process or thread, or open more than a few files. Before
-//! py-spy opens a library path, the helper checks it as the target's root
-//! sees it (no symbolic link, a regular file, not a deleted mapping's
-//! name); the tracer kills and replaces a helper that takes too long.
+//! with no groups and no new privileges, cannot use more than 256 MiB of
+//! address space, start a process, or open more than a few files, and
+//! reads with CAP_SYS_PTRACE alone (process_vm_readv and /proc/PID/maps
+//! of other users' processes need PTRACE_MODE_ATTACH). Its every open is
+//! made by its opener thread (see sandbox): /proc files, and regular
+//! files beneath the target's root reached with no symbolic link, checked
+//! and opened as one descriptor; the opener alone also has
+//! CAP_DAC_READ_SEARCH (see there). A deleted mapping's name is never
+//! opened. The tracer kills and replaces a helper that takes too long.
 //!
 //! py-spy 0.4.3 opens, on Linux: /proc/PID/maps, /proc/PID/exe (the
 //! kernel's link to the executable it runs, not a path the target names),
 //! /proc/PID/task, the `libpython*.so` path of the map under
-//! /proc/PID/root (checked here first), and reads the links
+//! /proc/PID/root (through the opener), and reads the links
 //! /proc/{self,PID}/ns/mnt. With `full_filenames` it opens nothing for the
 //! code's file names.
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io::{BufReader, BufWriter};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use py_spy::config::{Config, LineNo, LockingStrategy};
@@ -33,6 +32,7 @@ use py_spy::{PythonSpy, StackTrace};
 
 use super::pystack::{Captured, MAX_FRAMES, MAX_THREADS};
 use super::pystack_proto::{self as proto, Reply, Request};
+use super::sandbox::{self, Setup};
 use crate::model::{PyFrame, PyThread};
 
 /// The first argument that makes the tracer's binary the helper.
@@ -40,11 +40,11 @@ pub const HELPER_ARG: &str = "__pystack-helper";
 /// uid and gid of the helper: nobody.
 const NOBODY: u32 = 65534;
 const CAP_SYS_PTRACE: u32 = 19;
-/// Raised only while a process's reader is set up (the library check and
-/// py-spy's opening of the interpreter's files): a Python installed under
-/// a directory only root may enter (pyenv under /root, as on this
-/// project's test machine) cannot be read by uid 65534 otherwise. It
-/// allows reading and searching, never writing; stacks are read without it.
+/// The opener's (and, without an opener, raised only while a reader is
+/// set up): a Python installed under a directory only root may enter
+/// (pyenv under /root, as on this project's test machine) cannot be read
+/// by uid 65534 otherwise. It allows reading and searching, never
+/// writing; stacks are read without it.
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const KEPT: u32 = (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH);
 /// Address space the helper may map (py-spy maps the interpreter's ELF
@@ -64,11 +64,11 @@ const MAX_QUOTED_PATH: usize = 120;
 /// the kernel's default cap, at about 100 bytes each).
 const MAX_MAPS: u64 = 8 << 20;
 
-/// Drops every privilege but CAP_SYS_PTRACE, then sets the limits. Says
-/// what could not be done, if anything (for the tracer's stderr): a
-/// tracer without CAP_SETUID (the DaemonSet's capability set) cannot make
-/// its helper another user.
-fn drop_privileges() -> Vec<String> {
+/// Drops every privilege but CAP_SYS_PTRACE, sets the limits and the
+/// sandbox. Says how set-ups are confined, and what could not be done, if
+/// anything (for the tracer's stderr): a tracer without CAP_SETUID (the
+/// DaemonSet's capability set) cannot make its helper another user.
+fn drop_privileges() -> (Setup, Vec<String>) {
     let mut notes = Vec::new();
     // SAFETY: prctl, setgroups, setres[ug]id, setrlimit and capset with
     // valid arguments; nothing here touches Rust-owned memory.
@@ -134,13 +134,40 @@ fn drop_privileges() -> Vec<String> {
             libc::setrlimit(what, &l)
         };
         limit(libc::RLIMIT_AS, HELPER_AS);
-        // No fork and no thread: the helper is one thread, and py-spy's
-        // NonBlocking reads start none.
-        limit(libc::RLIMIT_NPROC, 0);
         limit(libc::RLIMIT_NOFILE, HELPER_NOFILE);
         limit(libc::RLIMIT_CORE, 0);
     }
-    notes
+    let setup = if !sandbox::forbid_processes() {
+        // No thread then either, so no opener.
+        // SAFETY: setrlimit with a valid limit.
+        unsafe {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_NPROC, &none);
+        }
+        notes.push(
+            "has no system-call filter here: a library path the target swaps right after its check is opened".into(),
+        );
+        Setup::Checked
+    } else {
+        match sandbox::trap_opens(opener_caps, opener_stopped) {
+            Ok(()) => {
+                // The reading thread never needs it again: the opener
+                // alone keeps it.
+                capset(1 << CAP_SYS_PTRACE, 1 << CAP_SYS_PTRACE);
+                Setup::Trapped
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "{e}: a library path the target swaps right after its check is opened"
+                ));
+                Setup::Checked
+            }
+        }
+    };
+    (setup, notes)
 }
 
 /// Sets the effective and permitted sets (the low 32 capabilities), the
@@ -180,7 +207,8 @@ fn capset(effective: u32, permitted: u32) -> bool {
 
 /// The helper's main: answers requests until its stdin closes.
 pub fn main() -> ExitCode {
-    for n in drop_privileges() {
+    let (setup, notes) = drop_privileges();
+    for n in notes {
         eprintln!("tracer: note: the Python stack helper {n}");
     }
     let mut input = BufReader::new(std::io::stdin().lock());
@@ -196,7 +224,7 @@ pub fn main() -> ExitCode {
         let reply = match request {
             Request::Open { pid } => {
                 if !spies.contains_key(&pid)
-                    && let Ok(spy) = open(pid)
+                    && let Ok(spy) = open(pid, setup)
                 {
                     keep(&mut spies, pid, spy);
                 }
@@ -207,7 +235,7 @@ pub fn main() -> ExitCode {
                 Reply::Done
             }
             Request::Capture { pid, tid, all } => {
-                proto::to_reply(capture(&mut spies, pid, tid, all))
+                proto::to_reply(capture(&mut spies, pid, tid, all, setup))
             }
         };
         let Ok(bytes) = serde_json::to_vec(&reply) else {
@@ -271,88 +299,64 @@ fn library_paths(maps: &str) -> Vec<String> {
     paths
 }
 
-/// Whether `name`, a library path from the target's map, may be opened by
-/// py-spy as "/proc/PID/root" + `name`: a regular file, reached with no
-/// symbolic link inside the target's root (an absolute link there would
-/// be followed from the helper's root: a host file), and not the name of
-/// a deleted mapping (the path no longer holds the mapped file: whatever
-/// is there now was put there after). O_PATH opens run no driver, so
-/// neither a FIFO nor a device is opened by the check.
-fn check_library(pid: u32, name: &str) -> Result<(), String> {
+/// A deleted mapping's name is refused: the path no longer holds the
+/// mapped file, so whatever is there now was put there after.
+fn refuse_deleted(pid: u32, name: &str) -> Result<(), String> {
     if name.ends_with(" (deleted)") {
         return Err(format!(
             "the Python library of process {pid} was deleted: its memory map names {}, a path that no longer holds the mapped file, so it is not opened",
             quoted(name)
         ));
     }
-    let root = CString::new(format!("/proc/{pid}/root")).map_err(|e| e.to_string())?;
-    // SAFETY: open with a valid C string; the fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            root.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(format!(
-            "the root directory of process {pid} cannot be read: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: fd is a new, valid descriptor.
-    let root = unsafe { OwnedFd::from_raw_fd(fd) };
-    let rel = CString::new(name.trim_start_matches('/')).map_err(|e| e.to_string())?;
-    // The kernel's struct open_how (libc's is non-exhaustive).
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow {
-        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_BENEATH,
-    };
-    // SAFETY: openat2 with a valid dirfd, path and open_how.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            rel.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        let why = if e.raw_os_error() == Some(libc::ELOOP) {
-            "a symbolic link is in its path".to_string()
-        } else {
-            e.to_string()
-        };
-        return Err(format!(
+    Ok(())
+}
+
+/// Without the opener (see sandbox), whether `name`, a library path from
+/// the target's map, may be opened by py-spy as "/proc/PID/root" +
+/// `name`: a regular file, reached with no symbolic link inside the
+/// target's root, and not a deleted mapping's name. O_PATH opens run no
+/// driver, so neither a FIFO nor a device is opened by the check; a swap
+/// right after it is not caught (the opener closes that gap).
+fn check_library(pid: u32, name: &str) -> Result<(), String> {
+    refuse_deleted(pid, name)?;
+    let refused = |why: String| {
+        format!(
             "the Python library {} of process {pid} is not opened: {why}",
             quoted(name)
-        ));
-    }
-    // SAFETY: fd is a new, valid descriptor.
-    let file = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        )
+    };
+    let file = sandbox::beneath_root(&pid.to_string(), name).map_err(|errno| {
+        refused(if errno == libc::ELOOP {
+            "a symbolic link is in its path".to_string()
+        } else {
+            std::io::Error::from_raw_os_error(errno).to_string()
+        })
+    })?;
     // SAFETY: fstat into a zeroed stat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0
         || st.st_mode & libc::S_IFMT != libc::S_IFREG
     {
-        return Err(format!(
-            "the Python library {} of process {pid} is not opened: it is not a regular file",
-            quoted(name)
-        ));
+        return Err(refused("it is not a regular file".into()));
     }
     Ok(())
 }
 
+/// The opener's capabilities (see sandbox): it makes every open of the
+/// reading thread, the interpreter's files among them.
+fn opener_caps() {
+    capset(KEPT, KEPT);
+}
+
+/// Without its opener the reading thread can open nothing: the helper
+/// exits, and the tracer starts a new one.
+fn opener_stopped() {
+    std::process::exit(3);
+}
+
 /// `f` with CAP_DAC_READ_SEARCH effective (when it is permitted), then
-/// without it again.
+/// without it again. Capabilities are per thread: a confined set-up
+/// raises it on its own thread only.
 fn reading_files<T>(f: impl FnOnce() -> T) -> T {
     let raised = capset(KEPT, KEPT);
     let r = f();
@@ -362,17 +366,25 @@ fn reading_files<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
-fn open(pid: u32) -> Result<PythonSpy, String> {
-    reading_files(|| open_reading_files(pid))
-}
-
-fn open_reading_files(pid: u32) -> Result<PythonSpy, String> {
+/// Sets up the reader of process `pid`. With the opener (`Trapped`),
+/// py-spy's opens are checked as they are made; without it, each library
+/// path is checked first, then py-spy opens it with CAP_DAC_READ_SEARCH
+/// raised.
+fn open(pid: u32, setup: Setup) -> Result<PythonSpy, String> {
     let maps = super::proc::read_capped(format!("/proc/{pid}/maps").as_ref(), MAX_MAPS)
         .ok_or_else(|| format!("the memory map of process {pid} cannot be read"))?;
     for name in library_paths(&String::from_utf8_lossy(&maps)) {
-        check_library(pid, &name)?;
+        match setup {
+            Setup::Trapped => refuse_deleted(pid, &name)?,
+            Setup::Checked => reading_files(|| check_library(pid, &name))?,
+        }
     }
-    PythonSpy::new(pid as py_spy::Pid, &config()).map_err(|e| {
+    let new = || PythonSpy::new(pid as py_spy::Pid, &config());
+    let spy = match setup {
+        Setup::Trapped => new(),
+        Setup::Checked => reading_files(new),
+    };
+    spy.map_err(|e| {
         bounded_error(
             &format!("cannot read the Python interpreter of process {pid}"),
             &e,
@@ -385,9 +397,10 @@ fn capture(
     pid: u32,
     tid: u32,
     all: bool,
+    setup: Setup,
 ) -> Result<Captured, String> {
     if !spies.contains_key(&pid) {
-        let spy = open(pid)?;
+        let spy = open(pid, setup)?;
         keep(spies, pid, spy);
     }
     let spy = spies.get_mut(&pid).expect("kept above");
@@ -635,7 +648,7 @@ mod tests {
         std::fs::write(&lib, b"\x7fELF").unwrap();
         assert_eq!(check_library(me, lib.to_str().unwrap()), Ok(()));
         let fifo = d.join("fifo");
-        let c = CString::new(fifo.to_str().unwrap()).unwrap();
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let e = check_library(me, fifo.to_str().unwrap()).unwrap_err();
         assert!(e.contains("not a regular file"), "{e}");
@@ -690,7 +703,7 @@ mod tests {
             native.sort();
             let pid = child.id();
             let t0 = Instant::now();
-            let mut spy = open(pid).unwrap();
+            let mut spy = open(pid, Setup::Checked).unwrap();
             let setup = t0.elapsed();
             let mut times = Vec::new();
             let mut tids = Vec::new();
