@@ -1,8 +1,10 @@
 //! The stack helper's sandbox, beyond its uid, capabilities and limits
 //! (see pystack_helper):
 //!
-//! - A process filter (seccomp): no new process, no exec, no ptrace and
-//!   no write into another process's memory. Threads stay allowed: the
+//! - A process filter (seccomp): no new process, no exec, no ptrace, no
+//!   write into another process's memory, and no open by file handle
+//!   (with CAP_DAC_READ_SEARCH it reads any file of the host, by no
+//!   path). Threads stay allowed: the
 //!   opener below is one. RLIMIT_NPROC could not tell them apart, and it
 //!   counts every process of the helper's uid (nobody) on the host.
 //! - An opener: py-spy opens the interpreter's library by the path the
@@ -63,6 +65,7 @@ mod arch {
         libc::SYS_execveat,
         libc::SYS_ptrace,
         libc::SYS_process_vm_writev,
+        libc::SYS_open_by_handle_at,
     ];
 }
 
@@ -75,6 +78,7 @@ mod arch {
         libc::SYS_execveat,
         libc::SYS_ptrace,
         libc::SYS_process_vm_writev,
+        libc::SYS_open_by_handle_at,
     ];
 }
 
@@ -140,12 +144,9 @@ const TRAPPED: &[libc::c_long] = &[libc::SYS_open, libc::SYS_openat];
 #[cfg(target_arch = "aarch64")]
 const TRAPPED: &[libc::c_long] = &[libc::SYS_openat];
 /// Opens the opener does not answer: openat2 (its resolution flags are
-/// in memory: "not there", so callers fall back to openat) and opens by
-/// file handle (never by a path the opener could check).
-const REFUSED: &[(libc::c_long, i32)] = &[
-    (libc::SYS_openat2, libc::ENOSYS),
-    (libc::SYS_open_by_handle_at, libc::EPERM),
-];
+/// in memory: "not there", so callers fall back to openat). Opens by file
+/// handle are refused by the process filter.
+const REFUSED: &[(libc::c_long, i32)] = &[(libc::SYS_openat2, libc::ENOSYS)];
 /// Longest path the opener reads from a trapped call.
 const MAX_PATH: usize = 4096;
 
@@ -643,8 +644,14 @@ mod tests {
             let write =
                 unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
             let write = (write, errno());
+            // SAFETY: a handle-based open that should be refused before
+            // its arguments are looked at.
+            let by_handle = unsafe {
+                libc::syscall(libc::SYS_open_by_handle_at, -1, std::ptr::null::<u8>(), 0)
+            };
+            let by_handle = (by_handle, errno());
             let thread = std::thread::spawn(|| 7).join().unwrap();
-            (fork, spawn, write, thread)
+            (fork, spawn, write, thread, by_handle)
         })
         .join()
         .unwrap();
@@ -652,5 +659,6 @@ mod tests {
         assert!(r.1, "a program was started");
         assert_eq!(r.2, (-1, Some(libc::EPERM)));
         assert_eq!(r.3, 7);
+        assert_eq!(r.4, (-1, Some(libc::EPERM)));
     }
 }
