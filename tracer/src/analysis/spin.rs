@@ -19,6 +19,9 @@ use crate::model::{
 };
 
 const MS: u64 = 1_000_000;
+/// A heartbeat's age comes from its file's change time (a coarse clock):
+/// one this close to the run's start may have come before it.
+const BEAT_SLACK_NS: u64 = 50 * MS;
 
 /// A stack read from a loop thread for this rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -275,11 +278,20 @@ impl Correlator {
         if !keeps_the_cpu(cpu_used, now_ns.saturating_sub(run.since_ns) / MS) {
             return Vec::new();
         }
+        // A heartbeat since the run began: the loop ran Gunicorn's notify
+        // meanwhile, so no one request has held it. A loop serving request
+        // after request of one handler, never idle long enough to sleep,
+        // shows that handler in both stacks too.
+        let heartbeat_age_ms = enr.heartbeat_age_ms(pid);
+        if heartbeat_age_ms
+            .is_some_and(|age| now_ns.saturating_sub(age * MS) > run.since_ns + BEAT_SLACK_NS)
+        {
+            return Vec::new();
+        }
         let Some(p) = self.procs.get(&pid) else {
             return Vec::new();
         };
         let thread_name = enr.thread_name(pid, pid);
-        let heartbeat_age_ms = enr.heartbeat_age_ms(pid);
         let since = run.since_ns;
         let mut report = StallReport {
             pid,

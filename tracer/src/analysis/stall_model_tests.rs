@@ -676,3 +676,56 @@ fn a_stall_of_a_flood_over_before_its_turn_is_counted_not_reported() {
     c.on_samples(&samples, 700 * MS, f);
     assert_eq!(stalls(&c.on_kernel(ended(flood + 101, 750), f)).len(), 1);
 }
+
+/// A loop thread's stack in the handler `spin` of /srv/app.py, called by
+/// Gunicorn's sync worker.
+fn in_handler(line: u32) -> Result<super::StackSample, String> {
+    let lib = "/venv/lib/python3.11/site-packages/gunicorn/workers/sync.py";
+    let frame = |function: &str, file: &str, line: u32| crate::model::PyFrame {
+        function: function.into(),
+        file: file.into(),
+        line: Some(line),
+    };
+    Ok(super::StackSample {
+        frames: vec![
+            frame("spin", "/srv/app.py", line),
+            frame("app", "/srv/app.py", 40),
+            frame("handle_request", lib, 178),
+            frame("handle", lib, 134),
+        ],
+        omitted: 0,
+        others: None,
+    })
+}
+
+/// Two stacks read 250 ms apart in one handler, the loop thread running
+/// without a sleep since 1000 ms: a CPU stall when the heartbeat is older
+/// than the run, none when it moved during it (the loop served request
+/// after request of that handler, running Gunicorn's notify between).
+#[test]
+fn two_stacks_in_one_handler_are_a_cpu_stall_only_when_no_heartbeat_came_during_the_run() {
+    for (heartbeat_ms, stalled) in [(1800, true), (300, false), (540, true)] {
+        let (mut c, f) = (worker(Some("sync")), &mut Scripted::default());
+        f.heartbeat = heartbeat_ms;
+        f.cpu = cpu(true, 5, 0);
+        assert_eq!(c.spin_look(1000 * MS, f).0, Vec::<u32>::new());
+        f.cpu = cpu(true, 5, 250);
+        assert_eq!(c.spin_look(1250 * MS, f).0, vec![W]);
+        assert!(
+            c.spin_sampled(W, 1250 * MS, in_handler(3), 1250 * MS, f)
+                .is_empty()
+        );
+        f.cpu = cpu(true, 5, 500);
+        assert_eq!(c.spin_look(1500 * MS, f).0, vec![W]);
+        let out = c.spin_sampled(W, 1500 * MS, in_handler(4), 1500 * MS, f);
+        let on_cpu: Vec<_> = stalls(&out)
+            .into_iter()
+            .filter(|r| r.state == StallState::OnCpu)
+            .collect();
+        assert_eq!(
+            on_cpu.len(),
+            usize::from(stalled),
+            "heartbeat {heartbeat_ms} ms old"
+        );
+    }
+}
