@@ -215,3 +215,33 @@ fn loops_busy_serving_many_short_requests_are_not_cpu_stalls() {
         t.stop();
     }
 }
+
+/// A loop saturated by one CPU-heavy handler (5 ms of CPU per request,
+/// 16 connections): the loop thread may not sleep for seconds, and two
+/// stacks read a threshold apart are both in that handler, but Gunicorn's
+/// heartbeat moves meanwhile (its notify runs between requests), so no
+/// single request held the loop. The tracer before this rule named such a
+/// gevent worker on the CPU in 2 runs of 3 here.
+#[test]
+fn a_loop_saturated_by_one_handler_whose_heartbeat_moves_is_not_a_cpu_stall() {
+    require_root();
+    for class in ["gevent", "gevent", "sync"] {
+        let g = Gunicorn::new("stall_app:app")
+            .worker_class(class)
+            .timeout(30)
+            .spawn();
+        let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+        t.wait_for("the worker", Duration::from_secs(5), |e| {
+            e["event"] == "worker"
+        });
+        let served = wrk(g.port, "/spin?secs=0.005", 16, 5);
+        assert!(served > 100, "{class}: wrk got {served} responses");
+        t.collect_for(Duration::from_secs(1));
+        assert!(
+            t.of_kind("stall").is_empty(),
+            "{class}: no stall while serving {served} requests: {:?}",
+            t.of_kind("stall")
+        );
+        t.stop();
+    }
+}

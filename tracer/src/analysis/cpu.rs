@@ -20,7 +20,7 @@ const MS: u64 = 1_000_000;
 /// Gunicorn's own workers touch their heartbeat about once a second while
 /// their loop runs (an idle sync worker less often, but it is then asleep
 /// in its select).
-const BUILTIN_INTERVAL_MS: u64 = 1000;
+pub(super) const BUILTIN_INTERVAL_MS: u64 = 1000;
 /// The session looks at heartbeats every 250 ms: the first look that found
 /// one overdue (and started the busy count) may have come that late.
 const LOOK_SLACK_MS: u64 = 250;
@@ -125,7 +125,11 @@ struct Measured {
 /// How often a worker heartbeats: about once a second for Gunicorn's own
 /// classes; for others (Uvicorn's worker beats every timeout/2) the
 /// shortest interval seen, once two heartbeats were.
-fn interval_ms(class: Option<&str>, loop_wait: Option<LoopWait>, beats: &Beats) -> Option<u64> {
+pub(super) fn interval_ms(
+    class: Option<&str>,
+    loop_wait: Option<LoopWait>,
+    beats: &Beats,
+) -> Option<u64> {
     let builtin = match class {
         Some(c) => matches!(
             c,

@@ -11,6 +11,7 @@
 //! server's own code, another handler) and is not one.
 use super::Enricher;
 use super::correlator::Correlator;
+use super::cpu;
 use super::signatures;
 use super::stalls::stall_end;
 use crate::model::{
@@ -22,6 +23,9 @@ const MS: u64 = 1_000_000;
 /// A heartbeat's age comes from its file's change time (a coarse clock):
 /// one this close to the run's start may have come before it.
 const BEAT_SLACK_NS: u64 = 50 * MS;
+/// How late past its interval a heartbeat is overdue: a saturated loop
+/// runs its notify timer late by the requests ready before it.
+const OVERDUE_SLACK_MS: u64 = 250;
 
 /// A stack read from a loop thread for this rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -291,6 +295,19 @@ impl Correlator {
         let Some(p) = self.procs.get(&pid) else {
             return Vec::new();
         };
+        // Gunicorn's own classes beat about once a second even when one
+        // handler's requests keep the loop from sleeping: until a beat is
+        // overdue, the two stacks may be two requests. (Uvicorn's worker
+        // beats every timeout/2: waiting for that would come after the
+        // threshold by seconds, so there it is not waited for.)
+        let class = p.worker_class.as_ref().map(|c| c.name.as_str());
+        let interval = cpu::interval_ms(class, p.loop_wait, &p.beats);
+        if let (Some(interval), Some(age)) = (interval, heartbeat_age_ms)
+            && interval <= cpu::BUILTIN_INTERVAL_MS
+            && age < interval + OVERDUE_SLACK_MS
+        {
+            return Vec::new();
+        }
         let thread_name = enr.thread_name(pid, pid);
         let since = run.since_ns;
         let mut report = StallReport {
