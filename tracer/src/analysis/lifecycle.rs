@@ -12,6 +12,31 @@ pub(super) const MAX_EXITED_KEPT: usize = 256;
 /// Quiet exits kept in case a close of theirs comes after the exit event.
 const MAX_EXITED_RECENT: usize = 64;
 
+/// How far a process's start time (a clock tick, 10 ms) may be from its
+/// fork event's time and still be that child.
+const SAME_START_NS: u64 = 50_000_000;
+
+/// `read` of the child forked at `fork_ns`, or None when the pid now
+/// belongs to another process: the child ended and its pid was reused
+/// before the session got to its fork (checked before and after the read,
+/// when the start time can be read at all).
+fn read_as_child<T>(
+    enr: &mut dyn Enricher,
+    child: u32,
+    fork_ns: u64,
+    read: impl FnOnce(&mut dyn Enricher) -> Option<T>,
+) -> Option<T> {
+    let other = |e: &mut dyn Enricher| {
+        e.process_start_ns(child)
+            .is_some_and(|s| s.abs_diff(fork_ns) > SAME_START_NS)
+    };
+    if other(enr) {
+        return None;
+    }
+    let found = read(enr);
+    if other(enr) { None } else { found }
+}
+
 impl Correlator {
     /// The stall a WORKER TIMEOUT at `ts_ns` is blamed on. Gunicorn kills a
     /// worker whose heartbeat is older than --timeout, and only the loop
@@ -60,7 +85,7 @@ impl Correlator {
             worker_class,
             settings: None,
             source: Source::Fork,
-            container: enr.container(child),
+            container: read_as_child(enr, child, ts_ns, |e| e.container(child)),
         };
         self.add_process(ts_ns, p).into_iter().collect()
     }
@@ -214,5 +239,62 @@ fn timeout_output(
         escalated_after_ms: escalation.map(|(_, at)| at.saturating_sub(first.ts_ns) / 1_000_000),
         stall: first.stall,
         container: p.container.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FdInfo;
+
+    /// A pid whose process started at `starts` (one per read, the last
+    /// repeated), in a pod named "pod".
+    struct Reused {
+        starts: Vec<Option<u64>>,
+    }
+
+    impl Enricher for Reused {
+        fn fd_info(&mut self, _pid: u32, _fd: i32) -> FdInfo {
+            unreachable!()
+        }
+        fn heartbeat_age_ms(&mut self, _pid: u32) -> Option<u64> {
+            None
+        }
+        fn comm(&mut self, _pid: u32) -> String {
+            String::new()
+        }
+        fn process_start_ns(&mut self, _pid: u32) -> Option<u64> {
+            if self.starts.len() > 1 {
+                self.starts.remove(0)
+            } else {
+                self.starts[0]
+            }
+        }
+    }
+
+    fn pod(e: &mut dyn Enricher) -> Option<&'static str> {
+        let _ = e.container(7);
+        Some("pod")
+    }
+
+    /// The child's pod is kept when the pid's process started at the fork
+    /// (or its start cannot be read), and not when the pid belongs to a
+    /// later process, before or after the read.
+    #[test]
+    fn a_pid_reused_before_its_fork_was_read_gives_nothing_of_the_new_process() {
+        const MS: u64 = 1_000_000;
+        let fork = 5_000 * MS;
+        for (starts, kept) in [
+            (vec![Some(fork + 10 * MS)], true),
+            (vec![Some(fork - 10 * MS)], true),
+            (vec![None], true),
+            (vec![Some(fork + 900 * MS)], false),
+            (vec![Some(fork), Some(fork + 900 * MS)], false),
+        ] {
+            let e = &mut Reused {
+                starts: starts.clone(),
+            };
+            assert_eq!(read_as_child(e, 7, fork, pod).is_some(), kept, "{starts:?}");
+        }
     }
 }

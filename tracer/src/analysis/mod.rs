@@ -119,4 +119,9 @@ pub trait Enricher {
     fn process_age_ms(&mut self, _pid: u32) -> Option<u64> {
         None
     }
+    /// When the process that has this pid now started, in the kernel's
+    /// event clock (to a clock tick).
+    fn process_start_ns(&mut self, _pid: u32) -> Option<u64> {
+        None
+    }
 }

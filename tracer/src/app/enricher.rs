@@ -117,6 +117,9 @@ impl Enricher for ProcEnricher {
     fn process_age_ms(&mut self, pid: u32) -> Option<u64> {
         threads::process_age_ms(pid)
     }
+    fn process_start_ns(&mut self, pid: u32) -> Option<u64> {
+        threads::process_start_ns(pid)
+    }
     fn thread_count(&mut self, pid: u32) -> Option<u32> {
         threads::thread_count(pid)
     }

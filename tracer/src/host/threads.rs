@@ -122,23 +122,49 @@ pub fn running_thread_cpu(pid: u32, tid: u32) -> Option<ThreadCpu> {
     })
 }
 
-/// How long ago a process was started (forked), from its stat's start time
-/// (clock ticks after boot) and the boot-time clock.
-pub fn process_age_ms(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(proc_path(&[&pid.to_string(), "stat"])).ok()?;
+/// starttime (field 22) of /proc/PID/stat: clock ticks after boot. The
+/// comm before it may hold any bytes: fields are counted after the last ')'.
+pub fn parse_stat_start_ticks(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    // Field 22 of stat (starttime): 20 after the comm.
-    let start_ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is a valid timespec to write into.
-    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
         return None;
     }
-    let now_ms = ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
-    Some(now_ms.saturating_sub(start_ticks * 1000 / clock_ticks()))
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = super::proc::read_capped(&proc_path(&[&pid.to_string(), "stat"]), 4096)?;
+    parse_stat_start_ticks(&String::from_utf8_lossy(&stat))
+}
+
+/// How long ago a process was started (forked), from its stat's start time
+/// (clock ticks after boot) and the boot-time clock.
+pub fn process_age_ms(pid: u32) -> Option<u64> {
+    let start_ms = start_ticks(pid)? * 1000 / clock_ticks();
+    Some((clock_ns(libc::CLOCK_BOOTTIME)? / 1_000_000).saturating_sub(start_ms))
+}
+
+/// When the process that has `pid` now started, in the monotonic clock
+/// of the kernel's event times, to a clock tick (10 ms): a pid reused
+/// since an event about it shows a later start.
+pub fn process_start_ns(pid: u32) -> Option<u64> {
+    let start_boot_ns = start_ticks(pid)? * (1_000_000_000 / clock_ticks());
+    let (boot, mono) = (
+        clock_ns(libc::CLOCK_BOOTTIME)?,
+        clock_ns(libc::CLOCK_MONOTONIC)?,
+    );
+    // The boot-time clock runs ahead of the monotonic one by the time the
+    // machine spent suspended.
+    Some(start_boot_ns.saturating_sub(boot.saturating_sub(mono)))
 }
 
 /// num_threads (field 20) of /proc/PID/stat. The comm before it may hold
@@ -158,6 +184,34 @@ pub fn thread_count(pid: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_time_is_read_after_a_hostile_comm() {
+        let stat = "42 (a) b) 1 2 3) S 1 42 42 0 -1 4194560 1 0 0 0 3 4 0 0 20 0 1 0 98765 1000 50";
+        assert_eq!(parse_stat_start_ticks(stat), Some(98765));
+        assert_eq!(parse_stat_start_ticks("42 (x"), None);
+        assert_eq!(parse_stat_start_ticks("42 (x) S 1 2"), None);
+    }
+
+    /// The real kernel: a child started now has a start time within a
+    /// few clock ticks of the monotonic clock read around its spawn.
+    #[test]
+    fn a_new_process_starts_at_the_monotonic_time_of_its_fork() {
+        let before = clock_ns(libc::CLOCK_MONOTONIC).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let after = clock_ns(libc::CLOCK_MONOTONIC).unwrap();
+        let start = process_start_ns(child.id()).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let tick = 1_000_000_000 / clock_ticks();
+        assert!(
+            start + 2 * tick >= before && start <= after + 2 * tick,
+            "{before} <= {start} <= {after}"
+        );
+    }
 
     #[test]
     fn thread_count_from_stat_whatever_the_comm() {
