@@ -424,13 +424,16 @@ fn capture(
 /// glibc's `struct pthread` there (x86_64 only), and kept only when it is
 /// one of the process's threads and no other Python thread claims it.
 fn os_tids(spy: &PythonSpy, traces: &[StackTrace]) -> Vec<Option<u32>> {
-    let tasks: Vec<u32> = match spy.process.threads() {
-        Ok(ts) => ts
-            .iter()
-            .filter_map(|t| t.id().ok())
-            .map(|t| t as u32)
-            .collect(),
-        Err(_) => Vec::new(),
+    // The task list (an open of /proc/PID/task, through the opener) only
+    // when some thread has no recorded id: never on 3.11+.
+    let tasks: Vec<u32> = match traces.iter().any(|t| t.os_thread_id.is_none()) {
+        true => spy.process.threads().map_or(Vec::new(), |ts| {
+            ts.iter()
+                .filter_map(|t| t.id().ok())
+                .map(|t| t as u32)
+                .collect()
+        }),
+        false => Vec::new(),
     };
     let read = |handle: u64| pthread_tid(spy, handle);
     map_tids(traces, &tasks, read)
