@@ -82,53 +82,85 @@ mod arch {
     ];
 }
 
+/// Classic BPF for seccomp, the few instructions these filters use.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn filter() -> Option<Vec<libc::sock_filter>> {
+mod cbpf {
     use libc::{
-        BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W,
-        SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS,
+        BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ERRNO,
+        SECCOMP_RET_KILL_PROCESS, sock_filter,
     };
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
+
     // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low
     // word on these little-endian machines).
-    let (nr, arch, arg0) = (0, 4, 16);
-    let deny = stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | libc::EPERM as u32);
-    let mut p = vec![
-        stmt(BPF_LD | BPF_W | BPF_ABS, arch),
-        jump(BPF_JMP | BPF_JEQ | BPF_K, arch::AUDIT_ARCH, 1, 0),
-        stmt(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        stmt(BPF_LD | BPF_W | BPF_ABS, nr),
-    ];
+    pub const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    pub const ARG0: u32 = 16;
+
+    pub fn op(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
+        sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
+        }
+    }
+
+    /// Loads the word at `offset` of struct seccomp_data.
+    pub fn load(offset: u32) -> sock_filter {
+        op(BPF_LD | BPF_W | BPF_ABS, offset, 0, 0)
+    }
+
+    pub fn ret(action: u32) -> sock_filter {
+        op(BPF_RET | BPF_K, action, 0, 0)
+    }
+
+    pub fn errno(e: i32) -> sock_filter {
+        ret(SECCOMP_RET_ERRNO | e as u32)
+    }
+
+    /// `call` (the number loaded) returns `action`; anything else goes on.
+    pub fn when(call: libc::c_long, action: sock_filter) -> [sock_filter; 2] {
+        [op(BPF_JMP | BPF_JEQ | BPF_K, call as u32, 0, 1), action]
+    }
+
+    /// Another architecture's calls kill the process; then the system call
+    /// number is loaded.
+    pub fn prologue() -> Vec<sock_filter> {
+        vec![
+            load(ARCH),
+            op(BPF_JMP | BPF_JEQ | BPF_K, super::arch::AUDIT_ARCH, 1, 0),
+            ret(SECCOMP_RET_KILL_PROCESS),
+            load(NR),
+        ]
+    }
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn filter() -> Option<Vec<libc::sock_filter>> {
+    use cbpf::{errno, load, op, prologue, ret, when};
+    use libc::{BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, SECCOMP_RET_ALLOW};
+    let mut p = prologue();
     if let Some(x32) = arch::X32 {
-        p.extend([jump(BPF_JMP | BPF_JGE | BPF_K, x32, 0, 1), deny]);
+        p.extend([op(BPF_JMP | BPF_JGE | BPF_K, x32, 0, 1), errno(libc::EPERM)]);
     }
     // clone3 passes its flags in memory, out of the filter's sight: it is
     // "not there", and the C library falls back to clone.
-    p.extend([
-        jump(BPF_JMP | BPF_JEQ | BPF_K, libc::SYS_clone3 as u32, 0, 1),
-        stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
-    ]);
+    p.extend(when(libc::SYS_clone3, errno(libc::ENOSYS)));
     for &call in arch::DENIED {
-        p.extend([jump(BPF_JMP | BPF_JEQ | BPF_K, call as u32, 0, 1), deny]);
+        p.extend(when(call, errno(libc::EPERM)));
     }
     // clone makes a thread (allowed) only with CLONE_THREAD.
     p.extend([
-        jump(BPF_JMP | BPF_JEQ | BPF_K, libc::SYS_clone as u32, 0, 3),
-        stmt(BPF_LD | BPF_W | BPF_ABS, arg0),
-        jump(BPF_JMP | BPF_JSET | BPF_K, libc::CLONE_THREAD as u32, 1, 0),
-        deny,
-        stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        op(
+            BPF_JMP | libc::BPF_JEQ | BPF_K,
+            libc::SYS_clone as u32,
+            0,
+            3,
+        ),
+        load(cbpf::ARG0),
+        op(BPF_JMP | BPF_JSET | BPF_K, libc::CLONE_THREAD as u32, 1, 0),
+        errno(libc::EPERM),
+        ret(SECCOMP_RET_ALLOW),
     ]);
     Some(p)
 }
@@ -220,43 +252,15 @@ pub fn trap_opens(opener_caps: fn(), stopped: fn()) -> Result<(), String> {
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn trap_filter() -> Option<Vec<libc::sock_filter>> {
-    use libc::{
-        BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
-        SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_USER_NOTIF,
-    };
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let is = |call: libc::c_long| libc::sock_filter {
-        code: (BPF_JMP | BPF_JEQ | BPF_K) as u16,
-        jt: 0,
-        jf: 1,
-        k: call as u32,
-    };
-    let mut p = vec![
-        stmt(BPF_LD | BPF_W | BPF_ABS, 4),
-        libc::sock_filter {
-            code: (BPF_JMP | BPF_JEQ | BPF_K) as u16,
-            jt: 1,
-            jf: 0,
-            k: arch::AUDIT_ARCH,
-        },
-        stmt(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        stmt(BPF_LD | BPF_W | BPF_ABS, 0),
-    ];
+    use cbpf::{errno, prologue, ret, when};
+    let mut p = prologue();
     for &call in TRAPPED {
-        p.extend([is(call), stmt(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF)]);
+        p.extend(when(call, ret(libc::SECCOMP_RET_USER_NOTIF)));
     }
-    for &(call, errno) in REFUSED {
-        p.extend([
-            is(call),
-            stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | errno as u32),
-        ]);
+    for &(call, e) in REFUSED {
+        p.extend(when(call, errno(e)));
     }
-    p.push(stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+    p.push(ret(libc::SECCOMP_RET_ALLOW));
     Some(p)
 }
 
