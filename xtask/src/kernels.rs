@@ -29,6 +29,7 @@ const GUEST_FILES: &[&str] = &[
     "lost_requests",
     "timeout_blame",
     "truthful",
+    "pystack_helper",
 ];
 
 /// One test file gets at most this long in the guest (it runs 3-5x slower
@@ -380,12 +381,14 @@ pub fn run_matrix(
                 out.join("guest.log").display()
             ));
         }
+        let mut ran = 0;
         for name in bins.keys() {
             let log = fs::read_to_string(out.join(format!("{name}.log"))).unwrap_or_default();
             let rc = fs::read_to_string(out.join(format!("{name}.rc")))
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok());
             let lines = results(&log);
+            ran += lines.len();
             for (test, verdict) in &lines {
                 println!("{:<6} {name}::{test} ... {verdict}", k.short);
                 if verdict != "ok" && verdict != "ignored" {
@@ -403,6 +406,14 @@ pub fn run_matrix(
                 Some(_) => {}
                 None => failures.push(format!("{} {name}: did not run", k.short)),
             }
+        }
+        // A filter that matches nothing proves nothing: not a pass.
+        if ran == 0 {
+            failures.push(format!(
+                "{}: no test ran{}",
+                k.short,
+                filter.map_or(String::new(), |f| format!(" (none matched '{f}')"))
+            ));
         }
     }
     Ok(failures)
