@@ -138,7 +138,7 @@ mod cbpf {
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn filter() -> Option<Vec<libc::sock_filter>> {
     use cbpf::{errno, load, op, prologue, ret, when};
-    use libc::{BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, SECCOMP_RET_ALLOW};
+    use libc::{BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, SECCOMP_RET_ALLOW};
     let mut p = prologue();
     if let Some(x32) = arch::X32 {
         p.extend([op(BPF_JMP | BPF_JGE | BPF_K, x32, 0, 1), errno(libc::EPERM)]);
@@ -151,12 +151,7 @@ fn filter() -> Option<Vec<libc::sock_filter>> {
     }
     // clone makes a thread (allowed) only with CLONE_THREAD.
     p.extend([
-        op(
-            BPF_JMP | libc::BPF_JEQ | BPF_K,
-            libc::SYS_clone as u32,
-            0,
-            3,
-        ),
+        op(BPF_JMP | BPF_JEQ | BPF_K, libc::SYS_clone as u32, 0, 3),
         load(cbpf::ARG0),
         op(BPF_JMP | BPF_JSET | BPF_K, libc::CLONE_THREAD as u32, 1, 0),
         errno(libc::EPERM),
