@@ -34,6 +34,9 @@ pub const MAX_THREADS: usize = 32;
 pub const CAPTURE_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a reader's set-up ahead of a stall may take.
 const OPEN_DEADLINE: Duration = Duration::from_secs(1);
+/// How long a new helper may take to answer its first request (a no-op):
+/// its start is not counted against the process it is asked to read.
+const HELPER_START_DEADLINE: Duration = Duration::from_secs(10);
 /// Set-ups waiting at most; past it a worker is set up at its first stall.
 const MAX_QUEUED_OPENS: usize = 256;
 /// Stacks read per master: a burst of this many, then RATE_PER_SEC.
@@ -191,6 +194,8 @@ struct Helper {
     child: Child,
     stdin: ChildStdin,
     answers: Receiver<std::io::Result<Vec<u8>>>,
+    /// It has answered once: it is up.
+    up: bool,
 }
 
 enum CallError {
@@ -241,6 +246,7 @@ impl Helper {
             child,
             stdin,
             answers,
+            up: false,
         })
     }
 
@@ -424,6 +430,35 @@ impl Manager {
                         format!("the Python stack helper could not be started: {e}")
                     })?);
             }
+            // A helper's start (exec, dropping its privileges) is its own
+            // cost: the request's time begins once it has answered a no-op.
+            let mut deadline = deadline;
+            if !self.helper.as_ref().is_some_and(|h| h.up) {
+                let began = Instant::now();
+                let h = self.helper.as_mut().expect("started above");
+                match h.call(Request::Forget { pid: 0 }, began + HELPER_START_DEADLINE) {
+                    Ok(_) => h.up = true,
+                    // Not delivered: a new helper is tried.
+                    Err(CallError::NotSent) => {
+                        self.helper = None;
+                        continue;
+                    }
+                    Err(CallError::Late) => {
+                        self.helper = None;
+                        return Err(format!(
+                            "the Python stack helper did not start within {} s",
+                            HELPER_START_DEADLINE.as_secs()
+                        ));
+                    }
+                    Err(CallError::Gone(why)) => {
+                        self.helper = None;
+                        return Err(format!(
+                            "the Python stack helper stopped as it started ({why})"
+                        ));
+                    }
+                }
+                deadline += began.elapsed();
+            }
             let h = self.helper.as_mut().expect("started above");
             match h.call(req, deadline) {
                 Ok(r) => return Ok(r),
@@ -460,6 +495,47 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in helper that takes 1.5 s to start (past OPEN_DEADLINE),
+    /// then answers every request: Done, and an error for a capture.
+    const SLOW_HELPER: &str = "#!/usr/bin/python3
+import json, struct, sys, time
+time.sleep(1.5)
+i, o = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    h = i.read(4)
+    if len(h) < 4:
+        break
+    req = json.loads(i.read(struct.unpack('<I', h)[0]))
+    rep = {'Error': 'no stack here'} if 'Capture' in req else 'Done'
+    b = json.dumps(rep).encode()
+    o.write(struct.pack('<I', len(b)) + b)
+    o.flush()
+";
+
+    /// A helper slow to start does not make the first set-up late: the
+    /// process is still read (here the stand-in's own error comes back),
+    /// not quarantined as "not read again".
+    #[test]
+    fn a_helper_slow_to_start_is_not_blamed_on_the_first_process() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("slow-helper-{}.py", std::process::id()));
+        std::fs::write(&path, SLOW_HELPER).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let r = StackReader::start_program(path.clone()).unwrap();
+        r.open(42);
+        let waited = Instant::now();
+        while r.costs().setups == 0 && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(r.costs().setups, 1, "the set-up was done, not late");
+        let got = r
+            .capture(42, 42, false, Instant::now() + Duration::from_secs(10))
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(got.map(|_| ()), Err("no stack here".to_string()));
+    }
 
     #[test]
     fn cost_figures_are_the_median_and_99th_percentile_of_the_kept() {
