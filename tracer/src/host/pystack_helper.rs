@@ -24,7 +24,6 @@
 //! code's file names.
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter};
-use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use py_spy::config::{Config, LineNo, LockingStrategy};
@@ -32,6 +31,7 @@ use py_spy::{PythonSpy, StackTrace};
 
 use super::pystack::{Captured, MAX_FRAMES, MAX_THREADS};
 use super::pystack_proto::{self as proto, Reply, Request};
+use super::rootfs::{self, NotRegular, Resolve};
 use super::sandbox::{self, Setup};
 use crate::model::{PyFrame, PyThread};
 
@@ -325,20 +325,21 @@ fn check_library(pid: u32, name: &str) -> Result<(), String> {
             quoted(name)
         )
     };
-    let file = sandbox::beneath_root(&pid.to_string(), name).map_err(|errno| {
-        refused(if errno == libc::ELOOP {
-            "a symbolic link is in its path".to_string()
-        } else {
-            std::io::Error::from_raw_os_error(errno).to_string()
+    let opath =
+        rootfs::resolve_in_root(&pid.to_string(), name, Resolve::NoSymlinks).map_err(|e| {
+            refused(if e.raw_os_error() == Some(libc::ELOOP) {
+                "a symbolic link is in its path".to_string()
+            } else {
+                e.to_string()
+            })
+        })?;
+    rootfs::reopen_regular(&opath).map_err(|e| {
+        refused(match e {
+            NotRegular::NotAFile => "it is not a regular file".into(),
+            NotRegular::Pseudo => "it is a file of a kernel filesystem".into(),
+            NotRegular::Failed(why) => why,
         })
     })?;
-    // SAFETY: fstat into a zeroed stat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0
-        || st.st_mode & libc::S_IFMT != libc::S_IFREG
-    {
-        return Err(refused("it is not a regular file".into()));
-    }
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! on an O_PATH descriptor before the file is opened for reading: a device,
 //! a FIFO, or a file of /proc, /sys, debugfs or tracefs is never opened),
 //! capped in size, and on a helper thread with a deadline (a hung mount).
-//! Every file the tracer reads on a target's behalf goes through here.
+//! Every file the tracer reads on a target's behalf goes through here, and
+//! so does every library the stack helper's opener opens (host::sandbox).
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -71,20 +72,34 @@ pub fn read_in_root(pid: u32, path: &str, cap: usize) -> Result<RootFile, RootEr
         .map_err(|e| RootError::Other(e.to_string()))?
 }
 
-fn read_in_root_now(pid: u32, path: &str, cap: usize) -> Result<RootFile, RootError> {
-    let other = |e: String| RootError::Other(e);
+/// How a path inside a process's root is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolve {
+    /// Symbolic links are followed, but never out of the root (an
+    /// absolute one starts at the root, ".." stops there).
+    InRoot,
+    /// No symbolic link at all (ELOOP): only the path as named.
+    NoSymlinks,
+}
+
+/// `path` inside the root of process `who` (a pid, or "self"), opened
+/// with O_PATH: nothing is opened, no driver runs. Never a magic link.
+pub fn resolve_in_root(who: &str, path: &str, resolve: Resolve) -> std::io::Result<OwnedFd> {
     let root = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(format!("/proc/{pid}/root"))
-        .map_err(|e| other(format!("/proc/{pid}/root: {e}")))?;
-    let rel =
-        CString::new(path.trim_start_matches('/')).map_err(|_| other("NUL in path".into()))?;
+        .open(format!("/proc/{who}/root"))?;
+    let rel = CString::new(path.trim_start_matches('/'))
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open_how is plain integers; all-zero is valid (and required
     // for the fields not set here).
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve = libc::RESOLVE_NO_MAGICLINKS
+        | match resolve {
+            Resolve::InRoot => libc::RESOLVE_IN_ROOT,
+            Resolve::NoSymlinks => libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+        };
     // SAFETY: a valid dirfd, a NUL-terminated path, an open_how of the size
     // passed; the fd returned is ours.
     let fd = unsafe {
@@ -97,35 +112,63 @@ fn read_in_root_now(pid: u32, path: &str, cap: usize) -> Result<RootFile, RootEr
         )
     };
     if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ENOTDIR) => RootError::Missing,
-            _ => other(format!("{path}: {e}")),
-        });
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a new descriptor no one else owns.
-    let opath = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let st = fstat(opath.as_raw_fd()).ok_or_else(|| other(format!("{path}: fstat failed")))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Why an O_PATH descriptor was not reopened for reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotRegular {
+    NotAFile,
+    Pseudo,
+    Failed(String),
+}
+
+/// The file of `opath` reopened for reading (non-blocking), with its
+/// stat, when it is a regular file of an ordinary filesystem: the same
+/// inode, through this process's own fd table.
+pub fn reopen_regular(opath: &OwnedFd) -> Result<(std::fs::File, libc::stat), NotRegular> {
+    let failed = |what: &str| NotRegular::Failed(format!("{what} failed"));
+    let st = fstat(opath.as_raw_fd()).ok_or_else(|| failed("fstat"))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(other(format!("{path} is not a regular file")));
+        return Err(NotRegular::NotAFile);
     }
     match fstatfs_type(opath.as_raw_fd()) {
         Some(t) if !PSEUDO_FILESYSTEMS.contains(&t) => {}
-        Some(_) => return Err(other(format!("{path} is on a pseudo filesystem"))),
-        None => return Err(other(format!("{path}: fstatfs failed"))),
+        Some(_) => return Err(NotRegular::Pseudo),
+        None => return Err(failed("fstatfs")),
     }
-    if st.st_size as u64 > cap as u64 {
-        return Err(other(format!("{path} is larger than {} KiB", cap / 1024)));
-    }
-    // The same inode, reopened for reading through our own fd table.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(format!("/proc/self/fd/{}", opath.as_raw_fd()))
-        .map_err(|e| other(format!("{path}: {e}")))?;
-    let again = fstat(file.as_raw_fd()).ok_or_else(|| other(format!("{path}: fstat failed")))?;
+        .map_err(|e| NotRegular::Failed(e.to_string()))?;
+    let again = fstat(file.as_raw_fd()).ok_or_else(|| failed("fstat"))?;
     if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
-        return Err(other(format!("{path} changed while read")));
+        return Err(NotRegular::Failed("it changed while opened".into()));
+    }
+    Ok((file, st))
+}
+
+fn read_in_root_now(pid: u32, path: &str, cap: usize) -> Result<RootFile, RootError> {
+    let other = |e: String| RootError::Other(e);
+    let opath = resolve_in_root(&pid.to_string(), path, Resolve::InRoot).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => RootError::Missing,
+            _ => other(format!("{path}: {e}")),
+        }
+    })?;
+    let (file, st) = reopen_regular(&opath).map_err(|e| {
+        other(match e {
+            NotRegular::NotAFile => format!("{path} is not a regular file"),
+            NotRegular::Pseudo => format!("{path} is on a pseudo filesystem"),
+            NotRegular::Failed(why) => format!("{path}: {why}"),
+        })
+    })?;
+    if st.st_size as u64 > cap as u64 {
+        return Err(other(format!("{path} is larger than {} KiB", cap / 1024)));
     }
     let mut bytes = Vec::new();
     file.take(cap as u64 + 1)

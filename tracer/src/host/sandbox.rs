@@ -22,6 +22,8 @@
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use super::rootfs::{self, Resolve};
+
 /// How a reader's set-up opens the target's files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Setup {
@@ -368,8 +370,8 @@ const PROC_FILES: &[&str] = &["maps", "exe", "stat", "status", "cmdline", "comm"
 
 /// What the opener opens for the stack reader, read-only and never a
 /// FIFO or a device: files of /proc/PID, its task directory, and a
-/// regular file beneath the process's root (/proc/PID/root/...), reached
-/// with no symbolic link. The check and the open are one descriptor, so
+/// regular file of an ordinary filesystem beneath the process's root
+/// (/proc/PID/root/...), reached with no symbolic link (host::rootfs). The check and the open are one descriptor, so
 /// nothing swapped in after the check is opened. Anything else: EACCES.
 pub fn open_for(path: &str, flags: i32) -> Result<OwnedFd, i32> {
     let writes = libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND;
@@ -383,7 +385,16 @@ pub fn open_for(path: &str, flags: i32) -> Result<OwnedFd, i32> {
     }
     let parts: Vec<&str> = rest.split('/').collect();
     let found = match parts.as_slice() {
-        ["root", inner @ ..] if !inner.is_empty() => beneath_root(who, &inner.join("/")),
+        // A library: a regular file of an ordinary filesystem, reached
+        // with no symbolic link (the name a memory map gives is the
+        // mapped file's own path; a link there was put there after).
+        ["root", inner @ ..] if !inner.is_empty() => {
+            let opath = rootfs::resolve_in_root(who, &inner.join("/"), Resolve::NoSymlinks)
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EACCES))?;
+            return rootfs::reopen_regular(&opath)
+                .map(|(file, _)| file.into())
+                .map_err(|_| libc::EACCES);
+        }
         [leaf] if PROC_FILES.contains(leaf) => o_path(path),
         ["task"] => o_path(path),
         ["task", tid, leaf]
@@ -431,54 +442,6 @@ fn o_path(path: &str) -> Result<OwnedFd, i32> {
     }
     // SAFETY: a new, valid descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `rel` beneath the root directory of process `who` (a pid or "self"),
-/// opened with O_PATH and reached with no symbolic link: an absolute link
-/// there would be followed from the opener's root (a host file), a
-/// relative one could climb out. ELOOP when a link is in the way.
-pub fn beneath_root(who: &str, rel: &str) -> Result<OwnedFd, i32> {
-    let root = CString::new(format!("/proc/{who}/root")).map_err(|_| libc::EACCES)?;
-    // SAFETY: open with a valid C string.
-    let fd = unsafe {
-        libc::open(
-            root.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: fd is a new, valid descriptor.
-    let root = unsafe { OwnedFd::from_raw_fd(fd) };
-    let rel = CString::new(rel.trim_start_matches('/')).map_err(|_| libc::EACCES)?;
-    // The kernel's struct open_how (libc's is non-exhaustive).
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow {
-        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_BENEATH,
-    };
-    // SAFETY: openat2 with a valid dirfd, path and open_how.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            rel.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: a new, valid descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]
@@ -557,6 +520,8 @@ mod tests {
             format!("/proc/{me}/root/../etc/passwd"),
             "/proc/1/root/../../etc/passwd".to_string(),
             "/proc/sys/kernel/hostname".to_string(),
+            // A kernel filesystem's file beneath the root (host::rootfs).
+            format!("/proc/{me}/root/proc/{me}/status"),
         ] {
             assert!(open_for(&refused, 0).is_err(), "{refused}");
         }
