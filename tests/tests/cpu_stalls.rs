@@ -189,6 +189,25 @@ fn without_stacks_a_cpu_stall_is_named_by_the_heartbeat_rule_and_says_so() {
     t.stop();
 }
 
+/// `path` under wrk (16 connections, 5 s) on one worker of `class`: no
+/// stall at all.
+fn no_stall_under_wrk(app: &str, class: &str, path: &str) {
+    let g = Gunicorn::new(app).worker_class(class).timeout(8).spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    let served = wrk(g.port, path, 16, 5);
+    assert!(served > 100, "{class}: wrk got {served} responses");
+    t.collect_for(Duration::from_secs(1));
+    assert!(
+        t.of_kind("stall").is_empty(),
+        "{class}: no stall while serving {served} requests of {path}: {:?}",
+        t.of_kind("stall")
+    );
+    t.stop();
+}
+
 /// Loops kept busy by wrk (many short requests) are sampled or not, but
 /// their stacks change: no CPU stall, for each class.
 #[test]
@@ -199,20 +218,7 @@ fn loops_busy_serving_many_short_requests_are_not_cpu_stalls() {
         ("stall_app:app", "gevent"),
         ("stall_app:app", "sync"),
     ] {
-        let g = Gunicorn::new(app).worker_class(class).timeout(8).spawn();
-        let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
-        t.wait_for("the worker", Duration::from_secs(5), |e| {
-            e["event"] == "worker"
-        });
-        let served = wrk(g.port, "/", 16, 5);
-        assert!(served > 100, "{class}: wrk got {served} responses");
-        t.collect_for(Duration::from_secs(1));
-        assert!(
-            t.of_kind("stall").is_empty(),
-            "{class}: no stall under load ({served} requests): {:?}",
-            t.of_kind("stall")
-        );
-        t.stop();
+        no_stall_under_wrk(app, class, "/");
     }
 }
 
@@ -226,22 +232,6 @@ fn loops_busy_serving_many_short_requests_are_not_cpu_stalls() {
 fn a_loop_saturated_by_one_handler_whose_heartbeat_moves_is_not_a_cpu_stall() {
     require_root();
     for class in ["gevent", "gevent", "sync"] {
-        let g = Gunicorn::new("stall_app:app")
-            .worker_class(class)
-            .timeout(30)
-            .spawn();
-        let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
-        t.wait_for("the worker", Duration::from_secs(5), |e| {
-            e["event"] == "worker"
-        });
-        let served = wrk(g.port, "/spin?secs=0.005", 16, 5);
-        assert!(served > 100, "{class}: wrk got {served} responses");
-        t.collect_for(Duration::from_secs(1));
-        assert!(
-            t.of_kind("stall").is_empty(),
-            "{class}: no stall while serving {served} requests: {:?}",
-            t.of_kind("stall")
-        );
-        t.stop();
+        no_stall_under_wrk("stall_app:app", class, "/spin?secs=0.005");
     }
 }

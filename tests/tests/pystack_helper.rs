@@ -76,8 +76,9 @@ impl Drop for OpenWatch {
     }
 }
 
-fn status_field(pid: u32, name: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+/// A field of /proc/`task`/status (`task`: a pid, or "PID/task/TID").
+fn status_field(task: impl std::fmt::Display, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{task}/status")).unwrap();
     s.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}:")))
         .unwrap_or_else(|| panic!("no {name} in {s}"))
@@ -247,16 +248,12 @@ fn the_stack_helper_runs_as_nobody_with_only_cap_sys_ptrace_effective() {
         .collect();
     assert_eq!(threads.len(), 1, "one opener thread: {threads:?}");
     let opener = format!("{h}/task/{}", threads[0]);
-    let field = |name: &str| {
-        let s = std::fs::read_to_string(format!("/proc/{opener}/status")).unwrap();
-        s.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    assert_eq!(field("CapEff"), "0000000000080004");
-    assert_eq!(field("Seccomp_filters"), "1", "the opener is not trapped");
+    assert_eq!(status_field(&opener, "CapEff"), "0000000000080004");
+    assert_eq!(
+        status_field(&opener, "Seccomp_filters"),
+        "1",
+        "the opener is not trapped"
+    );
     let limits = std::fs::read_to_string(format!("/proc/{h}/limits")).unwrap();
     let limit = |name: &str| {
         let l = limits.lines().find(|l| l.starts_with(name)).unwrap();
