@@ -328,6 +328,9 @@ fn overload_loses_events_visibly_never_blocks_and_recovers() {
     });
     let reported = t.of_kind("early_close").len() as u64;
     let lost = summary["events_lost"].as_u64().unwrap();
+    // Past its rate (2,000 a second) the server's closes are counted in
+    // the kernel and not sent: held back, not lost.
+    let limited = summary["events_rate_limited"].as_u64().unwrap();
     assert!(sent > 0);
     assert!(
         lost > 0,
@@ -336,10 +339,10 @@ fn overload_loses_events_visibly_never_blocks_and_recovers() {
     // The loss count is of every record the full ring buffer refused, of
     // any kind (the server's own waits too, more of them when the host is
     // loaded), so it bounds the lost connections from above: every
-    // connection is reported or within the count, and none is told twice.
+    // connection is reported or within the counts, and none is told twice.
     assert!(
-        reported + lost >= sent + markers,
-        "every connection is either reported or counted as lost: {reported} reported + {lost} lost < {sent} sent + {markers} markers"
+        reported + lost + limited >= sent + markers,
+        "every connection is either reported or counted: {reported} reported + {lost} lost + {limited} held back < {sent} sent + {markers} markers"
     );
     assert!(
         reported <= sent + markers,

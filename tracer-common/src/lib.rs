@@ -193,7 +193,10 @@ pub struct Watched {
     /// 0 while unknown (then a worker's main thread's multiplexer sleeps are
     /// all recorded, and another process's main thread idles in them).
     pub loop_class: u32,
-    pub _pad: u32,
+    /// 1 while the process counts against its master's `procs` in
+    /// `MASTER_LOAD` (the kernel added it at its fork, or user space at
+    /// attach): whoever removes it or sees it exit takes it off, once.
+    pub counted: u32,
     /// Their first argument: the loop's epoll fd, or select's nfds.
     pub loop_arg0: u64,
     /// For select: the first 64 bits of the read set it waits on (0: not
@@ -233,6 +236,47 @@ pub struct Inflight {
     pub fd_kind: u32,
     /// One of [`woke_by`].
     pub woke_by: u32,
+    /// The master of `tgid`, whose `threads` in `MASTER_LOAD` count this
+    /// entry while `counted` is 1 (entries the kernel created; not the
+    /// ones user space seeded at attach).
+    pub master: u32,
+    pub counted: u32,
+}
+
+/// Value of the `MASTER_LOAD` map, keyed by master pid: what one Gunicorn
+/// (or `--pid` process) and its descendants hold of the shared kernel
+/// maps, so that one tenant cannot fill them for every other. Changed by
+/// atomic adds in the kernel and read-modify-write in user space, so a
+/// race can leave a count one off, either way: read them as `i64`, and
+/// below zero as zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MasterLoad {
+    /// Processes in `WATCHED` that count against the master (the master
+    /// itself does not).
+    pub procs: u64,
+    /// Entries in `INFLIGHT` that count against it.
+    pub threads: u64,
+}
+
+/// Value of the `BUCKETS` map, keyed by tgid: a token bucket for the
+/// events a process can cause in numbers (connection ends, signals). Held
+/// as time: each event spends `Quotas::event_cost_ns` of credit, credit
+/// grows with the clock up to `Quotas::event_burst_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Key of the `OFFENDERS` map: which process a loss counter (one of
+/// [`stat`]) was charged to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OffenderKey {
+    pub stat: u32,
+    pub tgid: u32,
 }
 
 /// Value of the `CONNS` map, keyed by the kernel's socket address: what the
@@ -437,7 +481,16 @@ pub mod stat {
     /// Connections closed whose byte counters could not be read from the
     /// socket: how they ended is not known.
     pub const CONNS_UNREADABLE: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Connection-end and signal events not sent: their process had spent
+    /// its token bucket (`Quotas::event_cost_ns`).
+    pub const RATE_LIMITED: u32 = 7;
+    /// Forks not followed: their master already had
+    /// `Quotas::procs_per_master` processes counted in `MASTER_LOAD`.
+    pub const WATCH_QUOTA: u32 = 8;
+    /// Thread sleeps not recorded: their master's processes already held
+    /// `Quotas::threads_per_master` entries of `INFLIGHT`.
+    pub const INFLIGHT_QUOTA: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Indexes of the kernel's `ERRORS` per-CPU counters: runs of each program
@@ -577,6 +630,22 @@ pub struct Config {
     pub nr_shutdown: u64,
     pub tp: TracepointOffsets,
     pub kernel: KernelOffsets,
+    pub quotas: Quotas,
+}
+
+/// What one tenant may hold of the kernel's shared maps and ring buffer.
+/// [`UNSET`] is no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quotas {
+    /// Processes of one master (not counting itself) the kernel follows.
+    pub procs_per_master: u64,
+    /// `INFLIGHT` entries the threads of one master's processes hold.
+    pub threads_per_master: u64,
+    /// Credit one connection-end or signal event spends (1 s / rate).
+    pub event_cost_ns: u64,
+    /// Credit a process's bucket holds at most (burst x cost).
+    pub event_burst_ns: u64,
 }
 
 impl Config {
@@ -644,6 +713,12 @@ impl Config {
             skb_network_header: UNSET,
             skb_transport_header: UNSET,
         },
+        quotas: Quotas {
+            procs_per_master: UNSET,
+            threads_per_master: UNSET,
+            event_cost_ns: UNSET,
+            event_burst_ns: UNSET,
+        },
     };
 }
 
@@ -661,6 +736,8 @@ mod pod {
     unsafe impl aya::Pod for super::KeepaliveRace {}
     unsafe impl aya::Pod for super::ReadHist {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::MasterLoad {}
+    unsafe impl aya::Pod for super::OffenderKey {}
 }
 
 #[cfg(test)]
@@ -673,7 +750,11 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Watched>(), 4 * 4 + 2 * 8);
-        assert_eq!(size_of::<Inflight>(), 5 * 8 + 6 * 4);
+        assert_eq!(size_of::<Inflight>(), 5 * 8 + 8 * 4);
+        assert_eq!(size_of::<MasterLoad>(), 2 * 8);
+        assert_eq!(size_of::<Bucket>(), 2 * 8);
+        assert_eq!(size_of::<OffenderKey>(), 2 * 4);
+        assert_eq!(size_of::<Quotas>(), 4 * 8);
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
@@ -687,7 +768,10 @@ mod tests {
         assert_eq!(size_of::<KernelOffsets>(), 31 * 8);
         assert_eq!(
             size_of::<Config>(),
-            3 * 8 + size_of::<TracepointOffsets>() + size_of::<KernelOffsets>()
+            3 * 8
+                + size_of::<TracepointOffsets>()
+                + size_of::<KernelOffsets>()
+                + size_of::<Quotas>()
         );
     }
 

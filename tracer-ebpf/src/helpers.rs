@@ -36,12 +36,13 @@ pub fn finish(program: u32, run: Result<(), i32>) {
     }
 }
 
-/// Sends one event, counting it as lost if the ring buffer is full. Never blocks.
+/// Sends one event, counting it as lost (charged to its process) if the
+/// ring buffer is full. Never blocks.
 #[inline(always)]
-pub fn emit<T: 'static>(ev: &T) {
-    match EVENTS.output::<T>(ev, 0) {
+pub fn emit(ev: &Event) {
+    match EVENTS.output::<Event>(ev, 0) {
         Ok(()) => count(stat::EVENTS_SENT),
-        Err(_) => count(stat::EVENTS_LOST),
+        Err(_) => crate::quota::charge(stat::EVENTS_LOST, ev.tgid),
     }
 }
 

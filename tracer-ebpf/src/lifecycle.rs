@@ -8,6 +8,7 @@ use crate::helpers::{
     base_event, count, current_task, emit, field, finish, ids, kread, mark_watched,
 };
 use crate::maps::{INFLIGHT, WATCHED};
+use crate::quota::{charge, released_proc, released_thread, room_for_proc, spend_token, took_proc};
 use crate::scheduler::{end_at_exit, on_signal_delivery};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -35,9 +36,17 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     };
     // The child runs its own event loop, not yet known: every multiplexer
     // sleep counts as the loop's until user space finds it.
+    // A master's processes take at most their quota of the watch list,
+    // checked here: user space's own quota comes after the fork, too late
+    // for a burst of forks to leave room for other masters.
+    let Some(load) = room_for_proc(parent.master) else {
+        charge(stat::WATCH_QUOTA, tgid);
+        return Ok(());
+    };
     let w = Watched {
         master: parent.master,
         role: child_role,
+        counted: 1,
         ..Default::default()
     };
     // The child cannot run before this returns, so it is watched from its
@@ -45,9 +54,10 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     // space is not told of it either: a FORK for a process the kernel does
     // not follow would leave user space waiting for an EXIT that never comes.
     if WATCHED.insert(child as u32, w, 0).is_err() {
-        count(stat::WATCH_FULL);
+        charge(stat::WATCH_FULL, tgid);
         return Ok(());
     }
+    took_proc(load);
     mark_watched(child as u32);
     let mut ev = base_event(kind::FORK, tgid, tid);
     ev.aux_pid = child as u32;
@@ -69,6 +79,11 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     end_at_exit(tid, current_task());
+    if let Some(e) = unsafe { INFLIGHT.get(tid) }
+        && e.counted != 0
+    {
+        released_thread(e.master);
+    }
     let _ = INFLIGHT.remove(tid);
     let off = &CONFIG.tp.exit_group_dead;
     let group_dead = if cfg(off) == UNSET {
@@ -78,6 +93,14 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     };
     if !group_dead {
         return Ok(());
+    }
+    // Taken off its master's count once: whoever clears `counted` first
+    // (this, or user space letting it go) releases it.
+    if w.counted != 0
+        && let Some(entry) = WATCHED.get_ptr_mut(tgid)
+    {
+        unsafe { (*entry).counted = 0 };
+        released_proc(w.master);
     }
     // The wait status the parent will see: a signal number in the low 7
     // bits, or the exit code in the next 8.
@@ -110,6 +133,11 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     }
     let sig: i32 = field(ctx, &CONFIG.tp.signal_sig)?;
     if !signal::is_reported(sig) {
+        return Ok(());
+    }
+    // A flood of signals at one process spends its own bucket only. A
+    // SIGKILL ends the process: never held back.
+    if sig != signal::SIGKILL && !spend_token(target as u32) {
         return Ok(());
     }
     let (tgid, tid) = ids();

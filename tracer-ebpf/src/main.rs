@@ -11,6 +11,7 @@ mod config;
 mod helpers;
 mod lifecycle;
 mod maps;
+mod quota;
 mod scheduler;
 mod tcp;
 

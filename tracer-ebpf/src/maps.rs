@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    AnsweredClose, Conn, ConnKey, Inflight, MAX_SYSCALL_NR, ReadHist, TGIDS_PER_SLOT, Watched,
-    program, stat,
+    AnsweredClose, Bucket, Conn, ConnKey, Inflight, MAX_SYSCALL_NR, MasterLoad, OffenderKey,
+    ReadHist, TGIDS_PER_SLOT, Watched, program, stat,
 };
 
 #[map]
@@ -59,3 +59,14 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 
 /// Failed runs, indexed by the `program` ids of tracer-common.
 #[map]
 pub static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(program::COUNT, 0);
+/// What each master's processes hold of `WATCHED` and `INFLIGHT` (see
+/// `quota`). An LRU sized like `WATCHED`: a master gone without cleanup
+/// is evicted, not kept for good.
+#[map]
+pub static MASTER_LOAD: LruHashMap<u32, MasterLoad> = LruHashMap::with_max_entries(8192, 0);
+/// Each process's token bucket for connection-end and signal events.
+#[map]
+pub static BUCKETS: LruHashMap<u32, Bucket> = LruHashMap::with_max_entries(8192, 0);
+/// Losses per counter and process, for the top offender of each.
+#[map]
+pub static OFFENDERS: LruHashMap<OffenderKey, u64> = LruHashMap::with_max_entries(1024, 0);

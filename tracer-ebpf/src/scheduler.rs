@@ -17,9 +17,10 @@ use tracer_common::{
 
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{
-    PF_EXITING, atomic_add, class_of, count, current_syscall, emit, finish, is_watched, kread,
+    PF_EXITING, atomic_add, class_of, current_syscall, emit, finish, is_watched, kread,
 };
 use crate::maps::{INFLIGHT, READ_HIST, WATCHED, ZERO_HIST};
+use crate::quota::{charge, room_for_thread, took_thread};
 
 /// A read that took this long blocked: it goes into the latency histogram.
 /// Shorter sleeps are not worth reading the pending signals for either.
@@ -225,6 +226,12 @@ fn stop_in_call(prev: Task, call: &Call, syscall_stop: bool, now: u64) -> bool {
 #[inline(always)]
 fn record_sleep(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
     let Some(e) = INFLIGHT.get_ptr_mut(call.tid) else {
+        // A thread's first sleep: one entry more for its master's count.
+        let master = unsafe { WATCHED.get(call.tgid) }.map_or(call.tgid, |w| w.master);
+        let Some(load) = room_for_thread(master) else {
+            charge(stat::INFLIGHT_QUOTA, call.tgid);
+            return Ok(());
+        };
         let e = Inflight {
             start_ns: now,
             arg0: call.arg0,
@@ -233,12 +240,16 @@ fn record_sleep(prev: Task, call: &Call, now: u64) -> Result<(), i32> {
             nr: call.nr,
             tgid: call.tgid,
             active: 1,
+            master,
+            counted: 1,
             ..Default::default()
         };
         // Full: the thread's calls go unseen until a slot frees, counted
         // as such rather than as a failed run.
         if INFLIGHT.insert(call.tid, e, 0).is_err() {
-            count(stat::INFLIGHT_FULL);
+            charge(stat::INFLIGHT_FULL, call.tgid);
+        } else {
+            took_thread(load);
         }
         return Ok(());
     };

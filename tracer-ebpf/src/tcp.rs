@@ -19,6 +19,7 @@ use crate::helpers::{
     PF_EXITING, count, current_syscall, current_task, field, finish, ids, kread, syscall_arg0,
 };
 use crate::maps::{ANSWERED, CONNS, EVENTS, PORTS, WATCHED};
+use crate::quota::{charge, spend_token};
 
 const EAGAIN: i32 = 11;
 const IPPROTO_TCP: u16 = 6;
@@ -282,8 +283,13 @@ impl Closed {
             Some(peer_addr(ctx, self.family)?)
         };
         let (ended_by, fd) = ended_by();
+        // A process that closes connections by the thousand spends its own
+        // bucket, not the ring buffer every tenant shares.
+        if !spend_token(self.tgid) {
+            return Ok(());
+        }
         let Some(mut entry) = EVENTS.reserve::<ConnEnd>(0) else {
-            count(stat::EVENTS_LOST);
+            charge(stat::EVENTS_LOST, self.tgid);
             return Ok(());
         };
         let ev = entry.as_mut_ptr();
@@ -538,7 +544,7 @@ fn reset_sent(key: &ConnKey) {
                 entry.submit(0);
                 count(stat::EVENTS_SENT);
             }
-            None => count(stat::EVENTS_LOST),
+            None => charge(stat::EVENTS_LOST, unsafe { (*closed).tgid }),
         }
     }
     // One lost request per connection: the reset ends it.

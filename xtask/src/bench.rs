@@ -960,9 +960,12 @@ fn early_close_load(s: &Sizes, report: &mut Report) -> Result<()> {
         .filter(|e| e["kind"] == "dropped_request")
         .count() as u64;
     let lost = summary["events_lost"].as_u64().unwrap_or(0);
+    let limited = summary["events_rate_limited"].as_u64().unwrap_or(0);
     let rate = sent as f64 / s.load_secs as f64;
-    eprintln!("  {sent} connections ({rate:.0}/s): {seen} reported, {lost} events lost");
-    report.insert("early_close_load".into(), serde_json::json!({"connections": sent, "per_second": rate, "reported": seen, "events_lost": lost}));
+    eprintln!(
+        "  {sent} connections ({rate:.0}/s): {seen} reported, {limited} held back past the process's event rate, {lost} events lost"
+    );
+    report.insert("early_close_load".into(), serde_json::json!({"connections": sent, "per_second": rate, "reported": seen, "events_rate_limited": limited, "events_lost": lost}));
 
     Ok(())
 }

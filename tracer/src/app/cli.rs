@@ -117,6 +117,20 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DUR", default_value = "1s", hide = true, value_parser = parse_duration)]
     pub loop_search_every: Duration,
 
+    /// Sleeping threads of one master's processes whose calls the kernel
+    /// times at most (its in-flight map holds 32,768 for the whole node);
+    /// past it a thread's sleeps are not recorded, counted
+    /// (`threads_over_quota`) and charged to its process.
+    #[arg(long, value_name = "N", default_value = "4096", value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_threads_per_master: u32,
+
+    /// Connection-end and signal events one process may send per second
+    /// (and as a burst); past it they are counted, not sent
+    /// (`events_rate_limited`). Hidden: a test lowers it to see a flood
+    /// held back.
+    #[arg(long, value_name = "N", default_value = "2000", hide = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub event_rate: u32,
+
     /// Threads the kernel's in-flight map holds at most. Hidden: a test
     /// lowers it to fill the map with a few threads.
     #[arg(long, value_name = "N", default_value = "32768", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]

@@ -162,6 +162,11 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         watch_capacity: args.watch_capacity,
         inflight_capacity: args.inflight_capacity,
         without_tracepoints: args.without_tracepoint.clone(),
+        quotas: kernel::quotas(
+            args.max_watched_per_master,
+            args.max_threads_per_master,
+            args.event_rate,
+        ),
     };
     let mut probes = kernel::load(&p.tracefs, &opts, &syscall_table()?)?;
     // Loading parsed the kernel's BTF (twice: aya and us), megabytes freed

@@ -403,13 +403,15 @@ impl Session {
 
     /// The kernel's loss counters and ours.
     pub fn losses(&self) -> Losses {
+        let kernel = self.probes.losses();
         Losses {
-            over_quota: self.over_quota,
+            // The kernel refuses most at the fork; we let go the rest.
+            over_quota: kernel.over_quota + self.over_quota,
             stall_ends_unknown: self.corr.stall_ends_unknown(),
             ports_unscanned: self.sockets.ports_unscanned,
             holders_unsearched: self.enricher.holders_unsearched(),
             stalls_held_back: self.corr.stalls_held_back(),
-            ..self.probes.losses()
+            ..kernel
         }
     }
 

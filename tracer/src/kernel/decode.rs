@@ -375,6 +375,8 @@ mod tests {
             seeded: 1,
             fd_kind: 0,
             woke_by: tc::woke_by::STOP,
+            master: 10,
+            counted: 0,
         };
         let s = sample(11, &e);
         assert_eq!((s.tid, s.tgid, s.nr, s.seq), (11, 10, 7, 3));

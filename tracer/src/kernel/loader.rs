@@ -8,15 +8,17 @@ use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
 
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{
-    Config, Conn, Inflight, KernelOffsets, MAX_SYSCALL_NR, ReadHist, TracepointOffsets, UNSET,
-    Watched, class, program, stat,
+    Config, Conn, Inflight, KernelOffsets, MAX_SYSCALL_NR, MasterLoad, OffenderKey, Quotas,
+    ReadHist, TracepointOffsets, UNSET, Watched, class, program, stat,
 };
 
 use super::btf::Btf;
 use super::reset;
 use super::tracefs::Format;
 use super::watched_tgids::{self, WatchedTgids};
-use crate::model::{FeaturesMissing, LoopWait, Losses, MapOccupancy, Role, SyscallClass};
+use crate::model::{
+    FeaturesMissing, LoopWait, Losses, MapOccupancy, Offender, Role, SyscallClass, TopOffenders,
+};
 
 /// Map update flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -34,6 +36,10 @@ pub struct Probes {
     pub conns: HashMap<MapData, u64, Conn>,
     pub read_hist: HashMap<MapData, u32, ReadHist>,
     pub ports: Array<MapData, u8>,
+    /// What each master's processes hold of `watched` and `inflight`.
+    master_load: HashMap<MapData, u32, MasterLoad>,
+    /// Losses charged per counter and process.
+    offenders: HashMap<MapData, OffenderKey, u64>,
     pub events: Option<RingBuf<MapData>>,
     /// Seeds `INFLIGHT` refused, full: added to the kernel's count.
     seeds_refused: u64,
@@ -329,6 +335,7 @@ pub struct SyscallTable {
 fn config(
     tracefs: &Path,
     threshold_ns: u64,
+    quotas: Quotas,
     sys: &SyscallTable,
 ) -> Result<(Config, Vec<&'static str>)> {
     let tp = tracepoint_offsets(tracefs)?;
@@ -343,6 +350,7 @@ fn config(
         nr_shutdown: sys.shutdown as u64,
         tp,
         kernel: kernel_offsets(&btf)?,
+        quotas,
     };
     let functions = reset::FUNCTIONS
         .into_iter()
@@ -495,6 +503,8 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
     let conns = HashMap::try_from(take("CONNS")?)?;
     let read_hist = HashMap::try_from(take("READ_HIST")?)?;
     let ports = Array::try_from(take("PORTS")?)?;
+    let master_load = HashMap::try_from(take("MASTER_LOAD")?)?;
+    let offenders = HashMap::try_from(take("OFFENDERS")?)?;
     let events = Some(RingBuf::try_from(take("EVENTS")?)?);
     Ok(Probes {
         _ebpf: ebpf,
@@ -506,6 +516,8 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
         conns,
         read_hist,
         ports,
+        master_load,
+        offenders,
         events,
         seeds_refused: 0,
         features_missing: FeaturesMissing::default(),
@@ -521,12 +533,30 @@ pub struct LoadOptions {
     pub inflight_capacity: u32,
     /// Optional tracepoints not to attach (`--without-tracepoint`).
     pub without_tracepoints: Vec<String>,
+    /// What one master, or one process, may take of the shared maps and
+    /// the ring buffer.
+    pub quotas: Quotas,
+}
+
+/// The kernel's quotas: `procs` processes per master, counting the master
+/// itself (as `--max-watched-per-master` does); `threads` in-flight
+/// entries per master; `rate` connection-end and signal events per second
+/// per process, with a second's worth as burst.
+pub fn quotas(procs: usize, threads: u32, rate: u32) -> Quotas {
+    let rate = u64::from(rate.max(1));
+    let cost = 1_000_000_000 / rate;
+    Quotas {
+        procs_per_master: (procs as u64).saturating_sub(1),
+        threads_per_master: u64::from(threads),
+        event_cost_ns: cost,
+        event_burst_ns: cost * rate,
+    }
 }
 
 /// Loads and attaches every program, configured for this kernel.
 pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Probes> {
     raise_memlock();
-    let (config, reset_functions) = config(tracefs, opts.threshold_ns, sys)?;
+    let (config, reset_functions) = config(tracefs, opts.threshold_ns, opts.quotas, sys)?;
     let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
     let mut ebpf = open_object(&config, opts)?;
     fill_classes(&mut ebpf, &sys.classes)?;
@@ -553,17 +583,35 @@ pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Pr
 }
 
 impl Probes {
+    /// Adds a process found by user space (at attach, or a master at its
+    /// exec). Any but a master itself counts against its master's quota,
+    /// as the ones the kernel adds at their fork do.
     pub fn watch(&mut self, pid: u32, master: u32, role: Role) -> Result<()> {
+        let counted = pid != master;
         let w = Watched {
             master,
             role: super::decode::role_to_kernel(role),
+            counted: counted as u32,
             ..Default::default()
         };
         self.watched.insert(pid, w, 0).with_context(|| {
             format!("adding pid {pid} to the kernel's watch list (is it full?)")
         })?;
         self.watched_tgids.set(pid, true);
+        if counted {
+            self.adjust_load(master, 1, 0);
+        }
         Ok(())
+    }
+
+    /// Adds to a master's counts. A read and a write, not the kernel's
+    /// atomic add: a fork at the same instant can be lost from the count,
+    /// one process off, which the signed reads on both sides tolerate.
+    fn adjust_load(&mut self, master: u32, procs: i64, threads: i64) {
+        let mut l = self.master_load.get(&master, 0).unwrap_or_default();
+        l.procs = (l.procs as i64).saturating_add(procs).max(0) as u64;
+        l.threads = (l.threads as i64).saturating_add(threads).max(0) as u64;
+        let _ = self.master_load.insert(master, l, 0);
     }
 
     /// The master of a watched process, as the kernel has it.
@@ -632,6 +680,9 @@ impl Probes {
                 .or_insert_with(|| self.watched.get(&e.tgid, 0).is_ok());
             let stale = !is_watched || !alive(e.tgid, *tid);
             if stale && self.inflight.remove(tid).is_ok() {
+                if e.counted != 0 {
+                    self.adjust_load(e.master, 0, -1);
+                }
                 removed.push(*tid);
             }
         }
@@ -668,17 +719,46 @@ impl Probes {
     /// leaves its WATCHED entry to us: see `Watched`.
     pub fn forget(&mut self, tgid: u32) {
         self.watched_tgids.set(tgid, false);
+        // The kernel clears `counted` at the process's exit, when it takes
+        // it off the count itself.
+        if let Ok(w) = self.watched.get(&tgid, 0)
+            && w.counted != 0
+        {
+            self.adjust_load(w.master, -1, 0);
+        }
         let _ = self.watched.remove(&tgid);
         let _ = self.read_hist.remove(&tgid);
+        // A master's count goes with it; its children still alive are
+        // counted afresh from their next fork.
+        let _ = self.master_load.remove(&tgid);
+    }
+
+    /// The process charged most under each kernel loss counter.
+    pub fn top_offenders(&self) -> TopOffenders {
+        let mut top = TopOffenders::default();
+        for (k, count) in self.offenders.iter().filter_map(|r| r.ok()) {
+            let slot = match k.stat {
+                stat::EVENTS_LOST => &mut top.events_lost,
+                stat::WATCH_FULL => &mut top.watch_full,
+                stat::INFLIGHT_FULL => &mut top.inflight_full,
+                stat::CONNS_UNREADABLE => &mut top.conns_unreadable,
+                stat::WATCH_QUOTA => &mut top.over_quota,
+                stat::INFLIGHT_QUOTA => &mut top.threads_over_quota,
+                stat::RATE_LIMITED => &mut top.events_rate_limited,
+                _ => continue,
+            };
+            TopOffenders::keep_top(slot, Offender { pid: k.tgid, count });
+        }
+        top
     }
 
     pub fn events_lost(&self) -> u64 {
         self.stat(stat::EVENTS_LOST)
     }
 
-    /// The kernel's loss counters (`over_quota`, `stall_ends_unknown`,
-    /// `ports_unscanned`, `stalls_held_back` and `holders_unsearched` are
-    /// user space's: zero here).
+    /// The kernel's loss counters (`stall_ends_unknown`, `ports_unscanned`,
+    /// `stalls_held_back` and `holders_unsearched` are user space's: zero
+    /// here; `over_quota` is the kernel's part).
     pub fn losses(&self) -> Losses {
         Losses {
             events_lost: self.stat(stat::EVENTS_LOST),
@@ -690,7 +770,10 @@ impl Probes {
             ports_unscanned: 0,
             stalls_held_back: 0,
             holders_unsearched: 0,
-            over_quota: 0,
+            over_quota: self.stat(stat::WATCH_QUOTA),
+            threads_over_quota: self.stat(stat::INFLIGHT_QUOTA),
+            events_rate_limited: self.stat(stat::RATE_LIMITED),
+            top_offenders: self.top_offenders(),
             bpf_errors: self.bpf_errors().iter().sum(),
             features_missing: self.features_missing,
         }
@@ -719,6 +802,16 @@ impl Probes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quotas_count_the_master_apart_and_give_a_seconds_burst() {
+        let q = quotas(512, 4096, 2000);
+        assert_eq!(q.procs_per_master, 511, "the master is not its own child");
+        assert_eq!(q.threads_per_master, 4096);
+        assert_eq!(q.event_cost_ns, 500_000);
+        assert_eq!(q.event_burst_ns, 1_000_000_000);
+        assert_eq!(quotas(1, 1, 1).procs_per_master, 0);
+    }
 
     #[test]
     fn memlock_is_raised_only_on_kernels_that_charge_it() {

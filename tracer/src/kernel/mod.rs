@@ -10,4 +10,4 @@ pub mod support;
 pub mod tracefs;
 mod watched_tgids;
 
-pub use loader::{LoadOptions, Probes, SyscallTable, load};
+pub use loader::{LoadOptions, Probes, SyscallTable, load, quotas};

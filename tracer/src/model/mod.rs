@@ -23,7 +23,8 @@ pub use settings::{
     MasterConfig, MasterSettings, Setting, SettingSource, WorkerClass, version_string,
 };
 pub use summary::{
-    FeaturesMissing, Finding, Losses, MapOccupancy, Summary, WorkerState, WorkerSummary,
+    FeaturesMissing, Finding, Losses, MapOccupancy, Offender, Summary, TopOffenders, WorkerState,
+    WorkerSummary,
 };
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]

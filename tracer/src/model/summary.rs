@@ -225,11 +225,76 @@ pub struct Losses {
     /// to it is not known for them.
     pub holders_unsearched: u64,
     /// Forks not followed because their master already had
-    /// `--max-watched-per-master` processes watched.
+    /// `--max-watched-per-master` processes watched (refused by the kernel
+    /// at the fork, or let go by user space after it).
     pub over_quota: u64,
+    /// Thread sleeps not recorded because their master's threads already
+    /// held `--max-threads-per-master` entries of the in-flight map.
+    pub threads_over_quota: u64,
+    /// Connection-end and signal events the kernel did not send: their
+    /// process was over its rate (a flood), so its early closes and
+    /// signals are undercounted.
+    pub events_rate_limited: u64,
+    /// For each kernel loss counter above zero, the process charged most.
+    #[serde(skip_serializing_if = "TopOffenders::is_empty")]
+    pub top_offenders: TopOffenders,
     /// Runs of the kernel programs that failed and were skipped (a read
     /// refused, a map full): what they would have recorded is missing.
     pub bpf_errors: u64,
+}
+
+/// The process a loss counter was charged to most, and how many times.
+/// Its pid is as the kernel saw it (the host's pid namespace), and may
+/// have exited since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Offender {
+    pub pid: u32,
+    pub count: u64,
+}
+
+/// The top offender of each kernel loss counter that can name one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TopOffenders {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_lost: Option<Offender>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch_full: Option<Offender>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inflight_full: Option<Offender>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conns_unreadable: Option<Offender>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub over_quota: Option<Offender>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads_over_quota: Option<Offender>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_rate_limited: Option<Offender>,
+}
+
+impl TopOffenders {
+    pub fn is_empty(&self) -> bool {
+        self.each().iter().all(|(_, o)| o.is_none())
+    }
+
+    /// (counter, offender) in a fixed order: the metric's labels.
+    pub fn each(&self) -> [(&'static str, Option<Offender>); 7] {
+        [
+            ("events_lost", self.events_lost),
+            ("watch_full", self.watch_full),
+            ("inflight_full", self.inflight_full),
+            ("conns_unreadable", self.conns_unreadable),
+            ("over_quota", self.over_quota),
+            ("threads_over_quota", self.threads_over_quota),
+            ("events_rate_limited", self.events_rate_limited),
+        ]
+    }
+
+    /// Keeps the larger of two offenders of one counter.
+    pub fn keep_top(slot: &mut Option<Offender>, o: Offender) {
+        if slot.is_none_or(|cur| o.count > cur.count) {
+            *slot = Some(o);
+        }
+    }
 }
 
 /// A live, healthy worker with nothing seen, for tests to vary.

@@ -11,7 +11,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::model::{
-    ExitCause, FdKind, Losses, MapOccupancy, Role, Summary, WorkerState, WorkerSummary,
+    ExitCause, FdKind, Losses, MapOccupancy, Role, Summary, TopOffenders, WorkerState,
+    WorkerSummary,
 };
 use tracer_common::{HIST_BUCKETS, ReadHist, fdkind, program};
 
@@ -65,6 +66,14 @@ struct FeatureLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OffenderLabels {
+    counter: String,
+    pid: String,
+    namespace: String,
+    pod: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -409,9 +418,20 @@ pub fn render(
             "Forked processes not watched because their master had --max-watched-per-master",
             l.over_quota,
         ),
+        (
+            "threads_over_quota",
+            "Thread sleeps not recorded because their master's threads held --max-threads-per-master in-flight entries",
+            l.threads_over_quota,
+        ),
+        (
+            "events_rate_limited",
+            "Connection-end and signal events not sent because their process was over its rate",
+            l.events_rate_limited,
+        ),
     ] {
         reg.register(name, help, counter(n));
     }
+    register_offenders(&mut reg, &l.top_offenders, &summary.workers);
     reg.register("map_entries", "Entries in the tracer's kernel maps", maps);
     register_bpf_errors(&mut reg, &me.bpf_errors);
     register_exits(&mut reg, summary);
@@ -430,6 +450,33 @@ pub fn render(
 
 /// Runs of each kernel program that failed and were skipped (a refused
 /// read, a full map): every program has a series, zero included.
+/// One series per kernel loss counter that has an offender: the process
+/// charged most, with its pod when known. At most seven series.
+fn register_offenders(reg: &mut Registry, top: &TopOffenders, workers: &[WorkerSummary]) {
+    let family = Family::<OffenderLabels, Gauge>::default();
+    for (name, o) in top.each() {
+        let Some(o) = o else { continue };
+        let c = workers
+            .iter()
+            .find(|w| w.pid == o.pid)
+            .and_then(|w| w.container.as_ref());
+        let l = OffenderLabels {
+            counter: name.to_string(),
+            pid: o.pid.to_string(),
+            namespace: c.and_then(|c| c.namespace.clone()).unwrap_or_default(),
+            pod: c.and_then(|c| c.pod.clone()).unwrap_or_default(),
+        };
+        family
+            .get_or_create(&l)
+            .set(i64::try_from(o.count).unwrap_or(i64::MAX));
+    }
+    reg.register(
+        "loss_top_offender",
+        "For each loss counter, the process it was charged to most (pid as the host sees it, pod when known) and how many times",
+        family,
+    );
+}
+
 fn register_bpf_errors(reg: &mut Registry, errors: &[u64]) {
     let family = Family::<ProgramLabels, Counter>::default();
     for (name, n) in program::NAMES.iter().zip(errors) {
@@ -516,6 +563,13 @@ mod tests {
                 stalls_held_back: 3,
                 holders_unsearched: 11,
                 over_quota: 6,
+                threads_over_quota: 12,
+                events_rate_limited: 13,
+                top_offenders: TopOffenders {
+                    inflight_full: Some(crate::model::Offender { pid: 7, count: 6 }),
+                    events_rate_limited: Some(crate::model::Offender { pid: 99, count: 13 }),
+                    ..Default::default()
+                },
                 bpf_errors: 0,
                 features_missing: Default::default(),
             },
@@ -572,6 +626,19 @@ mod tests {
         assert!(t.contains("gunicorn_tracer_watch_full_total 4"), "{t}");
         assert!(t.contains("gunicorn_tracer_conns_untracked_total 5"), "{t}");
         assert!(t.contains("gunicorn_tracer_over_quota_total 6"), "{t}");
+        assert!(
+            t.contains("gunicorn_tracer_threads_over_quota_total 12")
+                && t.contains("gunicorn_tracer_events_rate_limited_total 13"),
+            "{t}"
+        );
+        // The offender's pod when the summary has the process; the pid
+        // alone when it does not.
+        assert!(t.contains(r#"gunicorn_tracer_loss_top_offender{counter="inflight_full",pid="7",namespace="shop",pod="web-1"} 6"#), "{t}");
+        assert!(t.contains(r#"gunicorn_tracer_loss_top_offender{counter="events_rate_limited",pid="99",namespace="",pod=""} 13"#), "{t}");
+        assert!(
+            !t.contains(r#"counter="watch_full""#),
+            "no offender for a counter with none: {t}"
+        );
         assert!(t.contains("gunicorn_tracer_inflight_full_total 7"), "{t}");
         assert!(
             t.contains("gunicorn_tracer_conns_unreadable_total 8"),

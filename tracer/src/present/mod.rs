@@ -17,7 +17,7 @@ pub use json::{StartEvent, SummaryEvent, json_line};
 pub use text::{colorize, start_line, text_line, text_summary};
 pub use verdict::{Verdict, verdict};
 
-use crate::model::{Role, StallReport, StallState, WaitFd};
+use crate::model::{Offender, Role, StallReport, StallState, WaitFd, WorkerSummary};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -30,6 +30,34 @@ pub enum Format {
 /// isolates, zero-width characters, line and paragraph separators), so that
 /// data from traced processes can neither move the cursor nor make a line
 /// read as something it is not (U+202E turns "exe.gnp" into "png.exe").
+/// `most from pid 12 (pod shop/web-1): 40`: whom a loss was charged to
+/// most, with its pod when the summary has the process; empty for none.
+pub fn charged_to(o: Option<Offender>, workers: &[WorkerSummary]) -> String {
+    let Some(o) = o else {
+        return String::new();
+    };
+    let pod = workers
+        .iter()
+        .find(|w| w.pid == o.pid)
+        .and_then(|w| w.container.as_ref())
+        .and_then(|c| {
+            let pod = c.pod.as_ref()?;
+            Some(match &c.namespace {
+                Some(ns) => format!("{ns}/{pod}"),
+                None => pod.clone(),
+            })
+        });
+    match pod {
+        Some(p) => format!(
+            "most from pid {} (pod {}): {}",
+            o.pid,
+            sanitize(&p),
+            o.count
+        ),
+        None => format!("most from pid {}: {}", o.pid, o.count),
+    }
+}
+
 pub fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if is_hidden(c) { '?' } else { c })

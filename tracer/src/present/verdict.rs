@@ -273,6 +273,18 @@ fn unseen(s: &Summary, l: &Losses) -> Vec<String> {
             l.inflight_full
         ));
     }
+    if l.threads_over_quota > 0 {
+        out.push(format!(
+            "{} thread sleep(s) were not recorded (their master was at --max-threads-per-master)",
+            l.threads_over_quota
+        ));
+    }
+    if l.events_rate_limited > 0 {
+        out.push(format!(
+            "{} connection-end or signal event(s) of a flooding process were not sent",
+            l.events_rate_limited
+        ));
+    }
     if l.watch_full + l.over_quota > 0 {
         out.push(format!(
             "{} forked process(es) were not watched",
@@ -541,6 +553,16 @@ mod tests {
             // Stalls of a flood over before their turn to be reported.
             Losses {
                 stalls_held_back: 1,
+                ..Default::default()
+            },
+            // A master's threads over their quota; a process's events
+            // over its rate.
+            Losses {
+                threads_over_quota: 5,
+                ..Default::default()
+            },
+            Losses {
+                events_rate_limited: 9,
                 ..Default::default()
             },
         ] {
