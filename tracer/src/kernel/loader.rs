@@ -1,9 +1,11 @@
 //! Loading the BPF object, patching its configuration from the running
 //! kernel, and attaching the tracepoints.
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::Pod;
+use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
 
 use aya::{Ebpf, EbpfLoader};
@@ -12,6 +14,7 @@ use tracer_common::{
     ReadHist, TracepointOffsets, UNSET, Watched, class, program, stat,
 };
 
+use super::batch;
 use super::btf::Btf;
 use super::reset;
 use super::tracefs::Format;
@@ -524,6 +527,29 @@ fn take_maps(mut ebpf: Ebpf) -> Result<Probes> {
     })
 }
 
+/// Every entry of a hash map: in batches, or entry by entry on a kernel
+/// without batch reads. A read that fails midway keeps what it read.
+fn read_all<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
+    let mut out = Vec::new();
+    match batch::for_each(map.map().fd().as_fd(), usize::MAX, |k: &K, v: &V| {
+        out.push((*k, *v))
+    }) {
+        Err(e) if batch::unsupported(&e) && out.is_empty() => {
+            map.iter().filter_map(|r| r.ok()).collect()
+        }
+        _ => out,
+    }
+}
+
+/// How many entries a hash map holds, read as [`read_all`] does.
+fn count_all<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> usize {
+    let mut n = 0;
+    match batch::for_each(map.map().fd().as_fd(), usize::MAX, |_: &K, _: &V| n += 1) {
+        Err(e) if batch::unsupported(&e) && n == 0 => map.keys().filter(|k| k.is_ok()).count(),
+        _ => n,
+    }
+}
+
 /// What the session asks of the kernel side.
 pub struct LoadOptions {
     pub threshold_ns: u64,
@@ -690,7 +716,7 @@ impl Probes {
     }
 
     pub fn inflight_samples(&self) -> Vec<(u32, Inflight)> {
-        self.inflight.iter().filter_map(|r| r.ok()).collect()
+        read_all(&self.inflight)
     }
 
     pub fn stat(&self, index: u32) -> u64 {
@@ -704,9 +730,9 @@ impl Probes {
     /// threads and connections, not grow with churn.
     pub fn occupancy(&self) -> MapOccupancy {
         MapOccupancy {
-            watched: self.watched.keys().filter(|k| k.is_ok()).count(),
-            inflight: self.inflight.keys().filter(|k| k.is_ok()).count(),
-            conns: self.conns.keys().filter(|k| k.is_ok()).count(),
+            watched: count_all(&self.watched),
+            inflight: count_all(&self.inflight),
+            conns: count_all(&self.conns),
         }
     }
 
@@ -736,7 +762,7 @@ impl Probes {
     /// The process charged most under each kernel loss counter.
     pub fn top_offenders(&self) -> TopOffenders {
         let mut top = TopOffenders::default();
-        for (k, count) in self.offenders.iter().filter_map(|r| r.ok()) {
+        for (k, count) in read_all(&self.offenders) {
             let slot = match k.stat {
                 stat::EVENTS_LOST => &mut top.events_lost,
                 stat::WATCH_FULL => &mut top.watch_full,

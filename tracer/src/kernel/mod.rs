@@ -1,6 +1,7 @@
 //! The kernel side seen from user space: BTF and tracefs (what this kernel
 //! looks like), loading and attaching the BPF programs, and decoding what
 //! they send. Depends on `model` only.
+mod batch;
 pub mod btf;
 pub mod decode;
 pub mod intake;
