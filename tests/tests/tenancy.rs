@@ -272,4 +272,68 @@ fn a_quiet_process_is_charged_nothing() {
     assert_eq!(s["over_quota"], 0, "{s}");
     assert_eq!(s["threads_over_quota"], 0, "{s}");
     assert_eq!(s["events_rate_limited"], 0, "{s}");
+    assert_eq!(s["masters_over_quota"], 0, "{s}");
+    assert!(
+        t.stderr_lines
+            .iter()
+            .all(|l| !l.contains("--max-masters-per-container")),
+        "{:?}",
+        t.stderr_lines
+    );
+}
+
+/// Before: discovery watched every process named `gunicorn` it saw start,
+/// so one pod starting thousands filled the kernel's watch list for every
+/// other pod. Now a container (here the host, outside any) has at most
+/// --max-masters-per-container masters watched, and the first refusal
+/// names it once.
+#[test]
+fn discovery_watches_at_most_a_containers_quota_of_masters_and_says_so_once() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("tracer-masters-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // `python3 .../gunicorn` is a Gunicorn master to discovery.
+    let script = dir.join("gunicorn");
+    std::fs::write(&script, "import time\ntime.sleep(30)\n").unwrap();
+    let mut t = Tracer::start(&["--max-masters-per-container", "2"]);
+    let fakes: Vec<Proc> = (0..4)
+        .map(|_| {
+            let p = Proc::spawn(std::process::Command::new(python()).arg(&script));
+            // One at a time: which two are watched is then known.
+            std::thread::sleep(Duration::from_millis(300));
+            p
+        })
+        .collect();
+    let pids: Vec<u64> = fakes.iter().map(|p| p.pid() as u64).collect();
+    t.wait_count("two masters watched", 2, Duration::from_secs(5), |e| {
+        e["event"] == "master" && pids.contains(&e["pid"].as_u64().unwrap_or(0))
+    });
+    t.collect_for(Duration::from_secs(1));
+    let watched: Vec<u64> = t
+        .of_kind("master")
+        .iter()
+        .filter_map(|e| e["pid"].as_u64())
+        .filter(|p| pids.contains(p))
+        .collect();
+    assert_eq!(watched, pids[..2], "the first two, in order");
+    let s = t.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(s["masters_over_quota"], 2, "{s}");
+    assert_eq!(
+        offender(&s, "masters_over_quota"),
+        Some((pids[3], 2)),
+        "the last refused, with its container's count: {s}"
+    );
+    let warned: Vec<&String> = t
+        .stderr_lines
+        .iter()
+        .filter(|l| l.contains("--max-masters-per-container"))
+        .collect();
+    assert_eq!(warned.len(), 1, "said once: {:?}", t.stderr_lines);
+    assert!(
+        warned[0].contains("the host (outside any container)")
+            && warned[0].contains(&pids[2].to_string()),
+        "{}",
+        warned[0]
+    );
 }

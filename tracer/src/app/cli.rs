@@ -106,6 +106,13 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value = "512", value_parser = parse_quota)]
     pub max_watched_per_master: usize,
 
+    /// Gunicorn masters of one container (or of the host, outside any)
+    /// that discovery watches at most; past it a new master is not watched,
+    /// counted (`masters_over_quota`) and its container named once on
+    /// stderr. Masters given with --pid are not capped.
+    #[arg(long, value_name = "N", default_value = "32", value_parser = clap::value_parser!(u64).range(1..=8192))]
+    pub max_masters_per_container: u64,
+
     /// Processes the kernel's watch list holds at most. Hidden: a test
     /// lowers it to overflow the list with a few forks.
     #[arg(long, value_name = "N", default_value = "8192", hide = true, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]

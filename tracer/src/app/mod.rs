@@ -13,6 +13,7 @@ mod session;
 mod sink;
 mod sockets;
 mod targets;
+mod tenants;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -223,6 +224,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         metrics: None,
         served: Default::default(),
         max_per_master: args.max_watched_per_master,
+        masters: tenants::MasterQuota::new(args.max_masters_per_container as usize),
         over_quota: 0,
         sockets: sockets::SocketWatch::new(args.request_threshold),
     };
@@ -329,6 +331,9 @@ fn syscall_table() -> Result<SyscallTable> {
 /// A process that exited between discovery and now is not fatal in
 /// discovery mode; a --pid that vanished is.
 fn watch_target(st: &mut Session, t: &Target, start: u64) -> Result<()> {
+    if st.discover && t.role == Role::Master && !st.admit_master(t.pid) {
+        return Ok(());
+    }
     let r = if t.role == Role::Master {
         st.watch_master_and_workers(t.pid, Source::Scan, start)
     } else {

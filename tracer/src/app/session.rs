@@ -15,7 +15,10 @@ use crate::analysis::{Correlator, NewProcess, StackSample, signatures, syscalls}
 use crate::host::waits;
 use crate::host::{gunicorn, proc, pystack, threads};
 use crate::kernel::{Probes, decode};
-use crate::model::{KernelEvent, LoopWait, Losses, Output, Role, Sample, Source, StallReport};
+use crate::model::{
+    KernelEvent, LoopWait, Losses, Offender, Output, Role, Sample, Source, StallReport,
+    TopOffenders,
+};
 use crate::present::{self, metrics};
 
 /// Attaches a stall's Python stack (or why it was not read) to its report,
@@ -171,6 +174,8 @@ pub struct Session {
     pub max_per_master: usize,
     /// Forks dropped because their master was at its quota.
     pub over_quota: u64,
+    /// Masters discovery watches per container (--max-masters-per-container).
+    pub masters: super::tenants::MasterQuota,
     /// Connections on watched ports, scanned for hung requests.
     pub sockets: SocketWatch,
 }
@@ -388,11 +393,43 @@ impl Session {
         Ok(())
     }
 
+    /// Whether discovery may watch master `pid`: its container (or the
+    /// host) is under --max-masters-per-container. The first refusal of a
+    /// container is said on stderr, naming it.
+    pub fn admit_master(&mut self, pid: u32) -> bool {
+        let container = container_of(pid, &self.enricher.pods_dir);
+        let tenant = container
+            .as_ref()
+            .map_or(super::tenants::HOST, |c| c.id.as_str());
+        match self.masters.admit(pid, tenant) {
+            super::tenants::Admission::Watch => true,
+            super::tenants::Admission::Refuse { first } => {
+                if first {
+                    let pod = container
+                        .as_ref()
+                        .and_then(|c| Some((c.namespace.as_deref()?, c.pod.as_deref()?)))
+                        .map(|(ns, pod)| format!(" (pod {ns}/{pod})"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "tracer: warning: {}{} already has --max-masters-per-container Gunicorn masters watched; master {pid} and further ones there are not watched",
+                        present::sanitize(&match &container {
+                            Some(c) => format!("container {}", c.id),
+                            None => "the host (outside any container)".to_string(),
+                        }),
+                        present::sanitize(&pod)
+                    );
+                }
+                false
+            }
+        }
+    }
+
     /// A new Gunicorn master started (discovery mode): watch it and its workers.
     fn on_exec(&mut self, pid: u32) {
         if self.discover
             && !self.corr.is_watched(pid)
             && proc::identify(pid) == proc::Identity::Master
+            && self.admit_master(pid)
         {
             let now = present::monotonic_ns();
             if let Err(e) = self.watch_master_and_workers(pid, Source::Exec, now) {
@@ -407,6 +444,14 @@ impl Session {
         Losses {
             // The kernel refuses most at the fork; we let go the rest.
             over_quota: kernel.over_quota + self.over_quota,
+            masters_over_quota: self.masters.refused(),
+            top_offenders: TopOffenders {
+                masters_over_quota: self
+                    .masters
+                    .last_refused()
+                    .map(|(pid, count)| Offender { pid, count }),
+                ..kernel.top_offenders
+            },
             stall_ends_unknown: self.corr.stall_ends_unknown(),
             ports_unscanned: self.sockets.ports_unscanned,
             holders_unsearched: self.enricher.holders_unsearched(),
@@ -483,6 +528,7 @@ impl Session {
                 self.emit(&o);
             }
             self.probes.forget(pid);
+            self.masters.release(pid);
             if let Some(reader) = &self.stacks {
                 reader.forget(pid);
             }

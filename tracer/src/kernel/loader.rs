@@ -797,6 +797,7 @@ impl Probes {
             stalls_held_back: 0,
             holders_unsearched: 0,
             over_quota: self.stat(stat::WATCH_QUOTA),
+            masters_over_quota: 0,
             threads_over_quota: self.stat(stat::INFLIGHT_QUOTA),
             events_rate_limited: self.stat(stat::RATE_LIMITED),
             top_offenders: self.top_offenders(),

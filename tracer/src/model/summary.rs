@@ -228,6 +228,9 @@ pub struct Losses {
     /// `--max-watched-per-master` processes watched (refused by the kernel
     /// at the fork, or let go by user space after it).
     pub over_quota: u64,
+    /// Gunicorn masters discovery did not watch: their container (or the
+    /// host) already had --max-masters-per-container watched.
+    pub masters_over_quota: u64,
     /// Thread sleeps not recorded because their master's threads already
     /// held `--max-threads-per-master` entries of the in-flight map.
     pub threads_over_quota: u64,
@@ -269,6 +272,9 @@ pub struct TopOffenders {
     pub threads_over_quota: Option<Offender>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events_rate_limited: Option<Offender>,
+    /// The last master refused, with its container's refusals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masters_over_quota: Option<Offender>,
 }
 
 impl TopOffenders {
@@ -277,7 +283,7 @@ impl TopOffenders {
     }
 
     /// (counter, offender) in a fixed order: the metric's labels.
-    pub fn each(&self) -> [(&'static str, Option<Offender>); 7] {
+    pub fn each(&self) -> [(&'static str, Option<Offender>); 8] {
         [
             ("events_lost", self.events_lost),
             ("watch_full", self.watch_full),
@@ -286,6 +292,7 @@ impl TopOffenders {
             ("over_quota", self.over_quota),
             ("threads_over_quota", self.threads_over_quota),
             ("events_rate_limited", self.events_rate_limited),
+            ("masters_over_quota", self.masters_over_quota),
         ]
     }
 

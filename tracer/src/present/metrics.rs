@@ -419,6 +419,11 @@ pub fn render(
             l.over_quota,
         ),
         (
+            "masters_over_quota",
+            "Gunicorn masters discovery did not watch because their container had --max-masters-per-container",
+            l.masters_over_quota,
+        ),
+        (
             "threads_over_quota",
             "Thread sleeps not recorded because their master's threads held --max-threads-per-master in-flight entries",
             l.threads_over_quota,
@@ -565,6 +570,7 @@ mod tests {
                 over_quota: 6,
                 threads_over_quota: 12,
                 events_rate_limited: 13,
+                masters_over_quota: 14,
                 top_offenders: TopOffenders {
                     inflight_full: Some(crate::model::Offender { pid: 7, count: 6 }),
                     events_rate_limited: Some(crate::model::Offender { pid: 99, count: 13 }),
@@ -628,6 +634,7 @@ mod tests {
         assert!(t.contains("gunicorn_tracer_over_quota_total 6"), "{t}");
         assert!(
             t.contains("gunicorn_tracer_threads_over_quota_total 12")
+                && t.contains("gunicorn_tracer_masters_over_quota_total 14")
                 && t.contains("gunicorn_tracer_events_rate_limited_total 13"),
             "{t}"
         );

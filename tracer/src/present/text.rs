@@ -586,7 +586,14 @@ pub fn text_summary(s: &SummaryEvent) -> String {
         ));
     }
     // Each count with what it means it did not see.
-    let counted: [(u64, &str, String); 9] = [
+    let counted: [(u64, &str, String); 10] = [
+        (
+            l.masters_over_quota,
+            "Gunicorn master(s) were not watched: their container already had --max-masters-per-container watched; a stall in one would not be seen",
+            top.masters_over_quota
+                .map(|o| format!(" (the last: pid {}", o.pid))
+                .unwrap_or_default(),
+        ),
         (
             l.inflight_full,
             "thread sleep(s) could not be recorded (in-flight map full); a stall in one would not be seen",

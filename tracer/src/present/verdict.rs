@@ -273,6 +273,12 @@ fn unseen(s: &Summary, l: &Losses) -> Vec<String> {
             l.inflight_full
         ));
     }
+    if l.masters_over_quota > 0 {
+        out.push(format!(
+            "{} Gunicorn master(s) were not watched (their container was at --max-masters-per-container)",
+            l.masters_over_quota
+        ));
+    }
     if l.threads_over_quota > 0 {
         out.push(format!(
             "{} thread sleep(s) were not recorded (their master was at --max-threads-per-master)",
