@@ -13,8 +13,9 @@ pub(super) const MAX_EXITED_KEPT: usize = 256;
 const MAX_EXITED_RECENT: usize = 64;
 
 /// How far a process's start time (a clock tick, 10 ms) may be from its
-/// fork event's time and still be that child.
-const SAME_START_NS: u64 = 50_000_000;
+/// fork event's time, or from the start read earlier, and still be that
+/// process.
+pub const SAME_START_NS: u64 = 50_000_000;
 
 /// `read` of the child forked at `fork_ns`, or None when the pid now
 /// belongs to another process: the child ended and its pid was reused

@@ -48,6 +48,7 @@ mod tests;
 mod timeout_tests;
 
 pub use correlator::{Correlator, NewProcess};
+pub use lifecycle::SAME_START_NS;
 pub use spin::StackSample;
 
 use crate::model::{BlockedThread, Container, FdInfo, MemoryCgroup, ThreadCpu, ThreadNow};

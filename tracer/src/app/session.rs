@@ -335,6 +335,7 @@ impl Session {
     /// are followed), then the threads already blocked, then the report.
     pub fn watch_process(&mut self, t: &Target, source: Source, now: u64) -> Result<()> {
         self.probes.watch(t.pid, t.master, t.role)?;
+        self.enricher.remember_now(t.pid);
         self.add_listeners(t.pid);
         if let (Some(reader), Role::Worker) = (&self.stacks, t.role) {
             reader.open(t.pid);
@@ -476,10 +477,19 @@ impl Session {
     }
 
     fn handle(&mut self, ev: KernelEvent) {
-        if let KernelEvent::Fork { child, master, .. } = ev
-            && !self.admit_fork(child, master)
+        if let KernelEvent::Fork {
+            child,
+            master,
+            ts_ns,
+            ..
+        } = ev
         {
-            return;
+            if !self.admit_fork(child, master) {
+                return;
+            }
+            // The child started at its fork: a pid that later shows
+            // another start is someone else's.
+            self.enricher.remember(child, ts_ns);
         }
         match ev {
             KernelEvent::Exec { pid, .. } => return self.on_exec(pid),
@@ -529,6 +539,7 @@ impl Session {
             }
             self.probes.forget(pid);
             self.masters.release(pid);
+            self.enricher.forget(pid);
             if let Some(reader) = &self.stacks {
                 reader.forget(pid);
             }
