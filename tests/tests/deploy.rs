@@ -286,22 +286,9 @@ fn tracer_with_caps(caps: &[String], args: &[String]) -> Command {
     cmd
 }
 
-/// The DaemonSet mounts the host's tracefs; without CAP_SYS_ADMIN the
-/// tracer cannot mount it itself.
-fn ensure_tracefs() {
-    if !std::path::Path::new("/sys/kernel/tracing/events").exists() {
-        let ok = Command::new("mount")
-            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mounting tracefs at /sys/kernel/tracing");
-    }
-}
-
 #[test]
 fn the_container_args_run_the_real_tracer_and_its_probes_answer() {
     require_root();
-    ensure_tracefs();
     let c = container();
     let (port, health) = (free_port(), free_port());
     let args = args_on_port(&c, port, health);
@@ -379,7 +366,6 @@ fn stalls_of_another_user_with(caps: &[String]) -> Vec<Value> {
 #[test]
 fn the_container_capabilities_are_what_reading_other_users_processes_takes() {
     require_root();
-    ensure_tracefs();
     let caps = grantable_caps(&container());
     // With them: the blocked read, its fd kind and the pipe's peers, all
     // read from another user's /proc entries.

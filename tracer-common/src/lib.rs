@@ -530,41 +530,17 @@ pub mod program {
 /// An offset or value the loader did not set: reads through it fail.
 pub const UNSET: u64 = u64::MAX;
 
-/// Tracepoint record field offsets, read from tracefs `format` files.
+/// What the BTF-typed tracepoints' arguments are on this kernel: some
+/// prototypes changed across versions. Read from BTF by the loader; each
+/// is 1 when true, [`UNSET`] when not.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TracepointOffsets {
-    pub newtask_pid: u64,
-    pub newtask_flags: u64,
-    /// [`UNSET`] on kernels without `group_dead` (then the leader's exit
-    /// stands for the process's).
+pub struct TracepointArgs {
+    /// sched_process_exit passes `bool group_dead` second (Linux 6.16 and
+    /// later); otherwise the leader's exit stands for the process's.
     pub exit_group_dead: u64,
-    pub signal_sig: u64,
-    pub signal_pid: u64,
-    pub set_state_skaddr: u64,
-    pub set_state_oldstate: u64,
-    pub set_state_newstate: u64,
-    pub set_state_sport: u64,
-    pub set_state_dport: u64,
-    pub set_state_family: u64,
-    pub set_state_protocol: u64,
-    pub set_state_daddr: u64,
-    pub set_state_daddr_v6: u64,
-    /// oom:mark_victim. Only `pid` is on every kernel; the others are
-    /// [`UNSET`] where the kernel's record lacks them.
-    pub victim_pid: u64,
-    pub victim_oom_score_adj: u64,
-    pub victim_anon_rss: u64,
-    pub victim_file_rss: u64,
-    pub victim_shmem_rss: u64,
-    /// inet_sock_set_state's local address (the connection's key).
-    pub set_state_saddr: u64,
-    pub set_state_saddr_v6: u64,
-    /// tcp:tcp_send_reset's addresses, as sockaddr_in6-sized buffers
-    /// (Linux 6.x); [`UNSET`] on kernels whose record lays them out
-    /// otherwise.
-    pub reset_saddr: u64,
-    pub reset_daddr: u64,
+    /// oom:mark_victim passes the task (Linux 6.8 and later), not its pid.
+    pub victim_task: u64,
 }
 
 /// Offsets of kernel struct members, read from the running kernel's BTF:
@@ -616,6 +592,28 @@ pub struct KernelOffsets {
     pub skb_head: u64,
     pub skb_network_header: u64,
     pub skb_transport_header: u64,
+    // struct sock (its sock_common first): what inet_sock_set_state and
+    // tcp_send_reset's records held, read from the socket itself.
+    pub sk_protocol: u64,
+    pub skc_family: u64,
+    /// The local port, host order.
+    pub skc_num: u64,
+    /// The peer's port, network order.
+    pub skc_dport: u64,
+    pub skc_daddr: u64,
+    pub skc_rcv_saddr: u64,
+    pub skc_v6_daddr: u64,
+    pub skc_v6_rcv_saddr: u64,
+    // The OOM victim's figures mark_victim's record held (Linux 6.8+):
+    // task->signal->oom_score_adj, and task->mm->rss_stat[i].count of
+    // each percpu_counter ([`UNSET`] where the layout is another).
+    pub signal_oom_score_adj: u64,
+    pub task_mm: u64,
+    pub mm_rss_stat: u64,
+    pub rss_counter_size: u64,
+    pub rss_counter_count: u64,
+    /// log2 of the page size in KiB (2 for 4 KiB pages).
+    pub page_kb_shift: u64,
 }
 
 /// The programs' configuration: the `CONFIG` global of the BPF object,
@@ -628,7 +626,7 @@ pub struct Config {
     /// Syscall numbers on this architecture.
     pub nr_close: u64,
     pub nr_shutdown: u64,
-    pub tp: TracepointOffsets,
+    pub tp: TracepointArgs,
     pub kernel: KernelOffsets,
     pub quotas: Quotas,
 }
@@ -655,30 +653,9 @@ impl Config {
         threshold_ns: UNSET,
         nr_close: UNSET,
         nr_shutdown: UNSET,
-        tp: TracepointOffsets {
-            newtask_pid: UNSET,
-            newtask_flags: UNSET,
+        tp: TracepointArgs {
             exit_group_dead: UNSET,
-            signal_sig: UNSET,
-            signal_pid: UNSET,
-            set_state_skaddr: UNSET,
-            set_state_oldstate: UNSET,
-            set_state_newstate: UNSET,
-            set_state_sport: UNSET,
-            set_state_dport: UNSET,
-            set_state_family: UNSET,
-            set_state_protocol: UNSET,
-            set_state_daddr: UNSET,
-            set_state_daddr_v6: UNSET,
-            victim_pid: UNSET,
-            victim_oom_score_adj: UNSET,
-            victim_anon_rss: UNSET,
-            victim_file_rss: UNSET,
-            victim_shmem_rss: UNSET,
-            set_state_saddr: UNSET,
-            set_state_saddr_v6: UNSET,
-            reset_saddr: UNSET,
-            reset_daddr: UNSET,
+            victim_task: UNSET,
         },
         kernel: KernelOffsets {
             task_state: UNSET,
@@ -712,6 +689,20 @@ impl Config {
             skb_head: UNSET,
             skb_network_header: UNSET,
             skb_transport_header: UNSET,
+            sk_protocol: UNSET,
+            skc_family: UNSET,
+            skc_num: UNSET,
+            skc_dport: UNSET,
+            skc_daddr: UNSET,
+            skc_rcv_saddr: UNSET,
+            skc_v6_daddr: UNSET,
+            skc_v6_rcv_saddr: UNSET,
+            signal_oom_score_adj: UNSET,
+            task_mm: UNSET,
+            mm_rss_stat: UNSET,
+            rss_counter_size: UNSET,
+            rss_counter_count: UNSET,
+            page_kb_shift: UNSET,
         },
         quotas: Quotas {
             procs_per_master: UNSET,
@@ -758,20 +749,17 @@ mod tests {
         assert_eq!(size_of::<Event>(), 4 * 4 + 6 * 8 + 16);
         assert_eq!(size_of::<Conn>(), 4 * 8 + 4 * 4 + 32);
         assert_eq!(size_of::<ConnEnd>(), 4 * 4 + 8 + size_of::<Conn>() + 8);
-        assert_eq!(size_of::<TracepointOffsets>(), 23 * 8);
+        assert_eq!(size_of::<TracepointArgs>(), 2 * 8);
         assert_eq!(size_of::<ConnKey>(), 2 * 16 + 2 * 2);
         assert_eq!(size_of::<AnsweredClose>(), 5 * 8 + 8 * 4 + 32);
         assert_eq!(
             size_of::<KeepaliveRace>(),
             2 * 4 + 8 + size_of::<AnsweredClose>()
         );
-        assert_eq!(size_of::<KernelOffsets>(), 31 * 8);
+        assert_eq!(size_of::<KernelOffsets>(), 45 * 8);
         assert_eq!(
             size_of::<Config>(),
-            3 * 8
-                + size_of::<TracepointOffsets>()
-                + size_of::<KernelOffsets>()
-                + size_of::<Quotas>()
+            3 * 8 + size_of::<TracepointArgs>() + size_of::<KernelOffsets>() + size_of::<Quotas>()
         );
     }
 

@@ -6,7 +6,6 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
     bpf_probe_read_kernel, bpf_task_pt_regs,
 };
-use aya_ebpf::programs::TracePointContext;
 use tracer_common::{Event, MAX_SYSCALL_NR, TGIDS_PER_SLOT, UNSET, class, stat};
 
 use crate::config::{CONFIG, cfg};
@@ -54,12 +53,6 @@ pub fn emit(ev: &Event) {
 #[inline(always)]
 pub unsafe fn atomic_add(dst: *mut u64, v: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, v) };
-}
-
-/// A field of a classic tracepoint's record, at an offset from tracefs.
-#[inline(always)]
-pub fn field<T>(ctx: &TracePointContext, off: &u64) -> Result<T, i32> {
-    unsafe { ctx.read_at(cfg(off) as usize) }
 }
 
 /// (tgid, tid) of the current task.

@@ -1,34 +1,43 @@
 //! Process lifecycle: fork, exit, signals, exec and OOM kills. Rare, so
 //! each is sent as an event; fork also extends the watch list to the child.
-use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
+//!
+//! BTF-typed tracepoints: their arguments are the kernel's own (a task, a
+//! signal number), attached with bpf() alone. A classic tracepoint needs
+//! perf_event_open, which Debian's and Ubuntu's kernels refuse without
+//! CAP_SYS_ADMIN at their default perf_event_paranoid (3 and 4): the
+//! DaemonSet's capabilities could not attach one there. And no record
+//! layout is read, so none can move under the programs.
+use aya_ebpf::{
+    helpers::bpf_get_current_comm, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use tracer_common::{UNSET, Watched, kind, program, role, signal, stat};
 
 use crate::config::{CONFIG, cfg};
-use crate::helpers::{
-    base_event, count, current_task, emit, field, finish, ids, kread, mark_watched,
-};
+use crate::helpers::{base_event, current_task, emit, finish, ids, kread, mark_watched};
 use crate::maps::{INFLIGHT, WATCHED};
 use crate::quota::{charge, released_proc, released_thread, room_for_proc, spend_token, took_proc};
 use crate::scheduler::{end_at_exit, on_signal_delivery};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
-#[tracepoint]
-pub fn task_newtask(ctx: TracePointContext) -> u32 {
+/// task_newtask(struct task_struct *task, unsigned long clone_flags)
+#[btf_tracepoint(function = "task_newtask")]
+pub fn task_newtask(ctx: BtfTracePointContext) -> i32 {
     finish(program::TASK_NEWTASK, try_task_newtask(&ctx));
     0
 }
 
-fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_task_newtask(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
     let Some(parent) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let flags: u64 = field(ctx, &CONFIG.tp.newtask_flags)?;
+    let flags: u64 = ctx.arg(1);
     if flags & CLONE_THREAD != 0 {
         return Ok(());
     }
-    let child: i32 = field(ctx, &CONFIG.tp.newtask_pid)?;
+    let task: u64 = ctx.arg(0);
+    let child = kread::<i32>(task, cfg(&CONFIG.kernel.task_pid)).ok_or(-1)?;
     let child_role = if parent.role == role::MASTER {
         role::WORKER
     } else {
@@ -67,13 +76,15 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+/// sched_process_exit(struct task_struct *p[, bool group_dead]), in the
+/// exiting task's context.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     finish(program::SCHED_PROCESS_EXIT, try_sched_process_exit(&ctx));
     0
 }
 
-fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_sched_process_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let (tgid, tid) = ids();
     let Some(w) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
@@ -85,11 +96,10 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
         released_thread(e.master);
     }
     let _ = INFLIGHT.remove(tid);
-    let off = &CONFIG.tp.exit_group_dead;
-    let group_dead = if cfg(off) == UNSET {
+    let group_dead = if cfg(&CONFIG.tp.exit_group_dead) == UNSET {
         tid == tgid
     } else {
-        field::<u8>(ctx, off)? != 0
+        ctx.arg::<u64>(1) & 0xff != 0
     };
     if !group_dead {
         return Ok(());
@@ -120,18 +130,22 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn signal_generate(ctx: TracePointContext) -> u32 {
+/// signal_generate(int sig, struct kernel_siginfo *info, struct
+/// task_struct *task, int group, int result)
+#[btf_tracepoint(function = "signal_generate")]
+pub fn signal_generate(ctx: BtfTracePointContext) -> i32 {
     finish(program::SIGNAL_GENERATE, try_signal_generate(&ctx));
     0
 }
 
-fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
-    let target: i32 = field(ctx, &CONFIG.tp.signal_pid)?;
+fn try_signal_generate(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let task: u64 = ctx.arg(2);
+    // The record's `pid` was the task's pid: the thread signalled.
+    let target = kread::<i32>(task, cfg(&CONFIG.kernel.task_pid)).ok_or(-1)?;
     if unsafe { WATCHED.get(target as u32) }.is_none() {
         return Ok(());
     }
-    let sig: i32 = field(ctx, &CONFIG.tp.signal_sig)?;
+    let sig = ctx.arg::<u64>(0) as i32;
     if !signal::is_reported(sig) {
         return Ok(());
     }
@@ -151,8 +165,8 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
 
 /// A signal about to be handled: rare, and only a watched thread's open
 /// call is looked at (see `scheduler::on_signal_delivery`).
-#[tracepoint]
-pub fn signal_deliver(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "signal_deliver")]
+pub fn signal_deliver(_ctx: BtfTracePointContext) -> i32 {
     finish(program::SIGNAL_DELIVER, try_signal_deliver());
     0
 }
@@ -165,13 +179,13 @@ fn try_signal_deliver() -> Result<(), i32> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
-    finish(program::SCHED_PROCESS_EXEC, try_sched_process_exec(&ctx));
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
+    finish(program::SCHED_PROCESS_EXEC, try_sched_process_exec());
     0
 }
 
-fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<(), i32> {
+fn try_sched_process_exec() -> Result<(), i32> {
     let (tgid, tid) = ids();
     let comm = bpf_get_current_comm()?;
     // Only what could be a Gunicorn master (gunicorn, python3 -m gunicorn)
@@ -188,37 +202,59 @@ fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<(), i32> {
 }
 
 /// The kernel's OOM killer chose a victim. It runs in the context of
-/// whichever task hit the limit, so the victim comes from the record.
-#[tracepoint]
-pub fn mark_victim(ctx: TracePointContext) -> u32 {
+/// whichever task hit the limit, so the victim comes from the arguments:
+/// mark_victim(int pid) before Linux 6.8, mark_victim(struct task_struct
+/// *task, uid_t uid) since, whose record also gave the victim's
+/// oom_score_adj and resident memory: read here from the task itself.
+#[btf_tracepoint(function = "mark_victim")]
+pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
     finish(program::MARK_VICTIM, try_mark_victim(&ctx));
     0
 }
 
-fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
-    let tp = &CONFIG.tp;
-    let victim: i32 = field(ctx, &tp.victim_pid)?;
+fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let k = &CONFIG.kernel;
+    let (victim, task) = if cfg(&CONFIG.tp.victim_task) == UNSET {
+        (ctx.arg::<u64>(0) as i32, 0)
+    } else {
+        let task: u64 = ctx.arg(0);
+        (kread::<i32>(task, cfg(&k.task_pid)).ok_or(-1)?, task)
+    };
     if unsafe { WATCHED.get(victim as u32) }.is_none() {
         return Ok(());
     }
-    let optional = |off: &u64| -> u64 {
-        if cfg(off) == UNSET {
-            0
-        } else {
-            field::<u64>(ctx, off).unwrap_or(0)
-        }
-    };
     let (tgid, tid) = ids();
     let mut ev = base_event(kind::OOM_KILL, victim as u32, tid);
     ev.aux_pid = tgid;
-    ev.nr = if cfg(&tp.victim_oom_score_adj) == UNSET {
-        0
-    } else {
-        field::<i16>(ctx, &tp.victim_oom_score_adj).unwrap_or(0) as i64
-    };
-    ev.arg0 = optional(&tp.victim_anon_rss)
-        + optional(&tp.victim_file_rss)
-        + optional(&tp.victim_shmem_rss);
+    if task != 0 {
+        let signal = kread::<u64>(task, cfg(&k.task_signal)).unwrap_or(0);
+        ev.nr = kread::<i16>(signal, cfg(&k.signal_oom_score_adj)).unwrap_or(0) as i64;
+        ev.arg0 = rss_kb(kread::<u64>(task, cfg(&k.task_mm)).unwrap_or(0));
+    }
     emit(&ev);
     Ok(())
+}
+
+/// The resident memory of `mm` in KiB, as mark_victim's record gave it:
+/// anonymous, file and shared pages (counters 1, 0 and 3 of rss_stat). 0
+/// when it cannot be read: user space takes 0 as unknown.
+#[inline(always)]
+fn rss_kb(mm: u64) -> u64 {
+    let k = &CONFIG.kernel;
+    let (size, count, shift) = (
+        cfg(&k.rss_counter_size),
+        cfg(&k.rss_counter_count),
+        cfg(&k.page_kb_shift),
+    );
+    let base = cfg(&k.mm_rss_stat);
+    if mm == 0 || [base, size, count, shift].contains(&UNSET) {
+        return 0;
+    }
+    let mut pages: i64 = 0;
+    for i in [0u64, 1, 3] {
+        pages += kread::<i64>(mm, base + i * size + count)
+            .unwrap_or(0)
+            .max(0);
+    }
+    (pages as u64) << shift
 }

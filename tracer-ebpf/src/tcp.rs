@@ -6,8 +6,8 @@
 //! to a keep-alive race.
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{kprobe, raw_tracepoint, tracepoint},
-    programs::{ProbeContext, RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
 };
 use tracer_common::{
     AnsweredClose, Conn, ConnEnd, ConnKey, KeepaliveRace, UNSET, Watched, direction, ended, kind,
@@ -16,7 +16,7 @@ use tracer_common::{
 
 use crate::config::{CONFIG, cfg};
 use crate::helpers::{
-    PF_EXITING, count, current_syscall, current_task, field, finish, ids, kread, syscall_arg0,
+    PF_EXITING, count, current_syscall, current_task, finish, ids, kread, syscall_arg0,
 };
 use crate::maps::{ANSWERED, CONNS, EVENTS, PORTS, WATCHED};
 use crate::quota::{charge, spend_token};
@@ -46,38 +46,48 @@ const TCP_CLOSE: i32 = 7;
 const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+/// inet_sock_set_state(const struct sock *sk, const int oldstate, const
+/// int newstate): every state change of every socket on the host. What
+/// its record held (ports, addresses) is read from the socket, and only
+/// for the changes that matter.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     finish(program::INET_SOCK_SET_STATE, try_inet_sock_set_state(&ctx));
     0
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let tp = &CONFIG.tp;
-    let protocol: u16 = field(ctx, &tp.set_state_protocol)?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
-    }
-    let new: i32 = field(ctx, &tp.set_state_newstate)?;
-    let old: i32 = field(ctx, &tp.set_state_oldstate)?;
-    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        return accepted(ctx);
-    }
+/// A field of a socket at an offset from CONFIG.
+#[inline(always)]
+fn sock<T>(sk: u64, off: &u64) -> Result<T, i32> {
+    kread::<T>(sk, cfg(off)).ok_or(-1)
+}
+
+fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let new = ctx.arg::<u64>(2) as i32;
+    let old = ctx.arg::<u64>(1) as i32;
+    let accepting = old == TCP_SYN_RECV && new == TCP_ESTABLISHED;
     let opening = new == TCP_SYN_SENT;
     let closing = matches!(old, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
         && matches!(new, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
-    if !opening && !closing {
+    if !accepting && !opening && !closing {
         return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    let protocol: u16 = sock(sk, &CONFIG.kernel.sk_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    if accepting {
+        return accepted(sk);
     }
     let (tgid, tid) = ids();
     let Some(watched) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let sk: u64 = field(ctx, &tp.set_state_skaddr)?;
-    let family: u16 = field(ctx, &tp.set_state_family)?;
+    let family: u16 = sock(sk, &CONFIG.kernel.skc_family)?;
     let now = unsafe { bpf_ktime_get_ns() };
     if opening {
-        return connecting(ctx, sk, family, now);
+        return connecting(sk, family, now);
     }
     // Only a close or shutdown by this side sets SEND_SHUTDOWN before the
     // state change. A RST from the peer, handled in softirq on top of
@@ -96,22 +106,34 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         watched,
         now,
     };
-    closed.judge(ctx)
+    closed.judge()
 }
 
-/// The peer's address from inet_sock_set_state, as a sockaddr head.
+/// The peer's port of a socket, host order (sock_common keeps it in
+/// network order).
 #[inline(always)]
-fn peer_addr(ctx: &TracePointContext, family: u16) -> Result<[u8; 32], i32> {
-    let tp = &CONFIG.tp;
+fn peer_port(sk: u64) -> Result<u16, i32> {
+    Ok(u16::from_be(sock(sk, &CONFIG.kernel.skc_dport)?))
+}
+
+/// The local port of a socket, host order.
+#[inline(always)]
+fn local_port(sk: u64) -> Result<u16, i32> {
+    sock(sk, &CONFIG.kernel.skc_num)
+}
+
+/// The peer's address of a socket, as a sockaddr head.
+#[inline(always)]
+fn peer_addr(sk: u64, family: u16) -> Result<[u8; 32], i32> {
+    let k = &CONFIG.kernel;
     let mut a = [0u8; 32];
     a[..2].copy_from_slice(&family.to_ne_bytes());
-    let dport: u16 = field(ctx, &tp.set_state_dport)?;
-    a[2..4].copy_from_slice(&dport.to_be_bytes());
+    a[2..4].copy_from_slice(&peer_port(sk)?.to_be_bytes());
     if family == AF_INET {
-        let ip: [u8; 4] = field(ctx, &tp.set_state_daddr)?;
+        let ip: [u8; 4] = sock(sk, &k.skc_daddr)?;
         a[4..8].copy_from_slice(&ip);
     } else {
-        let ip: [u8; 16] = field(ctx, &tp.set_state_daddr_v6)?;
+        let ip: [u8; 16] = sock(sk, &k.skc_v6_daddr)?;
         a[8..24].copy_from_slice(&ip);
     }
     Ok(a)
@@ -127,32 +149,32 @@ fn v4_mapped(ip: [u8; 4]) -> [u8; 16] {
     a
 }
 
-/// The four-tuple of inet_sock_set_state's socket.
+/// The four-tuple of a socket.
 #[inline(always)]
-fn conn_key(ctx: &TracePointContext, family: u16) -> Result<ConnKey, i32> {
-    let tp = &CONFIG.tp;
+fn conn_key(sk: u64, family: u16) -> Result<ConnKey, i32> {
+    let o = &CONFIG.kernel;
     let mut k = ConnKey {
-        local_port: field(ctx, &tp.set_state_sport)?,
-        peer_port: field(ctx, &tp.set_state_dport)?,
+        local_port: local_port(sk)?,
+        peer_port: peer_port(sk)?,
         ..Default::default()
     };
     if family == AF_INET {
-        k.local = v4_mapped(field(ctx, &tp.set_state_saddr)?);
-        k.peer = v4_mapped(field(ctx, &tp.set_state_daddr)?);
+        k.local = v4_mapped(sock(sk, &o.skc_rcv_saddr)?);
+        k.peer = v4_mapped(sock(sk, &o.skc_daddr)?);
     } else {
-        k.local = field(ctx, &tp.set_state_saddr_v6)?;
-        k.peer = field(ctx, &tp.set_state_daddr_v6)?;
+        k.local = sock(sk, &o.skc_v6_rcv_saddr)?;
+        k.peer = sock(sk, &o.skc_v6_daddr)?;
     }
     Ok(k)
 }
 
 /// connect() in a watched process: an outbound connection starts.
 #[inline(always)]
-fn connecting(ctx: &TracePointContext, sk: u64, family: u16, now: u64) -> Result<(), i32> {
+fn connecting(sk: u64, family: u16, now: u64) -> Result<(), i32> {
     let conn = Conn {
         start_ns: now,
         direction: direction::OUTBOUND,
-        addr: peer_addr(ctx, family)?,
+        addr: peer_addr(sk, family)?,
         ..Default::default()
     };
     if CONNS.insert(sk, conn, 0).is_err() {
@@ -164,19 +186,17 @@ fn connecting(ctx: &TracePointContext, sk: u64, family: u16, now: u64) -> Result
 /// A connection to a port a watched process listens on was established:
 /// remember when, for its lifetime at close.
 #[inline(always)]
-fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
-    let tp = &CONFIG.tp;
-    let sport: u16 = field(ctx, &tp.set_state_sport)?;
+fn accepted(sk: u64) -> Result<(), i32> {
+    let sport = local_port(sk)?;
     if PORTS.get(sport as u32).copied().unwrap_or(0) == 0 {
         return Ok(());
     }
-    let sk: u64 = field(ctx, &tp.set_state_skaddr)?;
-    let family: u16 = field(ctx, &tp.set_state_family)?;
+    let family: u16 = sock(sk, &CONFIG.kernel.skc_family)?;
     let conn = Conn {
         start_ns: unsafe { bpf_ktime_get_ns() },
         direction: direction::INBOUND,
         local_port: sport as u32,
-        addr: peer_addr(ctx, family)?,
+        addr: peer_addr(sk, family)?,
         ..Default::default()
     };
     if CONNS.insert(sk, conn, 0).is_err() {
@@ -184,7 +204,7 @@ fn accepted(ctx: &TracePointContext) -> Result<(), i32> {
     }
     // A new connection on a four-tuple that was closed earlier: resets on
     // it are its own, not the old one's.
-    let _ = ANSWERED.remove(&conn_key(ctx, family)?);
+    let _ = ANSWERED.remove(&conn_key(sk, family)?);
     Ok(())
 }
 
@@ -218,7 +238,7 @@ impl Closed {
     /// Counts a connection that ended well; sends one that ended badly.
     /// What `CONNS` knows is read in place: the stack cannot hold copies.
     #[inline(always)]
-    fn judge(&self, ctx: &TracePointContext) -> Result<(), i32> {
+    fn judge(&self) -> Result<(), i32> {
         let known = CONNS.get_ptr_mut(self.sk);
         let direction = match known {
             Some(c) => unsafe { (*c).direction },
@@ -226,7 +246,7 @@ impl Closed {
             // local port is the listener's, so a port no watched process
             // listens on was connect()ed by it.
             None => {
-                let sport: u16 = field(ctx, &CONFIG.tp.set_state_sport)?;
+                let sport = local_port(self.sk)?;
                 if PORTS.get(sport as u32).copied().unwrap_or(0) != 0 {
                     direction::INBOUND
                 } else {
@@ -251,13 +271,13 @@ impl Closed {
         let sent = if totals.unreadable {
             // Sent with its flag: user space decides nothing from it.
             count(stat::CONNS_UNREADABLE);
-            self.send(ctx, known, &totals)
+            self.send(known, &totals)
         } else if Conn::ends_badly(direction, totals.bytes_in, totals.bytes_out) {
-            self.send(ctx, known, &totals)
+            self.send(known, &totals)
         } else {
             count(stat::CONNS_OK);
             if direction == direction::INBOUND && !peer_closed_first {
-                self.remember_answered(ctx, known, &totals)
+                self.remember_answered(known, &totals)
             } else {
                 Ok(())
             }
@@ -269,18 +289,13 @@ impl Closed {
     /// Sends a connection that ended badly, written straight into the ring
     /// buffer. Everything that can fail is read before the reservation.
     #[inline(always)]
-    fn send(
-        &self,
-        ctx: &TracePointContext,
-        known: Option<*mut Conn>,
-        t: &Totals,
-    ) -> Result<(), i32> {
-        let sport: u16 = field(ctx, &CONFIG.tp.set_state_sport)?;
+    fn send(&self, known: Option<*mut Conn>, t: &Totals) -> Result<(), i32> {
+        let sport = local_port(self.sk)?;
         let addr_known = known.is_some_and(|c| unsafe { (*c).addr[0] != 0 || (*c).addr[1] != 0 });
         let addr = if addr_known {
             None
         } else {
-            Some(peer_addr(ctx, self.family)?)
+            Some(peer_addr(self.sk, self.family)?)
         };
         let (ended_by, fd) = ended_by();
         // A process that closes connections by the thousand spends its own
@@ -330,12 +345,7 @@ impl Closed {
     /// Remembers an inbound connection closed first by the process after
     /// it had answered: a keep-alive connection closed as idle, typically.
     #[inline(always)]
-    fn remember_answered(
-        &self,
-        ctx: &TracePointContext,
-        known: Option<*mut Conn>,
-        t: &Totals,
-    ) -> Result<(), i32> {
+    fn remember_answered(&self, known: Option<*mut Conn>, t: &Totals) -> Result<(), i32> {
         // tcp_mstamp is the socket's last send or receive, in µs of the
         // same monotonic clock as bpf_ktime_get_ns.
         let last_us = kread::<u64>(self.sk, cfg(&CONFIG.kernel.tcp_mstamp)).unwrap_or(0);
@@ -354,7 +364,7 @@ impl Closed {
         if !aborted && idle_ns != UNSET && idle_ns < KEPT_IDLE_NS {
             return Ok(());
         }
-        let key = conn_key(ctx, self.family)?;
+        let key = conn_key(self.sk, self.family)?;
         let (ended_by, fd) = ended_by();
         let v = AnsweredClose {
             closed_ns: self.now,
@@ -370,7 +380,7 @@ impl Closed {
             aborted: aborted as u32,
             local_port: key.local_port as u32,
             _pad: 0,
-            addr: peer_addr(ctx, self.family)?,
+            addr: peer_addr(self.sk, self.family)?,
         };
         ANSWERED.insert(&key, &v, 0).map_err(|e| e as i32)
     }
@@ -428,46 +438,33 @@ fn try_sock_recv_length(ctx: &RawTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Every TCP reset the host sends. The one that matters here answers a
-/// request that arrived on a connection a watched process had closed after
-/// answering: in softirq, on an orphaned FIN_WAIT2 (a timewait socket,
-/// whose addresses the record takes from the packet), or from the close
-/// itself when the request was already queued.
-#[tracepoint]
-pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+/// Every TCP reset the host sends: tcp_send_reset(const struct sock *sk,
+/// const struct sk_buff *skb[, enum sk_rst_reason reason]). The one that
+/// matters here answers a request that arrived on a connection a watched
+/// process had closed after answering: in softirq, on an orphaned
+/// FIN_WAIT2 (a timewait socket, or none), or from the close itself when
+/// the request was already queued (no segment then: the socket's own
+/// addresses).
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     finish(program::TCP_SEND_RESET, try_tcp_send_reset(&ctx));
     0
 }
 
-/// The address and host-order port of a sockaddr_in/in6 in a record.
-#[inline(always)]
-fn sockaddr_ip(a: &[u8; 28]) -> Option<([u8; 16], u16)> {
-    let family = u16::from_ne_bytes([a[0], a[1]]);
-    let port = u16::from_be_bytes([a[2], a[3]]);
-    let mut ip = [0u8; 16];
-    match family {
-        AF_INET => ip = v4_mapped([a[4], a[5], a[6], a[7]]),
-        AF_INET6 => ip.copy_from_slice(&a[8..24]),
-        _ => return None,
+fn try_tcp_send_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    if skb != 0 {
+        return reset_of_segment(skb);
     }
-    Some((ip, port))
-}
-
-fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
-    let tp = &CONFIG.tp;
-    let local: [u8; 28] = field(ctx, &tp.reset_saddr)?;
-    let peer: [u8; 28] = field(ctx, &tp.reset_daddr)?;
-    let (Some((local, local_port)), Some((peer, peer_port))) =
-        (sockaddr_ip(&local), sockaddr_ip(&peer))
-    else {
+    if sk == 0 {
         return Ok(());
-    };
-    reset_sent(&ConnKey {
-        local,
-        peer,
-        local_port,
-        peer_port,
-    });
+    }
+    let family: u16 = sock(sk, &CONFIG.kernel.skc_family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    reset_sent(&conn_key(sk, family)?);
     Ok(())
 }
 
@@ -475,21 +472,35 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
 /// Linux 6.10 that tracepoint fires only for a full socket, never for the
 /// TIME_WAIT one (or none) a late request meets. Attached (by the loader,
 /// only there) to tcp_v4_send_reset and tcp_v6_send_reset, whose second
-/// argument is the segment being answered.
+/// argument is the segment being answered: as fentry programs where the
+/// kernel has them (bpf() alone), else as a kprobe (perf_event_open).
 #[kprobe]
 pub fn tcp_rst_kprobe(ctx: ProbeContext) -> u32 {
-    finish(program::TCP_RST_KPROBE, try_tcp_rst_kprobe(&ctx));
+    let run = ctx.arg::<u64>(1).ok_or(-1).and_then(reset_of_segment);
+    finish(program::TCP_RST_KPROBE, run);
     0
 }
 
-/// The four-tuple comes from the segment's own headers, not from `sk`: sk
-/// is NULL when no socket is left (an orphan past tcp_fin_timeout), and a
-/// TIME_WAIT socket is a smaller struct than the one whose offsets BTF
-/// gives; the headers are there in every case, as the kernel reads them to
-/// build the reset.
-fn try_tcp_rst_kprobe(ctx: &ProbeContext) -> Result<(), i32> {
+#[fentry(function = "tcp_v4_send_reset")]
+pub fn tcp_v4_rst_fentry(ctx: FEntryContext) -> i32 {
+    finish(program::TCP_RST_KPROBE, reset_of_segment(ctx.arg(1)));
+    0
+}
+
+#[fentry(function = "tcp_v6_send_reset")]
+pub fn tcp_v6_rst_fentry(ctx: FEntryContext) -> i32 {
+    finish(program::TCP_RST_KPROBE, reset_of_segment(ctx.arg(1)));
+    0
+}
+
+/// The reset of received segment `skb`. The four-tuple comes from the
+/// segment's own headers, not from a socket: there is none when no socket
+/// is left (an orphan past tcp_fin_timeout), and a TIME_WAIT socket is a
+/// smaller struct than the one whose offsets BTF gives; the headers are
+/// there in every case, as the kernel reads them to build the reset.
+#[inline(always)]
+fn reset_of_segment(skb: u64) -> Result<(), i32> {
     let k = &CONFIG.kernel;
-    let skb: u64 = ctx.arg(1).ok_or(-1)?;
     let head = kread::<u64>(skb, cfg(&k.skb_head)).ok_or(-1)?;
     let ip = head + kread::<u16>(skb, cfg(&k.skb_network_header)).ok_or(-1)? as u64;
     let tcp = head + kread::<u16>(skb, cfg(&k.skb_transport_header)).ok_or(-1)? as u64;

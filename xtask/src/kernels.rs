@@ -285,8 +285,13 @@ run_file() {
             "run_file {name} {} {}{}\n",
             bin.display(),
             FILE_DEADLINE.as_secs(),
+            // Comma-separated: each a filter of its own (libtest runs a
+            // test that any of them matches).
             filter
-                .map(|f| format!(" '{}'", f.replace('\'', "")))
+                .map(|f| f
+                    .split(',')
+                    .map(|one| format!(" '{}'", one.replace('\'', "")))
+                    .collect::<String>())
                 .unwrap_or_default()
         );
     }

@@ -37,7 +37,8 @@ enum Cmd {
     /// of them even when one fails), then the benchmark smoke test; lists
     /// every failure at the end.
     Test {
-        /// Only run tests whose name contains this.
+        /// Only run tests whose name contains this (with --kernel, several
+        /// comma-separated: a test any of them matches).
         filter: Option<String>,
         /// Instead of the host's suite, run the end-to-end scenarios on these
         /// Debian kernels under QEMU (6.1, 6.12; comma-separated).

@@ -16,7 +16,6 @@ mod targets;
 mod tenants;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -26,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::analysis::{Correlator, syscalls};
 use crate::host::{container, proc, pystack};
-use crate::kernel::{self, LoadOptions, SyscallTable, intake::Intake, tracefs};
+use crate::kernel::{self, LoadOptions, SyscallTable, intake::Intake};
 use crate::model::{KernelEvent, Role, Source};
 use crate::present::{self, Clock, StartEvent, SummaryEvent};
 use cli::WatchArgs;
@@ -102,7 +101,6 @@ struct Prepared {
     metrics: Option<(SocketAddr, TcpListener)>,
     health: Option<(SocketAddr, TcpListener)>,
     targets: Vec<Target>,
-    tracefs: PathBuf,
     file: Option<output::OutputFile>,
 }
 
@@ -125,7 +123,6 @@ async fn prepare(args: &WatchArgs) -> Result<Prepared> {
         None => None,
     };
     let targets = targets::resolve(&args.pids)?;
-    let tracefs = tracefs::ensure_mounted()?;
     let file = match &args.output {
         Some(p) => Some(output::OutputFile::open(p, args.output_max_size)?),
         None => None,
@@ -134,7 +131,6 @@ async fn prepare(args: &WatchArgs) -> Result<Prepared> {
         metrics,
         health,
         targets,
-        tracefs,
         file,
     })
 }
@@ -169,7 +165,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
             args.event_rate,
         ),
     };
-    let mut probes = kernel::load(&p.tracefs, &opts, &syscall_table()?)?;
+    let mut probes = kernel::load(&opts, &syscall_table()?)?;
     // Loading parsed the kernel's BTF (twice: aya and us), megabytes freed
     // in pieces that glibc keeps unless asked to give them back.
     #[cfg(target_env = "gnu")]
@@ -185,7 +181,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         Intake::start(rb).map_err(|e| anyhow!("starting the event intake thread: {e}"))?;
     let events = Events { intake, rx };
     // Everything that needs root is done: programs loaded and attached,
-    // listeners bound, the output file open, tracefs mounted.
+    // listeners bound, the output file open.
     give_up_root(args.keep_root)?;
     let mut st = Session {
         probes,

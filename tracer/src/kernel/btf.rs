@@ -5,15 +5,21 @@ const MAGIC: u16 = 0xeb9f;
 
 // BTF kinds and the bytes that follow their 12-byte common header.
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
 const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
 const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
 /// A parsed BTF blob. It keeps the raw bytes and one offset per type, and
@@ -140,6 +146,60 @@ impl Btf {
         })
     }
 
+    /// Size in bytes of `struct name`.
+    pub fn struct_size(&self, name: &str) -> Option<u64> {
+        (1..=self.type_offsets.len() as u32).find_map(|id| {
+            let (at, name_off, info) = self.header(id)?;
+            ((info >> 24) & 0x1f == KIND_STRUCT && self.name(name_off) == name.as_bytes())
+                .then(|| self.u32(at, 8))?
+                .map(u64::from)
+        })
+    }
+
+    /// The arguments tracepoint `name` passes a BTF-typed program, each
+    /// as whether it is a pointer; None when BTF has no such tracepoint.
+    /// Read from the kernel's `btf_trace_<name>` typedef, a pointer to
+    /// `void (void *, args...)`: the leading context pointer is left out.
+    pub fn tracepoint_args(&self, name: &str) -> Option<Vec<bool>> {
+        let want = format!("btf_trace_{name}");
+        let id = (1..=self.type_offsets.len() as u32).find(|id| {
+            self.header(*id).is_some_and(|(_, name_off, info)| {
+                (info >> 24) & 0x1f == KIND_TYPEDEF && self.name(name_off) == want.as_bytes()
+            })
+        })?;
+        let ptr = self.target(id)?;
+        let (at, _, info) = self.header(ptr)?;
+        if (info >> 24) & 0x1f != KIND_PTR {
+            return None;
+        }
+        let proto = self.u32(at, 8)?;
+        let (at, _, info) = self.header(proto)?;
+        if (info >> 24) & 0x1f != KIND_FUNC_PROTO {
+            return None;
+        }
+        (1..(info & 0xffff) as usize)
+            .map(|i| {
+                let ty = self.u32(at + 12 + 8 * i, 4)?;
+                let (_, _, info) = self.header(self.target(ty)?)?;
+                Some((info >> 24) & 0x1f == KIND_PTR)
+            })
+            .collect()
+    }
+
+    /// Type `id` through typedefs and qualifiers (at most 16 deep).
+    fn target(&self, mut id: u32) -> Option<u32> {
+        for _ in 0..16 {
+            let (at, _, info) = self.header(id)?;
+            match (info >> 24) & 0x1f {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = self.u32(at, 8)?;
+                }
+                _ => return Some(id),
+            }
+        }
+        None
+    }
+
     fn find(&self, id: u32, member: &[u8], base_bits: u64, depth: u32) -> Option<u64> {
         let (at, _, info) = self.header(id)?;
         let kind = (info >> 24) & 0x1f;
@@ -174,7 +234,7 @@ mod tests {
     /// { long x; union { int y; struct inner in; }; char z; } (the union is
     /// anonymous), plus an INT type that must be skipped correctly.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0a\0b\0inner\0outer\0x\0y\0in\0z\0bpf_func_id\0BPF_FUNC_unspec\0BPF_FUNC_map_lookup_elem\0tcp_v4_send_reset\0".to_vec();
+        let strings = b"\0int\0a\0b\0inner\0outer\0x\0y\0in\0z\0bpf_func_id\0BPF_FUNC_unspec\0BPF_FUNC_map_lookup_elem\0tcp_v4_send_reset\0btf_trace_demo\0task\0n\0".to_vec();
         let s = |name: &str| -> u32 {
             let pos = strings
                 .windows(name.len() + 2)
@@ -236,6 +296,35 @@ mod tests {
         push(s("tcp_v4_send_reset"));
         push(KIND_FUNC << 24);
         push(6);
+        // A tracepoint's typedef: 8: void *, 9: const struct inner *,
+        // 10: void (void *, const struct inner *task, int n), 11: a
+        // pointer to it, 12: typedef btf_trace_demo.
+        push(0);
+        push(KIND_PTR << 24);
+        push(0);
+        push(0);
+        push(KIND_CONST << 24);
+        push(2);
+        push(0);
+        push((KIND_FUNC_PROTO << 24) | 3);
+        push(0);
+        for (n, ty) in [("", 8), ("task", 14), ("n", 1)] {
+            push(if n.is_empty() { 0 } else { s(n) });
+            push(ty);
+        }
+        push(0);
+        push(KIND_PTR << 24);
+        push(10);
+        push(s("btf_trace_demo"));
+        push(KIND_TYPEDEF << 24);
+        push(11);
+        // 13: unused; 14: pointer to the const struct (9).
+        push(0);
+        push(KIND_PTR << 24);
+        push(0);
+        push(0);
+        push(KIND_PTR << 24);
+        push(9);
         let mut b = Vec::new();
         b.extend_from_slice(&MAGIC.to_le_bytes());
         b.push(1); // version
@@ -294,22 +383,21 @@ mod tests {
     }
 
     #[test]
+    fn reads_a_tracepoints_arguments_without_its_context() {
+        let btf = Btf::parse(blob()).unwrap();
+        assert_eq!(btf.tracepoint_args("demo"), Some(vec![true, false]));
+        assert_eq!(btf.tracepoint_args("absent"), None);
+        assert_eq!(btf.struct_size("outer"), Some(24));
+        assert_eq!(btf.struct_size("nope"), None);
+    }
+
+    #[test]
     fn rejects_what_is_not_btf() {
         assert!(Btf::parse(b"not btf at all, no".to_vec()).is_none());
         assert!(Btf::parse(Vec::new()).is_none());
         let mut b = blob();
         b.truncate(30);
         assert!(Btf::parse(b).is_none());
-    }
-
-    /// Size in bytes of `struct name`, read the way `member_offset` finds it.
-    fn struct_size(btf: &Btf, name: &str) -> Option<u64> {
-        (1..=btf.type_offsets.len() as u32).find_map(|id| {
-            let (at, name_off, info) = btf.header(id)?;
-            ((info >> 24) & 0x1f == KIND_STRUCT && btf.name(name_off) == name.as_bytes())
-                .then(|| btf.u32(at, 8))?
-                .map(u64::from)
-        })
     }
 
     /// The tracer refuses to start without BTF, so this machine must have it;
@@ -322,7 +410,9 @@ mod tests {
             let off = btf
                 .member_offset(s, m)
                 .unwrap_or_else(|| panic!("no {s}.{m}"));
-            let size = struct_size(&btf, s).unwrap_or_else(|| panic!("no struct {s}"));
+            let size = btf
+                .struct_size(s)
+                .unwrap_or_else(|| panic!("no struct {s}"));
             assert!(off < size, "{s}.{m} at {off} is outside its {size} bytes");
             off
         };
@@ -338,7 +428,7 @@ mod tests {
         assert!(inside("file", "f_inode") > 0);
         assert!(inside("fdtable", "fd") > inside("fdtable", "max_fds"));
         // Inside the embedded inet_connection_sock, hence past its size.
-        let icsk = struct_size(&btf, "inet_connection_sock").unwrap();
+        let icsk = btf.struct_size("inet_connection_sock").unwrap();
         for m in ["bytes_received", "bytes_sent", "write_seq", "snd_nxt"] {
             assert!(inside("tcp_sock", m) >= icsk, "tcp_sock.{m}");
         }
@@ -347,5 +437,19 @@ mod tests {
             inside("sk_buff", m);
         }
         assert!(btf.has_func("tcp_v4_send_reset") && !btf.has_func("sk_buff"));
+        // What the BTF-typed lifecycle and TCP programs are handed.
+        assert_eq!(btf.tracepoint_args("task_newtask"), Some(vec![true, false]));
+        assert_eq!(
+            btf.tracepoint_args("inet_sock_set_state"),
+            Some(vec![true, false, false])
+        );
+        let generate = btf.tracepoint_args("signal_generate").unwrap();
+        assert_eq!(generate[..3], [false, true, true], "sig, info, task");
+        let reset = btf.tracepoint_args("tcp_send_reset").unwrap();
+        assert_eq!(reset[..2], [true, true], "sk, skb");
+        assert_eq!(inside("sock_common", "skc_daddr"), 0);
+        assert_eq!(inside("sock_common", "skc_rcv_saddr"), 4);
+        assert_eq!(inside("sock", "__sk_common"), 0);
+        assert!(inside("sock", "sk_protocol") > 0);
     }
 }

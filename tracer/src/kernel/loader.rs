@@ -1,23 +1,21 @@
 //! Loading the BPF object, patching its configuration from the running
 //! kernel, and attaching the tracepoints.
 use std::os::fd::AsFd;
-use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::Pod;
 use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, RawTracePoint};
 
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{
     Config, Conn, Inflight, KernelOffsets, MAX_SYSCALL_NR, MasterLoad, OffenderKey, Quotas,
-    ReadHist, TracepointOffsets, UNSET, Watched, class, program, stat,
+    ReadHist, TracepointArgs, UNSET, Watched, class, program, stat,
 };
 
 use super::batch;
 use super::btf::Btf;
 use super::reset;
-use super::tracefs::Format;
 use super::watched_tgids::{self, WatchedTgids};
 use crate::model::{
     FeaturesMissing, LoopWait, Losses, MapOccupancy, Offender, Role, SyscallClass, TopOffenders,
@@ -58,32 +56,33 @@ fn os_error(e: &aya::maps::MapError) -> Option<i32> {
     }
 }
 
-/// BTF tracepoints: the hot path, every context switch (see tracer-ebpf).
-/// The kernel checks them against its BTF at load.
-const BTF_PROGRAMS: [&str; 1] = ["sched_switch"];
-
-/// (program name, tracepoint category, tracepoint name)
-const PROGRAMS: [(&str, &str, &str); 6] = [
-    ("task_newtask", "task", "task_newtask"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
-    ("signal_generate", "signal", "signal_generate"),
-    ("signal_deliver", "signal", "signal_deliver"),
-    ("sched_process_exec", "sched", "sched_process_exec"),
-    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+/// The required programs: BTF-typed tracepoints of the same names (see
+/// tracer-ebpf). Attached with bpf() alone: a classic tracepoint needs
+/// perf_event_open, which Debian's and Ubuntu's kernels refuse without
+/// CAP_SYS_ADMIN at their default perf_event_paranoid, and its record
+/// layout moves between versions. The kernel checks each against its BTF
+/// at load.
+const BTF_PROGRAMS: [&str; 7] = [
+    "sched_switch",
+    "task_newtask",
+    "sched_process_exit",
+    "signal_generate",
+    "signal_deliver",
+    "sched_process_exec",
+    "inet_sock_set_state",
 ];
 
 /// A raw tracepoint attached when the kernel has it (6.3 and later): the
 /// last receive on a tracked connection that found nothing (EAGAIN).
 const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
 
-/// Classic tracepoints attached when the kernel has them, as (program,
-/// category, name): without one, what it explains is not seen (said once
-/// on stderr), and everything else works. (tcp:tcp_send_reset, which has a
+/// BTF tracepoints attached when the kernel has them, as (program and
+/// tracepoint, category, what is not seen without it): said once on
+/// stderr, and everything else works. (tcp:tcp_send_reset, which has a
 /// stand-in, is reset.rs's.)
-const OPTIONAL_PROGRAMS: [(&str, &str, &str, &str); 1] = [(
+const OPTIONAL_PROGRAMS: [(&str, &str, &str); 1] = [(
     "mark_victim",
     "oom",
-    "mark_victim",
     "OOM kills will be reported as a plain SIGKILL",
 )];
 
@@ -229,6 +228,10 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         let (members, extra) = PT_REGS[i];
         Ok(need("pt_regs", members)? + extra)
     };
+    // A sock_common member, from the start of the struct sock it heads.
+    let common = |m: &str| -> Result<u64> {
+        Ok(need("sock", &["__sk_common"])? + need("sock_common", &[m])?)
+    };
     Ok(KernelOffsets {
         // "state" before Linux 5.14.
         task_state: need("task_struct", &["__state", "state"])?,
@@ -268,60 +271,76 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         skb_transport_header: btf
             .member_offset("sk_buff", "transport_header")
             .unwrap_or(UNSET),
+        sk_protocol: need("sock", &["sk_protocol"])?,
+        skc_family: common("skc_family")?,
+        skc_num: common("skc_num")?,
+        skc_dport: common("skc_dport")?,
+        skc_daddr: common("skc_daddr")?,
+        skc_rcv_saddr: common("skc_rcv_saddr")?,
+        skc_v6_daddr: common("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+        // Only mark_victim reads them, and only where it passes the task.
+        signal_oom_score_adj: btf
+            .member_offset("signal_struct", "oom_score_adj")
+            .unwrap_or(UNSET),
+        task_mm: btf.member_offset("task_struct", "mm").unwrap_or(UNSET),
+        mm_rss_stat: btf.member_offset("mm_struct", "rss_stat").unwrap_or(UNSET),
+        // rss_stat is an array of percpu_counter since Linux 6.2 (the
+        // layout mark_victim's task argument comes with); else UNSET.
+        rss_counter_size: btf.struct_size("percpu_counter").unwrap_or(UNSET),
+        rss_counter_count: btf
+            .member_offset("percpu_counter", "count")
+            .unwrap_or(UNSET),
+        page_kb_shift: page_kb_shift(),
     })
 }
 
-/// Tracepoint record offsets, from the running kernel's tracefs.
-fn tracepoint_offsets(tracefs: &Path) -> Result<TracepointOffsets> {
-    // The BTF tracepoint takes (preempt, prev, next): no record layout.
-    // Its tracefs entry must still exist for the kernel to have it.
-    Format::read(tracefs, "sched", "sched_switch")?;
-    let newtask = Format::read(tracefs, "task", "task_newtask")?;
-    let pexit = Format::read(tracefs, "sched", "sched_process_exit")?;
-    let sig = Format::read(tracefs, "signal", "signal_generate")?;
-    let st = Format::read(tracefs, "sock", "inet_sock_set_state")?;
-    let victim = Format::read(tracefs, "oom", "mark_victim").ok();
-    // Linux 6.x lays the reset's addresses out as sockaddr_in6-sized
-    // buffers (from the packet when the socket is a timewait one); older
-    // layouts are not used.
-    let reset = Format::read(tracefs, "tcp", "tcp_send_reset").ok();
-    let reset_field = |name: &str| {
-        reset
-            .as_ref()
-            .and_then(|f| f.offset(name, 28).ok())
-            .unwrap_or(UNSET)
-    };
-    let victim_field = |name: &str, size: u64| {
-        victim
-            .as_ref()
-            .and_then(|f| f.offset(name, size).ok())
-            .unwrap_or(UNSET)
-    };
-    Ok(TracepointOffsets {
-        newtask_pid: newtask.offset("pid", 4)?,
-        newtask_flags: newtask.offset("clone_flags", 8)?,
-        exit_group_dead: pexit.optional_offset("group_dead").unwrap_or(UNSET),
-        signal_sig: sig.offset("sig", 4)?,
-        signal_pid: sig.offset("pid", 4)?,
-        set_state_skaddr: st.offset("skaddr", 8)?,
-        set_state_oldstate: st.offset("oldstate", 4)?,
-        set_state_newstate: st.offset("newstate", 4)?,
-        set_state_sport: st.offset("sport", 2)?,
-        set_state_dport: st.offset("dport", 2)?,
-        set_state_family: st.offset("family", 2)?,
-        set_state_protocol: st.offset("protocol", 2)?,
-        set_state_daddr: st.offset("daddr", 4)?,
-        set_state_daddr_v6: st.offset("daddr_v6", 16)?,
-        victim_pid: victim_field("pid", 4),
-        victim_oom_score_adj: victim_field("oom_score_adj", 2),
-        victim_anon_rss: victim_field("anon_rss", 8),
-        victim_file_rss: victim_field("file_rss", 8),
-        victim_shmem_rss: victim_field("shmem_rss", 8),
-        set_state_saddr: st.offset("saddr", 4)?,
-        set_state_saddr_v6: st.offset("saddr_v6", 16)?,
-        reset_saddr: reset_field("saddr"),
-        reset_daddr: reset_field("daddr"),
+/// log2 of the page size in KiB (mark_victim's record gave KiB).
+fn page_kb_shift() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page < 1024 {
+        return UNSET;
+    }
+    u64::from((page as u64 / 1024).trailing_zeros())
+}
+
+/// The tracepoints every program needs: BTF must describe each (the
+/// kernel then has it).
+const REQUIRED_TRACEPOINTS: [&str; 7] = BTF_PROGRAMS;
+
+/// What the tracepoints pass on this kernel, from BTF.
+fn tracepoint_args(btf: &Btf) -> Result<TracepointArgs> {
+    for name in REQUIRED_TRACEPOINTS {
+        if btf.tracepoint_args(name).is_none() {
+            bail!(
+                "this kernel's BTF describes no {name} tracepoint; please report it with the kernel version ({})",
+                kernel_release()
+            );
+        }
+    }
+    let exit = btf
+        .tracepoint_args("sched_process_exit")
+        .unwrap_or_default();
+    let victim = btf.tracepoint_args("mark_victim").unwrap_or_default();
+    let flag = |on: bool| if on { 1 } else { UNSET };
+    Ok(TracepointArgs {
+        exit_group_dead: flag(exit.len() >= 2),
+        victim_task: flag(victim.first() == Some(&true)),
     })
+}
+
+/// What this kernel offers the optional programs, read from BTF while it
+/// is parsed for the offsets (see `reset`).
+pub(super) struct Facts {
+    /// Of `reset::FUNCTIONS`, those BTF has as functions.
+    pub reset_functions: Vec<&'static str>,
+    /// tcp:tcp_send_reset's arguments: None without the tracepoint.
+    pub reset_args: Option<usize>,
+    /// oom:mark_victim exists.
+    pub victim: bool,
+    /// sock:sock_recv_length exists (Linux 6.3 and later).
+    pub recv: bool,
 }
 
 /// The syscall numbers the kernel side needs, from user space's table
@@ -333,15 +352,9 @@ pub struct SyscallTable {
     pub shutdown: i64,
 }
 
-/// The programs' whole configuration, from this kernel, and which of the
-/// reset functions its BTF has (read while it is parsed: see `reset`).
-fn config(
-    tracefs: &Path,
-    threshold_ns: u64,
-    quotas: Quotas,
-    sys: &SyscallTable,
-) -> Result<(Config, Vec<&'static str>)> {
-    let tp = tracepoint_offsets(tracefs)?;
+/// The programs' whole configuration, from this kernel, and what it
+/// offers the optional programs.
+fn config(threshold_ns: u64, quotas: Quotas, sys: &SyscallTable) -> Result<(Config, Facts)> {
     let btf = Btf::from_sys_fs().ok_or_else(|| {
         anyhow!(
             "this kernel has no BTF at /sys/kernel/btf/vmlinux: the tracer needs it (CONFIG_DEBUG_INFO_BTF=y, the default on Debian, Ubuntu, RHEL and their kin) to read task and socket fields"
@@ -351,15 +364,20 @@ fn config(
         threshold_ns,
         nr_close: sys.close as u64,
         nr_shutdown: sys.shutdown as u64,
-        tp,
+        tp: tracepoint_args(&btf)?,
         kernel: kernel_offsets(&btf)?,
         quotas,
     };
-    let functions = reset::FUNCTIONS
-        .into_iter()
-        .filter(|f| btf.has_func(f))
-        .collect();
-    Ok((config, functions))
+    let facts = Facts {
+        reset_functions: reset::FUNCTIONS
+            .into_iter()
+            .filter(|f| btf.has_func(f))
+            .collect(),
+        reset_args: btf.tracepoint_args("tcp_send_reset").map(|a| a.len()),
+        victim: btf.tracepoint_args("mark_victim").is_some(),
+        recv: btf.tracepoint_args(OPTIONAL_RAW_PROGRAM).is_some(),
+    };
+    Ok((config, facts))
 }
 
 /// The embedded BPF object, loaded (not yet attached) with `config`.
@@ -395,32 +413,33 @@ fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, SyscallClass)]) -> Result<()> 
     Ok(())
 }
 
-/// Loads and attaches the optional classic programs this kernel has the
-/// tracepoints of (`tp` says which offsets were found).
-/// Returns what is missing for want of one. `skip` names tracepoints not
-/// to attach even when usable (`--without-tracepoint`).
+/// Loads and attaches the optional programs this kernel has the
+/// tracepoints (or functions) of. Returns what is missing for want of
+/// one. `skip` names tracepoints not to attach even when usable
+/// (`--without-tracepoint`).
 fn attach_optional(
     ebpf: &mut Ebpf,
-    tracefs: &Path,
+    btf: &aya::Btf,
     config: &Config,
-    reset_functions: Vec<&'static str>,
+    facts: Facts,
     skip: &[String],
     missing: &mut FeaturesMissing,
 ) -> Result<()> {
-    let (tp, k) = (&config.tp, &config.kernel);
+    let k = &config.kernel;
     let offer = reset::Offer {
-        tracepoint: tp.reset_saddr != UNSET && tp.reset_daddr != UNSET,
+        tracepoint: facts.reset_args.is_some(),
+        covers_segments: facts.reset_args.is_some_and(|n| n >= 3),
         skipped: skip.iter().any(|s| s == "tcp_send_reset"),
-        functions: reset_functions,
+        functions: facts.reset_functions,
         skb_offsets: [k.skb_head, k.skb_network_header, k.skb_transport_header]
             .iter()
             .all(|o| *o != UNSET),
     };
-    missing.keepalive_race = !reset::attach(ebpf, &offer)?;
-    for (prog, category, name, without) in OPTIONAL_PROGRAMS {
-        let usable = match prog {
-            "mark_victim" => tp.victim_pid != UNSET,
-            _ => Format::read(tracefs, category, name).is_ok(),
+    missing.keepalive_race = !reset::attach(ebpf, btf, &offer)?;
+    for (name, category, without) in OPTIONAL_PROGRAMS {
+        let usable = match name {
+            "mark_victim" => facts.victim,
+            _ => false,
         };
         let skipped = skip.iter().any(|s| s == name);
         if !usable || skipped {
@@ -433,26 +452,22 @@ fn attach_optional(
             missing.oom_kill = true;
             continue;
         }
-        attach_tracepoint(ebpf, prog, category, name)?;
+        attach_btf(ebpf, btf, name)?;
     }
     Ok(())
 }
 
-/// Loads classic tracepoint program `prog` and attaches it to `category:name`.
-pub(super) fn attach_tracepoint(
-    ebpf: &mut Ebpf,
-    prog: &str,
-    category: &str,
-    name: &str,
-) -> Result<()> {
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| anyhow!("BPF object has no program {prog}"))?
+/// Loads BTF tracepoint program `name` and attaches it to the tracepoint
+/// of the same name.
+pub(super) fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, name: &str) -> Result<()> {
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
         .try_into()?;
-    p.load()
-        .map_err(|e| explain(e, &format!("loading program {prog}")))?;
-    p.attach(category, name)
-        .map_err(|e| explain(e, &format!("attaching to tracepoint {category}:{name}")))?;
+    p.load(name, btf)
+        .map_err(|e| explain(e, &format!("loading program {name}")))?;
+    p.attach()
+        .map_err(|e| explain(e, &format!("attaching to BTF tracepoint {name}")))?;
     Ok(())
 }
 
@@ -460,14 +475,7 @@ pub(super) fn attach_tracepoint(
 /// tracepoint only where this kernel has it.
 fn attach_all(ebpf: &mut Ebpf, with_recv: bool, btf: &aya::Btf) -> Result<()> {
     for name in BTF_PROGRAMS {
-        let p: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("BPF object has no program {name}"))?
-            .try_into()?;
-        p.load(name, btf)
-            .map_err(|e| explain(e, &format!("loading program {name}")))?;
-        p.attach()
-            .map_err(|e| explain(e, &format!("attaching to BTF tracepoint {name}")))?;
+        attach_btf(ebpf, btf, name)?;
     }
     if with_recv {
         let name = OPTIONAL_RAW_PROGRAM;
@@ -479,9 +487,6 @@ fn attach_all(ebpf: &mut Ebpf, with_recv: bool, btf: &aya::Btf) -> Result<()> {
             .map_err(|e| explain(e, &format!("loading program {name}")))?;
         p.attach(name)
             .map_err(|e| explain(e, &format!("attaching to raw tracepoint {name}")))?;
-    }
-    for (prog, category, name) in PROGRAMS {
-        attach_tracepoint(ebpf, prog, category, name)?;
     }
     Ok(())
 }
@@ -580,29 +585,29 @@ pub fn quotas(procs: usize, threads: u32, rate: u32) -> Quotas {
 }
 
 /// Loads and attaches every program, configured for this kernel.
-pub fn load(tracefs: &Path, opts: &LoadOptions, sys: &SyscallTable) -> Result<Probes> {
+pub fn load(opts: &LoadOptions, sys: &SyscallTable) -> Result<Probes> {
     raise_memlock();
-    let (config, reset_functions) = config(tracefs, opts.threshold_ns, opts.quotas, sys)?;
-    let with_recv = Format::read(tracefs, "sock", OPTIONAL_RAW_PROGRAM).is_ok();
+    let (config, facts) = config(opts.threshold_ns, opts.quotas, sys)?;
+    let with_recv = facts.recv;
     let mut ebpf = open_object(&config, opts)?;
     fill_classes(&mut ebpf, &sys.classes)?;
     // Parsed again for the BTF tracepoint, once the loader's copy is gone:
     // two alive at once raised the start-up peak by 11 MB.
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     attach_all(&mut ebpf, with_recv, &btf)?;
-    drop(btf);
     let mut missing = FeaturesMissing {
         preceded_by: !with_recv,
         ..Default::default()
     };
     attach_optional(
         &mut ebpf,
-        tracefs,
+        &btf,
         &config,
-        reset_functions,
+        facts,
         &opts.without_tracepoints,
         &mut missing,
     )?;
+    drop(btf);
     let mut probes = take_maps(ebpf)?;
     probes.features_missing = missing;
     Ok(probes)

@@ -1,5 +1,5 @@
-//! The kernel side seen from user space: BTF and tracefs (what this kernel
-//! looks like), loading and attaching the BPF programs, and decoding what
+//! The kernel side seen from user space: BTF (what this kernel looks
+//! like), loading and attaching the BPF programs, and decoding what
 //! they send. Depends on `model` only.
 mod batch;
 pub mod btf;
@@ -8,7 +8,6 @@ pub mod intake;
 mod loader;
 mod reset;
 pub mod support;
-pub mod tracefs;
 mod watched_tgids;
 
 pub use loader::{LoadOptions, Probes, SyscallTable, load, quotas};
