@@ -3,8 +3,8 @@
 //!
 //! BTF-typed tracepoints: their arguments are the kernel's own (a task, a
 //! signal number), attached with bpf() alone. A classic tracepoint needs
-//! perf_event_open, which Debian's and Ubuntu's kernels refuse without
-//! CAP_SYS_ADMIN at their default perf_event_paranoid (3 and 4): the
+//! perf_event_open, which Debian's kernel refuses without
+//! CAP_SYS_ADMIN at its default perf_event_paranoid (3): the
 //! DaemonSet's capabilities could not attach one there. And no record
 //! layout is read, so none can move under the programs.
 use aya_ebpf::{

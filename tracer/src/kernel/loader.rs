@@ -58,8 +58,8 @@ fn os_error(e: &aya::maps::MapError) -> Option<i32> {
 
 /// The required programs: BTF-typed tracepoints of the same names (see
 /// tracer-ebpf). Attached with bpf() alone: a classic tracepoint needs
-/// perf_event_open, which Debian's and Ubuntu's kernels refuse without
-/// CAP_SYS_ADMIN at their default perf_event_paranoid, and its record
+/// perf_event_open, which Debian's kernel refuses without
+/// CAP_SYS_ADMIN at its default perf_event_paranoid, and its record
 /// layout moves between versions. The kernel checks each against its BTF
 /// at load.
 const BTF_PROGRAMS: [&str; 7] = [
