@@ -5,6 +5,8 @@
 //! Real processes, real BPF, as root.
 use std::io::Read;
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -282,30 +284,91 @@ fn a_quiet_process_is_charged_nothing() {
     );
 }
 
+/// A cgroup named as a container runtime names one (a 64-hex id), under
+/// this process's own: the tracer takes what runs in it for a container.
+/// Removed when dropped.
+struct FakeContainer {
+    dir: PathBuf,
+    id: String,
+}
+
+impl FakeContainer {
+    fn new(n: u32) -> FakeContainer {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        // cgroup v1's memory hierarchy where there is one (these machines),
+        // else v2's.
+        let v1 = own
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .filter(|_| Path::new("/sys/fs/cgroup/memory").is_dir());
+        let (root, path) = match v1 {
+            Some(p) => ("/sys/fs/cgroup/memory", p),
+            None => (
+                "/sys/fs/cgroup",
+                own.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+                    .expect("a cgroup v2 path"),
+            ),
+        };
+        let id = format!("{:08x}{:056x}", std::process::id(), n);
+        let dir = PathBuf::from(root)
+            .join(path.trim_start_matches('/'))
+            .join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        FakeContainer { dir, id }
+    }
+
+    /// `python3 <dir>/gunicorn` started inside: it moves itself in, then
+    /// execs, so it is in the container from its exec on.
+    fn spawn_master(&self, script: &Path) -> Proc {
+        let sh = format!(
+            "echo $$ > {}/cgroup.procs && exec {} {}",
+            self.dir.display(),
+            python().display(),
+            script.display()
+        );
+        Proc::spawn(Command::new("sh").args(["-c", &sh]))
+    }
+}
+
+impl Drop for FakeContainer {
+    fn drop(&mut self) {
+        // Its processes were killed just before: wait for them to be gone.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// Before: discovery watched every process named `gunicorn` it saw start,
 /// so one pod starting thousands filled the kernel's watch list for every
-/// other pod. Now a container (here the host, outside any) has at most
-/// --max-masters-per-container masters watched, and the first refusal
-/// names it once.
+/// other pod. Now a container has at most --max-masters-per-container
+/// masters watched, the first refusal names it once, and another
+/// container's master is still watched.
 #[test]
 fn discovery_watches_at_most_a_containers_quota_of_masters_and_says_so_once() {
     require_root();
+    let (flood, other) = (FakeContainer::new(1), FakeContainer::new(2));
     let dir = std::env::temp_dir().join(format!("tracer-masters-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // `python3 .../gunicorn` is a Gunicorn master to discovery.
     let script = dir.join("gunicorn");
     std::fs::write(&script, "import time\ntime.sleep(30)\n").unwrap();
     let mut t = Tracer::start(&["--max-masters-per-container", "2"]);
-    let fakes: Vec<Proc> = (0..4)
+    let mut fakes: Vec<Proc> = (0..4)
         .map(|_| {
-            let p = Proc::spawn(std::process::Command::new(python()).arg(&script));
+            let p = flood.spawn_master(&script);
             // One at a time: which two are watched is then known.
             std::thread::sleep(Duration::from_millis(300));
             p
         })
         .collect();
+    fakes.push(other.spawn_master(&script));
     let pids: Vec<u64> = fakes.iter().map(|p| p.pid() as u64).collect();
-    t.wait_count("two masters watched", 2, Duration::from_secs(5), |e| {
+    t.wait_count("three masters watched", 3, Duration::from_secs(5), |e| {
         e["event"] == "master" && pids.contains(&e["pid"].as_u64().unwrap_or(0))
     });
     t.collect_for(Duration::from_secs(1));
@@ -315,8 +378,20 @@ fn discovery_watches_at_most_a_containers_quota_of_masters_and_says_so_once() {
         .filter_map(|e| e["pid"].as_u64())
         .filter(|p| pids.contains(p))
         .collect();
-    assert_eq!(watched, pids[..2], "the first two, in order");
+    assert_eq!(
+        watched,
+        [pids[0], pids[1], pids[4]],
+        "the first two of the full container, and the other's"
+    );
+    let master = t
+        .of_kind("master")
+        .into_iter()
+        .find(|e| e["pid"] == pids[0])
+        .cloned()
+        .unwrap();
+    assert_eq!(master["container"]["id"], flood.id, "{master}");
     let s = t.stop();
+    drop(fakes);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(s["masters_over_quota"], 2, "{s}");
     assert_eq!(
@@ -331,7 +406,7 @@ fn discovery_watches_at_most_a_containers_quota_of_masters_and_says_so_once() {
         .collect();
     assert_eq!(warned.len(), 1, "said once: {:?}", t.stderr_lines);
     assert!(
-        warned[0].contains("the host (outside any container)")
+        warned[0].contains(&format!("container {}", flood.id))
             && warned[0].contains(&pids[2].to_string()),
         "{}",
         warned[0]
