@@ -305,13 +305,10 @@ fn page_kb_shift() -> u64 {
     u64::from((page as u64 / 1024).trailing_zeros())
 }
 
-/// The tracepoints every program needs: BTF must describe each (the
-/// kernel then has it).
-const REQUIRED_TRACEPOINTS: [&str; 7] = BTF_PROGRAMS;
-
-/// What the tracepoints pass on this kernel, from BTF.
+/// What the tracepoints pass on this kernel, from BTF. BTF must describe
+/// every required one (the kernel then has it).
 fn tracepoint_args(btf: &Btf) -> Result<TracepointArgs> {
-    for name in REQUIRED_TRACEPOINTS {
+    for name in BTF_PROGRAMS {
         if btf.tracepoint_args(name).is_none() {
             bail!(
                 "this kernel's BTF describes no {name} tracepoint; please report it with the kernel version ({})",
