@@ -339,12 +339,15 @@ fn ad_hoc_on_one_worker_with_text_on_screen_and_json_in_a_file() {
         (blocked + Duration::from_secs(1)).saturating_duration_since(Instant::now()),
     );
     let out_file = std::env::temp_dir().join(format!("tracer-adhoc-{}.jsonl", std::process::id()));
+    // Two seconds here; stretched where the machine runs slower (a kernel
+    // under emulation), or the run can end before the stall is reported.
+    let duration = format!("{}ms", slow(Duration::from_secs(2)).as_millis());
     let (code, text, err) = run_tracer(&[
         "watch",
         "--pid",
         &victim.to_string(),
         "--duration",
-        "2s",
+        &duration,
         "--output",
         out_file.to_str().unwrap(),
     ]);
