@@ -7,7 +7,9 @@
 //! CAP_SYS_PTRACE, and the tracer bounds it from outside: one request at a
 //! time (so at most one read of a process at a time), a deadline per
 //! request after which the helper is killed and replaced and the process
-//! it was reading is not read again, a rate per master, and answers
+//! it was reading is not read again (a set-up ahead of any stall gets a
+//! second chance, at the first stall: one a loaded host made slow must
+//! not cost every later stack), a rate per master, and answers
 //! checked against every bound (pystack_proto). py-spy only reads memory
 //! with `process_vm_readv` (`NonBlocking`): a blocked thread's frames
 //! cannot change while it is blocked, so its stack is read exactly.
@@ -133,6 +135,7 @@ impl StackReader {
                     captures: VecDeque::new(),
                     setups: VecDeque::new(),
                     quarantined: HashMap::new(),
+                    late_setups: Default::default(),
                     rates: HashMap::new(),
                 };
                 m.run(rx)
@@ -291,6 +294,10 @@ struct Manager {
     setups: VecDeque<Job>,
     /// Processes whose read outlived its deadline, with what was said.
     quarantined: HashMap<u32, String>,
+    /// Processes whose set-up ahead of a stall outlived its deadline once:
+    /// set up again at their first capture, and not read again if that is
+    /// late too.
+    late_setups: std::collections::HashSet<u32>,
     rates: HashMap<u32, Rate>,
 }
 
@@ -354,6 +361,7 @@ impl Manager {
 
     fn forget(&mut self, pid: u32) {
         self.quarantined.remove(&pid);
+        self.late_setups.remove(&pid);
         if self.helper.is_some() {
             let _ = self.call(Request::Forget { pid }, Instant::now() + OPEN_DEADLINE);
         }
@@ -472,6 +480,18 @@ impl Manager {
                 }
                 Err(CallError::Late) => {
                     self.helper = None;
+                    // A set-up ahead of any stall, late for the first time:
+                    // the host may have been busy (a worker's boot, under
+                    // load). Its first capture sets it up again, within its
+                    // own deadline.
+                    if let Request::Open { pid } = req
+                        && self.late_setups.len() < MAX_QUARANTINED
+                        && self.late_setups.insert(pid)
+                    {
+                        return Err(format!(
+                            "setting up the stack reader of process {pid} outlived its deadline; the helper was restarted, and the set-up is tried again at the process's first stall"
+                        ));
+                    }
                     let (pid, what) = match req {
                         Request::Open { pid } => (pid, "setting up the stack reader of"),
                         Request::Capture { pid, .. } | Request::Forget { pid } => {
@@ -479,7 +499,7 @@ impl Manager {
                         }
                     };
                     let why = format!(
-                        "the Python stack of process {pid} is not read: {what} it outlived its deadline once, so the helper was stopped and restarted, and this process is not read again"
+                        "the Python stack of process {pid} is not read: {what} it outlived its deadline, so the helper was stopped and restarted, and this process is not read again"
                     );
                     if self.quarantined.len() < MAX_QUARANTINED {
                         self.quarantined.insert(pid, why.clone());
@@ -535,6 +555,85 @@ while True:
             .unwrap();
         let _ = std::fs::remove_file(&path);
         assert_eq!(got.map(|_| ()), Err("no stack here".to_string()));
+    }
+
+    /// A stand-in helper whose every request about process 42 takes 3 s
+    /// (past OPEN_DEADLINE and CAPTURE_DEADLINE) while the file `SLOW`
+    /// exists; others answer at once: Done, and an error for a capture.
+    const LATE_HELPER: &str = "#!/usr/bin/python3
+import json, os, struct, sys, time
+i, o = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    h = i.read(4)
+    if len(h) < 4:
+        break
+    req = json.loads(i.read(struct.unpack('<I', h)[0]))
+    body = req.get('Open') or req.get('Capture') if isinstance(req, dict) else None
+    if body and body.get('pid') == 42 and os.path.exists('SLOW'):
+        time.sleep(3)
+    rep = {'Error': 'no stack here'} if 'Capture' in req else 'Done'
+    b = json.dumps(rep).encode()
+    o.write(struct.pack('<I', len(b)) + b)
+    o.flush()
+";
+
+    fn late_helper(tag: &str) -> (StackReader, std::path::PathBuf, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!("late-helper-{tag}-{}.py", std::process::id()));
+        let slow = dir.join(format!("late-helper-{tag}-{}.slow", std::process::id()));
+        let script = LATE_HELPER.replace("'SLOW'", &format!("{:?}", slow.display().to_string()));
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&slow, "").unwrap();
+        (
+            StackReader::start_program(path.clone()).unwrap(),
+            path,
+            slow,
+        )
+    }
+
+    fn capture_42(r: &StackReader) -> Result<(), String> {
+        r.capture(42, 42, false, Instant::now() + CAPTURE_DEADLINE)
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .map(|_| ())
+    }
+
+    /// A set-up made late once (a busy host) is tried again at the first
+    /// stall: the stack is read then, not given up for good.
+    #[test]
+    fn a_set_up_late_once_is_tried_again_at_the_first_stall() {
+        let (r, path, slow) = late_helper("once");
+        r.open(42);
+        // The set-up runs into its deadline and the helper is replaced.
+        std::thread::sleep(OPEN_DEADLINE + Duration::from_millis(500));
+        std::fs::remove_file(&slow).unwrap();
+        let got = capture_42(&r);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            got,
+            Err("no stack here".to_string()),
+            "read, not quarantined"
+        );
+    }
+
+    /// Late at the set-up and again at the capture: not read again.
+    #[test]
+    fn a_process_late_twice_is_not_read_again() {
+        let (r, path, slow) = late_helper("twice");
+        r.open(42);
+        std::thread::sleep(OPEN_DEADLINE + Duration::from_millis(500));
+        let first = capture_42(&r);
+        std::fs::remove_file(&slow).unwrap();
+        let second = capture_42(&r);
+        let _ = std::fs::remove_file(&path);
+        for got in [first, second] {
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains("not read again")),
+                "{got:?}"
+            );
+        }
     }
 
     #[test]
