@@ -5,6 +5,7 @@ mod batch;
 pub mod btf;
 pub mod decode;
 pub mod intake;
+mod layout;
 mod loader;
 mod reset;
 pub mod support;
