@@ -113,9 +113,11 @@ impl Enricher for ProcEnricher {
     fn fd_info(&mut self, pid: u32, fd: i32) -> FdInfo {
         self.of_same(pid, FdInfo::unknown(), |s| s.fd_info_now(pid, fd))
     }
+    /// Asked for every worker a few times a second: checked after the read
+    /// only, as `running_thread_cpu` is. A readlink and a statx without
+    /// sync: neither waits on the file.
     fn heartbeat_age_ms(&mut self, pid: u32) -> Option<u64> {
-        // A readlink and a statx without sync: neither waits on the file.
-        self.of_same(pid, None, |s| s.heartbeats.age_ms(pid))
+        self.heartbeats.age_ms(pid).filter(|_| self.still(pid))
     }
     fn comm(&mut self, pid: u32) -> String {
         self.of_same(pid, String::new(), |_| proc::comm(pid))
@@ -251,6 +253,7 @@ mod tests {
         // someone else's now.
         e.remember(me, start - 1_000_000_000);
         assert_eq!(e.comm(me), "", "another process's name is not lent");
+        assert_eq!(e.heartbeat_age_ms(me), None);
         assert_eq!(e.thread_name(me, me), "");
         assert_eq!(e.thread_count(me), None);
         assert_eq!(e.thread_now(me, me), ThreadNow::Gone);

@@ -900,6 +900,32 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("rate"), "no flood, no word of one: {t}");
+        assert!(!t.contains("master(s) were not watched"), "{t}");
+        // A master refused: the last one is named, not as a "most from".
+        let refused = Losses {
+            masters_over_quota: 2,
+            events_rate_limited: 7,
+            top_offenders: TopOffenders {
+                masters_over_quota: Some(Offender { pid: 31, count: 2 }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = text_summary(&SummaryEvent::new(
+            &summary,
+            1000,
+            refused,
+            MapOccupancy::default(),
+        ));
+        assert!(
+            t.contains("WARNING: 2 Gunicorn master(s) were not watched: their container already had --max-masters-per-container watched; a stall in one would not be seen (the last: pid 31)\n"),
+            "{t}"
+        );
+        // A count with no offender recorded is said without a name.
+        assert!(
+            t.contains("WARNING: 7 connection-end or signal event(s) were not sent: their process was over its rate (a flood); its early closes and signals are undercounted\n"),
+            "{t}"
+        );
         let quiet = SummaryEvent::new(&summary, 1000, Losses::default(), MapOccupancy::default());
         assert!(!text_summary(&quiet).contains("most from"));
     }

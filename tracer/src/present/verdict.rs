@@ -571,6 +571,10 @@ mod tests {
                 events_rate_limited: 9,
                 ..Default::default()
             },
+            Losses {
+                masters_over_quota: 2,
+                ..Default::default()
+            },
         ] {
             let text = verdict(&all_seen, &l).text;
             assert!(text.starts_with("no stall seen, but"), "{l:?}: {text}");
