@@ -1241,3 +1241,11 @@ pub fn stack_helper_of(tracer: u32) -> u32 {
             })
     })
 }
+
+/// Python code that waits for SIGUSR1, forks `n` children that sleep 20 s,
+/// then sleeps itself: a fork burst that starts when the test says.
+pub fn forker(n: usize) -> String {
+    format!(
+        "import os, signal, time\nsignal.signal(signal.SIGUSR1, lambda *a: None)\nsignal.pause()\nfor _ in range({n}):\n    if os.fork() == 0:\n        time.sleep(20)\n        os._exit(0)\ntime.sleep(60)\n"
+    )
+}

@@ -580,13 +580,6 @@ fn a_pipe_dupped_thousands_of_times_makes_a_bounded_report() {
     t.stop();
 }
 
-/// Waits for SIGUSR1, forks `n` children that sleep, then sleeps itself.
-fn forker(n: usize) -> String {
-    format!(
-        "import os, signal, time\nsignal.signal(signal.SIGUSR1, lambda *a: None)\nsignal.pause()\nfor _ in range({n}):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\ntime.sleep(60)\n"
-    )
-}
-
 #[test]
 fn forks_past_the_per_master_quota_are_counted_not_followed_and_others_still_are() {
     require_root();

@@ -12,13 +12,6 @@ use std::time::Duration;
 use serde_json::Value;
 use tests::*;
 
-/// Waits for SIGUSR1, forks `n` children that sleep 20 s, then sleeps.
-fn forker(n: usize) -> String {
-    format!(
-        "import os, signal, time\nsignal.signal(signal.SIGUSR1, lambda *a: None)\nsignal.pause()\nfor _ in range({n}):\n    if os.fork() == 0:\n        time.sleep(20)\n        os._exit(0)\ntime.sleep(60)\n"
-    )
-}
-
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a process this test started.
     unsafe { libc::kill(pid as i32, sig) };
