@@ -9,12 +9,14 @@ mod exits;
 mod json;
 pub mod metrics;
 mod pystack;
+mod summary_text;
 mod text;
 mod verdict;
 
 pub use clock::{Clock, monotonic_ns};
 pub use json::{StartEvent, SummaryEvent, json_line};
-pub use text::{colorize, start_line, text_line, text_summary};
+pub use summary_text::text_summary;
+pub use text::{colorize, start_line, text_line};
 pub use verdict::{Verdict, verdict};
 
 use crate::model::{Offender, Role, StallReport, StallState, WaitFd, WorkerSummary};
