@@ -8,6 +8,7 @@
 #![allow(internal_features)]
 
 mod config;
+mod floor;
 mod helpers;
 mod lifecycle;
 mod maps;

@@ -12,6 +12,22 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(pystack_helper::HELPER_ARG.as_ref()) {
         return pystack_helper::main();
     }
+    // `cargo xtask bench`'s floor for BTF tracepoints (see
+    // tracer-ebpf/src/floor.rs): attached until the bench kills it.
+    if std::env::args_os().nth(1).as_deref() == Some("__bench-floor".as_ref()) {
+        return match tracer::kernel::bench_floor() {
+            Ok(_attached) => {
+                eprintln!("tracer: bench floor attached");
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                eprintln!("tracer: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     logging::init_logging();
     let cli = cli::Cli::parse();
     let result = match cli.command {

@@ -225,6 +225,23 @@ fn bpftrace(script: &str) -> Result<Probe> {
     Ok(Probe::Other(c))
 }
 
+/// The empty BTF-typed program on `sched_switch` (the tracer's own kind;
+/// bpftrace 0.17 cannot attach one), loaded by the tracer binary itself:
+/// `tracer __bench-floor` (tracer-ebpf/src/floor.rs).
+fn btf_floor(bin: &Path) -> Result<Probe> {
+    let mut c = Command::new(bin)
+        .arg("__bench-floor")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the tracer's bench floor")?;
+    if !wait_attached(c.stderr.take().expect("piped"), "floor attached", 1)? {
+        bail!("the tracer's bench floor exited before attaching");
+    }
+    Ok(Probe::Other(c))
+}
+
 /// The in-flight tracking the tracer does, written as bpftrace: the fair
 /// comparison for "what would I get with bpftrace".
 fn bpftrace_inflight(pids: &[u32]) -> String {
@@ -306,6 +323,7 @@ const SWITCHES: Micro = Micro {
     configs: &[
         "baseline",
         "floor",
+        "floor_btf",
         "tracer_unwatched",
         "tracer_watched",
         "bpftrace",
@@ -390,6 +408,7 @@ fn start_probe(
     Ok(match config {
         "baseline" => None,
         "floor" => Some(bpftrace(m.floor)?),
+        "floor_btf" => Some(btf_floor(&bin)?),
         "tracer_unwatched" => Some(watch(idle_pid)?),
         "tracer_watched" => Some(watch(pid)?),
         "bpftrace" if m.switch => Some(bpftrace(&bpftrace_offcpu(pid))?),
@@ -783,6 +802,7 @@ fn program_rows(configs: &[String], s: &Sizes, samples: &[Vec<Sample>]) -> Repor
     };
     let at = |c: &str| configs.iter().position(|x| *x == c).expect("config");
     let empty = per_run(at("floor")).0;
+    let empty_btf = per_run(at("floor_btf")).0;
     let offcpu = per_run(at("bpftrace")).0;
     eprintln!(
         "  program on sched_switch, kernel accounting (ns per run; the loop makes {} switches a round):",
@@ -793,6 +813,11 @@ fn program_rows(configs: &[String], s: &Sizes, samples: &[Vec<Sample>]) -> Repor
         (
             "floor".into(),
             "empty classic program, pid filter never matches (bpftrace)".into(),
+            None,
+        ),
+        (
+            "floor_btf".into(),
+            "empty BTF-typed program (tp_btf), the same pid test".into(),
             None,
         ),
         (
@@ -821,6 +846,12 @@ fn program_rows(configs: &[String], s: &Sizes, samples: &[Vec<Sample>]) -> Repor
         if let Some((key, base, name)) = target {
             row[key] = (ns / base).into();
             tail = format!("  {:.2}x {name}", ns / base);
+        }
+        // The tracer's sched_switch is a BTF tracepoint: against the empty
+        // program of its own kind too.
+        if c.starts_with("tracer_unwatched") {
+            row["x_empty_btf"] = (ns / empty_btf).into();
+            tail += &format!(", {:.2}x the empty tp_btf's", ns / empty_btf);
         }
         eprintln!("  {what:<60} {ns:>6.1} ns/run {runs:>9.0} runs{tail}");
         json.insert(c, row);

@@ -245,6 +245,32 @@ fn open_object(config: &Config, opts: &LoadOptions) -> Result<Ebpf> {
         .map_err(|e| explain(e, "loading the BPF object"))
 }
 
+/// `cargo xtask bench`'s floor for BTF-typed tracepoints: the embedded
+/// object's empty `floor_sched_switch`, loaded and attached to
+/// `sched_switch` as the tracer's own program is, and nothing else. The
+/// program stays attached while the returned object lives.
+pub fn bench_floor() -> Result<Ebpf> {
+    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+    if bytes.is_empty() {
+        bail!("this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs");
+    }
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .map_max_entries("WATCHED_TGIDS", watched_tgids::slots())
+        .load(bytes)
+        .map_err(|e| explain(e, "loading the BPF object"))?;
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut("floor_sched_switch")
+        .ok_or_else(|| anyhow!("BPF object has no program floor_sched_switch"))?
+        .try_into()?;
+    p.load("sched_switch", &btf)
+        .map_err(|e| explain(e, "loading program floor_sched_switch"))?;
+    p.attach()
+        .map_err(|e| explain(e, "attaching to BTF tracepoint sched_switch"))?;
+    Ok(ebpf)
+}
+
 /// Fills the syscall class table: it must be full before sched_switch runs.
 fn fill_classes(ebpf: &mut Ebpf, classes: &[(i64, SyscallClass)]) -> Result<()> {
     let mut map: Array<_, u32> = Array::try_from(

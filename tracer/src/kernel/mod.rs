@@ -11,4 +11,4 @@ mod reset;
 pub mod support;
 mod watched_tgids;
 
-pub use loader::{LoadOptions, Probes, SyscallTable, load, quotas};
+pub use loader::{LoadOptions, Probes, SyscallTable, bench_floor, load, quotas};
