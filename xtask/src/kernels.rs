@@ -17,10 +17,9 @@ use crate::{cargo, root, run, setup, step};
 
 const VNG_VERSION: &str = "1.42";
 
-/// The scenario files run in the guest: every finding kind (stalls on each
-/// fd kind, WORKER TIMEOUT, OOM kills, early closes and keep-alive races,
-/// hung requests, Python stacks). Files that need a cluster's tools (helm,
-/// promtool) or measure the host's own deployment stay on the host.
+/// The scenario files whose tests can run in the guest. Files that need a
+/// cluster's tools (helm, promtool) or measure the host's own deployment
+/// stay on the host.
 const GUEST_FILES: &[&str] = &[
     "gunicorn_e2e",
     "stall_model",
@@ -30,7 +29,100 @@ const GUEST_FILES: &[&str] = &[
     "timeout_blame",
     "truthful",
     "pystack_helper",
+    "ending",
 ];
+
+/// What `--kernel 6.1` runs by default (and CI on every submission): one
+/// test for every finding kind, small enough to fit CI's time under
+/// emulation. `--full` runs every test of GUEST_FILES instead.
+const FINDINGS: &[(&str, &str)] = &[
+    // A stall on each fd kind, and the causes read from what it waits on.
+    (
+        "gunicorn_e2e",
+        "queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill",
+    ),
+    (
+        "stall_model",
+        "a_database_wait_outside_the_gevent_loop_is_a_stall_naming_the_server",
+    ),
+    (
+        "stall_model",
+        "a_gthread_pool_thread_blocked_in_a_pipe_read_is_named_and_gunicorn_never_notices",
+    ),
+    (
+        "stall_model",
+        "a_worker_deadlocked_since_its_fork_is_named_with_the_lock_cause",
+    ),
+    (
+        "stall_model",
+        "a_greenlet_that_keeps_the_cpu_is_a_stall_before_worker_timeout",
+    ),
+    (
+        "truthful",
+        "attached_to_a_worker_already_stuck_the_figures_are_current_and_a_lower_bound_says_so",
+    ),
+    // The Python stack, read by the tracer itself, and the DaemonSet's
+    // capabilities (no perf_event_open).
+    (
+        "stall_model",
+        "a_gevent_stall_carries_the_python_stack_read_by_the_tracer_itself",
+    ),
+    (
+        "pystack_helper",
+        "with_the_daemonsets_capabilities_the_helper_becomes_nobody",
+    ),
+    // Exits: WORKER TIMEOUT (one event when escalated), OOM kill, signals.
+    (
+        "exits",
+        "a_worker_timeout_escalated_to_sigkill_is_one_timeout",
+    ),
+    (
+        "exits",
+        "an_oom_kill_is_named_with_the_cgroup_limit_and_its_dropped_request",
+    ),
+    ("exits", "signals_are_told_apart_by_who_sent_them"),
+    // Every early-close kind, keep-alive races among them, and a hung request.
+    (
+        "early_close",
+        "each_way_a_connection_ends_gives_exactly_the_right_event",
+    ),
+    (
+        "early_close",
+        "an_outbound_call_closed_before_any_reply_is_an_upstream_cut",
+    ),
+    (
+        "lost_requests",
+        "health_checks_and_client_aborts_are_counted_never_blamed_on_a_worker",
+    ),
+    (
+        "lost_requests",
+        "a_request_sent_on_a_connection_gunicorn_closed_as_idle_is_a_keepalive_race",
+    ),
+    (
+        "lost_requests",
+        "a_kernel_that_cannot_show_keepalive_races_says_so",
+    ),
+    (
+        "lost_requests",
+        "a_request_stuck_in_a_gthread_worker_is_named_before_nginx_gives_up_with_504",
+    ),
+    // The tracer always ends, and the start-up check passes.
+    ("ending", "the_tracer_ends_within_2s_of_its_duration"),
+    (
+        "ending",
+        "sigterm_while_running_ends_the_tracer_within_2s_with_its_summary",
+    ),
+    (
+        "ending",
+        "the_start_up_check_refuses_a_kernel_before_5_15_and_only_such_a_kernel",
+    ),
+];
+
+/// What a kernel too old for the tracer runs: the refusal alone.
+const REFUSAL: &[(&str, &str)] = &[(
+    "ending",
+    "the_start_up_check_refuses_a_kernel_before_5_15_and_only_such_a_kernel",
+)];
 
 /// One test file gets at most this long in the guest (it runs 3-5x slower
 /// under emulation than on the host); past it the tracer's kernel stacks
@@ -39,46 +131,115 @@ const FILE_DEADLINE: Duration = Duration::from_secs(900);
 /// How much slower a guest under TCG runs than the host (measured 3-5x).
 const EMULATION_SLOWDOWN: f64 = 5.0;
 
-/// A kernel of the matrix: what `--kernel` names, and how apt names it.
+/// A kernel of the matrix: what `--kernel` names, how apt names it, and
+/// what runs on it by default.
 struct Kernel {
     short: String,
     /// Regex for `apt-cache search --names-only`.
     package_re: String,
+    /// A suite outside the host's apt sources (Debian 11's kernels are in
+    /// bullseye-security), reached with a private apt state.
+    suite: Option<&'static str>,
+    tests: &'static [(&'static str, &'static str)],
 }
 
 fn kernel(short: &str) -> Result<Kernel> {
-    let package_re = match short {
-        "6.1" => r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
-        "6.12" => r"^linux-image-6\.12\.[0-9.]+\+deb12-amd64-unsigned$",
+    let (package_re, suite, tests) = match short {
+        "6.1" => (
+            r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+            None,
+            FINDINGS,
+        ),
+        "6.12" => (
+            r"^linux-image-6\.12\.[0-9.]+\+deb12-amd64-unsigned$",
+            None,
+            FINDINGS,
+        ),
+        "5.10" => (
+            r"^linux-image-5\.10\.0-[0-9]+-amd64-unsigned$",
+            Some("bullseye-security"),
+            REFUSAL,
+        ),
         other => bail!(
-            "--kernel {other}: the matrix knows 6.1 (Debian 12's kernel) and 6.12 (Debian 12's optional one)"
+            "--kernel {other}: the matrix knows 6.1 (Debian 12's kernel), 6.12 (Debian 12's optional one) and 5.10 (Debian 11's, which the tracer refuses)"
         ),
     };
     Ok(Kernel {
         short: short.into(),
         package_re: package_re.into(),
+        suite,
+        tests,
     })
 }
 
+/// apt's options for a kernel: none for the host's own sources; for another
+/// suite, a private state under target/kernels (its own sources list, lists
+/// and cache) built from the host's debian-security URI, so the host's apt
+/// configuration is left alone.
+fn apt_options(k: &Kernel) -> Result<Vec<String>> {
+    let Some(suite) = k.suite else {
+        return Ok(Vec::new());
+    };
+    let dir = root().join(format!("target/kernels/apt-{suite}"));
+    fs::create_dir_all(dir.join("lists/partial"))?;
+    fs::create_dir_all(dir.join("cache/archives/partial"))?;
+    let uri = host_security_uri().unwrap_or_else(|| "http://deb.debian.org/debian-security".into());
+    let list = dir.join("sources.list");
+    fs::write(
+        &list,
+        format!(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {uri} {suite} main\n"
+        ),
+    )?;
+    let opts = vec![
+        format!("-oDir::Etc::SourceList={}", list.display()),
+        "-oDir::Etc::SourceParts=/nonexistent".to_string(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+    ];
+    if fs::read_dir(dir.join("lists"))?.count() <= 1 {
+        step(&format!(
+            "reading {suite}'s package list into a private apt state under {}",
+            dir.display()
+        ));
+        run(Command::new("apt-get").args(&opts).args(["update", "-qq"]))?;
+    }
+    Ok(opts)
+}
+
+/// The debian-security URI of the host's apt sources (deb822 or one-line).
+fn host_security_uri() -> Option<String> {
+    let mut texts = Vec::new();
+    texts.push(fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
+    for e in fs::read_dir("/etc/apt/sources.list.d").ok()?.flatten() {
+        texts.push(fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    texts
+        .iter()
+        .flat_map(|t| t.split_whitespace())
+        .find_map(|w| {
+            (w.starts_with("http") && w.trim_end_matches('/').ends_with("debian-security"))
+                .then(|| w.trim_end_matches('/').to_string())
+        })
+}
+
 /// The newest package apt offers for the kernel.
-fn package_name(k: &Kernel) -> Result<String> {
-    let out = Command::new("apt-cache")
-        .args(["search", "--names-only", &k.package_re])
-        .output()
-        .context("running apt-cache")?;
-    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .collect();
-    if names.is_empty() {
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
+fn package_name(k: &Kernel, apt: &[String]) -> Result<String> {
+    let search = || -> Result<Vec<String>> {
         let out = Command::new("apt-cache")
+            .args(apt)
             .args(["search", "--names-only", &k.package_re])
-            .output()?;
-        names = String::from_utf8_lossy(&out.stdout)
+            .output()
+            .context("running apt-cache")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect();
+            .collect())
+    };
+    let mut names = search()?;
+    if names.is_empty() {
+        run(Command::new("apt-get").args(apt).args(["update", "-qq"]))?;
+        names = search()?;
     }
     names.sort_by_key(|n| version_key(n));
     names
@@ -97,7 +258,8 @@ fn version_key(name: &str) -> Vec<u64> {
 fn unpacked(k: &Kernel) -> Result<PathBuf> {
     let dir = root().join("target/kernels");
     fs::create_dir_all(&dir)?;
-    let pkg = package_name(k)?;
+    let apt = apt_options(k)?;
+    let pkg = package_name(k, &apt)?;
     let tree = dir.join(&pkg);
     if let Some(v) = vmlinuz(&tree) {
         return Ok(v);
@@ -106,6 +268,7 @@ fn unpacked(k: &Kernel) -> Result<PathBuf> {
         "downloading {pkg} with apt (unpacked under target/kernels, not installed)"
     ));
     run(Command::new("apt-get")
+        .args(&apt)
         .args(["download", "-qq", &pkg])
         .current_dir(&dir))?;
     let deb = fs::read_dir(&dir)?
@@ -231,11 +394,10 @@ fn test_binaries() -> Result<BTreeMap<String, PathBuf>> {
 /// output and exit status into `out`; a file past its deadline gets its
 /// tracer's kernel stacks dumped before it is killed.
 fn guest_script(
-    bins: &BTreeMap<String, PathBuf>,
+    runs: &[(String, PathBuf, Vec<String>)],
     out: &Path,
     tracer: &Path,
     venv: &Path,
-    filter: Option<&str>,
     slowdown: f64,
 ) -> String {
     let mut s = String::from(
@@ -280,23 +442,51 @@ run_file() {
     wait $pid; echo $? > "$OUT/$name.rc"
 }
 "#;
-    for (name, bin) in bins {
+    for (name, bin, args) in runs {
         s += &format!(
             "run_file {name} {} {}{}\n",
             bin.display(),
             FILE_DEADLINE.as_secs(),
-            // Comma-separated: each a filter of its own (libtest runs a
-            // test that any of them matches).
-            filter
-                .map(|f| f
-                    .split(',')
-                    .map(|one| format!(" '{}'", one.replace('\'', "")))
-                    .collect::<String>())
-                .unwrap_or_default()
+            args.iter()
+                .map(|a| format!(" '{}'", a.replace('\'', "")))
+                .collect::<String>()
         );
     }
     s += "echo done > \"$OUT/finished\"\n";
     s
+}
+
+/// Which files run in the guest, each with its libtest arguments: the
+/// user's filters (comma-separated, each its own: libtest runs a test that
+/// any of them matches) in every file; else every test (`--full`); else
+/// the kernel's own set, by exact name, and only the files it names.
+fn selection(
+    k: &Kernel,
+    bins: &BTreeMap<String, PathBuf>,
+    filter: Option<&str>,
+    full: bool,
+) -> Vec<(String, PathBuf, Vec<String>)> {
+    bins.iter()
+        .filter_map(|(name, bin)| {
+            let args: Vec<String> = match filter {
+                Some(f) => f.split(',').map(str::to_string).collect(),
+                None if full => Vec::new(),
+                None => {
+                    let mine: Vec<String> = k
+                        .tests
+                        .iter()
+                        .filter(|(file, _)| file == name)
+                        .map(|(_, test)| test.to_string())
+                        .collect();
+                    if mine.is_empty() {
+                        return None;
+                    }
+                    std::iter::once("--exact".to_string()).chain(mine).collect()
+                }
+            };
+            Some((name.clone(), bin.clone(), args))
+        })
+        .collect()
 }
 
 /// `test NAME ... ok|FAILED|ignored` lines of a libtest output.
@@ -316,6 +506,7 @@ pub fn run_matrix(
     tracer: &Path,
     venv: &Path,
     filter: Option<&str>,
+    full: bool,
 ) -> Result<Vec<String>> {
     let vng = vng()?;
     let bins = test_binaries()?;
@@ -330,15 +521,13 @@ pub fn run_matrix(
         let script = out.join("guest.sh");
         // The tests' waits stretch by this much (tests/src/lib.rs `slow`).
         let slowdown = if kvm { 1.5 } else { EMULATION_SLOWDOWN };
-        fs::write(
-            &script,
-            guest_script(&bins, &out, tracer, venv, filter, slowdown),
-        )?;
+        let runs = selection(&k, &bins, filter, full);
+        fs::write(&script, guest_script(&runs, &out, tracer, venv, slowdown))?;
         run(Command::new("chmod").arg("+x").arg(&script))?;
         step(&format!(
             "booting {} under QEMU ({accel}; one vCPU thread under emulation) and running {} scenario files",
             image.display(),
-            bins.len()
+            runs.len()
         ));
         let console = out.join("console.log");
         let started = Instant::now();
@@ -387,7 +576,7 @@ pub fn run_matrix(
             ));
         }
         let mut ran = 0;
-        for name in bins.keys() {
+        for (name, _, _) in &runs {
             let log = fs::read_to_string(out.join(format!("{name}.log"))).unwrap_or_default();
             let rc = fs::read_to_string(out.join(format!("{name}.rc")))
                 .ok()
@@ -410,6 +599,16 @@ pub fn run_matrix(
                     )),
                 Some(_) => {}
                 None => failures.push(format!("{} {name}: did not run", k.short)),
+            }
+        }
+        // A test of the kernel's own set that printed no verdict did not
+        // run (renamed, or its file died before it): not a pass.
+        if filter.is_none() && !full {
+            for (file, test) in k.tests {
+                let log = fs::read_to_string(out.join(format!("{file}.log"))).unwrap_or_default();
+                if !results(&log).iter().any(|(t, _)| t == test) {
+                    failures.push(format!("{} {file}::{test}: did not run", k.short));
+                }
             }
         }
         // A filter that matches nothing proves nothing: not a pass.
@@ -454,6 +653,39 @@ mod tests {
     #[test]
     fn an_unknown_kernel_is_refused_with_the_ones_known() {
         let e = kernel("5.4").err().unwrap().to_string();
-        assert!(e.contains("6.1") && e.contains("6.12"), "{e}");
+        assert!(
+            e.contains("6.1") && e.contains("6.12") && e.contains("5.10"),
+            "{e}"
+        );
+    }
+
+    /// A renamed test would drop out of the kernels' sets unseen.
+    #[test]
+    fn every_test_of_the_kernel_sets_is_a_test_of_a_guest_file() {
+        for (file, test) in FINDINGS.iter().chain(REFUSAL) {
+            assert!(GUEST_FILES.contains(file), "{file} is not a guest file");
+            let src = fs::read_to_string(root().join(format!("tests/tests/{file}.rs"))).unwrap();
+            assert!(
+                src.contains(&format!("#[test]\nfn {test}()")),
+                "tests/tests/{file}.rs has no test {test}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_set_runs_only_its_files_by_exact_name() {
+        let k = kernel("5.10").unwrap();
+        let bins: BTreeMap<String, PathBuf> = GUEST_FILES
+            .iter()
+            .map(|f| (f.to_string(), PathBuf::from(format!("/b/{f}"))))
+            .collect();
+        let runs = selection(&k, &bins, None, false);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].0, "ending");
+        assert_eq!(runs[0].2[0], "--exact");
+        assert_eq!(selection(&k, &bins, None, true).len(), GUEST_FILES.len());
+        let filtered = selection(&k, &bins, Some("a,b"), false);
+        assert_eq!(filtered.len(), GUEST_FILES.len());
+        assert_eq!(filtered[0].2, ["a", "b"]);
     }
 }
