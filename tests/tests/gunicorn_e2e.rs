@@ -7,10 +7,14 @@ use tests::*;
 
 /// `gunicorn -k gevent -w N -t 4 hang_app:app`, every worker booted.
 fn start_gunicorn(workers: usize, pids: &HangPids) -> GunicornProc {
+    start_gunicorn_with_timeout(workers, pids, 4)
+}
+
+fn start_gunicorn_with_timeout(workers: usize, pids: &HangPids, timeout_s: u32) -> GunicornProc {
     Gunicorn::new("hang_app:app")
         .worker_class("gevent")
         .workers(workers)
-        .timeout(4)
+        .timeout(timeout_s)
         .env("HANG_PID_FILE", pids.path())
         .spawn()
 }
@@ -327,7 +331,11 @@ fn a_stack_that_cannot_be_read_says_why() {
 fn ad_hoc_on_one_worker_with_text_on_screen_and_json_in_a_file() {
     require_root();
     let pids = HangPids::new("adhoc");
-    let g = start_gunicorn(2, &pids);
+    // Gunicorn must not kill the worker before the tracer has attached and
+    // run its --duration: under emulation (6.1 in the kernel matrix) the
+    // attach alone takes 3 s, and a 4 s timeout killed it first.
+    let timeout = slow(Duration::from_secs(6)).as_secs() as u32;
+    let g = start_gunicorn_with_timeout(2, &pids, timeout);
     let master = g.pid();
     let _client = get_async(g.port, "/hang", Duration::from_secs(20));
     let victim = pids.wait_nth(0);
@@ -362,7 +370,9 @@ fn ad_hoc_on_one_worker_with_text_on_screen_and_json_in_a_file() {
     let stall = lines
         .iter()
         .find(|e| e["event"] == "stall")
-        .expect("a stall in the file");
+        .unwrap_or_else(|| {
+            panic!("no stall in the file: {lines:?}\ntext on the terminal: {text}\nstderr: {err}")
+        });
     assert_eq!(stall["pid"], victim);
     assert_eq!(
         stall["master_pid"], master,

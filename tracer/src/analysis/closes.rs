@@ -119,6 +119,7 @@ fn dying(p: &Proc, pid: u32, ts_ns: u64) -> Option<Dying> {
                 .map(|s| signal_name(s.sig))
                 .unwrap_or_else(|| "a signal".into()),
             stall: p.timeout_stall.clone().map(Box::new),
+            watched_ms: p.timeout_watched_ms,
         });
     }
     if let Some(stop) = &p.stop_signal {

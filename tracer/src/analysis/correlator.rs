@@ -58,6 +58,12 @@ pub(super) struct Proc {
     /// The stall its last WORKER TIMEOUT was blamed on (see
     /// `lifecycle::timeout_blame`); None when none was seen.
     pub timeout_stall: Option<StallReport>,
+    /// When the tracer began to watch it (its fork, or the attach).
+    pub watched_since_ns: u64,
+    /// Its last WORKER TIMEOUT came before the tracer had watched it for a
+    /// whole --timeout window (or the window is not known): how long it
+    /// had. What held it before that was not seen.
+    pub timeout_watched_ms: Option<u64>,
     /// The master asked it to stop (SIGTERM, SIGINT or SIGQUIT): a SIGKILL
     /// that follows is the end of a graceful stop, not a WORKER TIMEOUT.
     pub asked_to_stop: bool,
@@ -79,9 +85,21 @@ pub(super) struct PendingTimeout {
     pub ts_ns: u64,
     pub signal: String,
     pub stall: Option<StallReport>,
+    pub watched_ms: Option<u64>,
 }
 
 impl Proc {
+    /// How long the tracer had watched it at `ts_ns`, when that is less
+    /// than its master's --timeout, or the timeout is not known: a WORKER
+    /// TIMEOUT then may have a cause from before the tracer came.
+    pub fn watched_less_than_timeout(&self, ts_ns: u64) -> Option<u64> {
+        let watched_ms = ts_ns.saturating_sub(self.watched_since_ns) / 1_000_000;
+        match &self.timeout_s {
+            Some(t) if watched_ms as f64 >= t.value * 1000.0 => None,
+            _ => Some(watched_ms),
+        }
+    }
+
     /// Worth keeping after it exits: something happened to it.
     pub fn is_notable(&self) -> bool {
         self.stalls > 0
@@ -327,6 +345,7 @@ impl Correlator {
                 alive: true,
                 container: p.container.clone(),
                 settings: p.settings.as_ref().map(|c| c.settings).unwrap_or_default(),
+                watched_since_ns: ts_ns,
                 ..Default::default()
             },
         );

@@ -194,10 +194,13 @@ impl Correlator {
         if p.timeout_stall.is_none() {
             p.timeout_stall = stall.clone();
         }
+        let watched_ms = p.watched_less_than_timeout(ts_ns);
+        p.timeout_watched_ms = watched_ms;
         let first = PendingTimeout {
             ts_ns,
             signal: signal_name(sig),
             stall,
+            watched_ms,
         };
         if sig == SIGABRT {
             // Told at the exit, or with the SIGKILL that may follow.
@@ -239,6 +242,7 @@ fn timeout_output(
         escalated_to: escalation.map(|(sig, _)| signal_name(sig)),
         escalated_after_ms: escalation.map(|(_, at)| at.saturating_sub(first.ts_ns) / 1_000_000),
         stall: first.stall,
+        watched_ms: first.watched_ms,
         container: p.container.clone(),
     }
 }

@@ -348,6 +348,7 @@ fn close_signatures() {
         dying: Some(Dying::WorkerTimeout {
             signal: "SIGABRT".into(),
             stall: None,
+            watched_ms: None,
         }),
         ..close(CloseKind::DroppedRequest, EndedBy::Close, Some(5000))
     };
@@ -458,4 +459,34 @@ fn lock_sleep_and_futex_signatures() {
         id(&stall("futex", FdKind::Unknown, None, vec![])),
         Some("os_thread_lock")
     );
+}
+
+/// A request lost at a WORKER TIMEOUT that came soon after the attach: the
+/// cause does not claim the window was watched (issue 23, seen on 6.1).
+#[test]
+fn a_request_lost_at_a_timeout_soon_after_the_attach_does_not_claim_the_window() {
+    for (watched_ms, said) in [(Some(300), true), (None, false)] {
+        let e = EarlyClose {
+            dying: Some(Dying::WorkerTimeout {
+                signal: "SIGABRT".into(),
+                stall: None,
+                watched_ms,
+            }),
+            ..close(CloseKind::DroppedRequest, EndedBy::Close, None)
+        };
+        let c = identify_close(&e).unwrap();
+        assert_eq!(c.id, "worker_timeout_mid_request");
+        assert_eq!(
+            c.cause.contains("no stall was seen in the 0.3s the tracer watched it before the kill, less than its --timeout window: what held it before the tracer attached was not seen"),
+            said,
+            "{}",
+            c.cause
+        );
+        assert_eq!(
+            c.cause.contains("no stall was seen before the kill ("),
+            !said,
+            "{}",
+            c.cause
+        );
+    }
 }

@@ -373,10 +373,20 @@ fn died_mid_request(e: &EarlyClose) -> Option<Cause> {
             "look for the worker's exit in Gunicorn's log and the kernel log",
         )),
         None | Some(Dying::OomKill) => None,
-        Some(Dying::WorkerTimeout { signal, stall }) => {
-            let what = match stall {
-                Some(s) => format!("before the kill its {}", stall_words(s)),
-                None => "no stall was seen before the kill (a stall under the threshold each time, or code the tracer cannot see)".into(),
+        Some(Dying::WorkerTimeout {
+            signal,
+            stall,
+            watched_ms,
+        }) => {
+            let what = match (stall, watched_ms) {
+                (Some(s), _) => format!("before the kill its {}", stall_words(s)),
+                // The tracer came after the window began: what held the
+                // worker may predate it.
+                (None, Some(ms)) => format!(
+                    "no stall was seen in the {} the tracer watched it before the kill, less than its --timeout window: what held it before the tracer attached was not seen",
+                    secs(*ms)
+                ),
+                (None, None) => "no stall was seen before the kill (a stall under the threshold each time, or code the tracer cannot see)".into(),
             };
             Some(owned(
                 "worker_timeout_mid_request",

@@ -165,6 +165,7 @@ impl Correlator {
                     exit: p.exit.clone(),
                     stall: current.or_else(|| p.last_stall.clone()),
                     timeout_stall: p.timeout_stall.clone(),
+                    timeout_watched_ms: p.timeout_watched_ms.filter(|_| p.killed_by_timeout),
                     early_closes: p.closes,
                     last_early_close: p.last_drop.clone(),
                     last_keepalive_race: p.last_race.clone(),

@@ -117,3 +117,60 @@ fn a_timeout_the_worker_obeys_is_one_event_not_escalated() {
         [Output::WorkerTimeout { signal, escalated_to: None, .. }] if signal == "SIGKILL"
     ));
 }
+
+/// The tracer attached 0.2 s before Gunicorn's SIGABRT (seen on 6.1 under
+/// emulation, where the attach takes seconds): it did not watch the timeout
+/// window, so "no stall was seen in the timeout window" would be false. The
+/// event, its line, the early close and the verdict say how long it
+/// watched; a worker watched for the whole window keeps the plain wording.
+#[test]
+fn a_timeout_soon_after_the_attach_says_the_window_was_not_watched() {
+    let told = |abort_ms: u64| {
+        let mut c = setup();
+        assert!(
+            c.on_kernel(abort_from_master(abort_ms), &mut FakeProc)
+                .is_empty()
+        );
+        let exit = KernelEvent::Exit {
+            ts_ns: (abort_ms + 10) * MS,
+            pid: W,
+            exit_code: Some(1),
+            signal: None,
+        };
+        let out = c.on_kernel(exit, &mut FakeProc);
+        let line = crate::present::text_line(&out[0], &crate::present::Clock::now());
+        let watched = match &out[0] {
+            Output::WorkerTimeout {
+                watched_ms, stall, ..
+            } => {
+                assert!(stall.is_none());
+                *watched_ms
+            }
+            o => panic!("{o:?}"),
+        };
+        let verdict = super::tests::verdict(&c.summary((abort_ms + 20) * MS)).text;
+        (watched, line, verdict)
+    };
+    let (watched, line, verdict) = told(200);
+    assert_eq!(watched, Some(200));
+    assert!(
+        line.contains("the tracer had watched it only 0.2s, less than its --timeout window; no stall was seen then, and what held it before was not seen"),
+        "{line}"
+    );
+    assert!(!line.contains("in the timeout window"), "{line}");
+    assert!(
+        verdict.contains("the tracer had watched it only 0.2s, less than its --timeout window: its cause was not seen"),
+        "{verdict}"
+    );
+    // Watched for more than its 4 s --timeout: the whole window was seen.
+    let (watched, line, verdict) = told(4500);
+    assert_eq!(watched, None);
+    assert!(
+        line.contains("no stall of its loop thread was seen in the timeout window"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("only") && !verdict.contains("only"),
+        "{line} {verdict}"
+    );
+}

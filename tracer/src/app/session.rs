@@ -94,6 +94,7 @@ impl StallStacks {
             signal,
             escalated_to,
             escalated_after_ms,
+            watched_ms,
             container,
         } = o
         else {
@@ -115,6 +116,7 @@ impl StallStacks {
             escalated_to,
             escalated_after_ms,
             stall: Some(report),
+            watched_ms,
             container,
         }
     }
@@ -804,6 +806,7 @@ mod tests {
             escalated_to: None,
             escalated_after_ms: None,
             stall: Some(stall),
+            watched_ms: None,
             container: None,
         }
     }

@@ -488,6 +488,8 @@ pub enum Dying {
     WorkerTimeout {
         signal: String,
         stall: Option<Box<StallReport>>,
+        /// As `worker_timeout`'s `watched_ms`.
+        watched_ms: Option<u64>,
     },
     /// The master asked it to stop (`signal`: SIGTERM, SIGINT or SIGQUIT)
     /// `after_ms` before the close; `killed`: the master's SIGKILL that
@@ -830,6 +832,11 @@ pub enum Output {
         escalated_to: Option<String>,
         escalated_after_ms: Option<u64>,
         stall: Option<StallReport>,
+        /// How long the tracer had watched the worker when the first
+        /// signal came, when that is less than the master's --timeout (or
+        /// the timeout is not known); null when it watched the whole
+        /// window. A stall before that was not seen.
+        watched_ms: Option<u64>,
         container: Option<Container>,
     },
     WorkerExit {

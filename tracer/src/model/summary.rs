@@ -66,6 +66,8 @@ pub struct WorkerSummary {
     /// thread in the timeout window; None when none was seen (or no
     /// timeout).
     pub timeout_stall: Option<StallReport>,
+    /// As `worker_timeout`'s `watched_ms`, for its last WORKER TIMEOUT.
+    pub timeout_watched_ms: Option<u64>,
     pub early_closes: CloseCounts,
     /// The last dropped request or cut upstream call.
     pub last_early_close: Option<EarlyClose>,
@@ -321,6 +323,7 @@ impl WorkerSummary {
             exit: None,
             stall: None,
             timeout_stall: None,
+            timeout_watched_ms: None,
             early_closes: CloseCounts::default(),
             last_early_close: None,
             last_keepalive_race: None,

@@ -233,6 +233,7 @@ fn timeout_line(
     signal: &str,
     escalated: Option<(&str, u64)>,
     stall: &Option<StallReport>,
+    watched_ms: Option<u64>,
 ) -> String {
     // Only said when the SIGKILL was seen: the worker did not end on the
     // first signal, so the master sent it on a later tick.
@@ -254,15 +255,25 @@ fn timeout_line(
                 sanitize(&which_thread(s)),
                 sanitize(&describe_stall(s, "blocked"))
             ))
-            .unwrap_or_else(
-                || ": no stall of its loop thread was seen in the timeout window".into()
-            )
+            .unwrap_or_else(|| unseen_window(watched_ms))
     );
     // The stalled thread's stack, as under its STALL line.
     for line in stall.iter().flat_map(super::pystack::stall_lines) {
         l.push_str(&format!("\n{:>23}{line}", ""));
     }
     l
+}
+
+/// A WORKER TIMEOUT with no stall to blame: what the tracer could see of
+/// its window (all of it, or only the part after it attached).
+fn unseen_window(watched_ms: Option<u64>) -> String {
+    match watched_ms {
+        None => ": no stall of its loop thread was seen in the timeout window".into(),
+        Some(ms) => format!(
+            ": the tracer had watched it only {}, less than its --timeout window; no stall was seen then, and what held it before was not seen",
+            secs(ms)
+        ),
+    }
 }
 
 fn early_close_line(e: &EarlyClose) -> String {
@@ -450,12 +461,14 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             escalated_to,
             escalated_after_ms,
             stall,
+            watched_ms,
             ..
         } => timeout_line(
             (*pid, *master_pid),
             signal,
             escalated_to.as_deref().zip(*escalated_after_ms),
             stall,
+            *watched_ms,
         ),
         Output::EarlyClose { close, .. } => early_close_line(close),
         Output::HungRequest { hung, .. } => hung_line(hung),
@@ -651,6 +664,7 @@ mod tests {
                     escalated_to: None,
                     escalated_after_ms: None,
                     stall: Some(s.clone()),
+                    watched_ms: None,
                     container: None,
                 },
                 &Clock::fixed(0),

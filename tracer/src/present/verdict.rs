@@ -89,10 +89,17 @@ fn timed_out(w: &WorkerSummary) -> String {
             describe_stall(s, "blocking"),
             why(s)
         ),
-        None => format!(
-            "{} was killed by Gunicorn's WORKER TIMEOUT; no stall of its loop thread was seen in the timeout window: its cause was not seen",
-            name(w)
-        ),
+        None => match w.timeout_watched_ms {
+            None => format!(
+                "{} was killed by Gunicorn's WORKER TIMEOUT; no stall of its loop thread was seen in the timeout window: its cause was not seen",
+                name(w)
+            ),
+            Some(ms) => format!(
+                "{} was killed by Gunicorn's WORKER TIMEOUT; the tracer had watched it only {}, less than its --timeout window: its cause was not seen",
+                name(w),
+                secs(ms)
+            ),
+        },
     };
     line + &lost_with_it(w)
 }
