@@ -203,3 +203,41 @@ fn a_connection_opened_before_the_tracer_attached_is_judged_in_full() {
     assert_eq!(e["lifetime_ms"], Value::Null, "its start was not seen: {e}");
     t.stop();
 }
+
+/// `preceded_by` needs `sock:sock_recv_length` (Linux 6.3; Debian 12's 6.1
+/// lacks it): a kernel without it says so at start (a note on stderr, the
+/// start event, the summary, `/metrics`); a kernel with it says none of it.
+/// Which kernel this is comes from its BTF, as the tracer decides.
+#[test]
+fn preceded_by_is_said_unseen_only_on_a_kernel_without_sock_recv_length() {
+    require_root();
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("the kernel's BTF");
+    let name = b"\0btf_trace_sock_recv_length\0";
+    let has = btf.windows(name.len()).any(|w| w == name);
+    let target = Proc::python("import time\ntime.sleep(60)\n");
+    let mport = free_port();
+    let mut t = Tracer::start(&[
+        "--pid",
+        &target.pid().to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let (_, start) = t.wait_for("start", Duration::from_secs(1), |e| e["event"] == "start");
+    assert_eq!(start["features_missing"]["preceded_by"], !has, "{start}");
+    let metrics = eventually("metrics", Duration::from_secs(5), || {
+        let m = get(mport, "/metrics");
+        m.contains("feature_available").then_some(m)
+    });
+    let series = format!(
+        r#"gunicorn_tracer_feature_available{{feature="preceded_by"}} {}"#,
+        u8::from(has)
+    );
+    assert!(metrics.contains(&series), "{metrics}");
+    let summary = t.stop();
+    assert_eq!(summary["features_missing"]["preceded_by"], !has);
+    let noted = t
+        .stderr_lines
+        .iter()
+        .any(|l| l.contains("no sock:sock_recv_length tracepoint") && l.contains("preceded_by"));
+    assert_eq!(noted, !has, "{:#?}", t.stderr_lines);
+}

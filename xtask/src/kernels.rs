@@ -91,6 +91,10 @@ const FINDINGS: &[(&str, &str)] = &[
         "an_outbound_call_closed_before_any_reply_is_an_upstream_cut",
     ),
     (
+        "early_close",
+        "preceded_by_is_said_unseen_only_on_a_kernel_without_sock_recv_length",
+    ),
+    (
         "lost_requests",
         "health_checks_and_client_aborts_are_counted_never_blamed_on_a_worker",
     ),
@@ -106,8 +110,18 @@ const FINDINGS: &[(&str, &str)] = &[
         "lost_requests",
         "a_request_stuck_in_a_gthread_worker_is_named_before_nginx_gives_up_with_504",
     ),
-    // The tracer always ends, and the start-up check passes.
+    // Ad-hoc attach to one worker already stuck: text on screen, JSON in a file.
+    (
+        "gunicorn_e2e",
+        "ad_hoc_on_one_worker_with_text_on_screen_and_json_in_a_file",
+    ),
+    // The tracer always ends (50 runs in a row on a Gunicorn), and the
+    // start-up check passes.
     ("ending", "the_tracer_ends_within_2s_of_its_duration"),
+    (
+        "ending",
+        "fifty_runs_in_a_row_on_a_gunicorn_each_end_within_2s",
+    ),
     (
         "ending",
         "sigterm_while_running_ends_the_tracer_within_2s_with_its_summary",
@@ -391,7 +405,8 @@ fn test_binaries() -> Result<BTreeMap<String, PathBuf>> {
 }
 
 /// The script the guest runs: each file's binary, one test at a time, its
-/// output and exit status into `out`; a file past its deadline gets its
+/// output (with what passing tests printed: their figures) and exit status
+/// into `out`; a file past its deadline gets its
 /// tracer's kernel stacks dumped before it is killed.
 fn guest_script(
     runs: &[(String, PathBuf, Vec<String>)],
@@ -428,7 +443,7 @@ dump_stacks() {
 run_file() {
     local name=$1 bin=$2 secs=$3; shift 3
     echo "[$(date -u +%T)] $name"
-    "$bin" --test-threads=1 "$@" > "$OUT/$name.log" 2>&1 &
+    "$bin" --test-threads=1 --show-output "$@" > "$OUT/$name.log" 2>&1 &
     local pid=$! n=0
     while kill -0 $pid 2>/dev/null; do
         sleep 1; n=$((n + 1))

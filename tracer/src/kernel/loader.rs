@@ -73,6 +73,9 @@ const BTF_PROGRAMS: [&str; 7] = [
     "inet_sock_set_state",
 ];
 
+/// Said at start on a kernel without `sock:sock_recv_length`.
+const PRECEDED_BY_NOTE: &str = "this kernel has no sock:sock_recv_length tracepoint (Linux 6.3 and later have it); an early close's preceded_by (the read that found nothing before it) is not seen, and stays null";
+
 /// A raw tracepoint attached when the kernel has it (6.3 and later): the
 /// last receive on a tracked connection that found nothing (EAGAIN).
 const OPTIONAL_RAW_PROGRAM: &str = "sock_recv_length";
@@ -468,6 +471,9 @@ pub fn load(opts: &LoadOptions, sys: &SyscallTable) -> Result<Probes> {
     // two alive at once raised the start-up peak by 11 MB.
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     attach_all(&mut ebpf, with_recv, &btf)?;
+    if !with_recv {
+        eprintln!("tracer: note: {PRECEDED_BY_NOTE}");
+    }
     let mut missing = FeaturesMissing {
         preceded_by: !with_recv,
         ..Default::default()
