@@ -23,7 +23,11 @@ fn start_gunicorn_with_timeout(workers: usize, pids: &HangPids, timeout_s: u32) 
 fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     require_root();
     let pids = HangPids::new("e2e");
-    let mut g = start_gunicorn(3, &pids);
+    // Gunicorn's 4 s timeout, stretched where the machine runs slower (a
+    // kernel under emulation): there the handler's own work before
+    // Queue.get took seconds, and the kill came before the 0.5 s stall.
+    let mut g =
+        start_gunicorn_with_timeout(3, &pids, slow(Duration::from_secs(4)).as_secs() as u32);
     let (master, port) = (g.pid(), g.port);
     assert_eq!(get(port, "/").lines().last(), Some("ok"), "the app answers");
 
@@ -43,14 +47,30 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
     let client = get_async(port, "/hang", Duration::from_secs(20));
     let victim = pids.wait_nth_of(0, &client, &mut g);
 
-    let (stall_at, stall) = t.wait_for("stall", Duration::from_secs(4), |e| e["event"] == "stall");
+    // Under emulation (a kernel of the matrix, 3-5x slower) the handler's
+    // own work before Queue.get (importing multiprocessing, making the
+    // queue) can hold the loop thread past two heartbeat intervals: a true
+    // on-CPU or busy stall of the same worker, told first (seen once on
+    // 6.12, with no syscall). There the pipe stall is the first blocked one.
+    let emulated = slowdown() > 1.0;
+    let (stall_at, stall) = t.wait_for("stall", Duration::from_secs(4), |e| {
+        e["event"] == "stall" && (!emulated || e["state"] == "blocked")
+    });
+    for early in t
+        .of_kind("stall")
+        .iter()
+        .filter(|e| e["state"] != "blocked")
+    {
+        assert!(emulated, "an on-CPU or busy stall on the host: {early}");
+        assert_eq!(early["pid"], victim, "{early}");
+    }
     assert_eq!(
         stall["pid"], victim,
         "the stall names the worker that took the request: {stall}"
     );
-    assert_eq!(stall["tid"], victim);
-    assert_eq!(stall["master_pid"], master);
-    assert_eq!(stall["syscall"], "read");
+    assert_eq!(stall["tid"], victim, "{stall}");
+    assert_eq!(stall["master_pid"], master, "{stall}");
+    assert_eq!(stall["syscall"], "read", "{stall}");
     assert_eq!(stall["fd_kind"], "pipe");
     assert_eq!(stall["count"], 4);
     assert_eq!(stall["only_self_can_wake"], true, "{stall}");
@@ -125,9 +145,9 @@ fn queue_hang_is_named_before_worker_timeout_and_tied_to_the_kill() {
         clients.push(get_async(port, "/hang", Duration::from_secs(20)));
         let taken = pids.wait_nth_of(attempt, clients.last().unwrap(), &mut g);
         let (_, s) = t.wait_for("stall of the next hang", Duration::from_secs(4), |e| {
-            e["event"] == "stall" && e["pid"] == taken
+            e["event"] == "stall" && e["pid"] == taken && (!emulated || e["state"] == "blocked")
         });
-        assert_eq!(s["syscall"], "read");
+        assert_eq!(s["syscall"], "read", "{s}");
         if taken == fresh {
             break;
         }
