@@ -157,6 +157,69 @@ fn a_greenlet_that_never_yields_is_on_the_cpu_with_its_stack_at_the_threshold() 
     t.stop();
 }
 
+/// A keep-alive client connection that has had one answer.
+fn answered_once(port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"ok\n") {
+        let n = s.read(&mut buf).expect("an answer to GET /");
+        assert!(n > 0, "closed before its answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+/// The rule that keeps a loop serving request after request from being
+/// named (it served its connections meanwhile) must not hide a greenlet
+/// that holds the loop while other clients wait: keep-alive connections
+/// the worker answered before, whose requests keep coming while the spin
+/// runs and stay unread.
+#[test]
+fn a_greenlet_that_never_yields_is_named_while_other_clients_wait_on_the_worker() {
+    use std::io::Write;
+    require_root();
+    let pids = StallPids::new("gevent-spin-waiting");
+    let g = Gunicorn::new("stall_app:app")
+        .worker_class("gevent")
+        .timeout(8)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    let mut others: Vec<_> = (0..4).map(|_| answered_once(g.port)).collect();
+    let _client = get_async(g.port, "/spin?secs=30", Duration::from_secs(40));
+    let (w, _) = pids.wait_nth(0);
+    // A request every 50 ms on each (pipelined): data keeps coming in
+    // within every window the rules look at, and stays unread.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &mut others {
+                    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let (_, stall) = t.wait_for("a CPU stall", Duration::from_secs(4), |e| {
+        e["event"] == "stall" && e["pid"] == w
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().unwrap();
+    assert_sampled(&stall, "app", "stall_app.py");
+    assert_eq!(stall["cause"]["id"], "cpu_bound_loop", "{stall}");
+    t.stop();
+}
+
 /// Without stacks the heartbeat rule alone names it, and says so.
 #[test]
 fn without_stacks_a_cpu_stall_is_named_by_the_heartbeat_rule_and_says_so() {

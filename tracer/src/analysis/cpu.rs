@@ -9,6 +9,7 @@
 use super::Enricher;
 use super::correlator::Correlator;
 use super::signatures;
+use super::spin;
 use super::stalls::{current_figures, stall_end};
 use super::syscalls;
 use crate::model::{
@@ -224,6 +225,16 @@ impl Correlator {
             sleeps: cpu.voluntary_switches.saturating_sub(busy.switches),
             ms: now_ns.saturating_sub(busy.since_ns) / MS,
         };
+        // A loop that served a request within the threshold kept the CPU
+        // serving them, one after another: not one request that never
+        // yields. (Over the last threshold only: a request that began to
+        // hold the loop after the look that started the count is named
+        // once it has held it that long.)
+        let master = self.procs[&pid].master;
+        let window_ms = measured.ms.min(threshold_ms);
+        if state == StallState::OnCpu && spin::served_meanwhile(enr, pid, master, window_ms) {
+            return Vec::new();
+        }
         let report = self.on_cpu_report(pid, state, beat_ns, age_ms, measured, enr);
         let p = self.procs.get_mut(&pid).expect("checked above");
         p.stalls += 1;

@@ -51,7 +51,9 @@ pub use correlator::{Correlator, NewProcess};
 pub use lifecycle::SAME_START_NS;
 pub use spin::StackSample;
 
-use crate::model::{BlockedThread, Container, FdInfo, MemoryCgroup, ThreadCpu, ThreadNow};
+use crate::model::{
+    BlockedThread, Container, FdInfo, MemoryCgroup, SockSnapshot, ThreadCpu, ThreadNow,
+};
 
 /// /proc lookups: for a stall being reported, for a call the kernel left
 /// open, and a worker's heartbeat a few times a second. The defaults say
@@ -80,6 +82,12 @@ pub trait Enricher {
     /// Which of `pids` holds the socket with this inode, and as which fd
     /// (read for a hung request only).
     fn socket_owner(&mut self, _inode: u64, _pids: &[u32]) -> Option<(u32, i32)> {
+        None
+    }
+    /// The connections worker `pid` (of `master`) holds on the ports they
+    /// listen on, as the kernel's socket diagnostics show them now; None
+    /// when they cannot be seen.
+    fn served_connections(&mut self, _pid: u32, _master: u32) -> Option<Vec<SockSnapshot>> {
         None
     }
     /// The threads of `pid` blocked in a syscall on an fd, other than an

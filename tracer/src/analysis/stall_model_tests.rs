@@ -6,7 +6,7 @@ use crate::model::{
     Container, FdInfo, FdKind, LoopWait, Outcome, Output, Role, Sample, Source, StallReport,
     StallState, ThreadCpu, ThreadNow, WaitFd, WokeBy,
 };
-use crate::model::{Setting, SettingSource};
+use crate::model::{Setting, SettingSource, SockSnapshot};
 
 use super::fixtures::{MASTER, MS, W};
 use crate::model::{Losses, Summary};
@@ -25,6 +25,8 @@ struct Scripted {
     heartbeat: u64,
     age: Option<u64>,
     peer: Option<String>,
+    /// The worker's connections on its listen ports (None: not seen).
+    served: Option<Vec<SockSnapshot>>,
 }
 
 impl Default for Scripted {
@@ -35,6 +37,7 @@ impl Default for Scripted {
             heartbeat: 300,
             age: Some(60_000),
             peer: Some("10.0.3.7:5432".into()),
+            served: None,
         }
     }
 }
@@ -84,6 +87,10 @@ impl Enricher for Scripted {
     }
     fn process_age_ms(&mut self, _pid: u32) -> Option<u64> {
         self.age
+    }
+    fn served_connections(&mut self, pid: u32, master: u32) -> Option<Vec<SockSnapshot>> {
+        assert_eq!((pid, master), (W, MASTER));
+        self.served.clone()
     }
 }
 
@@ -736,6 +743,118 @@ fn two_stacks_in_one_handler_are_a_cpu_stall_only_when_no_heartbeat_came_during_
             on_cpu.len(),
             usize::from(stalled),
             "{class}: heartbeat {heartbeat_ms} ms old"
+        );
+    }
+}
+
+/// A client connection of the worker: data last came in `recv_ms` ago
+/// and went out `sent_ms` ago, `unread` bytes wait, `acked` bytes of its
+/// own were acknowledged.
+fn conn(recv_ms: u32, sent_ms: u32, unread: u32, acked: u64) -> SockSnapshot {
+    SockSnapshot {
+        inode: 900 + u64::from(recv_ms),
+        state: crate::model::TcpState::Established,
+        local_port: 8000,
+        peer: "127.0.0.1:41000".into(),
+        unread_bytes: unread,
+        has_info: true,
+        last_data_sent_ms: sent_ms,
+        last_data_recv_ms: recv_ms,
+        bytes_acked: acked,
+        bytes_received: 3000,
+    }
+}
+
+/// What the worker's connections show, for the loop rules, and whether a
+/// stall stands:
+/// - none seen: it stands, on the other evidence;
+/// - a request read 3 ms ago (the loop serves one connection's requests
+///   back to back): none;
+/// - a response sent 0 ms ago and every connection's next request waiting
+///   (seen in CI, the instant between two requests): none;
+/// - the running request read 2.5 s ago, before the rule's window, and
+///   another that came 10 ms ago waiting unread (the loop is held): it
+///   stands;
+/// - a connection idle for seconds: it stands;
+/// - a connection just accepted, nothing of its own acknowledged yet (its
+///   send time is its creation): it stands;
+/// - a response sent 700 ms ago and the next request read just after, none
+///   since: that request has held the loop longer than the threshold (the
+///   heartbeat rule's count began before it), it stands.
+fn connection_cases() -> [(Option<Vec<SockSnapshot>>, bool); 7] {
+    [
+        (None, true),
+        (
+            Some(vec![conn(3, 5, 0, 4000), conn(700, 3000, 56, 4000)]),
+            false,
+        ),
+        (
+            Some(vec![conn(0, 0, 56, 4000), conn(240, 244, 56, 4000)]),
+            false,
+        ),
+        (
+            Some(vec![conn(2500, 2504, 0, 4000), conn(10, 3000, 56, 4000)]),
+            true,
+        ),
+        (Some(vec![conn(5000, 5000, 0, 4000)]), true),
+        (
+            Some(vec![conn(2500, 2504, 0, 4000), conn(2, 2, 56, 0)]),
+            true,
+        ),
+        (Some(vec![conn(690, 700, 0, 4000)]), true),
+    ]
+}
+
+/// Seen in CI: a gevent worker serving 5 ms requests to wrk's 16
+/// keep-alive connections, its heartbeat 1362 ms old and both stacks in
+/// the handler, was named "kept the CPU without yielding (a CPU-bound
+/// request...)". The loop had served request after request between the
+/// two stacks: that says no one request held it. Without that evidence
+/// (the connections unseen, or none served meanwhile) the stall stands.
+#[test]
+fn two_stacks_in_one_handler_are_no_cpu_stall_when_the_worker_served_requests_between_them() {
+    for (served, stalled) in connection_cases() {
+        let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+        f.heartbeat = 1362;
+        f.served = served.clone();
+        f.cpu = cpu(true, 5, 0);
+        c.spin_look(1000 * MS, f);
+        f.cpu = cpu(true, 5, 250);
+        assert_eq!(c.spin_look(1250 * MS, f).0, vec![W]);
+        assert!(
+            c.spin_sampled(W, 1250 * MS, in_handler(3), 1250 * MS, f)
+                .is_empty()
+        );
+        f.cpu = cpu(true, 5, 500);
+        assert_eq!(c.spin_look(1500 * MS, f).0, vec![W]);
+        let out = c.spin_sampled(W, 1500 * MS, in_handler(4), 1500 * MS, f);
+        assert_eq!(
+            stalls(&out).len(),
+            usize::from(stalled),
+            "connections {served:?}: {out:?}"
+        );
+    }
+}
+
+/// The heartbeat rule alike: two intervals without a heartbeat and no
+/// sleep is no CPU-bound request when the loop served requests meanwhile.
+#[test]
+fn a_stale_heartbeat_is_no_cpu_stall_when_the_worker_served_requests_meanwhile() {
+    for (served, stalled) in connection_cases() {
+        let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
+        f.served = served.clone();
+        for (now, hb) in [(3000, 1200), (3500, 1700)] {
+            f.heartbeat = hb;
+            f.cpu = cpu(true, 5, now - 2900);
+            assert!(c.on_tick(now * MS, f).is_empty(), "at {now}");
+        }
+        f.heartbeat = 2200;
+        f.cpu = cpu(true, 5, 1100);
+        let out = c.on_tick(4000 * MS, f);
+        assert_eq!(
+            stalls(&out).len(),
+            usize::from(stalled),
+            "connections {served:?}: {out:?}"
         );
     }
 }

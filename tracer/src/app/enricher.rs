@@ -6,11 +6,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::sockets::SocketWatch;
 use crate::analysis::{Enricher, SAME_START_NS, syscalls};
 use crate::host::holders::HolderSearch;
 use crate::host::waits::{self, Multiplexer};
 use crate::host::{bounded, container, heartbeat, memcg, proc, threads};
-use crate::model::{BlockedThread, Container, FdInfo, MemoryCgroup, Role, ThreadCpu, ThreadNow};
+use crate::model::{
+    BlockedThread, Container, FdInfo, MemoryCgroup, Role, SockSnapshot, ThreadCpu, ThreadNow,
+};
 
 /// Threads of a process whose syscall is read for a hung request, at most.
 const MAX_THREADS_EXAMINED: usize = 1024;
@@ -22,6 +25,9 @@ const PROC_DEADLINE: Duration = Duration::from_millis(500);
 /// /proc lookups for stalls being reported and processes being added.
 pub struct ProcEnricher {
     pub heartbeats: heartbeat::Heartbeats,
+    /// Connections on watched ports: scanned for hung requests, and asked
+    /// about one worker when a loop rule needs to know it served requests.
+    pub sockets: SocketWatch,
     pub pods_dir: Arc<PathBuf>,
     holders: HolderSearch,
     /// When each watched process started (kernel clock): a read about a
@@ -31,9 +37,10 @@ pub struct ProcEnricher {
 }
 
 impl ProcEnricher {
-    pub fn new(pods_dir: PathBuf) -> ProcEnricher {
+    pub fn new(pods_dir: PathBuf, sockets: SocketWatch) -> ProcEnricher {
         ProcEnricher {
             heartbeats: Default::default(),
+            sockets,
             pods_dir: Arc::new(pods_dir),
             holders: HolderSearch::new(Instant::now()),
             starts: HashMap::new(),
@@ -180,6 +187,15 @@ impl Enricher for ProcEnricher {
     fn blocked_threads(&mut self, pid: u32) -> Vec<BlockedThread> {
         self.of_same(pid, Vec::new(), |_| blocked_threads_now(pid))
     }
+    /// The worker's fd table (its owner sizes it) is read on a helper
+    /// thread, as for `socket_owner`.
+    fn served_connections(&mut self, pid: u32, master: u32) -> Option<Vec<SockSnapshot>> {
+        let inodes = bounded::call(PROC_DEADLINE, move || proc::socket_inodes(pid))
+            .ok()
+            .flatten()?;
+        let conns = self.sockets.of_worker(pid, master, &inodes)?;
+        self.still(pid).then_some(conns)
+    }
 }
 
 impl ProcEnricher {
@@ -241,7 +257,10 @@ mod tests {
     #[test]
     fn a_pid_that_is_no_longer_the_recorded_process_lends_nothing() {
         let me = std::process::id();
-        let mut e = ProcEnricher::new(PathBuf::from("/nonexistent"));
+        let mut e = ProcEnricher::new(
+            PathBuf::from("/nonexistent"),
+            SocketWatch::new(Duration::from_secs(30)),
+        );
         let start = threads::process_start_ns(me).expect("own start time");
 
         e.remember(me, start);

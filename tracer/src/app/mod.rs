@@ -186,7 +186,10 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
     let mut st = Session {
         probes,
         corr: Correlator::new(threshold_ns),
-        enricher: ProcEnricher::new(container::pods_dir(args.pods_dir.clone())),
+        enricher: ProcEnricher::new(
+            container::pods_dir(args.pods_dir.clone()),
+            sockets::SocketWatch::new(args.request_threshold),
+        ),
         sink: Sink {
             format: args.format,
             clock: Clock::now(),
@@ -222,7 +225,6 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         max_per_master: args.max_watched_per_master,
         masters: tenants::MasterQuota::new(args.max_masters_per_container as usize),
         over_quota: 0,
-        sockets: sockets::SocketWatch::new(args.request_threshold),
     };
     st.corr
         .set_request_threshold(args.request_threshold.as_nanos() as u64);

@@ -9,7 +9,6 @@ use anyhow::Result;
 pub use super::enricher::{ProcEnricher, container_of};
 use super::metrics_server::Shared;
 use super::sink::Sink;
-use super::sockets::SocketWatch;
 use super::targets::Target;
 use crate::analysis::{Correlator, NewProcess, StackSample, signatures, syscalls};
 use crate::host::waits;
@@ -178,8 +177,6 @@ pub struct Session {
     pub over_quota: u64,
     /// Masters discovery watches per container (--max-masters-per-container).
     pub masters: super::tenants::MasterQuota,
-    /// Connections on watched ports, scanned for hung requests.
-    pub sockets: SocketWatch,
 }
 
 /// A loop thread's stack asked for by the CPU-stall rule.
@@ -326,7 +323,7 @@ impl Session {
             self.probes.add_port(*port);
         }
         let ports: Vec<u16> = found.iter().map(|(_, port)| *port).collect();
-        self.sockets.add_ports(pid, &ports);
+        self.enricher.sockets.add_ports(pid, &ports);
         if !found.is_empty() {
             self.listeners
                 .insert(pid, found.into_iter().map(|(fd, _)| fd).collect());
@@ -456,7 +453,7 @@ impl Session {
                 ..kernel.top_offenders
             },
             stall_ends_unknown: self.corr.stall_ends_unknown(),
-            ports_unscanned: self.sockets.ports_unscanned,
+            ports_unscanned: self.enricher.sockets.ports_unscanned,
             holders_unsearched: self.enricher.holders_unsearched(),
             stalls_held_back: self.corr.stalls_held_back(),
             ..kernel
@@ -732,11 +729,11 @@ impl Session {
 
     /// Hung requests: the connections on watched ports, when a scan is due.
     fn scan_sockets(&mut self, now: u64) {
-        if !self.sockets.due() {
+        if !self.enricher.sockets.due() {
             return;
         }
         let pids: Vec<u32> = self.probes.watched.keys().filter_map(|k| k.ok()).collect();
-        let (socks, unscanned) = self.sockets.scan(&pids);
+        let (socks, unscanned) = self.enricher.sockets.scan(&pids);
         for o in self
             .corr
             .on_sockets(&socks, &unscanned, now, &mut self.enricher)

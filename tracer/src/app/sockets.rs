@@ -3,7 +3,7 @@
 //! processes live in. A namespace the tracer cannot enter (setns needs
 //! CAP_SYS_ADMIN) is said once on stderr, skipped, and its ports counted
 //! in `ports_unscanned`.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::host::sockdiag::Diag;
@@ -76,6 +76,35 @@ impl SocketWatch {
             self.diags.insert(ns.to_string(), diag);
         }
         self.diags.get_mut(ns)?.as_mut()
+    }
+
+    /// The connections on its listening ports (or its master's) that
+    /// worker `pid` holds (`inodes`: its sockets), asked now in its network
+    /// namespace; None when they cannot be seen.
+    pub fn of_worker(
+        &mut self,
+        pid: u32,
+        master: u32,
+        inodes: &HashSet<u64>,
+    ) -> Option<Vec<SockSnapshot>> {
+        let ports: BTreeSet<u16> = [pid, master]
+            .iter()
+            .filter_map(|p| self.ports.get(p))
+            .flatten()
+            .copied()
+            .take(MAX_PORTS_PER_NS)
+            .collect();
+        if ports.is_empty() {
+            return None;
+        }
+        let ns = netns_of(&pid.to_string())?;
+        let socks = self.diag_for(&ns, pid)?.dump(&ports).ok()?;
+        Some(
+            socks
+                .into_iter()
+                .filter(|s| inodes.contains(&s.inode))
+                .collect(),
+        )
     }
 
     /// A scan is due (and there is something to scan).

@@ -8,6 +8,7 @@
 //! statx of the magic link with AT_STATX_DONT_SYNC (the open inode's cached
 //! type, so a hung NFS or FUSE server is never asked); fd scans are capped
 //! per process and timed.
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs;
 use std::io::Read;
@@ -75,6 +76,19 @@ pub fn socket_fd(pid: u32, inode: u64) -> Option<i32> {
         .take(MAX_FDS_SCANNED)
         .find(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == want.as_str()))
         .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// The inodes of the sockets `pid` holds, from its /proc/PID/fd links
+/// (`socket:[inode]`); the first `MAX_FDS_SCANNED` fds only. None when its
+/// fd table cannot be read.
+pub fn socket_inodes(pid: u32) -> Option<HashSet<u64>> {
+    let dir = fs::read_dir(proc_path(&[&pid.to_string(), "fd"])).ok()?;
+    Some(
+        dir.filter_map(|e| e.ok())
+            .take(MAX_FDS_SCANNED)
+            .filter_map(|e| socket_inode(fs::read_link(e.path()).ok()?.to_str()?))
+            .collect(),
+    )
 }
 
 /// How long a command line may take to read. Reading it waits for the
@@ -627,7 +641,7 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_fd_of_a_socket_by_inode() {
+    fn finds_the_fd_of_a_socket_by_inode_and_the_sockets_held() {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -636,6 +650,12 @@ mod tests {
             .ino();
         assert_eq!(socket_fd(std::process::id(), inode), Some(l.as_raw_fd()));
         assert_eq!(socket_fd(std::process::id(), 1), None);
+        let held = socket_inodes(std::process::id()).expect("own fd table");
+        assert!(held.contains(&inode), "{held:?}");
+        drop(l);
+        let held = socket_inodes(std::process::id()).expect("own fd table");
+        assert!(!held.contains(&inode), "closed, not held: {held:?}");
+        assert_eq!(socket_inodes(u32::MAX), None);
     }
 
     #[test]

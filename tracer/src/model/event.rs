@@ -287,4 +287,16 @@ impl SockSnapshot {
             && u64::from(self.last_data_recv_ms) >= threshold_ms
             && (self.bytes_acked == 0 || self.last_data_sent_ms > self.last_data_recv_ms)
     }
+
+    /// The process served this connection within the last `ms`: it sent
+    /// on it, or read a request that came in then. A connection that never
+    /// had a byte acknowledged has its send time set at its creation, which
+    /// says nothing sent.
+    pub fn served_within(&self, ms: u64) -> bool {
+        let sent = self.bytes_acked > 0 && u64::from(self.last_data_sent_ms) < ms;
+        let read = self.bytes_received > 0
+            && self.unread_bytes == 0
+            && u64::from(self.last_data_recv_ms) < ms;
+        self.has_info && (sent || read)
+    }
 }
