@@ -4,6 +4,10 @@
 //! /proc read of a process stuck in the kernel, teardown) cannot keep it
 //! alive: from the first signal, or from the end of the run, it has
 //! `GRACE` to finish, then it exits anyway; a second signal exits at once.
+//! A signal in start-up (before the start event) gets `START_UP_GRACE`:
+//! nothing has been traced, so no summary is worth waiting for, and a load
+//! the kernel's verifier makes slow (seconds under emulation) plus the
+//! teardown after the forced exit must still fit in 2 s.
 //! tokio's handlers stay installed to the end, so without this a signal
 //! after the summary would be swallowed and the process could not be
 //! stopped at all.
@@ -17,11 +21,14 @@ use anyhow::{Context, Result};
 /// From the first signal (or the end of the run) to the forced exit: well
 /// inside the 2 s a supervisor (or `timeout`) may give.
 pub const GRACE: Duration = Duration::from_millis(1500);
+/// From a signal (or an error) before the start event to the forced exit.
+pub const START_UP_GRACE: Duration = Duration::from_millis(500);
 
 static SIGNALS: AtomicU32 = AtomicU32::new(0);
 /// The write end of the pipe the watchdog thread waits on.
 static ARM_FD: OnceLock<OwnedFd> = OnceLock::new();
 static SUMMARY_WRITTEN: AtomicBool = AtomicBool::new(false);
+static RUNNING: AtomicBool = AtomicBool::new(false);
 
 /// Async-signal-safe: writes one byte to the watchdog's pipe.
 fn arm_raw() {
@@ -71,6 +78,12 @@ pub fn arm() {
     arm_raw();
 }
 
+/// The start event was written: from now on a stop waits `GRACE` for the
+/// summary.
+pub fn running() {
+    RUNNING.store(true, Ordering::SeqCst);
+}
+
 /// The summary was written: a forced exit after it loses nothing.
 pub fn summary_written() {
     SUMMARY_WRITTEN.store(true, Ordering::SeqCst);
@@ -88,12 +101,15 @@ fn watchdog(read: OwnedFd) {
             return;
         }
     }
-    std::thread::sleep(GRACE);
+    let running = RUNNING.load(Ordering::SeqCst);
+    std::thread::sleep(if running { GRACE } else { START_UP_GRACE });
     let done = SUMMARY_WRITTEN.load(Ordering::SeqCst);
     let msg: &[u8] = if done {
         b"tracer: warning: still running 1.5 s after the summary; exiting\n"
-    } else {
+    } else if running {
         b"tracer: error: still running 1.5 s after the signal or the end of the run (a load, an attach or a read that would not finish); exiting without the summary\n"
+    } else {
+        b"tracer: error: stopped in start-up, before anything was traced (the load or attach was still under way 0.5 s later); exiting without the summary\n"
     };
     // SAFETY: write(2) of a static buffer, then _exit(2): nothing of the
     // stuck process is touched.

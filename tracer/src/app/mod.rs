@@ -263,6 +263,7 @@ fn attach(args: &WatchArgs, p: Prepared) -> Result<(Session, Events, u64)> {
         },
         start,
     );
+    ending::running();
     st.render_metrics(true);
     if st.discover && p.targets.is_empty() {
         eprintln!("tracer: no Gunicorn master is running yet; waiting for one to start");
