@@ -120,6 +120,7 @@ fn dying(p: &Proc, pid: u32, ts_ns: u64) -> Option<Dying> {
                 .unwrap_or_else(|| "a signal".into()),
             stall: p.timeout_stall.clone().map(Box::new),
             watched_ms: p.timeout_watched_ms,
+            timeout_known: p.timeout_s.is_some(),
         });
     }
     if let Some(stop) = &p.stop_signal {

@@ -243,6 +243,7 @@ fn timeout_output(
         escalated_after_ms: escalation.map(|(_, at)| at.saturating_sub(first.ts_ns) / 1_000_000),
         stall: first.stall,
         watched_ms: first.watched_ms,
+        gunicorn_timeout_s: p.timeout_s.as_ref().map(|t| t.value),
         container: p.container.clone(),
     }
 }

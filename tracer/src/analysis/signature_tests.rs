@@ -349,6 +349,7 @@ fn close_signatures() {
             signal: "SIGABRT".into(),
             stall: None,
             watched_ms: None,
+            timeout_known: true,
         }),
         ..close(CloseKind::DroppedRequest, EndedBy::Close, Some(5000))
     };
@@ -471,6 +472,7 @@ fn a_request_lost_at_a_timeout_soon_after_the_attach_does_not_claim_the_window()
                 signal: "SIGABRT".into(),
                 stall: None,
                 watched_ms,
+                timeout_known: true,
             }),
             ..close(CloseKind::DroppedRequest, EndedBy::Close, None)
         };
@@ -489,4 +491,26 @@ fn a_request_lost_at_a_timeout_soon_after_the_attach_does_not_claim_the_window()
             c.cause
         );
     }
+}
+
+/// A request lost at a WORKER TIMEOUT whose --timeout is not known: how
+/// long the tracer watched is said, never compared with the window.
+#[test]
+fn a_request_lost_at_a_timeout_of_unknown_window_claims_no_comparison() {
+    let e = EarlyClose {
+        dying: Some(Dying::WorkerTimeout {
+            signal: "SIGABRT".into(),
+            stall: None,
+            watched_ms: Some(9000),
+            timeout_known: false,
+        }),
+        ..close(CloseKind::DroppedRequest, EndedBy::Close, None)
+    };
+    let c = identify_close(&e).unwrap();
+    assert!(!c.cause.contains("less than its --timeout"), "{}", c.cause);
+    assert!(
+        c.cause.contains("no stall was seen in the 9.0s the tracer watched it before the kill; its --timeout is not known"),
+        "{}",
+        c.cause
+    );
 }

@@ -377,9 +377,15 @@ fn died_mid_request(e: &EarlyClose) -> Option<Cause> {
             signal,
             stall,
             watched_ms,
+            timeout_known,
         }) => {
             let what = match (stall, watched_ms) {
                 (Some(s), _) => format!("before the kill its {}", stall_words(s)),
+                // Nothing to compare the watched time with.
+                (None, Some(ms)) if !timeout_known => format!(
+                    "no stall was seen in the {} the tracer watched it before the kill; its --timeout is not known, so whether that was the whole timeout window is not known either",
+                    secs(*ms)
+                ),
                 // The tracer came after the window began: what held the
                 // worker may predate it.
                 (None, Some(ms)) => format!(

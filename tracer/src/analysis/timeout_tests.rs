@@ -174,3 +174,54 @@ fn a_timeout_soon_after_the_attach_says_the_window_was_not_watched() {
         "{line} {verdict}"
     );
 }
+
+/// The master's --timeout could not be read (its settings unreadable): how
+/// long the tracer watched is all it knows, so nothing may compare it with
+/// the timeout window. The event carries no timeout, and the line, the
+/// verdict and a request lost at the kill say the comparison is unknown.
+#[test]
+fn a_timeout_whose_window_is_not_known_claims_no_comparison() {
+    use super::tests::scanned;
+    use crate::model::Role;
+    let mut c = super::Correlator::new(500 * MS);
+    c.add_process(0, scanned(MASTER, Role::Master));
+    c.add_process(
+        0,
+        super::NewProcess {
+            timeout_s: None,
+            ..scanned(W, Role::Worker)
+        },
+    );
+    assert!(
+        c.on_kernel(abort_from_master(9000), &mut FakeProc)
+            .is_empty()
+    );
+    let exit = KernelEvent::Exit {
+        ts_ns: 9010 * MS,
+        pid: W,
+        exit_code: Some(1),
+        signal: None,
+    };
+    let out = c.on_kernel(exit, &mut FakeProc);
+    let Output::WorkerTimeout {
+        watched_ms,
+        gunicorn_timeout_s,
+        ..
+    } = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*watched_ms, *gunicorn_timeout_s), (Some(9000), None));
+    let line = crate::present::text_line(&out[0], &crate::present::Clock::now());
+    let verdict = super::tests::verdict(&c.summary(9020 * MS)).text;
+    for said in [&line, &verdict] {
+        assert!(!said.contains("less than its --timeout"), "{said}");
+        assert!(!said.contains("in the timeout window"), "{said}");
+        assert!(
+            said.contains(
+                "no stall was seen in the 9.0s the tracer watched it; its --timeout is not known"
+            ),
+            "{said}"
+        );
+    }
+}

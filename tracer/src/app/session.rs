@@ -84,40 +84,24 @@ impl StallStacks {
     }
 
     /// The stack of the stall a worker_timeout blames, attached to it.
-    fn attach(&self, o: Output) -> Output {
-        let Output::WorkerTimeout {
-            stall: Some(mut report),
-            ts_ns,
-            pid,
-            master_pid,
-            signal,
-            escalated_to,
-            escalated_after_ms,
-            watched_ms,
-            container,
-        } = o
-        else {
-            return o;
-        };
-        let r = self
-            .0
-            .iter()
-            .rev()
-            .find(|k| (k.tid, k.start_ns) == (report.tid, report.start_ns))
-            .map(|k| k.stack.clone())
-            .unwrap_or_else(|| Err("no stack was read for this stall while it was blocked".into()));
-        attach_stack(&mut report, r);
-        Output::WorkerTimeout {
-            ts_ns,
-            pid,
-            master_pid,
-            signal,
-            escalated_to,
-            escalated_after_ms,
+    fn attach(&self, mut o: Output) -> Output {
+        if let Output::WorkerTimeout {
             stall: Some(report),
-            watched_ms,
-            container,
+            ..
+        } = &mut o
+        {
+            let r = self
+                .0
+                .iter()
+                .rev()
+                .find(|k| (k.tid, k.start_ns) == (report.tid, report.start_ns))
+                .map(|k| k.stack.clone())
+                .unwrap_or_else(|| {
+                    Err("no stack was read for this stall while it was blocked".into())
+                });
+            attach_stack(report, r);
         }
+        o
     }
 
     fn forget(&mut self, pid: u32) {
@@ -804,6 +788,7 @@ mod tests {
             escalated_after_ms: None,
             stall: Some(stall),
             watched_ms: None,
+            gunicorn_timeout_s: Some(30.0),
             container: None,
         }
     }

@@ -490,6 +490,8 @@ pub enum Dying {
         stall: Option<Box<StallReport>>,
         /// As `worker_timeout`'s `watched_ms`.
         watched_ms: Option<u64>,
+        /// The master's --timeout was known: `watched_ms` is less than it.
+        timeout_known: bool,
     },
     /// The master asked it to stop (`signal`: SIGTERM, SIGINT or SIGQUIT)
     /// `after_ms` before the close; `killed`: the master's SIGKILL that
@@ -837,6 +839,8 @@ pub enum Output {
         /// the timeout is not known); null when it watched the whole
         /// window. A stall before that was not seen.
         watched_ms: Option<u64>,
+        /// The master's --timeout in seconds, when the tracer knows it.
+        gunicorn_timeout_s: Option<f64>,
         container: Option<Container>,
     },
     WorkerExit {

@@ -233,7 +233,7 @@ fn timeout_line(
     signal: &str,
     escalated: Option<(&str, u64)>,
     stall: &Option<StallReport>,
-    watched_ms: Option<u64>,
+    watched: (Option<u64>, bool),
 ) -> String {
     // Only said when the SIGKILL was seen: the worker did not end on the
     // first signal, so the master sent it on a later tick.
@@ -255,7 +255,7 @@ fn timeout_line(
                 sanitize(&which_thread(s)),
                 sanitize(&describe_stall(s, "blocked"))
             ))
-            .unwrap_or_else(|| unseen_window(watched_ms))
+            .unwrap_or_else(|| unseen_window(watched))
     );
     // The stalled thread's stack, as under its STALL line.
     for line in stall.iter().flat_map(super::pystack::stall_lines) {
@@ -265,10 +265,15 @@ fn timeout_line(
 }
 
 /// A WORKER TIMEOUT with no stall to blame: what the tracer could see of
-/// its window (all of it, or only the part after it attached).
-fn unseen_window(watched_ms: Option<u64>) -> String {
+/// its window (all of it, or only the part after it attached), from how
+/// long it watched the worker and whether the master's --timeout is known.
+fn unseen_window((watched_ms, timeout_known): (Option<u64>, bool)) -> String {
     match watched_ms {
         None => ": no stall of its loop thread was seen in the timeout window".into(),
+        Some(ms) if !timeout_known => format!(
+            ": no stall was seen in the {} the tracer watched it; its --timeout is not known, so whether that was the whole timeout window is not known either",
+            secs(ms)
+        ),
         Some(ms) => format!(
             ": the tracer had watched it only {}, less than its --timeout window; no stall was seen then, and what held it before was not seen",
             secs(ms)
@@ -462,13 +467,14 @@ pub fn text_line(o: &Output, clock: &Clock) -> String {
             escalated_after_ms,
             stall,
             watched_ms,
+            gunicorn_timeout_s,
             ..
         } => timeout_line(
             (*pid, *master_pid),
             signal,
             escalated_to.as_deref().zip(*escalated_after_ms),
             stall,
-            *watched_ms,
+            (*watched_ms, gunicorn_timeout_s.is_some()),
         ),
         Output::EarlyClose { close, .. } => early_close_line(close),
         Output::HungRequest { hung, .. } => hung_line(hung),
@@ -665,6 +671,7 @@ mod tests {
                     escalated_after_ms: None,
                     stall: Some(s.clone()),
                     watched_ms: None,
+                    gunicorn_timeout_s: Some(30.0),
                     container: None,
                 },
                 &Clock::fixed(0),

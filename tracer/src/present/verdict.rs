@@ -90,6 +90,11 @@ fn timed_out(w: &WorkerSummary) -> String {
             why(s)
         ),
         None => match w.timeout_watched_ms {
+            Some(ms) if w.timeout.is_none() => format!(
+                "{} was killed by Gunicorn's WORKER TIMEOUT; no stall was seen in the {} the tracer watched it; its --timeout is not known: its cause was not seen",
+                name(w),
+                secs(ms)
+            ),
             None => format!(
                 "{} was killed by Gunicorn's WORKER TIMEOUT; no stall of its loop thread was seen in the timeout window: its cause was not seen",
                 name(w)
