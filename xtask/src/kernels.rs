@@ -438,6 +438,13 @@ dump_stacks() {
     for p in $(pgrep -f "$TRACER_BIN"); do
         echo "== tracer $p"
         for t in /proc/$p/task/*; do echo "-- $t $(cat $t/comm)"; cat $t/stack; done
+        # The guest sees the host's files: its gdb, when it has one.
+        if command -v gdb > /dev/null; then
+            echo "== tracer $p, user space"
+            timeout 120 gdb -p $p -batch -ex "thread apply all bt" 2>&1 | head -400
+        else
+            echo "(no gdb on this host: the tracer's user-space stacks are not read)"
+        fi
     done
 }
 run_file() {
@@ -554,8 +561,11 @@ pub fn run_matrix(
             std::env::var("PATH").unwrap_or_default()
         );
         cmd.env("PATH", &path);
+        // --verbose: the guest kernel's console (an oops, a hung task)
+        // goes to QEMU's stdout, kept in console.log.
         cmd.arg("--run")
             .arg(&image)
+            .arg("--verbose")
             .args(["--cpus", "2", "--memory", "3G", "--user", "root"])
             .arg(format!("--rwdir={}", out.display()))
             .arg("--exec")

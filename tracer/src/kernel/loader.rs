@@ -231,13 +231,19 @@ fn config(
 }
 
 /// The embedded BPF object, loaded (not yet attached) with `config`.
-fn open_object(config: &Config, opts: &LoadOptions) -> Result<Ebpf> {
+/// The BPF object built into this binary.
+fn object_bytes() -> Result<&'static [u8]> {
     let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
     if bytes.is_empty() {
         bail!(
             "this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs; rebuild it with `cargo xtask build`"
         );
     }
+    Ok(bytes)
+}
+
+fn open_object(config: &Config, opts: &LoadOptions) -> Result<Ebpf> {
+    let bytes = object_bytes()?;
     // The loader parses the kernel's BTF itself, and drops it on return.
     EbpfLoader::new()
         .map_max_entries("WATCHED_TGIDS", watched_tgids::slots())
@@ -253,10 +259,7 @@ fn open_object(config: &Config, opts: &LoadOptions) -> Result<Ebpf> {
 /// `sched_switch` as the tracer's own program is, and nothing else. The
 /// program stays attached while the returned object lives.
 pub fn bench_floor() -> Result<Ebpf> {
-    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
-    if bytes.is_empty() {
-        bail!("this tracer binary was built with AYA_BUILD_SKIP and holds no BPF programs");
-    }
+    let bytes = object_bytes()?;
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
