@@ -101,8 +101,16 @@ fn watchdog(read: OwnedFd) {
             return;
         }
     }
+    if RUNNING.load(Ordering::SeqCst) {
+        std::thread::sleep(GRACE);
+    } else {
+        std::thread::sleep(START_UP_GRACE);
+        if RUNNING.load(Ordering::SeqCst) {
+            // The run began meanwhile: its summary gets the whole grace.
+            std::thread::sleep(GRACE - START_UP_GRACE);
+        }
+    }
     let running = RUNNING.load(Ordering::SeqCst);
-    std::thread::sleep(if running { GRACE } else { START_UP_GRACE });
     let done = SUMMARY_WRITTEN.load(Ordering::SeqCst);
     let msg: &[u8] = if done {
         b"tracer: warning: still running 1.5 s after the summary; exiting\n"
