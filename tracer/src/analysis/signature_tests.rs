@@ -490,6 +490,8 @@ fn a_request_lost_at_a_timeout_soon_after_the_attach_does_not_claim_the_window()
             "{}",
             c.cause
         );
+        // The timeout is known: nothing says it is not.
+        assert!(!c.cause.contains("is not known"), "{}", c.cause);
     }
 }
 

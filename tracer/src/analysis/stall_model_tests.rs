@@ -705,6 +705,23 @@ fn in_handler(line: u32) -> Result<super::StackSample, String> {
     })
 }
 
+/// The loop thread of W runs without a sleep from 1000 ms on, on the CPU
+/// all along; its stack is read at 1250 and 1500 ms, both in one handler:
+/// what the second answer gives.
+fn two_stacks_in_one_handler(c: &mut Correlator, f: &mut Scripted) -> Vec<Output> {
+    f.cpu = cpu(true, 5, 0);
+    assert_eq!(c.spin_look(1000 * MS, f).0, Vec::<u32>::new());
+    f.cpu = cpu(true, 5, 250);
+    assert_eq!(c.spin_look(1250 * MS, f).0, vec![W]);
+    assert!(
+        c.spin_sampled(W, 1250 * MS, in_handler(3), 1250 * MS, f)
+            .is_empty()
+    );
+    f.cpu = cpu(true, 5, 500);
+    assert_eq!(c.spin_look(1500 * MS, f).0, vec![W]);
+    c.spin_sampled(W, 1500 * MS, in_handler(4), 1500 * MS, f)
+}
+
 /// Two stacks read 250 ms apart in one handler, the loop thread running
 /// without a sleep since 1000 ms: a CPU stall when the heartbeat is
 /// overdue (a Gunicorn class beats about once a second), none when it
@@ -724,17 +741,7 @@ fn two_stacks_in_one_handler_are_a_cpu_stall_only_when_no_heartbeat_came_during_
     ] {
         let (mut c, f) = (worker(Some(class)), &mut Scripted::default());
         f.heartbeat = heartbeat_ms;
-        f.cpu = cpu(true, 5, 0);
-        assert_eq!(c.spin_look(1000 * MS, f).0, Vec::<u32>::new());
-        f.cpu = cpu(true, 5, 250);
-        assert_eq!(c.spin_look(1250 * MS, f).0, vec![W]);
-        assert!(
-            c.spin_sampled(W, 1250 * MS, in_handler(3), 1250 * MS, f)
-                .is_empty()
-        );
-        f.cpu = cpu(true, 5, 500);
-        assert_eq!(c.spin_look(1500 * MS, f).0, vec![W]);
-        let out = c.spin_sampled(W, 1500 * MS, in_handler(4), 1500 * MS, f);
+        let out = two_stacks_in_one_handler(&mut c, f);
         let on_cpu: Vec<_> = stalls(&out)
             .into_iter()
             .filter(|r| r.state == StallState::OnCpu)
@@ -817,17 +824,7 @@ fn two_stacks_in_one_handler_are_no_cpu_stall_when_the_worker_served_requests_be
         let (mut c, f) = (worker(Some("gevent")), &mut Scripted::default());
         f.heartbeat = 1362;
         f.served = served.clone();
-        f.cpu = cpu(true, 5, 0);
-        c.spin_look(1000 * MS, f);
-        f.cpu = cpu(true, 5, 250);
-        assert_eq!(c.spin_look(1250 * MS, f).0, vec![W]);
-        assert!(
-            c.spin_sampled(W, 1250 * MS, in_handler(3), 1250 * MS, f)
-                .is_empty()
-        );
-        f.cpu = cpu(true, 5, 500);
-        assert_eq!(c.spin_look(1500 * MS, f).0, vec![W]);
-        let out = c.spin_sampled(W, 1500 * MS, in_handler(4), 1500 * MS, f);
+        let out = two_stacks_in_one_handler(&mut c, f);
         assert_eq!(
             stalls(&out).len(),
             usize::from(stalled),

@@ -162,6 +162,11 @@ fn a_timeout_soon_after_the_attach_says_the_window_was_not_watched() {
         verdict.contains("the tracer had watched it only 0.2s, less than its --timeout window: its cause was not seen"),
         "{verdict}"
     );
+    // Its --timeout is known (4 s): nothing says it is not.
+    assert!(
+        !line.contains("is not known") && !verdict.contains("is not known"),
+        "{line} {verdict}"
+    );
     // Watched for more than its 4 s --timeout: the whole window was seen.
     let (watched, line, verdict) = told(4500);
     assert_eq!(watched, None);
