@@ -26,6 +26,31 @@ fn cpu_stall(
     (stall, at.saturating_duration_since(noted), at)
 }
 
+/// One worker of `class` serving `app` (--timeout 8), which notes in
+/// `pids` the worker that takes a request, and the tracer on its master
+/// (with `extra` arguments) once it has reported the worker.
+fn watched_worker(
+    tag: &str,
+    app: &str,
+    class: &str,
+    extra: &[&str],
+) -> (StallPids, GunicornProc, Tracer) {
+    let pids = StallPids::new(tag);
+    let g = Gunicorn::new(app)
+        .worker_class(class)
+        .timeout(8)
+        .env("STALL_PID_FILE", pids.path())
+        .spawn();
+    let master = g.pid().to_string();
+    let mut args = vec!["--pid", master.as_str()];
+    args.extend_from_slice(extra);
+    let mut t = Tracer::start(&args);
+    t.wait_for("the worker", Duration::from_secs(5), |e| {
+        e["event"] == "worker"
+    });
+    (pids, g, t)
+}
+
 /// What the stack samples hold: on the CPU, no syscall, both samples inside
 /// the app's handler `handler`, the CPU time and the window measured.
 fn assert_sampled(stall: &Value, handler: &str, file: &str) {
@@ -56,16 +81,12 @@ fn assert_sampled(stall: &Value, handler: &str, file: &str) {
 #[test]
 fn a_cpu_bound_async_handler_under_uvicorn_is_on_the_cpu_with_its_stack_before_worker_timeout() {
     require_root();
-    let pids = StallPids::new("uvicorn-spin");
-    let mut g = Gunicorn::new("asgi_app:app")
-        .worker_class("uvicorn_worker.UvicornWorker")
-        .timeout(8)
-        .env("STALL_PID_FILE", pids.path())
-        .spawn();
-    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
-    t.wait_for("the worker", Duration::from_secs(5), |e| {
-        e["event"] == "worker"
-    });
+    let (pids, mut g, mut t) = watched_worker(
+        "uvicorn-spin",
+        "asgi_app:app",
+        "uvicorn_worker.UvicornWorker",
+        &[],
+    );
     let (stall, took, at) = cpu_stall(
         &mut g,
         &mut t,
@@ -91,16 +112,7 @@ fn a_cpu_bound_async_handler_under_uvicorn_is_on_the_cpu_with_its_stack_before_w
 #[test]
 fn a_cpu_bound_sync_handler_is_on_the_cpu_with_its_stack_at_the_threshold() {
     require_root();
-    let pids = StallPids::new("sync-spin");
-    let mut g = Gunicorn::new("stall_app:app")
-        .worker_class("sync")
-        .timeout(8)
-        .env("STALL_PID_FILE", pids.path())
-        .spawn();
-    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
-    t.wait_for("the worker", Duration::from_secs(5), |e| {
-        e["event"] == "worker"
-    });
+    let (pids, mut g, mut t) = watched_worker("sync-spin", "stall_app:app", "sync", &[]);
     let (stall, took, at) = cpu_stall(
         &mut g,
         &mut t,
@@ -125,16 +137,7 @@ fn a_cpu_bound_sync_handler_is_on_the_cpu_with_its_stack_at_the_threshold() {
 #[test]
 fn a_greenlet_that_never_yields_is_on_the_cpu_with_its_stack_at_the_threshold() {
     require_root();
-    let pids = StallPids::new("gevent-spin");
-    let mut g = Gunicorn::new("stall_app:app")
-        .worker_class("gevent")
-        .timeout(8)
-        .env("STALL_PID_FILE", pids.path())
-        .spawn();
-    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
-    t.wait_for("the worker", Duration::from_secs(5), |e| {
-        e["event"] == "worker"
-    });
+    let (pids, mut g, mut t) = watched_worker("gevent-spin", "stall_app:app", "gevent", &[]);
     let (stall, took, at) = cpu_stall(
         &mut g,
         &mut t,
@@ -183,16 +186,7 @@ fn answered_once(port: u16) -> std::net::TcpStream {
 fn a_greenlet_that_never_yields_is_named_while_other_clients_wait_on_the_worker() {
     use std::io::Write;
     require_root();
-    let pids = StallPids::new("gevent-spin-waiting");
-    let g = Gunicorn::new("stall_app:app")
-        .worker_class("gevent")
-        .timeout(8)
-        .env("STALL_PID_FILE", pids.path())
-        .spawn();
-    let mut t = Tracer::start(&["--pid", &g.pid().to_string()]);
-    t.wait_for("the worker", Duration::from_secs(5), |e| {
-        e["event"] == "worker"
-    });
+    let (pids, g, mut t) = watched_worker("gevent-spin-waiting", "stall_app:app", "gevent", &[]);
     let mut others: Vec<_> = (0..4).map(|_| answered_once(g.port)).collect();
     let _client = get_async(g.port, "/spin?secs=30", Duration::from_secs(40));
     let (w, _) = pids.wait_nth(0);
@@ -224,16 +218,12 @@ fn a_greenlet_that_never_yields_is_named_while_other_clients_wait_on_the_worker(
 #[test]
 fn without_stacks_a_cpu_stall_is_named_by_the_heartbeat_rule_and_says_so() {
     require_root();
-    let pids = StallPids::new("gevent-spin-nostack");
-    let mut g = Gunicorn::new("stall_app:app")
-        .worker_class("gevent")
-        .timeout(8)
-        .env("STALL_PID_FILE", pids.path())
-        .spawn();
-    let mut t = Tracer::start(&["--pid", &g.pid().to_string(), "--no-py-stack"]);
-    t.wait_for("the worker", Duration::from_secs(5), |e| {
-        e["event"] == "worker"
-    });
+    let (pids, mut g, mut t) = watched_worker(
+        "gevent-spin-nostack",
+        "stall_app:app",
+        "gevent",
+        &["--no-py-stack"],
+    );
     let (stall, _, _) = cpu_stall(
         &mut g,
         &mut t,
